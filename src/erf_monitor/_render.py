@@ -1,0 +1,564 @@
+"""Rendering of ERF maps: colormapped images for loggers and matplotlib figures for reports.
+
+Everything renders with NumPy and matplotlib's Agg canvas only (no pyplot, no display, no
+fonts needed for the logged images), so it is safe inside a training loop.
+
+Conventions used by every function here:
+
+* Maps are normalised by their maximum to ``[0, 1]`` (negative values and NaN count as 0).
+* ``log_scale=True`` maps a normalised value ``v`` to
+  ``log10(1 + v / 1e-3) / log10(1 + 1e3)``: three decades below the peak are spread over the
+  colour range and values below ``1e-3 * max`` all look like the background.
+* Boxes are drawn in input-pixel coordinates: the **TRF box** (cyan) is the clipped
+  theoretical receptive field ``result.trf.clipped``; the **ERF box** (white) is the square of
+  side ``result.erf_size`` (the 95%-mass extent) centred at ``result.centre_pixel``. An ERF
+  edge that falls outside the input is not drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+    from erf_monitor._result import ERFResult
+
+__all__ = [
+    "ERF_COLOR",
+    "LOG_DECADES",
+    "TRF_COLOR",
+    "colorize",
+    "erf_figure",
+    "normalize",
+    "render_heatmap",
+    "save_png",
+]
+
+#: RGB colour of the clipped-TRF outline.
+TRF_COLOR: tuple[int, int, int] = (0, 255, 255)
+#: RGB colour of the 95%-mass (ERF size) outline.
+ERF_COLOR: tuple[int, int, int] = (255, 255, 255)
+#: Number of decades below the peak that ``log_scale=True`` spreads over the colour range.
+LOG_DECADES: float = 3.0
+_GAP_COLOR: tuple[int, int, int] = (40, 40, 40)
+
+
+def _to_numpy(heatmap: torch.Tensor | np.ndarray) -> np.ndarray:
+    if hasattr(heatmap, "detach"):  # torch.Tensor without importing torch here
+        heatmap = heatmap.detach().to("cpu").float().numpy()
+    return np.asarray(heatmap, dtype=np.float64)
+
+
+def normalize(heatmap: torch.Tensor | np.ndarray, log_scale: bool = False) -> np.ndarray:
+    """Scale a map to ``[0, 1]`` by its maximum (optionally on a log scale).
+
+    Args:
+        heatmap: map of any shape; NaN, infinities and negative values are treated as 0.
+        log_scale: apply ``log10(1 + v * 10**LOG_DECADES) / LOG_DECADES``-style compression
+            (exactly ``log10(1 + v / 1e-3) / log10(1 + 1e3)``) after max-normalisation.
+
+    Returns:
+        float64 array of the same shape with values in ``[0, 1]``; all zeros for a zero map.
+
+    Example:
+        >>> normalize(np.array([0.0, 1.0, 4.0])).tolist()
+        [0.0, 0.25, 1.0]
+        >>> normalize(np.zeros(3), log_scale=True).tolist()
+        [0.0, 0.0, 0.0]
+    """
+    a = _to_numpy(heatmap)
+    a = np.where(np.isfinite(a) & (a > 0), a, 0.0)
+    peak = float(a.max()) if a.size else 0.0
+    if peak <= 0.0:
+        return np.zeros_like(a)
+    v = a / peak
+    if log_scale:
+        scale = 10.0**LOG_DECADES
+        v = np.log10(1.0 + v * scale) / math.log10(1.0 + scale)
+    return np.clip(v, 0.0, 1.0)
+
+
+@lru_cache(maxsize=32)
+def _lut(cmap: str) -> np.ndarray:
+    """256-entry uint8 RGB lookup table of a matplotlib colormap."""
+    import matplotlib
+
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except KeyError:
+        raise ValueError(
+            f"Unknown colormap {cmap!r}; use one of matplotlib.colormaps, e.g. "
+            "'inferno', 'viridis', 'magma', 'turbo', 'gray'"
+        ) from None
+    rgba = colormap(np.linspace(0.0, 1.0, 256))
+    return np.round(rgba[:, :3] * 255.0).astype(np.uint8)
+
+
+def colorize(
+    heatmap: torch.Tensor | np.ndarray, cmap: str = "inferno", log_scale: bool = False
+) -> np.ndarray:
+    """Colour a 2-D map with a matplotlib colormap.
+
+    Args:
+        heatmap: 2-D map (tensor or array), ``>= 0``; see :func:`normalize` for the scaling.
+        cmap: name in ``matplotlib.colormaps``.
+        log_scale: colour ``log10(1 + v / 1e-3) / log10(1 + 1e3)`` of the max-normalised
+            value ``v`` instead of ``v`` (shows the faint tails of the ERF).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image; a zero map is uniformly the colormap's bottom colour.
+
+    Raises:
+        ValueError: if the map is not 2-D or the colormap is unknown.
+
+    Example:
+        >>> img = colorize(np.eye(3))
+        >>> img.shape, img.dtype.name
+        ((3, 3, 3), 'uint8')
+        >>> bool((colorize(np.zeros((2, 2))) == colorize(np.zeros((1, 1)))[0, 0]).all())
+        True
+    """
+    a = _to_numpy(heatmap)
+    if a.ndim != 2:
+        raise ValueError(f"colorize expects a 2-D map, got shape {tuple(a.shape)}")
+    index = np.rint(normalize(a, log_scale) * 255.0).astype(np.intp)
+    return _lut(cmap)[index]
+
+
+# -- boxes ----------------------------------------------------------------------------------
+def _erf_interval(result: ERFResult, dim: int) -> tuple[int, int]:
+    """Inclusive input interval of the ERF square along ``dim`` (may exceed the input)."""
+    half = int(result.erf_size) // 2
+    c = int(result.centre_pixel[dim])
+    return c - half, c + half
+
+
+def _trf_interval(result: ERFResult, dim: int) -> tuple[int, int] | None:
+    if result.trf is None:
+        return None
+    s, e = result.trf.clipped[dim]
+    return int(s), int(e)
+
+
+def _draw_rect(
+    img: np.ndarray,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    factor: int,
+    color: tuple[int, int, int],
+    thickness: int,
+) -> None:
+    """Outline the input-pixel rectangle ``rows x cols`` (inclusive) on an upscaled image.
+
+    The outline lies on the rectangle's own border pixels (inside it). Edges outside the
+    image are skipped; the visible parts of the other edges are still drawn.
+    """
+    h, w = img.shape[:2]
+    y0, y1 = rows[0] * factor, (rows[1] + 1) * factor - 1
+    x0, x1 = cols[0] * factor, (cols[1] + 1) * factor - 1
+    if y1 < 0 or x1 < 0 or y0 >= h or x0 >= w or y1 < y0 or x1 < x0:
+        return
+    t = max(1, min(thickness, y1 - y0 + 1, x1 - x0 + 1))
+    cy0, cy1 = max(y0, 0), min(y1, h - 1)
+    cx0, cx1 = max(x0, 0), min(x1, w - 1)
+    if y0 >= 0:  # top
+        img[y0 : y0 + t, cx0 : cx1 + 1] = color
+    if y1 < h:  # bottom
+        img[y1 - t + 1 : y1 + 1, cx0 : cx1 + 1] = color
+    if x0 >= 0:  # left
+        img[cy0 : cy1 + 1, x0 : x0 + t] = color
+    if x1 < w:  # right
+        img[cy0 : cy1 + 1, x1 - t + 1 : x1 + 1] = color
+
+
+def _upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return img
+    return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def _factor(shape: Sequence[int], min_size: int) -> int:
+    return max(1, math.ceil(min_size / max(max(shape), 1)))
+
+
+def _thickness(rendered_size: int) -> int:
+    return 2 if rendered_size >= 256 else 1
+
+
+def _render_2d(
+    a: np.ndarray,
+    result: ERFResult,
+    dims: tuple[int, int],
+    factor: int,
+    cmap: str,
+    log_scale: bool,
+    draw_trf: bool,
+    draw_extent: bool,
+    thickness: int | None = None,
+) -> np.ndarray:
+    img = _upscale(colorize(a, cmap, log_scale), factor)
+    t = thickness if thickness is not None else _thickness(max(img.shape[:2]))
+    if draw_trf:
+        rows, cols = _trf_interval(result, dims[0]), _trf_interval(result, dims[1])
+        if rows is not None and cols is not None:
+            _draw_rect(img, rows, cols, factor, TRF_COLOR, t)
+    if draw_extent and a.max() > 0:
+        _draw_rect(
+            img,
+            _erf_interval(result, dims[0]),
+            _erf_interval(result, dims[1]),
+            factor,
+            ERF_COLOR,
+            t,
+        )
+    return img
+
+
+def _figure_to_rgb(fig: Figure) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def _render_1d(
+    a: np.ndarray,
+    result: ERFResult,
+    cmap: str,
+    log_scale: bool,
+    draw_trf: bool,
+    draw_extent: bool,
+    min_size: int,
+) -> np.ndarray:
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    width = max(min_size, 320)
+    fig = Figure(figsize=(width * 1.6 / dpi, width / dpi), dpi=dpi)
+    ax = fig.add_subplot()
+    _plot_1d(ax, a, result, cmap, log_scale, draw_trf, draw_extent)
+    fig.tight_layout(pad=0.4)
+    return _figure_to_rgb(fig)
+
+
+def _plot_1d(
+    ax: Any,
+    a: np.ndarray,
+    result: ERFResult,
+    cmap: str,
+    log_scale: bool,
+    draw_trf: bool,
+    draw_extent: bool,
+) -> None:
+    import matplotlib
+
+    v = normalize(a, log_scale)
+    x = np.arange(v.shape[0])
+    line = matplotlib.colormaps[cmap](0.6)
+    if draw_trf and (trf := _trf_interval(result, 0)) is not None:
+        ax.axvspan(trf[0] - 0.5, trf[1] + 0.5, color="tab:cyan", alpha=0.2, lw=0, label="TRF")
+    ax.fill_between(x, v, color=line, alpha=0.35, lw=0)
+    ax.plot(x, v, color=line, lw=1.5)
+    if draw_extent and v.max() > 0:
+        lo, hi = _erf_interval(result, 0)
+        ax.axvline(lo - 0.5, color="0.2", ls="--", lw=1, label="95% mass")
+        ax.axvline(hi + 0.5, color="0.2", ls="--", lw=1)
+    ax.set_xlim(-0.5, v.shape[0] - 0.5)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("input position (px)")
+    ax.set_ylabel("ERF (log, norm.)" if log_scale else "ERF (norm.)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small", frameon=False)
+
+
+# 3-D maps (z, y, x): max-projections along z, y and x, tiled left to right.
+_PROJECTIONS: tuple[tuple[int, tuple[int, int], str], ...] = (
+    (0, (1, 2), "yx"),
+    (1, (0, 2), "zx"),
+    (2, (0, 1), "zy"),
+)
+
+
+def _render_3d(
+    a: np.ndarray,
+    result: ERFResult,
+    cmap: str,
+    log_scale: bool,
+    draw_trf: bool,
+    draw_extent: bool,
+    min_size: int,
+) -> np.ndarray:
+    factor = _factor(a.shape, min_size)
+    # All projections share the global maximum, so their colours are comparable.
+    clean = np.where(np.isfinite(a) & (a > 0), a, 0.0)
+    thickness = _thickness(factor * max(a.shape))
+    tiles = [
+        _render_2d(
+            clean.max(axis=axis),
+            result,
+            dims,
+            factor,
+            cmap,
+            log_scale,
+            draw_trf,
+            draw_extent,
+            thickness,
+        )
+        for axis, dims, _ in _PROJECTIONS
+    ]
+    gap = max(2, factor)
+    height = max(t.shape[0] for t in tiles)
+    width = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    out[:] = _GAP_COLOR
+    x = 0
+    for tile in tiles:
+        out[: tile.shape[0], x : x + tile.shape[1]] = tile
+        x += tile.shape[1] + gap
+    return out
+
+
+def render_heatmap(
+    result: ERFResult,
+    *,
+    cmap: str = "inferno",
+    log_scale: bool = False,
+    draw_trf: bool = True,
+    draw_extent: bool = True,
+    min_size: int = 256,
+) -> np.ndarray:
+    """Render one layer's ERF map as an RGB image for loggers.
+
+    * **2-D** maps are colormapped and upscaled by the smallest integer factor (nearest
+      neighbour, so pixels stay crisp) that makes the longer side at least ``min_size`` px.
+      The clipped TRF box (cyan) and the ERF square (white, side ``result.erf_size`` centred
+      at ``result.centre_pixel``) are drawn as 1 px (images under 256 px) or 2 px outlines on
+      the border pixels of the boxes.
+    * **1-D** maps become a curve plot (matplotlib Agg) of the normalised map, TRF interval
+      shaded cyan, ERF interval as dashed lines.
+    * **3-D** maps ``(z, y, x)`` become the three **max-projections** along z, y and x (planes
+      yx, zx, zy), rendered like 2-D maps with their boxes and tiled left to right on a dark
+      grey background; all share the map's global maximum.
+
+    Args:
+        result: the layer's :class:`~erf_monitor.ERFResult`.
+        cmap: matplotlib colormap name.
+        log_scale: log colour scale, see :func:`normalize`.
+        draw_trf: outline the clipped TRF (skipped when ``result.trf`` is ``None``).
+        draw_extent: outline the 95%-mass square (skipped for a zero map).
+        min_size: minimum rendered size in pixels of the longer side (2-D/3-D tiles) or the
+            plot height (1-D).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image.
+
+    Raises:
+        ValueError: for maps with 0 or more than 3 dimensions.
+    """
+    a = _to_numpy(result.heatmap)
+    if a.ndim == 2:
+        return _render_2d(
+            a,
+            result,
+            (0, 1),
+            _factor(a.shape, min_size),
+            cmap,
+            log_scale,
+            draw_trf,
+            draw_extent,
+        )
+    if a.ndim == 1:
+        return _render_1d(a, result, cmap, log_scale, draw_trf, draw_extent, min_size)
+    if a.ndim == 3:
+        return _render_3d(a, result, cmap, log_scale, draw_trf, draw_extent, min_size)
+    raise ValueError(
+        f"Cannot render the ERF map of layer {result.name!r}: expected 1-3 spatial dims, "
+        f"got shape {tuple(a.shape)}"
+    )
+
+
+# -- figures --------------------------------------------------------------------------------
+def _fmt_size(sizes: Sequence[int]) -> str:
+    return "×".join(str(int(s)) for s in sizes)
+
+
+def _panel_title(result: ERFResult) -> str:
+    trf = result.trf
+    if trf is None:
+        trf_text = "TRF ?"
+    elif trf.is_global:
+        trf_text = f"TRF global ({_fmt_size(trf.clipped_size)})"
+    else:
+        trf_text = f"TRF {_fmt_size(trf.clipped_size)}"
+    ratio = result.ratio
+    ratio_text = "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}"
+    return (
+        f"{result.name or '<model>'}\n{trf_text} · ERF {result.erf_size} · "
+        f"ratio {ratio_text} · cov {result.coverage:.1%}"
+    )
+
+
+def _as_list(results: Mapping[str, ERFResult] | Sequence[ERFResult]) -> list[ERFResult]:
+    if isinstance(results, Mapping):
+        return list(results.values())
+    if hasattr(results, "heatmap"):  # a single ERFResult
+        return [results]  # type: ignore[list-item]
+    return list(results)
+
+
+def _add_box(ax: Any, rows: tuple[int, int], cols: tuple[int, int], color: Any, **kw: Any) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(
+        Rectangle(
+            (cols[0] - 0.5, rows[0] - 0.5),
+            cols[1] - cols[0] + 1,
+            rows[1] - rows[0] + 1,
+            fill=False,
+            edgecolor=color,
+            **kw,
+        )
+    )
+
+
+def erf_figure(
+    results: Mapping[str, ERFResult] | Sequence[ERFResult],
+    *,
+    cmap: str = "inferno",
+    log_scale: bool = False,
+    title: str | None = None,
+    ncols: int | None = None,
+    panel_size: float = 3.2,
+) -> Figure:
+    """A grid of ERF maps, one panel per layer, for reports, docs and notebooks.
+
+    Each 2-D panel shows the max-normalised map with a colourbar, the clipped TRF box (cyan)
+    and the 95%-mass square (white, dashed), titled with the layer name, clipped TRF size,
+    ERF size, ERF/TRF ratio and coverage. 1-D maps are drawn as curves, 3-D maps as the
+    tiled max-projections of :func:`render_heatmap`.
+
+    The figure is a plain ``matplotlib.figure.Figure`` (no pyplot state): save it with
+    ``fig.savefig(path)``; notebooks display it when it is the cell's value.
+
+    Args:
+        results: ``compute_erf``'s result mapping, or a sequence of results.
+        cmap: matplotlib colormap name.
+        log_scale: log colour scale, see :func:`normalize`.
+        title: optional figure title.
+        ncols: panels per row (default: up to 4).
+        panel_size: panel width in inches.
+
+    Returns:
+        The matplotlib figure.
+
+    Raises:
+        ValueError: if ``results`` is empty.
+    """
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    items = _as_list(results)
+    if not items:
+        raise ValueError("erf_figure needs at least one ERFResult")
+    n = len(items)
+    ncols = max(1, min(ncols or 4, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(
+        figsize=(panel_size * ncols * 1.15, panel_size * nrows * 1.05 + 0.4),
+        dpi=100,
+        layout="constrained",
+    )
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    label = "ERF (log₁₀, normalised)" if log_scale else "ERF (normalised)"
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=matplotlib.colormaps[cmap])
+    for ax, r in zip(axes.flat, items):
+        a = _to_numpy(r.heatmap)
+        ax.set_title(_panel_title(r), fontsize=8)
+        if a.ndim == 1:
+            _plot_1d(ax, a, r, cmap, log_scale, True, True)
+            continue
+        if a.ndim == 3:
+            ax.imshow(render_heatmap(r, cmap=cmap, log_scale=log_scale, min_size=0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("max-projections: yx | zx | zy", fontsize=7)
+        elif a.ndim == 2:
+            ax.imshow(
+                normalize(a, log_scale),
+                cmap=cmap,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+            )
+            trf = (_trf_interval(r, 0), _trf_interval(r, 1))
+            if trf[0] is not None and trf[1] is not None:
+                _add_box(ax, trf[0], trf[1], "cyan", lw=1.2, label="TRF (clipped)")
+            if a.max() > 0:
+                _add_box(
+                    ax,
+                    _erf_interval(r, 0),
+                    _erf_interval(r, 1),
+                    "white",
+                    lw=1.2,
+                    ls="--",
+                    label="95% mass",
+                )
+            ax.set_xlim(-0.5, a.shape[1] - 0.5)
+            ax.set_ylim(a.shape[0] - 0.5, -0.5)
+            ax.tick_params(labelsize=7)
+        else:
+            ax.text(0.5, 0.5, f"{a.ndim}-D map", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        cbar = fig.colorbar(mappable, ax=ax, shrink=0.8)
+        cbar.ax.tick_params(labelsize=7)
+        cbar.set_label(label, fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def save_png(image: np.ndarray, path: str | PathLike[str]) -> Path:
+    """Write an ``(H, W, 3)`` uint8 RGB image (e.g. from :func:`render_heatmap`) as PNG.
+
+    Uses PIL directly when it can be imported (it is a dependency of matplotlib >= 3.3),
+    else ``matplotlib.image.imsave``. Parent directories are created.
+
+    Args:
+        image: ``(H, W, 3)`` or ``(H, W, 4)`` uint8 image, or ``(H, W)`` grayscale.
+        path: destination file (``.png`` is not appended).
+
+    Returns:
+        The path written, as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.ascontiguousarray(image)
+    if img.dtype != np.uint8:
+        raise TypeError(f"save_png expects a uint8 image, got dtype {img.dtype}")
+    try:
+        from PIL import Image
+    except ImportError:
+        import matplotlib.image
+
+        if img.ndim == 2:
+            matplotlib.image.imsave(path, img, cmap="gray", vmin=0, vmax=255, format="png")
+        else:
+            matplotlib.image.imsave(path, img, format="png")
+    else:
+        Image.fromarray(img).save(path, format="PNG", optimize=False)
+    return path
