@@ -1,0 +1,598 @@
+"""The framework-free engine behind :class:`~erf_monitor.ERFMonitor` and :func:`~erf_monitor.watch`.
+
+It knows nothing about Lightning: it validates the configuration, owns the fixed probe batch,
+caches layer names and TRFs, decides *when* to probe, runs the probe, logs to sinks, keeps the
+history, runs the coverage-alert state machine, and turns failures into warnings. The two
+integrations only decide *where* the model, the steps and the sinks come from.
+
+Coverage alert semantics (documented in ``ERFMonitor``):
+
+* A layer is *checked* if it has a threshold: a float ``min_coverage`` checks every explicitly
+  named layer, and with ``layers="auto"`` only the deepest auto-picked layer (early stages
+  cannot be expected to cover the image); a mapping ``{name or glob: threshold}`` checks
+  exactly the layers it names. ``None`` disables the alert.
+* A checked layer's coverage (``a(0.95)``) "stays below" the threshold when it is below it at
+  ``patience`` consecutive probes (default 1: the first probe below fires). A probe at or
+  above the threshold resets the count. Each layer alerts at most once per monitor, also
+  across checkpoint/resume (the alert state is in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from erf_monitor._batch import InputKey, find_image
+from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
+from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor.sinks._base import Sink
+
+if TYPE_CHECKING:
+    from erf_monitor._result import ERFResults
+    from erf_monitor._types import TRF
+
+__all__ = [
+    "DEFAULT_MIN_COVERAGE",
+    "MinCoverage",
+    "MonitorEngine",
+    "OnInsufficient",
+    "ProbeInputs",
+    "preserved_rng",
+]
+
+log = logging.getLogger("erf_monitor")
+
+#: Default ``min_coverage``: the 95%-mass square must cover at least 5% of the input area.
+DEFAULT_MIN_COVERAGE: float = 0.05
+
+OnInsufficient = Literal["warn", "raise", "stop"]
+ProbeInputs = Literal["train", "val", "noise"] | torch.Tensor
+MinCoverage = float | Mapping[str, float] | None
+ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
+
+_STATE_VERSION = 1
+_ADVICE = (
+    "To enlarge the ERF try: dilated convolutions, earlier or more subsampling (strided "
+    "convolutions, pooling), larger kernels (e.g. 7x7+ depth-wise), more depth at low "
+    "resolution, or a global operation (attention, squeeze-excitation); or watch a deeper layer "
+    "or lower min_coverage."
+)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore torch (CPU and CUDA), Python ``random`` and NumPy global RNG states on exit."""
+    py_state = random.getstate()
+    np_state: Any = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None  # type: ignore[assignment]
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else torch.float32)
+    return torch.device("cpu"), torch.float32
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1] (a fraction of the input area), got {value}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _fmt_shape(shape: Sequence[int | float]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+class _Recorder(Sink):
+    """Forwards to a sink and remembers its exceptions (so that ``strict`` can re-raise them
+    after :class:`MultiSink` has reported them once)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.errors: list[Exception] = []
+
+    def __repr__(self) -> str:
+        return repr(self.sink)
+
+    def _call(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        self._call("log_scalars", scalars, step)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        self._call("log_image", key, image, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self._call("log_text", key, text, step)
+
+    def log_arrays(self, key: str, arrays: Mapping[str, Any], step: int) -> None:
+        self._call("log_arrays", key, arrays, step)
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        self._call("alert", title, text, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+
+@dataclass
+class ProbeOutcome:
+    """What one probe did: its results (``None`` if skipped) and the alerts it fired."""
+
+    step: int
+    results: ERFResults | None = None
+    seconds: float = math.nan
+    alerts: list[str] = field(default_factory=list)
+
+
+class MonitorEngine:
+    """Configuration, probe batch, schedule, history and alert state of one monitor.
+
+    All arguments are keyword-only and validated here (``ValueError``/``TypeError``); see
+    :class:`~erf_monitor.ERFMonitor` for their meaning.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: str | Sequence[str] = "auto",
+        every_n_steps: int = 500,
+        num_samples: int = 8,
+        min_coverage: MinCoverage = DEFAULT_MIN_COVERAGE,
+        patience: int = 1,
+        on_insufficient: OnInsufficient = "warn",
+        probe_inputs: ProbeInputs = "train",
+        input_key: InputKey = None,
+        forward_fn: ForwardFn | None = None,
+        mode: Literal["luo", "replknet"] = "luo",
+        chunk_size: int | None = None,
+        seed: int = 0,
+        prefix: str = "erf",
+        render_kwargs: Mapping[str, Any] | None = None,
+        strict: bool = False,
+    ) -> None:
+        if isinstance(layers, str):
+            self.layers: str | list[str] = layers
+        else:
+            seq = list(layers)
+            if not seq:
+                raise ValueError("layers is empty: pass layer names, globs, or 'auto'.")
+            for spec in seq:
+                if not isinstance(spec, str):
+                    raise TypeError(f"Layer names must be strings, got {spec!r}")
+            self.layers = seq
+        self.every_n_steps = _check_int("every_n_steps", every_n_steps)
+        self.num_samples = _check_int("num_samples", num_samples)
+        self.patience = _check_int("patience", patience)
+        if chunk_size is not None:
+            _check_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        if min_coverage is None:
+            self.min_coverage: float | dict[str, float] | None = None
+        elif isinstance(min_coverage, Mapping):
+            self.min_coverage = {
+                str(k): _check_fraction(f"min_coverage[{k!r}]", v) for k, v in min_coverage.items()
+            }
+        else:
+            self.min_coverage = _check_fraction("min_coverage", min_coverage)
+        if on_insufficient not in ("warn", "raise", "stop"):
+            raise ValueError(
+                f"on_insufficient must be 'warn', 'raise' or 'stop', got {on_insufficient!r}"
+            )
+        self.on_insufficient: OnInsufficient = on_insufficient
+        if isinstance(probe_inputs, torch.Tensor):
+            if not probe_inputs.is_floating_point() or probe_inputs.dim() < 3:
+                raise ValueError(
+                    "probe_inputs tensor must be a floating-point batch (N, C, *spatial); got "
+                    f"{probe_inputs.dtype} of shape {tuple(probe_inputs.shape)}"
+                )
+            self.source = "tensor"
+        elif probe_inputs in ("train", "val", "noise"):
+            self.source = str(probe_inputs)
+        else:
+            raise ValueError(
+                "probe_inputs must be 'train', 'val', 'noise' or a tensor (N, C, *spatial), "
+                f"got {probe_inputs!r}"
+            )
+        if input_key is not None and not (callable(input_key) or isinstance(input_key, (str, int))):
+            raise TypeError(f"input_key must be a str, an int or a callable, got {input_key!r}")
+        self.input_key = input_key
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn must be callable(model, x), got {forward_fn!r}")
+        self.forward_fn = forward_fn
+        if mode not in ("luo", "replknet"):
+            raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
+        self.mode: Literal["luo", "replknet"] = mode
+        self.seed = int(seed)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        self.prefix = prefix
+        self.render_kwargs = dict(render_kwargs or {})
+        self.strict = bool(strict)
+
+        # -- state (checkpointed) ------------------------------------------------------------
+        self.probe_batch: torch.Tensor | None = None
+        if isinstance(probe_inputs, torch.Tensor):
+            self.set_probe_batch(probe_inputs)
+        self.history: dict[str, dict[int, dict[str, float]]] = {}
+        self.probe_times: dict[int, float] = {}
+        self.last_probe_step: int | None = None
+        self.below: dict[str, int] = {}
+        self.alerted: dict[str, int] = {}
+        # -- caches (not checkpointed) -------------------------------------------------------
+        self.layer_names: list[str] | None = None
+        self.trfs: dict[str, TRF | None] | None = None
+        self._thresholds: dict[str, float] = {}
+        self._disabled: str | None = None
+        self._reported: set[str] = set()
+        self.latest: ERFResults | None = None
+        self.set_sinks(())
+
+    # ------------------------------------------------------------------ configuration helpers
+    def check_layers(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` (listing the available names) for unknown explicit layers."""
+        if self.layers != "auto":
+            resolve_layers(model, self.layers)
+        if isinstance(self.min_coverage, dict):
+            table = [n for n, _ in unwrap_compiled(model).named_modules() if n]
+            for spec in self.min_coverage:
+                if not any(fnmatchcase(n, spec) or n == spec for n in table):
+                    raise ValueError(
+                        f"min_coverage names layer {spec!r}, which matches no module of the model."
+                    )
+
+    # ------------------------------------------------------------------ probe batch
+    @property
+    def needs_batch(self) -> bool:
+        """True while the probe batch still has to come from a training batch."""
+        return self.probe_batch is None and self.source in ("train", "noise")
+
+    def set_probe_batch(self, x: torch.Tensor) -> None:
+        """Store the first ``num_samples`` of ``x`` as the probe batch (detached CPU copy)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3:
+            raise ValueError(
+                "The probe batch must be a floating-point tensor (N, C, *spatial), got "
+                + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x))
+            )
+        # copy=True: never alias the training batch, even when it already lives on the CPU.
+        with torch.inference_mode(False):  # a normal tensor even if x is an inference tensor
+            self.probe_batch = x[: self.num_samples].detach().to("cpu", torch.float32, copy=True)
+        if self.probe_batch.shape[0] < self.num_samples:
+            log.info(
+                "erf-monitor: the probe batch has %d samples (num_samples=%d).",
+                self.probe_batch.shape[0],
+                self.num_samples,
+            )
+        self.layer_names = None
+        self.trfs = None
+
+    def capture(self, batch: Any) -> None:
+        """Take the probe batch from a training batch (or its shape, for ``"noise"``)."""
+        x = find_image(batch, self.input_key)
+        if self.source == "noise":
+            gen = torch.Generator().manual_seed(self.seed)
+            shape = (self.num_samples, *x.shape[1:])
+            self.set_probe_batch(torch.randn(shape, generator=gen))
+        else:
+            self.set_probe_batch(x)
+
+    def capture_from_loader(self, loader: Any) -> None:
+        """Take the probe batch from the first batch of ``loader`` without disturbing any RNG."""
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        elif isinstance(loader, Mapping):
+            loader = next(iter(loader.values()), None)
+        if loader is None:
+            raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
+        with preserved_rng():
+            batch = next(iter(loader))
+        self.set_probe_batch(find_image(batch, self.input_key))
+
+    # ------------------------------------------------------------------ schedule
+    def should_probe(self, step: int, force: bool = False) -> bool:
+        """Whether to probe at ``step``: a multiple of ``every_n_steps`` was reached (or crossed,
+        when one batch advances several steps) since the last probe; ``force`` probes at any step
+        not probed yet (fit start and end). Never twice at the same step."""
+        last = self.last_probe_step
+        if last is None:
+            return force or step % self.every_n_steps == 0
+        if step == last:
+            return False
+        return force or step // self.every_n_steps > last // self.every_n_steps
+
+    def mark(self, step: int) -> None:
+        """Record that ``step`` was handled (ranks that do not probe call this too)."""
+        self.last_probe_step = step
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, model: nn.Module) -> None:
+        assert self.probe_batch is not None
+        net = unwrap_compiled(model)
+        device, dtype = _model_device(net)
+        x = self.probe_batch[:1].to(device, dtype)
+        if self.layers == "auto":
+            with preserved_rng(device):
+                names = auto_layers(net, x, self.forward_fn)
+        else:
+            names = resolve_layers(net, self.layers)
+        self.layer_names = names
+        self._thresholds = self._resolve_thresholds(names)
+        from erf_monitor._trf import theoretical_rf
+
+        try:
+            flags = [(m, m.training) for m in net.modules()]
+            try:
+                with preserved_rng(device):
+                    trfs = theoretical_rf(
+                        net, tuple(self.probe_batch.shape[1:]), names, forward_fn=self.forward_fn
+                    )
+            finally:
+                for m, flag in flags:
+                    m.training = flag
+            self.trfs = {n: trfs.get(n) for n in names}
+        except Exception as exc:
+            self.report(
+                "trf",
+                f"the theoretical receptive field could not be analysed ({type(exc).__name__}: "
+                f"{exc}); ERF/TRF ratios will be NaN",
+                exc,
+            )
+            self.trfs = {n: None for n in names}
+        self._warn_small_trf()
+
+    def _resolve_thresholds(self, names: list[str]) -> dict[str, float]:
+        cov = self.min_coverage
+        if cov is None:
+            return {}
+        if isinstance(cov, float):
+            checked = names[-1:] if self.layers == "auto" else names
+            return dict.fromkeys(checked, cov)
+        out: dict[str, float] = {}
+        for name in names:
+            for spec, value in cov.items():
+                if name == spec or fnmatchcase(name, spec):
+                    out[name] = value
+                    break
+        return out
+
+    def _warn_small_trf(self) -> None:
+        assert self.probe_batch is not None and self.trfs is not None
+        spatial = tuple(self.probe_batch.shape[2:])
+        area = math.prod(spatial)
+        for name, threshold in self._thresholds.items():
+            trf = self.trfs.get(name)
+            if trf is None or trf.is_global:
+                continue
+            clipped = trf.clipped_size
+            if all(c >= s for c, s in zip(clipped, spatial)):
+                continue
+            best = math.prod(clipped) / area
+            verdict = (
+                f"below min_coverage={threshold:.1%}: the coverage alert will fire whatever "
+                "the training does, only an architecture change helps"
+                if best < threshold
+                else f"min_coverage={threshold:.1%} is still reachable"
+            )
+            warnings.warn(
+                f"erf-monitor: the theoretical receptive field of layer {name!r} "
+                f"({_fmt_shape(clipped)} px) is smaller than the {_fmt_shape(spatial)} input: its "
+                f"ERF can cover at most {best:.1%} of the input, {verdict}. {_ADVICE}",
+                ERFCoverageWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ sinks
+    def set_sinks(self, sinks: Sequence[Sink]) -> None:
+        """Where probes are logged from now on (a failing sink is reported once, never raises,
+        unless ``strict``)."""
+        from erf_monitor.sinks import MultiSink
+
+        self._recorders = [_Recorder(s) for s in sinks]
+        self.sinks = MultiSink(self._recorders)
+
+    def _raise_sink_errors(self) -> None:
+        for rec in self._recorders:
+            if rec.errors:
+                exc = rec.errors[0]
+                rec.errors.clear()
+                if self.strict:
+                    raise exc
+
+    def flush(self) -> None:
+        """Flush every sink."""
+        self.sinks.flush()
+        self._raise_sink_errors()
+
+    def close(self) -> None:
+        """Flush and close every sink (sinks never close a user's writer or run)."""
+        self.sinks.flush()
+        self.sinks.close()
+        self._raise_sink_errors()
+
+    # ------------------------------------------------------------------ probing
+    def probe(self, model: nn.Module, step: int) -> ProbeOutcome:
+        """Probe ``model`` at ``step``, log to the sinks, update history and alerts.
+
+        Failures are reported as :class:`ERFProbeWarning` (re-raised when ``strict``); the
+        probe is then skipped. Alerts that fired are returned; acting on them (raise / stop)
+        is left to the caller so that distributed runs can agree first.
+        """
+        from erf_monitor._probe import timed_compute_erf
+
+        self.last_probe_step = step
+        outcome = ProbeOutcome(step)
+        if self._disabled is not None:
+            return outcome
+        if self.probe_batch is None:
+            log.debug("erf-monitor: no probe batch yet at step %d; probe skipped", step)
+            return outcome
+        if self.layer_names is None or self.trfs is None:
+            try:
+                self._prepare(model)
+            except Exception as exc:
+                self._disabled = f"{type(exc).__name__}: {exc}"
+                self.report("setup", f"the monitor could not be set up ({exc}); it is off", exc)
+                return outcome
+        assert self.layer_names is not None and self.trfs is not None
+        try:
+            results, seconds = timed_compute_erf(
+                model,
+                self.probe_batch,
+                self.layer_names,
+                mode=self.mode,
+                chunk_size=self.chunk_size,
+                forward_fn=self.forward_fn,
+                trf=self.trfs,
+            )
+        except Exception as exc:
+            self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
+            return outcome
+        outcome.results, outcome.seconds = results, seconds
+        self.latest = results
+        for name, values in results.scalars().items():
+            self.history.setdefault(name, {})[step] = dict(values)
+        self.probe_times[step] = float(seconds)
+        try:
+            from erf_monitor.sinks import log_results
+
+            log_results(
+                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs
+            )
+            self.sinks.log_scalars({f"{self.prefix}/probe_time_s": float(seconds)}, step)
+        except Exception as exc:
+            self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)
+        outcome.alerts = self._check_alerts(results, step)
+        self.sinks.flush()
+        self._raise_sink_errors()
+        return outcome
+
+    def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
+        fired: list[str] = []
+        for name, threshold in self._thresholds.items():
+            if name not in results or name in self.alerted:
+                continue
+            r = results[name]
+            coverage = r.coverage
+            if coverage >= threshold:
+                self.below[name] = 0
+                continue
+            self.below[name] = self.below.get(name, 0) + 1
+            if self.below[name] < self.patience:
+                continue
+            self.alerted[name] = step
+            spatial = tuple(r.heatmap.shape)
+            side = r.erf_size
+            trf_txt = ""
+            if r.trf is not None:
+                best = (
+                    1.0 if r.trf.is_global else math.prod(r.trf.clipped_size) / math.prod(spatial)
+                )
+                trf_txt = (
+                    f" Its theoretical receptive field is {r.trf} (clipped "
+                    f"{_fmt_shape(r.trf.clipped_size)} px, at most {best:.1%} of the input; "
+                    f"ERF/TRF ratio {r.ratio:.2f})."
+                )
+            msg = (
+                f"erf-monitor: at step {step} the ERF of layer {name!r} covers only "
+                f"{coverage:.2%} of the {_fmt_shape(spatial)} input (95%-mass square of side "
+                f"{side} px), below min_coverage={threshold:.2%} for {self.below[name]} "
+                f"consecutive probe(s).{trf_txt} {_ADVICE}"
+            )
+            fired.append(msg)
+            warnings.warn(msg, ERFCoverageWarning, stacklevel=3)
+            self.sinks.alert(f"erf_coverage/{name}", msg, step)
+        return fired
+
+    def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
+        """Report a monitor failure: re-raise when ``strict``, else warn once per kind."""
+        if self.strict and exc is not None:
+            raise exc
+        if kind in self._reported:
+            log.warning("erf-monitor: %s", message)
+            return
+        self._reported.add(kind)
+        warnings.warn(
+            f"erf-monitor: {message}. Training continues (further such failures are logged to "
+            "the 'erf_monitor' logger; pass strict=True to raise).",
+            ERFProbeWarning,
+            stacklevel=3,
+        )
+
+    def insufficient_error(self, alerts: Sequence[str]) -> ERFCoverageWarning:
+        """The exception raised for ``on_insufficient="raise"``."""
+        text = "\n".join(alerts) or "erf-monitor: insufficient ERF coverage (see rank 0's log)."
+        return ERFCoverageWarning(text)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and Python scalars only: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "probe_batch": self.probe_batch,
+            "history": {n: {s: dict(v) for s, v in h.items()} for n, h in self.history.items()},
+            "probe_times": dict(self.probe_times),
+            "last_probe_step": self.last_probe_step,
+            "below": dict(self.below),
+            "alerted": dict(self.alerted),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        version = state.get("version", _STATE_VERSION)
+        if version > _STATE_VERSION:
+            raise ValueError(f"erf-monitor state version {version} is newer than this library.")
+        batch = state.get("probe_batch")
+        if batch is not None:
+            self.probe_batch = batch.detach().to("cpu", copy=True)
+            self.layer_names = None
+            self.trfs = None
+        self.history = {
+            str(n): {int(s): {str(k): float(x) for k, x in v.items()} for s, v in h.items()}
+            for n, h in state.get("history", {}).items()
+        }
+        self.probe_times = {int(s): float(t) for s, t in state.get("probe_times", {}).items()}
+        last = state.get("last_probe_step")
+        self.last_probe_step = None if last is None else int(last)
+        self.below = {str(k): int(v) for k, v in state.get("below", {}).items()}
+        self.alerted = {str(k): int(v) for k, v in state.get("alerted", {}).items()}

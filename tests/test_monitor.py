@@ -1,0 +1,237 @@
+"""The framework-free engine: validation, schedule, probe batch, alerts, state, failures."""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import erf_monitor as em
+from erf_monitor._monitor import MonitorEngine
+from erf_monitor.sinks import FileSink, Sink
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+    )
+
+
+def batch(n: int = 4, size: int = 16) -> torch.Tensor:
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(1))
+
+
+class RaisingSink(Sink):
+    """A real sink whose backend is broken: every call raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        self.calls += 1
+        raise OSError("disk full")
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"every_n_steps": 1.5}, TypeError, "every_n_steps"),
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"min_coverage": 1.5}, ValueError, "min_coverage"),
+        ({"min_coverage": {"a": 0}}, ValueError, "min_coverage"),
+        ({"patience": 0}, ValueError, "patience"),
+        ({"on_insufficient": "panic"}, ValueError, "on_insufficient"),
+        ({"probe_inputs": "test"}, ValueError, "probe_inputs"),
+        ({"probe_inputs": torch.zeros(3, 4)}, ValueError, "probe_inputs"),
+        ({"layers": []}, ValueError, "layers"),
+        ({"layers": [1]}, TypeError, "strings"),
+        ({"mode": "x"}, ValueError, "mode"),
+        ({"forward_fn": 3}, TypeError, "forward_fn"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        MonitorEngine(**kwargs)
+
+
+def test_unknown_layer_names_available() -> None:
+    eng = MonitorEngine(layers=["0", "conv9"])
+    with pytest.raises(ValueError, match="Unknown layer 'conv9'.*0, 1, 2, 3, 4"):
+        eng.check_layers(tiny_net())
+    with pytest.raises(ValueError, match="matches no module"):
+        MonitorEngine(layers=["0"], min_coverage={"head": 0.1}).check_layers(tiny_net())
+
+
+# ----------------------------------------------------------------------------- schedule
+def test_schedule_every_n_force_and_crossing() -> None:
+    eng = MonitorEngine(every_n_steps=3)
+    assert eng.should_probe(0)
+    eng.mark(0)
+    assert not eng.should_probe(0, force=True)  # never twice at one step
+    probed = []
+    for step in range(1, 10):
+        if eng.should_probe(step):
+            eng.mark(step)
+            probed.append(step)
+    assert probed == [3, 6, 9]
+    eng.mark(2)
+    assert eng.should_probe(2 + 2)  # a batch that advanced 2 steps crossed step 3
+    eng.mark(4)
+    assert not eng.should_probe(5)
+    assert eng.should_probe(5, force=True)  # fit end
+
+
+# ----------------------------------------------------------------------------- probe batch
+def test_probe_batch_is_a_detached_cpu_copy() -> None:
+    eng = MonitorEngine(num_samples=2)
+    x = batch().requires_grad_(True)
+    eng.capture((x, torch.zeros(4)))
+    pb = eng.probe_batch
+    assert pb is not None and pb.shape == (2, 1, 16, 16) and pb.device.type == "cpu"
+    assert not pb.requires_grad and pb.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    before = pb.clone()
+    with torch.no_grad():
+        x.mul_(0)
+    assert torch.equal(pb, before)
+
+
+def test_noise_probe_is_seeded_and_leaves_global_rng() -> None:
+    state = torch.get_rng_state()
+    a, b = MonitorEngine(probe_inputs="noise", num_samples=3), MonitorEngine(probe_inputs="noise")
+    a.capture(batch(2))
+    b.capture(batch(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.probe_batch is not None and b.probe_batch is not None
+    assert a.probe_batch.shape == (3, 1, 16, 16)  # num_samples, not the batch size
+    assert torch.equal(a.probe_batch, b.probe_batch[:3])
+
+
+def test_capture_from_shuffled_loader_leaves_every_rng() -> None:
+    loader = DataLoader(TensorDataset(batch(8), torch.zeros(8)), batch_size=4, shuffle=True)
+    eng = MonitorEngine(probe_inputs="val", num_samples=2)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    eng.capture_from_loader([loader])
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert eng.probe_batch is not None and eng.probe_batch.shape == (2, 1, 16, 16)
+
+
+# ----------------------------------------------------------------------------- probing + logging
+def test_probe_logs_history_and_files(tmp_path: Path) -> None:
+    net = tiny_net()
+    eng = MonitorEngine(layers=["0", "4"], num_samples=2, min_coverage=None)
+    eng.set_sinks([FileSink(tmp_path)])
+    eng.set_probe_batch(batch())
+    out = eng.probe(net, 7)
+    assert out.results is not None and set(out.results) == {"0", "4"}
+    assert out.seconds > 0 and not out.alerts
+    assert set(eng.history) == {"0", "4"} and list(eng.history["0"]) == [7]
+    assert eng.history["0"][7]["coverage"] == pytest.approx(out.results["0"].coverage)
+    assert eng.history["0"][7]["trf_size"] == 3.0
+    csv = (tmp_path / "metrics.csv").read_text()
+    for key in ("erf/0/coverage", "erf/4/erf_size", "erf/probe_time_s"):
+        assert f"7,{key}," in csv
+    maps = np.load(next(tmp_path.rglob("*.npz")), allow_pickle=False)
+    assert set(maps.files) == {"0", "4"} and maps["0"].shape == (16, 16)
+
+
+def test_auto_layers_threshold_applies_to_deepest_only() -> None:
+    eng = MonitorEngine(layers="auto", num_samples=2, min_coverage=0.9)
+    eng.set_probe_batch(batch())
+    with pytest.warns(em.ERFCoverageWarning) as rec:
+        out = eng.probe(tiny_net(), 0)
+    assert eng.layer_names is not None and len(eng.layer_names) == 2
+    assert len(out.alerts) == 1 and repr(eng.layer_names[-1]) in out.alerts[0]
+    assert set(eng.alerted) == {eng.layer_names[-1]}
+    assert any("theoretical receptive field" in str(w.message) for w in rec)
+
+
+def test_alert_patience_reset_and_once_per_layer(tmp_path: Path) -> None:
+    net = tiny_net()
+    eng = MonitorEngine(layers=["2", "4"], num_samples=2, min_coverage={"4": 0.9}, patience=2)
+    eng.set_sinks([FileSink(tmp_path)])
+    eng.set_probe_batch(batch())
+    with pytest.warns(em.ERFCoverageWarning, match="theoretical receptive field of layer '4'"):
+        assert eng.probe(net, 0).alerts == []  # 1 of 2
+    eng.below["4"] = 0  # as if a probe had been above the threshold
+    assert eng.probe(net, 1).alerts == []
+    with pytest.warns(em.ERFCoverageWarning) as rec:
+        alerts = eng.probe(net, 2).alerts
+    assert len(alerts) == 1 and len(rec) == 1
+    msg = str(rec[0].message)
+    for part in ("layer '4'", "below min_coverage=90.00%", "2 consecutive", "dilated", "kernels"):
+        assert part in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert eng.probe(net, 3).alerts == []  # once per layer
+    assert eng.alerted == {"4": 2}
+    assert "layer '4'" in (tmp_path / "alerts.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_dict_roundtrip_weights_only() -> None:
+    eng = MonitorEngine(layers=["4"], num_samples=2, min_coverage=0.9)
+    eng.set_probe_batch(batch())
+    with pytest.warns(em.ERFCoverageWarning):
+        eng.probe(tiny_net(), 0)
+    buf = io.BytesIO()
+    torch.save(eng.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    other = MonitorEngine(layers=["4"], num_samples=2, min_coverage=0.9)
+    other.load_state_dict(state)
+    assert other.probe_batch is not None and eng.probe_batch is not None
+    assert torch.equal(other.probe_batch, eng.probe_batch)
+    assert other.history == eng.history and other.alerted == {"4": 0}
+    assert other.last_probe_step == 0 and not other.should_probe(0, force=True)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_nan_probe_is_skipped_with_a_warning() -> None:
+    net = tiny_net()
+    with torch.no_grad():
+        net[2].weight.fill_(float("nan"))
+    eng = MonitorEngine(layers=["4"], num_samples=2, min_coverage=None)
+    eng.set_probe_batch(batch())
+    with pytest.warns(em.ERFProbeWarning, match="NaN"):
+        assert eng.probe(net, 0).results is None
+    assert eng.history == {}
+    strict = MonitorEngine(layers=["4"], num_samples=2, min_coverage=None, strict=True)
+    strict.set_probe_batch(batch())
+    with pytest.raises(em.ERFProbeError):
+        strict.probe(net, 0)
+
+
+def test_raising_sink_reported_once_or_reraised_when_strict() -> None:
+    sink = RaisingSink()
+    eng = MonitorEngine(layers=["4"], num_samples=2, min_coverage=None)
+    eng.set_sinks([sink])
+    eng.set_probe_batch(batch())
+    with pytest.warns(UserWarning, match="disk full") as rec:
+        eng.probe(tiny_net(), 0)
+        eng.probe(tiny_net(), 1)
+    assert len([w for w in rec if "disk full" in str(w.message)]) == 1
+    assert sink.calls >= 2 and list(eng.history["4"]) == [0, 1]
+    strict = MonitorEngine(layers=["4"], num_samples=2, min_coverage=None, strict=True)
+    strict.set_sinks([RaisingSink()])
+    strict.set_probe_batch(batch())
+    with pytest.raises(OSError, match="disk full"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict.probe(tiny_net(), 0)
