@@ -1,0 +1,47 @@
+"""erf-monitor: watch the effective receptive field of your vision model while it trains.
+
+The core (``compute_erf``, ``theoretical_rf``, metrics) needs only torch. Integrations that
+need optional packages (Lightning's ``ERFMonitor``) are imported on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor._probe import compute_erf
+from erf_monitor._result import ERFResult, ERFResults
+from erf_monitor._trf import theoretical_rf
+from erf_monitor._types import TRF
+
+if TYPE_CHECKING:
+    from erf_monitor.callback import ERFMonitor
+    from erf_monitor.watch import Watcher, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRF",
+    "ERFCoverageWarning",
+    "ERFMonitor",
+    "ERFProbeError",
+    "ERFProbeWarning",
+    "ERFResult",
+    "ERFResults",
+    "Watcher",
+    "__version__",
+    "compute_erf",
+    "theoretical_rf",
+    "watch",
+]
+
+_LAZY = {"ERFMonitor": "erf_monitor.callback", "watch": "erf_monitor.watch", "Watcher": "erf_monitor.watch"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning is heavy and optional: import the callback only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'erf_monitor' has no attribute {name!r}")

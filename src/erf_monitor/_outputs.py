@@ -1,0 +1,53 @@
+"""Turning a layer's raw output into the ``(N, C, *S')`` tensor the probe seeds.
+
+Conv-like outputs pass through. Outputs with no spatial dims, ``(N, K)``, are one unit.
+Anything else is rejected with a message that says what was found and how to adapt it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["describe_output", "to_spatial"]
+
+
+def describe_output(out: Any) -> str:
+    """A short human description of a module output (for error messages)."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        inner = ", ".join(describe_output(o) for o in out[:4])
+        return f"a {type(out).__name__} of {len(out)} ({inner}{', ...' if len(out) > 4 else ''})"
+    if isinstance(out, dict):
+        return f"a dict with keys {list(out)[:8]}"
+    return f"a {type(out).__name__}"
+
+
+def to_spatial(name: str, out: Any, spatial_ndim: int) -> torch.Tensor:
+    """Return ``out`` as ``(N, C, *S')`` (or ``(N, K)`` for a layer with no spatial dims).
+
+    Args:
+        name: layer name, for messages.
+        out: what the layer's forward returned.
+        spatial_ndim: number of spatial dims of the probe input.
+
+    Raises:
+        ValueError: for outputs that are not a single conv-like or flat tensor.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"Layer {name!r} returned {describe_output(out)}; erf-monitor needs a tensor "
+            "(N, C, *spatial). Watch a submodule that returns one tensor instead."
+        )
+    if not out.is_floating_point():
+        raise ValueError(f"Layer {name!r} returned a {out.dtype} tensor; it has no gradient.")
+    if out.dim() == spatial_ndim + 2 or out.dim() == 2:
+        return out
+    raise ValueError(
+        f"Layer {name!r} returned a tensor of shape {tuple(out.shape)}, but the input has "
+        f"{spatial_ndim} spatial dim(s): expected (N, C, *spatial) with {spatial_ndim} spatial "
+        "dims, or (N, K). Token sequences (N, L, D) and channels-last layouts need a token "
+        "layout; otherwise watch a layer with a conv-like output."
+    )

@@ -1,0 +1,350 @@
+"""The probe: centre-pixel ERF maps of several layers from one forward and batched backwards.
+
+Design in one paragraph: forward hooks capture each watched layer's first output; once all
+are captured the forward is aborted (nothing deeper runs). For each layer a scalar seed
+``sum_{n,k} y[n, k, c']`` is differentiated w.r.t. the *input only* (``torch.autograd.grad``),
+so per-sample gradients come out of one batched backward — samples do not interact in eval
+mode — and no parameter's ``.grad`` is touched. Everything the probe changes (training flags,
+buffers in train mode, RNG streams, hooks, autocast, compile stance) is restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from erf_monitor import _metrics
+from erf_monitor._errors import ERFProbeError, ERFProbeWarning
+from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
+from erf_monitor._outputs import to_spatial
+from erf_monitor._result import ERFResult, ERFResults, Mode
+from erf_monitor._types import TRF
+
+__all__ = ["ForwardFn", "compute_erf"]
+
+ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
+
+
+class _StopForward(BaseException):
+    """Raised from a hook once every watched layer has produced its output.
+
+    A ``BaseException`` so that a user's ``except Exception`` in ``forward`` cannot swallow it.
+    """
+
+
+def _default_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    return model(x)
+
+
+@dataclass
+class _Capture:
+    output: Any = None
+    calls: int = 0
+
+
+def _model_device_dtype(model: nn.Module, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return x.device, torch.float32
+
+
+@contextlib.contextmanager
+def _probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Iterator[None]:
+    """Put the model in the probe's mode and restore *everything* it may touch afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    # In train mode BatchNorm updates its running statistics: keep a copy of every buffer.
+    buffers = (
+        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if train_mode else []
+    )
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for dev_type in {"cpu", device.type}:
+            if dev_type in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type=dev_type, enabled=False))
+        stance = getattr(torch.compiler, "set_stance", None)
+        if stance is not None:  # torch >= 2.6: compiled submodules run eagerly, no recompiles
+            stack.enter_context(stance("force_eager"))
+        try:
+            model.train(train_mode)
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+
+def _as_probe_input(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.dim() < 3:
+        raise ValueError(
+            f"compute_erf needs a batch (N, C, *spatial) with 1 to 3 spatial dims; got shape "
+            f"{tuple(inputs.shape)}, which has no spatial dims. Add the batch/channel dims "
+            "(e.g. x[None] or x[:, None])."
+        )
+    if inputs.dim() > 5:
+        raise ValueError(f"At most 3 spatial dims are supported; got shape {tuple(inputs.shape)}.")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+    # Cloning outside inference mode turns an inference tensor into a normal leaf.
+    with torch.inference_mode(False):
+        x = inputs.detach().to(device=device, dtype=dtype).clone()
+    return x.requires_grad_(True)
+
+
+def _centre_index(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(s // 2 for s in shape)
+
+
+def _centre_pixel(
+    trf: TRF | None, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    if trf is not None:
+        centre = trf.centre
+    elif out_shape:
+        centre = tuple(
+            (c + 0.5) * s_in / s_out - 0.5
+            for c, s_in, s_out in zip(_centre_index(out_shape), in_shape, out_shape)
+        )
+    else:
+        centre = tuple((s - 1) / 2 for s in in_shape)
+    # Round half up, clamped into the input.
+    return tuple(
+        min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, in_shape)
+    )
+
+
+def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    low = msg.lower()
+    if "kernel size" in low or "output size is too small" in low or "input size" in low:
+        hint = " The probe input looks smaller than a kernel: use a larger input."
+    return ERFProbeError(
+        f"The model's forward failed on the probe input of shape {tuple(x.shape)}: "
+        f"{type(exc).__name__}: {msg}.{hint}"
+    )
+
+
+def _run_forward(
+    net: nn.Module,
+    forward_fn: ForwardFn,
+    x: torch.Tensor,
+    layers: Sequence[str],
+) -> dict[str, _Capture]:
+    """One forward with hooks; stops as soon as every layer has produced an output."""
+    captures = {name: _Capture() for name in layers}
+    pending = set(layers)
+    handles = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            cap = captures[name]
+            cap.calls += 1
+            if cap.calls == 1:
+                cap.output = out
+                pending.discard(name)
+                if not pending:
+                    raise _StopForward
+
+        return hook
+
+    try:
+        for name in layers:
+            handles.append(get_module(net, name).register_forward_hook(make_hook(name)))
+        with contextlib.suppress(_StopForward):
+            forward_fn(net, x)
+    except (ValueError, TypeError, ERFProbeError):
+        raise
+    except Exception as exc:  # the user's model failed: say so, with the input shape
+        raise _forward_error(exc, x) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if captures[n].calls == 0]
+    if missing:
+        raise ValueError(
+            f"Layer(s) {missing} exist but were not called during the forward pass, so they have "
+            "no ERF on this input. Check forward_fn (how the model is called) and that the "
+            "layer is used by forward()."
+        )
+    return captures
+
+
+def _seed(out: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """Scalar whose input gradient is the sum over samples of each sample's ERF gradient."""
+    centre = out if out.dim() == 2 else out[(slice(None), slice(None), *_centre_index(out.shape[2:]))]
+    if mode == "replknet":
+        centre = torch.relu(centre)
+    return centre.float().sum()
+
+
+def compute_erf(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layers: str | Sequence[str] = "auto",
+    *,
+    mode: Mode = "luo",
+    num_samples: int | None = None,
+    chunk_size: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    train_mode: bool = False,
+    dtype: torch.dtype | None = None,
+    keep_per_sample: bool = False,
+    trf: Mapping[str, TRF | None] | Literal["auto", "skip"] = "auto",
+) -> ERFResults:
+    """Centre-pixel ERF maps of several layers from one probe.
+
+    Args:
+        model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly).
+        inputs: probe batch ``(N, C, *S)`` with 1 to 3 spatial dims. Never modified.
+        layers: layer names (as in ``model.named_modules()``), globs, or ``"auto"`` (one layer
+            per spatial resolution stage).
+        mode: ``"luo"`` (Luo et al.: mean over samples of channel-summed ``|gradient|``) or
+            ``"replknet"`` (relu seed, relu gradient, summed, ``log10(x + 1) / max``) for
+            numbers comparable with RepLKNet's published ones.
+        num_samples: use only the first ``num_samples`` of ``inputs``.
+        chunk_size: probe at most this many samples at a time (bounds memory; maps are
+            accumulated exactly).
+        forward_fn: ``forward_fn(model, x)`` runs the model on an image batch (default
+            ``model(x)``); for models whose ``forward`` does not take the image directly.
+        train_mode: probe in train mode. Then BatchNorm mixes samples (maps are no longer
+            per-sample) and dropout is active; buffers and RNG are still restored.
+        dtype: probe dtype; default float32 (or the parameters' dtype for half models).
+            Autocast is disabled during the probe.
+        keep_per_sample: also return the per-sample maps ``(N, *S)``.
+        trf: precomputed TRFs per layer, ``"auto"`` to compute them with
+            :func:`theoretical_rf`, or ``"skip"`` (then ``ratio`` is NaN).
+
+    Returns:
+        An ordered mapping ``layer -> ERFResult``.
+
+    Raises:
+        ValueError: unknown layer, a layer not reached, input without spatial dims, an output
+            that is not conv-like.
+        ERFProbeError: the forward failed, or a gradient contains NaN/Inf.
+
+    Example:
+        >>> import torch, erf_monitor as em
+        >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(2)])
+        >>> res = em.compute_erf(net, torch.randn(2, 1, 9, 9), layers=["0", "1"])
+        >>> res["1"].heatmap.shape, res["1"].trf.size
+        (torch.Size([9, 9]), (5.0, 5.0))
+        >>> bool(res["1"].heatmap[0, 0] == 0)  # outside the 5x5 TRF: no influence at all
+        True
+    """
+    if mode not in ("luo", "replknet"):
+        raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    net = unwrap_compiled(model)
+    fwd = forward_fn or _default_forward
+    device, param_dtype = _model_device_dtype(net, inputs)
+    if dtype is None:
+        dtype = param_dtype if param_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if num_samples is not None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        inputs = inputs[:num_samples]
+    x_all = _as_probe_input(inputs, device, dtype)
+    n, spatial = x_all.shape[0], tuple(x_all.shape[2:])
+    if n == 0:
+        raise ValueError("The probe batch is empty.")
+
+    if isinstance(layers, str) and layers == "auto":
+        with _probe_state(net, False, device):
+            names = auto_layers(net, x_all[:1].detach(), fwd)
+    else:
+        names = resolve_layers(net, layers)
+
+    trfs: Mapping[str, TRF | None]
+    if trf == "auto":
+        from erf_monitor._trf import theoretical_rf
+
+        trfs = theoretical_rf(net, tuple(x_all.shape[1:]), names, forward_fn=forward_fn)
+    elif trf == "skip":
+        trfs = {}
+    else:
+        trfs = trf
+
+    sums: dict[str, torch.Tensor] = {}
+    per_sample: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+    step = chunk_size or n
+    with _probe_state(net, train_mode, device):
+        for start in range(0, n, step):
+            x = x_all[start : start + step].detach().requires_grad_(True)
+            captures = _run_forward(net, fwd, x, names)
+            outs = {name: to_spatial(name, captures[name].output, len(spatial)) for name in names}
+            for i, name in enumerate(names):
+                out = outs[name]
+                out_shapes[name] = tuple(out.shape[2:])
+                calls[name] = max(calls.get(name, 0), captures[name].calls)
+                (grad,) = torch.autograd.grad(
+                    _seed(out, mode), x, retain_graph=i < len(names) - 1, allow_unused=True
+                )
+                if grad is None:  # the layer does not depend on the input at all
+                    grad = torch.zeros_like(x)
+                if not torch.isfinite(grad).all():
+                    raise ERFProbeError(
+                        f"Layer {name!r}: the ERF gradient contains NaN or Inf (output shape "
+                        f"{tuple(out.shape)}). The model or its weights produce non-finite values "
+                        "on the probe input; check for NaN weights or overflowing activations."
+                    )
+                grad = grad.float()
+                maps = (grad.clamp_min(0) if mode == "replknet" else grad.abs()).sum(1)
+                maps = maps.detach().cpu()
+                sums[name] = sums[name] + maps.sum(0) if name in sums else maps.sum(0)
+                if keep_per_sample:
+                    per_sample[name].append(maps)
+            del captures, outs, x
+
+    results: dict[str, ERFResult] = {}
+    for name in names:
+        total = sums[name].double()
+        heat = _metrics.replknet_normalise(total) if mode == "replknet" else total / n
+        heat = heat.float().contiguous()
+        if not bool((heat > 0).any()):
+            warnings.warn(
+                f"Layer {name!r}: the ERF gradient is zero everywhere (dead ReLUs, or a layer "
+                "that does not depend on the input); its map is all zeros.",
+                ERFProbeWarning,
+                stacklevel=2,
+            )
+        layer_trf = trfs.get(name)
+        results[name] = ERFResult(
+            name=name,
+            heatmap=heat,
+            trf=layer_trf,
+            mode=mode,
+            num_samples=n,
+            output_shape=out_shapes[name],
+            centre_pixel=_centre_pixel(layer_trf, out_shapes[name], spatial),
+            per_sample=torch.cat(per_sample[name]) if keep_per_sample else None,
+            num_calls=calls[name],
+        )
+    return ERFResults(results)
+
+
+def timed_compute_erf(*args: Any, **kwargs: Any) -> tuple[ERFResults, float]:
+    """:func:`compute_erf` plus its wall time in seconds (CUDA synchronised when used)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    res = compute_erf(*args, **kwargs)
+    sync()
+    return res, time.perf_counter() - t0

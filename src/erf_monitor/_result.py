@@ -1,0 +1,178 @@
+"""The per-layer result of a probe and the ordered collection returned by ``compute_erf``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+from erf_monitor import _metrics
+from erf_monitor._types import TRF
+
+__all__ = ["AREA_THRESHOLDS", "ERFResult", "ERFResults", "axis_names"]
+
+#: Mass fractions at which area ratios are reported (RepLKNet Table 10 uses 20/30/50/99 %).
+AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
+
+Mode = Literal["luo", "replknet"]
+
+
+def axis_names(ndim: int) -> tuple[str, ...]:
+    """Names used for per-axis metrics: ``x`` (1-D), ``y, x`` (2-D), ``z, y, x`` (3-D)."""
+    return ("z", "y", "x")[3 - ndim :] if 1 <= ndim <= 3 else tuple(f"d{i}" for i in range(ndim))
+
+
+@dataclass(eq=False)
+class ERFResult:
+    """ERF of one layer, measured on one probe batch.
+
+    Metrics follow ``docs/concepts.md`` (DESIGN §2) exactly and are computed lazily from
+    :attr:`heatmap`; mass squares are centred on :attr:`centre_pixel`, the theoretical centre
+    of the layer's centre unit rounded half up.
+
+    Attributes:
+        name: layer name as in ``model.named_modules()``.
+        heatmap: ERF map, float32 CPU tensor of the input's spatial shape, ``>= 0``.
+            ``mode="luo"``: mean over samples of the channel-summed ``|d y_centre / d x|``.
+            ``mode="replknet"``: ``log10(sum + 1) / max`` of the relu'd gradients.
+        trf: theoretical receptive field of the centre unit (``None`` if it could not be
+            analysed; then ``ratio`` is NaN).
+        mode: ``"luo"`` or ``"replknet"``.
+        num_samples: number of probe samples averaged.
+        output_shape: spatial shape of the layer's output (``()`` if it has none).
+        centre_pixel: integer input pixel on which mass squares are centred.
+        per_sample: the per-sample maps ``(N, *S)`` if requested, else ``None``.
+        num_calls: how often the module ran before the probe stopped the forward (the first
+            call is the one measured).
+    """
+
+    name: str
+    heatmap: torch.Tensor
+    trf: TRF | None
+    mode: Mode
+    num_samples: int
+    output_shape: tuple[int, ...]
+    centre_pixel: tuple[int, ...]
+    per_sample: torch.Tensor | None = None
+    num_calls: int = 1
+    _cache: dict[float, int] = field(default_factory=dict, repr=False)
+
+    # -- mass-based metrics ---------------------------------------------------------------
+    def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
+        """Side of the smallest centred square (odd side) holding more than fraction ``t``."""
+        if t not in self._cache:
+            self._cache[t] = _metrics.mass_extent(self.heatmap, t, self.centre_pixel)
+        return self._cache[t]
+
+    def mass_extent_per_axis(self, t: float = _metrics.COVERAGE_MASS) -> tuple[int, ...]:
+        """Per-axis variant of :meth:`mass_extent` on the map's marginal profiles."""
+        return _metrics.mass_extent_per_axis(self.heatmap, t, self.centre_pixel)
+
+    def area_ratio(self, t: float) -> float:
+        """Fraction of the input area inside the ``t``-mass square."""
+        return _metrics.area_ratio(self.heatmap, t, self.centre_pixel)
+
+    @property
+    def erf_size(self) -> int:
+        """ERF size in pixels: ``mass_extent(0.95)``."""
+        return self.mass_extent(_metrics.COVERAGE_MASS)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the input inside the 95%-mass square: ``area_ratio(0.95)``."""
+        return self.area_ratio(_metrics.COVERAGE_MASS)
+
+    @property
+    def ratio(self) -> float:
+        """ERF/TRF ratio: ``erf_size`` over the largest per-axis clipped TRF size."""
+        if self.trf is None:
+            return math.nan
+        return self.erf_size / max(self.trf.clipped_size)
+
+    # -- shape metrics ----------------------------------------------------------------------
+    @cached_property
+    def sigma(self) -> tuple[float, ...]:
+        """Per-axis standard deviation (pixels) from second moments about the centroid."""
+        return _metrics.sigma(self.heatmap)
+
+    @cached_property
+    def gaussian_r2(self) -> float:
+        """R^2 of the moment-matched Gaussian: 1 means perfectly Gaussian."""
+        return _metrics.gaussian_r2(self.heatmap)
+
+    @cached_property
+    def centroid(self) -> tuple[float, ...]:
+        """Mass-weighted mean pixel index per axis."""
+        return _metrics.centroid(self.heatmap)
+
+    @property
+    def theoretical_centre(self) -> tuple[float, ...]:
+        """Where the centre unit sits in input pixels (from the TRF, else from the shapes)."""
+        if self.trf is not None:
+            return self.trf.centre
+        return tuple(float(c) for c in self.centre_pixel)
+
+    @property
+    def centroid_offset(self) -> tuple[float, ...]:
+        """Centroid minus theoretical centre, in pixels per axis."""
+        return tuple(c - t for c, t in zip(self.centroid, self.theoretical_centre))
+
+    # -- export -----------------------------------------------------------------------------
+    def scalars(self) -> dict[str, float]:
+        """Flat dict of the scalar metrics, as logged (keys are stable across backends)."""
+        names = axis_names(self.heatmap.dim())
+        out: dict[str, float] = {}
+        if self.trf is not None:
+            finite = [s for s in self.trf.size if math.isfinite(s)]
+            if finite and not self.trf.is_global:
+                out["trf_size"] = float(max(finite))
+            out["trf_size_clipped"] = float(max(self.trf.clipped_size))
+            out["trf_global"] = float(self.trf.is_global)
+        out["erf_size"] = float(self.erf_size)
+        out["erf_trf_ratio"] = float(self.ratio)
+        out["coverage"] = float(self.coverage)
+        for t in AREA_THRESHOLDS:
+            out[f"area_t{round(t * 100):02d}"] = float(self.area_ratio(t))
+        for axis, s, off in zip(names, self.sigma, self.centroid_offset):
+            out[f"sigma_{axis}"] = float(s)
+            out[f"centroid_offset_{axis}"] = float(off)
+        out["gaussian_r2"] = float(self.gaussian_r2)
+        return out
+
+    def __repr__(self) -> str:
+        trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
+        return (
+            f"ERFResult({self.name!r}, map {tuple(self.heatmap.shape)}, {trf}, "
+            f"erf_size={self.erf_size}, ratio={self.ratio:.3f}, coverage={self.coverage:.3f})"
+        )
+
+
+class ERFResults(Mapping[str, ERFResult]):
+    """Ordered mapping ``layer name -> ERFResult`` returned by :func:`compute_erf`."""
+
+    def __init__(self, results: Mapping[str, ERFResult]) -> None:
+        self._results = dict(results)
+
+    def __getitem__(self, name: str) -> ERFResult:
+        try:
+            return self._results[name]
+        except KeyError:
+            raise KeyError(f"No result for layer {name!r}; have {list(self._results)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def scalars(self) -> dict[str, dict[str, float]]:
+        """``{layer: result.scalars()}`` for every layer."""
+        return {name: r.scalars() for name, r in self._results.items()}
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(r) for r in self._results.values())
+        return f"ERFResults(\n  {inner}\n)"

@@ -1,0 +1,68 @@
+"""Plain value types shared by the core modules (no torch graph logic here)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["TRF"]
+
+
+@dataclass(frozen=True)
+class TRF:
+    """Theoretical receptive field of the centre unit of one layer.
+
+    All tuples have one entry per spatial dimension of the input (2 for images).
+
+    Attributes:
+        size: ``end - start + 1`` of the unclipped interval, in input pixels;
+            ``math.inf`` in a dimension where the layer is global.
+        stride: effective stride: input pixels between two neighbouring output units
+            (fractional after upsampling / transposed convolutions).
+        interval: unclipped inclusive ``(start, end)`` input indices seen by the centre
+            unit; ``(-inf, inf)`` in a global dimension.
+        clipped: the exact inclusive ``(start, end)`` hull of in-bounds input indices that
+            can influence the centre unit (padding accounted for layer by layer).
+        global_dims: per dimension, whether a global operation (global pooling, attention,
+            squeeze-excitation gating, flatten + linear) makes the field the whole input.
+        centre: theoretical centre of the field in input pixel coordinates (float).
+        output_centre: index of the centre unit in the layer's output spatial dims.
+        output_shape: spatial shape of the layer's output (``()`` if it has none).
+        input_shape: spatial shape of the input.
+        method: ``"fx"`` (analytic graph walk) or ``"numeric"`` (gradient support of a
+            structural surrogate).
+        local: True when every operation between input and layer is a local,
+            shift-equivariant operation with integer strides, so that cropping the input
+            to a stride-aligned window containing ``clipped`` reproduces the centre unit
+            exactly (used by the probe's cropping fast path).
+    """
+
+    size: tuple[float, ...]
+    stride: tuple[float, ...]
+    interval: tuple[tuple[float, float], ...]
+    clipped: tuple[tuple[int, int], ...]
+    global_dims: tuple[bool, ...]
+    centre: tuple[float, ...]
+    output_centre: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    method: Literal["fx", "numeric"]
+    local: bool = False
+
+    @property
+    def is_global(self) -> bool:
+        """True if the field is the whole input in at least one dimension."""
+        return any(self.global_dims)
+
+    @property
+    def clipped_size(self) -> tuple[int, ...]:
+        """Per-dimension size of :attr:`clipped` (``end - start + 1``)."""
+        return tuple(int(e - s + 1) for s, e in self.clipped)
+
+    def __str__(self) -> str:
+        dims = " x ".join(
+            "global" if g else str(int(s)) if math.isfinite(s) else "inf"
+            for s, g in zip(self.size, self.global_dims)
+        )
+        return f"TRF({dims}, stride {' x '.join(f'{s:g}' for s in self.stride)})"
