@@ -379,7 +379,6 @@ class MonitorEngine:
                 exc,
             )
             self.trfs = {n: None for n in names}
-        self._warn_small_trf()
 
     def _resolve_thresholds(self, names: list[str]) -> dict[str, float]:
         cov = self.min_coverage
@@ -474,6 +473,7 @@ class MonitorEngine:
                 self._disabled = f"{type(exc).__name__}: {exc}"
                 self.report("setup", f"the monitor could not be set up ({exc}); it is off", exc)
                 return outcome
+            self._warn_small_trf()  # outside the guard: ``-W error`` users get it raised
         assert self.layer_names is not None and self.trfs is not None
         try:
             results, seconds = timed_compute_erf(

@@ -1,0 +1,461 @@
+"""ERFMonitor inside real Lightning Trainers (``lightning.pytorch`` and ``pytorch_lightning``)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import erf_monitor as em
+from erf_monitor.sinks import Sink
+
+pytest.importorskip("lightning")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
+LAYERS = ["net.0", "net.3", "net.7"]
+N_DATA, SIZE = 48, 16
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(N_DATA, 3, SIZE, SIZE, generator=g), torch.randint(
+        0, 4, (N_DATA,), generator=g
+    )
+
+
+class DictDataset(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = _data()
+
+    def __len__(self) -> int:
+        return N_DATA
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"label": self.y[i], "image": self.x[i]}
+
+
+def make_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 0
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),  # 3
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1, dilation=1),  # 7
+        nn.ReLU(),
+    )
+
+
+def make_module(
+    pkg: str = "lightning.pytorch",
+    *,
+    batches: str = "tuple",
+    image_forward: bool = True,
+    val: bool = False,
+    poison_at: int | None = None,
+    compiled: bool = False,
+) -> Any:
+    """A small LightningModule built on ``pkg``'s base class."""
+    L = importlib.import_module(pkg)
+
+    class Module(L.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            net = make_net()
+            self.net = torch.compile(net) if compiled else net
+            self.head = nn.Linear(8, 4)
+
+        def classify(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.net(x).mean((2, 3)))
+
+        def forward(self, *args: Any) -> torch.Tensor:
+            if not image_forward:
+                raise TypeError("forward takes a (text, image) pair in this module")
+            return self.classify(args[0])
+
+        def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return (batch["image"], batch["label"]) if batches == "dict" else (batch[0], batch[1])
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = self._split(batch)
+            return F.cross_entropy(self.classify(x), y)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if poison_at is not None and self.trainer.global_step == poison_at:
+                with torch.no_grad():
+                    self.net[0].weight.fill_(float("nan"))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self) -> DataLoader:
+            ds = DictDataset() if batches == "dict" else TensorDataset(*_data())
+            return DataLoader(ds, batch_size=8, shuffle=True)
+
+    if val:
+
+        def val_dataloader(self: Any) -> DataLoader:
+            x, y = _data()
+            return DataLoader(TensorDataset(x.flip(0), y), batch_size=8, shuffle=True)
+
+        def validation_step(self: Any, batch: Any, batch_idx: int) -> None:
+            self.classify(batch[0])
+
+        Module.val_dataloader = val_dataloader
+        Module.validation_step = validation_step
+    return Module()
+
+
+def make_trainer(
+    pkg: str,
+    tmp_path: Path,
+    callbacks: list[Any],
+    max_steps: int = 5,
+    logger: Any = False,
+    **kwargs: Any,
+) -> Any:
+    L = importlib.import_module(pkg)
+    opts: dict[str, Any] = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+        "logger": logger,
+        "callbacks": callbacks,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+    }
+    opts.update(kwargs)
+    return L.Trainer(**opts)
+
+
+def quiet_monitor(**kwargs: Any) -> em.ERFMonitor:
+    opts: dict[str, Any] = {
+        "layers": LAYERS,
+        "every_n_steps": 2,
+        "num_samples": 4,
+        "min_coverage": None,
+    }
+    opts.update(kwargs)
+    return em.ERFMonitor(**opts)
+
+
+def tb_logger(pkg: str, tmp_path: Path) -> Any:
+    return importlib.import_module(pkg).loggers.TensorBoardLogger(str(tmp_path), name="tb")
+
+
+def events(logger: Any) -> EventAccumulator:
+    ea = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+# ----------------------------------------------------------------------------- loggers
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_tensorboard_keys_steps_images(pkg: str, tmp_path: Path) -> None:
+    logger = tb_logger(pkg, tmp_path)
+    cb = quiet_monitor()
+    trainer = make_trainer(pkg, tmp_path, [cb], max_steps=5, logger=logger)
+    trainer.fit(make_module(pkg))
+    ea = events(logger)
+    scalars, images = set(ea.Tags()["scalars"]), set(ea.Tags()["images"])
+    for layer in LAYERS:
+        for metric in ("coverage", "erf_size", "erf_trf_ratio", "trf_size", "sigma_x"):
+            steps = [e.step for e in ea.Scalars(f"erf/{layer}/{metric}")]
+            assert steps == [0, 2, 4, 5], (layer, metric, steps)  # start, every 2, end
+        assert f"erf/{layer}/heatmap" in images
+        assert len(ea.Images(f"erf/{layer}/heatmap")) == 4
+        value = ea.Scalars(f"erf/{layer}/coverage")[-1].value
+        assert value == pytest.approx(cb.history[layer][5]["coverage"])
+    assert "erf/probe_time_s" in scalars
+    assert ea.Scalars("erf/net.7/trf_size")[0].value == 9.0  # 3 -> 5 (stride 2) -> 5 + 2*2
+    assert cb.layers == LAYERS and sorted(cb.history["net.0"]) == [0, 2, 4, 5]
+
+
+def test_csv_logger_files(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(
+        "lightning.pytorch", tmp_path, [quiet_monitor()], max_steps=4, logger=logger
+    )
+    trainer.fit(make_module())
+    root = Path(logger.log_dir) / "erf"
+    rows = (root / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,key,value"
+    steps = sorted({int(r.split(",")[0]) for r in rows[1:] if ",erf/net.3/coverage," in r})
+    assert steps == [0, 2, 4]
+    npz = sorted(root.rglob("*.npz"))
+    assert len(npz) == 3
+    maps = np.load(npz[0], allow_pickle=False)
+    assert set(maps.files) == set(LAYERS) and maps["net.0"].shape == (SIZE, SIZE)
+    assert len(list(root.rglob("*.png"))) == 3 * len(LAYERS)
+
+
+@pytest.mark.slow
+def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="erf-test")
+    try:
+        cb = quiet_monitor(layers=["net.7"])
+        trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2, logger=logger)
+        trainer.fit(make_module())
+        run_dir = Path(logger.experiment.dir)
+        summary = dict(logger.experiment.summary)
+    finally:
+        wandb.finish()
+    pngs = sorted((run_dir / "media" / "images").rglob("*.png"))
+    assert len(pngs) == 2  # steps 0 and 2
+    assert all("erf/net.7/heatmap" in p.as_posix() for p in pngs)
+    assert summary["erf/net.7/coverage"] == pytest.approx(cb.history["net.7"][2]["coverage"])
+
+
+# ----------------------------------------------------------------------------- batches / forward
+def test_dict_batches(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"])
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(make_module(batches="dict"))
+    assert sorted(cb.history["net.7"]) == [0, 2]
+    assert cb.probe_batch is not None and cb.probe_batch.shape == (4, 3, SIZE, SIZE)
+
+
+def test_no_image_forward_needs_forward_fn(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"], forward_fn=lambda m, x: m.classify(x))
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(
+        make_module(image_forward=False)
+    )
+    assert sorted(cb.history["net.7"]) == [0, 2]
+    # without it: one clear warning, training goes on
+    cb2 = quiet_monitor(layers=["net.7"])
+    with pytest.warns(em.ERFProbeWarning, match="forward"):
+        trainer = make_trainer("lightning.pytorch", tmp_path, [cb2], max_steps=2)
+        trainer.fit(make_module(image_forward=False))
+    assert trainer.global_step == 2 and cb2.history == {}
+
+
+def test_unknown_layer_raises_at_setup(tmp_path: Path) -> None:
+    trainer = make_trainer("lightning.pytorch", tmp_path, [quiet_monitor(layers=["net.77"])])
+    with pytest.raises(ValueError, match=r"Unknown layer 'net\.77'.*net\.7"):
+        trainer.fit(make_module())
+    assert trainer.global_step == 0
+
+
+# ----------------------------------------------------------------------------- identity
+def _fit_state(tmp_path: Path, callbacks: list[Any], **module_kwargs: Any) -> dict[str, Any]:
+    from lightning.pytorch import seed_everything
+
+    seed_everything(7, workers=True)
+    module = make_module(**module_kwargs)
+    trainer = make_trainer(
+        "lightning.pytorch",
+        tmp_path,
+        callbacks,
+        max_steps=6,
+        limit_val_batches=2 if module_kwargs.get("val") else 0,
+    )
+    trainer.fit(module)
+    opt = trainer.optimizers[0].state_dict()
+    return {"model": module.state_dict(), "opt": opt["state"], "rng": torch.get_rng_state()}
+
+
+def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["opt"].keys() == b["opt"].keys()
+    for i in a["opt"]:
+        for k, v in a["opt"][i].items():
+            assert torch.equal(v, b["opt"][i][k]), (i, k)
+    assert torch.equal(a["rng"], b["rng"])
+
+
+@pytest.mark.parametrize("source", ["train", "val"])
+def test_bit_for_bit_identical_training(tmp_path: Path, source: str) -> None:
+    val = source == "val"
+    ref = _fit_state(tmp_path / "a", [], val=val)
+    cb = quiet_monitor(every_n_steps=1, probe_inputs=source, layers="auto", min_coverage=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.ERFCoverageWarning)
+        got = _fit_state(tmp_path / "b", [cb], val=val)
+    assert sorted(cb.history[cb.layers[0]]) == list(range(7))  # it did probe every step
+    assert cb.alerts  # and alerted (warn only)
+    _assert_identical(ref, got)
+    assert any(k.endswith("running_mean") for k in ref["model"])
+
+
+# ----------------------------------------------------------------------------- alerts
+def _alert_messages(record: Any) -> list[str]:
+    return [str(w.message) for w in record if "covers only" in str(w.message)]
+
+
+def test_coverage_alert_warns_once_per_layer_and_logs(tmp_path: Path) -> None:
+    logger = tb_logger("lightning.pytorch", tmp_path)
+    cb = quiet_monitor(layers=["net.0", "net.3"], min_coverage=0.5, every_n_steps=1)
+    with pytest.warns(em.ERFCoverageWarning) as rec:
+        make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=3, logger=logger).fit(
+            make_module()
+        )
+    alerts = _alert_messages(rec)
+    assert len(alerts) == 2
+    assert "layer 'net.0'" in alerts[0] and "layer 'net.3'" in alerts[1]
+    assert "below min_coverage=50.00%" in alerts[0] and "dilated" in alerts[0]
+    setup = [
+        str(w.message) for w in rec if "theoretical receptive field of layer" in str(w.message)
+    ]
+    assert len(setup) == 2 and "will fire whatever" in setup[0]
+    assert cb.alerts == {"net.0": 0, "net.3": 0}
+    tensors = set(events(logger).Tags()["tensors"])
+    assert any("erf_coverage/net.0" in t for t in tensors), tensors
+
+
+def test_coverage_alert_stop(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.3"], min_coverage=0.5, on_insufficient="stop")
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=20)
+    with pytest.warns(em.ERFCoverageWarning):
+        trainer.fit(make_module())
+    assert trainer.global_step < 20 and trainer.should_stop
+
+
+def test_coverage_alert_raise(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.3"], min_coverage=0.5, on_insufficient="raise")
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=20)
+    with pytest.raises(em.ERFCoverageWarning, match="covers only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_module())
+    assert trainer.global_step == 0
+
+
+# ----------------------------------------------------------------------------- resume
+def test_checkpoint_resume(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckdir = tmp_path / "ckpt"
+    cb1 = quiet_monitor(min_coverage={"net.0": 0.5})
+    ck = ModelCheckpoint(dirpath=str(ckdir), every_n_train_steps=2, save_top_k=-1)
+    with pytest.warns(em.ERFCoverageWarning):
+        make_trainer(
+            "lightning.pytorch", tmp_path, [cb1, ck], max_steps=4, enable_checkpointing=True
+        ).fit(make_module())
+    path = ckdir / "epoch=0-step=4.ckpt"
+    assert sorted(cb1.history["net.0"]) == [0, 2, 4]
+    state = torch.load(path, weights_only=True)["callbacks"][cb1.state_key]
+    assert torch.equal(state["probe_batch"], cb1.probe_batch)
+    assert state["history"] == cb1.history and state["alerted"] == {"net.0": 0}
+
+    cb2 = quiet_monitor(min_coverage={"net.0": 0.5})
+    with warnings.catch_warnings():
+        # alert state restored: no repeated alert (the setup TRF warning may repeat)
+        warnings.filterwarnings("error", ".*covers only", em.ERFCoverageWarning)
+        trainer = make_trainer("lightning.pytorch", tmp_path, [cb2], max_steps=8)
+        trainer.fit(make_module(), ckpt_path=str(path))
+    assert trainer.global_step == 8
+    assert cb2.probe_batch is not None and torch.equal(cb2.probe_batch, cb1.probe_batch)
+    assert sorted(cb2.history["net.0"]) == [0, 2, 4, 6, 8]  # no second probe at step 4
+    for step in (0, 2, 4):
+        assert cb2.history["net.0"][step] == cb1.history["net.0"][step]
+
+
+# ----------------------------------------------------------------------------- training setups
+def test_bf16_mixed(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"])
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2, precision="bf16-mixed").fit(
+        make_module()
+    )
+    assert sorted(cb.history["net.7"]) == [0, 2]
+    assert cb.latest is not None and cb.latest["net.7"].heatmap.dtype == torch.float32
+    assert np.isfinite(cb.history["net.7"][2]["coverage"])
+
+
+def test_gradient_accumulation_probes_on_optimizer_steps_only(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"], every_n_steps=1)
+    trainer = make_trainer(
+        "lightning.pytorch", tmp_path, [cb], max_steps=3, accumulate_grad_batches=2
+    )
+    trainer.fit(make_module())
+    assert trainer.global_step == 3
+    assert sorted(cb.history["net.7"]) == [0, 1, 2, 3]  # 6 micro-batches, 3 optimizer steps
+
+
+@pytest.mark.slow
+def test_torch_compile_module(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.3", "net.7"])
+    module = make_module(compiled=True)
+    try:
+        make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(module)
+    except Exception as exc:  # no C++ toolchain for inductor on this machine
+        pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+    assert sorted(cb.history["net.7"]) == [0, 2]
+    eager = em.compute_erf(module.net._orig_mod, cb.probe_batch, ["3", "7"])
+    assert torch.allclose(cb.latest["net.7"].heatmap, eager["7"].heatmap)
+
+
+class BrokenSink(Sink):
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        raise ConnectionError("backend is down")
+
+
+def test_raising_sink_keeps_training(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"], sinks=[BrokenSink(), str(tmp_path / "files")])
+    with pytest.warns(UserWarning, match="backend is down") as rec:
+        trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4)
+        trainer.fit(make_module())
+    assert len([w for w in rec if "backend is down" in str(w.message)]) == 1
+    assert trainer.global_step == 4 and sorted(cb.history["net.7"]) == [0, 2, 4]
+    assert (tmp_path / "files" / "metrics.csv").exists()  # the other sink still got its data
+
+
+def test_layer_turning_nan_skips_probes(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"], every_n_steps=1)
+    with pytest.warns(em.ERFProbeWarning, match="NaN") as rec:
+        trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=5)
+        trainer.fit(make_module(poison_at=2))
+    assert trainer.global_step == 5
+    # the callback probes before the module poisons step 2: probes from step 3 on are skipped
+    assert sorted(cb.history["net.7"]) == [0, 1, 2]
+    assert len([w for w in rec if issubclass(w.category, em.ERFProbeWarning)]) == 1
+
+
+def test_noise_probe_inputs(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"], probe_inputs="noise", num_samples=3)
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(make_module())
+    assert cb.probe_batch is not None and cb.probe_batch.shape == (3, 3, SIZE, SIZE)
+    x, _ = _data()
+    assert not torch.equal(cb.probe_batch, x[:3])
+
+
+def test_user_tensor_probe_inputs(tmp_path: Path) -> None:
+    probe = torch.randn(2, 3, SIZE, SIZE)
+    cb = quiet_monitor(layers=["net.7"], probe_inputs=probe)
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(make_module())
+    assert cb.probe_batch is not None and torch.equal(cb.probe_batch, probe)
+    assert sorted(cb.history["net.7"]) == [0, 2]
+
+
+def test_lazy_import() -> None:
+    code = (
+        "import sys, erf_monitor; assert 'lightning' not in sys.modules, 'eager lightning import'"
+    )
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
