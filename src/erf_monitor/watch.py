@@ -1,0 +1,307 @@
+"""``watch()``: the ERF monitor for plain PyTorch training loops (no Lightning needed)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from erf_monitor._batch import InputKey
+from erf_monitor._monitor import (
+    DEFAULT_MIN_COVERAGE,
+    MinCoverage,
+    MonitorEngine,
+    OnInsufficient,
+    ProbeInputs,
+    ProbeOutcome,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from erf_monitor._result import ERFResults
+
+__all__ = ["Watcher", "watch"]
+
+
+class Watcher:
+    """Probes a model's ERF every ``every_n_steps`` steps of a plain PyTorch loop.
+
+    Create it with :func:`watch`. Steps are counted by the optimizer's step hook when an
+    optimizer is given (the loop stays unchanged), otherwise by calling :meth:`step` after
+    each optimizer step. With ``probe_inputs="train"`` the probe batch is the first
+    ``num_samples`` images of the first batch the model is called with (captured by a one-shot
+    forward pre-hook, which also runs the step-0 probe before that first forward).
+
+    Everything else (keys, coverage alert, failure policy) is as in
+    :class:`~erf_monitor.ERFMonitor`; ``on_insufficient="stop"`` sets :attr:`should_stop`,
+    which the loop may check.
+
+    Attributes:
+        model: the watched model.
+        global_step: optimizer steps counted so far.
+        should_stop: set when a coverage alert fired with ``on_insufficient="stop"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] = "auto",
+        every_n_steps: int = 100,
+        logger: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        num_samples: int = 8,
+        min_coverage: MinCoverage = DEFAULT_MIN_COVERAGE,
+        patience: int = 1,
+        on_insufficient: OnInsufficient = "warn",
+        probe_inputs: ProbeInputs = "train",
+        input_key: InputKey = None,
+        forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+        mode: Literal["luo", "replknet"] = "luo",
+        chunk_size: int | None = None,
+        seed: int = 0,
+        prefix: str = "erf",
+        render_kwargs: Mapping[str, Any] | None = None,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(probe_inputs, str) and probe_inputs == "val":
+            raise ValueError(
+                "watch() has no validation loader: pass probe_inputs='train', 'noise' or a tensor."
+            )
+        self._engine = MonitorEngine(
+            layers=layers,
+            every_n_steps=every_n_steps,
+            num_samples=num_samples,
+            min_coverage=min_coverage,
+            patience=patience,
+            on_insufficient=on_insufficient,
+            probe_inputs=probe_inputs,
+            input_key=input_key,
+            forward_fn=forward_fn,
+            mode=mode,
+            chunk_size=chunk_size,
+            seed=seed,
+            prefix=prefix,
+            render_kwargs=render_kwargs,
+            strict=strict,
+        )
+        self._engine.check_layers(model)
+        self.model = model
+        self.global_step = 0
+        self.should_stop = False
+        self._handles: list[RemovableHandle] = []
+        self._capture_handle: RemovableHandle | None = None
+        if logger is not None:
+            from erf_monitor.sinks import as_sink
+
+            loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+            self._engine.set_sinks([as_sink(lg) for lg in loggers])
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+        if self._engine.needs_batch:
+            self._capture_handle = model.register_forward_pre_hook(
+                self._on_first_forward, with_kwargs=True
+            )
+
+    # ------------------------------------------------------------------ read-only view
+    @property
+    def every_n_steps(self) -> int:
+        """Probe period in steps."""
+        return self._engine.every_n_steps
+
+    @property
+    def layers(self) -> list[str] | None:
+        """Resolved layer names (``None`` until the first probe)."""
+        return None if self._engine.layer_names is None else list(self._engine.layer_names)
+
+    @property
+    def probe_batch(self) -> torch.Tensor | None:
+        """The fixed probe batch (CPU), once captured."""
+        return self._engine.probe_batch
+
+    @property
+    def history(self) -> dict[str, dict[int, dict[str, float]]]:
+        """``{layer: {step: {metric: value}}}`` of every probe so far."""
+        return self._engine.history
+
+    @property
+    def latest(self) -> ERFResults | None:
+        """Results of the latest successful probe."""
+        return self._engine.latest
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        """``{layer: step}`` of the coverage alerts fired so far."""
+        return dict(self._engine.alerted)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> ERFResults | None:
+        """Count one optimizer step; probe if a multiple of ``every_n_steps`` is reached.
+
+        Returns:
+            The probe's results when this step probed, else ``None``.
+        """
+        self.global_step += 1
+        if self._engine.should_probe(self.global_step):
+            return self._probe()
+        return None
+
+    def probe(self) -> ERFResults | None:
+        """Probe now, at the current step (unless this step was probed already)."""
+        if self._engine.should_probe(self.global_step, force=True):
+            return self._probe()
+        return None
+
+    def _probe(self) -> ERFResults | None:
+        outcome: ProbeOutcome = self._engine.probe(self.model, self.global_step)
+        if outcome.alerts:
+            if self._engine.on_insufficient == "stop":
+                self.should_stop = True
+            elif self._engine.on_insufficient == "raise":
+                raise self._engine.insufficient_error(outcome.alerts)
+        return outcome.results
+
+    def _on_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        self.step()
+
+    def _on_first_forward(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._remove_capture_hook()
+        batch = args[0] if len(args) == 1 else (args if args else kwargs)
+        try:
+            self._engine.capture(batch)
+        except Exception as exc:
+            self._engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
+            return
+        self.probe()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _remove_capture_hook(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+
+    def remove(self) -> None:
+        """Remove every hook this watcher registered and release its sinks (idempotent)."""
+        self._remove_capture_hook()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        try:
+            self._engine.close()
+        finally:
+            self._engine.set_sinks(())
+
+    def close(self) -> None:
+        """Probe once more at the current step (the end of training), then :meth:`remove`."""
+        try:
+            self.probe()
+        finally:
+            self.remove()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Probe batch, history, alert state and step count (tensors and Python scalars)."""
+        return {**self._engine.state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self._engine.load_state_dict(state_dict)
+        self.global_step = int(state_dict.get("global_step", self.global_step))
+        if self._engine.probe_batch is not None:
+            self._remove_capture_hook()
+
+    def __repr__(self) -> str:
+        return (
+            f"Watcher({type(self.model).__name__}, layers={self._engine.layers!r}, "
+            f"every_n_steps={self.every_n_steps}, step={self.global_step})"
+        )
+
+
+def watch(
+    model: nn.Module,
+    layers: str | Sequence[str] = "auto",
+    every_n_steps: int = 100,
+    logger: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    **kwargs: Any,
+) -> Watcher:
+    """Watch a model's ERF in a plain PyTorch training loop.
+
+    Args:
+        model: the model being trained.
+        layers: layer names, globs, or ``"auto"`` (one layer per resolution stage).
+        every_n_steps: probe every this many optimizer steps.
+        logger: where to log: a ``SummaryWriter``, a wandb run, a directory (CSV/PNG/npz
+            files), a function ``fn(step, scalars, images)``, a Sink, or a list of these;
+            ``None`` keeps results in :attr:`Watcher.history` only.
+        optimizer: count steps through ``optimizer.register_step_post_hook`` (the loop is
+            unchanged); without it call :meth:`Watcher.step` after each optimizer step.
+        **kwargs: keyword options of :class:`Watcher` (``num_samples``, ``min_coverage``,
+            ``patience``, ``on_insufficient``, ``probe_inputs``, ``input_key``,
+            ``forward_fn``, ``mode``, ``chunk_size``, ``seed``, ``prefix``,
+            ``render_kwargs``, ``strict``), as in :class:`~erf_monitor.ERFMonitor`.
+
+    Returns:
+        A :class:`Watcher`; use it as a context manager or call :meth:`Watcher.close` (final
+        probe + remove hooks) or :meth:`Watcher.remove` when done.
+
+    Example:
+        >>> import tempfile, torch, erf_monitor as em
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+        ...     torch.nn.Conv2d(4, 1, 3, padding=1))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        >>> logdir = tempfile.mkdtemp()
+        >>> with em.watch(net, layers=["2"], every_n_steps=2, logger=logdir,
+        ...               optimizer=opt, num_samples=2, min_coverage=None) as w:
+        ...     for _ in range(4):
+        ...         opt.zero_grad()
+        ...         net(torch.randn(2, 1, 16, 16)).pow(2).mean().backward()
+        ...         opt.step()
+        >>> sorted(w.history["2"])  # fit start, every 2 steps
+        [0, 2, 4]
+        >>> w.history["2"][4]["trf_size"]
+        5.0
+    """
+    return Watcher(model, layers, every_n_steps, logger, optimizer, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """``erf_monitor.watch`` is both this module and the function ``watch``.
+
+    Importing the submodule ``erf_monitor.watch`` makes Python set the package attribute
+    ``erf_monitor.watch`` to the *module*, shadowing the lazily exported function; making the
+    module callable keeps ``em.watch(model, ...)`` working however it was imported.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Watcher:
+        return watch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
