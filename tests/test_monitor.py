@@ -72,7 +72,7 @@ def test_invalid_arguments(kwargs: dict[str, Any], exc: type[Exception], match: 
 
 def test_unknown_layer_names_available() -> None:
     eng = MonitorEngine(layers=["0", "conv9"])
-    with pytest.raises(ValueError, match="Unknown layer 'conv9'.*0, 1, 2, 3, 4"):
+    with pytest.raises(ValueError, match=r"Unknown layer 'conv9'.*0, 1, 2, 3, 4"):
         eng.check_layers(tiny_net())
     with pytest.raises(ValueError, match="matches no module"):
         MonitorEngine(layers=["0"], min_coverage={"head": 0.1}).check_layers(tiny_net())
@@ -104,7 +104,9 @@ def test_probe_batch_is_a_detached_cpu_copy() -> None:
     eng.capture((x, torch.zeros(4)))
     pb = eng.probe_batch
     assert pb is not None and pb.shape == (2, 1, 16, 16) and pb.device.type == "cpu"
-    assert not pb.requires_grad and pb.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert (
+        not pb.requires_grad and pb.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
     before = pb.clone()
     with torch.no_grad():
         x.mul_(0)

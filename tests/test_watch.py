@@ -202,7 +202,7 @@ def test_state_dict_roundtrip() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         em.watch("model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Unknown layer"):
         em.watch(make_net(), ["nope"])

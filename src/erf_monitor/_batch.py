@@ -72,11 +72,11 @@ def _search(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, Mapping):
         for key in IMAGE_KEYS:
             if key in batch and _is_image(batch[key]):
-                return batch[key]  # type: ignore[no-any-return]
+                return batch[key]
         lowered = {k.lower(): k for k in batch if isinstance(k, str)}
         for key in IMAGE_KEYS:
             if key in lowered and _is_image(batch[lowered[key]]):
-                return batch[lowered[key]]  # type: ignore[no-any-return]
+                return batch[lowered[key]]
         values: list[Any] = list(batch.values())
     elif isinstance(batch, (tuple, list)):
         values = list(batch)
@@ -84,7 +84,7 @@ def _search(batch: Any) -> torch.Tensor | None:
         return None
     for v in values:  # first image at this level, then one level down
         if _is_image(v):
-            return v  # type: ignore[no-any-return]
+            return v
     for v in values:
         if isinstance(v, (Mapping, tuple, list)):
             found = _search(v)
@@ -142,4 +142,4 @@ def find_image(batch: Any, input_key: InputKey = None) -> torch.Tensor:
             f"input_key={input_key!r} gave {describe_batch(found)}, not a floating-point tensor "
             "(N, C, *spatial)",
         )
-    return found  # type: ignore[no-any-return]
+    return found
