@@ -1,0 +1,39 @@
+"""Logging backends for ERF probes, behind one small interface (:class:`Sink`).
+
+Keys are the same on every backend: ``erf/<layer>/<metric>`` for scalars (the metrics of
+``ERFResult.scalars()``), ``erf/<layer>/heatmap`` for images; ``step`` is the training step.
+Optional backends (TensorBoard, W&B, MLflow) are imported only when a sink is constructed.
+
+Example:
+    >>> import tempfile
+    >>> from erf_monitor.sinks import as_sink
+    >>> sink = as_sink(tempfile.mkdtemp())   # a directory -> FileSink
+    >>> sink.log_scalars({"erf/layer4/coverage": 0.12}, step=100)
+"""
+
+from erf_monitor.sinks._base import Sink
+from erf_monitor.sinks._callable import CallableSink
+from erf_monitor.sinks._factory import CSV_SUBDIR, as_sink, sink_for_logger, sinks_for_trainer
+from erf_monitor.sinks._file import FileSink, arrays_relpath, safe_filename, save_npz
+from erf_monitor.sinks._mlflow import MLflowSink
+from erf_monitor.sinks._multi import MultiSink, log_results
+from erf_monitor.sinks._tensorboard import TensorBoardSink
+from erf_monitor.sinks._wandb import WandbSink
+
+__all__ = [
+    "CSV_SUBDIR",
+    "CallableSink",
+    "FileSink",
+    "MLflowSink",
+    "MultiSink",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "arrays_relpath",
+    "as_sink",
+    "log_results",
+    "safe_filename",
+    "save_npz",
+    "sink_for_logger",
+    "sinks_for_trainer",
+]

@@ -1,0 +1,156 @@
+"""Fan-out to several sinks, isolating failures, and the one function that logs a probe."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from erf_monitor.sinks._base import Sink
+
+if TYPE_CHECKING:
+    from erf_monitor._result import ERFResult
+
+__all__ = ["MultiSink", "log_results"]
+
+
+class MultiSink(Sink):
+    """Send every call to several sinks; a failing sink never stops the others.
+
+    When a sink raises, one ``UserWarning`` names the sink, the call and the error; the
+    same kind of error from the same sink and call is not repeated (training loops call
+    sinks many times), and the remaining sinks still get their data.
+
+    Args:
+        sinks: the sinks to fan out to (nested ``MultiSink`` objects are fine).
+    """
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self._reported: set[tuple[int, str, str]] = set()
+
+    def __repr__(self) -> str:
+        return f"MultiSink({self.sinks!r})"
+
+    def _each(self, method: str, call: Callable[[Sink], Any]) -> None:
+        for i, sink in enumerate(self.sinks):
+            try:
+                call(sink)
+            except Exception as err:
+                tag = (i, method, type(err).__name__)
+                if tag in self._reported:
+                    continue
+                self._reported.add(tag)
+                warnings.warn(
+                    f"erf-monitor: {sink!r}.{method} failed with {type(err).__name__}: {err}. "
+                    "Its data for this call is lost; the other sinks and training continue "
+                    "(this error is reported once).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Forward to every sink."""
+        self._each("log_scalars", lambda s: s.log_scalars(scalars, step))
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """Forward to every sink."""
+        self._each("log_image", lambda s: s.log_image(key, image, step))
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        """Forward to every sink."""
+        self._each("log_text", lambda s: s.log_text(key, text, step))
+
+    def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
+        """Forward to every sink."""
+        self._each("log_arrays", lambda s: s.log_arrays(key, arrays, step))
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        """Forward to every sink."""
+        self._each("alert", lambda s: s.alert(title, text, step))
+
+    def flush(self) -> None:
+        """Forward to every sink."""
+        self._each("flush", lambda s: s.flush())
+
+    def close(self) -> None:
+        """Forward to every sink."""
+        self._each("close", lambda s: s.close())
+
+
+def _items(results: Mapping[str, ERFResult] | Iterable[ERFResult]) -> list[tuple[str, ERFResult]]:
+    if isinstance(results, Mapping):
+        return list(results.items())
+    return [(r.name, r) for r in results]
+
+
+def log_results(
+    sinks: Sink | Sequence[Sink],
+    results: Mapping[str, ERFResult] | Iterable[ERFResult],
+    step: int,
+    *,
+    prefix: str = "erf",
+    render_kwargs: Mapping[str, Any] | None = None,
+    images: bool = True,
+    arrays: bool = True,
+) -> dict[str, float]:
+    """Log one probe's results to every sink, never raising because of a sink.
+
+    Sends, in this order and to every sink:
+
+    1. scalars ``<prefix>/<layer>/<metric>`` for each ``metric`` in ``result.scalars()``,
+       in one ``log_scalars`` call;
+    2. one image per layer, ``<prefix>/<layer>/heatmap``, rendered once with
+       :func:`~erf_monitor._render.render_heatmap` (``render_kwargs`` passed on);
+    3. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays);
+
+    then flushes. A sink that raises gets one warning (see :class:`MultiSink`); a layer
+    whose map cannot be rendered is warned about and skipped for images only.
+
+    Args:
+        sinks: one sink or several.
+        results: ``compute_erf``'s mapping ``layer -> ERFResult`` or a sequence of results.
+        step: training step (``trainer.global_step`` or the watcher's count).
+        prefix: top-level key namespace.
+        render_kwargs: keyword arguments for ``render_heatmap`` (``cmap``, ``log_scale``...).
+        images: log heatmap images.
+        arrays: log raw maps.
+
+    Returns:
+        The scalar dict that was logged.
+    """
+    from erf_monitor._render import render_heatmap
+
+    multi = (
+        sinks
+        if isinstance(sinks, MultiSink)
+        else MultiSink([sinks] if isinstance(sinks, Sink) else sinks)
+    )
+    items = _items(results)
+    scalars: dict[str, float] = {}
+    for name, r in items:
+        for metric, value in r.scalars().items():
+            scalars[f"{prefix}/{name}/{metric}"] = float(value)
+    if scalars:
+        multi.log_scalars(scalars, step)
+    if images:
+        kwargs = dict(render_kwargs or {})
+        for name, r in items:
+            try:
+                image = render_heatmap(r, **kwargs)
+            except Exception as err:
+                warnings.warn(
+                    f"erf-monitor: could not render the ERF map of layer {name!r} "
+                    f"({type(err).__name__}: {err}); its image is skipped",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            multi.log_image(f"{prefix}/{name}/heatmap", image, step)
+    if arrays and items:
+        maps = {name: r.heatmap.detach().cpu().float().numpy() for name, r in items}
+        multi.log_arrays(prefix, maps, step)
+    multi.flush()
+    return scalars

@@ -1,0 +1,131 @@
+"""Weights & Biases."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erf_monitor._imports import require
+from erf_monitor.sinks._base import Sink
+
+__all__ = ["WandbSink"]
+
+
+class WandbSink(Sink):
+    """Log to a W&B run.
+
+    W&B's own ``step`` must increase monotonically and Lightning's ``WandbLogger`` already
+    drives it, so this sink never passes ``step=`` to ``run.log``. Instead every record
+    carries the probe's step under ``step_key`` (default ``"erf/step"``), declared once with
+    ``run.define_metric("erf/*", step_metric="erf/step")`` for every top-level key prefix it
+    logs, so the W&B UI plots ERF curves against the training step. The same record also
+    carries each key of ``extra_step_keys`` (``sinks_for_trainer`` passes
+    ``"trainer/global_step"``, Lightning's x-axis, so the charts line up with the loss).
+
+    * scalars: ``run.log({step_key: step, **scalars})``
+    * images: ``run.log({key: wandb.Image(image), step_key: step})``
+    * texts: a ``wandb.Table`` per key with columns ``step, text``, re-logged with all rows
+    * alerts: ``run.alert(title=..., text=...)``; if that fails (offline runs, old servers)
+      the alert is logged as text ``alerts/<title>`` instead
+    * raw maps: ``<run.dir>/erf_maps/step_<N>.npz`` (uploaded with the run's files)
+
+    Args:
+        run: a ``wandb`` run; ``None`` uses ``wandb.run`` at the first log call.
+        step_key: name of the custom x-axis metric.
+        extra_step_keys: further keys set to the step in every record.
+
+    Raises:
+        ModuleNotFoundError: if ``wandb`` is not installed.
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        step_key: str = "erf/step",
+        extra_step_keys: Sequence[str] = (),
+    ) -> None:
+        require("wandb", "wandb", "WandbSink")
+        self._run = run
+        self.step_key = step_key
+        self.extra_step_keys = tuple(extra_step_keys)
+        self._defined: set[str] = set()
+        self._tables: dict[str, list[list[Any]]] = {}
+
+    def __repr__(self) -> str:
+        name = getattr(self._run, "name", None) if self._run is not None else "wandb.run"
+        return f"WandbSink({name!r})"
+
+    @property
+    def run(self) -> Any:
+        """The run logged to (``wandb.run`` if none was given)."""
+        if self._run is None:
+            import wandb
+
+            if wandb.run is None:
+                raise RuntimeError("WandbSink: no active W&B run; call wandb.init() or pass run=")
+            self._run = wandb.run
+        return self._run
+
+    def _define(self, keys: Sequence[str]) -> None:
+        run = self.run
+        define = getattr(run, "define_metric", None)
+        if define is None:
+            return
+        if self.step_key not in self._defined:
+            define(self.step_key)
+            self._defined.add(self.step_key)
+        for key in keys:
+            head = key.split("/", 1)[0]
+            if "/" in key and head not in self._defined:
+                define(f"{head}/*", step_metric=self.step_key)
+                self._defined.add(head)
+
+    def _log(self, data: dict[str, Any], step: int) -> None:
+        self._define(list(data))
+        record = {self.step_key: int(step)}
+        record.update({k: int(step) for k in self.extra_step_keys})
+        record.update(data)
+        self.run.log(record)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """One ``run.log`` with all scalars and the step keys."""
+        self._log({k: float(v) for k, v in scalars.items()}, step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """``run.log({key: wandb.Image(image)})`` with the step keys."""
+        import wandb
+
+        self._log({key: wandb.Image(image, caption=f"step {int(step)}")}, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        """Append a row to the key's ``wandb.Table`` and log the table."""
+        import wandb
+
+        rows = self._tables.setdefault(key, [])
+        rows.append([int(step), text])
+        self._log({key: wandb.Table(columns=["step", "text"], data=[list(r) for r in rows])}, step)
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        """``run.alert``; falls back to text (with a warning) when alerts are unavailable."""
+        try:
+            self.run.alert(title=title, text=f"[step {int(step)}] {text}")
+        except Exception as err:  # offline mode, no network, ...: keep the alert as text
+            warnings.warn(
+                f"WandbSink: run.alert failed ({type(err).__name__}: {err}); "
+                f"logging it as text 'alerts/{title}' instead",
+                stacklevel=2,
+            )
+        self.log_text(f"alerts/{title}", text, step)
+
+    def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
+        """Save ``<run.dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
+        from erf_monitor.sinks._file import arrays_relpath, save_npz
+
+        run_dir = getattr(self.run, "dir", None)
+        if run_dir:
+            save_npz(Path(run_dir) / "erf_maps" / arrays_relpath(key, step), arrays)
