@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
 from erf_monitor._probe import compute_erf
 from erf_monitor._result import ERFResult, ERFResults
-from erf_monitor._trf import theoretical_rf
 from erf_monitor._types import TRF
 
 if TYPE_CHECKING:
+    from erf_monitor._trf import theoretical_rf
     from erf_monitor.callback import ERFMonitor
     from erf_monitor.watch import Watcher, watch
 
@@ -35,7 +35,12 @@ __all__ = [
     "watch",
 ]
 
-_LAZY = {"ERFMonitor": "erf_monitor.callback", "watch": "erf_monitor.watch", "Watcher": "erf_monitor.watch"}
+_LAZY = {
+    "theoretical_rf": "erf_monitor._trf",
+    "ERFMonitor": "erf_monitor.callback",
+    "watch": "erf_monitor.watch",
+    "Watcher": "erf_monitor.watch",
+}
 
 
 def __getattr__(name: str) -> Any:
