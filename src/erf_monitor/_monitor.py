@@ -358,10 +358,13 @@ class MonitorEngine:
             names = resolve_layers(net, self.layers)
         self.layer_names = names
         self._thresholds = self._resolve_thresholds(names)
-        from erf_monitor._trf import theoretical_rf
-
         try:
+            from erf_monitor._trf import theoretical_rf
+
+            # The analysis is not supposed to touch flags, buffers or RNG; make sure of it (once
+            # per fit), so that training stays bit-for-bit identical whatever it does.
             flags = [(m, m.training) for m in net.modules()]
+            buffers = [(b, b.detach().clone()) for b in net.buffers()]
             try:
                 with preserved_rng(device):
                     trfs = theoretical_rf(
@@ -370,6 +373,9 @@ class MonitorEngine:
             finally:
                 for m, flag in flags:
                     m.training = flag
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
             self.trfs = {n: trfs.get(n) for n in names}
         except Exception as exc:
             self.report(
