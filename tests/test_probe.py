@@ -31,7 +31,11 @@ def ones_stack(n: int, k: int, channels: int = 1, dilation: int = 1) -> nn.Seque
     layers = []
     for i in range(n):
         conv = nn.Conv2d(
-            channels if i == 0 else 1, 1, k, padding=dilation * (k // 2), dilation=dilation,
+            channels if i == 0 else 1,
+            1,
+            k,
+            padding=dilation * (k // 2),
+            dilation=dilation,
             bias=False,
         )
         nn.init.ones_(conv.weight)
@@ -50,15 +54,21 @@ def placed(profile: np.ndarray, size: int, centre: int) -> np.ndarray:
     return out
 
 
-def slow_reference(model: nn.Module, x: torch.Tensor, layer: str, mode: str = "luo") -> torch.Tensor:
+def slow_reference(
+    model: nn.Module, x: torch.Tensor, layer: str, mode: str = "luo"
+) -> torch.Tensor:
     """One sample at a time, one layer at a time, a full forward and backward each."""
     module = dict(model.named_modules())[layer]
     model.eval()
     total = torch.zeros(x.shape[2:], dtype=torch.float64)
     for n in range(x.shape[0]):
         xi = x[n : n + 1].clone().requires_grad_(True)
-        store = {}
-        h = module.register_forward_hook(lambda m, i, o: store.setdefault("y", o))
+        store: dict[str, torch.Tensor] = {}
+
+        def keep_first(m: nn.Module, i: object, o: torch.Tensor, store: dict = store) -> None:
+            store.setdefault("y", o)
+
+        h = module.register_forward_hook(keep_first)
         try:
             model(xi)
         finally:
@@ -83,7 +93,9 @@ class SmallNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.pool = nn.MaxPool2d(2)
         self.block = nn.Sequential(
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
             nn.Conv2d(8, 8, 3, padding=2, dilation=2),
         )
         self.drop = nn.Dropout(0.5)

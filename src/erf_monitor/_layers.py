@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +34,32 @@ def _module_table(model: nn.Module) -> dict[str, nn.Module]:
     return table
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Glob over dotted names: ``*`` and ``?`` stay inside one segment, ``**`` spans segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out.append(
+                "[^" + re.escape(body[1:]) + "]" if body.startswith("!") else f"[{re.escape(body)}]"
+            )
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
 def _unknown_layer_error(name: str, names: Sequence[str]) -> ValueError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -48,7 +74,9 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
 
     Args:
         model: the model whose ``named_modules()`` define the names.
-        layers: a name, a glob (``"layer*"``), or a sequence of them. ``"auto"`` needs an
+        layers: a name, a glob, or a sequence of them. In globs ``*`` and ``?`` match within
+            one dotted segment (``"layer*"`` is ``layer1 .. layer4``, not their children) and
+            ``**`` matches across segments (``"layer1.**.conv*"``). ``"auto"`` needs an
             input and is expanded by :func:`auto_layers` instead.
 
     Raises:
@@ -60,6 +88,8 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         ['0', '2']
         >>> resolve_layers(net, "*")
         ['0', '1', '2']
+        >>> resolve_layers(nn.Sequential(net), "0.*")
+        ['0.0', '0.1', '0.2']
     """
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
@@ -74,7 +104,8 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         if spec in table:
             matched = [spec]
         elif any(ch in spec for ch in "*?["):
-            matched = [n for n in names if fnmatch.fnmatchcase(n, spec)]
+            regex = _glob_regex(spec)
+            matched = [n for n in names if regex.fullmatch(n)]
             if not matched:
                 raise _unknown_layer_error(spec, names)
         else:
@@ -139,6 +170,7 @@ def auto_layers(
         last_by_shape[shape] = name
     if not order:
         raise ValueError(
-            "layers='auto' found no module with a spatial output (N, C, *S); name layers explicitly."
+            "layers='auto' found no module with a spatial output (N, C, *S); "
+            "name the layers explicitly."
         )
     return [last_by_shape[s] for s in order]

@@ -122,9 +122,7 @@ def _centre_pixel(
     else:
         centre = tuple((s - 1) / 2 for s in in_shape)
     # Round half up, clamped into the input.
-    return tuple(
-        min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, in_shape)
-    )
+    return tuple(min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, in_shape))
 
 
 def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
@@ -186,7 +184,10 @@ def _run_forward(
 
 def _seed(out: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Scalar whose input gradient is the sum over samples of each sample's ERF gradient."""
-    centre = out if out.dim() == 2 else out[(slice(None), slice(None), *_centre_index(out.shape[2:]))]
+    centre = out
+    if out.dim() > 2:
+        index: tuple[int | slice, ...] = (slice(None), slice(None), *_centre_index(out.shape[2:]))
+        centre = out[index]
     if mode == "replknet":
         centre = torch.relu(centre)
     return centre.float().sum()
