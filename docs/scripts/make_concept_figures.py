@@ -84,7 +84,7 @@ def hero() -> None:
     model = torchvision.models.resnet18()
     x = torch.randn(8, 3, 224, 224)
     res = em.compute_erf(model, x, layers=["layer1", "layer2", "layer3", "layer4"])
-    fig = erf_figure(res, ncols=4, panel_size=2.8, log_scale=True)
+    fig = erf_figure(res, ncols=2, panel_size=3.6)
     save(fig, "resnet18.png")
     for name, r in res.items():
         print(f"  resnet18 {name}: {r}")
@@ -115,8 +115,9 @@ def replknet() -> None:
     fig = Figure(figsize=(5.0, 2.7), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, r, label in ((axes[0], luo, 'mode="luo"'), (axes[1], rep, 'mode="replknet"')):
-        show(ax, r.heatmap.numpy(), f"{label}\nm(0.5) = {r.mass_extent(0.5)}, "
-             f"m(0.95) = {r.erf_size}")
+        show(
+            ax, r.heatmap.numpy(), f"{label}\nm(0.5) = {r.mass_extent(0.5)}, m(0.95) = {r.erf_size}"
+        )
     save(fig, "replknet.png")
 
 
@@ -129,21 +130,23 @@ def trf() -> None:
     r = em.compute_erf(model, x, layers=["11"])["11"]
     t = r.trf
     (ys, ye), (xs, xe) = t.interval
-    fig = Figure(figsize=(4.2, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(4.4, 3.9), dpi=100, layout="constrained")
     ax = fig.subplots()
+    ax.set_facecolor("0.82")  # outside the input: zero padding
     show(ax, r.heatmap.numpy(), "")
     ax.add_patch(
-        Rectangle((xs - 0.5, ys - 0.5), xe - xs + 1, ye - ys + 1, fill=False, ec="cyan",
-                  ls=":", lw=1.5, clip_on=False)
+        Rectangle(
+            (xs - 0.5, ys - 0.5), xe - xs + 1, ye - ys + 1, fill=False, ec="tab:blue", ls=":", lw=2
+        )
     )
     box(ax, t.clipped[0], t.clipped[1], "cyan")
     ax.set_xlim(xs - 1.5, xe + 1.5)
     ax.set_ylim(ye + 1.5, ys - 1.5)
-    ax.add_patch(Rectangle((-0.5, -0.5), 20, 20, fill=False, ec="white", lw=0.8, ls="--"))
+    ax.text(xs + 0.5, ye + 0.3, "padding (outside the input)", fontsize=7, color="0.2")
     ax.set_title(
         f"12 × (3×3 conv), 20×20 input: TRF size {int(t.size[0])}, stride {t.stride[0]:g}\n"
-        f"interval {tuple(int(v) for v in t.interval[0])} (dotted), "
-        f"clipped {t.clipped[0]} (solid)",
+        f"interval {tuple(int(v) for v in t.interval[0])} (blue dotted), "
+        f"clipped {t.clipped[0]} (cyan)",
         fontsize=8.5,
     )
     save(fig, "trf.png")
@@ -151,37 +154,38 @@ def trf() -> None:
 
 def mass_extent() -> None:
     model = relu_stack(10)
-    x = torch.randn(8, 1, 41, 41, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(16, 1, 41, 41, generator=torch.Generator().manual_seed(2))
     r = em.compute_erf(model, x, layers=["18"])["18"]
-    fig = Figure(figsize=(7.4, 3.1), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7.4, 3.2), dpi=100, layout="constrained")
     ax, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.3])
-    show(ax, r.heatmap.numpy(), "centred squares, odd sides")
-    colors = {0.2: "#7fffd4", 0.5: "#00bfff", 0.95: "white"}
+    show(ax, r.heatmap.numpy(), "centred squares, odd sides (zoomed)")
+    colors = {0.2: "lime", 0.5: "deepskyblue", 0.95: "white"}
     for t, col in colors.items():
         rows, cols = square(r, t)
         box(ax, rows, cols, col, label=f"m({t:g}) = {r.mass_extent(t)}")
-    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, -0.28), ncol=3,
-              handlelength=1, columnspacing=0.8, frameon=False)
-    heat = r.heatmap.double().numpy()
     cy, cx = r.centre_pixel
+    ax.set_xlim(cx - 12.5, cx + 12.5)
+    ax.set_ylim(cy + 12.5, cy - 12.5)
+    ax.legend(fontsize=7, loc="lower right", facecolor="0.1", labelcolor="white", framealpha=0.9)
+    heat = r.heatmap.double().numpy()
     sides, fracs = [], []
     for i in range(0, 21):
         sl = heat[max(cy - i, 0) : cy + i + 1, max(cx - i, 0) : cx + i + 1]
         sides.append(2 * i + 1)
         fracs.append(sl.sum() / heat.sum())
-    ax2.plot(sides, fracs, "o-", ms=3, color="k", lw=1)
+    ax2.plot(sides, fracs, "o-", ms=3, color="k", lw=1, label="mass inside the square")
     for t, col in colors.items():
         m = r.mass_extent(t)
-        c = "tab:blue" if col == "white" else col
+        c = "tab:red" if col == "white" else ("tab:green" if col == "lime" else "tab:blue")
         ax2.axhline(t, color=c, lw=1, ls="--")
         ax2.axvline(m, color=c, lw=1)
-        ax2.text(m + 0.4, 0.02 if t != 0.2 else 0.1, f"m({t:g}) = {m}", fontsize=7, color="k")
-    ax2.set_xlabel("side 2i + 1 of the centred square (px)", fontsize=8)
+        ax2.text(m + 0.4, t - 0.07, f"m({t:g}) = {m}", fontsize=7.5, color=c)
+    ax2.set_xlabel("side 2i + 1 of the centred square (px), i = 0, 1, 2, ...", fontsize=8)
     ax2.set_ylabel("fraction of the ERF mass inside", fontsize=8)
     ax2.set_ylim(0, 1.02)
     ax2.tick_params(labelsize=7)
     ax2.grid(alpha=0.3)
-    ax2.set_title("first side whose mass exceeds t", fontsize=9)
+    ax2.set_title("m(t): first side whose mass exceeds t", fontsize=9)
     save(fig, "mass_extent.png")
 
 
@@ -226,10 +230,12 @@ def sigma_r2() -> None:
         sx = r.sigma[1]
         fine = np.linspace(xs[0], xs[-1], 300)
         ax.bar(xs, prof, width=1.0, color="tab:orange", alpha=0.6, label="ERF, centre row")
-        ax.plot(fine, np.exp(-(fine**2) / (2 * sx**2)), "k", lw=1.2, label="moment-matched Gaussian")
+        ax.plot(
+            fine, np.exp(-(fine**2) / (2 * sx**2)), "k", lw=1.2, label="moment-matched Gaussian"
+        )
         ax.axvspan(-sx, sx, color="tab:blue", alpha=0.12, label=f"±σ, σ = {sx:.2f} px")
         ax.set_xlim(-12, 12)
-        ax.set_ylim(0, 1.25)
+        ax.set_ylim(0, 1.55)
         ax.set_title(f"{label}: R² = {r.gaussian_r2:.3f}", fontsize=9)
         ax.set_xlabel("x − centre (px)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -238,28 +244,28 @@ def sigma_r2() -> None:
 
 
 def centroid_offset() -> None:
-    # Even (2x2) kernels with padding 1 on one side only shift the field by 1/2 px per layer.
-    layers: list[nn.Module] = []
-    for _ in range(6):
-        conv = nn.Conv2d(1, 1, 2, bias=False)
-        nn.init.constant_(conv.weight, 1.0)
-        layers += [nn.ZeroPad2d((1, 0, 1, 0)), conv]
-    model = nn.Sequential(*layers)
+    # Kernels that weigh their right column most (as a trained layer might): each layer
+    # shifts the mass right by (1.0 - 0.25) / 1.75 px, the TRF stays symmetric.
+    model = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(6)])
+    kernel = torch.outer(torch.ones(3), torch.tensor([0.25, 0.5, 1.0]))
+    with torch.no_grad():
+        for conv in model:
+            conv.weight.copy_(kernel.view(1, 1, 3, 3))
     x = torch.randn(1, 1, 21, 21)
-    r = em.compute_erf(model, x, layers=[str(len(layers) - 1)])[str(len(layers) - 1)]
-    fig = Figure(figsize=(3.8, 3.7), dpi=100, layout="constrained")
+    r = em.compute_erf(model, x, layers=["5"])["5"]
+    fig = Figure(figsize=(3.8, 3.8), dpi=100, layout="constrained")
     ax = fig.subplots()
     show(ax, r.heatmap.numpy(), "")
     ty, tx = r.theoretical_centre
     cy, cx = r.centroid
+    box(ax, r.trf.clipped[0], r.trf.clipped[1], "cyan", label="TRF")
     ax.plot(tx, ty, "c+", ms=14, mew=2, label="theoretical centre")
     ax.plot(cx, cy, "wx", ms=10, mew=2, label="centroid")
-    ax.set_xlim(2.5, 18.5)
-    ax.set_ylim(18.5, 2.5)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left", facecolor="0.1", labelcolor="white")
     dy, dx = r.centroid_offset
     ax.set_title(
-        f"6 × (pad left/top, 2×2 conv)\ncentroid offset (y, x) = ({dy:+.2f}, {dx:+.2f}) px",
+        f"6 × 3×3 conv, columns weighted 1 : 2 : 4\n"
+        f"centroid offset (y, x) = ({dy:+.2f}, {dx:+.2f}) px",
         fontsize=9,
     )
     save(fig, "centroid_offset.png")
@@ -282,7 +288,7 @@ def centre_unit() -> None:
         ax.set_xticks(np.arange(-0.5, n), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
         ax.grid(which="minor", color="0.6", lw=0.6)
-        ax.text(c, c, f"({c},{c})", ha="center", va="center", fontsize=6.5)
+        ax.text(c, c, f"({c},{c})", ha="center", va="center", fontsize=6.5, color="white")
         ax.set_title(f"{label}: centre unit ({c}, {c})", fontsize=9)
     save(fig, "centre_unit.png")
 

@@ -116,10 +116,13 @@ def mean_erf(
     """
     per_seed: list[em.ERFResult] = []
     total: torch.Tensor | None = None
+    trf = None
     for seed in range(seeds):
         model, layer = build(seed)
+        if trf is None:  # the TRF depends on the architecture only: analyse it once
+            trf = em.theoretical_rf(model, tuple(input_shape), [layer])
         x = torch.randn((samples, *input_shape), generator=torch.Generator().manual_seed(seed))
-        r = em.compute_erf(model, x, layers=[layer])[layer]
+        r = em.compute_erf(model, x, layers=[layer], trf=trf)[layer]
         per_seed.append(r)
         unit = r.heatmap.double() / r.heatmap.double().sum()
         total = unit if total is None else total + unit

@@ -28,7 +28,10 @@ CASES = {
     "random + ReLU": dict(weights="random", activation="relu", channels=16),
 }
 COLORS = ("0.45", "tab:blue", "tab:red")
-SEEDS = 6
+# Independent maps averaged per depth: 32 weight seeds for linear stacks (their gradient does
+# not depend on the input), 8 seeds x 4 noise inputs with ReLU.
+SEEDS_SAMPLES = {"linear": (32, 1), "relu": (8, 4)}
+YTICKS = {"sigma": (2, 3, 4, 6, 8, 10), "erf_size": (8, 16, 32, 64, 128), "ratio": (0.25, 0.5, 1)}
 
 
 def measure(kw: dict) -> dict[str, np.ndarray]:
@@ -39,8 +42,9 @@ def measure(kw: dict) -> dict[str, np.ndarray]:
         def build(seed: int, depth: int = depth) -> tuple:
             return conv_stack(depth, seed=seed, **kw)
 
-        seeds = 1 if kw["weights"] == "uniform" else SEEDS
-        samples = 4 if kw["activation"] != "linear" else 1  # linear: gradient ignores x
+        seeds, samples = SEEDS_SAMPLES[kw["activation"]]
+        if kw["weights"] == "uniform":  # deterministic: one map
+            seeds, samples = 1, 1
         r, per_seed = mean_erf(build, (1, size, size), seeds=seeds, samples=samples)
         trf = max(r.trf.clipped_size)
         assert trf == size, (trf, size)
@@ -76,18 +80,37 @@ def main() -> None:
                 f"{m['ratio'][i]:>9.3f}{m['r2'][i]:>7.3f}"
             )
         n = m["depth"]
+        deep = n >= 16
         slopes[case] = {
             "sigma": loglog_slope(n, m["sigma"])[0],
             "erf_size": loglog_slope(n, m["erf_size"])[0],
             "ratio": loglog_slope(n, m["ratio"])[0],
             "sigma_over_trf": loglog_slope(n, m["sigma"] / m["trf"])[0],
+            "sigma_deep": loglog_slope(n[deep], m["sigma"][deep])[0],
+            "ratio_deep": loglog_slope(n[deep], m["ratio"][deep])[0],
+            "sigma_over_trf_deep": loglog_slope(n[deep], (m["sigma"] / m["trf"])[deep])[0],
         }
         s = slopes[case]
         print(
             f"log-log slopes vs depth: sigma {s['sigma']:.2f}, m(0.95) {s['erf_size']:.2f}, "
             f"ERF/TRF = m(0.95)/TRF {s['ratio']:.2f}, sigma/TRF {s['sigma_over_trf']:.2f}"
         )
+        print(
+            f"  n >= 16 only:          sigma {s['sigma_deep']:.2f}, "
+            f"ERF/TRF {s['ratio_deep']:.2f}, sigma/TRF {s['sigma_over_trf_deep']:.2f}"
+        )
     print("\nPaper (Luo et al. 2016): ERF ~ sqrt(n) -> slope 0.5; ERF/TRF ~ 1/sqrt(n) -> -0.5")
+    # The TRF is 2n + 1, not proportional to n: even an exact sqrt(n) ERF gives a shallower
+    # ERF/TRF slope over a finite range of depths.
+    n_all = np.array(DEPTHS, float)
+    ideal = loglog_slope(n_all, np.sqrt(n_all) / (2 * n_all + 1))[0]
+    ideal_deep = loglog_slope(
+        n_all[n_all >= 16], np.sqrt(n_all[n_all >= 16]) / (2 * n_all[n_all >= 16] + 1)
+    )[0]
+    print(
+        f"Reference: an exact sqrt(n) ERF over TRF = 2n+1 has log-log slope {ideal:.2f} "
+        f"for n = {DEPTHS[0]}..{DEPTHS[-1]} ({ideal_deep:.2f} for n >= 16)"
+    )
 
     fig = Figure(figsize=(11.5, 3.9), dpi=100, layout="constrained")
     axes = fig.subplots(1, 3)
@@ -102,9 +125,7 @@ def main() -> None:
         for (case, m), color in zip(results.items(), COLORS):
             slope, icpt = loglog_slope(m["depth"], m[key])
             yerr = m["sigma_seed_std"] if key == "sigma" else None
-            ax.errorbar(
-                m["depth"], m[key], yerr=yerr, fmt="o", ms=4, color=color, capsize=2, lw=1
-            )
+            ax.errorbar(m["depth"], m[key], yerr=yerr, fmt="o", ms=4, color=color, capsize=2, lw=1)
             ax.plot(
                 fine,
                 np.exp(icpt) * fine**slope,
@@ -118,6 +139,7 @@ def main() -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
+        ax.set_yticks(YTICKS[key], [f"{v:g}" for v in YTICKS[key]])
         ax.minorticks_off()
         ax.set_xlabel("depth n (3×3 conv layers)")
         ax.set_ylabel(ylabel)

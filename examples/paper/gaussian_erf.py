@@ -15,6 +15,7 @@ import math
 import torch
 from _common import conv_stack, mean_erf, mean_sigma, save
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 DEPTHS = (5, 10, 20)
 SIZE = 45  # odd: the centre unit sits exactly on pixel (22, 22); TRF of 20 layers = 41
@@ -23,7 +24,9 @@ CASES = {
     "random": dict(weights="random", activation="linear", channels=16),
     "random + ReLU": dict(weights="random", activation="relu", channels=16),
 }
-SEEDS = 8
+# Independent maps averaged per random case: 32 weight seeds for the linear stack (its
+# gradient does not depend on the input), 8 seeds x 4 noise inputs with ReLU.
+SEEDS_SAMPLES = {"linear": (32, 1), "relu": (8, 4)}
 
 
 def main() -> None:
@@ -33,12 +36,14 @@ def main() -> None:
     print(f"{'case':<15}{'depth':>6}{'TRF':>6}{'sigma':>8}{'exact':>8}{'R^2':>7}{'m(.95)':>8}")
     for row, depth in enumerate(DEPTHS):
         for col, (case, kw) in enumerate(CASES.items()):
-            seeds = 1 if kw["weights"] == "uniform" else SEEDS
+            seeds, samples = SEEDS_SAMPLES[kw["activation"]]
+            if kw["weights"] == "uniform":  # deterministic: one map
+                seeds, samples = 1, 1
 
             def build(seed: int, depth: int = depth, kw: dict = kw) -> tuple:
                 return conv_stack(depth, seed=seed, **kw)
 
-            r, _ = mean_erf(build, (1, SIZE, SIZE), seeds=seeds, samples=4)
+            r, _ = mean_erf(build, (1, SIZE, SIZE), seeds=seeds, samples=samples)
             # n-fold box convolution: per-axis variance n (k^2 - 1) / 12 (DESIGN.md, §2).
             exact = math.sqrt(depth * 8 / 12) if case == "uniform" else float("nan")
             print(
@@ -48,11 +53,13 @@ def main() -> None:
             ax = axes[row, col]
             heat = r.heatmap.numpy()
             ax.imshow(heat / heat.max(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+            (y0, y1), (x0, x1) = r.trf.clipped
+            ax.add_patch(
+                Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, ec="c", lw=1)
+            )
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(
-                f"σ = {mean_sigma(r):.2f} px, R² = {r.gaussian_r2:.3f}", fontsize=9, pad=3
-            )
+            ax.set_title(f"σ = {mean_sigma(r):.2f} px, R² = {r.gaussian_r2:.3f}", fontsize=9, pad=3)
             if row == 0:
                 ax.annotate(
                     case,
@@ -65,7 +72,7 @@ def main() -> None:
             if col == 0:
                 ax.set_ylabel(f"{depth} layers", fontsize=11)
     fig.suptitle(
-        f"Centre-pixel ERF of 3×3 conv stacks ({SIZE}×{SIZE} input, normalised)", fontsize=11
+        f"Centre-pixel ERF of 3×3 conv stacks ({SIZE}×{SIZE} input; cyan: TRF)", fontsize=11
     )
     save(fig, "gaussian_erf.png")
 
