@@ -1,0 +1,602 @@
+"""Theoretical receptive fields (TRF) of layers: analytic (torch.fx) with a numeric fallback.
+
+Definitions (DESIGN.md §2): for each layer, its output ``(N, C, *S')`` from the *first* call of
+the module; the centre unit ``c' = S'_d // 2`` per spatial dim; the TRF is the input region that
+unit can see, per spatial dim, unclipped (infinite input plane) and clipped (exact hull of the
+in-bounds input indices that can influence it). Branches are united; global ops make a dim
+global.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from erf_monitor._errors import ERFProbeWarning
+from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
+from erf_monitor._trf_fx import (
+    Axis,
+    Region,
+    TracedModel,
+    Unsupported,
+    full_axis,
+    point_axis,
+    shape_of,
+    trace_model,
+    walk,
+)
+from erf_monitor._types import TRF
+
+__all__ = ["theoretical_rf"]
+
+ForwardFn = Callable[[nn.Module, Tensor], Any]
+_SPATIAL_MODULES = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+
+
+def theoretical_rf(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    layers: Sequence[str] | str,
+    *,
+    method: Literal["auto", "fx", "numeric"] = "auto",
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, TRF]:
+    """Theoretical receptive field of the centre unit of each layer.
+
+    For each layer the output of the module's *first* call in the forward is taken as
+    ``(N, C, *S')``; its centre unit sits at ``c' = S'_d // 2`` per spatial dim (for even sizes
+    the lower-right of the central units). Per spatial dim the result holds the unclipped
+    inclusive input interval the unit sees (as if the input plane were infinite), its size,
+    the effective stride (input pixels between neighbouring output units; fractional after
+    upsampling or transposed convolutions), the exact clipped hull of in-bounds input
+    indices that can influence the unit (padding accounted for layer by layer), and whether
+    a global operation (global pooling, squeeze-excitation gating, flatten + linear,
+    attention, normalisation over space) makes the dim global. Branches (residual adds,
+    concatenation) take the union over paths. Outputs with no spatial dims, ``(N, K)``, and
+    outputs whose rank does not match the input's (token sequences), are one unit: every
+    dim is global.
+
+    Methods:
+
+    * ``"fx"``: trace with :mod:`torch.fx` (the model in eval mode, shapes propagated on a
+      zeros input of batch 1 on the model's device; every module's ``training`` flag is
+      restored) and walk index boxes backward from the layer's output node. Exact.
+    * ``"numeric"``: gradient support of a structural surrogate (a float64 CPU deep copy with
+      positive weights, zero biases, neutral BatchNorm, max-pooling replaced by average
+      pooling and ReLU-like gates by identities), the union over 2 random positive inputs.
+      It cannot see beyond the input: where the support touches the border the unclipped
+      interval is reported equal to the clipped one. Strides come from the support of the
+      neighbouring unit (``S_d / S'_d`` where it is clipped or absent). A dim is reported
+      global when the output has more than one unit along it and both the centre unit and
+      the first unit see the whole input along it (so a finite TRF more than about twice the
+      input also looks global), or when the output has no spatial dims.
+    * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"`` with a
+      one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason.
+
+    In a global dim ``size`` is ``inf``, ``interval`` is ``(-inf, inf)``, ``clipped`` is the
+    hull of the input indices that can influence the unit (normally the whole input) and
+    ``centre`` is ``(c' + 0.5) * S_d / S'_d - 0.5``.
+
+    Args:
+        model: the model (``torch.compile`` wrappers are unwrapped; it is not modified).
+        input_shape: ``(C, *S)`` or ``(N, C, *S)`` with 1 to 3 spatial dims. A 4-tuple is read
+            as ``(N, C, H, W)`` when the model's first convolution/pooling is 2-D, and as
+            ``(C, D, H, W)`` when it is 3-D (likewise for other lengths).
+        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments
+            optional).
+        method: ``"auto"``, ``"fx"`` or ``"numeric"``.
+        forward_fn: how to call the model on an image batch, ``forward_fn(model, x)``;
+            default ``model(x)``.
+
+    Returns:
+        ``{layer: TRF}`` in the order of ``layers``.
+
+    Raises:
+        ValueError: unknown layer (close matches listed), a layer the forward never reaches,
+            an input shape without spatial dims, or (``method="fx"``) a model the analysis
+            cannot follow.
+
+    Example:
+        >>> net = nn.Sequential(
+        ...     nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        ... )
+        >>> trf = theoretical_rf(net, (3, 32, 32), ["2"])["2"]
+        >>> trf.size, trf.stride, trf.interval
+        ((5.0, 5.0), (2.0, 2.0), ((14, 18), (14, 18)))
+        >>> str(trf)
+        'TRF(5 x 5, stride 2 x 2)'
+    """
+    if method not in ("auto", "fx", "numeric"):
+        raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
+    net = unwrap_compiled(model)
+    channels, spatial = _parse_input_shape(net, input_shape)
+    names = _check_layers(net, layers)
+    if method == "numeric":
+        return _numeric(net, channels, spatial, names, forward_fn)
+    try:
+        return _analytic(net, channels, spatial, names, forward_fn)
+    except Unsupported as exc:
+        if method == "fx":
+            raise ValueError(
+                f"The torch.fx receptive-field analysis cannot follow this model: {exc}. "
+                "Use method='numeric' (or 'auto')."
+            ) from None
+        warnings.warn(
+            f"theoretical_rf: falling back to the numeric method ({exc}).",
+            ERFProbeWarning,
+            stacklevel=2,
+        )
+        return _numeric(net, channels, spatial, names, forward_fn)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from None
+    first = next((m for m in net.modules() if isinstance(m, _SPATIAL_MODULES)), None)
+    nd: int | None = None
+    if isinstance(first, nn.modules.conv._ConvNd):
+        nd = len(first.kernel_size)
+    elif first is not None:
+        nd = {"1d": 1, "2d": 2, "3d": 3}.get(type(first).__name__[-2:].lower())
+    if nd is not None and len(shape) == nd + 2:
+        shape = shape[1:]  # (N, C, *S)
+    elif nd is None and len(shape) == 5:
+        shape = shape[1:]
+    if len(shape) < 2:
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} has no spatial dims: pass (C, *S) or (N, C, *S) "
+            "with 1 to 3 spatial dims."
+        )
+    if len(shape) > 4:
+        raise ValueError(f"input_shape {tuple(input_shape)}: at most 3 spatial dims supported.")
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape {tuple(input_shape)} has a non-positive size.")
+    return shape[0], shape[1:]
+
+
+def _check_layers(net: nn.Module, layers: Sequence[str] | str) -> list[str]:
+    specs = [layers] if isinstance(layers, str) else list(layers)
+    if not specs:
+        raise ValueError("No layers given: pass at least one layer name.")
+    table = _module_table(net)
+    out: list[str] = []
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
+        if _canonical(spec) not in table:
+            raise _unknown_layer_error(spec, list(table))
+        out.append(spec)
+    return out
+
+
+def _not_reached(name: str) -> ValueError:
+    return ValueError(
+        f"Layer {name!r} is never called in the model's forward on this input, so it has no "
+        "receptive field; pick a layer the forward uses (or pass forward_fn)."
+    )
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def _centre_index(out_shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(s // 2 for s in out_shape)
+
+
+def _global_centre(c: int, s_in: int, s_out: int) -> float:
+    return (c + 0.5) * s_in / s_out - 0.5
+
+
+def _hull(mask: np.ndarray) -> tuple[int, int]:
+    nz = np.flatnonzero(mask)
+    return (int(nz[0]), int(nz[-1])) if nz.size else (0, -1)
+
+
+def _analytic(
+    net: nn.Module,
+    channels: int,
+    spatial: tuple[int, ...],
+    names: list[str],
+    forward_fn: ForwardFn | None,
+) -> dict[str, TRF]:
+    traced = trace_model(net, forward_fn, (channels, *spatial))
+    return {name: _analytic_one(traced, name, spatial) for name in names}
+
+
+def _analytic_one(traced: TracedModel, name: str, spatial: tuple[int, ...]) -> TRF:
+    key = _canonical(name)
+    if key not in traced.outputs:
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):
+            raise Unsupported(f"layer {name!r} lives inside a module fx treats as one op")
+        raise _not_reached(name)
+    node = traced.outputs[key]
+    out_shape = shape_of(node)
+    if node is None or out_shape is None:
+        raise Unsupported(f"layer {name!r} does not return a single tensor")
+    nd = len(spatial)
+    conv_like = len(out_shape) == nd + 2
+    if conv_like:
+        out_spatial = tuple(out_shape[2:])
+        centre_idx = _centre_index(out_spatial)
+        seed_axes = [point_axis(out_shape[0], 0), full_axis(out_shape[1])]
+        seed_axes += [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
+    else:
+        out_spatial, centre_idx = (), ()
+        seed_axes = [point_axis(out_shape[0], 0)] + [full_axis(n) for n in out_shape[1:]]
+    region = walk(traced, node, Region(seed_axes))
+    if region is None:
+        raise Unsupported(f"layer {name!r} does not depend on the input in the traced graph")
+    axes = region.axes[2:]
+    if len(region.axes) != nd + 2:
+        raise Unsupported("the input region has an unexpected rank")
+    return _assemble(axes, region.local, spatial, out_spatial, centre_idx)
+
+
+def _assemble(
+    axes: list[Axis],
+    local: bool,
+    spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    centre_idx: tuple[int, ...],
+) -> TRF:
+    size: list[float] = []
+    stride: list[float] = []
+    interval: list[tuple[float, float]] = []
+    clipped: list[tuple[int, int]] = []
+    glob: list[bool] = []
+    centre: list[float] = []
+    for d, ax in enumerate(axes):
+        s_out = out_spatial[d] if out_spatial else 1
+        c = centre_idx[d] if centre_idx else 0
+        is_global = ax.mixed or not out_spatial
+        glob.append(is_global)
+        clipped.append(_hull(ax.mask))
+        jump = ax.jump if ax.jump is not None else Fraction(spatial[d], s_out)
+        stride.append(float(jump))
+        if is_global or ax.lo is None or ax.hi is None:
+            size.append(math.inf)
+            interval.append((-math.inf, math.inf))
+            centre.append(_global_centre(c, spatial[d], s_out))
+        else:
+            size.append(float(ax.hi - ax.lo + 1))
+            interval.append((ax.lo, ax.hi))
+            centre.append((ax.lo + ax.hi) / 2)
+    return TRF(
+        size=tuple(size),
+        stride=tuple(stride),
+        interval=tuple(interval),
+        clipped=tuple(clipped),
+        global_dims=tuple(glob),
+        centre=tuple(centre),
+        output_centre=tuple(centre_idx),
+        output_shape=tuple(out_spatial),
+        input_shape=tuple(spatial),
+        method="fx",
+        local=bool(local and not any(glob) and out_spatial),
+    )
+
+
+# ----------------------------------------------------------------------------- numeric
+
+_GATES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.ELU, nn.CELU, nn.SELU,
+)  # fmt: skip
+_TRIALS = 2
+_CHUNK = 16  # samples per forward/backward of the surrogate
+
+
+def _surrogate(net: nn.Module) -> nn.Module:
+    """Float64 CPU deep copy whose gradient support is the structural receptive field."""
+    sur = copy.deepcopy(net).to(device="cpu", dtype=torch.float64).eval()
+    gen = torch.Generator().manual_seed(0)
+    replacements: list[tuple[nn.Module, str, nn.Module]] = []
+    for mod in sur.modules():
+        for child_name, child in mod.named_children():
+            new = _replacement(child)
+            if new is not None:
+                replacements.append((mod, child_name, new))
+    for parent, child_name, new in replacements:
+        setattr(parent, child_name, new)
+    with torch.no_grad():
+        for mod in sur.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                if mod.running_mean is not None:
+                    mod.running_mean.zero_()
+                if mod.running_var is not None:
+                    mod.running_var.fill_(1.0)
+            for pname, p in mod.named_parameters(recurse=False):
+                if not p.is_floating_point():
+                    continue
+                if "bias" in pname:
+                    p.zero_()
+                elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    p.fill_(1.0)
+                else:
+                    fan_in = p[0].numel() if p.dim() >= 2 else 1
+                    pos = torch.randn(p.shape, generator=gen, dtype=p.dtype).abs() + 0.1
+                    p.copy_(pos / fan_in)
+    return sur
+
+
+class _SumPool(nn.Module):
+    """Sum over the window of a max-pooling module (same geometry, dilation and ceil_mode)."""
+
+    def __init__(self, pool: nn.modules.pooling._MaxPoolNd) -> None:
+        super().__init__()
+        self.pool = pool
+        self.nd = int(type(pool).__name__[-2])
+
+    def forward(self, x: Tensor) -> Tensor:
+        nd, p = self.nd, self.pool
+        k = _tuple(p.kernel_size, nd)
+        s = _tuple(p.stride or p.kernel_size, nd)
+        pad = _tuple(p.padding, nd)
+        dil = _tuple(p.dilation, nd)
+        target = self.pool(x.detach()).shape[-nd:]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        extra: list[int] = []
+        for i in reversed(range(nd)):  # F.pad order: last dim first; pad, then right excess
+            need = (target[i] - 1) * s[i] + dil[i] * (k[i] - 1) + 1
+            have = x.shape[-nd + i] + 2 * pad[i]
+            extra += [pad[i], pad[i] + max(need - have, 0)]
+        c = x.shape[-nd - 1]
+        weight = x.new_ones((c, 1, *k))
+        return conv(F.pad(x, extra), weight, None, s, 0, dil, c)
+
+
+def _tuple(v: Any, nd: int) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
+
+
+def _replacement(m: nn.Module) -> nn.Module | None:
+    if isinstance(m, _GATES):
+        return nn.Identity()
+    if isinstance(m, nn.modules.pooling._MaxPoolNd) and not m.return_indices:
+        return _SumPool(m)
+    if isinstance(m, nn.AdaptiveMaxPool1d):
+        return nn.AdaptiveAvgPool1d(m.output_size)
+    if isinstance(m, nn.AdaptiveMaxPool2d):
+        return nn.AdaptiveAvgPool2d(m.output_size)
+    if isinstance(m, nn.AdaptiveMaxPool3d):
+        return nn.AdaptiveAvgPool3d(m.output_size)
+    return None
+
+
+def _support(grad: Tensor | None, nd: int) -> list[np.ndarray]:
+    """Per spatial dim, the projection of ``|grad| > 0`` (grad of shape (1, C, *S))."""
+    if grad is None:
+        return []
+    nz = (grad[0].abs() > 0).any(dim=0)
+    out = []
+    for d in range(nd):
+        other = tuple(k for k in range(nd) if k != d)
+        proj = nz.any(dim=other) if other else nz
+        out.append(proj.numpy().astype(bool))
+    return out
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture(
+    sur: nn.Module,
+    table: dict[str, nn.Module],
+    names: list[str],
+    fwd: ForwardFn,
+    x: Tensor,
+) -> dict[str, Tensor]:
+    """Run the surrogate on ``x``; the first output of each layer (hooks always removed)."""
+    captured: dict[str, Any] = {}
+    handles = []
+
+    def hook(key: str) -> Callable[[nn.Module, Any, Any], None]:
+        def fn(_m: nn.Module, _i: Any, out: Any) -> None:
+            captured.setdefault(key, out)
+            if len(captured) == len(names):
+                raise _StopForward  # nothing after the last wanted layer is needed
+
+        return fn
+
+    try:
+        for name in names:
+            handles.append(table[_canonical(name)].register_forward_hook(hook(name)))
+        try:
+            fwd(sur, x)
+        except _StopForward:
+            pass
+        except Exception as exc:
+            raise ValueError(
+                f"The model's forward failed on an input of shape {tuple(x.shape)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        if name not in captured:
+            raise _not_reached(name)
+        out = captured[name]
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise ValueError(
+                f"Layer {name!r} does not return a floating-point tensor; its receptive "
+                "field is undefined."
+            )
+    return captured
+
+
+def _numeric(
+    net: nn.Module,
+    channels: int,
+    spatial: tuple[int, ...],
+    names: list[str],
+    forward_fn: ForwardFn | None,
+) -> dict[str, TRF]:
+    sur = _surrogate(net)
+    table = _module_table(sur)
+    fwd: ForwardFn = forward_fn or (lambda m, t: m(t))
+    nd = len(spatial)
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(n: int) -> Tensor:
+        return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
+
+    with torch.no_grad():
+        shapes = {k: tuple(v.shape) for k, v in _capture(sur, table, names, fwd, rand(1)).items()}
+    # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
+    # backward per batch gives every unit's gradient support.
+    supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
+    units = {name: _numeric_units(shapes[name], nd) for name in names}
+    jobs = [
+        (name, key, unit)
+        for _ in range(_TRIALS)
+        for name in names
+        for key, unit in units[name].items()
+        if key != "first"
+    ]
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial)
+    # The first unit is only needed to tell "global" from "sees the whole input".
+    jobs = [
+        (name, "first", units[name]["first"])
+        for _ in range(_TRIALS)
+        for name in names
+        if "first" in units[name]
+        and any(
+            _hull(m) == (0, n - 1) and s_out > 1
+            for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
+        )
+    ]
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial)
+    return {
+        name: _numeric_trf(
+            supports[name], spatial, shapes[name][2:] if len(shapes[name]) == nd + 2 else ()
+        )
+        for name in names
+    }
+
+
+def _run_jobs(
+    sur: nn.Module,
+    table: dict[str, nn.Module],
+    names: list[str],
+    fwd: ForwardFn,
+    rand: Callable[[int], Tensor],
+    jobs: list[tuple[str, str, tuple[Any, ...]]],
+    supports: dict[str, dict[str, list[np.ndarray]]],
+    nd: int,
+    spatial: tuple[int, ...],
+) -> None:
+    for start in range(0, len(jobs), _CHUNK):
+        chunk = jobs[start : start + _CHUNK]
+        x = rand(len(chunk)).requires_grad_(True)
+        with torch.enable_grad():
+            outs = _capture(sur, table, names, fwd, x)
+            seed = sum(
+                (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
+                start=x.new_zeros(()),
+            )
+            (grad,) = torch.autograd.grad(seed, x, allow_unused=True)
+        for i, (name, key, _unit) in enumerate(chunk):
+            g = grad[i : i + 1] if grad is not None else None
+            masks = _support(g, nd) or [np.zeros(s, dtype=bool) for s in spatial]
+            prev = supports[name].get(key)
+            supports[name][key] = masks if prev is None else [a | b for a, b in zip(prev, masks)]
+
+
+def _unit_sum(out: Tensor, sample: int, unit: tuple[Any, ...]) -> Tensor:
+    index = (sample, *unit)
+    return out[index].sum()
+
+
+def _numeric_units(shape: tuple[int, ...], nd: int) -> dict[str, tuple[Any, ...]]:
+    """Index (without the batch index) of each unit whose support is needed."""
+    if len(shape) != nd + 2:
+        return {"centre": (Ellipsis,)}
+    out_spatial = shape[2:]
+    centre = _centre_index(out_spatial)
+    units: dict[str, tuple[Any, ...]] = {
+        "centre": (slice(None), *centre),
+        "first": (slice(None), *(0,) * nd),
+    }
+    for d in range(nd):
+        if centre[d] + 1 < out_spatial[d]:
+            nb = list(centre)
+            nb[d] += 1
+            units[f"next{d}"] = (slice(None), *nb)
+    return units
+
+
+def _numeric_trf(
+    sup: dict[str, list[np.ndarray]], spatial: tuple[int, ...], out_spatial: tuple[int, ...]
+) -> TRF:
+    nd = len(spatial)
+    centre_idx = _centre_index(out_spatial) if out_spatial else ()
+    size: list[float] = []
+    stride: list[float] = []
+    interval: list[tuple[float, float]] = []
+    clipped: list[tuple[int, int]] = []
+    glob: list[bool] = []
+    centre: list[float] = []
+    for d in range(nd):
+        n = spatial[d]
+        s_out = out_spatial[d] if out_spatial else 1
+        c = centre_idx[d] if out_spatial else 0
+        lo, hi = _hull(sup["centre"][d])
+        clipped.append((lo, hi))
+        whole = lo == 0 and hi == n - 1
+        first = sup.get("first")
+        is_global = not out_spatial or (
+            s_out > 1 and whole and first is not None and _hull(first[d]) == (0, n - 1)
+        )
+        glob.append(is_global)
+        jump: float = s_out and n / s_out
+        nxt = sup.get(f"next{d}")
+        if nxt is not None and not is_global:
+            nlo, nhi = _hull(nxt[d])
+            if lo > 0 and nlo > 0:
+                jump = float(nlo - lo)
+            elif hi < n - 1 and nhi < n - 1:
+                jump = float(nhi - hi)
+        stride.append(float(jump))
+        if is_global or hi < lo:
+            size.append(math.inf if is_global else 0.0)
+            interval.append((-math.inf, math.inf) if is_global else (lo, hi))
+            centre.append(_global_centre(c, n, s_out))
+        else:
+            size.append(float(hi - lo + 1))
+            interval.append((lo, hi))
+            touches = lo == 0 or hi == n - 1
+            centre.append(_global_centre(c, n, s_out) if touches else (lo + hi) / 2)
+    return TRF(
+        size=tuple(size),
+        stride=tuple(stride),
+        interval=tuple(interval),
+        clipped=tuple(clipped),
+        global_dims=tuple(glob),
+        centre=tuple(centre),
+        output_centre=tuple(centre_idx),
+        output_shape=tuple(out_spatial),
+        input_shape=tuple(spatial),
+        method="numeric",
+        local=False,
+    )
