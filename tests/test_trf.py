@@ -332,6 +332,43 @@ def test_token_attention_is_global() -> None:
     assert res["mlp"].output_shape == ()
 
 
+def test_functional_ops_chunk_cat_interpolate_slice() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(2, 4, 3, padding=1)
+            self.d = nn.Conv2d(2, 2, 3, padding=2, dilation=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.max_pool2d(self.c(x), 3, 2, 1)  # 16 -> 8
+            a, b = y.chunk(2, dim=1)
+            z = F.interpolate(torch.cat([a, self.d(b)], 1), scale_factor=2)  # 8 -> 16
+            return z[:, :, 1:, :]  # (15, 16)
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    fx_trf, num = both(Wrap(), (2, 16, 16), "net")
+    # centre (7, 8) -> rows: sliced 7 -> 8 -> nearest 4; cols: 8 -> 4.
+    # branch a: pool k3 s2 p1 [7, 9] -> conv [6, 10]; branch d: [2, 6] -> [3, 13] -> [2, 14].
+    assert fx_trf.output_centre == (7, 8)
+    assert fx_trf.interval == ((2, 14), (2, 14))
+    assert fx_trf.stride == (1.0, 1.0)  # 2 (pool) * 1/2 (nearest x2)
+    assert not fx_trf.local
+    assert num.clipped == fx_trf.clipped
+
+
+def test_group_norm_is_global() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4))
+    fx_trf, num = both(net, (1, 10, 10), "1")
+    assert fx_trf.global_dims == (True, True) and num.global_dims == (True, True)
+
+
 def test_conv1d_and_conv3d_stacks() -> None:
     t1 = theoretical_rf(conv_stack(3, 5, dims=1), (1, 40), "4")["4"]
     assert t1.size == (13,) and t1.interval == ((14, 26),)  # 3*(5-1)+1, centre 20

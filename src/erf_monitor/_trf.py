@@ -75,8 +75,9 @@ def theoretical_rf(
       zeros input of batch 1 on the model's device; every module's ``training`` flag is
       restored) and walk index boxes backward from the layer's output node. Exact.
     * ``"numeric"``: gradient support of a structural surrogate (a float64 CPU deep copy with
-      positive weights, zero biases, neutral BatchNorm, max-pooling replaced by average
-      pooling and ReLU-like gates by identities), the union over 2 random positive inputs.
+      positive weights, zero biases, neutral BatchNorm, max-pooling replaced by sum-pooling
+      of the same geometry and ReLU-like gates by identities), the union over 2 random positive
+      inputs.
       It cannot see beyond the input: where the support touches the border the unclipped
       interval is reported equal to the clipped one. Strides come from the support of the
       neighbouring unit (``S_d / S'_d`` where it is clipped or absent). A dim is reported
@@ -307,7 +308,13 @@ _CHUNK = 16  # samples per forward/backward of the surrogate
 
 def _surrogate(net: nn.Module) -> nn.Module:
     """Float64 CPU deep copy whose gradient support is the structural receptive field."""
-    sur = copy.deepcopy(net).to(device="cpu", dtype=torch.float64).eval()
+    # Fresh float64 parameters instead of copies of the user's (all get overwritten below).
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty(p.shape, dtype=torch.float64), p.requires_grad)
+        for p in net.parameters()
+        if p.is_floating_point()
+    }
+    sur = copy.deepcopy(net, memo).to(device="cpu", dtype=torch.float64).eval()
     gen = torch.Generator().manual_seed(0)
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
     for mod in sur.modules():
@@ -333,8 +340,7 @@ def _surrogate(net: nn.Module) -> nn.Module:
                     p.fill_(1.0)
                 else:
                     fan_in = p[0].numel() if p.dim() >= 2 else 1
-                    pos = torch.randn(p.shape, generator=gen, dtype=p.dtype).abs() + 0.1
-                    p.copy_(pos / fan_in)
+                    p.uniform_(0.1, 1.1, generator=gen).div_(fan_in)
     return sur
 
 
