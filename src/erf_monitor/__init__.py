@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
 from erf_monitor._probe import compute_erf
 from erf_monitor._result import ERFResult, ERFResults
+from erf_monitor._trf import theoretical_rf
 from erf_monitor._types import TRF
+from erf_monitor._watch import Watcher, watch
 
 if TYPE_CHECKING:
-    from erf_monitor._trf import theoretical_rf
     from erf_monitor.callback import ERFMonitor
-    from erf_monitor.watch import Watcher, watch
 
 __version__ = "0.1.0"
 
@@ -35,12 +35,7 @@ __all__ = [
     "watch",
 ]
 
-_LAZY = {
-    "theoretical_rf": "erf_monitor._trf",
-    "ERFMonitor": "erf_monitor.callback",
-    "watch": "erf_monitor.watch",
-    "Watcher": "erf_monitor.watch",
-}
+_LAZY = {"ERFMonitor": "erf_monitor.callback"}
 
 
 def __getattr__(name: str) -> Any:

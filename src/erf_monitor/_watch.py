@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -290,18 +289,3 @@ def watch(
         5.0
     """
     return Watcher(model, layers, every_n_steps, logger, optimizer, **kwargs)
-
-
-class _CallableModule(types.ModuleType):
-    """``erf_monitor.watch`` is both this module and the function ``watch``.
-
-    Importing the submodule ``erf_monitor.watch`` makes Python set the package attribute
-    ``erf_monitor.watch`` to the *module*, shadowing the lazily exported function; making the
-    module callable keeps ``em.watch(model, ...)`` working however it was imported.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Watcher:
-        return watch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
