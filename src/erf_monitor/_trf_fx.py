@@ -222,6 +222,11 @@ class _Tracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        inner = getattr(m, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(m).__name__ == "OptimizedModule":
+            # A torch.compile'd submodule: fx cannot trace dynamo frames, so trace the eager
+            # module it wraps (same canonical name, same function).
+            return self.call_module(inner, inner.forward, args, kwargs)
         path = self.path_of_module(m)
         out = super().call_module(m, forward, args, kwargs)
         node = out.node if isinstance(out, fx.Proxy) else None
