@@ -535,3 +535,15 @@ def test_fx_agrees_with_numeric_on_torchvision(name: str) -> None:
             lo, hi = a.interval[d]
             if not a.global_dims[d] and lo > 0 and lo + a.stride[d] > 0 and hi < px - 1:
                 assert a.stride[d] == b.stride[d], layer
+
+
+def test_compiled_submodule_is_traced_analytically() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    )
+    net[1] = torch.compile(net[1])  # never run; fx must trace the eager module behind it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numeric fallback warning
+        trf = theoretical_rf(net, (3, 16, 16), ["1", "1._orig_mod.0"])
+    assert trf["1"].method == "fx" and trf["1"].size == (5.0, 5.0)
+    assert trf["1._orig_mod.0"].size == (5.0, 5.0)
