@@ -38,7 +38,7 @@ def _is_image(obj: Any) -> bool:
 def describe_batch(batch: Any, depth: int = 0) -> str:
     """A short description of a batch's structure, for error messages.
 
-    Example:
+    Examples:
         >>> describe_batch((torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)))
         'tuple(Tensor[2, 3, 8, 8] float32, Tensor[2] int64)'
     """
@@ -112,7 +112,7 @@ def find_image(batch: Any, input_key: InputKey = None) -> torch.Tensor:
         ValueError: no image tensor found (the message describes the batch's structure), or
             ``input_key`` does not point at a floating-point tensor with spatial dims.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(4, 3, 8, 8)
         >>> find_image((x, torch.zeros(4, dtype=torch.long))) is x
         True

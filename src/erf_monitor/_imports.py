@@ -29,7 +29,7 @@ def package_available(name: str) -> bool:
     Returns:
         ``True`` if ``importlib`` finds a spec for the module.
 
-    Example:
+    Examples:
         >>> package_available("numpy")
         True
         >>> package_available("surely_not_a_package_xyz")
@@ -60,7 +60,7 @@ def require(package: str, extra: str | None = None, feature: str | None = None) 
     Raises:
         ModuleNotFoundError: if the package cannot be imported.
 
-    Example:
+    Examples:
         >>> require("numpy")
         >>> require("surely_not_a_package_xyz", "xyz")
         Traceback (most recent call last):

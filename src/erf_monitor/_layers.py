@@ -82,7 +82,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     Raises:
         ValueError: for an unknown name or a glob that matches nothing (close matches listed).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
         >>> resolve_layers(net, ["0", "2"])
         ['0', '2']

@@ -157,7 +157,7 @@ def mass_extent(heatmap: MapLike, t: float, centre: Sequence[int]) -> int:
             or a map with negative, NaN or infinite values.
         TypeError: a map that is not a real tensor/array.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.zeros(9, 9)
         >>> m[2:7, 2:7] = 1.0  # a 5 x 5 box of mass 25
@@ -190,7 +190,7 @@ def mass_extent_per_axis(heatmap: MapLike, t: float, centre: Sequence[int]) -> t
         ValueError: as :func:`mass_extent`.
         TypeError: as :func:`mass_extent`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.zeros(5, 11)
         >>> m[2, 2:9] = 1.0  # a 1 x 7 bar
@@ -226,7 +226,7 @@ def area_ratio(heatmap: MapLike, t: float, centre: Sequence[int]) -> float:
         ValueError: as :func:`mass_extent`.
         TypeError: as :func:`mass_extent`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.zeros(10, 10)
         >>> m[3:6, 3:6] = 1.0
@@ -255,7 +255,7 @@ def erf_size(heatmap: MapLike, centre: Sequence[int]) -> int:
     Returns:
         The odd side of the 95%-mass cube; 0 for a zero map.
 
-    Example:
+    Examples:
         >>> import torch
         >>> erf_size(torch.ones(7), (3,))
         7
@@ -276,7 +276,7 @@ def coverage(heatmap: MapLike, centre: Sequence[int]) -> float:
     Returns:
         A fraction in ``(0, 1]``; 0.0 for a zero map.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.zeros(10, 10)
         >>> m[4, 4] = 1.0
@@ -335,7 +335,7 @@ def centroid(heatmap: MapLike) -> tuple[float, ...]:
         ValueError: a map with negative, NaN or infinite values.
         TypeError: a map that is not a real tensor/array.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = torch.zeros(4, 5)
         >>> m[1, 1] = 1.0
@@ -367,7 +367,7 @@ def sigma(heatmap: MapLike) -> tuple[float, ...]:
         ValueError: a map with negative, NaN or infinite values.
         TypeError: a map that is not a real tensor/array.
 
-    Example:
+    Examples:
         >>> import torch
         >>> sigma(torch.tensor([1.0, 0.0, 1.0]))  # mass at -1 and +1 around the centroid
         (1.0,)
@@ -403,7 +403,7 @@ def gaussian_r2(heatmap: MapLike) -> float:
         ValueError: a map with negative, NaN or infinite values.
         TypeError: a map that is not a real tensor/array.
 
-    Example:
+    Examples:
         >>> import torch
         >>> y, x = torch.meshgrid(torch.arange(41.0), torch.arange(41.0), indexing="ij")
         >>> g = torch.exp(-0.5 * (((y - 20) / 3) ** 2 + ((x - 18) / 5) ** 2))
@@ -459,7 +459,7 @@ def replknet_normalise(raw_sum_map: MapLike) -> torch.Tensor:
         ValueError: a map with negative, NaN or infinite values.
         TypeError: a map that is not a real tensor/array.
 
-    Example:
+    Examples:
         >>> import torch
         >>> replknet_normalise(torch.tensor([0.0, 9.0, 99.0]))
         tensor([0.0000, 0.5000, 1.0000])

@@ -69,7 +69,7 @@ def normalize(heatmap: torch.Tensor | np.ndarray, log_scale: bool = False) -> np
     Returns:
         float64 array of the same shape with values in ``[0, 1]``; all zeros for a zero map.
 
-    Example:
+    Examples:
         >>> normalize(np.array([0.0, 1.0, 4.0])).tolist()
         [0.0, 0.25, 1.0]
         >>> normalize(np.zeros(3), log_scale=True).tolist()
@@ -120,7 +120,7 @@ def colorize(
     Raises:
         ValueError: if the map is not 2-D or the colormap is unknown.
 
-    Example:
+    Examples:
         >>> img = colorize(np.eye(3))
         >>> img.shape, img.dtype.name
         ((3, 3, 3), 'uint8')

@@ -110,7 +110,7 @@ def theoretical_rf(
             an input shape without spatial dims, or (``method="fx"``) a model the analysis
             cannot follow.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(
         ...     nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
         ... )

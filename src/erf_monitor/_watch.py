@@ -268,7 +268,7 @@ def watch(
         A :class:`Watcher`; use it as a context manager or call :meth:`Watcher.close` (final
         probe + remove hooks) or :meth:`Watcher.remove` when done.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, erf_monitor as em
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>

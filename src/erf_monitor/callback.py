@@ -122,7 +122,7 @@ class ERFMonitor(_CallbackBase):
         render_kwargs: options for the heatmap images (``cmap``, ``log_scale``...).
         strict: re-raise failures inside the monitor instead of warning.
 
-    Example:
+    Examples:
         >>> import erf_monitor as em
         >>> cb = em.ERFMonitor(layers=["layer2", "layer4"], every_n_steps=200, num_samples=8)
         >>> cb.every_n_steps, cb.min_coverage

@@ -4,7 +4,7 @@ Keys are the same on every backend: ``erf/<layer>/<metric>`` for scalars (the me
 ``ERFResult.scalars()``), ``erf/<layer>/heatmap`` for images; ``step`` is the training step.
 Optional backends (TensorBoard, W&B, MLflow) are imported only when a sink is constructed.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from erf_monitor.sinks import as_sink
     >>> sink = as_sink(tempfile.mkdtemp())   # a directory -> FileSink

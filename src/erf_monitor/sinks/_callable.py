@@ -32,7 +32,7 @@ class CallableSink(Sink):
         on_text: optional ``on_text(step: int, key: str, text: str)``.
         on_arrays: optional ``on_arrays(step: int, key: str, arrays: dict[str, np.ndarray])``.
 
-    Example:
+    Examples:
         >>> seen = []
         >>> sink = CallableSink(lambda step, scalars, images: seen.append((step, scalars)))
         >>> sink.log_scalars({"erf/layer1/coverage": 0.5}, step=3)

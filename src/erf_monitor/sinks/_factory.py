@@ -146,7 +146,7 @@ def as_sink(obj: Any) -> Sink:
     Raises:
         TypeError: for anything else, listing the accepted kinds.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> as_sink(tempfile.mkdtemp()).__class__.__name__
         'FileSink'

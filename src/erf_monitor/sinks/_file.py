@@ -27,7 +27,7 @@ def safe_filename(name: str) -> str:
     ``urllib.parse.unquote``. The empty name (the whole model) becomes ``_root``; ``.`` and
     ``..`` are encoded. Very long names are truncated and suffixed with a hash.
 
-    Example:
+    Examples:
         >>> safe_filename("layer1.0.conv1")
         'layer1.0.conv1'
         >>> safe_filename("blocks/0 attn")
@@ -54,7 +54,7 @@ def arrays_relpath(key: str, step: int) -> Path:
     ``step_<N>.npz`` for the default key ``"erf"`` (also ``"maps"`` and ``""``), else
     ``<key>/step_<N>.npz`` with the key escaped by :func:`safe_filename`.
 
-    Example:
+    Examples:
         >>> str(arrays_relpath("erf", 7)), str(arrays_relpath("erf/val", 7))
         ('step_7.npz', 'erf%2Fval/step_7.npz')
     """
@@ -117,7 +117,7 @@ class FileSink(Sink):
     Args:
         directory: output directory (created if missing).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> sink = FileSink(tempfile.mkdtemp())
         >>> sink.log_scalars({"erf/layer1/coverage": 0.25}, step=10)
