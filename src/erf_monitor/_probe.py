@@ -6,6 +6,20 @@ are captured the forward is aborted (nothing deeper runs). For each layer a scal
 so per-sample gradients come out of one batched backward — samples do not interact in eval
 mode — and no parameter's ``.grad`` is touched. Everything the probe changes (training flags,
 buffers in train mode, RNG streams, hooks, autocast, compile stance) is restored in ``finally``.
+
+Cropping (the fast path for inputs larger than a layer's TRF): nothing outside a layer's
+clipped TRF can reach its centre unit, so when every operation on the way is local and
+shift-equivariant with integer strides (``TRF.local``) the centre unit computed on a crop of
+the input that contains the clipped TRF, starts at a multiple of the layer's effective stride
+and keeps the zero padding of the real borders, is *exactly* the centre unit of the full
+computation (it sits at ``output_centre - start // stride`` of the cropped output). Layers are
+grouped by window (a layer joins a larger window when that is cheaper than a forward of its
+own); each group costs one forward with early exit at its deepest layer and one input-only
+backward per layer, and the cropped gradients are placed into full-size zero maps. Windows
+keep a one-pixel margin outside the TRF: a non-zero gradient there would mean the TRF was
+wrong, and the layer is then recomputed on the full input (with a warning). Layers whose TRF
+is global, not local, not analysed (``trf="skip"``) or as large as the input, and every
+layer in ``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from erf_monitor._outputs import to_spatial
 from erf_monitor._result import ERFResult, ERFResults, Mode
 from erf_monitor._types import TRF
 
-__all__ = ["ForwardFn", "compute_erf"]
+__all__ = ["CropOption", "ForwardFn", "compute_erf"]
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
 
@@ -182,15 +196,282 @@ def _run_forward(
     return captures
 
 
-def _seed(out: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """Scalar whose input gradient is the sum over samples of each sample's ERF gradient."""
+def _seed(out: torch.Tensor, mode: Mode, centre_idx: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Scalar whose input gradient is the sum over samples of each sample's ERF gradient.
+
+    ``centre_idx`` is the centre unit's index in ``out``'s spatial dims (default: ``S' // 2``;
+    a cropped forward passes the full output's centre mapped into the crop).
+    """
     centre = out
     if out.dim() > 2:
-        index: tuple[int | slice, ...] = (slice(None), slice(None), *_centre_index(out.shape[2:]))
+        idx = _centre_index(out.shape[2:]) if centre_idx is None else centre_idx
+        index: tuple[int | slice, ...] = (slice(None), slice(None), *idx)
         centre = out[index]
     if mode == "replknet":
         centre = torch.relu(centre)
     return centre.float().sum()
+
+
+#: A layer is cropped only if its window is at most this fraction of the input (area).
+_CROP_MAX_FRACTION = 0.9
+#: A layer joins a larger group's window (no forward of its own) when its own window would be
+#: at least this fraction of that window: a separate group costs ``F (1 + B) a`` against the
+#: extra backward ``F B (b - a)`` (forward cost ``F`` per pixel to the layer, backward ``B F``
+#: with ``B`` about 1), so sharing pays from ``a / b`` about 1/2 on.
+_CROP_MERGE_FRACTION = 0.5
+#: Pixels kept outside the TRF on every cropped side; the gradient there must be exactly zero.
+_CROP_MARGIN = 1
+
+CropOption = bool | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A box of the input, ``start`` inclusive and ``stop`` exclusive per spatial dim."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def area(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def contains(self, other: _Window) -> bool:
+        return all(
+            a <= c and d <= b for a, b, c, d in zip(self.start, self.stop, other.start, other.stop)
+        )
+
+
+@dataclass
+class _Group:
+    """Layers probed from one forward on one input window (``None``: the full input)."""
+
+    window: _Window | None
+    layers: list[str]
+
+
+def _integer_strides(trf: TRF) -> tuple[int, ...] | None:
+    strides = []
+    for s in trf.stride:
+        if not (math.isfinite(s) and s >= 1 and float(s).is_integer()):
+            return None
+        strides.append(int(s))
+    return tuple(strides)
+
+
+def _crop_window(trf: TRF | None, spatial: tuple[int, ...]) -> _Window | None:
+    """The stride-aligned window (with margin) that reproduces the layer's centre unit exactly.
+
+    ``None`` when the layer must run on the full input: no TRF, not local, global, a TRF for
+    another input shape, non-integer strides, or a window as large as the input.
+    """
+    if trf is None or not trf.local or trf.is_global or trf.method != "fx":
+        return None
+    if tuple(trf.input_shape) != spatial or len(trf.clipped) != len(spatial):
+        return None
+    if len(trf.output_centre) != len(spatial):
+        return None
+    strides = _integer_strides(trf)
+    if strides is None:
+        return None
+    start, stop = [], []
+    for (lo, hi), s, size in zip(trf.clipped, strides, spatial):
+        a = max(int(lo) - _CROP_MARGIN, 0)
+        start.append(a - a % s)
+        stop.append(min(int(hi) + 1 + _CROP_MARGIN, size))
+    window = _Window(tuple(start), tuple(stop))
+    if window.shape == spatial:
+        return None
+    return window
+
+
+def _aligned(window: _Window | None, trf: TRF | None) -> bool:
+    if window is None:
+        return True
+    strides = None if trf is None else _integer_strides(trf)
+    return strides is not None and all(a % s == 0 for a, s in zip(window.start, strides))
+
+
+def _plan_groups(
+    names: Sequence[str],
+    trfs: Mapping[str, TRF | None],
+    spatial: tuple[int, ...],
+    crop: CropOption,
+    train_mode: bool,
+) -> list[_Group]:
+    """Group layers by input window; the full-input group (if any) comes last."""
+    full = _Group(None, [])
+    if crop is False or train_mode:
+        return [_Group(None, list(names))]
+    total = math.prod(spatial)
+    windows: dict[str, _Window | None] = {}
+    for name in names:
+        w = _crop_window(trfs.get(name), spatial)
+        if w is not None and crop == "auto" and w.area > _CROP_MAX_FRACTION * total:
+            w = None
+        windows[name] = w
+    groups: list[_Group] = []
+
+    def area(w: _Window | None) -> int:
+        return total if w is None else w.area
+
+    order = sorted(names, key=lambda n: -area(windows[n]))
+    for name in order:
+        w = windows[name]
+        if w is None:
+            full.layers.append(name)
+            continue
+        candidates = [full] if full.layers else []
+        candidates += groups
+        best: _Group | None = None
+        for g in candidates:
+            gw = g.window
+            g_area = area(gw)
+            if gw is not None and not gw.contains(w):
+                continue
+            if not _aligned(gw, trfs.get(name)):
+                continue
+            same = gw == w
+            if not same and (crop is True or w.area < _CROP_MERGE_FRACTION * g_area):
+                continue
+            if best is None or g_area < area(best.window):
+                best = g
+        if best is not None:
+            best.layers.append(name)
+        else:
+            groups.append(_Group(w, [name]))
+    rank = {name: i for i, name in enumerate(names)}
+    out = [g for g in groups if g.layers]
+    if full.layers:
+        out.append(full)
+    for g in out:
+        g.layers.sort(key=rank.__getitem__)
+    return out
+
+
+def _without_cropping(groups: list[_Group], moved: list[str], names: Sequence[str]) -> list[_Group]:
+    """The plan with ``moved`` taken out of the cropped groups and into the full-input one."""
+    out = [_Group(g.window, [n for n in g.layers if n not in moved]) for g in groups]
+    full = [n for g in groups if g.window is None for n in g.layers] + list(moved)
+    out = [g for g in out if g.window is not None and g.layers]
+    return [*out, _Group(None, [n for n in names if n in full])]
+
+
+def _seed_index(
+    trf: TRF | None, window: _Window | None, out: torch.Tensor
+) -> tuple[int, ...] | None:
+    """The full output's centre unit as an index of the (cropped) output, ``None`` for full.
+
+    Raises ``LookupError`` when the cropped output does not hold that unit.
+    """
+    if window is None or out.dim() <= 2:
+        return None
+    assert trf is not None
+    strides = _integer_strides(trf)
+    assert strides is not None
+    idx = tuple(c - a // s for c, a, s in zip(trf.output_centre, window.start, strides))
+    if any(not 0 <= i < n for i, n in zip(idx, out.shape[2:])):
+        raise LookupError
+    return idx
+
+
+def _margin_clear(grad: torch.Tensor, window: _Window, spatial: tuple[int, ...]) -> bool:
+    """Whether the gradient is zero on every cropped side's outermost row (outside the TRF)."""
+    for d, (a, b, size) in enumerate(zip(window.start, window.stop, spatial)):
+        dim = 2 + d
+        if a > 0 and bool(grad.narrow(dim, 0, 1).any()):
+            return False
+        if b < size and bool(grad.narrow(dim, grad.shape[dim] - 1, 1).any()):
+            return False
+    return True
+
+
+def _probe_group(
+    net: nn.Module,
+    fwd: ForwardFn,
+    x_chunk: torch.Tensor,
+    group: _Group,
+    trfs: Mapping[str, TRF | None],
+    spatial: tuple[int, ...],
+    mode: Mode,
+    sums: dict[str, torch.Tensor],
+    per_sample: dict[str, list[torch.Tensor]],
+    out_shapes: dict[str, tuple[int, ...]],
+    calls: dict[str, int],
+    keep_per_sample: bool,
+) -> set[str]:
+    """One forward (early exit) and one input-only backward per layer of ``group``.
+
+    Adds each layer's maps to ``sums`` / ``per_sample`` and returns the layers done. A layer
+    of a cropped group that cannot be reproduced exactly (the cropped forward fails, the
+    cropped output lacks the centre unit, or the gradient reaches the crop margin) is left
+    out, for the caller to run on the full input.
+    """
+    window = group.window
+    names = group.layers
+    x = x_chunk.detach()
+    if window is not None:
+        box: tuple[slice, ...] = (slice(None), slice(None), *window.slices)
+        x = x[box].contiguous()
+    x.requires_grad_(True)
+    try:
+        captures = _run_forward(net, fwd, x, names)
+    except (ValueError, ERFProbeError):
+        if window is None:
+            raise
+        return set()
+    outs = {name: to_spatial(name, captures[name].output, len(spatial)) for name in names}
+    done: set[str] = set()
+    try:
+        for i, name in enumerate(names):
+            out = outs[name]
+            last = i == len(names) - 1
+            try:
+                idx = _seed_index(trfs.get(name), window, out)
+            except LookupError:
+                continue
+            (grad,) = torch.autograd.grad(
+                _seed(out, mode, idx), x, retain_graph=not last, allow_unused=True
+            )
+            if grad is None:  # the layer does not depend on the input at all
+                grad = torch.zeros_like(x)
+            if not torch.isfinite(grad).all():
+                raise ERFProbeError(
+                    f"Layer {name!r}: the ERF gradient contains NaN or Inf (output shape "
+                    f"{tuple(out.shape)}). The model or its weights produce non-finite values "
+                    "on the probe input; check for NaN weights or overflowing activations."
+                )
+            if window is not None and not _margin_clear(grad, window, spatial):
+                continue
+            grad = grad.float()
+            maps = (grad.clamp_min(0) if mode == "replknet" else grad.abs()).sum(1)
+            maps = maps.detach().cpu()
+            if window is not None:
+                placed = maps.new_zeros((maps.shape[0], *spatial))
+                rows: tuple[slice, ...] = (slice(None), *window.slices)
+                placed[rows] = maps
+                maps = placed
+                layer_trf = trfs.get(name)
+                assert layer_trf is not None
+                out_shapes[name] = tuple(layer_trf.output_shape)
+            else:
+                out_shapes[name] = tuple(out.shape[2:])
+            calls[name] = max(calls.get(name, 0), captures[name].calls)
+            sums[name] = sums[name] + maps.sum(0) if name in sums else maps.sum(0)
+            if keep_per_sample:
+                per_sample[name].append(maps)
+            done.add(name)
+    finally:
+        del captures, outs, x
+    return done
 
 
 def compute_erf(
@@ -206,6 +487,7 @@ def compute_erf(
     dtype: torch.dtype | None = None,
     keep_per_sample: bool = False,
     trf: Mapping[str, TRF | None] | Literal["auto", "skip"] = "auto",
+    crop: CropOption = "auto",
 ) -> ERFResults:
     """Centre-pixel ERF maps of several layers from one probe.
 
@@ -229,6 +511,13 @@ def compute_erf(
         keep_per_sample: also return the per-sample maps ``(N, *S)``.
         trf: precomputed TRFs per layer, ``"auto"`` to compute them with
             :func:`theoretical_rf`, or ``"skip"`` (then ``ratio`` is NaN).
+        crop: run each layer's forward and backward on a stride-aligned crop of the input
+            that contains its TRF (exact: nothing outside the TRF reaches the centre unit).
+            ``"auto"`` crops where the window is clearly smaller than the input and shares
+            windows between layers where that is cheaper; ``True`` crops every layer that
+            can be cropped, each to its own window; ``False`` never crops. Layers with a
+            global, non-local or unknown TRF (``trf="skip"``), and ``train_mode``, always
+            use the full input.
 
     Returns:
         An ordered mapping ``layer -> ERFResult``.
@@ -238,7 +527,7 @@ def compute_erf(
             that is not conv-like.
         ERFProbeError: the forward failed, or a gradient contains NaN/Inf.
 
-    Example:
+    Examples:
         >>> import torch, erf_monitor as em
         >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(2)])
         >>> res = em.compute_erf(net, torch.randn(2, 1, 9, 9), layers=["0", "1"])
@@ -249,6 +538,8 @@ def compute_erf(
     """
     if mode not in ("luo", "replknet"):
         raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
+    if crop not in (True, False, "auto"):
+        raise ValueError(f"crop must be True, False or 'auto', got {crop!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     net = unwrap_compiled(model)
@@ -281,38 +572,39 @@ def compute_erf(
     else:
         trfs = trf
 
+    groups = _plan_groups(names, trfs, spatial, crop, train_mode)
     sums: dict[str, torch.Tensor] = {}
     per_sample: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     out_shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, int] = {}
+    fell_back: list[str] = []
     step = chunk_size or n
     with _probe_state(net, train_mode, device):
         for start in range(0, n, step):
-            x = x_all[start : start + step].detach().requires_grad_(True)
-            captures = _run_forward(net, fwd, x, names)
-            outs = {name: to_spatial(name, captures[name].output, len(spatial)) for name in names}
-            for i, name in enumerate(names):
-                out = outs[name]
-                out_shapes[name] = tuple(out.shape[2:])
-                calls[name] = max(calls.get(name, 0), captures[name].calls)
-                (grad,) = torch.autograd.grad(
-                    _seed(out, mode), x, retain_graph=i < len(names) - 1, allow_unused=True
-                )
-                if grad is None:  # the layer does not depend on the input at all
-                    grad = torch.zeros_like(x)
-                if not torch.isfinite(grad).all():
-                    raise ERFProbeError(
-                        f"Layer {name!r}: the ERF gradient contains NaN or Inf (output shape "
-                        f"{tuple(out.shape)}). The model or its weights produce non-finite values "
-                        "on the probe input; check for NaN weights or overflowing activations."
-                    )
-                grad = grad.float()
-                maps = (grad.clamp_min(0) if mode == "replknet" else grad.abs()).sum(1)
-                maps = maps.detach().cpu()
-                sums[name] = sums[name] + maps.sum(0) if name in sums else maps.sum(0)
-                if keep_per_sample:
-                    per_sample[name].append(maps)
-            del captures, outs, x
+            x_chunk = x_all[start : start + step].detach()
+            redo: list[str] = []
+            for group in groups:
+                done = _probe_group(
+                    net, fwd, x_chunk, group, trfs, spatial, mode, sums, per_sample,
+                    out_shapes, calls, keep_per_sample,
+                )  # fmt: skip
+                redo += [name for name in group.layers if name not in done]
+            if redo:  # cropping did not reproduce these layers: run them on the full input
+                fell_back += redo
+                _probe_group(
+                    net, fwd, x_chunk, _Group(None, redo), trfs, spatial, mode, sums,
+                    per_sample, out_shapes, calls, keep_per_sample,
+                )  # fmt: skip
+                groups = _without_cropping(groups, redo, names)
+            del x_chunk
+    if fell_back:
+        warnings.warn(
+            f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
+            "exactly (the cropped forward failed or its gradient reached the crop border); "
+            "they were probed on the full input. Please report this with the model.",
+            ERFProbeWarning,
+            stacklevel=2,
+        )
 
     results: dict[str, ERFResult] = {}
     for name in names:
