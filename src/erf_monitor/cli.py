@@ -1,0 +1,457 @@
+"""The ``erf-monitor`` command line: ``demo``, ``analyze`` and ``report``.
+
+``main(argv)`` returns the exit code: 0 on success, 2 for a usage error (bad MODEL spec,
+unknown layer, unreadable input file...), reported as one line on stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from erf_monitor._result import ERFResult
+
+__all__ = ["main", "results_table"]
+
+_MODEL_HELP = """\
+MODEL is one of:
+  torchvision:NAME         a torchvision model, randomly initialised (e.g. torchvision:resnet50)
+  timm:NAME                a timm model, randomly initialised (needs timm installed)
+  path/to/file.py:FACTORY  imports file.py and calls FACTORY() -> nn.Module.
+                           WARNING: this form RUNS THE CODE IN THAT FILE; use only files you
+                           trust. It is the only form that executes user code.
+No weights are downloaded: models are randomly initialised (seeded with --seed).
+"""
+
+
+class CLIError(Exception):
+    """A usage error: printed as one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # pipes and captured output: do not squeeze tables to 80 cols
+        console = Console(stderr=stderr, width=max(console.width, 120))
+    return console
+
+
+def _fmt(value: float, spec: str = ".3f") -> str:
+    return "n/a" if not math.isfinite(value) else format(value, spec)
+
+
+def _trf_text(r: ERFResult) -> tuple[str, str]:
+    trf = r.trf
+    if trf is None:
+        return "?", "?"
+    size = " x ".join(
+        "global" if g else (str(int(s)) if math.isfinite(s) else "inf")
+        for s, g in zip(trf.size, trf.global_dims)
+    )
+    clipped = " x ".join(str(c) for c in trf.clipped_size)
+    return size, clipped
+
+
+def results_table(
+    results: Mapping[str, ERFResult],
+    *,
+    title: str | None = None,
+    thresholds: Mapping[str, float] | None = None,
+) -> Table:
+    """A rich table: layer, output shape, TRF (and clipped TRF), ERF size, ratio, coverage, sigma.
+
+    Args:
+        results: ``compute_erf``'s mapping ``layer -> ERFResult``.
+        title: table title.
+        thresholds: ``{layer: min_coverage}``; coverages below their threshold are shown red.
+
+    Returns:
+        A ``rich.table.Table``.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("layer", style="cyan", no_wrap=True)
+    table.add_column("output", justify="right")
+    table.add_column("TRF", justify="right")
+    table.add_column("TRF clipped", justify="right")
+    table.add_column("ERF (95%)", justify="right")
+    table.add_column("ERF/TRF", justify="right")
+    table.add_column("coverage", justify="right")
+    table.add_column("sigma y, x", justify="right")
+    thresholds = thresholds or {}
+    from rich.markup import escape
+
+    for name, r in results.items():
+        size, clipped = _trf_text(r)
+        cov = r.coverage
+        cov_text = f"{cov:.1%}"
+        if name in thresholds:
+            ok = cov >= thresholds[name]
+            cov_text = (
+                f"[{'green' if ok else 'bold red'}]{cov_text}[/] (min {thresholds[name]:.0%})"
+            )
+        table.add_row(
+            escape(name or "<model>"),
+            "x".join(str(s) for s in r.output_shape) or "-",
+            size,
+            clipped,
+            str(r.erf_size),
+            _fmt(r.ratio, ".2f"),
+            cov_text,
+            ", ".join(_fmt(s, ".1f") for s in r.sigma),
+        )
+    return table
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _json_float(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _result_record(r: ERFResult) -> dict[str, Any]:
+    trf = r.trf
+    rec: dict[str, Any] = {"output_shape": list(r.output_shape), "num_samples": r.num_samples}
+    if trf is None:
+        rec["trf"] = None
+    else:
+        rec["trf"] = {
+            "size": [_json_float(s) for s in trf.size],
+            "stride": [_json_float(s) for s in trf.stride],
+            "clipped": [[int(s), int(e)] for s, e in trf.clipped],
+            "clipped_size": list(trf.clipped_size),
+            "global": [bool(g) for g in trf.global_dims],
+            "method": trf.method,
+        }
+    rec["centre_pixel"] = list(r.centre_pixel)
+    rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
+    return rec
+
+
+# ---------------------------------------------------------------------------------- analyze
+def _parse_size(text: str) -> tuple[int, ...]:
+    parts = [p for p in text.replace(",", "x").lower().split("x") if p]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise CLIError(
+            f"--input-size must be N or HxW (e.g. 224 or 224x160), got {text!r}"
+        ) from None
+    if not sizes or len(sizes) > 3 or any(s < 1 for s in sizes):
+        raise CLIError(f"--input-size must be N or HxW with positive sizes, got {text!r}")
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def _layer_spec(values: Sequence[str]) -> str | list[str]:
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names or names == ["auto"]:
+        return "auto"
+    return names
+
+
+def _load_inputs(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+    import numpy as np
+    import torch
+
+    if args.input == "noise":
+        gen = torch.Generator().manual_seed(args.seed)
+        shape = (args.samples, args.channels, *size)
+        return torch.randn(shape, generator=gen), "noise"
+    path = Path(args.input)
+    if path.suffix != ".npy":
+        raise CLIError(f"--input must be 'noise' or a .npy file, got {args.input!r}")
+    if not path.is_file():
+        raise CLIError(f"--input file {str(path)!r} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # pickled object arrays, corrupt files
+        raise CLIError(f"cannot read {str(path)!r} as a plain .npy array: {exc}") from None
+    if not np.issubdtype(arr.dtype, np.number):
+        raise CLIError(f"{str(path)!r} holds {arr.dtype} data, not numbers")
+    if arr.ndim == 2:  # (H, W)
+        arr = arr[None, None]
+    elif arr.ndim == 3:  # (C, H, W)
+        arr = arr[None]
+    if arr.ndim not in (3, 4, 5):
+        raise CLIError(
+            f"{str(path)!r} has shape {arr.shape}; expected (N, C, H, W), (C, H, W) or (H, W)"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[: args.samples]
+    return x, str(path)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    size = _parse_size(args.input_size)
+    layers = _layer_spec(args.layers)
+    if args.samples < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    out = Path(args.out)
+    err = _console(stderr=True)
+    console = _console()
+
+    import torch
+
+    from erf_monitor._models import ModelSpecError, load_model
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.quiet or not err.is_terminal,  # no spinner frames in logs and pipes
+    ) as progress:
+        task = progress.add_task(f"building {args.model}", total=None)
+        # Seeded initialisation without touching the caller's global RNG (main() may be
+        # called in-process, e.g. from tests).
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            try:
+                model = load_model(args.model)
+            except ModelSpecError as exc:
+                raise CLIError(str(exc)) from None
+        model = model.to(args.device)
+        x, source = _load_inputs(args, size)
+        progress.update(task, completed=1, total=1)
+
+        from erf_monitor import compute_erf
+
+        what = "auto-picked layers" if layers == "auto" else f"{len(layers)} layer spec(s)"
+        task = progress.add_task(
+            f"probing {what} on {x.shape[0]} x {'x'.join(str(s) for s in x.shape[1:])} {source}",
+            total=None,
+        )
+        t0 = time.perf_counter()
+        from erf_monitor._errors import ERFProbeError
+
+        try:
+            try:
+                results = compute_erf(model, x, layers, mode=args.mode, chunk_size=args.chunk_size)
+            except (ValueError, TypeError, ERFProbeError):
+                raise
+            except Exception as exc:  # the TRF analysis could not follow this model
+                err.print(
+                    f"[yellow]warning[/]: the theoretical receptive field could not be analysed "
+                    f"({type(exc).__name__}: {_one_line(exc)}); TRF columns and ratios are n/a.",
+                    highlight=False,
+                )
+                results = compute_erf(
+                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size, trf="skip"
+                )
+        except (ValueError, TypeError, ERFProbeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        seconds = time.perf_counter() - t0
+        progress.update(task, completed=1, total=1)
+
+        from erf_monitor._render import erf_figure, render_heatmap, save_png
+        from erf_monitor.sinks import safe_filename, save_npz
+
+        task = progress.add_task("writing heatmaps", total=len(results) + 1)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, r in results.items():
+            save_png(
+                render_heatmap(r, log_scale=args.log_scale),
+                out / "heatmaps" / f"{safe_filename(name)}.png",
+            )
+            progress.advance(task)
+        fig = erf_figure(results, log_scale=args.log_scale, title=f"{args.model} ({source})")
+        fig.savefig(out / "erf_overview.png")
+        progress.advance(task)
+
+    save_npz(out / "maps.npz", {name: r.heatmap.numpy() for name, r in results.items()})
+    record = {
+        "model": args.model,
+        "input": source,
+        "input_shape": list(x.shape),
+        "mode": args.mode,
+        "seed": args.seed,
+        "probe_seconds": seconds,
+        "layers": {name: _result_record(r) for name, r in results.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    console.print(results_table(results, title=f"ERF of {args.model} — {source}, mode {args.mode}"))
+    console.print(
+        f"Probe: {seconds:.2f} s. Wrote [bold]{out / 'metrics.json'}[/], "
+        f"[bold]{out / 'maps.npz'}[/] (np.load(..., allow_pickle=False)), "
+        f"[bold]{out / 'erf_overview.png'}[/] and {len(results)} heatmaps in "
+        f"[bold]{out / 'heatmaps'}[/].",
+        highlight=False,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from erf_monitor._report import ReportError, build_report
+
+    try:
+        path, runs = build_report(args.logdir, args.out, max_frames=args.frames, title=args.title)
+    except ReportError as exc:
+        raise CLIError(str(exc)) from None
+    console = _console()
+    console.print(
+        f"Report of {len(runs)} run(s) written to [bold]{path}[/] "
+        f"({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser).",
+        highlight=False,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from erf_monitor._demo import DemoError, run_demo
+
+    try:
+        run_demo(
+            variant=args.variant,
+            out=args.out,
+            logger=args.logger,
+            fast=args.fast,
+            steps=args.steps,
+            seed=args.seed,
+            report=not args.no_report,
+            console=_console(),
+        )
+    except DemoError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    from erf_monitor import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="erf-monitor",
+        description="Measure and watch the effective receptive field (ERF) of vision models.",
+    )
+    parser.add_argument("--version", action="version", version=f"erf-monitor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, ~2 min)",
+        description=(
+            "Train two small CNNs on a synthetic task whose label depends on a blob in a corner "
+            "of the image, read out at the centre unit: a 'small' variant (stride 1, TRF smaller "
+            "than the image; the coverage alert fires and it stays at chance) and a 'large' one "
+            "(strided + dilated; it learns the task). ERFMonitor logs to TensorBoard (default), "
+            "W&B or CSV files; a summary table and an HTML report follow."
+        ),
+    )
+    demo.add_argument("--variant", choices=("small", "large", "both"), default="both")
+    demo.add_argument(
+        "--logger",
+        choices=("tensorboard", "wandb", "csv"),
+        default="tensorboard",
+        help="where ERFMonitor logs (wandb runs offline unless W&B is configured)",
+    )
+    demo.add_argument("--out", default="erf_demo_logs", help="log directory (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per variant")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--fast", action="store_true", help="a few steps only (for tests)")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    demo.set_defaults(func=_cmd_demo)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="ERF and TRF of a model's layers on noise or your images",
+        description=(
+            "Probe the centre-pixel ERF of chosen layers of a randomly initialised model; print "
+            "a table, write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
+        ),
+        epilog=_MODEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("model", metavar="MODEL", help="see below")
+    analyze.add_argument(
+        "--input-size", default="224", help="N or HxW (default: %(default)s)", metavar="SIZE"
+    )
+    analyze.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    analyze.add_argument(
+        "--layers",
+        nargs="+",
+        default=["auto"],
+        help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
+    )
+    analyze.add_argument("--samples", type=int, default=8, help="probe batch size (default 8)")
+    analyze.add_argument("--mode", choices=("luo", "replknet"), default="luo")
+    analyze.add_argument(
+        "--input",
+        default="noise",
+        help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or (H,W), "
+        "loaded without pickle",
+    )
+    analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
+    analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
+    analyze.add_argument("--device", default="cpu")
+    analyze.add_argument("--log-scale", action="store_true", help="log colour scale for images")
+    analyze.add_argument("--out", default="erf_analysis", help="output directory")
+    analyze.add_argument("--quiet", action="store_true", help="no progress display")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page from ERFMonitor logs (FileSink/CSV or TensorBoard)",
+        description=(
+            "Find every run under LOGDIR (FileSink directories with metrics.csv, CSVLogger's "
+            "erf/ folders, TensorBoard event files) and write one HTML page with growth curves "
+            "of ERF size, ERF/TRF ratio and coverage per layer, and heatmap filmstrips."
+        ),
+    )
+    report.add_argument("logdir", metavar="LOGDIR")
+    report.add_argument("--out", default=None, help="HTML file (default: LOGDIR/erf_report.html)")
+    report.add_argument("--frames", type=int, default=8, help="heatmaps per filmstrip")
+    report.add_argument("--title", default=None)
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``erf-monitor`` command line.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 for usage errors (one line on stderr).
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version, argparse usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        print(f"erf-monitor {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erf-monitor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
