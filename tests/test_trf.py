@@ -329,7 +329,8 @@ def test_token_attention_is_global() -> None:
     res = theoretical_rf(TinyViT(), (3, 16, 16), ["patch", "mlp"], method="fx")
     assert res["patch"].interval == ((8, 11), (8, 11)) and res["patch"].stride == (4.0, 4.0)
     assert res["mlp"].global_dims == (True, True)
-    assert res["mlp"].output_shape == ()
+    # The token output is put on its 4 x 4 patch grid (no prefix tokens; inferred from shapes).
+    assert res["mlp"].output_shape == (4, 4) and res["mlp"].output_centre == (2, 2)
 
 
 def test_functional_ops_chunk_cat_interpolate_slice() -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
 from erf_monitor._probe import compute_erf
 from erf_monitor._result import ERFResult, ERFResults
+from erf_monitor._tokens import TokenLayout
 from erf_monitor._trf import theoretical_rf
 from erf_monitor._types import TRF
 from erf_monitor._watch import Watcher, watch
@@ -28,6 +29,7 @@ __all__ = [
     "ERFProbeWarning",
     "ERFResult",
     "ERFResults",
+    "TokenLayout",
     "Watcher",
     "__version__",
     "compute_erf",

@@ -1,7 +1,9 @@
 """Turning a layer's raw output into the ``(N, C, *S')`` tensor the probe seeds.
 
 Conv-like outputs pass through. Outputs with no spatial dims, ``(N, K)``, are one unit.
-Anything else is rejected with a message that says what was found and how to adapt it.
+Token sequences ``(N, L, D)`` and channels-last maps are put on their patch grid
+(:mod:`erf_monitor._tokens`). Anything else is rejected with a message that says what was
+found and how to adapt it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
+from erf_monitor._tokens import TokenLayout, resolve_layout, tokens_to_spatial
 
 __all__ = ["describe_output", "to_spatial"]
 
@@ -25,13 +30,23 @@ def describe_output(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
-def to_spatial(name: str, out: Any, spatial_ndim: int) -> torch.Tensor:
+def to_spatial(
+    name: str,
+    out: Any,
+    spatial_ndim: int,
+    layout: TokenLayout | None = None,
+    model: nn.Module | None = None,
+    input_spatial: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """Return ``out`` as ``(N, C, *S')`` (or ``(N, K)`` for a layer with no spatial dims).
 
     Args:
         name: layer name, for messages.
         out: what the layer's forward returned.
         spatial_ndim: number of spatial dims of the probe input.
+        layout: token layout of this layer (``None``: inferred for token sequences).
+        model: the probed model, whose attributes may tell the patch grid.
+        input_spatial: spatial shape of the probe input (needed to infer a patch grid).
 
     Raises:
         ValueError: for outputs that are not a single conv-like or flat tensor.
@@ -43,11 +58,16 @@ def to_spatial(name: str, out: Any, spatial_ndim: int) -> torch.Tensor:
         )
     if not out.is_floating_point():
         raise ValueError(f"Layer {name!r} returned a {out.dtype} tensor; it has no gradient.")
+    if input_spatial is not None:
+        resolved = resolve_layout(name, tuple(out.shape), layout, input_spatial, model)
+        if resolved is not None:
+            return tokens_to_spatial(out, resolved)
     if out.dim() == spatial_ndim + 2 or out.dim() == 2:
         return out
     raise ValueError(
         f"Layer {name!r} returned a tensor of shape {tuple(out.shape)}, but the input has "
         f"{spatial_ndim} spatial dim(s): expected (N, C, *spatial) with {spatial_ndim} spatial "
-        "dims, or (N, K). Token sequences (N, L, D) and channels-last layouts need a token "
-        "layout; otherwise watch a layer with a conv-like output."
+        "dims, or (N, K). Token sequences (N, L, D) and channels-last (N, *grid, C) outputs "
+        "need compute_erf(..., token_layout=TokenLayout(...)); otherwise watch a layer with a "
+        "conv-like output."
     )

@@ -40,6 +40,7 @@ from erf_monitor._errors import ERFProbeError, ERFProbeWarning
 from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
 from erf_monitor._outputs import to_spatial
 from erf_monitor._result import ERFResult, ERFResults, Mode
+from erf_monitor._tokens import TokenLayout
 from erf_monitor._types import TRF
 
 __all__ = ["CropOption", "ForwardFn", "compute_erf"]
@@ -407,6 +408,8 @@ def _probe_group(
     out_shapes: dict[str, tuple[int, ...]],
     calls: dict[str, int],
     keep_per_sample: bool,
+    layouts: Mapping[str, TokenLayout] | None = None,
+    rejected: list[str] | None = None,
 ) -> set[str]:
     """One forward (early exit) and one input-only backward per layer of ``group``.
 
@@ -427,8 +430,20 @@ def _probe_group(
     except (ValueError, ERFProbeError):
         if window is None:
             raise
+        if rejected is not None:  # e.g. a ViT that only accepts its own image size
+            rejected.extend(names)
         return set()
-    outs = {name: to_spatial(name, captures[name].output, len(spatial)) for name in names}
+    outs = {
+        name: to_spatial(
+            name,
+            captures[name].output,
+            len(spatial),
+            layout=(layouts or {}).get(name),
+            model=net,
+            input_spatial=spatial,
+        )
+        for name in names
+    }
     done: set[str] = set()
     try:
         for i, name in enumerate(names):
@@ -474,6 +489,22 @@ def _probe_group(
     return done
 
 
+def _layouts_by_name(
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None, names: Sequence[str]
+) -> dict[str, TokenLayout]:
+    """``token_layout`` as ``{layer: TokenLayout}`` for the probed layers."""
+    if token_layout is None:
+        return {}
+    if isinstance(token_layout, TokenLayout):
+        return dict.fromkeys(names, token_layout)
+    unknown = sorted(set(token_layout) - set(names))
+    if unknown:
+        raise ValueError(
+            f"token_layout names layer(s) {unknown} that are not probed ({list(names)})."
+        )
+    return {k: v for k, v in token_layout.items() if v is not None}
+
+
 def compute_erf(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -488,6 +519,7 @@ def compute_erf(
     keep_per_sample: bool = False,
     trf: Mapping[str, TRF | None] | Literal["auto", "skip"] = "auto",
     crop: CropOption = "auto",
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
 ) -> ERFResults:
     """Centre-pixel ERF maps of several layers from one probe.
 
@@ -518,6 +550,12 @@ def compute_erf(
             can be cropped, each to its own window; ``False`` never crops. Layers with a
             global, non-local or unknown TRF (``trf="skip"``), and ``train_mode``, always
             use the full input.
+        token_layout: how token outputs map onto the patch grid: one
+            :class:`~erf_monitor.TokenLayout` for every layer with a token output, or
+            ``{layer: TokenLayout}``. Token sequences ``(N, L, D)`` of torchvision/timm ViTs
+            and of grids that the shapes determine uniquely are mapped automatically;
+            channels-last (Swin-style) outputs ``(N, H', W', C)`` need
+            ``TokenLayout(channels_last=True)``. The seed is the centre patch token.
 
     Returns:
         An ordered mapping ``layer -> ERFResult``.
@@ -563,10 +601,13 @@ def compute_erf(
         names = resolve_layers(net, layers)
 
     trfs: Mapping[str, TRF | None]
+    layouts = _layouts_by_name(token_layout, names)
     if trf == "auto":
         from erf_monitor._trf import theoretical_rf
 
-        trfs = theoretical_rf(net, tuple(x_all.shape[1:]), names, forward_fn=forward_fn)
+        trfs = theoretical_rf(
+            net, tuple(x_all.shape[1:]), names, forward_fn=forward_fn, token_layout=layouts
+        )
     elif trf == "skip":
         trfs = {}
     else:
@@ -578,6 +619,7 @@ def compute_erf(
     out_shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, int] = {}
     fell_back: list[str] = []
+    rejected: list[str] = []  # cropped forward failed: a quiet fallback, not a TRF bug
     step = chunk_size or n
     with _probe_state(net, train_mode, device):
         for start in range(0, n, step):
@@ -586,21 +628,23 @@ def compute_erf(
             for group in groups:
                 done = _probe_group(
                     net, fwd, x_chunk, group, trfs, spatial, mode, sums, per_sample,
-                    out_shapes, calls, keep_per_sample,
+                    out_shapes, calls, keep_per_sample, layouts, rejected,
                 )  # fmt: skip
                 redo += [name for name in group.layers if name not in done]
             if redo:  # cropping did not reproduce these layers: run them on the full input
                 fell_back += redo
                 _probe_group(
                     net, fwd, x_chunk, _Group(None, redo), trfs, spatial, mode, sums,
-                    per_sample, out_shapes, calls, keep_per_sample,
+                    per_sample, out_shapes, calls, keep_per_sample, layouts,
                 )  # fmt: skip
                 groups = _without_cropping(groups, redo, names)
             del x_chunk
+    fell_back = [name for name in fell_back if name not in rejected]
     if fell_back:
         warnings.warn(
             f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
-            "exactly (the cropped forward failed or its gradient reached the crop border); "
+            "exactly (the cropped output lacked the centre unit or its gradient reached the "
+            "crop border); "
             "they were probed on the full input. Please report this with the model.",
             ERFProbeWarning,
             stacklevel=2,

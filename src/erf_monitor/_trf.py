@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
+from erf_monitor._tokens import TokenLayout, resolve_layout
 from erf_monitor._trf_fx import (
     Axis,
     Region,
@@ -53,6 +54,7 @@ def theoretical_rf(
     *,
     method: Literal["auto", "fx", "numeric"] = "auto",
     forward_fn: ForwardFn | None = None,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
 ) -> dict[str, TRF]:
     """Theoretical receptive field of the centre unit of each layer.
 
@@ -101,6 +103,11 @@ def theoretical_rf(
         method: ``"auto"``, ``"fx"`` or ``"numeric"``.
         forward_fn: how to call the model on an image batch, ``forward_fn(model, x)``;
             default ``model(x)``.
+        token_layout: as in :func:`~erf_monitor.compute_erf`: token outputs ``(N, L, D)``
+            (inferred for ViTs) and channels-last outputs are put on their patch grid and the
+            walk starts at the centre patch token, so a patch embedding reports its kernel
+            and a layer after attention reports global (``fx`` only; the numeric method
+            treats token outputs as one unit).
 
     Returns:
         ``{layer: TRF}`` in the order of ``layers``.
@@ -128,7 +135,7 @@ def theoretical_rf(
     if method == "numeric":
         return _numeric(net, channels, spatial, names, forward_fn)
     try:
-        return _analytic(net, channels, spatial, names, forward_fn)
+        return _analytic(net, channels, spatial, names, forward_fn, token_layout)
     except Unsupported as exc:
         if method == "fx":
             raise ValueError(
@@ -217,12 +224,23 @@ def _analytic(
     spatial: tuple[int, ...],
     names: list[str],
     forward_fn: ForwardFn | None,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
 ) -> dict[str, TRF]:
     traced = trace_model(net, forward_fn, (channels, *spatial))
-    return {name: _analytic_one(traced, name, spatial) for name in names}
+    if isinstance(token_layout, TokenLayout):
+        layouts: Mapping[str, TokenLayout] = dict.fromkeys(names, token_layout)
+    else:
+        layouts = token_layout or {}
+    return {name: _analytic_one(traced, name, spatial, layouts.get(name), net) for name in names}
 
 
-def _analytic_one(traced: TracedModel, name: str, spatial: tuple[int, ...]) -> TRF:
+def _analytic_one(
+    traced: TracedModel,
+    name: str,
+    spatial: tuple[int, ...],
+    layout: TokenLayout | None = None,
+    net: nn.Module | None = None,
+) -> TRF:
     key = _canonical(name)
     if key not in traced.outputs:
         parts = key.split(".")
@@ -235,7 +253,19 @@ def _analytic_one(traced: TracedModel, name: str, spatial: tuple[int, ...]) -> T
         raise Unsupported(f"layer {name!r} does not return a single tensor")
     nd = len(spatial)
     conv_like = len(out_shape) == nd + 2
-    if conv_like:
+    tokens = resolve_layout(name, tuple(out_shape), layout, spatial, net)
+    if tokens is not None:
+        # Token output: seed the centre patch token (all features), on the patch grid.
+        out_spatial = tokens.grid
+        centre_idx = _centre_index(out_spatial)
+        points = [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
+        if tokens.channels_last:
+            seed_axes = [point_axis(out_shape[0], 0), *points, full_axis(out_shape[-1])]
+        else:
+            flat = tokens.prefix_tokens + int(np.ravel_multi_index(centre_idx, out_spatial))
+            seed_axes = [point_axis(out_shape[0], 0), point_axis(out_shape[1], flat)]
+            seed_axes.append(full_axis(out_shape[2]))
+    elif conv_like:
         out_spatial = tuple(out_shape[2:])
         centre_idx = _centre_index(out_spatial)
         seed_axes = [point_axis(out_shape[0], 0), full_axis(out_shape[1])]

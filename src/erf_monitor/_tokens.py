@@ -1,0 +1,229 @@
+"""Token outputs of vision transformers mapped back onto their patch grid.
+
+A transformer block returns a token sequence ``(N, L, D)`` (``L = prefix + h * w``: class /
+register / distillation tokens first, then the patch tokens in row-major order) or, Swin-style,
+a channels-last map ``(N, H', W', C)``. The probe needs ``(N, C, *S')``: :func:`tokens_to_spatial`
+is a differentiable reshape that drops the prefix tokens and puts the patch tokens on their
+grid, so that the ordinary centre seed ``S' // 2`` is the centre patch token.
+
+How the layout is found, first match wins:
+
+1. an explicit :class:`TokenLayout` (``compute_erf(..., token_layout=...)``);
+2. a model that says how: a torchvision ``VisionTransformer`` (``patch_size``, ``class_token``)
+   or a timm-style model (``patch_embed.patch_size``, ``num_prefix_tokens``), also when it is
+   wrapped (the first submodule carrying these attributes is used);
+3. the shapes: the prefix ``P`` in ``0..8`` and a patch size ``p`` dividing every input dim
+   with ``L - P == prod(S_d // p)``; exactly one candidate is used, several raise a
+   ``ValueError`` asking for a ``TokenLayout``.
+
+Channels-last outputs have the rank of a conv-like output and are never guessed: pass
+``TokenLayout(channels_last=True)`` for those layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MAX_PREFIX_TOKENS",
+    "ResolvedLayout",
+    "TokenLayout",
+    "resolve_layout",
+    "tokens_to_spatial",
+]
+
+#: Largest number of leading non-patch tokens tried when the layout is inferred from shapes.
+MAX_PREFIX_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a layer's token output maps onto the input's patch grid.
+
+    Attributes:
+        grid: patch grid ``(h, w)`` (one entry per input spatial dim); ``None``: inferred
+            from the model or the shapes.
+        prefix_tokens: number of leading non-patch tokens (class, distillation, register
+            tokens) in a ``(N, L, D)`` sequence; ``None``: inferred.
+        channels_last: the output is a channels-last map ``(N, *grid, C)`` (Swin-style)
+            rather than a token sequence.
+
+    Examples:
+        >>> TokenLayout(grid=(14, 14), prefix_tokens=1)  # ViT-B/16 at 224 x 224
+        TokenLayout(grid=(14, 14), prefix_tokens=1, channels_last=False)
+    """
+
+    grid: tuple[int, ...] | None = None
+    prefix_tokens: int | None = None
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and (
+            not self.grid or any(int(g) != g or g < 1 for g in self.grid)
+        ):
+            raise ValueError(f"TokenLayout.grid must hold positive ints, got {self.grid!r}")
+        if self.prefix_tokens is not None and self.prefix_tokens < 0:
+            raise ValueError(f"TokenLayout.prefix_tokens must be >= 0, got {self.prefix_tokens}")
+        if self.channels_last and self.prefix_tokens:
+            raise ValueError("A channels-last layout has no prefix tokens.")
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    """A layout with every field known for one output shape."""
+
+    grid: tuple[int, ...]
+    prefix_tokens: int
+    channels_last: bool
+
+
+def _as_tuple(v: Any, nd: int) -> tuple[int, ...] | None:
+    if isinstance(v, int):
+        return (v,) * nd
+    if isinstance(v, (tuple, list)) and len(v) == nd and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    return None
+
+
+def _model_hints(model: nn.Module | None, nd: int) -> list[tuple[tuple[int, ...], int | None]]:
+    """``(patch_size, prefix or None)`` pairs advertised by the model or its submodules."""
+    if model is None:
+        return []
+    hints: list[tuple[tuple[int, ...], int | None]] = []
+    for m in model.modules():
+        # torchvision VisionTransformer: ``patch_size`` (int) and ``class_token``.
+        patch = _as_tuple(getattr(m, "patch_size", None), nd)
+        if patch is not None and hasattr(m, "class_token"):
+            hints.append((patch, 1))
+            continue
+        # timm VisionTransformer / DeiT: ``patch_embed.patch_size`` and ``num_prefix_tokens``.
+        embed = getattr(m, "patch_embed", None)
+        patch = _as_tuple(getattr(embed, "patch_size", None), nd) if embed is not None else None
+        if patch is not None:
+            prefix = getattr(m, "num_prefix_tokens", None)
+            hints.append((patch, prefix if isinstance(prefix, int) else None))
+        if len(hints) >= 4:
+            break
+    return hints
+
+
+def _shape_candidates(
+    length: int, spatial: tuple[int, ...], prefix: int | None
+) -> list[tuple[tuple[int, ...], int]]:
+    """``(grid, prefix)`` pairs with one patch size dividing every input dim exactly."""
+    out = []
+    prefixes = [prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)
+    for p in range(1, min(spatial) + 1):
+        if any(s % p for s in spatial):
+            continue
+        grid = tuple(s // p for s in spatial)
+        for q in prefixes:
+            if length - q == math.prod(grid):
+                out.append((grid, q))
+    return out
+
+
+def _describe(cands: list[tuple[tuple[int, ...], int]]) -> str:
+    return ", ".join(f"grid {'x'.join(map(str, g))} with {q} prefix token(s)" for g, q in cands)
+
+
+def resolve_layout(
+    name: str,
+    shape: tuple[int, ...],
+    layout: TokenLayout | None,
+    input_spatial: tuple[int, ...],
+    model: nn.Module | None = None,
+) -> ResolvedLayout | None:
+    """The layout of a layer output of ``shape``, or ``None`` if it is used as it is.
+
+    Conv-like ``(N, C, *S')`` and flat ``(N, K)`` outputs need no layout unless one is given.
+    A ``(N, L, D)`` output of a model with 2 or 3 spatial input dims is a token sequence.
+
+    Raises:
+        ValueError: a layout that does not fit the shape, or a token sequence whose grid
+            cannot be inferred unambiguously.
+    """
+    nd = len(input_spatial)
+    rank = len(shape)
+    hint = (
+        "pass compute_erf(..., token_layout=TokenLayout(grid=(h, w), prefix_tokens=P)) "
+        "(or a dict {layer: TokenLayout})"
+    )
+    if layout is None:
+        if rank == 2 or rank == nd + 2 or rank != 3 or nd < 2:
+            return None
+    elif layout.channels_last:
+        if rank != nd + 2:
+            raise ValueError(
+                f"Layer {name!r}: TokenLayout(channels_last=True) expects (N, *grid, C) with "
+                f"{nd} grid dims, got shape {shape}."
+            )
+        grid = tuple(shape[1:-1])
+        if layout.grid is not None and tuple(layout.grid) != grid:
+            raise ValueError(
+                f"Layer {name!r}: output grid {grid} != TokenLayout.grid {layout.grid}."
+            )
+        return ResolvedLayout(grid, 0, True)
+    elif rank != 3:
+        raise ValueError(
+            f"Layer {name!r}: a token layout expects a sequence (N, L, D), got shape {shape} "
+            "(TokenLayout(channels_last=True) is for (N, *grid, C) maps)."
+        )
+    length = shape[1]
+    prefix = None if layout is None else layout.prefix_tokens
+    if layout is not None and layout.grid is not None:
+        grid = tuple(layout.grid)
+        if len(grid) != nd:
+            raise ValueError(f"Layer {name!r}: TokenLayout.grid {grid} needs {nd} entries.")
+        q = length - math.prod(grid) if prefix is None else prefix
+        if q < 0 or q + math.prod(grid) != length:
+            raise ValueError(
+                f"Layer {name!r}: {length} tokens do not fit grid {grid}"
+                + ("" if prefix is None else f" with {prefix} prefix token(s)")
+                + "."
+            )
+        return ResolvedLayout(grid, q, False)
+    for patch, hint_prefix in _model_hints(model, nd):
+        if any(s % p for s, p in zip(input_spatial, patch)):
+            continue
+        grid = tuple(s // p for s, p in zip(input_spatial, patch))
+        if prefix is not None:
+            q = prefix
+        elif hint_prefix is not None:
+            q = hint_prefix
+        else:
+            q = length - math.prod(grid)
+        if q >= 0 and q + math.prod(grid) == length:
+            return ResolvedLayout(grid, q, False)
+    cands = _shape_candidates(length, input_spatial, prefix)
+    if len(cands) == 1:
+        return ResolvedLayout(cands[0][0], cands[0][1], False)
+    what = (
+        f"is ambiguous ({_describe(cands)})"
+        if cands
+        else "cannot be inferred (no patch size divides the input into a grid of that many tokens)"
+    )
+    raise ValueError(
+        f"Layer {name!r} returned a token sequence of shape {shape} for an input of spatial "
+        f"shape {input_spatial}; its patch grid {what}: {hint}."
+    )
+
+
+def tokens_to_spatial(out: torch.Tensor, layout: ResolvedLayout) -> torch.Tensor:
+    """Differentiable view of a token output as ``(N, D, *grid)`` (patch tokens only).
+
+    Examples:
+        >>> t = torch.arange(2 * 5 * 3.0).reshape(2, 5, 3)  # class token + 2x2 patches, D = 3
+        >>> g = tokens_to_spatial(t, ResolvedLayout((2, 2), 1, False))
+        >>> g.shape, bool(g[0, :, 1, 0].equal(t[0, 3]))
+        (torch.Size([2, 3, 2, 2]), True)
+    """
+    if layout.channels_last:
+        return out.movedim(-1, 1)
+    patches = out[:, layout.prefix_tokens :]
+    return patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], *layout.grid)

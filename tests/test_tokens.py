@@ -1,0 +1,264 @@
+"""Vision transformers: token outputs mapped onto the patch grid, centre-token seeds, TRFs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import VisionTransformer, vit_b_16
+
+import erf_monitor as em
+from erf_monitor._tokens import ResolvedLayout, resolve_layout, tokens_to_spatial
+
+ENC0 = "encoder.layers.encoder_layer_0"
+
+
+def small_vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+def reference_token_erf(
+    model: nn.Module, layer: str, x: torch.Tensor, token: int, channels_last: bool = False
+) -> torch.Tensor:
+    """Slow reference: one full forward and backward per sample, seed = one token's features."""
+    model.eval()
+    maps = []
+    module = dict(model.named_modules())[layer]
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        box: dict[str, torch.Tensor] = {}
+
+        def hook(_m: nn.Module, _i: object, o: torch.Tensor, box: dict = box) -> None:
+            box.setdefault("y", o)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            model(xi)
+        finally:
+            handle.remove()
+        y = box["y"]
+        # (1, H, W, C): the token is the flat grid index; (1, L, D): the sequence index.
+        seed = y.flatten(1, 2)[0, token].sum() if channels_last else y[0, token].sum()
+        (g,) = torch.autograd.grad(seed, xi)
+        maps.append(g.abs().sum(1)[0])
+    return torch.stack(maps).mean(0)
+
+
+def test_small_vit_patch_embedding_and_encoder_layer() -> None:
+    vit = small_vit()
+    x = torch.randn(3, 3, 32, 32)
+    res = em.compute_erf(vit, x, layers=["conv_proj", ENC0])
+    # 32 / 8 = 4 x 4 patches; the centre patch is (4 // 2, 4 // 2) = (2, 2), i.e. input rows and
+    # columns 2 * 8 .. 2 * 8 + 7 = 16 .. 23; its centre is 19.5, rounded half up to 20.
+    emb, enc = res["conv_proj"], res[ENC0]
+    for r in (emb, enc):
+        assert r.heatmap.shape == (32, 32)
+        assert r.output_shape == (4, 4)
+        assert r.centre_pixel == (20, 20)
+        assert r.trf is not None and r.trf.centre == (19.5, 19.5)
+        assert r.trf.output_centre == (2, 2)
+    support = (emb.heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [16, 16]
+    assert support.max(0).values.tolist() == [23, 23]
+    assert int((emb.heatmap > 0).sum()) == 64
+    assert emb.trf is not None
+    assert emb.trf.size == (8.0, 8.0) and emb.trf.stride == (8.0, 8.0)
+    assert not emb.trf.is_global and emb.trf.clipped == ((16, 23), (16, 23))
+    # After one attention layer every pixel reaches the centre token.
+    assert enc.trf is not None and enc.trf.is_global and math.isinf(enc.trf.size[0])
+    assert enc.trf.clipped == ((0, 31), (0, 31))
+    assert bool((enc.heatmap > 0).all())
+    assert 0 < enc.coverage <= 1 and enc.ratio == enc.erf_size / 32
+    # Slow reference: class token first, then the patches row-major -> token 1 + 2 * 4 + 2.
+    ref = reference_token_erf(vit, ENC0, x, token=1 + 2 * 4 + 2)
+    torch.testing.assert_close(enc.heatmap, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_patch_tokens_before_attention_have_the_kernel_as_trf() -> None:
+    vit = small_vit()
+
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+            self.tokens = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tokens(self.vit._process_input(x))  # (N, 16, D): no class token
+
+    trf = em.theoretical_rf(Embed(), (3, 32, 32), ["tokens"])["tokens"]
+    assert trf.size == (8.0, 8.0) and trf.clipped == ((16, 23), (16, 23))
+    assert not trf.is_global
+
+
+def test_vit_b_16_auto_layout() -> None:
+    torch.manual_seed(0)
+    vit = vit_b_16(image_size=64)  # random init, 4 x 4 patches of 16
+    x = torch.randn(1, 3, 64, 64)
+    # (Not ``encoder.ln``: at init its weight is 1 and bias 0, so the Luo seed, the sum over
+    # the features of a LayerNorm output, is constant and its ERF is identically zero.)
+    last = "encoder.layers.encoder_layer_11"
+    res = em.compute_erf(vit, x, layers=["conv_proj", ENC0, last])
+    for name in (ENC0, last):
+        r = res[name]
+        assert r.heatmap.shape == (64, 64) and r.output_shape == (4, 4)
+        assert r.trf is not None and r.trf.is_global
+        assert r.centre_pixel == (40, 40)  # centre of patch (2, 2): 2 * 16 + 7.5, rounded up
+        assert bool((r.heatmap > 0).all())
+    support = (res["conv_proj"].heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [32, 32]
+    assert support.max(0).values.tolist() == [47, 47]
+
+
+class Tokenizer(nn.Module):
+    """Patch embedding of patch ``p`` plus ``prefix`` learned tokens, then one token mixer."""
+
+    def __init__(self, p: int, prefix: int, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, p, stride=p)
+        self.prefix = nn.Parameter(torch.randn(1, prefix, dim))
+        self.mix = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.prefix.expand(x.shape[0], -1, -1), t], dim=1)
+        t = t + self.mix(t, t, t, need_weights=False)[0]
+        return self.out(t)
+
+
+def test_ambiguous_grid_needs_a_layout() -> None:
+    torch.manual_seed(0)
+    # 32 x 32 input, 5 tokens: 1 prefix + 2 x 2 patches of 16, or 4 prefixes + 1 patch of 32.
+    model = Tokenizer(16, 1)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"ambiguous.*TokenLayout"):
+        em.compute_erf(model, x, layers=["out"])
+    layout = em.TokenLayout(grid=(2, 2), prefix_tokens=1)
+    res = em.compute_erf(model, x, layers=["out"], token_layout=layout)
+    r = res["out"]
+    assert r.output_shape == (2, 2) and r.centre_pixel == (24, 24)
+    ref = reference_token_erf(model, "out", x, token=1 + 1 * 2 + 1)
+    torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-9)
+    # The mapping form, and a prefix alone (the grid follows).
+    res2 = em.compute_erf(
+        model, x, layers=["out"], token_layout={"out": em.TokenLayout(prefix_tokens=1)}
+    )
+    torch.testing.assert_close(res2["out"].heatmap, r.heatmap)
+    with pytest.raises(ValueError, match="not probed"):
+        em.compute_erf(model, x, layers=["out"], token_layout={"nope": layout})
+    with pytest.raises(ValueError, match="do not fit"):
+        em.compute_erf(model, x, layers=["out"], token_layout=em.TokenLayout(grid=(3, 3)))
+
+
+def test_inference_from_shapes_with_register_tokens() -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(8, 5)  # 5 prefix tokens + 4 x 4 patches = 21 tokens: unique
+    x = torch.randn(2, 3, 32, 32)
+    r = em.compute_erf(model, x, layers=["out"])["out"]
+    assert r.output_shape == (4, 4) and r.trf is not None and r.trf.is_global
+    ref = reference_token_erf(model, "out", x, token=5 + 2 * 4 + 2)
+    torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_resolve_layout_rules() -> None:
+    spatial = (32, 32)
+    assert resolve_layout("l", (2, 8, 4, 4), None, spatial) is None  # conv-like
+    assert resolve_layout("l", (2, 10), None, spatial) is None  # flat
+    assert resolve_layout("l", (2, 17, 8), None, spatial) == ResolvedLayout((4, 4), 1, False)
+    assert resolve_layout("l", (2, 64, 8), None, spatial) == ResolvedLayout((8, 8), 0, False)
+    assert resolve_layout("l", (2, 8, 16), None, (32,)) is None  # 1-D: (N, C, L) is conv-like
+    # Non-square inputs: one patch size for both dims.
+    assert resolve_layout("l", (1, 1 + 4 * 8, 8), None, (32, 64)) == ResolvedLayout(
+        (4, 8), 1, False
+    )
+    with pytest.raises(ValueError, match="ambiguous"):  # 1 + 2x4 (p=16) or 7 + 1x2 (p=32)
+        resolve_layout("l", (1, 1 + 2 * 4, 8), None, (32, 64))
+    cl = em.TokenLayout(channels_last=True)
+    assert resolve_layout("l", (2, 4, 4, 8), cl, spatial) == ResolvedLayout((4, 4), 0, True)
+    with pytest.raises(ValueError, match="cannot be inferred"):
+        resolve_layout("l", (2, 1000, 8), None, spatial)
+    with pytest.raises(ValueError):
+        em.TokenLayout(grid=(0, 2))
+    t = torch.randn(2, 4, 4, 8)
+    assert tokens_to_spatial(t, ResolvedLayout((4, 4), 0, True)).shape == (2, 8, 4, 4)
+
+
+class SwinLike(nn.Module):
+    """Channels-last stages: patch embedding, a local (depthwise 3x3) stage, a global mixer."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+        self.local = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.stage1 = nn.Identity()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.stage2 = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.patch(x).permute(0, 2, 3, 1))  # (N, H, W, C)
+        y = y + self.local(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.stage1(y)
+        n, h, w, c = y.shape
+        t = y.reshape(n, h * w, c)
+        y = (t + self.attn(t, t, t, need_weights=False)[0]).reshape(n, h, w, c)
+        return self.stage2(y)
+
+
+def test_swin_like_channels_last() -> None:
+    torch.manual_seed(0)
+    model = SwinLike()
+    x = torch.randn(2, 3, 32, 32)
+    layout = em.TokenLayout(channels_last=True)
+    res = em.compute_erf(model, x, layers=["stage1", "stage2"], token_layout=layout)
+    s1, s2 = res["stage1"], res["stage2"]
+    # Grid 8 x 8 of 4-pixel patches; centre token (4, 4) covers pixels 16..19; the 3x3 mixer
+    # adds one patch on each side: 12..23.
+    assert s1.output_shape == (8, 8) and s1.trf is not None
+    assert s1.trf.size == (12.0, 12.0) and s1.trf.clipped == ((12, 23), (12, 23))
+    support = (s1.heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [12, 12]
+    assert support.max(0).values.tolist() == [23, 23]
+    assert s2.trf is not None and s2.trf.is_global and bool((s2.heatmap > 0).all())
+    for name, r in res.items():
+        ref = reference_token_erf(model, name, x, token=4 * 8 + 4, channels_last=True)
+        torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="channels_last"):
+        em.compute_erf(model, x, layers=["patch"], token_layout=em.TokenLayout(grid=(8, 8)))
+
+
+def test_hybrid_conv_stem_and_attention() -> None:
+    torch.manual_seed(0)
+
+    class Hybrid(nn.Module):
+        def __init__(self, dim: int = 8) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, dim, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(dim, dim, 3, stride=2, padding=1),
+            )
+            self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+            self.tokens = nn.Identity()
+            self.mixed = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.tokens(self.stem(x).flatten(2).transpose(1, 2))  # (N, 64, D)
+            return self.mixed(t + self.attn(t, t, t, need_weights=False)[0])
+
+    model = Hybrid()
+    x = torch.randn(2, 3, 32, 32)
+    res = em.compute_erf(model, x, layers=["stem", "tokens", "mixed"])
+    stem, tok, mixed = res["stem"], res["tokens"], res["mixed"]
+    assert stem.trf is not None and tok.trf is not None and mixed.trf is not None
+    # The token view of the stem output has the stem's TRF and map; attention makes it global.
+    assert tok.trf.size == stem.trf.size == (7.0, 7.0) and not tok.trf.is_global
+    assert tok.trf.clipped == stem.trf.clipped
+    torch.testing.assert_close(tok.heatmap, stem.heatmap)
+    assert mixed.trf.is_global and bool((mixed.heatmap > 0).all())
