@@ -436,7 +436,7 @@ def run_demo(
         out: log directory.
         logger: ``"tensorboard"``, ``"wandb"`` (offline unless W&B is configured) or ``"csv"``.
         fast: a few steps on a small data set (for tests; accuracies are meaningless).
-        steps: training steps per variant (default 400, ``fast``: 8).
+        steps: training steps per variant (default 150, ``fast``: 8).
         seed: seeds data, initialisation and shuffling.
         report: write ``<out>/erf_report.html`` at the end.
         progress: show Lightning's progress bar.
@@ -460,7 +460,7 @@ def run_demo(
         raise DemoError(
             "--logger tensorboard needs tensorboard: pip install erf-monitor[tensorboard]"
         )
-    n_steps = steps if steps is not None else (8 if fast else 400)
+    n_steps = steps if steps is not None else (8 if fast else 150)
     if n_steps < 1:
         raise DemoError(f"--steps must be >= 1, got {n_steps}")
     every = max(1, n_steps // (4 if fast else 10))

@@ -1,0 +1,125 @@
+"""``erf-monitor report`` on logs written by a real Lightning fit (CSV + TensorBoard)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("tensorboard")
+
+from erf_monitor._report import build_report, find_runs  # noqa: E402
+from erf_monitor.callback import ERFMonitor  # noqa: E402
+from erf_monitor.cli import main  # noqa: E402
+
+EVIL = "conv<b>&1"  # a layer name that must be escaped in the HTML
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module(EVIL, nn.Conv2d(1, 4, 3, padding=1))
+        self.conv2 = nn.Conv2d(4, 2, 3, padding=2, dilation=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(getattr(self, EVIL)(x)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x).mean((2, 3)), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    root = tmp_path_factory.mktemp("logs")
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(48, 1, 16, 16, generator=gen), torch.randint(0, 2, (48,), generator=gen)
+    )
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=[CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tb")],
+        callbacks=[ERFMonitor(layers=[EVIL, "conv2"], every_n_steps=2, num_samples=4)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    with pytest.warns(Warning):  # the 16x16 input outgrows the 3x3 conv: coverage alert
+        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+    return root
+
+
+def test_finds_both_sources(logdir: Path) -> None:
+    runs = {run.source: run for run in find_runs(logdir)}
+    assert set(runs) == {"files", "tensorboard"}
+    for run in runs.values():
+        assert set(run.metrics) == {EVIL, "conv2"}
+        steps = [s for s, _ in run.metrics["conv2"]["coverage"]]
+        assert steps == [0, 2, 4, 6]
+        assert [s for s, _ in run.frames[EVIL]] == [0, 2, 4, 6]
+        assert any(title.endswith(EVIL) for _, title, _ in run.alerts)
+    # same numbers from both backends (TensorBoard stores float32)
+    files, tb = runs["files"], runs["tensorboard"]
+    for layer in (EVIL, "conv2"):
+        np.testing.assert_allclose(
+            [v for _, v in files.metrics[layer]["erf_size"]],
+            [v for _, v in tb.metrics[layer]["erf_size"]],
+        )
+    assert "train_loss" in files.other and "train_loss" in tb.other
+
+
+def test_html_report(logdir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    assert main(["report", str(logdir), "--out", str(out), "--frames", "3"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<img src="data:image/png;base64,' in page
+    assert EVIL not in page
+    assert "conv&lt;b&gt;&amp;1" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    # every inlined image is a real PNG
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 2 * (1 + 1 + 2 * 3)  # per run: curves, training, 2 layers x 3 frames
+    from PIL import Image
+
+    for b64 in images:
+        Image.open(io.BytesIO(base64.b64decode(b64))).verify()
+
+
+def test_maps_only_and_no_pickle(tmp_path: Path) -> None:
+    """A FileSink directory without PNGs: frames come from the npz maps; pickles are refused."""
+    from erf_monitor.sinks import FileSink
+
+    sink = FileSink(tmp_path / "run")
+    for step in (0, 5):
+        sink.log_scalars({"erf/a/coverage": 0.1 * (step + 1), "erf/a/erf_size": 3.0 + step}, step)
+        sink.log_arrays("erf", {"a": np.random.default_rng(step).random((8, 8))}, step)
+    np.savez(tmp_path / "run" / "maps" / "step_9.npz", a=np.array([{"x": 1}], dtype=object))
+    (run,) = find_runs(tmp_path)
+    assert [s for s, _ in run.frames["a"]] == [0, 5]
+    path, _ = build_report(tmp_path)
+    assert path == tmp_path / "erf_report.html"
+    assert '<img src="data:image/png;base64,' in path.read_text()
+
+
+def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no ERF data" in capsys.readouterr().err
