@@ -281,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-plain", action="store_true", help="skip the (slow) plain reference")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--no-scaling", action="store_true", help="skip samples/layers/size sweeps")
+    ap.add_argument(
+        "--scaling-sizes", nargs="+", type=int, default=[], help="extra sizes for the size sweep"
+    )
+    ap.add_argument("--only-scaling", action="store_true", help="skip the main comparison")
     ap.add_argument("--json", help="also write all measurements to this JSON file")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -308,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for col in ("size", "ratio", "value"):
         ratio_table.add_column(col, justify="right")
 
-    for size in args.sizes:
+    for size in [] if args.only_scaling else args.sizes:
         t0 = time.perf_counter()
         model, x, labels, trfs = setup(args.model, size, args.samples, args.layers, device)
         trf_s = time.perf_counter() - t0
@@ -387,7 +391,7 @@ def scaling(args: argparse.Namespace, device: torch.device, console: Any) -> dic
 
     out: dict[str, Any] = {}
     base = min(args.sizes)
-    model, x, labels, trfs = setup(args.model, base, max(16, args.samples), args.layers, device)
+    model, x, labels, trfs = setup(args.model, base, max(8, args.samples), args.layers, device)
     table = Table(title=f"Scaling ({args.model}; median of {args.repeats}; seconds)")
     for col in ("sweep", "value", "probe", "probe_nocrop", "train_step"):
         table.add_column(col, justify="right")
@@ -397,7 +401,7 @@ def scaling(args: argparse.Namespace, device: torch.device, console: Any) -> dic
         v.pop("probe_frozen")
         return {k: median(ts) for k, ts in interleaved(v, args.repeats, device, True).items()}
 
-    for n in (1, 2, 4, 8, 16):
+    for n in (1, 2, 4, 8, 16)[: 5 if x.shape[0] >= 16 else 4]:
         r = run(x[:n], args.layers, trfs)
         out[f"samples={n}"] = r
         table.add_row(f"samples @{base}", str(n), *(f"{r[k]:.3f}" for k in r))
@@ -406,7 +410,7 @@ def scaling(args: argparse.Namespace, device: torch.device, console: Any) -> dic
         r = run(x[: args.samples], layers, trfs)
         out[f"layers={'+'.join(layers)}"] = r
         table.add_row(f"layers @{base}", "+".join(layers), *(f"{r[k]:.3f}" for k in r))
-    for size in sorted({base, 320, 448, *args.sizes}):
+    for size in sorted({base, 320, 448, *args.scaling_sizes}):
         m2, x2, l2, t2 = setup(args.model, size, min(args.samples, 4), args.layers, device)
         v = make_variants(m2, x2, l2, t2, args.layers, plain=False)
         v.pop("probe_frozen")

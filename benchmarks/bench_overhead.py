@@ -1,0 +1,138 @@
+"""Training overhead of ``ERFMonitor``: the demo's Lightning fit with and without the callback.
+
+Run ``python benchmarks/bench_overhead.py`` (``--quick`` for a smoke run). Both arms train the
+demo model (``erf_monitor._demo``: the "large" variant, its data set, Adam, batch 64) for the
+same number of steps with the same TensorBoard logger, interleaved over ``--repeats`` runs in
+alternating order; the callback arm adds ``ERFMonitor`` with its default settings
+(``every_n_steps=500``, ``num_samples=8``; probes at fit start, every 500 steps and at fit
+end), watching the demo's layers. ``--every`` overrides the cadence (the demo itself probes
+every ``steps // 10`` steps to make its curves; that worst case is worth a look too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def fit(steps: int, every: int | None, seed: int, logdir: str) -> float:
+    """Wall time of one Lightning fit (with ``ERFMonitor`` if ``every`` is not ``None``)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from erf_monitor import ERFMonitor
+    from erf_monitor._demo import HEAD, LAYERS, corner_dataset, demo_model
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = demo_model("large")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    pl.seed_everything(seed, verbose=False)
+    data = corner_dataset(8192, seed=seed)
+    loader = DataLoader(
+        TensorDataset(*data),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    callbacks: list[pl.Callback] = []
+    if every is not None:
+        layers = [f"net.{n}" for n in LAYERS]
+        coverage = {f"net.{HEAD}": 0.15}
+        monitor = (
+            ERFMonitor(layers=layers, min_coverage=coverage)
+            if every <= 0
+            else ERFMonitor(layers=layers, min_coverage=coverage, every_n_steps=every)
+        )
+        callbacks.append(monitor)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=math.ceil(steps / len(loader)),
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(logdir),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), loader)
+    return time.perf_counter() - t0
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=0, help="every_n_steps (0: the default)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="100 steps, one repeat")
+    ap.add_argument("--json", help="also write the measurements to this JSON file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 100, 1
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(min(20, args.steps), None, 0, os.path.join(tmp, "warm"))  # imports, first-call costs
+        for r in range(args.repeats):
+            for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
+                every = args.every if arm == "with" else None
+                times[arm].append(fit(args.steps, every, r, os.path.join(tmp, f"{arm}{r}")))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = (med["with"] - med["without"]) / med["with"]
+    cadence = args.every or 500
+    table = Table(title=f"ERFMonitor overhead: {args.steps} steps, every_n_steps={cadence}")
+    for col in ("arm", "median s", "all s"):
+        table.add_column(col, justify="right")
+    for arm, ts in times.items():
+        table.add_row(arm, f"{med[arm]:.2f}", " ".join(f"{t:.2f}" for t in ts))
+    console.print(table)
+    console.print(
+        f"overhead = (with - without) / with = [bold]{100 * overhead:.2f}%[/] of wall time "
+        f"(load {os.getloadavg()[0]:.2f})"
+    )
+    report = {"args": vars(args), "times_s": times, "median_s": med, "overhead": overhead}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
