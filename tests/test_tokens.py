@@ -262,3 +262,94 @@ def test_hybrid_conv_stem_and_attention() -> None:
     assert tok.trf.clipped == stem.trf.clipped
     torch.testing.assert_close(tok.heatmap, stem.heatmap)
     assert mixed.trf.is_global and bool((mixed.heatmap > 0).all())
+
+
+class WindowAttention(nn.Module):
+    """Swin-style block on (N, H, W, C): attention inside ws x ws windows merged into the batch."""
+
+    def __init__(self, dim: int, ws: int, use_mha: bool) -> None:
+        super().__init__()
+        self.ws, self.use_mha = ws, use_mha
+        self.norm = nn.LayerNorm(dim)
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        ws = self.ws
+        win = self.norm(x).view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        t = win.reshape(-1, ws * ws, c)  # (N * windows, ws * ws, C)
+        if self.use_mha:
+            t = self.mha(t, t, t, need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(t).chunk(3, dim=-1)
+            t = nn.functional.scaled_dot_product_attention(q, k, v)
+        back = t.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        return x + back.reshape(b, h, w, c)
+
+
+class WindowedSwin(nn.Module):
+    def __init__(self, use_mha: bool, dim: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.block = WindowAttention(dim, 4, use_mha)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(self.patch(x).permute(0, 2, 3, 1))
+        return self.dw(y.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("use_mha", [False, True])
+def test_windowed_attention_is_its_window_not_global(use_mha: bool) -> None:
+    torch.manual_seed(0)
+    model = WindowedSwin(use_mha)
+    x = torch.randn(2, 3, 64, 64)
+    layout = {"block": em.TokenLayout(channels_last=True)}
+    res = em.compute_erf(model, x, layers=["block", "dw"], token_layout=layout)
+    blk, dw = res["block"], res["dw"]
+    # Grid 16 x 16 of 4-pixel patches in 4 x 4 windows. The centre token (8, 8) lies in window
+    # (2, 2): patches 8..11, pixels 32..47. Attention mixes that window only, not the image.
+    assert blk.trf is not None and not blk.trf.is_global
+    assert blk.trf.size == (16.0, 16.0) and blk.trf.clipped == ((32, 47), (32, 47))
+    support = (blk.heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [32, 32]
+    assert support.max(0).values.tolist() == [47, 47]
+    ref = reference_token_erf(model, "block", x, token=8 * 16 + 8, channels_last=True)
+    torch.testing.assert_close(blk.heatmap, ref, rtol=1e-5, atol=1e-9)
+    # The 3x3 conv after it reads patches 7..9: windows 1 and 2, pixels 16..47.
+    assert dw.trf is not None and not dw.trf.is_global
+    assert dw.trf.clipped == ((16, 47), (16, 47))
+    support = (dw.heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [16, 16]
+    assert support.max(0).values.tolist() == [47, 47]
+
+
+@pytest.mark.filterwarnings("ignore:.*zero everywhere")
+def test_transformer_encoder_layer_is_walked_and_post_norm_seed_warns() -> None:
+    torch.manual_seed(0)
+
+    class Hybrid(nn.Module):
+        def __init__(self, norm_first: bool, dim: int = 8) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, dim, 4, stride=4)
+            self.enc = nn.TransformerEncoderLayer(
+                dim, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.enc(self.stem(x).flatten(2).transpose(1, 2))
+
+    x = torch.randn(2, 3, 32, 32)
+    pre = Hybrid(norm_first=True)
+    trf = em.theoretical_rf(pre, (3, 32, 32), ["stem", "enc"])
+    assert trf["enc"].method == "fx" and trf["enc"].is_global  # no numeric fallback
+    assert trf["enc"].stride == (4.0, 4.0) and trf["stem"].size == (4.0, 4.0)
+    r = em.compute_erf(pre, x, layers=["enc"])["enc"]
+    assert r.output_shape == (8, 8) and bool((r.heatmap > 0).all())
+    # Post-norm (PyTorch's default): the block ends in a LayerNorm whose feature sum is
+    # constant at initialisation, so the Luo seed has no gradient. Say so.
+    with pytest.warns(em.ERFProbeWarning, match="LayerNorm"):
+        em.compute_erf(Hybrid(norm_first=False), x, layers=["enc"])
+    with pytest.warns(em.ERFProbeWarning, match="LayerNorm"):
+        em.compute_erf(small_vit(), x, layers=["encoder.ln"])

@@ -38,7 +38,7 @@ from torch import nn
 from erf_monitor import _metrics
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
 from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
-from erf_monitor._outputs import to_spatial
+from erf_monitor._outputs import to_spatial, warn_if_degenerate_seed
 from erf_monitor._result import ERFResult, ERFResults, Mode
 from erf_monitor._tokens import TokenLayout
 from erf_monitor._types import TRF
@@ -453,6 +453,7 @@ def _probe_group(
                 idx = _seed_index(trfs.get(name), window, out)
             except LookupError:
                 continue
+            warn_if_degenerate_seed(name, out, mode, idx)
             (grad,) = torch.autograd.grad(
                 _seed(out, mode, idx), x, retain_graph=not last, allow_unused=True
             )

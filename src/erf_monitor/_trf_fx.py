@@ -1043,7 +1043,9 @@ def reshape_region(reg: Region, in_shape: Sequence[int], out_shape: Sequence[int
             coords = np.unravel_index(flat, [in_shape[k] for k in gi])
             masks = [_mask_from(c.astype(np.int64), in_shape[k]) for c, k in zip(coords, gi)]
         for k, m in zip(gi, masks):
-            if mixed:
+            # A mixed axis that lands on part of an input axis (a Swin window merged back
+            # into its image axis) is a finite, in-bounds window there: not global.
+            if mixed and m.all():
                 axes[k] = Axis(None, None, m, True, None)
             else:
                 nz = np.flatnonzero(m)
@@ -1154,7 +1156,7 @@ def _getitem(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     if src.op == "call_module":
         mod = ctx.gm.get_submodule(str(src.target))
         if isinstance(mod, nn.MultiheadAttention) and index == 0:
-            return _everything_mixed(ctx, src, reg)
+            return _sequence_mixer(ctx, src, reg, 0 if mod.batch_first else 1)
         raise Unsupported(f"output {index!r} of {describe(src, ctx.gm)}")
     name = str(src.target) if src.op == "call_method" else getattr(src.target, "__name__", "")
     x = _first_input(ctx, src)
@@ -1196,8 +1198,37 @@ def _getitem(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     raise Unsupported(f"output {index!r} of {describe(src, ctx.gm)}")
 
 
+def _sequence_mixer(ctx: _Ctx, node: fx.Node, reg: Region, batch_dim: int) -> list[Contribution]:
+    """Attention-like op on ``(N, L, D)`` (``(L, N, D)`` when ``batch_dim`` is 1) sequences.
+
+    Every token and feature of the same sample is read (global along the sequence), but
+    samples stay apart: the batch axis keeps the output's region, so windowed attention on
+    batch-merged windows (Swin) reads its own window only. Other inputs (masks, unbatched
+    sequences) are read entirely.
+    """
+    res: list[Contribution] = []
+    for a in _nodes_in([*node.args, *node.kwargs.values()]):
+        if not ctx.is_tensor_input(a):
+            continue
+        s = ctx.shape(a)
+        axes = [full_axis(n) for n in s]
+        if len(s) == 3 and len(reg.axes) == 3 and s[batch_dim] == reg.axes[batch_dim].mask.size:
+            axes[batch_dim] = replace(reg.axes[batch_dim])
+        res.append((a, Region(axes, reg.local)))
+    return res
+
+
 def _mha_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return _everything_mixed(ctx, node, reg)
+
+
+def _transformer_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
+    """``nn.TransformerEncoderLayer`` & co. (fx leaves): attention within each sample."""
+    mod = ctx.gm.get_submodule(str(node.target))
+    first = next((m for m in mod.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if first is None:
+        return _everything_mixed(ctx, node, reg)
+    return _sequence_mixer(ctx, node, reg, 0 if first.batch_first else 1)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -1306,6 +1337,10 @@ def _build_tables() -> None:
     _register_module(_group_norm, m.GroupNorm)
     _register_module(_instance_norm, m.modules.instancenorm._InstanceNorm)
     _register_module(_mha_module, m.MultiheadAttention)
+    _register_module(
+        _transformer_module, m.TransformerEncoderLayer, m.TransformerDecoderLayer,
+        m.TransformerEncoder, m.TransformerDecoder, m.Transformer,
+    )  # fmt: skip
 
     _register_function(_pointwise, *_POINTWISE_NAMES)
     _register_function(_unary, *_UNARY_NAMES)
