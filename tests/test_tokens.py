@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import VisionTransformer, vit_b_16
 
 import erf_monitor as em
-from erf_monitor._tokens import ResolvedLayout, resolve_layout, tokens_to_spatial
+from erf_monitor._tokens import ResolvedLayout, layouts_for, resolve_layout, tokens_to_spatial
 
 ENC0 = "encoder.layers.encoder_layer_0"
+ENC1 = "vit.encoder.layers.encoder_layer_1"
 
 
 def small_vit(seed: int = 0) -> VisionTransformer:
@@ -353,3 +357,106 @@ def test_transformer_encoder_layer_is_walked_and_post_norm_seed_warns() -> None:
         em.compute_erf(Hybrid(norm_first=False), x, layers=["enc"])
     with pytest.warns(em.ERFProbeWarning, match="LayerNorm"):
         em.compute_erf(small_vit(), x, layers=["encoder.ln"])
+
+
+def test_lightning_callback_on_vit_and_swin_with_glob_layout(tmp_path: Path) -> None:
+    """ERFMonitor works unchanged on transformers; ``token_layout`` is forwarded (globs too)."""
+    L = pytest.importorskip("lightning.pytorch")
+    torch.manual_seed(0)
+
+    class Module(L.LightningModule):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = small_vit()
+            self.swin = WindowedSwin(use_mha=False)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.vit(x)[:, :4] + self.head(self.swin(x).mean((2, 3)))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    cb = em.ERFMonitor(
+        layers=["vit.encoder.layers.encoder_layer_1", "swin.block"],
+        every_n_steps=2,
+        num_samples=4,
+        min_coverage=None,
+        strict=True,
+        token_layout={"swin.*": em.TokenLayout(channels_last=True)},
+    )
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=L.loggers.CSVLogger(str(tmp_path)),
+        callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(Module(), loader)
+    assert set(cb.history) == {"vit.encoder.layers.encoder_layer_1", "swin.block"}
+    assert all(len(steps) >= 2 for steps in cb.history.values())
+    vit_last = cb.history["vit.encoder.layers.encoder_layer_1"][max(cb.history[ENC1])]
+    swin_last = cb.history["swin.block"][max(cb.history["swin.block"])]
+    assert vit_last["trf_global"] == 1 and swin_last["trf_global"] == 0
+    # 32 x 32 input, 8 x 8 tokens of 4 px in 4 x 4 windows: the centre token's window is 16 px.
+    assert swin_last["trf_size"] == 16
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "swin.block" in metrics and "encoder_layer_1" in metrics
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_reg4", "deit_distilled", "gap"])
+def test_timm_layouts_are_inferred(kind: str) -> None:
+    """timm models say how: ``patch_embed.patch_size`` and ``num_prefix_tokens`` (random init)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    small: dict[str, Any] = {
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+    }
+    if kind == "deit_distilled":
+        model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **small)
+    else:
+        extras: dict[str, dict[str, Any]] = {
+            "vit": {},
+            "vit_reg4": {"reg_tokens": 4},
+            "gap": {"class_token": False},
+        }
+        extra = extras[kind]
+        model = TimmViT(mlp_ratio=2.0, global_pool="avg" if kind == "gap" else "token",
+                        **small, **extra)  # fmt: skip
+    prefix = {"vit": 1, "vit_reg4": 5, "deit_distilled": 2, "gap": 0}[kind]
+    assert model.num_prefix_tokens == prefix
+    x = torch.randn(2, 3, 32, 32)
+    res = em.compute_erf(model, x, layers=["patch_embed", "blocks.1"])
+    emb, blk = res["patch_embed"], res["blocks.1"]
+    assert emb.trf is not None and emb.trf.method == "fx" and emb.trf.size == (8.0, 8.0)
+    assert emb.trf.clipped == ((16, 23), (16, 23))
+    assert blk.trf is not None and blk.trf.method == "fx" and blk.trf.is_global
+    assert blk.output_shape == (4, 4) and bool((blk.heatmap > 0).all())
+    ref = reference_token_erf(model, "blocks.1", x, token=prefix + 2 * 4 + 2)
+    torch.testing.assert_close(blk.heatmap, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_layouts_for_names_globs_and_errors() -> None:
+    cl, seq = em.TokenLayout(channels_last=True), em.TokenLayout(prefix_tokens=1)
+    names = ["stem", "stages.0", "stages.1", "head"]
+    assert layouts_for(None, names) == {}
+    assert layouts_for(seq, ["a", "b"]) == {"a": seq, "b": seq}
+    # A glob covers its layers; an exact name wins over a glob whatever the order.
+    got = layouts_for({"stages.1": seq, "stages.*": cl}, names)
+    assert got == {"stages.0": cl, "stages.1": seq}
+    with pytest.raises(ValueError, match="not probed"):
+        layouts_for({"blocks.*": cl}, names)
+    with pytest.raises(TypeError, match="token_layout"):
+        layouts_for({"stem": "channels_last"}, names)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="token_layout"):
+        em.ERFMonitor(layers=["stem"], token_layout=(8, 8))  # type: ignore[arg-type]

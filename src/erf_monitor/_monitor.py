@@ -35,6 +35,7 @@ from torch import nn
 from erf_monitor._batch import InputKey, find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
 from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor._tokens import TokenLayoutArg, check_token_layout, layouts_for
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ class MonitorEngine:
         prefix: str = "erf",
         render_kwargs: Mapping[str, Any] | None = None,
         strict: bool = False,
+        token_layout: TokenLayoutArg = None,
     ) -> None:
         if isinstance(layers, str):
             self.layers: str | list[str] = layers
@@ -250,6 +252,8 @@ class MonitorEngine:
         self.prefix = prefix
         self.render_kwargs = dict(render_kwargs or {})
         self.strict = bool(strict)
+        check_token_layout(token_layout)
+        self.token_layout: TokenLayoutArg = token_layout
 
         # -- state (checkpointed) ------------------------------------------------------------
         self.probe_batch: torch.Tensor | None = None
@@ -368,7 +372,11 @@ class MonitorEngine:
             try:
                 with preserved_rng(device):
                     trfs = theoretical_rf(
-                        net, tuple(self.probe_batch.shape[1:]), names, forward_fn=self.forward_fn
+                        net,
+                        tuple(self.probe_batch.shape[1:]),
+                        names,
+                        forward_fn=self.forward_fn,
+                        token_layout=layouts_for(self.token_layout, names),
                     )
             finally:
                 for m, flag in flags:
@@ -490,6 +498,7 @@ class MonitorEngine:
                 chunk_size=self.chunk_size,
                 forward_fn=self.forward_fn,
                 trf=self.trfs,
+                token_layout=self.token_layout,
             )
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)

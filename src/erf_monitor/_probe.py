@@ -40,7 +40,7 @@ from erf_monitor._errors import ERFProbeError, ERFProbeWarning
 from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
 from erf_monitor._outputs import to_spatial, warn_if_degenerate_seed
 from erf_monitor._result import ERFResult, ERFResults, Mode
-from erf_monitor._tokens import TokenLayout
+from erf_monitor._tokens import TokenLayout, layouts_for
 from erf_monitor._types import TRF
 
 __all__ = ["CropOption", "ForwardFn", "compute_erf"]
@@ -493,17 +493,8 @@ def _probe_group(
 def _layouts_by_name(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None, names: Sequence[str]
 ) -> dict[str, TokenLayout]:
-    """``token_layout`` as ``{layer: TokenLayout}`` for the probed layers."""
-    if token_layout is None:
-        return {}
-    if isinstance(token_layout, TokenLayout):
-        return dict.fromkeys(names, token_layout)
-    unknown = sorted(set(token_layout) - set(names))
-    if unknown:
-        raise ValueError(
-            f"token_layout names layer(s) {unknown} that are not probed ({list(names)})."
-        )
-    return {k: v for k, v in token_layout.items() if v is not None}
+    """``token_layout`` as ``{layer: TokenLayout}`` for the probed layers (names or globs)."""
+    return layouts_for(token_layout, names)
 
 
 def compute_erf(
@@ -553,8 +544,9 @@ def compute_erf(
             use the full input.
         token_layout: how token outputs map onto the patch grid: one
             :class:`~erf_monitor.TokenLayout` for every layer with a token output, or
-            ``{layer: TokenLayout}``. Token sequences ``(N, L, D)`` of torchvision/timm ViTs
-            and of grids that the shapes determine uniquely are mapped automatically;
+            ``{layer or glob: TokenLayout}``. Token sequences ``(N, L, D)`` of
+            torchvision/timm ViTs and of grids that the shapes determine uniquely are mapped
+            automatically;
             channels-last (Swin-style) outputs ``(N, H', W', C)`` need
             ``TokenLayout(channels_last=True)``. The seed is the centre patch token.
 

@@ -23,6 +23,7 @@ Channels-last outputs have the rank of a conv-like output and are never guessed:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ __all__ = [
     "MAX_PREFIX_TOKENS",
     "ResolvedLayout",
     "TokenLayout",
+    "TokenLayoutArg",
+    "check_token_layout",
+    "layouts_for",
     "resolve_layout",
     "tokens_to_spatial",
 ]
@@ -80,6 +84,74 @@ class ResolvedLayout:
     grid: tuple[int, ...]
     prefix_tokens: int
     channels_last: bool
+
+
+#: What ``compute_erf(..., token_layout=...)`` accepts.
+TokenLayoutArg = TokenLayout | Mapping[str, TokenLayout] | None
+
+
+def check_token_layout(token_layout: Any) -> None:
+    """Raise ``TypeError`` unless ``token_layout`` is a layout, a mapping of them, or None."""
+    if token_layout is None or isinstance(token_layout, TokenLayout):
+        return
+    if isinstance(token_layout, Mapping) and all(
+        isinstance(k, str) and (v is None or isinstance(v, TokenLayout))
+        for k, v in token_layout.items()
+    ):
+        return
+    raise TypeError(
+        "token_layout must be a TokenLayout, a dict {layer name or glob: TokenLayout}, or "
+        f"None; got {token_layout!r}"
+    )
+
+
+def layouts_for(token_layout: TokenLayoutArg, names: Sequence[str]) -> dict[str, TokenLayout]:
+    """``token_layout`` as ``{layer: TokenLayout}`` for the probed layers ``names``.
+
+    One layout applies to every layer; a mapping's keys are layer names or globs (as in
+    ``layers``: ``*`` within a dotted segment, ``**`` across); an exact name wins over a glob,
+    and a key that matches no probed layer is an error.
+
+    Examples:
+        >>> cl = TokenLayout(channels_last=True)
+        >>> layouts_for({"stages.*": cl}, ["stem", "stages.0", "stages.1"])  # doctest: +ELLIPSIS
+        {'stages.0': TokenLayout(...), 'stages.1': TokenLayout(...)}
+    """
+    from erf_monitor._layers import _canonical, _glob_regex
+
+    check_token_layout(token_layout)
+    if token_layout is None:
+        return {}
+    if isinstance(token_layout, TokenLayout):
+        return dict.fromkeys(names, token_layout)
+    out: dict[str, TokenLayout] = {}
+    exact: set[str] = set()
+    unknown: list[str] = []
+    for key, layout in token_layout.items():
+        spec = _canonical(key)
+        if spec in names:
+            matched = [spec]
+        elif any(ch in spec for ch in "*?["):
+            regex = _glob_regex(spec)
+            matched = [n for n in names if regex.fullmatch(n)]
+        else:
+            matched = []
+        if not matched:
+            unknown.append(key)
+        for n in matched:
+            if n in exact and spec != n:
+                continue
+            if spec == n:
+                exact.add(n)
+            if layout is None:
+                out.pop(n, None)
+            else:
+                out[n] = layout
+    if unknown:
+        raise ValueError(
+            f"token_layout names layer(s) {sorted(unknown)} that are not probed ({list(names)})."
+        )
+    return out
 
 
 def _as_tuple(v: Any, nd: int) -> tuple[int, ...] | None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
-from erf_monitor._tokens import TokenLayout, resolve_layout
+from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout
 from erf_monitor._trf_fx import (
     Axis,
     Region,
@@ -227,10 +227,7 @@ def _analytic(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
 ) -> dict[str, TRF]:
     traced = trace_model(net, forward_fn, (channels, *spatial))
-    if isinstance(token_layout, TokenLayout):
-        layouts: Mapping[str, TokenLayout] = dict.fromkeys(names, token_layout)
-    else:
-        layouts = token_layout or {}
+    layouts = layouts_for(token_layout, names)
     return {name: _analytic_one(traced, name, spatial, layouts.get(name), net) for name in names}
 
 

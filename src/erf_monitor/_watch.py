@@ -18,6 +18,7 @@ from erf_monitor._monitor import (
     ProbeInputs,
     ProbeOutcome,
 )
+from erf_monitor._tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -67,6 +68,7 @@ class Watcher:
         prefix: str = "erf",
         render_kwargs: Mapping[str, Any] | None = None,
         strict: bool = False,
+        token_layout: TokenLayoutArg = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,6 +96,7 @@ class Watcher:
             prefix=prefix,
             render_kwargs=render_kwargs,
             strict=strict,
+            token_layout=token_layout,
         )
         self._engine.check_layers(model)
         self.model = model
@@ -262,7 +265,8 @@ def watch(
         **kwargs: keyword options of :class:`Watcher` (``num_samples``, ``min_coverage``,
             ``patience``, ``on_insufficient``, ``probe_inputs``, ``input_key``,
             ``forward_fn``, ``mode``, ``chunk_size``, ``seed``, ``prefix``,
-            ``render_kwargs``, ``strict``), as in :class:`~erf_monitor.ERFMonitor`.
+            ``render_kwargs``, ``strict``, ``token_layout``), as in
+            :class:`~erf_monitor.ERFMonitor`.
 
     Returns:
         A :class:`Watcher`; use it as a context manager or call :meth:`Watcher.close` (final

@@ -26,6 +26,7 @@ from erf_monitor._monitor import (
     ProbeInputs,
     ProbeOutcome,
 )
+from erf_monitor._tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback as _CallbackBase
@@ -121,6 +122,8 @@ class ERFMonitor(_CallbackBase):
         prefix: top-level key (``"erf"``).
         render_kwargs: options for the heatmap images (``cmap``, ``log_scale``...).
         strict: re-raise failures inside the monitor instead of warning.
+        token_layout: how token outputs of transformer layers map onto the patch grid (see
+            :func:`~erf_monitor.compute_erf`; torchvision/timm ViTs need none).
 
     Examples:
         >>> import erf_monitor as em
@@ -148,6 +151,7 @@ class ERFMonitor(_CallbackBase):
         prefix: str = "erf",
         render_kwargs: Mapping[str, Any] | None = None,
         strict: bool = False,
+        token_layout: TokenLayoutArg = None,
     ) -> None:
         if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
             raise ModuleNotFoundError(
@@ -172,6 +176,7 @@ class ERFMonitor(_CallbackBase):
             prefix=prefix,
             render_kwargs=render_kwargs,
             strict=strict,
+            token_layout=token_layout,
         )
         self._extra_sinks = sinks
         self._fit_started = False
