@@ -17,6 +17,7 @@ from erf_monitor._tokens import ResolvedLayout, layouts_for, resolve_layout, tok
 
 ENC0 = "encoder.layers.encoder_layer_0"
 ENC1 = "vit.encoder.layers.encoder_layer_1"
+_CL = em.TokenLayout(channels_last=True)
 
 
 def small_vit(seed: int = 0) -> VisionTransformer:
@@ -460,3 +461,23 @@ def test_layouts_for_names_globs_and_errors() -> None:
         layouts_for({"stem": "channels_last"}, names)  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="token_layout"):
         em.ERFMonitor(layers=["stem"], token_layout=(8, 8))  # type: ignore[arg-type]
+
+
+def test_numeric_trf_seeds_the_centre_token_like_fx() -> None:
+    """The numeric fallback puts token outputs on their grid too (same centre unit as fx)."""
+    torch.manual_seed(0)
+    cases: list[tuple[nn.Module, tuple[int, ...], list[str], Any]] = [
+        (small_vit(), (3, 32, 32), ["conv_proj", ENC0], None),
+        (WindowedSwin(use_mha=True), (3, 64, 64), ["block", "dw"], {"block": _CL}),
+    ]
+    for model, shape, layers, layout in cases:
+        fx = em.theoretical_rf(model, shape, layers, method="fx", token_layout=layout)
+        num = em.theoretical_rf(model, shape, layers, method="numeric", token_layout=layout)
+        for name in layers:
+            a, b = fx[name], num[name]
+            assert (a.size, a.clipped, a.is_global, a.centre) == (
+                b.size, b.clipped, b.is_global, b.centre
+            ), name  # fmt: skip
+            assert a.output_centre == b.output_centre and a.output_shape == b.output_shape
+    # Inside one attention window the numeric stride is not 0 (units share one support).
+    assert num["block"].stride == (4.0, 4.0)

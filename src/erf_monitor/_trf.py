@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
-from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout
+from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor._trf_fx import (
     Axis,
     Region,
@@ -106,8 +106,7 @@ def theoretical_rf(
         token_layout: as in :func:`~erf_monitor.compute_erf`: token outputs ``(N, L, D)``
             (inferred for ViTs) and channels-last outputs are put on their patch grid and the
             walk starts at the centre patch token, so a patch embedding reports its kernel
-            and a layer after attention reports global (``fx`` only; the numeric method
-            treats token outputs as one unit).
+            and a layer after attention reports global (both methods).
 
     Returns:
         ``{layer: TRF}`` in the order of ``layers``.
@@ -133,7 +132,7 @@ def theoretical_rf(
     channels, spatial = _parse_input_shape(net, input_shape)
     names = _check_layers(net, layers)
     if method == "numeric":
-        return _numeric(net, channels, spatial, names, forward_fn)
+        return _numeric(net, channels, spatial, names, forward_fn, token_layout)
     try:
         return _analytic(net, channels, spatial, names, forward_fn, token_layout)
     except Unsupported as exc:
@@ -147,7 +146,7 @@ def theoretical_rf(
             ERFProbeWarning,
             stacklevel=2,
         )
-        return _numeric(net, channels, spatial, names, forward_fn)
+        return _numeric(net, channels, spatial, names, forward_fn, token_layout)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -438,8 +437,13 @@ def _capture(
     names: list[str],
     fwd: ForwardFn,
     x: Tensor,
+    layouts: Mapping[str, TokenLayout] | None = None,
 ) -> dict[str, Tensor]:
-    """Run the surrogate on ``x``; the first output of each layer (hooks always removed)."""
+    """Run the surrogate on ``x``; the first output of each layer (hooks always removed).
+
+    Token outputs are put on their patch grid (as the probe does), so that their centre unit
+    is the centre patch token. ``layouts=None``: outputs are returned as they are.
+    """
     captured: dict[str, Any] = {}
     handles = []
 
@@ -475,6 +479,11 @@ def _capture(
                 f"Layer {name!r} does not return a floating-point tensor; its receptive "
                 "field is undefined."
             )
+        if layouts is not None:
+            spatial = tuple(x.shape[2:])
+            tokens = resolve_layout(name, tuple(out.shape), layouts.get(name), spatial, sur)
+            if tokens is not None:
+                captured[name] = tokens_to_spatial(out, tokens)
     return captured
 
 
@@ -484,8 +493,10 @@ def _numeric(
     spatial: tuple[int, ...],
     names: list[str],
     forward_fn: ForwardFn | None,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
 ) -> dict[str, TRF]:
     sur = _surrogate(net)
+    layouts = layouts_for(token_layout, names)
     table = _module_table(sur)
     fwd: ForwardFn = forward_fn or (lambda m, t: m(t))
     nd = len(spatial)
@@ -495,7 +506,8 @@ def _numeric(
         return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
 
     with torch.no_grad():
-        shapes = {k: tuple(v.shape) for k, v in _capture(sur, table, names, fwd, rand(1)).items()}
+        outs = _capture(sur, table, names, fwd, rand(1), layouts)
+        shapes = {k: tuple(v.shape) for k, v in outs.items()}
     # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
     # backward per batch gives every unit's gradient support.
     supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
@@ -507,7 +519,7 @@ def _numeric(
         for key, unit in units[name].items()
         if key != "first"
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial)
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
     # The first unit is only needed to tell "global" from "sees the whole input".
     jobs = [
         (name, "first", units[name]["first"])
@@ -519,7 +531,7 @@ def _numeric(
             for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
         )
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial)
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
     return {
         name: _numeric_trf(
             supports[name], spatial, shapes[name][2:] if len(shapes[name]) == nd + 2 else ()
@@ -538,12 +550,13 @@ def _run_jobs(
     supports: dict[str, dict[str, list[np.ndarray]]],
     nd: int,
     spatial: tuple[int, ...],
+    layouts: Mapping[str, TokenLayout] | None = None,
 ) -> None:
     for start in range(0, len(jobs), _CHUNK):
         chunk = jobs[start : start + _CHUNK]
         x = rand(len(chunk)).requires_grad_(True)
         with torch.enable_grad():
-            outs = _capture(sur, table, names, fwd, x)
+            outs = _capture(sur, table, names, fwd, x, layouts)
             seed = sum(
                 (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
                 start=x.new_zeros(()),
@@ -606,9 +619,10 @@ def _numeric_trf(
         nxt = sup.get(f"next{d}")
         if nxt is not None and not is_global:
             nlo, nhi = _hull(nxt[d])
-            if lo > 0 and nlo > 0:
+            # (Units that share a support, e.g. tokens of one attention window, keep n / s_out.)
+            if lo > 0 and nlo > lo:
                 jump = float(nlo - lo)
-            elif hi < n - 1 and nhi < n - 1:
+            elif hi < n - 1 and nhi < n - 1 and nhi > hi:
                 jump = float(nhi - hi)
         stride.append(float(jump))
         if is_global or hi < lo:
