@@ -126,10 +126,18 @@ def test_bad_specs(spec: str, needles: list[str], capsys: pytest.CaptureFixture[
         assert needle in line
 
 
-@pytest.mark.skipif(package_available("timm"), reason="timm is installed")
-def test_timm_missing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_timm_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import erf_monitor._models as models
+
+    monkeypatch.setattr(models, "package_available", lambda name: name != "timm")
     assert main(["analyze", "timm:resnet18", "--quiet"]) == 2
     assert "pip install timm" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(not package_available("timm"), reason="timm is not installed")
+def test_timm_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "timm:resnet_18", "--quiet"]) == 2
+    assert "resnet18" in _one_error_line(capsys.readouterr().err)
 
 
 MODEL_FILE = """

@@ -427,6 +427,7 @@ def run_demo(
     seed: int = 0,
     report: bool = True,
     progress: bool = True,
+    threads: int = 1,
     console: Console | None = None,
 ) -> list[VariantResult]:
     """Train the demo variants with :class:`~erf_monitor.ERFMonitor` and print a summary.
@@ -440,6 +441,7 @@ def run_demo(
         seed: seeds data, initialisation and shuffling.
         report: write ``<out>/erf_report.html`` at the end.
         progress: show Lightning's progress bar.
+        threads: torch intra-op threads while training (restored afterwards).
         console: rich console for the output.
 
     Returns:
@@ -478,6 +480,9 @@ def run_demo(
     )
     results = []
     torch_threads = torch.get_num_threads()
+    # These convolutions are too small to gain from intra-op threads, and on a busy machine
+    # OpenMP threads spinning against other processes make training ~10x slower.
+    torch.set_num_threads(max(1, threads))
     try:
         for v in variants:
             results.append(

@@ -221,7 +221,7 @@ def _read_tensorboard_run(directory: Path, name: str) -> Run | None:
         if _split_key(tag) is not None:
             for ev in events:
                 _add(run.metrics, tag, int(ev.step), float(ev.value))
-        elif not tag.endswith("probe_time_s"):
+        elif not tag.endswith("probe_time_s") and tag != "epoch":
             run.other[tag] = [(int(ev.step), float(ev.value)) for ev in events]
     if not run.metrics:
         return None
@@ -304,36 +304,66 @@ def _thresholds(run: Run) -> dict[str, float]:
     return out
 
 
+def _derived(metrics: dict[str, Series], metric: str) -> Series:
+    """A stored series, or one computed from per-axis series (``centroid_offset``, ``sigma``)."""
+    if metric in metrics:
+        return metrics[metric]
+    axes = sorted(k for k in metrics if k.startswith(metric + "_"))
+    if not axes:
+        return []
+    by_step: dict[int, list[float]] = {}
+    for key in axes:
+        for step, value in metrics[key]:
+            by_step.setdefault(step, []).append(value)
+    if metric == "centroid_offset":  # distance from the theoretical centre
+        return [(s, math.hypot(*v)) for s, v in sorted(by_step.items()) if len(v) == len(axes)]
+    return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items()) if len(v) == len(axes)]
+
+
+#: Second row of the growth figure: how the shape of the ERF changes inside its square.
+_SHAPE_CURVES = (
+    ("area_t50", "area holding 50% of the mass, a(0.5)"),
+    ("centroid_offset", "centroid offset from centre (px)"),
+    ("sigma", "Gaussian width sigma (px, mean of axes)"),
+)
+
+
 def growth_figure(run: Run) -> bytes:
-    """PNG: ERF size, ERF/TRF ratio and coverage over steps, one line per layer."""
+    """PNG: ERF size, ERF/TRF ratio and coverage over steps, one line per layer; below them
+    the 50%-mass area, centroid offset and sigma (the ERF can change shape or move while its
+    95%-mass square stays the same)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
-    fig = Figure(figsize=(13.5, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(13.5, 7.0), layout="constrained")
+    axes = fig.subplots(2, 3)
     thresholds = _thresholds(run)
-    for ax, (metric, label) in zip(axes, _CURVES):
+    for ax, (metric, label) in zip(axes.flat, _CURVES + _SHAPE_CURVES):
         for i, (layer, metrics) in enumerate(run.metrics.items()):
-            series = [(s, v) for s, v in metrics.get(metric, []) if math.isfinite(v)]
+            series = [(s, v) for s, v in _derived(metrics, metric) if math.isfinite(v)]
             if not series:
                 continue
             steps, values = zip(*series)
-            ax.plot(
-                steps, values, marker="o", ms=3, lw=1.5, color=f"C{i % 10}", label=_mpl_text(layer)
-            )
+            color = f"C{i % 10}"
+            ax.plot(steps, values, marker="o", ms=3, lw=1.5, color=color, label=_mpl_text(layer))
             if metric == "coverage" and layer in thresholds:
-                ax.axhline(thresholds[layer], color=f"C{i % 10}", ls="--", lw=1)
+                ax.axhline(thresholds[layer], color=color, ls="--", lw=1)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if metric == "coverage":
+        if metric in ("coverage", "area_t50"):
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             ax.set_ylim(bottom=0)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[2].get_legend_handles_labels()
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="layer")
+        title = "layer (dashed: min_coverage)" if thresholds else "layer"
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, title=title)
     return _figure_png(fig)
 
 

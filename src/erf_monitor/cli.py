@@ -329,6 +329,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             steps=args.steps,
             seed=args.seed,
             report=not args.no_report,
+            threads=args.threads,
             console=_console(),
         )
     except DemoError as exc:
@@ -369,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per variant")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fast", action="store_true", help="a few steps only (for tests)")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads for training (default: %(default)s)"
+    )
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(func=_cmd_demo)
 
