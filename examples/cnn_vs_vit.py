@@ -1,4 +1,4 @@
-"""ERF growth of a small CNN and a small ViT trained on the same synthetic task (CPU; about 1 s per step on a busy 2-core machine).
+"""ERF growth of a small CNN and a small ViT trained on the same synthetic task (CPU).
 
 Task: 32 x 32 noise images with one bright 6 x 6 square at a random place; predict its
 quadrant (4 classes). Both models see the same batches. Every ``--every`` steps the
