@@ -481,3 +481,22 @@ def test_numeric_trf_seeds_the_centre_token_like_fx() -> None:
             assert a.output_centre == b.output_centre and a.output_shape == b.output_shape
     # Inside one attention window the numeric stride is not 0 (units share one support).
     assert num["block"].stride == (4.0, 4.0)
+
+
+def test_cnn_vs_vit_example_runs(tmp_path: Path) -> None:
+    """examples/cnn_vs_vit.py, shortened: both watchers log, the figure is written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "cnn_vs_vit.py"
+    spec = importlib.util.spec_from_file_location("cnn_vs_vit", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fig.png"
+    got = example.main(steps=4, every=2, out=str(out))
+    assert out.stat().st_size > 10_000
+    for k in ("CNN", "ViT"):
+        assert sorted(got["history"][k]) == [0, 2, 4]
+    vit0 = got["history"]["ViT"][0]
+    assert vit0["trf_global"] == 1 and got["history"]["CNN"][0]["trf_size"] == 19
