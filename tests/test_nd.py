@@ -127,3 +127,34 @@ def test_watch_small_vit(tmp_path: Path) -> None:
     if latest is not None:
         r = latest["encoder.layers.encoder_layer_1"]
         assert r.heatmap.shape == (32, 32) and r.trf is not None and r.trf.is_global
+
+
+def _reference_radius(profile: np.ndarray, centre: tuple[int, ...], t: float) -> int:
+    """First i whose centred cube [c - i, c + i] (clipped) holds more than t of the mass."""
+    total = profile.sum()
+    i = 0
+    while True:
+        box = tuple(slice(max(c - i, 0), c + i + 1) for c in centre)
+        if profile[box].sum() > t * total:
+            return i
+        i += 1
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.95])
+def test_mass_extent_is_an_interval_in_1d_and_a_cube_in_3d(t: float) -> None:
+    # 1-D: n = 4 boxes of width 5 on 41 samples; the map is the exact profile (tested above).
+    r1 = em.compute_erf(ones_stack(1, 4, 5), torch.randn(1, 1, 41), layers=["3"])["3"]
+    p1 = box_profile(4, 5, 41)
+    i1 = _reference_radius(p1, (20,), t)
+    assert r1.centre_pixel == (20,)
+    assert r1.mass_extent(t) == 2 * i1 + 1
+    lo, hi = max(20 - i1, 0), min(20 + i1, 40)
+    assert r1.area_ratio(t) == pytest.approx((hi - lo + 1) / 41)
+    # 3-D: the map is the outer product of three profiles; the extent is a centred cube.
+    shape = (9, 11, 13)
+    r3 = em.compute_erf(ones_stack(3, 2, 3), torch.randn(1, 1, *shape), layers=["1"])["1"]
+    p3 = np.einsum("i,j,k->ijk", *(box_profile(2, 3, s) for s in shape))
+    i3 = _reference_radius(p3, (4, 5, 6), t)
+    assert r3.mass_extent(t) == 2 * i3 + 1
+    vol = np.prod([min(c + i3, s - 1) - max(c - i3, 0) + 1 for c, s in zip((4, 5, 6), shape)])
+    assert r3.area_ratio(t) == pytest.approx(vol / np.prod(shape))
