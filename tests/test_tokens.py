@@ -500,3 +500,41 @@ def test_cnn_vs_vit_example_runs(tmp_path: Path) -> None:
         assert sorted(got["history"][k]) == [0, 2, 4]
     vit0 = got["history"]["ViT"][0]
     assert vit0["trf_global"] == 1 and got["history"]["CNN"][0]["trf_size"] == 19
+
+
+def test_runtime_slice_bounds_fall_back_to_numeric() -> None:
+    """``x[:, :, :h]`` with ``h`` read from a shape at run time: numeric TRF, not a crash."""
+
+    class Crop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=2)
+            self.out = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, w = x.shape[2], x.shape[3]
+            return self.out(self.conv(x)[:, :, :h, :w])
+
+    with pytest.warns(em.ERFProbeWarning, match="numeric"):
+        trf = em.theoretical_rf(Crop(), (1, 9, 9), ["out"])["out"]
+    assert trf.method == "numeric" and trf.size == (3.0, 3.0)
+
+
+def test_timm_swin_with_channels_last_layout() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+        embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 56, 56)
+    with pytest.warns(em.ERFProbeWarning, match="numeric"):  # timm slices x[:, :H, :W]
+        res = em.compute_erf(model, x, layers=["layers.0.blocks.0"], token_layout=_CL)
+    r = res["layers.0.blocks.0"]
+    # 14 x 14 tokens of 4 px in 7 x 7 windows: the centre token (7, 7) is in window (1, 1),
+    # tokens 7..13, pixels 28..55.
+    assert r.output_shape == (14, 14) and r.trf is not None and not r.trf.is_global
+    assert r.trf.clipped == ((28, 55), (28, 55))
+    support = (r.heatmap > 0).nonzero()
+    assert support.min(0).values.tolist() == [28, 28]
+    assert support.max(0).values.tolist() == [55, 55]

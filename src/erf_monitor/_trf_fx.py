@@ -1108,6 +1108,11 @@ def _index_region(
     idx = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx):
         raise Unsupported("advanced (tensor/list) indexing")
+    if any(
+        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+        for i in idx
+    ):
+        raise Unsupported("slicing with bounds computed at run time (e.g. x[:, :H] of a size)")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         e = idx.index(Ellipsis)
