@@ -5,7 +5,10 @@ demo model (``erf_monitor._demo``: the "large" variant, its data set, Adam, batc
 same number of steps with the same TensorBoard logger, interleaved over ``--repeats`` runs in
 alternating order; the callback arm adds ``ERFMonitor`` with its default settings
 (``every_n_steps=500``, ``num_samples=8``; probes at fit start, every 500 steps and at fit
-end), watching the demo's layers. ``--every`` overrides the cadence (the demo itself probes
+end), watching the demo's layers. Two figures: the wall-time difference of the two arms
+(noisy when other processes share the cores) and, within each callback run, the wall time
+spent inside the monitor's hooks over the run's wall time (robust to load that changes
+between runs). ``--every`` overrides the cadence (the demo itself probes
 every ``steps // 10`` steps to make its curves; that worst case is worth a look too).
 """
 
@@ -25,9 +28,27 @@ from typing import Any
 import torch
 from torch import nn
 
+_HOOKS = ("setup", "on_train_batch_start", "on_train_batch_end", "on_train_end", "teardown")
 
-def fit(steps: int, every: int | None, seed: int, logdir: str) -> float:
-    """Wall time of one Lightning fit (with ``ERFMonitor`` if ``every`` is not ``None``)."""
+
+def _time_hooks(callback: Any, spent: list[float]) -> None:
+    """Wrap the callback's hooks (instance attributes) to add their wall time to ``spent``."""
+    for hook in _HOOKS:
+        original = getattr(callback, hook)
+
+        def timed(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(callback, hook, timed)
+
+
+def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, float]:
+    """Wall time of one Lightning fit (with ``ERFMonitor`` if ``every`` is not ``None``) and
+    the wall time spent inside the monitor's hooks."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
@@ -61,6 +82,7 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> float:
         generator=torch.Generator().manual_seed(0),
     )
     callbacks: list[pl.Callback] = []
+    spent = [0.0]
     if every is not None:
         layers = [f"net.{n}" for n in LAYERS]
         coverage = {f"net.{HEAD}": 0.15}
@@ -69,6 +91,7 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> float:
             if every <= 0
             else ERFMonitor(layers=layers, min_coverage=coverage, every_n_steps=every)
         )
+        _time_hooks(monitor, spent)
         callbacks.append(monitor)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -87,7 +110,7 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(), loader)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, spent[0]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -108,12 +131,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     console = Console()
     times: dict[str, list[float]] = {"without": [], "with": []}
+    inside: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         fit(min(20, args.steps), None, 0, os.path.join(tmp, "warm"))  # imports, first-call costs
         for r in range(args.repeats):
             for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
                 every = args.every if arm == "with" else None
-                times[arm].append(fit(args.steps, every, r, os.path.join(tmp, f"{arm}{r}")))
+                wall, hooks = fit(args.steps, every, r, os.path.join(tmp, f"{arm}{r}"))
+                times[arm].append(wall)
+                if arm == "with":
+                    inside.append(hooks / wall)
     med = {k: statistics.median(v) for k, v in times.items()}
     overhead = (med["with"] - med["without"]) / med["with"]
     cadence = args.every or 500
@@ -123,11 +150,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for arm, ts in times.items():
         table.add_row(arm, f"{med[arm]:.2f}", " ".join(f"{t:.2f}" for t in ts))
     console.print(table)
+    share = statistics.median(inside)
     console.print(
         f"overhead = (with - without) / with = [bold]{100 * overhead:.2f}%[/] of wall time "
-        f"(load {os.getloadavg()[0]:.2f})"
+        f"(load {os.getloadavg()[0]:.2f}; noisy on a shared machine)"
     )
-    report = {"args": vars(args), "times_s": times, "median_s": med, "overhead": overhead}
+    console.print(
+        f"time inside ERFMonitor's hooks / wall time of the same run = [bold]{100 * share:.2f}%"
+        f"[/] (median; runs: {', '.join(f'{100 * v:.2f}%' for v in inside)})"
+    )
+    report = {
+        "args": vars(args),
+        "times_s": times,
+        "median_s": med,
+        "overhead": overhead,
+        "hook_share": inside,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
