@@ -220,8 +220,17 @@ _CROP_MAX_FRACTION = 0.9
 #: extra backward ``F B (b - a)`` (forward cost ``F`` per pixel to the layer, backward ``B F``
 #: with ``B`` about 1), so sharing pays from ``a / b`` about 1/2 on.
 _CROP_MERGE_FRACTION = 0.5
-#: Samples per chunk when ``chunk_size`` is not given.
+#: Samples per chunk when ``chunk_size`` is not given: at most this many ...
 _DEFAULT_CHUNK = 32
+#: ... and at most this many input pixels (CPU; other devices 4x as many).
+_CHUNK_PIXELS_CPU = 2**20
+
+
+def _default_chunk(n: int, spatial: tuple[int, ...], device: torch.device) -> int:
+    budget = _CHUNK_PIXELS_CPU * (1 if device.type == "cpu" else 4)
+    return max(1, min(n, _DEFAULT_CHUNK, budget // max(math.prod(spatial), 1)))
+
+
 #: Pixels kept outside the TRF on every cropped side; the gradient there must be exactly zero.
 _CROP_MARGIN = 1
 
@@ -527,9 +536,10 @@ def compute_erf(
             numbers comparable with RepLKNet's published ones.
         num_samples: use only the first ``num_samples`` of ``inputs``.
         chunk_size: probe at most this many samples at a time (bounds memory; maps are
-            accumulated exactly). Default ``None``: chunks of at most 32 samples (batch
-            throughput has saturated by then on CPU and mid-size GPUs; memory stays that of
-            a 32-sample training step or less).
+            accumulated exactly). Default ``None``: at most 32 samples and at most about
+            2**20 input pixels per chunk on CPU (2**22 elsewhere): larger CPU batches of
+            large images were measured to run up to 2x slower per sample, and memory stays
+            bounded for probes of many samples.
         forward_fn: ``forward_fn(model, x)`` runs the model on an image batch (default
             ``model(x)``); for models whose ``forward`` does not take the image directly.
         train_mode: probe in train mode. Then BatchNorm mixes samples (maps are no longer
@@ -617,7 +627,7 @@ def compute_erf(
     calls: dict[str, int] = {}
     fell_back: list[str] = []
     rejected: list[str] = []  # cropped forward failed: a quiet fallback, not a TRF bug
-    step = chunk_size or min(n, _DEFAULT_CHUNK)
+    step = chunk_size or _default_chunk(n, spatial, device)
     with _probe_state(net, train_mode, device):
         for start in range(0, n, step):
             x_chunk = x_all[start : start + step].detach()
