@@ -611,3 +611,44 @@ class MonitorEngine:
         self.last_probe_step = None if last is None else int(last)
         self.below = {str(k): int(v) for k, v in state.get("below", {}).items()}
         self.alerted = {str(k): int(v) for k, v in state.get("alerted", {}).items()}
+
+
+class EngineView:
+    """Read-only properties shared by :class:`~erf_monitor.ERFMonitor` and ``Watcher``."""
+
+    _engine: MonitorEngine
+
+    @property
+    def every_n_steps(self) -> int:
+        """Probe period in optimizer steps."""
+        return self._engine.every_n_steps
+
+    @property
+    def min_coverage(self) -> float | dict[str, float] | None:
+        """Alert threshold(s)."""
+        return self._engine.min_coverage
+
+    @property
+    def layers(self) -> list[str] | None:
+        """Resolved layer names (``None`` until the first probe)."""
+        return None if self._engine.layer_names is None else list(self._engine.layer_names)
+
+    @property
+    def probe_batch(self) -> torch.Tensor | None:
+        """The fixed probe batch (CPU), once captured."""
+        return self._engine.probe_batch
+
+    @property
+    def history(self) -> dict[str, dict[int, dict[str, float]]]:
+        """``{layer: {step: {metric: value}}}`` of every probe so far (on rank 0)."""
+        return self._engine.history
+
+    @property
+    def latest(self) -> ERFResults | None:
+        """Results of the latest successful probe (on rank 0)."""
+        return self._engine.latest
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        """``{layer: step}`` of the coverage alerts fired so far."""
+        return dict(self._engine.alerted)

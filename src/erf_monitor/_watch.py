@@ -12,6 +12,7 @@ from torch import nn
 from erf_monitor._batch import InputKey
 from erf_monitor._monitor import (
     DEFAULT_MIN_COVERAGE,
+    EngineView,
     MinCoverage,
     MonitorEngine,
     OnInsufficient,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["Watcher", "watch"]
 
 
-class Watcher:
+class Watcher(EngineView):
     """Probes a model's ERF every ``every_n_steps`` steps of a plain PyTorch loop.
 
     Create it with :func:`watch`. Steps are counted by the optimizer's step hook when an
@@ -115,37 +116,6 @@ class Watcher:
             self._capture_handle = model.register_forward_pre_hook(
                 self._on_first_forward, with_kwargs=True
             )
-
-    # ------------------------------------------------------------------ read-only view
-    @property
-    def every_n_steps(self) -> int:
-        """Probe period in steps."""
-        return self._engine.every_n_steps
-
-    @property
-    def layers(self) -> list[str] | None:
-        """Resolved layer names (``None`` until the first probe)."""
-        return None if self._engine.layer_names is None else list(self._engine.layer_names)
-
-    @property
-    def probe_batch(self) -> torch.Tensor | None:
-        """The fixed probe batch (CPU), once captured."""
-        return self._engine.probe_batch
-
-    @property
-    def history(self) -> dict[str, dict[int, dict[str, float]]]:
-        """``{layer: {step: {metric: value}}}`` of every probe so far."""
-        return self._engine.history
-
-    @property
-    def latest(self) -> ERFResults | None:
-        """Results of the latest successful probe."""
-        return self._engine.latest
-
-    @property
-    def alerts(self) -> dict[str, int]:
-        """``{layer: step}`` of the coverage alerts fired so far."""
-        return dict(self._engine.alerted)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> ERFResults | None:

@@ -20,6 +20,7 @@ from erf_monitor._batch import InputKey
 from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
 from erf_monitor._monitor import (
     DEFAULT_MIN_COVERAGE,
+    EngineView,
     MinCoverage,
     MonitorEngine,
     OnInsufficient,
@@ -31,7 +32,6 @@ from erf_monitor._tokens import TokenLayoutArg
 if TYPE_CHECKING:
     from lightning.pytorch import Callback as _CallbackBase
 
-    from erf_monitor._result import ERFResults
 else:
 
     def _callback_bases() -> tuple[type, ...]:
@@ -50,7 +50,7 @@ else:
 __all__ = ["ERFMonitor"]
 
 
-class ERFMonitor(_CallbackBase):
+class ERFMonitor(EngineView, _CallbackBase):
     """Measure the effective receptive field of chosen layers while a LightningModule trains.
 
     Every ``every_n_steps`` optimizer steps (and once at fit start and once at fit end) the
@@ -180,42 +180,6 @@ class ERFMonitor(_CallbackBase):
         )
         self._extra_sinks = sinks
         self._fit_started = False
-
-    # ------------------------------------------------------------------ public read-only view
-    @property
-    def every_n_steps(self) -> int:
-        """Probe period in optimizer steps."""
-        return self._engine.every_n_steps
-
-    @property
-    def min_coverage(self) -> float | dict[str, float] | None:
-        """Alert threshold(s)."""
-        return self._engine.min_coverage
-
-    @property
-    def layers(self) -> list[str] | None:
-        """Resolved layer names (``None`` until the first probe)."""
-        return None if self._engine.layer_names is None else list(self._engine.layer_names)
-
-    @property
-    def probe_batch(self) -> torch.Tensor | None:
-        """The fixed probe batch (CPU), once captured."""
-        return self._engine.probe_batch
-
-    @property
-    def history(self) -> dict[str, dict[int, dict[str, float]]]:
-        """``{layer: {step: {metric: value}}}`` of every probe so far (on rank 0)."""
-        return self._engine.history
-
-    @property
-    def latest(self) -> ERFResults | None:
-        """Results of the latest successful probe (on rank 0)."""
-        return self._engine.latest
-
-    @property
-    def alerts(self) -> dict[str, int]:
-        """``{layer: step}`` of the coverage alerts fired so far."""
-        return dict(self._engine.alerted)
 
     @property
     def state_key(self) -> str:
