@@ -364,8 +364,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         console.print(f"size {size}: crop plan {groups} (TRF analysis + setup {trf_s:.1f} s)")
 
-    console.print(main_table)
-    console.print(ratio_table)
+    if report["sizes"]:
+        console.print(main_table)
+        console.print(ratio_table)
     if not args.no_scaling:
         report["scaling"] = scaling(args, device, console)
     report["machine"]["load_avg_end"] = os.getloadavg()
