@@ -44,7 +44,8 @@ def reference_maps(
         finally:
             handle.remove()
         out = captured[0]
-        centre = out[(0, slice(None), *(s // 2 for s in out.shape[2:]))]
+        index: tuple[int | slice, ...] = (0, slice(None), *(s // 2 for s in out.shape[2:]))
+        centre = out[index]
         if mode == "replknet":
             centre = torch.relu(centre)
         (grad,) = torch.autograd.grad(centre.sum(), xi)
@@ -59,7 +60,8 @@ def reference_maps(
     return per_sample, heat
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def close(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
+    assert actual is not None and expected is not None
     atol = ATOL_REL * float(expected.abs().max()) + 1e-30
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol)
 
@@ -141,6 +143,7 @@ def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):  # non-trivial eval statistics
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     return model.eval()
