@@ -373,7 +373,8 @@ def test_mlflow_sink_needs_mlflow() -> None:
 
 def test_mlflow_sink_real(tmp_path: Path, results: dict[str, ERFResult]) -> None:
     mlflow = pytest.importorskip("mlflow")
-    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    # A sqlite store: mlflow 3 refuses the plain file store unless MLFLOW_ALLOW_FILE_STORE is set.
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("erf")
     run_id = client.create_run(exp).info.run_id
     sink = MLflowSink(client, run_id)
