@@ -659,9 +659,7 @@ def compute_erf(
 
     results: dict[str, ERFResult] = {}
     for name in names:
-        total = sums[name].double()
-        heat = _metrics.replknet_normalise(total) if mode == "replknet" else total / n
-        heat = heat.float().contiguous()
+        heat = finalise_map(sums[name], n, mode)
         if not bool((heat > 0).any()):
             warnings.warn(
                 f"Layer {name!r}: the ERF gradient is zero everywhere (dead ReLUs, or a layer "
@@ -682,6 +680,17 @@ def compute_erf(
             num_calls=calls[name],
         )
     return ERFResults(results)
+
+
+def finalise_map(total: torch.Tensor, n: int, mode: Mode) -> torch.Tensor:
+    """The published ERF map from the sum over ``n`` samples of the per-sample maps.
+
+    The one place where a mode's normalisation lives: a distributed probe sums the per-rank
+    sums and calls this once.
+    """
+    total = total.double()
+    heat = _metrics.replknet_normalise(total) if mode == "replknet" else total / n
+    return heat.float().contiguous()
 
 
 def timed_compute_erf(*args: Any, **kwargs: Any) -> tuple[ERFResults, float]:
