@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor._options import MonitorOptions
 from erf_monitor._probe import compute_erf
 from erf_monitor._result import ERFResult, ERFResults
 from erf_monitor._tokens import TokenLayout
@@ -17,7 +18,7 @@ from erf_monitor._types import TRF
 from erf_monitor._watch import Watcher, watch
 
 if TYPE_CHECKING:
-    from erf_monitor.callback import ERFMonitor
+    from erf_monitor.integrations.lightning import ERFMonitor
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "ERFProbeWarning",
     "ERFResult",
     "ERFResults",
+    "MonitorOptions",
     "TokenLayout",
     "Watcher",
     "__version__",
@@ -37,7 +39,7 @@ __all__ = [
     "watch",
 ]
 
-_LAZY = {"ERFMonitor": "erf_monitor.callback"}
+_LAZY = {"ERFMonitor": "erf_monitor.integrations.lightning"}
 
 
 def __getattr__(name: str) -> Any:

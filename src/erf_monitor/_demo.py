@@ -240,7 +240,7 @@ def _train_variant(
     from torch.utils.data import DataLoader, TensorDataset
 
     from erf_monitor._errors import ERFCoverageWarning
-    from erf_monitor.callback import ERFMonitor
+    from erf_monitor.integrations.lightning import ERFMonitor
 
     class DemoModule(pl.LightningModule):
         def __init__(self) -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,10 +32,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from erf_monitor._batch import InputKey, find_image
+from erf_monitor._batch import find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
 from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
-from erf_monitor._tokens import TokenLayoutArg, check_token_layout, layouts_for
+from erf_monitor._options import (
+    DEFAULT_MIN_COVERAGE,
+    MinCoverage,
+    MonitorOptions,
+    OnInsufficient,
+    ProbeInputs,
+)
+from erf_monitor._tokens import TokenLayoutArg, layouts_for
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
@@ -53,13 +60,6 @@ __all__ = [
 
 log = logging.getLogger("erf_monitor")
 
-#: Default ``min_coverage``: the 95%-mass square must cover at least 5% of the input area.
-DEFAULT_MIN_COVERAGE: float = 0.05
-
-OnInsufficient = Literal["warn", "raise", "stop"]
-ProbeInputs = Literal["train", "val", "noise"] | torch.Tensor
-MinCoverage = float | Mapping[str, float] | None
-ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
 
 _STATE_VERSION = 1
 _ADVICE = (
@@ -95,22 +95,6 @@ def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         return p.device, (p.dtype if p.is_floating_point() else torch.float32)
     return torch.device("cpu"), torch.float32
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
-    if not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1] (a fraction of the input area), got {value}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _fmt_shape(shape: Sequence[int | float]) -> str:
@@ -170,90 +154,35 @@ class ProbeOutcome:
 class MonitorEngine:
     """Configuration, probe batch, schedule, history and alert state of one monitor.
 
-    All arguments are keyword-only and validated here (``ValueError``/``TypeError``); see
-    :class:`~erf_monitor.ERFMonitor` for their meaning.
+    Takes a :class:`~erf_monitor.MonitorOptions` and/or its fields as keyword arguments
+    (validated there); the attributes below mirror the options for the integrations.
     """
 
-    def __init__(
-        self,
-        *,
-        layers: str | Sequence[str] = "auto",
-        every_n_steps: int = 500,
-        num_samples: int = 8,
-        min_coverage: MinCoverage = DEFAULT_MIN_COVERAGE,
-        patience: int = 1,
-        on_insufficient: OnInsufficient = "warn",
-        probe_inputs: ProbeInputs = "train",
-        input_key: InputKey = None,
-        forward_fn: ForwardFn | None = None,
-        mode: Literal["luo", "replknet"] = "luo",
-        chunk_size: int | None = None,
-        seed: int = 0,
-        prefix: str = "erf",
-        render_kwargs: Mapping[str, Any] | None = None,
-        strict: bool = False,
-        token_layout: TokenLayoutArg = None,
-    ) -> None:
-        if isinstance(layers, str):
-            self.layers: str | list[str] = layers
-        else:
-            seq = list(layers)
-            if not seq:
-                raise ValueError("layers is empty: pass layer names, globs, or 'auto'.")
-            for spec in seq:
-                if not isinstance(spec, str):
-                    raise TypeError(f"Layer names must be strings, got {spec!r}")
-            self.layers = seq
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps)
-        self.num_samples = _check_int("num_samples", num_samples)
-        self.patience = _check_int("patience", patience)
-        if chunk_size is not None:
-            _check_int("chunk_size", chunk_size)
-        self.chunk_size = chunk_size
-        if min_coverage is None:
-            self.min_coverage: float | dict[str, float] | None = None
-        elif isinstance(min_coverage, Mapping):
-            self.min_coverage = {
-                str(k): _check_fraction(f"min_coverage[{k!r}]", v) for k, v in min_coverage.items()
-            }
-        else:
-            self.min_coverage = _check_fraction("min_coverage", min_coverage)
-        if on_insufficient not in ("warn", "raise", "stop"):
-            raise ValueError(
-                f"on_insufficient must be 'warn', 'raise' or 'stop', got {on_insufficient!r}"
-            )
-        self.on_insufficient: OnInsufficient = on_insufficient
-        if isinstance(probe_inputs, torch.Tensor):
-            if not probe_inputs.is_floating_point() or probe_inputs.dim() < 3:
-                raise ValueError(
-                    "probe_inputs tensor must be a floating-point batch (N, C, *spatial); got "
-                    f"{probe_inputs.dtype} of shape {tuple(probe_inputs.shape)}"
-                )
-            self.source = "tensor"
-        elif probe_inputs in ("train", "val", "noise"):
-            self.source = str(probe_inputs)
-        else:
-            raise ValueError(
-                "probe_inputs must be 'train', 'val', 'noise' or a tensor (N, C, *spatial), "
-                f"got {probe_inputs!r}"
-            )
-        if input_key is not None and not (callable(input_key) or isinstance(input_key, (str, int))):
-            raise TypeError(f"input_key must be a str, an int or a callable, got {input_key!r}")
-        self.input_key = input_key
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"forward_fn must be callable(model, x), got {forward_fn!r}")
-        self.forward_fn = forward_fn
-        if mode not in ("luo", "replknet"):
-            raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
-        self.mode: Literal["luo", "replknet"] = mode
-        self.seed = int(seed)
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-        self.prefix = prefix
-        self.render_kwargs = dict(render_kwargs or {})
-        self.strict = bool(strict)
-        check_token_layout(token_layout)
-        self.token_layout: TokenLayoutArg = token_layout
+    def __init__(self, options: MonitorOptions | None = None, **overrides: Any) -> None:
+        opts = MonitorOptions.build(options, overrides)
+        self.options = opts
+        self.layers: str | list[str] = (
+            opts.layers if isinstance(opts.layers, str) else list(opts.layers)
+        )
+        self.every_n_steps = opts.every_n_steps
+        self.num_samples = opts.num_samples
+        self.patience = opts.patience
+        self.chunk_size = opts.chunk_size
+        cov = opts.min_coverage
+        self.min_coverage: float | dict[str, float] | None = (
+            dict(cov) if isinstance(cov, Mapping) else cov
+        )
+        self.on_insufficient: OnInsufficient = opts.on_insufficient
+        self.source = opts.source
+        self.input_key = opts.input_key
+        self.forward_fn = opts.forward_fn
+        self.mode: Literal["luo", "replknet"] = opts.mode
+        self.seed = opts.seed
+        self.prefix = opts.prefix
+        self.render_kwargs = dict(opts.render_kwargs)
+        self.strict = opts.strict
+        self.token_layout: TokenLayoutArg = opts.token_layout
+        probe_inputs = opts.probe_inputs
 
         # -- state (checkpointed) ------------------------------------------------------------
         self.probe_batch: torch.Tensor | None = None

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from erf_monitor._batch import InputKey
-from erf_monitor._monitor import (
-    DEFAULT_MIN_COVERAGE,
-    EngineView,
-    MinCoverage,
-    MonitorEngine,
-    OnInsufficient,
-    ProbeInputs,
-    ProbeOutcome,
-)
-from erf_monitor._tokens import TokenLayoutArg
+from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
+from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from erf_monitor._result import ERFResults
 
-__all__ = ["Watcher", "watch"]
+__all__ = ["WATCH_DEFAULTS", "Watcher", "watch"]
+
+#: watch()'s own defaults, used when no ``options`` is given: plain loops are often short.
+WATCH_DEFAULTS: dict[str, Any] = {"every_n_steps": 100}
 
 
 class Watcher(EngineView):
@@ -51,25 +46,12 @@ class Watcher(EngineView):
     def __init__(
         self,
         model: nn.Module,
-        layers: str | Sequence[str] = "auto",
-        every_n_steps: int = 100,
+        layers: LayerSpec | None = None,
+        *,
         logger: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
-        *,
-        num_samples: int = 8,
-        min_coverage: MinCoverage = DEFAULT_MIN_COVERAGE,
-        patience: int = 1,
-        on_insufficient: OnInsufficient = "warn",
-        probe_inputs: ProbeInputs = "train",
-        input_key: InputKey = None,
-        forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
-        mode: Literal["luo", "replknet"] = "luo",
-        chunk_size: int | None = None,
-        seed: int = 0,
-        prefix: str = "erf",
-        render_kwargs: Mapping[str, Any] | None = None,
-        strict: bool = False,
-        token_layout: TokenLayoutArg = None,
+        options: MonitorOptions | None = None,
+        **kwargs: Unpack[MonitorKwargs],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -77,28 +59,15 @@ class Watcher(EngineView):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if isinstance(probe_inputs, str) and probe_inputs == "val":
+        overrides: dict[str, Any] = dict(kwargs)
+        if layers is not None:
+            overrides["layers"] = layers
+        opts = MonitorOptions.build(options, overrides, defaults=WATCH_DEFAULTS)
+        if opts.source == "val":
             raise ValueError(
                 "watch() has no validation loader: pass probe_inputs='train', 'noise' or a tensor."
             )
-        self._engine = MonitorEngine(
-            layers=layers,
-            every_n_steps=every_n_steps,
-            num_samples=num_samples,
-            min_coverage=min_coverage,
-            patience=patience,
-            on_insufficient=on_insufficient,
-            probe_inputs=probe_inputs,
-            input_key=input_key,
-            forward_fn=forward_fn,
-            mode=mode,
-            chunk_size=chunk_size,
-            seed=seed,
-            prefix=prefix,
-            render_kwargs=render_kwargs,
-            strict=strict,
-            token_layout=token_layout,
-        )
+        self._engine = MonitorEngine(opts)
         self._engine.check_layers(model)
         self.model = model
         self.global_step = 0
@@ -215,28 +184,30 @@ class Watcher(EngineView):
 
 def watch(
     model: nn.Module,
-    layers: str | Sequence[str] = "auto",
-    every_n_steps: int = 100,
+    layers: LayerSpec | None = None,
+    *,
     logger: Any = None,
     optimizer: torch.optim.Optimizer | None = None,
-    **kwargs: Any,
+    options: MonitorOptions | None = None,
+    **kwargs: Unpack[MonitorKwargs],
 ) -> Watcher:
     """Watch a model's ERF in a plain PyTorch training loop.
 
     Args:
         model: the model being trained.
-        layers: layer names, globs, or ``"auto"`` (one layer per resolution stage).
-        every_n_steps: probe every this many optimizer steps.
+        layers: see :attr:`MonitorOptions.layers <erf_monitor.MonitorOptions>`
+            (default ``"auto"``).
         logger: where to log: a ``SummaryWriter``, a wandb run, a directory (CSV/PNG/npz
             files), a function ``fn(step, scalars, images)``, a Sink, or a list of these;
             ``None`` keeps results in :attr:`Watcher.history` only.
         optimizer: count steps through ``optimizer.register_step_post_hook`` (the loop is
             unchanged); without it call :meth:`Watcher.step` after each optimizer step.
-        **kwargs: keyword options of :class:`Watcher` (``num_samples``, ``min_coverage``,
-            ``patience``, ``on_insufficient``, ``probe_inputs``, ``input_key``,
-            ``forward_fn``, ``mode``, ``chunk_size``, ``seed``, ``prefix``,
-            ``render_kwargs``, ``strict``, ``token_layout``), as in
-            :class:`~erf_monitor.ERFMonitor`.
+        options: shared :class:`~erf_monitor.MonitorOptions`; keyword arguments override
+            its fields.
+        **kwargs: any other field of :class:`~erf_monitor.MonitorOptions`
+            (``every_n_steps`` (default 100 here when no ``options`` is given),
+            ``num_samples``, ``min_coverage``, ``mode``...). ``probe_inputs="val"`` is not
+            available: a plain loop has no validation loader the watcher could see.
 
     Returns:
         A :class:`Watcher`; use it as a context manager or call :meth:`Watcher.close` (final
@@ -262,4 +233,4 @@ def watch(
         >>> w.history["2"][4]["trf_size"]
         5.0
     """
-    return Watcher(model, layers, every_n_steps, logger, optimizer, **kwargs)
+    return Watcher(model, layers, logger=logger, optimizer=optimizer, options=options, **kwargs)

@@ -1,0 +1,224 @@
+"""``ERFMonitor``: the Lightning callback (``lightning.pytorch`` and ``pytorch_lightning``).
+
+The class inherits from the ``Callback`` of every Lightning package that is installed, so one
+object is accepted by ``lightning.pytorch.Trainer`` and by ``pytorch_lightning.Trainer`` alike.
+All the work is done by the framework-free :class:`~erf_monitor._monitor.MonitorEngine`; this
+module only maps Trainer hooks onto it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import Unpack
+
+from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
+from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
+from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback as _CallbackBase
+
+else:
+
+    def _callback_bases() -> tuple[type, ...]:
+        bases = []
+        for available, module in (
+            (_LIGHTNING_AVAILABLE, "lightning.pytorch"),
+            (_PL_AVAILABLE, "pytorch_lightning"),
+        ):
+            if available:
+                with contextlib.suppress(ImportError):  # a broken install counts as absent
+                    bases.append(importlib.import_module(module).Callback)
+        return tuple(bases) or (object,)
+
+    _CallbackBase = type("_CallbackBase", _callback_bases(), {})
+
+__all__ = ["ERFMonitor"]
+
+
+class ERFMonitor(EngineView, _CallbackBase):
+    """Measure the effective receptive field of chosen layers while a LightningModule trains.
+
+    Every ``every_n_steps`` optimizer steps (and once at fit start and once at fit end) the
+    centre-pixel ERF of ``layers`` is computed on a fixed probe batch and logged to every
+    logger of the Trainer (TensorBoard, W&B, CSV, MLflow) under the same keys:
+
+    * ``erf/<layer>/<metric>`` scalars (``coverage``, ``erf_size``, ``erf_trf_ratio``,
+      ``trf_size``, ``area_t20`` ... ``area_t99``, ``sigma_y/x``, ``centroid_offset_y/x``,
+      ``gaussian_r2``) and ``erf/probe_time_s``;
+    * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
+    * coverage alerts as text (``alerts/erf_coverage/<layer>``).
+
+    What to probe, how often, the coverage alert and the failure policy are the shared
+    :class:`~erf_monitor.MonitorOptions`, passed as ``options=`` and/or as keyword arguments
+    of the same names (documented there once). Lightning specifics:
+
+    **Steps** are ``trainer.global_step`` (optimizer steps: with gradient accumulation the
+    probe runs after optimizer steps only, never on micro-batches).
+
+    **Probe batch.** ``probe_inputs="val"`` takes the first validation batch. The batch is
+    stored in the checkpoint, so a resumed run probes the same images.
+
+    **on_insufficient="stop"** sets ``trainer.should_stop = True``.
+
+    **Distributed.** Only global rank 0 captures the probe batch and probes; the probe runs no
+    collective (it only differentiates the input of the unwrapped LightningModule in eval
+    mode), so the other ranks never wait and no ``barrier`` is needed. All ranks follow the
+    same step schedule; for ``on_insufficient="stop"`` or ``"raise"`` rank 0's decision is
+    broadcast at probe steps so that every rank stops (or raises) together.
+
+    **Failures.** With ``strict=False`` (default) anything failing inside the monitor (a probe
+    whose gradients turn NaN, a logger that raises, a model the TRF analysis cannot follow) is
+    reported once as :class:`~erf_monitor.ERFProbeWarning` and training goes on; that probe is
+    skipped. Unknown layer names are configuration errors and raise ``ValueError`` in
+    ``setup`` (before any training step), listing the available names.
+
+    Args:
+        layers: see :attr:`MonitorOptions.layers <erf_monitor.MonitorOptions>`.
+        options: shared options; keyword arguments override its fields.
+        sinks: extra destinations besides the Trainer's loggers (anything
+            :func:`erf_monitor.sinks.as_sink` accepts: a directory, a ``SummaryWriter``...).
+        **kwargs: any other field of :class:`~erf_monitor.MonitorOptions`
+            (``every_n_steps``, ``num_samples``, ``min_coverage``, ``mode``...).
+
+    Examples:
+        >>> import erf_monitor as em
+        >>> cb = em.ERFMonitor(layers=["layer2", "layer4"], every_n_steps=200, num_samples=8)
+        >>> cb.every_n_steps, cb.min_coverage
+        (200, 0.05)
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec | None = None,
+        *,
+        options: MonitorOptions | None = None,
+        sinks: Any = None,
+        **kwargs: Unpack[MonitorKwargs],
+    ) -> None:
+        if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
+            raise ModuleNotFoundError(
+                "ERFMonitor needs Lightning: pip install erf-monitor[lightning] "
+                "(or use erf_monitor.watch() in a plain PyTorch loop)",
+                name="lightning",
+            )
+        super().__init__()
+        overrides: dict[str, Any] = dict(kwargs)
+        if layers is not None:
+            overrides["layers"] = layers
+        self._engine = MonitorEngine(MonitorOptions.build(options, overrides))
+        self._extra_sinks = sinks
+        self._fit_started = False
+
+    @property
+    def state_key(self) -> str:
+        """Identifies this callback's state in checkpoints (stable across runs)."""
+        layers = self._engine.layers
+        return self._generate_state_key(
+            layers=layers if isinstance(layers, str) else tuple(layers),
+            every_n_steps=self._engine.every_n_steps,
+            prefix=self._engine.prefix,
+        )
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check the layer names against the model and connect the Trainer's loggers."""
+        if stage != "fit":
+            return
+        self._engine.check_layers(pl_module)
+        self._fit_started = False
+        if not trainer.is_global_zero:
+            self._engine.set_sinks(())
+            return
+        from erf_monitor.sinks import as_sink, sinks_for_trainer
+
+        sinks = sinks_for_trainer(trainer)
+        extra = self._extra_sinks
+        if extra is not None:
+            extra_list = extra if isinstance(extra, (list, tuple)) else [extra]
+            sinks.extend(as_sink(s) for s in extra_list)
+        self._engine.set_sinks(sinks)
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Capture the probe batch from the first training batch; probe at fit start."""
+        if self._fit_started:
+            return
+        self._fit_started = True
+        engine = self._engine
+        if trainer.is_global_zero and engine.probe_batch is None:
+            try:
+                if engine.source == "val":
+                    engine.capture_from_loader(_val_loader(trainer))
+                elif engine.needs_batch:
+                    engine.capture(batch)
+            except Exception as exc:
+                engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
+        self._maybe_probe(trainer, pl_module, force=True)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Probe when ``trainer.global_step`` reached a multiple of ``every_n_steps``."""
+        self._maybe_probe(trainer, pl_module, force=False)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Probe once more at the end of fit (unless this step was just probed)."""
+        if self._fit_started:
+            self._maybe_probe(trainer, pl_module, force=True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Flush and release the sinks (never the loggers themselves)."""
+        if stage != "fit":
+            return
+        try:
+            self._engine.close()
+        except Exception as exc:
+            self._engine.report("close", f"closing the sinks failed: {exc}", exc)
+        finally:
+            self._engine.set_sinks(())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Probe batch, history and alert state (tensors and Python scalars only)."""
+        return self._engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self._engine.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ internals
+    def _maybe_probe(self, trainer: Any, pl_module: Any, *, force: bool) -> None:
+        engine = self._engine
+        step = int(trainer.global_step)
+        if not engine.should_probe(step, force=force):
+            return
+        engine.mark(step)
+        outcome = ProbeOutcome(step)
+        if trainer.is_global_zero:
+            outcome = engine.probe(pl_module, step)
+        fired = bool(outcome.alerts)
+        if engine.on_insufficient != "warn" and int(getattr(trainer, "world_size", 1)) > 1:
+            # Every rank reaches this point at the same step: agree on rank 0's decision.
+            fired = bool(trainer.strategy.broadcast(fired, src=0))
+        if not fired:
+            return
+        if engine.on_insufficient == "stop":
+            trainer.should_stop = True
+        elif engine.on_insufficient == "raise":
+            raise engine.insufficient_error(outcome.alerts)
+
+
+def _val_loader(trainer: Any) -> Any:
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if loaders is not None:
+        return loaders
+    # Not set up yet (no sanity check): ask the data source (the user's val_dataloader()).
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        return source.dataloader() if source.is_defined() else None
+    except AttributeError:  # pragma: no cover - Lightning internals moved
+        return None
