@@ -1,0 +1,164 @@
+"""Numbers that never lie: every map equals probing its layer alone, every stream is restored,
+bad inputs are refused, and a TRF that the map contradicts is not used (issue 9).
+
+References are written here plainly: one layer and one image at a time, a full forward and an
+input-only backward each, with nothing after the layer run (the forward stops in the hook).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import erf_monitor as em
+
+
+class _Stop(Exception):
+    pass
+
+
+def one_layer_reference(
+    model: nn.Module, x: torch.Tensor, layer: str, index: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Luo map of ``layer`` (mean over samples of channel-summed |grad|), one image at a time.
+
+    The forward stops inside the layer's hook, so no later (in-place) op can touch its output.
+    """
+    module = dict(model.named_modules())[layer]
+    model.eval()
+    total = torch.zeros(x.shape[2:], dtype=torch.float64)
+    for n in range(x.shape[0]):
+        xi = x[n : n + 1].clone().requires_grad_(True)
+        seeds: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor, seeds: list = seeds) -> None:
+            idx = tuple(s // 2 for s in out.shape[2:]) if index is None else index
+            seeds.append(out[(0, slice(None), *idx)].sum())
+            raise _Stop
+
+        h = module.register_forward_hook(hook)
+        try:
+            model(xi)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        (g,) = torch.autograd.grad(seeds[0], xi)
+        total += g[0].double().abs().sum(0)
+    return (total / x.shape[0]).float()
+
+
+# ----------------------------------------------------------------------------- 1: in-place ops
+
+
+def inplace_stack() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
+
+
+@pytest.mark.parametrize("crop", [False, True, "auto"])
+@pytest.mark.parametrize("mode", ["luo", "replknet"])
+def test_inplace_relu_after_a_watched_layer(crop: bool | str, mode: str) -> None:
+    net = inplace_stack()
+    x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    together = em.compute_erf(net, x, ["2", "4"], crop=crop, mode=mode)  # type: ignore[arg-type]
+    for name in ("2", "4"):
+        alone = em.compute_erf(net, x, [name], crop=crop, mode=mode)  # type: ignore[arg-type]
+        torch.testing.assert_close(together[name].heatmap, alone[name].heatmap, rtol=0, atol=0)
+    if mode == "luo":
+        ref = one_layer_reference(net, x, "2")
+        torch.testing.assert_close(together["2"].heatmap, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_resnet_block_inplace_add_with_a_deeper_layer(crop: bool) -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    layers = ["layer2.1.bn2", "layer4"]
+    together = em.compute_erf(model, x, layers, crop=crop)
+    alone = em.compute_erf(model, x, ["layer2.1.bn2"], crop=crop)
+    torch.testing.assert_close(
+        together["layer2.1.bn2"].heatmap, alone["layer2.1.bn2"].heatmap, rtol=1e-6, atol=0
+    )
+    ref = one_layer_reference(model, x, "layer2.1.bn2")
+    torch.testing.assert_close(together["layer2.1.bn2"].heatmap, ref, rtol=1e-4, atol=1e-8)
+
+
+class SavesItsOutput(nn.Module):
+    """A sigmoid whose backward needs its output, which the forward then changes in place
+    (as feature code run under ``no_grad`` in training may); a second branch comes after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(3, 4, 5, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.conv(x))
+        a.mul_(2.0)  # autograd's version counter: act's saved output was modified
+        return a + self.conv2(x)
+
+
+def test_layer_whose_saved_output_is_modified_in_place_is_probed_alone() -> None:
+    torch.manual_seed(0)
+    net = SavesItsOutput()
+    x = torch.randn(2, 3, 12, 12)
+    for crop in (False, True):
+        res = em.compute_erf(net, x, ["act", "conv2"], crop=crop)
+        for name in ("act", "conv2"):
+            ref = one_layer_reference(net, x, name)
+            torch.testing.assert_close(res[name].heatmap, ref, rtol=1e-5, atol=1e-8)
+
+
+class BrokenBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        y.mul_(2.0)  # every gradient through here is refused by autograd
+        return self.conv2(y)
+
+
+def test_a_backward_autograd_refuses_is_an_error_naming_the_layer() -> None:
+    net = BrokenBackward()
+    with pytest.raises(em.ERFProbeError, match=r"'conv2'.*inplace"):
+        em.compute_erf(net, torch.randn(2, 3, 8, 8), ["conv2"])
+
+
+class NormalisesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5)  # in place on the input, as some preprocessing does
+        return self.conv(x)
+
+
+def test_model_that_modifies_its_input_in_place() -> None:
+    torch.manual_seed(0)
+    net = NormalisesItsInput()
+    x = torch.randn(2, 3, 10, 10)
+    before = x.clone()
+    res = em.compute_erf(net, x, ["conv"])
+    assert torch.equal(x, before)
+    # One linear layer: the gradient w.r.t. x[c] at tap t is sum_k w[k, c, t] (flipped onto
+    # the input around the centre pixel; the kernel is 3 x 3, so rows 4..6, columns 4..6).
+    expected = torch.zeros(10, 10)
+    expected[4:7, 4:7] = net.conv.weight.detach().sum(0).abs().sum(0)
+    torch.testing.assert_close(res["conv"].heatmap, expected, rtol=1e-5, atol=1e-7)
