@@ -7,6 +7,10 @@ input-only backward each, with nothing after the layer run (the forward stops in
 
 from __future__ import annotations
 
+import random
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -162,3 +166,68 @@ def test_model_that_modifies_its_input_in_place() -> None:
     expected = torch.zeros(10, 10)
     expected[4:7, 4:7] = net.conv.weight.detach().sum(0).abs().sum(0)
     torch.testing.assert_close(res["conv"].heatmap, expected, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- 2: RNG streams
+
+
+class DrawsEverywhere(nn.Module):
+    """Stochastic depth drawn as ``random.random() < p and self.training`` (the draw happens in
+    eval mode too), NumPy noise, and a torch op fx has no rule for (numeric TRF fallback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if random.random() < 0.5 and self.training:
+            y = y * 0
+        y = y * float(1 + 0 * np.random.rand()) + 0 * torch.rand(1, device=y.device)
+        return self.conv2(y)
+
+
+def rng_states() -> tuple[object, ...]:
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state()
+
+
+def assert_same_rng(a: tuple[object, ...], b: tuple[object, ...]) -> None:
+    assert a[0] == b[0], "Python random advanced"
+    assert a[1] == b[1], "NumPy's global generator advanced"
+    assert torch.equal(a[2], b[2]), "torch's CPU generator advanced"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("trf", ["auto", "skip"])
+@pytest.mark.parametrize("layers", [["conv2"], "auto"])
+def test_compute_erf_leaves_every_rng_stream(trf: str, layers: object) -> None:
+    net = DrawsEverywhere()
+    x = torch.randn(2, 3, 12, 12)
+    before = rng_states()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.ERFProbeWarning)  # the numeric fallback
+        em.compute_erf(net, x, layers, trf=trf)  # type: ignore[arg-type]
+    assert_same_rng(before, rng_states())
+
+
+def test_theoretical_rf_leaves_every_rng_stream() -> None:
+    net = DrawsEverywhere()
+    for method in ("auto", "numeric"):
+        before = rng_states()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", em.ERFProbeWarning)
+            trf = em.theoretical_rf(net, (3, 12, 12), ["conv2"], method=method)  # type: ignore[arg-type]
+        assert trf["conv2"].size == (5.0, 5.0)
+        assert_same_rng(before, rng_states())
+
+
+def test_rng_restored_when_the_probe_fails() -> None:
+    net = DrawsEverywhere()
+    x, bad = torch.randn(1, 3, 12, 12), torch.randn(1, 2, 8, 8)  # bad: 2 channels
+    before = rng_states()
+    with pytest.raises(ValueError):
+        em.compute_erf(net, x, ["conv2", "nope"])
+    with pytest.raises(em.ERFProbeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.ERFProbeWarning)
+        em.compute_erf(net, bad, ["conv2"], trf="skip")
+    assert_same_rng(before, rng_states())

@@ -19,12 +19,10 @@ Coverage alert semantics (documented in ``ERFMonitor``):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +33,7 @@ from torch import nn
 from erf_monitor._batch import InputKey, find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
 from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayoutArg, check_token_layout, layouts_for
 from erf_monitor.sinks._base import Sink
 
@@ -68,27 +67,6 @@ _ADVICE = (
     "resolution, or a global operation (attention, squeeze-excitation); or watch a deeper layer "
     "or lower min_coverage."
 )
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
-    """Restore torch (CPU and CUDA), Python ``random`` and NumPy global RNG states on exit."""
-    py_state = random.getstate()
-    np_state: Any = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None  # type: ignore[assignment]
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        if np is not None:
-            np.random.set_state(np_state)
 
 
 def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -322,16 +300,20 @@ class MonitorEngine:
             self.set_probe_batch(x)
 
     def capture_from_loader(self, loader: Any) -> None:
-        """Take the probe batch from the first batch of ``loader`` without disturbing any RNG."""
+        """Take the probe batch from ``loader``'s first ``num_samples`` items (dataset order).
+
+        The loader itself is never iterated (no sampler, worker or persistent-iterator state
+        changes) and every random stream is restored: see :func:`erf_monitor._loaders.first_items`.
+        """
+        from erf_monitor._loaders import first_items
+
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         elif isinstance(loader, Mapping):
             loader = next(iter(loader.values()), None)
         if loader is None:
             raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
-        with preserved_rng():
-            batch = next(iter(loader))
-        self.set_probe_batch(find_image(batch, self.input_key))
+        self.set_probe_batch(find_image(first_items(loader, self.num_samples), self.input_key))
 
     # ------------------------------------------------------------------ schedule
     def should_probe(self, step: int, force: bool = False) -> bool:

@@ -27,6 +27,7 @@ from erf_monitor._monitor import (
     ProbeInputs,
     ProbeOutcome,
 )
+from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
@@ -68,7 +69,10 @@ class ERFMonitor(EngineView, _CallbackBase):
 
     **Probe batch.** ``probe_inputs="train"`` (default) keeps the first ``num_samples`` images
     of the first training batch (a detached CPU copy, never the training tensor itself);
-    ``"val"`` the first validation batch; ``"noise"`` standard Gaussian noise of the training
+    ``"val"`` the first ``num_samples`` items of the validation dataset in dataset order
+    (collated with the loader's ``collate_fn``; the loader itself is never iterated, so its
+    sampler, workers and persistent iterator are untouched); ``"noise"`` standard Gaussian
+    noise of the training
     images' shape (Luo et al.), seeded by ``seed``; or pass a tensor ``(N, C, *spatial)``.
     The batch is stored in the checkpoint, so a resumed run probes the same images. Neither
     capturing nor probing advances a dataloader or any global RNG.
@@ -221,7 +225,9 @@ class ERFMonitor(EngineView, _CallbackBase):
         if trainer.is_global_zero and engine.probe_batch is None:
             try:
                 if engine.source == "val":
-                    engine.capture_from_loader(_val_loader(trainer))
+                    with preserved_rng():  # the user's val_dataloader() may draw random numbers
+                        loader = _val_loader(trainer)
+                    engine.capture_from_loader(loader)
                 elif engine.needs_batch:
                     engine.capture(batch)
             except Exception as exc:
