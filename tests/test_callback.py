@@ -462,6 +462,28 @@ def test_torch_compile_module(tmp_path: Path) -> None:
     assert torch.allclose(cb.latest["net.7"].heatmap, eager["7"].heatmap)
 
 
+@pytest.mark.slow
+def test_torch_compile_lightning_module_keeps_its_trf(tmp_path: Path) -> None:
+    """``Trainer.fit(torch.compile(module))``: the TRF is analysed (no warning) and every
+    metric equals the eager probe's."""
+    cb = quiet_monitor(layers=["net.3", "net.7"])
+    module = make_module()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(
+                torch.compile(module)
+            )
+        except Exception as exc:  # no C++ toolchain for inductor on this machine
+            pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+    assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    r = cb.latest["net.7"]
+    assert r.trf is not None and r.trf.size == (9.0, 9.0)
+    eager = em.compute_erf(module.net, cb.probe_batch, ["3", "7"])["7"]
+    assert r.centre_pixel == eager.centre_pixel
+    assert r.scalars() == pytest.approx(eager.scalars(), rel=1e-6)
+
+
 class BrokenSink(Sink):
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         raise ConnectionError("backend is down")

@@ -231,3 +231,58 @@ def test_rng_restored_when_the_probe_fails() -> None:
         warnings.simplefilter("ignore", em.ERFProbeWarning)
         em.compute_erf(net, bad, ["conv2"], trf="skip")
     assert_same_rng(before, rng_states())
+
+
+# ----------------------------------------------------------------------------- 4: centres
+
+
+def strided_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),  # unit i sees 2i - 1 .. 2i + 1
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+    )
+
+
+def test_metrics_do_not_depend_on_whether_the_trf_was_analysed() -> None:
+    net = strided_net()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    auto = em.compute_erf(net, x, ["2", "4"])
+    skip = em.compute_erf(net, x, ["2", "4"], trf="skip")
+    for name in ("2", "4"):
+        a, s = auto[name], skip[name]
+        assert s.trf is None and a.trf is not None
+        # Centre unit 8 of 16 (stride 2, padding 1): its field is centred on input pixel 16
+        # (layer "2": pixels 13..19 through the first 3x3; layer "4": 12..20).
+        assert a.theoretical_centre == s.theoretical_centre == (16.0, 16.0)
+        assert a.centre_pixel == s.centre_pixel == (16, 16)
+        assert a.erf_size == s.erf_size
+        assert a.coverage == s.coverage
+        assert a.centroid_offset == s.centroid_offset
+        assert a.scalars()["sigma_x"] == s.scalars()["sigma_x"]
+
+
+def test_compiled_forward_instance_attribute_is_analysed() -> None:
+    """``Trainer.fit(torch.compile(module))`` leaves a dynamo-compiled ``forward`` on the module
+    instance; the TRF analysis (fx and numeric) must run the eager one instead."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    class Module(lightning.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = strided_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    module = from_compiled(torch.compile(Module()))
+    assert "forward" in vars(module)  # what Lightning does
+    compiled_forward = vars(module)["forward"]
+    for method in ("fx", "numeric"):
+        trf = em.theoretical_rf(module, (3, 32, 32), ["net.4"], method=method)  # type: ignore[arg-type]
+        assert trf["net.4"].size == (9.0, 9.0) and trf["net.4"].centre == (16.0, 16.0)
+    assert vars(module)["forward"] is compiled_forward  # put back
