@@ -286,3 +286,32 @@ def test_compiled_forward_instance_attribute_is_analysed() -> None:
         trf = em.theoretical_rf(module, (3, 32, 32), ["net.4"], method=method)  # type: ignore[arg-type]
         assert trf["net.4"].size == (9.0, 9.0) and trf["net.4"].centre == (16.0, 16.0)
     assert vars(module)["forward"] is compiled_forward  # put back
+
+
+# ----------------------------------------------------------------------------- 5: NaN / Inf
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused(bad: float) -> None:
+    net = strided_net()
+    x = torch.randn(3, 3, 16, 16)
+    x[1, 2, 5, 7] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf.*sample\(s\) 1"):
+        em.compute_erf(net, x, ["2"])
+    # float16 probes: a finite float32 value that overflows the probe dtype is refused too.
+    big = torch.full((1, 3, 8, 8), 1e6)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        em.compute_erf(net.half(), big, ["2"], trf="skip", crop=False)
+
+
+def test_monitor_warns_once_and_skips_probes_of_a_non_finite_batch() -> None:
+    net = strided_net()
+    x = torch.randn(4, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    w = em.watch(net, layers=["2"], every_n_steps=1, probe_inputs=x, min_coverage=None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        results = [w.step() for _ in range(3)]
+    assert results == [None, None, None] and w.history == {}
+    probe_warnings = [r for r in rec if issubclass(r.category, em.ERFProbeWarning)]
+    assert len(probe_warnings) == 1 and "NaN or Inf" in str(probe_warnings[0].message)
