@@ -315,3 +315,40 @@ def test_monitor_warns_once_and_skips_probes_of_a_non_finite_batch() -> None:
     assert results == [None, None, None] and w.history == {}
     probe_warnings = [r for r in rec if issubclass(r.category, em.ERFProbeWarning)]
     assert len(probe_warnings) == 1 and "NaN or Inf" in str(probe_warnings[0].message)
+
+
+# ----------------------------------------------------------------------------- 7: sampling
+
+
+def test_data_dependent_trf_is_reported_everywhere_without_a_finite_box() -> None:
+    tv_ops = pytest.importorskip("torchvision.ops")
+    from erf_monitor._render import _panel_title, render_heatmap
+    from erf_monitor.cli import _result_record, _trf_text
+
+    class Deformable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.offsets = nn.Conv2d(3, 18, 3, padding=1)
+            nn.init.normal_(self.offsets.weight, std=2.0)  # large, data-dependent offsets
+            self.dc = tv_ops.DeformConv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dc(x, self.offsets(x))
+
+    torch.manual_seed(0)
+    net = Deformable()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    r = em.compute_erf(net, x, ["dc"])["dc"]
+    assert r.trf is not None and r.trf.data_dependent and "deform_conv2d" in r.trf.reason
+    support = (r.heatmap > 0).nonzero()
+    assert int(support[:, 1].max() - support[:, 1].min()) + 1 > 4  # wider than any 3x3 + 1
+    scalars = r.scalars()
+    assert scalars["trf_data_dependent"] == 1.0 and scalars["trf_global"] == 1.0
+    assert "trf_size" not in scalars and "trf_size_clipped" not in scalars
+    assert r.ratio == r.erf_size / 32  # like a global field: against the whole input
+    assert "data-dependent" in repr(r) and "data-dependent" in _panel_title(r)
+    assert _trf_text(r) == ("data-dependent", "-")
+    record = _result_record(r)["trf"]
+    assert record["data_dependent"] and "clipped" not in record
+    # No TRF box is drawn: the image is the same as without any TRF outline.
+    assert np.array_equal(render_heatmap(r, draw_trf=True), render_heatmap(r, draw_trf=False))

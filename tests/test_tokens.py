@@ -191,9 +191,7 @@ def test_resolve_layout_rules() -> None:
     with pytest.raises(ValueError, match="ambiguous"):  # 1 + 2x4 (p=16) or 7 + 1x2 (p=32)
         resolve_layout("l", (1, 1 + 2 * 4, 8), None, (32, 64))
     # One prefix token given: only p=16 fits (p=32 would leave 6 more tokens).
-    assert resolve_layout("l", (1, 1 + 2 * 4, 8), one, (32, 64)) == ResolvedLayout(
-        (2, 4), 1, False
-    )
+    assert resolve_layout("l", (1, 1 + 2 * 4, 8), one, (32, 64)) == ResolvedLayout((2, 4), 1, False)
     cl = em.TokenLayout(channels_last=True)
     assert resolve_layout("l", (2, 4, 4, 8), cl, spatial) == ResolvedLayout((4, 4), 0, True)
     with pytest.raises(ValueError, match="cannot be inferred"):

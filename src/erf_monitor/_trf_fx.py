@@ -257,8 +257,15 @@ def _autowrap_functions() -> tuple[Callable[..., Any], ...]:
     return tuple(found)
 
 
-#: torchvision's ``deform_conv2d`` branches on tensor values, so fx cannot trace into it.
-_AUTOWRAP = (("torchvision.ops.deform_conv", "deform_conv2d"),)
+#: torchvision ops that fx cannot trace into (they branch on or assert about tensor values);
+#: ``torch.fx.wrap`` in torchvision covers only calls from torchvision's own modules.
+_AUTOWRAP = (
+    ("torchvision.ops.deform_conv", "deform_conv2d"),
+    ("torchvision.ops.roi_align", "roi_align"),
+    ("torchvision.ops.roi_pool", "roi_pool"),
+    ("torchvision.ops.ps_roi_align", "ps_roi_align"),
+    ("torchvision.ops.ps_roi_pool", "ps_roi_pool"),
+)
 
 
 @dataclass
@@ -353,6 +360,20 @@ class _Ctx:
         self.traced = traced
         self.gm = traced.gm
         self.data_dependent: list[str] = []  # ops on the way that sample data-dependently
+        self._values: dict[fx.Node, bool] = {}
+
+    def depends_on_values(self, n: Any) -> bool:
+        """Whether node ``n`` is a tensor computed from the input's *values*: shapes read off
+        the input (``x.shape[0]`` in an ``expand``) do not count."""
+        if not isinstance(n, fx.Node) or n not in self.traced.dependent:
+            return False
+        if n is self.traced.placeholder:
+            return True
+        if n not in self._values:
+            self._values[n] = shape_of(n) is not None and any(
+                self.depends_on_values(a) for a in n.all_input_nodes
+            )
+        return self._values[n]
 
     def is_tensor_input(self, n: Any) -> bool:
         return isinstance(n, fx.Node) and n in self.traced.dependent and shape_of(n) is not None
@@ -972,10 +993,15 @@ def _sampling(what: str, *positions: tuple[int, str]) -> Rule:
 
     def rule(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         values = [_arg(node, i, name) for i, name in positions]
-        if not any(isinstance(n, fx.Node) and n in ctx.traced.dependent for n in _nodes_in(values)):
+        if not any(ctx.depends_on_values(n) for n in _nodes_in(values)):
             raise Unsupported(f"{what} with sampling positions that do not depend on the input")
         ctx.data_dependent.append(f"{what} samples the input at positions computed from it")
-        return _everything_mixed(ctx, node, reg)
+        # The field is the whole input whatever else the positions read: walk on the sampled
+        # tensor only.
+        x = _first_input(ctx, node)
+        if not ctx.is_tensor_input(x):
+            return []
+        return [(x, Region([full_axis(n) for n in ctx.shape(x)], reg.local))]
 
     return rule
 

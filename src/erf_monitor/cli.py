@@ -57,6 +57,8 @@ def _trf_text(r: ERFResult) -> tuple[str, str]:
     trf = r.trf
     if trf is None:
         return "?", "?"
+    if trf.data_dependent:
+        return "data-dependent", "-"
     size = " x ".join(
         "global" if g else (str(int(s)) if math.isfinite(s) else "inf")
         for s, g in zip(trf.size, trf.global_dims)
@@ -137,8 +139,12 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
             "clipped": [[int(s), int(e)] for s, e in trf.clipped],
             "clipped_size": list(trf.clipped_size),
             "global": [bool(g) for g in trf.global_dims],
+            "data_dependent": trf.data_dependent,
+            "reason": trf.reason,
             "method": trf.method,
         }
+        if trf.data_dependent:  # no finite field: no interval to report
+            del rec["trf"]["clipped"], rec["trf"]["clipped_size"]
     rec["centre_pixel"] = list(r.centre_pixel)
     rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
     return rec
