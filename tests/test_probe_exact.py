@@ -7,6 +7,7 @@ input-only backward each, with nothing after the layer run (the forward stops in
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -352,3 +353,65 @@ def test_data_dependent_trf_is_reported_everywhere_without_a_finite_box() -> Non
     assert record["data_dependent"] and "clipped" not in record
     # No TRF box is drawn: the image is the same as without any TRF outline.
     assert np.array_equal(render_heatmap(r, draw_trf=True), render_heatmap(r, draw_trf=False))
+
+
+# ----------------------------------------------------------------------------- 8: consistency
+
+
+def test_mass_outside_a_finite_trf_marks_it_unknown_with_one_warning() -> None:
+    net = strided_net()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    right = em.theoretical_rf(net, (3, 32, 32), ["0", "4"])
+    # A wrong analysis: layer "4" (9 x 9 field) given the 3 x 3 field of layer "0" ... placed
+    # on layer 4's grid so that it looks like a TRF of that unit.
+    from dataclasses import replace
+
+    wrong = replace(
+        right["0"], output_shape=right["4"].output_shape, output_centre=right["4"].output_centre
+    )
+    plain = em.compute_erf(net, x, ["4"], trf="skip", crop=False)["4"]
+    for crop in (False, True):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            r = em.compute_erf(net, x, ["4"], trf={"4": wrong}, crop=crop)["4"]
+        mine = [str(w.message) for w in rec if "outside the clipped TRF" in str(w.message)]
+        assert len(mine) == 1 and "'4'" in mine[0]
+        # The amount: the map's mass outside rows/cols 15..17, computed here.
+        inside = plain.heatmap[15:18, 15:18].double().sum() / plain.heatmap.double().sum()
+        assert f"{1 - float(inside):.3g}" in mine[0]
+        assert r.trf is None and r.trf_issue is not None and math.isnan(r.ratio)
+        torch.testing.assert_close(r.heatmap, plain.heatmap, rtol=1e-6, atol=0)
+    # A right TRF is never questioned.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = em.compute_erf(net, x, ["4"], trf={"4": right["4"]})["4"]
+    assert ok.trf == right["4"] and ok.trf_issue is None
+
+
+def test_monitor_stops_using_a_contradicted_trf(monkeypatch: pytest.MonkeyPatch) -> None:
+    import erf_monitor._trf as trf_module
+
+    net = strided_net()
+    real = trf_module.theoretical_rf
+
+    def buggy(*args: object, **kwargs: object) -> dict[str, em.TRF]:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        from dataclasses import replace
+
+        t = out["4"]
+        return {"4": replace(t, clipped=((16, 16), (16, 16)), size=(1.0, 1.0))}
+
+    monkeypatch.setattr(trf_module, "theoretical_rf", buggy)
+    x = torch.randn(4, 3, 32, 32)
+    w = em.watch(net, layers=["4"], every_n_steps=1, probe_inputs=x, min_coverage=None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            w.step()
+    mine = [r for r in rec if "outside the clipped TRF" in str(r.message)]
+    assert len(mine) == 1
+    assert not [r for r in rec if "geometry" in str(r.message) or "cropping" in str(r.message)]
+    history = list(w.history["4"].values())
+    assert all(math.isnan(v["erf_trf_ratio"]) for v in history)
+    assert all("trf_size_clipped" not in v for v in history)
+    assert all(v == history[0] for v in history)  # same centre, same numbers every probe

@@ -19,8 +19,10 @@ Coverage alert semantics (documented in ``ERFMonitor``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -248,6 +250,7 @@ class MonitorEngine:
         self._thresholds: dict[str, float] = {}
         self._disabled: str | None = None
         self._reported: set[str] = set()
+        self._contradicted: set[str] = set()
         self.latest: ERFResults | None = None
         self.set_sinks(())
 
@@ -472,21 +475,34 @@ class MonitorEngine:
             self._warn_small_trf()  # outside the guard: ``-W error`` users get it raised
         assert self.layer_names is not None and self.trfs is not None
         try:
-            results, seconds = timed_compute_erf(
-                model,
-                self.probe_batch,
-                self.layer_names,
-                mode=self.mode,
-                chunk_size=self.chunk_size,
-                forward_fn=self.forward_fn,
-                trf=self.trfs,
-                token_layout=self.token_layout,
-            )
+            with warnings.catch_warnings():
+                for name in self._contradicted:  # the probe warned once already
+                    warnings.filterwarnings(
+                        "ignore", re.escape(f"Layer {name!r}: ") + ".*outside the clipped TRF"
+                    )
+                results, seconds = timed_compute_erf(
+                    model,
+                    self.probe_batch,
+                    self.layer_names,
+                    mode=self.mode,
+                    chunk_size=self.chunk_size,
+                    forward_fn=self.forward_fn,
+                    trf=self.trfs,
+                    token_layout=self.token_layout,
+                )
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
             return outcome
         outcome.results, outcome.seconds = results, seconds
         self.latest = results
+        for name, r in results.items():
+            trf = self.trfs.get(name)
+            if r.trf_issue is not None and trf is not None and name not in self._contradicted:
+                # The map contradicts the TRF: it is reported unknown from now on (the probe
+                # rejects it again each time, silently). Its geometry still gives the seed
+                # unit's centre, so metrics stay comparable; no more cropping to it.
+                self._contradicted.add(name)
+                self.trfs[name] = dataclasses.replace(trf, local=False)
         for name, values in results.scalars().items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)

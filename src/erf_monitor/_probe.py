@@ -826,16 +826,6 @@ def _compute_erf(
                     )  # fmt: skip
                 groups = _without_cropping(groups, redo, names)
             del x_chunk
-    fell_back = [name for name in fell_back if name not in rejected]
-    if fell_back:
-        warnings.warn(
-            f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
-            "exactly (the cropped output lacked the centre unit or its gradient reached the "
-            "crop border); "
-            "they were probed on the full input. Please report this with the model.",
-            ERFProbeWarning,
-            stacklevel=3,
-        )
 
     results: dict[str, ERFResult] = {}
     for name in names:
@@ -863,6 +853,17 @@ def _compute_erf(
             num_calls=acc.calls[name],
             centre=centre,
             trf_issue=issue,
+        )
+    # Layers whose TRF the map contradicts were just warned about: that is why.
+    fell_back = [n for n in fell_back if n not in rejected and results[n].trf_issue is None]
+    if fell_back:
+        warnings.warn(
+            f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
+            "exactly (the cropped output lacked the centre unit or its gradient reached the "
+            "crop border); "
+            "they were probed on the full input. Please report this with the model.",
+            ERFProbeWarning,
+            stacklevel=3,
         )
     return ERFResults(results)
 
