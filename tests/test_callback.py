@@ -220,7 +220,8 @@ def test_csv_logger_files(tmp_path: Path) -> None:
     npz = sorted(root.rglob("*.npz"))
     assert len(npz) == 3
     maps = np.load(npz[0], allow_pickle=False)
-    assert set(maps.files) == set(LAYERS) and maps["net.0"].shape == (SIZE, SIZE)
+    assert set(maps.files) == {*LAYERS, "__mode__", "__definition__"}
+    assert maps["net.0"].shape == (SIZE, SIZE)
     assert len(list(root.rglob("*.png"))) == 3 * len(LAYERS)
 
 

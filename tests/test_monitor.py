@@ -198,7 +198,8 @@ def test_probe_logs_history_and_files(tmp_path: Path) -> None:
     for key in ("erf/0/coverage", "erf/4/erf_size", "erf/probe_time_s"):
         assert f"7,{key}," in csv
     maps = np.load(next(tmp_path.rglob("*.npz")), allow_pickle=False)
-    assert set(maps.files) == {"0", "4"} and maps["0"].shape == (16, 16)
+    assert set(maps.files) == {"0", "4", "__mode__", "__definition__"}
+    assert maps["0"].shape == (16, 16)
 
 
 def test_auto_layers_threshold_applies_to_deepest_only() -> None:

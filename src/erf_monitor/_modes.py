@@ -28,10 +28,13 @@ import torch
 
 __all__ = [
     "DEFINITIONS",
+    "DEFINITION_KEY",
     "MODES",
+    "MODE_KEY",
     "Mode",
     "check_mode",
     "describe",
+    "metadata",
     "sample_maps",
     "seed_index",
     "seed_value",
@@ -60,6 +63,24 @@ DEFINITIONS: dict[str, str] = {
         "E = sum_n P_n / sum(sum_n P_n) (total mass 1)."
     ),
 }
+
+
+#: Entries of saved ``.npz`` map files that record the mode (0-d string arrays, no pickle).
+MODE_KEY = "__mode__"
+DEFINITION_KEY = "__definition__"
+
+
+def metadata(mode: str) -> dict[str, Any]:
+    """``{MODE_KEY: mode, DEFINITION_KEY: definition}`` as 0-d NumPy string arrays, the
+    entries saved next to the maps in ``.npz`` files.
+
+    Examples:
+        >>> str(metadata("luo")[MODE_KEY])
+        'luo'
+    """
+    import numpy as np
+
+    return {MODE_KEY: np.array(check_mode(mode)), DEFINITION_KEY: np.array(DEFINITIONS[mode])}
 
 
 def check_mode(mode: Any) -> Mode:

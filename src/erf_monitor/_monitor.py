@@ -35,6 +35,7 @@ from torch import nn
 from erf_monitor._batch import InputKey, find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
 from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor._modes import Mode, check_mode
 from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayoutArg, check_token_layout, layouts_for
 from erf_monitor.sinks._base import Sink
@@ -166,7 +167,7 @@ class MonitorEngine:
         probe_inputs: ProbeInputs = "train",
         input_key: InputKey = None,
         forward_fn: ForwardFn | None = None,
-        mode: Literal["luo", "replknet"] = "luo",
+        mode: Mode = "luo",
         chunk_size: int | None = None,
         seed: int = 0,
         prefix: str = "erf",
@@ -223,9 +224,7 @@ class MonitorEngine:
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn must be callable(model, x), got {forward_fn!r}")
         self.forward_fn = forward_fn
-        if mode not in ("luo", "replknet"):
-            raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
-        self.mode: Literal["luo", "replknet"] = mode
+        self.mode: Mode = check_mode(mode)
         self.seed = int(seed)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
@@ -362,6 +361,7 @@ class MonitorEngine:
                         names,
                         forward_fn=self.forward_fn,
                         token_layout=layouts_for(self.token_layout, names),
+                        mode=self.mode,
                     )
             finally:
                 for m, flag in flags:
@@ -428,6 +428,7 @@ class MonitorEngine:
 
         self._recorders = [_Recorder(s) for s in sinks]
         self.sinks = MultiSink(self._recorders)
+        self._mode_logged = False  # the mode's definition goes to new sinks with the next probe
 
     def _raise_sink_errors(self) -> None:
         for rec in self._recorders:
@@ -510,8 +511,10 @@ class MonitorEngine:
             from erf_monitor.sinks import log_results
 
             log_results(
-                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs
-            )
+                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs,
+                mode_text=not self._mode_logged,
+            )  # fmt: skip
+            self._mode_logged = True
             self.sinks.log_scalars({f"{self.prefix}/probe_time_s": float(seconds)}, step)
         except Exception as exc:
             self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from erf_monitor._batch import InputKey
+from erf_monitor._modes import Mode
 from erf_monitor._monitor import (
     DEFAULT_MIN_COVERAGE,
     EngineView,
@@ -63,7 +64,7 @@ class Watcher(EngineView):
         probe_inputs: ProbeInputs = "train",
         input_key: InputKey = None,
         forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
-        mode: Literal["luo", "replknet"] = "luo",
+        mode: Mode = "luo",
         chunk_size: int | None = None,
         seed: int = 0,
         prefix: str = "erf",

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from erf_monitor._batch import InputKey
 from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
+from erf_monitor._modes import Mode
 from erf_monitor._monitor import (
     DEFAULT_MIN_COVERAGE,
     EngineView,
@@ -118,7 +119,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         forward_fn: ``forward_fn(pl_module, images)`` runs the model on an image batch, for
             LightningModules whose ``forward`` does not take the image (default
             ``pl_module(images)``).
-        mode: ``"luo"`` or ``"replknet"`` (see :func:`~erf_monitor.compute_erf`).
+        mode: ``"luo"``, ``"replknet"`` or ``"openerf"`` (see :func:`~erf_monitor.compute_erf`).
         chunk_size: probe at most this many samples at a time (bounds memory).
         seed: seed of the ``"noise"`` probe batch.
         sinks: extra destinations besides the Trainer's loggers (anything
@@ -148,7 +149,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         probe_inputs: ProbeInputs = "train",
         input_key: InputKey = None,
         forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
-        mode: Literal["luo", "replknet"] = "luo",
+        mode: Mode = "luo",
         chunk_size: int | None = None,
         seed: int = 0,
         sinks: Any = None,

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erf_monitor._modes import MODES
+
 if TYPE_CHECKING:
     import torch
     from rich.console import Console
@@ -282,12 +284,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         fig.savefig(out / "erf_overview.png")
         progress.advance(task)
 
-    save_npz(out / "maps.npz", {name: r.heatmap.numpy() for name, r in results.items()})
+    from erf_monitor._modes import DEFINITIONS, metadata
+
+    maps = {name: r.heatmap.numpy() for name, r in results.items()}
+    save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
     record = {
         "model": args.model,
         "input": source,
         "input_shape": list(x.shape),
         "mode": args.mode,
+        "definition": DEFINITIONS[args.mode],
         "seed": args.seed,
         "probe_seconds": seconds,
         "layers": {name: _result_record(r) for name, r in results.items()},
@@ -404,7 +410,13 @@ def _parser() -> argparse.ArgumentParser:
         help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
     )
     analyze.add_argument("--samples", type=int, default=8, help="probe batch size (default 8)")
-    analyze.add_argument("--mode", choices=("luo", "replknet"), default="luo")
+    analyze.add_argument(
+        "--mode",
+        choices=MODES,
+        default="luo",
+        help="ERF convention (exact definitions in docs/concepts.md): luo (Luo et al. 2016), "
+        "replknet (RepLKNet's scripts) or openerf (OpenERF / Kim et al. 2023)",
+    )
     analyze.add_argument(
         "--input",
         default="noise",
