@@ -340,10 +340,13 @@ def _crop_window(trf: TRF | None, spatial: tuple[int, ...]) -> _Window | None:
     if strides is None:
         return None
     start, stop = [], []
-    for (lo, hi), s, size in zip(trf.clipped, strides, spatial):
-        a = max(int(lo) - _CROP_MARGIN, 0)
+    for (lo, hi), (u_lo, u_hi), s, size in zip(trf.clipped, trf.interval, strides, spatial):
+        # A field reaching beyond a border reads that border's padding (its in-bounds hull can
+        # end earlier, between dilated taps): the window keeps the border, so that padding,
+        # and the output grid that depends on it, stay as they are.
+        a = 0 if u_lo < 0 else max(int(lo) - _CROP_MARGIN, 0)
         start.append(a - a % s)
-        stop.append(min(int(hi) + 1 + _CROP_MARGIN, size))
+        stop.append(size if u_hi > size - 1 else min(int(hi) + 1 + _CROP_MARGIN, size))
     window = _Window(tuple(start), tuple(stop))
     if window.shape == spatial:
         return None
