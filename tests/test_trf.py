@@ -659,3 +659,16 @@ def test_fixed_sampling_positions_are_not_data_dependent() -> None:
     # Layers before the sampling op keep their finite field.
     off = theoretical_rf(Deformable(), (3, 16, 16), ["offsets"])["offsets"]
     assert not off.data_dependent and off.size == (3.0, 3.0)
+
+
+def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import erf_monitor._trf as trf_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this op has no dispatch-mode support")
+
+    monkeypatch.setattr(trf_module._DataDependence, "__torch_dispatch__", refuse)
+    trf = theoretical_rf(conv_stack(2, 3), (1, 16, 16), ["2"], method="numeric")["2"]
+    assert trf.size == (5.0, 5.0) and not trf.data_dependent

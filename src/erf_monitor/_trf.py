@@ -4,7 +4,11 @@ Definitions (DESIGN.md §2): for each layer, its output ``(N, C, *S')`` from the
 the module; the centre unit ``c' = S'_d // 2`` per spatial dim; the TRF is the input region that
 unit can see, per spatial dim, unclipped (infinite input plane) and clipped (exact hull of the
 in-bounds input indices that can influence it). Branches are united; global ops make a dim
-global.
+global. Ops that sample the input at positions computed from the input (deformable
+convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, gathers
+with computed indices) make the field *data-dependent*: no finite field, reported like a
+global one with the reason (fx rules, and an op-by-op dependence tracker in the numeric
+method).
 """
 
 from __future__ import annotations
@@ -94,6 +98,12 @@ def theoretical_rf(
       input also looks global), or when the output has no spatial dims.
     * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"`` with a
       one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason.
+
+    A unit that samples the input at positions computed from the input (deformable
+    convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, and
+    for the numeric method also gathers and indexing with computed indices) has a
+    *data-dependent* field: ``data_dependent`` is true, every dim is global and ``reason``
+    names the op. Fixed sampling positions (a constant grid) are measured numerically.
 
     In a global dim ``size`` is ``inf``, ``interval`` is ``(-inf, inf)``, ``clipped`` is the
     hull of the input indices that can influence the unit (normally the whole input) and
@@ -554,19 +564,21 @@ def _capture(
     x: Tensor,
     layouts: Mapping[str, TokenLayout] | None = None,
     info: dict[str, tuple[bool, str]] | None = None,
+    track: bool = True,
 ) -> dict[str, Tensor]:
     """Run the surrogate on ``x``; the first output of each layer (hooks always removed).
 
     Each output is cloned in its hook, so in-place ops later in the forward cannot change it.
     Token outputs are put on their patch grid (as the probe does), so that their centre unit
     is the centre patch token. ``layouts=None``: outputs are returned as they are. ``info``
-    (if given) is filled with ``{layer: (token output, data-dependence reason)}``; the
-    reason is found by following the forward op by op (slow: only for one small forward).
+    (if given) is filled with ``{layer: (token output, data-dependence reason)}``; with
+    ``track`` the reason is found by following the forward op by op (slow: only for one
+    small forward).
     """
     captured: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     handles = []
-    tracker = _DataDependence(x) if info is not None else None
+    tracker = _DataDependence(x) if info is not None and track else None
 
     def hook(key: str) -> Callable[[nn.Module, Any, Any], None]:
         def fn(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -636,8 +648,15 @@ def _numeric(
         return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
 
     info: dict[str, tuple[bool, str]] = {}
+    x = rand(1)
     with torch.no_grad():
-        outs = _capture(sur, table, names, fwd, rand(1), layouts, info)
+        try:
+            outs = _capture(sur, table, names, fwd, x, layouts, info)
+        except ValueError:
+            # A model whose ops do not run under the dependence tracker (a torch dispatch
+            # mode): no reason found, and the consistency check of every probe remains.
+            info.clear()
+            outs = _capture(sur, table, names, fwd, x, layouts, info, track=False)
         shapes = {k: tuple(v.shape) for k, v in outs.items()}
     grids = {k: shapes[k][2:] if len(shapes[k]) == nd + 2 else () for k in names}
     seeds = {k: seed_index(mode, grids[k], info[k][0]) for k in names}

@@ -148,6 +148,9 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
         if trf.data_dependent:  # no finite field: no interval to report
             del rec["trf"]["clipped"], rec["trf"]["clipped_size"]
     rec["centre_pixel"] = list(r.centre_pixel)
+    rec["theoretical_centre"] = [float(c) for c in r.theoretical_centre]
+    if r.trf_issue is not None:
+        rec["trf_issue"] = r.trf_issue
     rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
     return rec
 
