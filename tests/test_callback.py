@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ def make_module(
     batches: str = "tuple",
     image_forward: bool = True,
     val: bool = False,
+    val_workers: int = 0,
+    stochastic: bool = False,
     poison_at: int | None = None,
     compiled: bool = False,
 ) -> Any:
@@ -78,6 +81,11 @@ def make_module(
             self.head = nn.Linear(8, 4)
 
         def classify(self, x: torch.Tensor) -> torch.Tensor:
+            if stochastic:  # stochastic depth drawn before the training check, and NumPy noise
+                y = self.net[:3](x)
+                if random.random() < 0.5 and self.training:
+                    y = y * float(1 + np.random.rand())
+                return self.head(self.net[3:](y).mean((2, 3)))
             return self.head(self.net(x).mean((2, 3)))
 
         def forward(self, *args: Any) -> torch.Tensor:
@@ -107,8 +115,17 @@ def make_module(
     if val:
 
         def val_dataloader(self: Any) -> DataLoader:
-            x, y = _data()
-            return DataLoader(TensorDataset(x.flip(0), y), batch_size=8, shuffle=True)
+            # One loader object, reused (as users with persistent workers do).
+            if getattr(self, "_val_loader", None) is None:
+                x, y = _data()
+                self._val_loader = DataLoader(
+                    TensorDataset(x.flip(0), y),
+                    batch_size=8,
+                    shuffle=True,
+                    num_workers=val_workers,
+                    persistent_workers=val_workers > 0,
+                )
+            return self._val_loader
 
         def validation_step(self: Any, batch: Any, batch_idx: int) -> None:
             self.classify(batch[0])
@@ -203,7 +220,8 @@ def test_csv_logger_files(tmp_path: Path) -> None:
     npz = sorted(root.rglob("*.npz"))
     assert len(npz) == 3
     maps = np.load(npz[0], allow_pickle=False)
-    assert set(maps.files) == set(LAYERS) and maps["net.0"].shape == (SIZE, SIZE)
+    assert set(maps.files) == {*LAYERS, "__mode__", "__definition__"}
+    assert maps["net.0"].shape == (SIZE, SIZE)
     assert len(list(root.rglob("*.png"))) == 3 * len(LAYERS)
 
 
@@ -260,7 +278,12 @@ def test_unknown_layer_raises_at_setup(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- identity
-def _fit_state(tmp_path: Path, callbacks: list[Any], **module_kwargs: Any) -> dict[str, Any]:
+def _fit_state(
+    tmp_path: Path,
+    callbacks: list[Any],
+    trainer_kwargs: dict[str, Any] | None = None,
+    **module_kwargs: Any,
+) -> dict[str, Any]:
     from lightning.pytorch import seed_everything
 
     seed_everything(7, workers=True)
@@ -271,10 +294,17 @@ def _fit_state(tmp_path: Path, callbacks: list[Any], **module_kwargs: Any) -> di
         callbacks,
         max_steps=6,
         limit_val_batches=2 if module_kwargs.get("val") else 0,
+        **(trainer_kwargs or {}),
     )
     trainer.fit(module)
     opt = trainer.optimizers[0].state_dict()
-    return {"model": module.state_dict(), "opt": opt["state"], "rng": torch.get_rng_state()}
+    return {
+        "model": module.state_dict(),
+        "opt": opt["state"],
+        "rng": torch.get_rng_state(),
+        "py": random.getstate(),
+        "np": np.random.get_state()[1].tobytes(),
+    }
 
 
 def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -300,6 +330,31 @@ def test_bit_for_bit_identical_training(tmp_path: Path, source: str) -> None:
     assert cb.alerts  # and alerted (warn only)
     _assert_identical(ref, got)
     assert any(k.endswith("running_mean") for k in ref["model"])
+
+
+@pytest.mark.slow
+def test_val_probe_batch_from_persistent_workers_keeps_training_identical(tmp_path: Path) -> None:
+    """Validation every 2 steps from a shuffled loader with persistent workers; the probe batch
+    must come without iterating that loader (which would change every later batch's RNG)."""
+    opts: dict[str, Any] = {"trainer_kwargs": {"val_check_interval": 2}, "val": True}
+    ref = _fit_state(tmp_path / "a", [], val_workers=2, **opts)
+    cb = quiet_monitor(every_n_steps=2, probe_inputs="val")
+    got = _fit_state(tmp_path / "b", [cb], val_workers=2, **opts)
+    assert cb.probe_batch is not None and sorted(cb.history["net.7"]) == [0, 2, 4, 6]
+    _assert_identical(ref, got)
+    x, _ = _data()
+    assert torch.equal(cb.probe_batch, x.flip(0)[:4])  # the first items in dataset order
+
+
+def test_stochastic_depth_drawn_with_python_random_keeps_training_identical(
+    tmp_path: Path,
+) -> None:
+    ref = _fit_state(tmp_path / "a", [], stochastic=True)
+    cb = quiet_monitor(every_n_steps=1)
+    got = _fit_state(tmp_path / "b", [cb], stochastic=True)
+    assert sorted(cb.history["net.7"]) == list(range(7))
+    _assert_identical(ref, got)
+    assert ref["py"] == got["py"] and ref["np"] == got["np"]
 
 
 # ----------------------------------------------------------------------------- alerts
@@ -406,6 +461,28 @@ def test_torch_compile_module(tmp_path: Path) -> None:
     assert sorted(cb.history["net.7"]) == [0, 2]
     eager = em.compute_erf(module.net._orig_mod, cb.probe_batch, ["3", "7"])
     assert torch.allclose(cb.latest["net.7"].heatmap, eager["7"].heatmap)
+
+
+@pytest.mark.slow
+def test_torch_compile_lightning_module_keeps_its_trf(tmp_path: Path) -> None:
+    """``Trainer.fit(torch.compile(module))``: the TRF is analysed (no warning) and every
+    metric equals the eager probe's."""
+    cb = quiet_monitor(layers=["net.3", "net.7"])
+    module = make_module()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(
+                torch.compile(module)
+            )
+        except Exception as exc:  # no C++ toolchain for inductor on this machine
+            pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+    assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    r = cb.latest["net.7"]
+    assert r.trf is not None and r.trf.size == (9.0, 9.0)
+    eager = em.compute_erf(module.net, cb.probe_batch, ["3", "7"])["7"]
+    assert r.centre_pixel == eager.centre_pixel
+    assert r.scalars() == pytest.approx(eager.scalars(), rel=1e-6)
 
 
 class BrokenSink(Sink):

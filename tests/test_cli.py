@@ -48,7 +48,7 @@ def test_analyze_resnet18_matches_compute_erf(tmp_path: Path) -> None:
     assert record["input_shape"] == [2, 3, 64, 64]
     assert list(record["layers"]) == layers
     with np.load(out / "maps.npz", allow_pickle=False) as maps:
-        assert sorted(maps.files) == layers
+        assert sorted(maps.files) == sorted([*layers, "__mode__", "__definition__"])
         for name in layers:
             np.testing.assert_allclose(maps[name], ref[name].heatmap.numpy(), rtol=1e-6, atol=0)
     for name in layers:

@@ -36,8 +36,10 @@ def reference_maps(
     for i in range(x.shape[0]):
         xi = x[i : i + 1].detach().clone().requires_grad_(True)
         captured: list[torch.Tensor] = []
+        # A clone, as the layer's output was when it ran: later in-place ops (ReLU(inplace),
+        # ``out += identity``) must not change it.
         handle = module.register_forward_hook(
-            lambda _m, _i, out, cap=captured: cap.append(out) if not cap else None
+            lambda _m, _i, out, cap=captured: cap.append(out.clone()) if not cap else None
         )
         try:
             model(xi)  # the full forward, no early exit
@@ -52,9 +54,9 @@ def reference_maps(
         g = grad[0].clamp_min(0) if mode == "replknet" else grad[0].abs()
         maps.append(g.sum(0))
     per_sample = torch.stack(maps)
-    if mode == "replknet":
-        total = per_sample.double().sum(0)
-        heat = (torch.log1p(total) / torch.log1p(total.max())).float()
+    if mode == "replknet":  # RepLKNet: the mean of the per-image maps, then log10(x + 1) / max
+        mean = per_sample.double().mean(0)
+        heat = (torch.log1p(mean) / torch.log1p(mean.max())).float()
     else:
         heat = per_sample.double().mean(0).float()
     return per_sample, heat

@@ -1,8 +1,8 @@
 """Tests for the pure ERF-map metrics (DESIGN §2).
 
-Every expected number is derived here independently: counted by hand, computed by a plain
-Python re-implementation of RepLKNet's ``get_rectangle``, or from closed forms (the variance
-of an n-fold box convolution is ``n (k^2 - 1) / 12``).
+Every expected number is derived here independently: counted by hand, computed by plain loops
+written here from the definitions (RepLKNet's published square rule and our growing cube), or
+from closed forms (the variance of an n-fold box convolution is ``n (k^2 - 1) / 12``).
 """
 
 from __future__ import annotations
@@ -34,34 +34,40 @@ from erf_monitor._metrics import (
 # --------------------------------------------------------------------------------------------
 
 
-def replknet_get_rectangle(data: np.ndarray, thresh: float) -> tuple[int, float] | None:
-    """RepLKNet ``erf/analyze_erf.py::get_rectangle``, as published (2-D, centre h//2, w//2)."""
-    h, w = data.shape
-    all_sum = np.sum(data)
-    for i in range(1, h // 2):
-        selected_area = data[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i]
-        area_sum = np.sum(selected_area)
-        if area_sum / all_sum > thresh:
-            return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
+def published_square(data: np.ndarray, t: float) -> tuple[int, float] | None:
+    """RepLKNet's area-ratio rule as its paper and ``analyze_erf.py`` describe it (our own
+    code): squares centred on the middle pixel ``(h // 2, w // 2)`` with odd sides 3, 5, 7, ...
+    as long as they stay strictly inside the map (radius up to ``h // 2 - 1``); the first whose
+    mass fraction exceeds ``t`` gives ``(side, side**2 / (h * w))``; ``None`` if none does."""
+    height, width = data.shape
+    middle_row, middle_col = height // 2, width // 2
+    total = float(data.sum())
+    for radius in range(1, height // 2):
+        block = data[
+            middle_row - radius : middle_row + radius + 1,
+            middle_col - radius : middle_col + radius + 1,
+        ]
+        if float(block.sum()) / total > t:
+            side = 2 * radius + 1
+            return side, side * side / (height * width)
     return None
 
 
-def get_rectangle_extended(
-    data: np.ndarray, thresh: float, centre: tuple[int, ...]
-) -> tuple[int, int]:
-    """The same loop with our extensions: any dims, given centre, i from 0, clipped, grow
-    until the cube covers the map. Returns (side, clipped pixel count); (0, 0) for zeros."""
-    all_sum = np.sum(data)
-    if all_sum == 0:
+def growing_cube(data: np.ndarray, t: float, centre: tuple[int, ...]) -> tuple[int, int]:
+    """Our definition written out plainly: cubes of radius 0, 1, 2, ... around ``centre`` in any
+    number of dims, cut to the map, until one holds more than ``t`` of the mass or covers the
+    whole map. Returns (uncut side, number of map pixels inside); (0, 0) for a zero map."""
+    total = float(data.sum())
+    if total == 0.0:
         return 0, 0
-    i = 0
+    radius = 0
     while True:
-        selected_area = data[tuple(slice(max(c - i, 0), c + i + 1) for c in centre)]
-        area_sum = np.sum(selected_area)
-        covers = all(c - i <= 0 and c + i >= s - 1 for c, s in zip(centre, data.shape))
-        if area_sum / all_sum > thresh or covers:
-            return 2 * i + 1, selected_area.size
-        i += 1
+        bounds = [(max(c - radius, 0), min(c + radius, n - 1)) for c, n in zip(centre, data.shape)]
+        block = data[tuple(slice(lo, hi + 1) for lo, hi in bounds)]
+        whole = all(lo == 0 and hi == n - 1 for (lo, hi), n in zip(bounds, data.shape))
+        if float(block.sum()) / total > t or whole:
+            return 2 * radius + 1, block.size
+        radius += 1
 
 
 def box_power(k: int, n: int, dilation: int = 1) -> np.ndarray:
@@ -184,16 +190,16 @@ def test_off_centre_clipping_near_border() -> None:
 
 
 @pytest.mark.parametrize("h", [16, 17, 32, 33])
-def test_uniform_full_map_matches_replknet_get_rectangle(h: int) -> None:
+def test_uniform_full_map_matches_published_square(h: int) -> None:
     data = np.ones((h, h))
     c = (h // 2, h // 2)
     for t in (0.2, 0.3, 0.5):
-        side, ratio = replknet_get_rectangle(data, t)
+        side, ratio = published_square(data, t)
         assert mass_extent(torch.from_numpy(data), t, c) == side
         assert area_ratio(torch.from_numpy(data), t, c) == pytest.approx(ratio)
-        assert mass_extent(torch.from_numpy(data), t, c) == get_rectangle_extended(data, t, c)[0]
+        assert mass_extent(torch.from_numpy(data), t, c) == growing_cube(data, t, c)[0]
     # t = 0.99 needs (nearly) the whole map: RepLKNet gives up, we return the covering side.
-    assert replknet_get_rectangle(data, 0.99) is None
+    assert published_square(data, 0.99) is None
     assert mass_extent(torch.from_numpy(data), 0.99, c) == 2 * (h // 2) + 1
     assert area_ratio(torch.from_numpy(data), 0.99, c) == 1.0
 
@@ -207,12 +213,12 @@ def test_random_maps_match_extended_reference(shape: tuple[int, ...]) -> None:
             data[data < 0.3] = 0.0  # sparse zeros too
         centre = tuple(int(rng.integers(0, s)) for s in shape)
         for t in rng.uniform(0.01, 0.99, size=5):
-            side, count = get_rectangle_extended(data, float(t), centre)
+            side, count = growing_cube(data, float(t), centre)
             assert mass_extent(torch.from_numpy(data), float(t), centre) == side
             assert area_ratio(data, float(t), centre) == pytest.approx(count / data.size)
             for d in range(len(shape)):
                 profile = data.sum(axis=tuple(k for k in range(len(shape)) if k != d))
-                side_d = get_rectangle_extended(profile, float(t), (centre[d],))[0]
+                side_d = growing_cube(profile, float(t), (centre[d],))[0]
                 assert mass_extent_per_axis(data, float(t), centre)[d] == side_d
 
 
@@ -221,7 +227,7 @@ def test_replknet_published_loop_agrees_on_a_peaked_map() -> None:
     # the extended definition gives the same side.
     data = sampled_gaussian((64, 64), (32.0, 32.0), (6.0, 9.0)) + 1e-3
     for t in (0.2, 0.3, 0.5, 0.9):
-        side, ratio = replknet_get_rectangle(data, t)
+        side, ratio = published_square(data, t)
         assert mass_extent(data, t, (32, 32)) == side
         assert area_ratio(data, t, (32, 32)) == pytest.approx(ratio)
 
@@ -245,8 +251,8 @@ def test_coverage_and_erf_size_are_the_095_wrappers() -> None:
     assert COVERAGE_MASS == 0.95
     data = sampled_gaussian((40, 50), (20.0, 25.0), (4.0, 7.0))
     c = (20, 25)
-    assert erf_size(data, c) == get_rectangle_extended(data, 0.95, c)[0]
-    assert coverage(data, c) == pytest.approx(get_rectangle_extended(data, 0.95, c)[1] / 2000)
+    assert erf_size(data, c) == growing_cube(data, 0.95, c)[0]
+    assert coverage(data, c) == pytest.approx(growing_cube(data, 0.95, c)[1] / 2000)
 
 
 def test_zero_map() -> None:
@@ -545,6 +551,6 @@ def test_every_centre_of_a_small_3d_map_matches_reference() -> None:
     data = rng.random((4, 5, 3))
     for centre in itertools.product(range(4), range(5), range(3)):
         for t in (0.1, 0.5, 0.9):
-            side, count = get_rectangle_extended(data, t, centre)
+            side, count = growing_cube(data, t, centre)
             assert mass_extent(data, t, centre) == side
             assert area_ratio(data, t, centre) == pytest.approx(count / data.size)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import erf_monitor as em
 from erf_monitor._monitor import MonitorEngine
@@ -135,6 +135,53 @@ def test_capture_from_shuffled_loader_leaves_every_rng() -> None:
     assert eng.probe_batch is not None and eng.probe_batch.shape == (2, 1, 16, 16)
 
 
+class AugmentedData(Dataset):
+    """Images with a random flip drawn from the dataset's own NumPy generator."""
+
+    def __init__(self) -> None:
+        self.x = batch(8)
+        self.rng = np.random.default_rng(5)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        flip = bool(self.rng.random() < 0.5)
+        return (self.x[i].flip(-1) if flip else self.x[i]), i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_capture_from_loader_never_touches_the_loader(workers: int) -> None:
+    ds = AugmentedData()
+    gen = torch.Generator().manual_seed(3)
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        sampler=RandomSampler(ds, generator=gen),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    states = gen.get_state(), ds.rng.bit_generator.state, torch.get_rng_state()
+    eng = MonitorEngine(probe_inputs="val", num_samples=3)
+    eng.capture_from_loader(loader)
+    assert loader._iterator is None  # no iterator (no workers started, nothing consumed)
+    assert torch.equal(gen.get_state(), states[0])  # the sampler's own generator
+    assert ds.rng.bit_generator.state == states[1]  # the dataset's own generator
+    assert torch.equal(torch.get_rng_state(), states[2])
+    # The first items in dataset order, as the dataset gives them (flips drawn from a copy of
+    # its generator's state, which is then put back).
+    rng = np.random.default_rng(5)
+    expected = [ds.x[i].flip(-1) if rng.random() < 0.5 else ds.x[i] for i in range(3)]
+    assert eng.probe_batch is not None
+    assert torch.equal(eng.probe_batch, torch.stack(expected))
+
+
+def test_capture_refuses_one_shot_iterators() -> None:
+    eng = MonitorEngine(probe_inputs="val", num_samples=2)
+    with pytest.raises(ValueError, match="one-shot"):
+        eng.capture_from_loader([iter([batch(2)])])
+
+
 # ----------------------------------------------------------------------------- probing + logging
 def test_probe_logs_history_and_files(tmp_path: Path) -> None:
     net = tiny_net()
@@ -151,7 +198,8 @@ def test_probe_logs_history_and_files(tmp_path: Path) -> None:
     for key in ("erf/0/coverage", "erf/4/erf_size", "erf/probe_time_s"):
         assert f"7,{key}," in csv
     maps = np.load(next(tmp_path.rglob("*.npz")), allow_pickle=False)
-    assert set(maps.files) == {"0", "4"} and maps["0"].shape == (16, 16)
+    assert set(maps.files) == {"0", "4", "__mode__", "__definition__"}
+    assert maps["0"].shape == (16, 16)
 
 
 def test_auto_layers_threshold_applies_to_deepest_only() -> None:

@@ -81,8 +81,8 @@ def slow_reference(
         (g,) = torch.autograd.grad(seed.sum(), xi)
         g = g[0].double()
         total += (g.clamp_min(0) if mode == "replknet" else g.abs()).sum(0)
-    if mode == "replknet":
-        total = torch.log10(total + 1)
+    if mode == "replknet":  # RepLKNet averages the per-image maps before the log
+        total = torch.log10(total / x.shape[0] + 1)
         return total / total.max()
     return total / x.shape[0]
 

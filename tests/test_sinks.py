@@ -119,12 +119,16 @@ def test_file_sink_layout_and_content(tmp_path: Path, results: dict[str, ERFResu
     assert (tmp_path / "out" / "heatmaps" / "blocks%2F2").is_dir()  # escaped, not nested
 
     with np.load(tmp_path / "out" / "maps" / "step_10.npz", allow_pickle=False) as npz:
-        assert sorted(npz.files) == sorted(LAYERS)
+        assert sorted(npz.files) == sorted([*LAYERS, "__mode__", "__definition__"])
+        assert str(npz["__mode__"]) == "luo"
         for name, r in results.items():
             assert npz[name].dtype == np.float32
             np.testing.assert_array_equal(npz[name], r.heatmap.numpy())
 
     events = (tmp_path / "out" / "events.log").read_text().splitlines()
+    modes = [e for e in events if "\terf/mode\t" in e]  # log_results records the mode
+    assert len(modes) == 2 and modes[0].startswith("5\terf/mode\tmode=luo: ")
+    events = [e for e in events if e not in modes]
     assert events[0] == "10\tnote\ttwo\\nlines"
     assert events[1] == "10\talerts/low coverage\tlayer1.0 sees 2%"
     alert = json.loads((tmp_path / "out" / "alerts.jsonl").read_text())
@@ -339,14 +343,15 @@ def test_callable_sink_one_call_per_step(results: dict[str, ERFResult]) -> None:
     assert isinstance(sink, CallableSink)
     sink.on_text = lambda step, key, text: texts.append((step, key, text))
     log_results(sink, results, 3)
-    log_results(sink, results, 4)
+    log_results(sink, results, 4, mode_text=False)
     sink.alert("x", "y", 4)
     assert [c[0] for c in calls] == [3, 4]
     assert calls[0][1] == _expected_scalars(results)
     assert sorted(calls[0][2]) == sorted(f"erf/{n}/heatmap" for n in LAYERS)
     img = calls[0][2][f"erf/{LAYERS[0]}/heatmap"]
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-    assert texts == [(4, "alerts/x", "y")]
+    assert texts[1:] == [(4, "alerts/x", "y")]
+    assert texts[0][:2] == (3, "erf/mode") and texts[0][2].startswith("mode=luo: Luo et al.")
 
 
 def test_as_sink_kinds_and_errors(tmp_path: Path) -> None:
@@ -375,7 +380,8 @@ def test_mlflow_sink_real(tmp_path: Path, results: dict[str, ERFResult]) -> None
     mlflow = pytest.importorskip("mlflow")
     # A sqlite store: mlflow 3 refuses the plain file store unless MLFLOW_ALLOW_FILE_STORE is set.
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.create_experiment("erf")
+    # Artifacts go under tmp_path too (the default would be ./mlruns in the working directory).
+    exp = client.create_experiment("erf", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
     sink = MLflowSink(client, run_id)
     log_results(sink, results, 5)

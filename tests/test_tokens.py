@@ -161,11 +161,15 @@ def test_ambiguous_grid_needs_a_layout() -> None:
         em.compute_erf(model, x, layers=["out"], token_layout=em.TokenLayout(grid=(3, 3)))
 
 
-def test_inference_from_shapes_with_register_tokens() -> None:
+def test_register_tokens_need_a_layout_then_match_the_reference() -> None:
     torch.manual_seed(0)
-    model = Tokenizer(8, 5)  # 5 prefix tokens + 4 x 4 patches = 21 tokens: unique
+    model = Tokenizer(8, 5)  # 5 prefix tokens + 4 x 4 patches = 21 tokens
     x = torch.randn(2, 3, 32, 32)
-    r = em.compute_erf(model, x, layers=["out"])["out"]
+    # Shapes alone cannot tell leading from trailing tokens: every split is a candidate.
+    with pytest.raises(ValueError, match=r"ambiguous.*5 prefix token.*5 suffix token"):
+        em.compute_erf(model, x, layers=["out"])
+    layout = em.TokenLayout(prefix_tokens=5)
+    r = em.compute_erf(model, x, layers=["out"], token_layout=layout)["out"]
     assert r.output_shape == (4, 4) and r.trf is not None and r.trf.is_global
     ref = reference_token_erf(model, "out", x, token=5 + 2 * 4 + 2)
     torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-9)
@@ -175,15 +179,19 @@ def test_resolve_layout_rules() -> None:
     spatial = (32, 32)
     assert resolve_layout("l", (2, 8, 4, 4), None, spatial) is None  # conv-like
     assert resolve_layout("l", (2, 10), None, spatial) is None  # flat
-    assert resolve_layout("l", (2, 17, 8), None, spatial) == ResolvedLayout((4, 4), 1, False)
+    with pytest.raises(ValueError, match=r"grid 4x4 with 1 prefix.*grid 4x4 with 1 suffix"):
+        resolve_layout("l", (2, 17, 8), None, spatial)  # one extra token: first or last?
+    one = em.TokenLayout(prefix_tokens=1)
+    assert resolve_layout("l", (2, 17, 8), one, spatial) == ResolvedLayout((4, 4), 1, False)
     assert resolve_layout("l", (2, 64, 8), None, spatial) == ResolvedLayout((8, 8), 0, False)
     assert resolve_layout("l", (2, 8, 16), None, (32,)) is None  # 1-D: (N, C, L) is conv-like
     # Non-square inputs: one patch size for both dims.
-    assert resolve_layout("l", (1, 1 + 4 * 8, 8), None, (32, 64)) == ResolvedLayout(
-        (4, 8), 1, False
-    )
+    assert resolve_layout("l", (1, 1 + 4 * 8, 8), one, (32, 64)) == ResolvedLayout((4, 8), 1, False)
+    assert resolve_layout("l", (1, 4 * 8, 8), None, (32, 64)) == ResolvedLayout((4, 8), 0, False)
     with pytest.raises(ValueError, match="ambiguous"):  # 1 + 2x4 (p=16) or 7 + 1x2 (p=32)
         resolve_layout("l", (1, 1 + 2 * 4, 8), None, (32, 64))
+    # One prefix token given: only p=16 fits (p=32 would leave 6 more tokens).
+    assert resolve_layout("l", (1, 1 + 2 * 4, 8), one, (32, 64)) == ResolvedLayout((2, 4), 1, False)
     cl = em.TokenLayout(channels_last=True)
     assert resolve_layout("l", (2, 4, 4, 8), cl, spatial) == ResolvedLayout((4, 4), 0, True)
     with pytest.raises(ValueError, match="cannot be inferred"):
@@ -192,6 +200,38 @@ def test_resolve_layout_rules() -> None:
         em.TokenLayout(grid=(0, 2))
     t = torch.randn(2, 4, 4, 8)
     assert tokens_to_spatial(t, ResolvedLayout((4, 4), 0, True)).shape == (2, 8, 4, 4)
+
+
+class SuffixTokens(nn.Module):
+    """Patch embedding of 4 x 4 patches, then 3 learned tokens *appended* after the patches."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.extra = nn.Parameter(torch.randn(1, 3, dim))
+        self.out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.out(torch.cat([t, self.extra.expand(x.shape[0], -1, -1)], dim=1))
+
+
+def test_suffix_tokens_are_ambiguous_and_a_layout_places_them() -> None:
+    torch.manual_seed(0)
+    model = SuffixTokens()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"ambiguous.*3 prefix token.*3 suffix token") as err:
+        em.compute_erf(model, x, layers=["out"])
+    assert "suffix_tokens" in str(err.value)  # says how to fix it
+    layout = em.TokenLayout(suffix_tokens=3)
+    r = em.compute_erf(model, x, layers=["out"], token_layout=layout)["out"]
+    # The centre patch token (4, 4) of the 8 x 8 grid is token 36: its 4 x 4 patch at 16..19.
+    ref = reference_token_erf(model, "out", x, token=4 * 8 + 4)
+    torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-9)
+    assert r.trf is not None and r.trf.clipped == ((16, 19), (16, 19))
+    assert r.centre_pixel == (18, 18) and r.centroid_offset == pytest.approx((0.0, 0.0), abs=0.5)
+    with pytest.raises(ValueError, match="do not fit"):
+        em.compute_erf(model, x, ["out"], token_layout=em.TokenLayout(grid=(8, 8), prefix_tokens=1))
 
 
 class SwinLike(nn.Module):

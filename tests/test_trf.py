@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._trf import theoretical_rf
@@ -548,3 +549,126 @@ def test_compiled_submodule_is_traced_analytically() -> None:
         trf = theoretical_rf(net, (3, 16, 16), ["1", "1._orig_mod.0"])
     assert trf["1"].method == "fx" and trf["1"].size == (5.0, 5.0)
     assert trf["1._orig_mod.0"].size == (5.0, 5.0)
+
+
+# ----------------------------------------------------------------------------- data-dependent
+
+
+class Deformable(nn.Module):
+    """torchvision's DeformConv2d: offsets predicted from the input, or fixed (a parameter)."""
+
+    def __init__(self, predicted: bool = True) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.predicted = predicted
+        self.offsets = nn.Conv2d(3, 2 * 3 * 3, 3, padding=1)
+        self.fixed = nn.Parameter(torch.full((1, 18, 16, 16), 0.0))
+        self.dc = DeformConv2d(3, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = self.offsets(x) if self.predicted else self.fixed.expand(x.shape[0], -1, -1, -1)
+        return self.out(self.dc(x, off))
+
+
+class GridSampler(nn.Module):
+    def __init__(self, predicted: bool = True) -> None:
+        super().__init__()
+        self.predicted = predicted
+        self.loc = nn.Conv2d(3, 2, 3, padding=1)
+        self.out = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.predicted:
+            grid = torch.tanh(self.loc(x)).permute(0, 2, 3, 1)
+        else:  # a fixed grid: the identity warp, shifted by 1 / 8
+            theta = x.new_tensor([[[1.0, 0.0, 0.125], [0.0, 1.0, 0.0]]]).expand(x.shape[0], -1, -1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return self.out(F.grid_sample(x, grid, align_corners=False))
+
+
+class PredictedBoxes(nn.Module):
+    """RoI-align of a box regressed from the image (a detection head's pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reg = nn.Linear(3, 4)
+        self.out = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xy = torch.sigmoid(self.reg(x.mean((2, 3)))) * 16.0  # a box inside the 16 x 16 input
+        sample = torch.arange(x.shape[0], dtype=x.dtype, device=x.device)[:, None]
+        boxes = torch.cat([sample, xy], dim=1)
+        return self.out(roi_align(x, boxes, output_size=4, aligned=True))
+
+
+class ComputedGather(nn.Module):
+    """Rows picked by an argmax over the image: indices computed from the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.conv(x).mean((1, 3)).argmax(1)  # (N,)
+        index = rows[:, None, None, None].expand(-1, x.shape[1], 1, x.shape[3])
+        return self.out(torch.gather(x, 2, index))
+
+
+@pytest.mark.parametrize(
+    ("model", "layer", "op", "methods"),
+    [
+        (Deformable, "out", "deform_conv2d", ("fx", "numeric")),
+        (GridSampler, "out", "grid_sample", ("fx", "numeric")),
+        (PredictedBoxes, "out", "roi_align", ("fx", "numeric")),
+        (ComputedGather, "out", "gather", ("numeric",)),
+    ],
+)
+def test_data_dependent_sampling_has_no_finite_trf(
+    model: type[nn.Module], layer: str, op: str, methods: tuple[str, ...]
+) -> None:
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = model()
+    for method in (*methods, "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ERFProbeWarning)  # auto: gather has no fx rule
+            trf = theoretical_rf(net, (3, 16, 16), [layer], method=method)[layer]  # type: ignore[arg-type]
+        assert trf.data_dependent and trf.is_global, (method, trf)
+        assert op in trf.reason and op in str(trf) and "data-dependent" in str(trf)
+        assert trf.size == (math.inf, math.inf)
+        assert trf.interval == ((-math.inf, math.inf),) * 2
+        assert not trf.local
+
+
+def test_fixed_sampling_positions_are_not_data_dependent() -> None:
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ERFProbeWarning)  # no fx rule: the numeric method
+        dc = theoretical_rf(Deformable(predicted=False), (3, 16, 16), ["out"])["out"]
+        gs = theoretical_rf(GridSampler(predicted=False), (3, 16, 16), ["out"])["out"]
+    # Fixed offsets: the numeric method measures the 3 x 3 kernel's taps, moved by the
+    # (small, positive) offsets its surrogate gives the offset parameter: at most one more.
+    assert not dc.data_dependent and not dc.is_global
+    assert dc.clipped[0][0] <= 7 and dc.clipped[0][1] >= 9 and max(dc.size) <= 4
+    # The fixed grid reads at most 2 neighbouring pixels per axis.
+    assert not gs.data_dependent and not gs.is_global and max(gs.size) <= 2
+    # Layers before the sampling op keep their finite field.
+    off = theoretical_rf(Deformable(), (3, 16, 16), ["offsets"])["offsets"]
+    assert not off.data_dependent and off.size == (3.0, 3.0)
+
+
+def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import erf_monitor._trf as trf_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this op has no dispatch-mode support")
+
+    monkeypatch.setattr(trf_module._DataDependence, "__torch_dispatch__", refuse)
+    trf = theoretical_rf(conv_stack(2, 3), (1, 16, 16), ["2"], method="numeric")["2"]
+    assert trf.size == (5.0, 5.0) and not trf.data_dependent

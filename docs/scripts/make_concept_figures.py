@@ -107,18 +107,15 @@ def erf_map() -> None:
     save(fig, "erf_map.png")
 
 
-def replknet() -> None:
+def modes() -> None:
     model = relu_stack(8)
     x = torch.randn(16, 1, 33, 33, generator=torch.Generator().manual_seed(1))
-    luo = em.compute_erf(model, x, layers=["14"])["14"]
-    rep = em.compute_erf(model, x, layers=["14"], mode="replknet")["14"]
-    fig = Figure(figsize=(5.0, 2.7), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, r, label in ((axes[0], luo, 'mode="luo"'), (axes[1], rep, 'mode="replknet"')):
-        show(
-            ax, r.heatmap.numpy(), f"{label}\nm(0.5) = {r.mass_extent(0.5)}, m(0.95) = {r.erf_size}"
-        )
-    save(fig, "replknet.png")
+    fig = Figure(figsize=(7.5, 2.8), dpi=100, layout="constrained")
+    for ax, mode in zip(fig.subplots(1, 3), ("luo", "replknet", "openerf")):
+        r = em.compute_erf(model, x, layers=["14"], mode=mode)["14"]  # type: ignore[arg-type]
+        title = f'mode="{mode}"\nm(0.5) = {r.mass_extent(0.5)}, m(0.95) = {r.erf_size}'
+        show(ax, r.heatmap.numpy(), title)
+    save(fig, "modes.png")
 
 
 def trf() -> None:
@@ -298,7 +295,7 @@ def main() -> None:
     for make in (
         hero,
         erf_map,
-        replknet,
+        modes,
         trf,
         mass_extent,
         coverage,

@@ -445,11 +445,16 @@ def gaussian_r2(heatmap: MapLike) -> float:
 def replknet_normalise(raw_sum_map: MapLike) -> torch.Tensor:
     """RepLKNet's display/analysis normalisation ``A = log10(map + 1) / max(log10(map + 1))``.
 
+    ``map`` is the *mean* over images of the per-image maps (RepLKNet's ``analyze_erf.py``
+    loads the average that ``visualize_erf.py`` saved); the log is not scale-free, so the
+    caller averages first (:func:`erf_monitor._probe.finalise_map`).
+
     Computed as ``log1p(map) / log1p(max(map))`` in float64 (the same value; ``log10(map + 1)``
     would round small gradients, e.g. ``1e-17``, to exactly 0).
 
     Args:
-        raw_sum_map: non-negative sum of relu'd gradients, spatial shape ``S``.
+        raw_sum_map: non-negative mean over images of the channel-summed relu'd gradients,
+            spatial shape ``S``.
 
     Returns:
         A float32 CPU tensor of shape ``S`` with values in ``[0, 1]`` and maximum 1; a map

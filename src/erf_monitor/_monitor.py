@@ -19,15 +19,15 @@ Coverage alert semantics (documented in ``ERFMonitor``):
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import math
-import random
+import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from torch import nn
 from erf_monitor._batch import find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
 from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor._modes import Mode
 from erf_monitor._options import (
     DEFAULT_MIN_COVERAGE,
     MinCoverage,
@@ -42,6 +43,7 @@ from erf_monitor._options import (
     OnInsufficient,
     ProbeInputs,
 )
+from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayoutArg, layouts_for
 from erf_monitor.sinks._base import Sink
 
@@ -68,27 +70,6 @@ _ADVICE = (
     "resolution, or a global operation (attention, squeeze-excitation); or watch a deeper layer "
     "or lower min_coverage."
 )
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
-    """Restore torch (CPU and CUDA), Python ``random`` and NumPy global RNG states on exit."""
-    py_state = random.getstate()
-    np_state: Any = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None  # type: ignore[assignment]
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        if np is not None:
-            np.random.set_state(np_state)
 
 
 def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -176,7 +157,7 @@ class MonitorEngine:
         self.source = opts.source
         self.input_key = opts.input_key
         self.forward_fn = opts.forward_fn
-        self.mode: Literal["luo", "replknet"] = opts.mode
+        self.mode: Mode = opts.mode
         self.seed = opts.seed
         self.prefix = opts.prefix
         self.render_kwargs = dict(opts.render_kwargs)
@@ -199,6 +180,7 @@ class MonitorEngine:
         self._thresholds: dict[str, float] = {}
         self._disabled: str | None = None
         self._reported: set[str] = set()
+        self._contradicted: set[str] = set()
         self.latest: ERFResults | None = None
         self.set_sinks(())
 
@@ -251,16 +233,20 @@ class MonitorEngine:
             self.set_probe_batch(x)
 
     def capture_from_loader(self, loader: Any) -> None:
-        """Take the probe batch from the first batch of ``loader`` without disturbing any RNG."""
+        """Take the probe batch from ``loader``'s first ``num_samples`` items (dataset order).
+
+        The loader itself is never iterated (no sampler, worker or persistent-iterator state
+        changes) and every random stream is restored: see :func:`erf_monitor._loaders.first_items`.
+        """
+        from erf_monitor._loaders import first_items
+
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         elif isinstance(loader, Mapping):
             loader = next(iter(loader.values()), None)
         if loader is None:
             raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
-        with preserved_rng():
-            batch = next(iter(loader))
-        self.set_probe_batch(find_image(batch, self.input_key))
+        self.set_probe_batch(find_image(first_items(loader, self.num_samples), self.input_key))
 
     # ------------------------------------------------------------------ schedule
     def should_probe(self, step: int, force: bool = False) -> bool:
@@ -306,6 +292,7 @@ class MonitorEngine:
                         names,
                         forward_fn=self.forward_fn,
                         token_layout=layouts_for(self.token_layout, names),
+                        mode=self.mode,
                     )
             finally:
                 for m, flag in flags:
@@ -372,6 +359,7 @@ class MonitorEngine:
 
         self._recorders = [_Recorder(s) for s in sinks]
         self.sinks = MultiSink(self._recorders)
+        self._mode_logged = False  # the mode's definition goes to new sinks with the next probe
 
     def _raise_sink_errors(self) -> None:
         for rec in self._recorders:
@@ -419,21 +407,34 @@ class MonitorEngine:
             self._warn_small_trf()  # outside the guard: ``-W error`` users get it raised
         assert self.layer_names is not None and self.trfs is not None
         try:
-            results, seconds = timed_compute_erf(
-                model,
-                self.probe_batch,
-                self.layer_names,
-                mode=self.mode,
-                chunk_size=self.chunk_size,
-                forward_fn=self.forward_fn,
-                trf=self.trfs,
-                token_layout=self.token_layout,
-            )
+            with warnings.catch_warnings():
+                for name in self._contradicted:  # the probe warned once already
+                    warnings.filterwarnings(
+                        "ignore", re.escape(f"Layer {name!r}: ") + ".*outside the clipped TRF"
+                    )
+                results, seconds = timed_compute_erf(
+                    model,
+                    self.probe_batch,
+                    self.layer_names,
+                    mode=self.mode,
+                    chunk_size=self.chunk_size,
+                    forward_fn=self.forward_fn,
+                    trf=self.trfs,
+                    token_layout=self.token_layout,
+                )
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
             return outcome
         outcome.results, outcome.seconds = results, seconds
         self.latest = results
+        for name, r in results.items():
+            trf = self.trfs.get(name)
+            if r.trf_issue is not None and trf is not None and name not in self._contradicted:
+                # The map contradicts the TRF: it is reported unknown from now on (the probe
+                # rejects it again each time, silently). Its geometry still gives the seed
+                # unit's centre, so metrics stay comparable; no more cropping to it.
+                self._contradicted.add(name)
+                self.trfs[name] = dataclasses.replace(trf, local=False)
         for name, values in results.scalars().items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)
@@ -441,8 +442,10 @@ class MonitorEngine:
             from erf_monitor.sinks import log_results
 
             log_results(
-                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs
-            )
+                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs,
+                mode_text=not self._mode_logged,
+            )  # fmt: skip
+            self._mode_logged = True
             self.sinks.log_scalars({f"{self.prefix}/probe_time_s": float(seconds)}, step)
         except Exception as exc:
             self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)

@@ -19,6 +19,7 @@ from torch import nn
 from typing_extensions import TypedDict
 
 from erf_monitor._batch import InputKey
+from erf_monitor._modes import Mode, check_mode
 from erf_monitor._tokens import TokenLayoutArg, check_token_layout
 
 __all__ = [
@@ -39,7 +40,6 @@ OnInsufficient = Literal["warn", "raise", "stop"]
 ProbeInputs = Literal["train", "val", "noise"] | torch.Tensor
 MinCoverage = float | Mapping[str, float] | None
 ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
-Mode = Literal["luo", "replknet"]
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -101,7 +101,8 @@ class MonitorOptions:
         forward_fn: ``forward_fn(model, images)`` runs the model on an image batch, for
             models whose ``forward`` does not take the image directly (default
             ``model(images)``).
-        mode: ``"luo"`` or ``"replknet"`` (see :func:`~erf_monitor.compute_erf`).
+        mode: ``"luo"``, ``"replknet"`` or ``"openerf"``: the ERF convention (see
+            :func:`~erf_monitor.compute_erf`).
         chunk_size: probe at most this many samples at a time (bounds memory).
         seed: seed of the ``"noise"`` probe batch.
         prefix: top-level key of everything logged (``"erf"``).
@@ -189,8 +190,7 @@ class MonitorOptions:
             raise TypeError(f"input_key must be a str, an int or a callable, got {key!r}")
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"forward_fn must be callable(model, x), got {self.forward_fn!r}")
-        if self.mode not in ("luo", "replknet"):
-            raise ValueError(f"mode must be 'luo' or 'replknet', got {self.mode!r}")
+        check_mode(self.mode)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.prefix, str) or not self.prefix:

@@ -1,11 +1,23 @@
 """The probe: centre-pixel ERF maps of several layers from one forward and batched backwards.
 
-Design in one paragraph: forward hooks capture each watched layer's first output; once all
-are captured the forward is aborted (nothing deeper runs). For each layer a scalar seed
-``sum_{n,k} y[n, k, c']`` is differentiated w.r.t. the *input only* (``torch.autograd.grad``),
-so per-sample gradients come out of one batched backward — samples do not interact in eval
-mode — and no parameter's ``.grad`` is touched. Everything the probe changes (training flags,
-buffers in train mode, RNG streams, hooks, autocast, compile stance) is restored in ``finally``.
+Design in one paragraph: a forward hook on each watched layer turns the layer's first output
+into its seed right away (token layout applied, the seed unit indexed and *cloned*), so that
+in-place operations later in the forward (``ReLU(inplace=True)``, ``out += identity``) cannot
+change it: the backward then flows through the graph as it was when the hook ran. Once every
+layer has its seed the forward is aborted (nothing deeper runs). For each layer the scalar
+seed (``sum_{n,k} y[n, k, c']`` in Luo's mode, see :mod:`erf_monitor._modes`) is
+differentiated w.r.t. the *input only* (``torch.autograd.grad``), so per-sample gradients come
+out of one batched backward — samples do not interact in eval mode — and no parameter's
+``.grad`` is touched. Should a later in-place op modify a tensor that the layer's own backward
+needs, autograd's version counters refuse the backward, and that layer is probed again on its
+own (its forward then stops in its hook, so nothing runs after it). The model gets a copy of
+the input, so a model that normalises its input in place works too. Everything the probe
+changes (training flags, buffers in train mode, every RNG stream, hooks, autocast, compile
+stance) is restored in ``finally``.
+
+Every map is checked against the layer's TRF (the consistency check, on every probe): mass
+outside a finite clipped TRF means the TRF is wrong; it is then reported unknown (warning
+with the layer and the amount). Inputs with NaN/Inf values are refused.
 
 Cropping (the fast path for inputs larger than a layer's TRF): nothing outside a layer's
 clipped TRF can reach its centre unit, so when every operation on the way is local and
@@ -29,7 +41,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -38,8 +50,10 @@ from torch import nn
 from erf_monitor import _metrics
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
 from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
+from erf_monitor._modes import Mode, check_mode, sample_maps, seed_index, seed_value
 from erf_monitor._outputs import to_spatial, warn_if_degenerate_seed
-from erf_monitor._result import ERFResult, ERFResults, Mode
+from erf_monitor._result import ERFResult, ERFResults
+from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for
 from erf_monitor._types import TRF
 
@@ -61,8 +75,15 @@ def _default_forward(model: nn.Module, x: torch.Tensor) -> Any:
 
 @dataclass
 class _Capture:
-    output: Any = None
+    """What a layer's forward hook kept of its first output."""
+
     calls: int = 0
+    unit: torch.Tensor | None = None  # the seed unit (N, K), cloned inside the hook
+    index: tuple[int, ...] = ()  # its index on the (possibly cropped) output grid
+    grid: tuple[int, ...] = ()  # the output's spatial shape
+    tokens: bool = False  # the output was read on its token grid
+    outside: bool = False  # a cropped output that does not hold the seed unit
+    error: Exception | None = None  # raised in the hook; re-raised after the forward
 
 
 def _model_device_dtype(model: nn.Module, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
@@ -79,9 +100,8 @@ def _probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> It
     buffers = (
         [(b, b.detach().clone()) for b in model.buffers() if b is not None] if train_mode else []
     )
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+        stack.enter_context(preserved_rng(device))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for dev_type in {"cpu", device.type}:
@@ -101,6 +121,16 @@ def _probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> It
                     b.copy_(saved)
 
 
+def _non_finite_error(inputs: torch.Tensor) -> ValueError:
+    bad = (~torch.isfinite(inputs.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return ValueError(
+        f"The probe input of shape {tuple(inputs.shape)} contains NaN or Inf values (in "
+        f"sample(s) {shown}): an ERF of non-finite inputs means nothing, so none is computed. "
+        "Probe finite images."
+    )
+
+
 def _as_probe_input(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
@@ -114,30 +144,32 @@ def _as_probe_input(inputs: torch.Tensor, device: torch.device, dtype: torch.dty
         raise ValueError(f"At most 3 spatial dims are supported; got shape {tuple(inputs.shape)}.")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+    if inputs.numel() and not bool(torch.isfinite(inputs.detach()).all()):
+        raise _non_finite_error(inputs)
     # Cloning outside inference mode turns an inference tensor into a normal leaf.
     with torch.inference_mode(False):
         x = inputs.detach().to(device=device, dtype=dtype).clone()
+    if not bool(torch.isfinite(x).all()):  # finite values that overflow the probe dtype
+        raise _non_finite_error(x)
     return x.requires_grad_(True)
 
 
-def _centre_index(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(s // 2 for s in shape)
+def proportional_centre(
+    index: tuple[int, ...], grid: tuple[int, ...], spatial: tuple[int, ...]
+) -> tuple[float, ...]:
+    """Where output unit ``index`` of a ``grid`` would sit if it spread evenly over the input.
+
+    ``(i + 0.5) * S / S' - 0.5`` per dim: the theoretical centre of a unit whose field is the
+    whole input (a global dim); the input's middle for an output without a grid.
+    """
+    if not grid:
+        return tuple((s - 1) / 2 for s in spatial)
+    return tuple((i + 0.5) * s / g - 0.5 for i, s, g in zip(index, spatial, grid))
 
 
-def _centre_pixel(
-    trf: TRF | None, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
-) -> tuple[int, ...]:
-    if trf is not None:
-        centre = trf.centre
-    elif out_shape:
-        centre = tuple(
-            (c + 0.5) * s_in / s_out - 0.5
-            for c, s_in, s_out in zip(_centre_index(out_shape), in_shape, out_shape)
-        )
-    else:
-        centre = tuple((s - 1) / 2 for s in in_shape)
-    # Round half up, clamped into the input.
-    return tuple(min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, in_shape))
+def _round_centre(centre: Sequence[float], spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Round half up, clamped into the input."""
+    return tuple(min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, spatial))
 
 
 def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
@@ -152,13 +184,23 @@ def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
     )
 
 
+#: ``take(name, output, capture)``: what a hook keeps of a layer's first output.
+_Take = Callable[[str, Any, _Capture], None]
+
+
 def _run_forward(
     net: nn.Module,
     forward_fn: ForwardFn,
     x: torch.Tensor,
     layers: Sequence[str],
+    take: _Take,
 ) -> dict[str, _Capture]:
-    """One forward with hooks; stops as soon as every layer has produced an output."""
+    """One forward with hooks; stops as soon as every layer has produced an output.
+
+    Each layer's first output is handed to ``take`` inside the hook, before anything else in
+    the forward can modify it. The model runs on a copy of ``x`` (differentiable), so that an
+    in-place operation on its input changes neither ``x`` nor the gradient w.r.t. ``x``.
+    """
     captures = {name: _Capture() for name in layers}
     pending = set(layers)
     handles = []
@@ -168,7 +210,10 @@ def _run_forward(
             cap = captures[name]
             cap.calls += 1
             if cap.calls == 1:
-                cap.output = out
+                try:
+                    take(name, out, cap)
+                except Exception as exc:  # raised after the forward: the model may catch it
+                    cap.error = exc
                 pending.discard(name)
                 if not pending:
                     raise _StopForward
@@ -179,7 +224,7 @@ def _run_forward(
         for name in layers:
             handles.append(get_module(net, name).register_forward_hook(make_hook(name)))
         with contextlib.suppress(_StopForward):
-            forward_fn(net, x)
+            forward_fn(net, x.clone())
     except (ValueError, TypeError, ERFProbeError):
         raise
     except Exception as exc:  # the user's model failed: say so, with the input shape
@@ -187,6 +232,10 @@ def _run_forward(
     finally:
         for h in handles:
             h.remove()
+    for name in layers:
+        err = captures[name].error
+        if err is not None:
+            raise err
     missing = [n for n in layers if captures[n].calls == 0]
     if missing:
         raise ValueError(
@@ -197,20 +246,16 @@ def _run_forward(
     return captures
 
 
-def _seed(out: torch.Tensor, mode: Mode, centre_idx: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Scalar whose input gradient is the sum over samples of each sample's ERF gradient.
+def _seed_unit(out: torch.Tensor, index: tuple[int, ...]) -> torch.Tensor:
+    """The seed unit ``(N, K)`` of a spatial output ``(N, K, *S')`` (a flat one is all of it).
 
-    ``centre_idx`` is the centre unit's index in ``out``'s spatial dims (default: ``S' // 2``;
-    a cropped forward passes the full output's centre mapped into the crop).
+    A clone: in-place operations after the hook cannot change its value, and its gradient
+    flows through the graph as it was when the hook ran.
     """
-    centre = out
-    if out.dim() > 2:
-        idx = _centre_index(out.shape[2:]) if centre_idx is None else centre_idx
-        index: tuple[int | slice, ...] = (slice(None), slice(None), *idx)
-        centre = out[index]
-    if mode == "replknet":
-        centre = torch.relu(centre)
-    return centre.float().sum()
+    if out.dim() == 2:
+        return out.clone()
+    box: tuple[int | slice, ...] = (slice(None), slice(None), *index)
+    return out[box].clone()
 
 
 #: A layer is cropped only if its window is at most this fraction of the input (area).
@@ -295,10 +340,13 @@ def _crop_window(trf: TRF | None, spatial: tuple[int, ...]) -> _Window | None:
     if strides is None:
         return None
     start, stop = [], []
-    for (lo, hi), s, size in zip(trf.clipped, strides, spatial):
-        a = max(int(lo) - _CROP_MARGIN, 0)
+    for (lo, hi), (u_lo, u_hi), s, size in zip(trf.clipped, trf.interval, strides, spatial):
+        # A field reaching beyond a border reads that border's padding (its in-bounds hull can
+        # end earlier, between dilated taps): the window keeps the border, so that padding,
+        # and the output grid that depends on it, stay as they are.
+        a = 0 if u_lo < 0 else max(int(lo) - _CROP_MARGIN, 0)
         start.append(a - a % s)
-        stop.append(min(int(hi) + 1 + _CROP_MARGIN, size))
+        stop.append(size if u_hi > size - 1 else min(int(hi) + 1 + _CROP_MARGIN, size))
     window = _Window(tuple(start), tuple(stop))
     if window.shape == spatial:
         return None
@@ -377,22 +425,12 @@ def _without_cropping(groups: list[_Group], moved: list[str], names: Sequence[st
     return [*out, _Group(None, [n for n in names if n in full])]
 
 
-def _seed_index(
-    trf: TRF | None, window: _Window | None, out: torch.Tensor
-) -> tuple[int, ...] | None:
-    """The full output's centre unit as an index of the (cropped) output, ``None`` for full.
-
-    Raises ``LookupError`` when the cropped output does not hold that unit.
-    """
-    if window is None or out.dim() <= 2:
-        return None
+def _crop_index(trf: TRF | None, window: _Window) -> tuple[int, ...]:
+    """The seed unit (``trf.output_centre``) as an index of the output of the cropped input."""
     assert trf is not None
     strides = _integer_strides(trf)
     assert strides is not None
-    idx = tuple(c - a // s for c, a, s in zip(trf.output_centre, window.start, strides))
-    if any(not 0 <= i < n for i, n in zip(idx, out.shape[2:])):
-        raise LookupError
-    return idx
+    return tuple(c - a // s for c, a, s in zip(trf.output_centre, window.start, strides))
 
 
 def _margin_clear(grad: torch.Tensor, window: _Window, spatial: tuple[int, ...]) -> bool:
@@ -406,6 +444,21 @@ def _margin_clear(grad: torch.Tensor, window: _Window, spatial: tuple[int, ...])
     return True
 
 
+@dataclass
+class _Acc:
+    """What the probe accumulates per layer over chunks."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_sample: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    grids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def _is_inplace_error(exc: RuntimeError) -> bool:
+    return "modified by an inplace operation" in str(exc)
+
+
 def _probe_group(
     net: nn.Module,
     fwd: ForwardFn,
@@ -414,20 +467,18 @@ def _probe_group(
     trfs: Mapping[str, TRF | None],
     spatial: tuple[int, ...],
     mode: Mode,
-    sums: dict[str, torch.Tensor],
-    per_sample: dict[str, list[torch.Tensor]],
-    out_shapes: dict[str, tuple[int, ...]],
-    calls: dict[str, int],
+    acc: _Acc,
     keep_per_sample: bool,
     layouts: Mapping[str, TokenLayout] | None = None,
     rejected: list[str] | None = None,
-) -> set[str]:
+) -> tuple[set[str], list[str]]:
     """One forward (early exit) and one input-only backward per layer of ``group``.
 
-    Adds each layer's maps to ``sums`` / ``per_sample`` and returns the layers done. A layer
-    of a cropped group that cannot be reproduced exactly (the cropped forward fails, the
-    cropped output lacks the centre unit, or the gradient reaches the crop margin) is left
-    out, for the caller to run on the full input.
+    Adds each layer's maps to ``acc`` and returns ``(done, alone)``. A layer of a cropped
+    group that cannot be reproduced exactly (the cropped forward fails, the cropped output
+    lacks the seed unit, or the gradient reaches the crop margin) is in neither, for the
+    caller to run on the full input; ``alone`` are layers whose backward autograd refused
+    because a later in-place op modified a tensor it needs: the caller probes each alone.
     """
     window = group.window
     names = group.layers
@@ -436,51 +487,70 @@ def _probe_group(
         box: tuple[slice, ...] = (slice(None), slice(None), *window.slices)
         x = x[box].contiguous()
     x.requires_grad_(True)
+    nd = len(spatial)
+
+    def take(name: str, out: Any, cap: _Capture) -> None:
+        y = to_spatial(
+            name, out, nd, layout=(layouts or {}).get(name), model=net, input_spatial=spatial
+        )
+        cap.tokens = y is not out  # to_spatial returns conv-like and flat outputs as they are
+        cap.grid = tuple(y.shape[2:])
+        if window is None:
+            cap.index = seed_index(mode, cap.grid, cap.tokens)
+        else:
+            cap.index = _crop_index(trfs.get(name), window)
+            if any(not 0 <= i < g for i, g in zip(cap.index, cap.grid)):
+                cap.outside = True
+                return
+        cap.unit = _seed_unit(y, cap.index)
+
     try:
-        captures = _run_forward(net, fwd, x, names)
+        captures = _run_forward(net, fwd, x, names, take)
     except (ValueError, ERFProbeError):
         if window is None:
             raise
         if rejected is not None:  # e.g. a ViT that only accepts its own image size
             rejected.extend(names)
-        return set()
-    outs = {
-        name: to_spatial(
-            name,
-            captures[name].output,
-            len(spatial),
-            layout=(layouts or {}).get(name),
-            model=net,
-            input_spatial=spatial,
-        )
-        for name in names
-    }
+        return set(), []
     done: set[str] = set()
+    alone: list[str] = []
     try:
         for i, name in enumerate(names):
-            out = outs[name]
+            cap = captures[name]
+            unit = cap.unit
             last = i == len(names) - 1
-            try:
-                idx = _seed_index(trfs.get(name), window, out)
-            except LookupError:
+            if unit is None:  # cropped output without the seed unit
                 continue
-            warn_if_degenerate_seed(name, out, mode, idx)
-            (grad,) = torch.autograd.grad(
-                _seed(out, mode, idx), x, retain_graph=not last, allow_unused=True
-            )
+            if not bool(torch.isfinite(unit).all()):
+                raise ERFProbeError(
+                    f"Layer {name!r}: its output at the seed unit contains NaN or Inf (output "
+                    f"grid {cap.grid}). The model or its weights produce non-finite values on "
+                    "the probe input; check for NaN weights or overflowing activations."
+                )
+            # The degenerate case (a constant channel sum or mean) is the same in both modes.
+            warn_if_degenerate_seed(name, unit, "luo" if mode == "openerf" else mode)
+            try:
+                (grad,) = torch.autograd.grad(
+                    seed_value(unit, mode), x, retain_graph=not last, allow_unused=True
+                )
+            except RuntimeError as exc:
+                if _is_inplace_error(exc) and len(names) > 1:
+                    alone.append(name)
+                    continue
+                raise ERFProbeError(
+                    f"Layer {name!r}: the backward failed: {str(exc).splitlines()[0]}"
+                ) from exc
             if grad is None:  # the layer does not depend on the input at all
                 grad = torch.zeros_like(x)
             if not torch.isfinite(grad).all():
                 raise ERFProbeError(
-                    f"Layer {name!r}: the ERF gradient contains NaN or Inf (output shape "
-                    f"{tuple(out.shape)}). The model or its weights produce non-finite values "
+                    f"Layer {name!r}: the ERF gradient contains NaN or Inf (output grid "
+                    f"{cap.grid}). The model or its weights produce non-finite values "
                     "on the probe input; check for NaN weights or overflowing activations."
                 )
             if window is not None and not _margin_clear(grad, window, spatial):
                 continue
-            grad = grad.float()
-            maps = (grad.clamp_min(0) if mode == "replknet" else grad.abs()).sum(1)
-            maps = maps.detach().cpu()
+            maps = sample_maps(grad, mode).detach().cpu()
             if window is not None:
                 placed = maps.new_zeros((maps.shape[0], *spatial))
                 rows: tuple[slice, ...] = (slice(None), *window.slices)
@@ -488,17 +558,19 @@ def _probe_group(
                 maps = placed
                 layer_trf = trfs.get(name)
                 assert layer_trf is not None
-                out_shapes[name] = tuple(layer_trf.output_shape)
+                acc.grids[name] = tuple(layer_trf.output_shape)
+                acc.indices[name] = tuple(layer_trf.output_centre)
             else:
-                out_shapes[name] = tuple(out.shape[2:])
-            calls[name] = max(calls.get(name, 0), captures[name].calls)
-            sums[name] = sums[name] + maps.sum(0) if name in sums else maps.sum(0)
+                acc.grids[name] = cap.grid
+                acc.indices[name] = cap.index
+            acc.calls[name] = max(acc.calls.get(name, 0), cap.calls)
+            acc.sums[name] = acc.sums[name] + maps.sum(0) if name in acc.sums else maps.sum(0)
             if keep_per_sample:
-                per_sample[name].append(maps)
+                acc.per_sample.setdefault(name, []).append(maps)
             done.add(name)
     finally:
-        del captures, outs, x
-    return done
+        del captures, x
+    return done, alone
 
 
 def _layouts_by_name(
@@ -506,6 +578,67 @@ def _layouts_by_name(
 ) -> dict[str, TokenLayout]:
     """``token_layout`` as ``{layer: TokenLayout}`` for the probed layers (names or globs)."""
     return layouts_for(token_layout, names)
+
+
+def _usable_trfs(
+    trfs: Mapping[str, TRF | None], names: Sequence[str], spatial: tuple[int, ...], mode: Mode
+) -> dict[str, TRF | None]:
+    """Given TRFs that describe the probed unit on this input shape; the others dropped, warned."""
+    out: dict[str, TRF | None] = {}
+    for name in names:
+        t = trfs.get(name)
+        if t is not None:
+            why = ""
+            if tuple(t.input_shape) != spatial:
+                why = f"it was computed for input shape {tuple(t.input_shape)}, not {spatial}"
+            elif tuple(t.output_centre) != seed_index(mode, tuple(t.output_shape), t.tokens):
+                why = (
+                    f"it describes output unit {tuple(t.output_centre)}, but mode={mode!r} "
+                    f"seeds unit {seed_index(mode, tuple(t.output_shape), t.tokens)} "
+                    "(compute it with theoretical_rf(..., mode=mode))"
+                )
+            if why:
+                warnings.warn(
+                    f"Layer {name!r}: the TRF passed is not used: {why}.",
+                    ERFProbeWarning,
+                    stacklevel=3,
+                )
+                t = None
+        out[name] = t
+    return out
+
+
+def _geometry(
+    net: nn.Module,
+    input_shape: tuple[int, ...],
+    names: Sequence[str],
+    forward_fn: ForwardFn | None,
+    layouts: Mapping[str, TokenLayout],
+    mode: Mode,
+) -> dict[str, TRF]:
+    """The TRF analysis used only for the seed units' theoretical centres (silent; ``{}`` if
+    the model cannot be analysed)."""
+    from erf_monitor._trf import theoretical_rf
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return theoretical_rf(
+                net, input_shape, names, forward_fn=forward_fn, token_layout=layouts, mode=mode
+            )
+    except Exception:
+        return {}
+
+
+def mass_outside(total: torch.Tensor, trf: TRF) -> float:
+    """Fraction of a map's mass outside the clipped TRF box (0.0 exactly when none is)."""
+    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in trf.clipped)
+    outside = total.detach().double().abs().clone()
+    outside[box] = 0.0
+    spill = float(outside.sum())
+    if spill == 0.0:
+        return 0.0
+    return spill / float(total.detach().double().abs().sum())
 
 
 def compute_erf(
@@ -528,12 +661,16 @@ def compute_erf(
 
     Args:
         model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly).
-        inputs: probe batch ``(N, C, *S)`` with 1 to 3 spatial dims. Never modified.
+        inputs: probe batch ``(N, C, *S)`` with 1 to 3 spatial dims, finite. Never modified.
         layers: layer names (as in ``model.named_modules()``), globs, or ``"auto"`` (one layer
             per spatial resolution stage).
-        mode: ``"luo"`` (Luo et al.: mean over samples of channel-summed ``|gradient|``) or
-            ``"replknet"`` (relu seed, relu gradient, summed, ``log10(x + 1) / max``) for
-            numbers comparable with RepLKNet's published ones.
+        mode: the published convention to follow (exact definitions in
+            ``docs/concepts.md``; every result records it): ``"luo"`` (Luo et al.: mean over
+            samples of the channel-summed ``|gradient|``), ``"replknet"`` (RepLKNet's
+            ``visualize_erf.py`` + ``analyze_erf.py``: relu seed, channel sum of the relu'd
+            gradient, mean over samples, then ``log10(x + 1) / max``) or ``"openerf"``
+            (OpenERF / Kim et al. 2023: channel-mean seed, upper-left central token on even
+            token grids, clamped channel mean of the gradient, normalised to total mass 1).
         num_samples: use only the first ``num_samples`` of ``inputs``.
         chunk_size: probe at most this many samples at a time (bounds memory; maps are
             accumulated exactly). Default ``None``: at most 32 samples and at most about
@@ -546,9 +683,13 @@ def compute_erf(
             per-sample) and dropout is active; buffers and RNG are still restored.
         dtype: probe dtype; default float32 (or the parameters' dtype for half models).
             Autocast is disabled during the probe.
-        keep_per_sample: also return the per-sample maps ``(N, *S)``.
-        trf: precomputed TRFs per layer, ``"auto"`` to compute them with
-            :func:`theoretical_rf`, or ``"skip"`` (then ``ratio`` is NaN).
+        keep_per_sample: also return the per-sample maps ``(N, *S)`` (before the mode's
+            normalisation over samples).
+        trf: precomputed TRFs per layer (from :func:`theoretical_rf` with the same ``mode``
+            and input shape; others are warned about and not used), ``"auto"`` to compute
+            them, or ``"skip"`` not to report or use any (``ratio`` is then NaN and nothing is
+            cropped). Metrics do not depend on this choice: they are centred on the seed
+            unit's theoretical centre, which comes from the layer geometry in every case.
         crop: run each layer's forward and backward on a stride-aligned crop of the input
             that contains its TRF (exact: nothing outside the TRF reaches the centre unit).
             ``"auto"`` crops where the window is clearly smaller than the input and shares
@@ -568,9 +709,14 @@ def compute_erf(
         An ordered mapping ``layer -> ERFResult``.
 
     Raises:
-        ValueError: unknown layer, a layer not reached, input without spatial dims, an output
-            that is not conv-like.
-        ERFProbeError: the forward failed, or a gradient contains NaN/Inf.
+        ValueError: unknown layer, a layer not reached, input without spatial dims or with
+            NaN/Inf values, an output that is not conv-like.
+        ERFProbeError: the forward failed, or the seed unit or a gradient contains NaN/Inf.
+
+    Every random stream (torch CPU/CUDA, Python ``random``, NumPy's global generator) is left
+    as it was. Each map is checked against its layer's TRF: mass outside a finite clipped TRF
+    means the TRF is wrong, so it is reported unknown (``trf`` ``None``, ``trf_issue`` says
+    why) with an :class:`~erf_monitor.ERFProbeWarning` naming the layer and the amount.
 
     Examples:
         >>> import torch, erf_monitor as em
@@ -581,13 +727,35 @@ def compute_erf(
         >>> bool(res["1"].heatmap[0, 0] == 0)  # outside the 5x5 TRF: no influence at all
         True
     """
-    if mode not in ("luo", "replknet"):
-        raise ValueError(f"mode must be 'luo' or 'replknet', got {mode!r}")
+    mode = check_mode(mode)
     if crop not in (True, False, "auto"):
         raise ValueError(f"crop must be True, False or 'auto', got {crop!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     net = unwrap_compiled(model)
+    device, _ = _model_device_dtype(net, inputs)
+    with preserved_rng(device):
+        return _compute_erf(
+            net, inputs, layers, mode, num_samples, chunk_size, forward_fn, train_mode, dtype,
+            keep_per_sample, trf, crop, token_layout,
+        )  # fmt: skip
+
+
+def _compute_erf(
+    net: nn.Module,
+    inputs: torch.Tensor,
+    layers: str | Sequence[str],
+    mode: Mode,
+    num_samples: int | None,
+    chunk_size: int | None,
+    forward_fn: ForwardFn | None,
+    train_mode: bool,
+    dtype: torch.dtype | None,
+    keep_per_sample: bool,
+    trf: Mapping[str, TRF | None] | Literal["auto", "skip"],
+    crop: CropOption,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None,
+) -> ERFResults:
     fwd = forward_fn or _default_forward
     device, param_dtype = _model_device_dtype(net, inputs)
     if dtype is None:
@@ -603,28 +771,32 @@ def compute_erf(
 
     if isinstance(layers, str) and layers == "auto":
         with _probe_state(net, False, device):
-            names = auto_layers(net, x_all[:1].detach(), fwd)
+            names = auto_layers(net, x_all[:1].detach().clone(), fwd)
     else:
         names = resolve_layers(net, layers)
 
-    trfs: Mapping[str, TRF | None]
+    trfs: dict[str, TRF | None]
+    geometry: Mapping[str, TRF | None]
     layouts = _layouts_by_name(token_layout, names)
+    input_shape = tuple(x_all.shape[1:])
     if trf == "auto":
         from erf_monitor._trf import theoretical_rf
 
-        trfs = theoretical_rf(
-            net, tuple(x_all.shape[1:]), names, forward_fn=forward_fn, token_layout=layouts
+        trfs = dict(
+            theoretical_rf(
+                net, input_shape, names, forward_fn=forward_fn, token_layout=layouts, mode=mode
+            )
         )
+        geometry = trfs
     elif trf == "skip":
         trfs = {}
+        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode)
     else:
-        trfs = trf
+        trfs = _usable_trfs(trf, names, spatial, mode)
+        geometry = trfs
 
     groups = _plan_groups(names, trfs, spatial, crop, train_mode)
-    sums: dict[str, torch.Tensor] = {}
-    per_sample: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    out_shapes: dict[str, tuple[int, ...]] = {}
-    calls: dict[str, int] = {}
+    acc = _Acc()
     fell_back: list[str] = []
     rejected: list[str] = []  # cropped forward failed: a quiet fallback, not a TRF bug
     step = chunk_size or _default_chunk(n, spatial, device)
@@ -633,20 +805,60 @@ def compute_erf(
             x_chunk = x_all[start : start + step].detach()
             redo: list[str] = []
             for group in groups:
-                done = _probe_group(
-                    net, fwd, x_chunk, group, trfs, spatial, mode, sums, per_sample,
-                    out_shapes, calls, keep_per_sample, layouts, rejected,
+                done, alone = _probe_group(
+                    net, fwd, x_chunk, group, trfs, spatial, mode, acc, keep_per_sample,
+                    layouts, rejected,
                 )  # fmt: skip
+                for name in alone:  # its forward now stops in its own hook
+                    more, _ = _probe_group(
+                        net, fwd, x_chunk, _Group(group.window, [name]), trfs, spatial, mode,
+                        acc, keep_per_sample, layouts, rejected,
+                    )  # fmt: skip
+                    done |= more
                 redo += [name for name in group.layers if name not in done]
             if redo:  # cropping did not reproduce these layers: run them on the full input
                 fell_back += redo
-                _probe_group(
-                    net, fwd, x_chunk, _Group(None, redo), trfs, spatial, mode, sums,
-                    per_sample, out_shapes, calls, keep_per_sample, layouts,
+                done, alone = _probe_group(
+                    net, fwd, x_chunk, _Group(None, redo), trfs, spatial, mode, acc,
+                    keep_per_sample, layouts,
                 )  # fmt: skip
+                for name in alone:
+                    _probe_group(
+                        net, fwd, x_chunk, _Group(None, [name]), trfs, spatial, mode, acc,
+                        keep_per_sample, layouts,
+                    )  # fmt: skip
                 groups = _without_cropping(groups, redo, names)
             del x_chunk
-    fell_back = [name for name in fell_back if name not in rejected]
+
+    results: dict[str, ERFResult] = {}
+    for name in names:
+        total = acc.sums[name]
+        heat = finalise_map(total, n, mode)
+        if not bool((heat > 0).any()):
+            warnings.warn(
+                f"Layer {name!r}: the ERF gradient is zero everywhere (dead ReLUs, or a layer "
+                "that does not depend on the input); its map is all zeros.",
+                ERFProbeWarning,
+                stacklevel=3,
+            )
+        grid, index = acc.grids[name], acc.indices[name]
+        centre = _unit_centre(name, geometry.get(name), grid, index, spatial)
+        layer_trf, issue = _checked_trf(name, trfs.get(name), total)
+        results[name] = ERFResult(
+            name=name,
+            heatmap=heat,
+            trf=layer_trf,
+            mode=mode,
+            num_samples=n,
+            output_shape=grid,
+            centre_pixel=_round_centre(centre, spatial),
+            per_sample=torch.cat(acc.per_sample[name]) if keep_per_sample else None,
+            num_calls=acc.calls[name],
+            centre=centre,
+            trf_issue=issue,
+        )
+    # Layers whose TRF the map contradicts were just warned about: that is why.
+    fell_back = [n for n in fell_back if n not in rejected and results[n].trf_issue is None]
     if fell_back:
         warnings.warn(
             f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
@@ -654,42 +866,76 @@ def compute_erf(
             "crop border); "
             "they were probed on the full input. Please report this with the model.",
             ERFProbeWarning,
-            stacklevel=2,
-        )
-
-    results: dict[str, ERFResult] = {}
-    for name in names:
-        heat = finalise_map(sums[name], n, mode)
-        if not bool((heat > 0).any()):
-            warnings.warn(
-                f"Layer {name!r}: the ERF gradient is zero everywhere (dead ReLUs, or a layer "
-                "that does not depend on the input); its map is all zeros.",
-                ERFProbeWarning,
-                stacklevel=2,
-            )
-        layer_trf = trfs.get(name)
-        results[name] = ERFResult(
-            name=name,
-            heatmap=heat,
-            trf=layer_trf,
-            mode=mode,
-            num_samples=n,
-            output_shape=out_shapes[name],
-            centre_pixel=_centre_pixel(layer_trf, out_shapes[name], spatial),
-            per_sample=torch.cat(per_sample[name]) if keep_per_sample else None,
-            num_calls=calls[name],
+            stacklevel=3,
         )
     return ERFResults(results)
+
+
+def _unit_centre(
+    name: str,
+    geometry: TRF | None,
+    grid: tuple[int, ...],
+    index: tuple[int, ...],
+    spatial: tuple[int, ...],
+) -> tuple[float, ...]:
+    """The seed unit's theoretical centre in input pixels, from the layer geometry.
+
+    Only when the geometry could not be analysed at all is the proportional estimate used,
+    with a warning (a number that may be off by the padding of a few layers).
+    """
+    if (
+        geometry is not None
+        and tuple(geometry.output_shape) == grid
+        and tuple(geometry.output_centre) == index
+        and tuple(geometry.input_shape) == spatial
+    ):
+        return tuple(float(c) for c in geometry.centre)
+    if grid:
+        warnings.warn(
+            f"Layer {name!r}: the layer geometry could not be analysed, so the theoretical "
+            f"centre of its seed unit {index} is estimated as (i + 0.5) * S / S' - 0.5; "
+            "mass squares and the centroid offset are measured around that estimate.",
+            ERFProbeWarning,
+            stacklevel=4,
+        )
+    return proportional_centre(index, grid, spatial)
+
+
+def _checked_trf(name: str, trf: TRF | None, total: torch.Tensor) -> tuple[TRF | None, str | None]:
+    """The consistency check: a finite TRF that the map has mass outside of is wrong."""
+    if trf is None or trf.is_global or tuple(trf.input_shape) != tuple(total.shape):
+        return trf, None
+    spill = mass_outside(total, trf)
+    if spill == 0.0:
+        return trf, None
+    issue = (
+        f"{spill:.3g} of the ERF mass lies outside the clipped TRF {trf.clipped} ({trf}): the "
+        "TRF analysis is wrong for this layer, so its TRF is reported unknown"
+    )
+    warnings.warn(
+        f"Layer {name!r}: {issue} (no ERF/TRF ratio). Please report this with the model.",
+        ERFProbeWarning,
+        stacklevel=4,
+    )
+    return None, issue
 
 
 def finalise_map(total: torch.Tensor, n: int, mode: Mode) -> torch.Tensor:
     """The published ERF map from the sum over ``n`` samples of the per-sample maps.
 
-    The one place where a mode's normalisation lives: a distributed probe sums the per-rank
-    sums and calls this once.
+    The one place where a mode's normalisation over samples lives: a distributed probe sums
+    the per-rank sums and calls this once. ``"luo"``: the mean; ``"replknet"``:
+    ``log10(mean + 1) / max`` (RepLKNet averages its per-image maps before the log);
+    ``"openerf"``: the sum divided by its total (mass 1).
     """
     total = total.double()
-    heat = _metrics.replknet_normalise(total) if mode == "replknet" else total / n
+    if mode == "replknet":
+        heat = _metrics.replknet_normalise(total / n)
+    elif mode == "openerf":
+        mass = total.sum()
+        heat = total / mass if float(mass) > 0 else torch.zeros_like(total)
+    else:
+        heat = total / n
     return heat.float().contiguous()
 
 

@@ -143,7 +143,7 @@ def _erf_interval(result: ERFResult, dim: int) -> tuple[int, int]:
 
 
 def _trf_interval(result: ERFResult, dim: int) -> tuple[int, int] | None:
-    if result.trf is None:
+    if result.trf is None or result.trf.data_dependent:  # no finite box to draw
         return None
     s, e = result.trf.clipped[dim]
     return int(s), int(e)
@@ -396,6 +396,8 @@ def _panel_title(result: ERFResult) -> str:
     trf = result.trf
     if trf is None:
         trf_text = "TRF ?"
+    elif trf.data_dependent:
+        trf_text = "TRF data-dependent"
     elif trf.is_global:
         trf_text = f"TRF global ({_fmt_size(trf.clipped_size)})"
     else:

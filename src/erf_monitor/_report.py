@@ -38,7 +38,10 @@ __all__ = ["ReportError", "Run", "build_report", "find_runs", "render_html"]
 
 #: Metric names of ``ERFResult.scalars()``; a scalar key ``<prefix>/<layer>/<metric>`` whose
 #: last part is one of these (or matches the per-axis/area patterns) is an ERF metric.
-_METRICS = {"coverage", "erf_size", "erf_trf_ratio", "trf_size", "trf_size_clipped", "trf_global"}
+_METRICS = {
+    "coverage", "erf_size", "erf_trf_ratio", "trf_size", "trf_size_clipped", "trf_global",
+    "trf_data_dependent",
+}  # fmt: skip
 _METRIC_PATTERN = re.compile(r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2)$")
 #: The three growth curves, with their axis labels.
 _CURVES = (
@@ -443,8 +446,11 @@ def _run_section(run: Run, index: int, max_frames: int) -> str:
     for layer, metrics in run.metrics.items():
         trf = metrics.get("trf_size_clipped", [])
         global_ = metrics.get("trf_global", [])
+        dependent = metrics.get("trf_data_dependent", [])
         trf_text = "–" if not trf else f"{trf[-1][1]:.0f}"
-        if global_ and global_[-1][1] > 0:
+        if dependent and dependent[-1][1] > 0:
+            trf_text = "data-dependent"
+        elif global_ and global_[-1][1] > 0:
             trf_text += " (global)"
         cov = metrics.get("coverage", [])
         alert = (

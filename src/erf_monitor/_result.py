@@ -6,19 +6,17 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
 
 import torch
 
 from erf_monitor import _metrics
+from erf_monitor._modes import DEFINITIONS, Mode
 from erf_monitor._types import TRF
 
-__all__ = ["AREA_THRESHOLDS", "ERFResult", "ERFResults", "axis_names"]
+__all__ = ["AREA_THRESHOLDS", "ERFResult", "ERFResults", "Mode", "axis_names"]
 
 #: Mass fractions at which area ratios are reported (RepLKNet Table 10 uses 20/30/50/99 %).
 AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
-
-Mode = Literal["luo", "replknet"]
 
 
 def axis_names(ndim: int) -> tuple[str, ...]:
@@ -32,22 +30,29 @@ class ERFResult:
 
     Metrics follow ``docs/concepts.md`` (DESIGN §2) exactly and are computed lazily from
     :attr:`heatmap`; mass squares are centred on :attr:`centre_pixel`, the theoretical centre
-    of the layer's centre unit rounded half up.
+    of the layer's seed unit rounded half up.
 
     Attributes:
         name: layer name as in ``model.named_modules()``.
-        heatmap: ERF map, float32 CPU tensor of the input's spatial shape, ``>= 0``.
-            ``mode="luo"``: mean over samples of the channel-summed ``|d y_centre / d x|``.
-            ``mode="replknet"``: ``log10(sum + 1) / max`` of the relu'd gradients.
-        trf: theoretical receptive field of the centre unit (``None`` if it could not be
-            analysed; then ``ratio`` is NaN).
-        mode: ``"luo"`` or ``"replknet"``.
-        num_samples: number of probe samples averaged.
+        heatmap: ERF map, float32 CPU tensor of the input's spatial shape, ``>= 0``, as the
+            ``mode`` defines it (:attr:`definition`): ``"luo"``: mean over samples of the
+            channel-summed ``|d y_centre / d x|``; ``"replknet"``: ``log10(mean + 1) / max``
+            of the channel-summed relu'd gradients; ``"openerf"``: the clamped channel-mean
+            gradients summed over samples, normalised to total mass 1.
+        trf: theoretical receptive field of the seed unit (``None`` if it is unknown: not
+            analysed, or contradicted by the map, see :attr:`trf_issue`; then ``ratio`` is
+            NaN).
+        mode: ``"luo"``, ``"replknet"`` or ``"openerf"``.
+        num_samples: number of probe samples.
         output_shape: spatial shape of the layer's output (``()`` if it has none).
         centre_pixel: integer input pixel on which mass squares are centred.
         per_sample: the per-sample maps ``(N, *S)`` if requested, else ``None``.
         num_calls: how often the module ran before the probe stopped the forward (the first
             call is the one measured).
+        centre: the seed unit's theoretical centre in input pixels (float), from the layer
+            geometry whether or not the TRF is reported; ``None``: :attr:`trf`'s centre.
+        trf_issue: why a TRF that was analysed is reported unknown (ERF mass outside it),
+            else ``None``.
     """
 
     name: str
@@ -59,6 +64,8 @@ class ERFResult:
     centre_pixel: tuple[int, ...]
     per_sample: torch.Tensor | None = None
     num_calls: int = 1
+    centre: tuple[float, ...] | None = None
+    trf_issue: str | None = None
     _cache: dict[float, int] = field(default_factory=dict, repr=False)
 
     # -- mass-based metrics ---------------------------------------------------------------
@@ -111,10 +118,17 @@ class ERFResult:
 
     @property
     def theoretical_centre(self) -> tuple[float, ...]:
-        """Where the centre unit sits in input pixels (from the TRF, else from the shapes)."""
+        """Where the seed unit sits in input pixels (the centre of its TRF interval)."""
+        if self.centre is not None:
+            return self.centre
         if self.trf is not None:
             return self.trf.centre
         return tuple(float(c) for c in self.centre_pixel)
+
+    @property
+    def definition(self) -> str:
+        """The exact definition of :attr:`mode` (recorded with saved and logged results)."""
+        return DEFINITIONS[self.mode]
 
     @property
     def centroid_offset(self) -> tuple[float, ...]:
@@ -130,8 +144,10 @@ class ERFResult:
             finite = [s for s in self.trf.size if math.isfinite(s)]
             if finite and not self.trf.is_global:
                 out["trf_size"] = float(max(finite))
-            out["trf_size_clipped"] = float(max(self.trf.clipped_size))
+            if not self.trf.data_dependent:  # data-dependent: no finite size at all
+                out["trf_size_clipped"] = float(max(self.trf.clipped_size))
             out["trf_global"] = float(self.trf.is_global)
+            out["trf_data_dependent"] = float(self.trf.data_dependent)
         out["erf_size"] = float(self.erf_size)
         out["erf_trf_ratio"] = float(self.ratio)
         out["coverage"] = float(self.coverage)
@@ -146,7 +162,7 @@ class ERFResult:
     def __repr__(self) -> str:
         trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
         return (
-            f"ERFResult({self.name!r}, map {tuple(self.heatmap.shape)}, {trf}, "
+            f"ERFResult({self.name!r}, mode {self.mode}, map {tuple(self.heatmap.shape)}, {trf}, "
             f"erf_size={self.erf_size}, ratio={self.ratio:.3f}, coverage={self.coverage:.3f})"
         )
 

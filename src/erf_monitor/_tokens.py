@@ -1,20 +1,24 @@
 """Token outputs of vision transformers mapped back onto their patch grid.
 
-A transformer block returns a token sequence ``(N, L, D)`` (``L = prefix + h * w``: class /
-register / distillation tokens first, then the patch tokens in row-major order) or, Swin-style,
-a channels-last map ``(N, H', W', C)``. The probe needs ``(N, C, *S')``: :func:`tokens_to_spatial`
-is a differentiable reshape that drops the prefix tokens and puts the patch tokens on their
-grid, so that the ordinary centre seed ``S' // 2`` is the centre patch token.
+A transformer block returns a token sequence ``(N, L, D)`` (``L = P + h * w + Q``: ``P``
+prefix tokens (class / register / distillation tokens), the patch tokens in row-major order,
+then ``Q`` suffix tokens, usually none) or, Swin-style, a channels-last map ``(N, H', W', C)``.
+The probe needs ``(N, C, *S')``: :func:`tokens_to_spatial` is a differentiable reshape that
+drops the extra tokens and puts the patch tokens on their grid, so that the ordinary centre
+seed ``S' // 2`` is the centre patch token.
 
 How the layout is found, first match wins:
 
-1. an explicit :class:`TokenLayout` (``compute_erf(..., token_layout=...)``);
+1. an explicit :class:`TokenLayout` (``compute_erf(..., token_layout=...)``); when only one
+   of ``P`` and ``Q`` is given, the other is 0;
 2. a model that says how: a torchvision ``VisionTransformer`` (``patch_size``, ``class_token``)
    or a timm-style model (``patch_embed.patch_size``, ``num_prefix_tokens``), also when it is
-   wrapped (the first submodule carrying these attributes is used);
-3. the shapes: the prefix ``P`` in ``0..8`` and a patch size ``p`` dividing every input dim
-   with ``L - P == prod(S_d // p)``; exactly one candidate is used, several raise a
-   ``ValueError`` asking for a ``TokenLayout``.
+   wrapped (the first submodule carrying these attributes is used), when it explains ``L``
+   exactly;
+3. the shapes: a patch size ``p`` dividing every input dim, and ``P + Q`` in ``0..8`` extra
+   tokens with ``L - P - Q == prod(S_d // p)``. Exactly one candidate is used; several raise
+   a ``ValueError`` that lists them and asks for a ``TokenLayout``. Shapes cannot tell
+   leading from trailing tokens, so any extra token makes the layout ambiguous.
 
 Channels-last outputs have the rank of a conv-like output and are never guessed: pass
 ``TokenLayout(channels_last=True)`` for those layers.
@@ -41,7 +45,7 @@ __all__ = [
     "tokens_to_spatial",
 ]
 
-#: Largest number of leading non-patch tokens tried when the layout is inferred from shapes.
+#: Largest number of non-patch tokens (prefix + suffix) tried when inferring from shapes.
 MAX_PREFIX_TOKENS = 8
 
 
@@ -53,28 +57,34 @@ class TokenLayout:
         grid: patch grid ``(h, w)`` (one entry per input spatial dim); ``None``: inferred
             from the model or the shapes.
         prefix_tokens: number of leading non-patch tokens (class, distillation, register
-            tokens) in a ``(N, L, D)`` sequence; ``None``: inferred.
+            tokens) in a ``(N, L, D)`` sequence; ``None``: inferred (0 when only
+            ``suffix_tokens`` is given).
         channels_last: the output is a channels-last map ``(N, *grid, C)`` (Swin-style)
             rather than a token sequence.
+        suffix_tokens: number of trailing non-patch tokens (after the patch tokens);
+            ``None``: inferred (0 when only ``prefix_tokens`` is given).
 
     Examples:
         >>> TokenLayout(grid=(14, 14), prefix_tokens=1)  # ViT-B/16 at 224 x 224
-        TokenLayout(grid=(14, 14), prefix_tokens=1, channels_last=False)
+        TokenLayout(grid=(14, 14), prefix_tokens=1, channels_last=False, suffix_tokens=None)
     """
 
     grid: tuple[int, ...] | None = None
     prefix_tokens: int | None = None
     channels_last: bool = False
+    suffix_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None and (
             not self.grid or any(int(g) != g or g < 1 for g in self.grid)
         ):
             raise ValueError(f"TokenLayout.grid must hold positive ints, got {self.grid!r}")
-        if self.prefix_tokens is not None and self.prefix_tokens < 0:
-            raise ValueError(f"TokenLayout.prefix_tokens must be >= 0, got {self.prefix_tokens}")
-        if self.channels_last and self.prefix_tokens:
-            raise ValueError("A channels-last layout has no prefix tokens.")
+        for what in ("prefix_tokens", "suffix_tokens"):
+            value = getattr(self, what)
+            if value is not None and value < 0:
+                raise ValueError(f"TokenLayout.{what} must be >= 0, got {value}")
+        if self.channels_last and (self.prefix_tokens or self.suffix_tokens):
+            raise ValueError("A channels-last layout has no prefix or suffix tokens.")
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class ResolvedLayout:
     grid: tuple[int, ...]
     prefix_tokens: int
     channels_last: bool
+    suffix_tokens: int = 0
 
 
 #: What ``compute_erf(..., token_layout=...)`` accepts.
@@ -184,24 +195,44 @@ def _model_hints(model: nn.Module | None, nd: int) -> list[tuple[tuple[int, ...]
     return hints
 
 
+#: A candidate layout: ``(grid, prefix tokens, suffix tokens)``.
+_Candidate = tuple[tuple[int, ...], int, int]
+
+
+def _splits(extra: int, prefix: int | None, suffix: int | None) -> list[tuple[int, int]]:
+    """``(P, Q)`` with ``P + Q == extra``: every split when neither is given, else the given
+    one(s) with 0 for the other."""
+    if extra < 0:
+        return []
+    if prefix is None and suffix is None:
+        return [(p, extra - p) for p in range(extra, -1, -1)]
+    q, r = prefix or 0, suffix or 0
+    return [(q, r)] if q + r == extra else []
+
+
 def _shape_candidates(
-    length: int, spatial: tuple[int, ...], prefix: int | None
-) -> list[tuple[tuple[int, ...], int]]:
-    """``(grid, prefix)`` pairs with one patch size dividing every input dim exactly."""
+    length: int, spatial: tuple[int, ...], prefix: int | None, suffix: int | None
+) -> list[_Candidate]:
+    """Layouts with one patch size dividing every input dim exactly."""
     out = []
-    prefixes = [prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)
     for p in range(1, min(spatial) + 1):
         if any(s % p for s in spatial):
             continue
         grid = tuple(s // p for s in spatial)
-        for q in prefixes:
-            if length - q == math.prod(grid):
-                out.append((grid, q))
+        extra = length - math.prod(grid)
+        if extra > MAX_PREFIX_TOKENS and prefix is None and suffix is None:
+            continue
+        out += [(grid, q, r) for q, r in _splits(extra, prefix, suffix)]
     return out
 
 
-def _describe(cands: list[tuple[tuple[int, ...], int]]) -> str:
-    return ", ".join(f"grid {'x'.join(map(str, g))} with {q} prefix token(s)" for g, q in cands)
+def _describe(cands: list[_Candidate]) -> str:
+    def one(grid: tuple[int, ...], q: int, r: int) -> str:
+        extra = [f"{q} prefix"] if q or not r else []
+        extra += [f"{r} suffix"] if r else []
+        return f"grid {'x'.join(map(str, grid))} with {' + '.join(extra)} token(s)"
+
+    return ", ".join(one(*c) for c in cands)
 
 
 def resolve_layout(
@@ -223,8 +254,8 @@ def resolve_layout(
     nd = len(input_spatial)
     rank = len(shape)
     hint = (
-        "pass compute_erf(..., token_layout=TokenLayout(grid=(h, w), prefix_tokens=P)) "
-        "(or a dict {layer: TokenLayout})"
+        "pass compute_erf(..., token_layout=TokenLayout(grid=(h, w), prefix_tokens=P, "
+        "suffix_tokens=Q)) (or a dict {layer: TokenLayout})"
     )
     if layout is None:
         if rank == 2 or rank == nd + 2 or rank != 3 or nd < 2:
@@ -248,33 +279,36 @@ def resolve_layout(
         )
     length = shape[1]
     prefix = None if layout is None else layout.prefix_tokens
+    suffix = None if layout is None else layout.suffix_tokens
+    cands: list[_Candidate]
     if layout is not None and layout.grid is not None:
         grid = tuple(layout.grid)
         if len(grid) != nd:
             raise ValueError(f"Layer {name!r}: TokenLayout.grid {grid} needs {nd} entries.")
-        q = length - math.prod(grid) if prefix is None else prefix
-        if q < 0 or q + math.prod(grid) != length:
+        cands = [(grid, q, r) for q, r in _splits(length - math.prod(grid), prefix, suffix)]
+        if not cands:
+            given = [f"{v} {w} token(s)" for v, w in ((prefix, "prefix"), (suffix, "suffix"))]
+            known = [g for g, v in zip(given, (prefix, suffix)) if v is not None]
             raise ValueError(
                 f"Layer {name!r}: {length} tokens do not fit grid {grid}"
-                + ("" if prefix is None else f" with {prefix} prefix token(s)")
+                + (f" with {' and '.join(known)}" if known else "")
                 + "."
             )
-        return ResolvedLayout(grid, q, False)
-    for patch, hint_prefix in _model_hints(model, nd):
-        if any(s % p for s, p in zip(input_spatial, patch)):
-            continue
-        grid = tuple(s // p for s, p in zip(input_spatial, patch))
-        if prefix is not None:
-            q = prefix
-        elif hint_prefix is not None:
-            q = hint_prefix
-        else:
-            q = length - math.prod(grid)
-        if q >= 0 and q + math.prod(grid) == length:
-            return ResolvedLayout(grid, q, False)
-    cands = _shape_candidates(length, input_spatial, prefix)
+    else:
+        for patch, hint_prefix in _model_hints(model, nd):
+            if any(s % p for s, p in zip(input_spatial, patch)):
+                continue
+            grid = tuple(s // p for s, p in zip(input_spatial, patch))
+            q = prefix if prefix is not None else hint_prefix
+            extra = length - math.prod(grid)
+            if q is None and (suffix is not None or extra == 0):
+                q = 0
+            if q is not None and (suffix or 0) + q == extra:
+                return ResolvedLayout(grid, q, False, suffix or 0)
+        cands = _shape_candidates(length, input_spatial, prefix, suffix)
     if len(cands) == 1:
-        return ResolvedLayout(cands[0][0], cands[0][1], False)
+        grid, q, r = cands[0]
+        return ResolvedLayout(grid, q, False, r)
     what = (
         f"is ambiguous ({_describe(cands)})"
         if cands
@@ -297,5 +331,5 @@ def tokens_to_spatial(out: torch.Tensor, layout: ResolvedLayout) -> torch.Tensor
     """
     if layout.channels_last:
         return out.movedim(-1, 1)
-    patches = out[:, layout.prefix_tokens :]
+    patches = out[:, layout.prefix_tokens : out.shape[1] - layout.suffix_tokens]
     return patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], *layout.grid)

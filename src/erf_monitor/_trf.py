@@ -4,15 +4,21 @@ Definitions (DESIGN.md §2): for each layer, its output ``(N, C, *S')`` from the
 the module; the centre unit ``c' = S'_d // 2`` per spatial dim; the TRF is the input region that
 unit can see, per spatial dim, unclipped (infinite input plane) and clipped (exact hull of the
 in-bounds input indices that can influence it). Branches are united; global ops make a dim
-global.
+global. Ops that sample the input at positions computed from the input (deformable
+convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, gathers
+with computed indices) make the field *data-dependent*: no finite field, reported like a
+global one with the reason (fx rules, and an op-by-op dependence tracker in the numeric
+method).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -20,9 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
+from erf_monitor._modes import check_mode, seed_index
+from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor._trf_fx import (
     Axis,
@@ -55,6 +64,7 @@ def theoretical_rf(
     method: Literal["auto", "fx", "numeric"] = "auto",
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
+    mode: str = "luo",
 ) -> dict[str, TRF]:
     """Theoretical receptive field of the centre unit of each layer.
 
@@ -89,6 +99,12 @@ def theoretical_rf(
     * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"`` with a
       one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason.
 
+    A unit that samples the input at positions computed from the input (deformable
+    convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, and
+    for the numeric method also gathers and indexing with computed indices) has a
+    *data-dependent* field: ``data_dependent`` is true, every dim is global and ``reason``
+    names the op. Fixed sampling positions (a constant grid) are measured numerically.
+
     In a global dim ``size`` is ``inf``, ``interval`` is ``(-inf, inf)``, ``clipped`` is the
     hull of the input indices that can influence the unit (normally the whole input) and
     ``centre`` is ``(c' + 0.5) * S_d / S'_d - 0.5``.
@@ -107,6 +123,11 @@ def theoretical_rf(
             (inferred for ViTs) and channels-last outputs are put on their patch grid and the
             walk starts at the centre patch token, so a patch embedding reports its kernel
             and a layer after attention reports global (both methods).
+        mode: the ERF mode whose seed unit is analysed (see
+            :func:`~erf_monitor.compute_erf`); only ``"openerf"`` on token outputs with an
+            even grid seeds another unit than ``S' // 2`` (the upper-left central token).
+
+    Every global random stream is left as it was (the numeric method runs the model).
 
     Returns:
         ``{layer: TRF}`` in the order of ``layers``.
@@ -128,28 +149,60 @@ def theoretical_rf(
     """
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
+    check_mode(mode)
     net = unwrap_compiled(model)
     channels, spatial = _parse_input_shape(net, input_shape)
     names = _check_layers(net, layers)
-    if method == "numeric":
-        return _numeric(net, channels, spatial, names, forward_fn, token_layout)
-    try:
-        return _analytic(net, channels, spatial, names, forward_fn, token_layout)
-    except Unsupported as exc:
-        if method == "fx":
-            raise ValueError(
-                f"The torch.fx receptive-field analysis cannot follow this model: {exc}. "
-                "Use method='numeric' (or 'auto')."
-            ) from None
-        warnings.warn(
-            f"theoretical_rf: falling back to the numeric method ({exc}).",
-            ERFProbeWarning,
-            stacklevel=2,
-        )
-        return _numeric(net, channels, spatial, names, forward_fn, token_layout)
+    with preserved_rng(), eager_forwards(net):
+        if method == "numeric":
+            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode)
+        try:
+            return _analytic(net, channels, spatial, names, forward_fn, token_layout, mode)
+        except Unsupported as exc:
+            if method == "fx":
+                raise ValueError(
+                    f"The torch.fx receptive-field analysis cannot follow this model: {exc}. "
+                    "Use method='numeric' (or 'auto')."
+                ) from None
+            warnings.warn(
+                f"theoretical_rf: falling back to the numeric method ({exc}).",
+                ERFProbeWarning,
+                stacklevel=2,
+            )
+            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode)
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+@contextlib.contextmanager
+def eager_forwards(model: nn.Module) -> Iterator[None]:
+    """Run the eager ``forward`` of modules whose instance ``forward`` was compiled.
+
+    ``Trainer.fit(torch.compile(module))`` unwraps the module and replaces its ``forward`` by
+    a dynamo-compiled one (an instance attribute). Neither the fx trace nor the numeric
+    surrogate (a copy of the module) can run that: for the analysis the compiled attribute
+    is taken away (the class's own ``forward`` is the same function, eagerly), and put back
+    afterwards.
+    """
+    swapped: list[tuple[nn.Module, Any]] = []
+    for m in model.modules():
+        compiled = m.__dict__.get("forward")
+        orig = getattr(compiled, "_torchdynamo_orig_callable", None)
+        if compiled is None or orig is None:
+            continue
+        swapped.append((m, compiled))
+        if getattr(orig, "__self__", None) is m and getattr(orig, "__func__", None) is getattr(
+            type(m), "forward", None
+        ):
+            del m.__dict__["forward"]
+        else:
+            m.__dict__["forward"] = orig
+    try:
+        yield
+    finally:
+        for m, compiled in swapped:
+            m.__dict__["forward"] = compiled
 
 
 def _parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
@@ -204,10 +257,6 @@ def _not_reached(name: str) -> ValueError:
 # ----------------------------------------------------------------------------- assembly
 
 
-def _centre_index(out_shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(s // 2 for s in out_shape)
-
-
 def _global_centre(c: int, s_in: int, s_out: int) -> float:
     return (c + 0.5) * s_in / s_out - 0.5
 
@@ -224,10 +273,13 @@ def _analytic(
     names: list[str],
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
+    mode: str = "luo",
 ) -> dict[str, TRF]:
     traced = trace_model(net, forward_fn, (channels, *spatial))
     layouts = layouts_for(token_layout, names)
-    return {name: _analytic_one(traced, name, spatial, layouts.get(name), net) for name in names}
+    return {
+        name: _analytic_one(traced, name, spatial, layouts.get(name), net, mode) for name in names
+    }
 
 
 def _analytic_one(
@@ -236,6 +288,7 @@ def _analytic_one(
     spatial: tuple[int, ...],
     layout: TokenLayout | None = None,
     net: nn.Module | None = None,
+    mode: str = "luo",
 ) -> TRF:
     key = _canonical(name)
     if key not in traced.outputs:
@@ -253,7 +306,7 @@ def _analytic_one(
     if tokens is not None:
         # Token output: seed the centre patch token (all features), on the patch grid.
         out_spatial = tokens.grid
-        centre_idx = _centre_index(out_spatial)
+        centre_idx = seed_index(mode, out_spatial, tokens=True)
         points = [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
         if tokens.channels_last:
             seed_axes = [point_axis(out_shape[0], 0), *points, full_axis(out_shape[-1])]
@@ -263,7 +316,7 @@ def _analytic_one(
             seed_axes.append(full_axis(out_shape[2]))
     elif conv_like:
         out_spatial = tuple(out_shape[2:])
-        centre_idx = _centre_index(out_spatial)
+        centre_idx = seed_index(mode, out_spatial)
         seed_axes = [point_axis(out_shape[0], 0), full_axis(out_shape[1])]
         seed_axes += [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
     else:
@@ -272,10 +325,13 @@ def _analytic_one(
     region = walk(traced, node, Region(seed_axes))
     if region is None:
         raise Unsupported(f"layer {name!r} does not depend on the input in the traced graph")
-    axes = region.axes[2:]
     if len(region.axes) != nd + 2:
         raise Unsupported("the input region has an unexpected rank")
-    return _assemble(axes, region.local, spatial, out_spatial, centre_idx)
+    if region.data_dependent:
+        trf = data_dependent_trf(spatial, out_spatial, centre_idx, region.data_dependent, "fx")
+    else:
+        trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx)
+    return replace(trf, tokens=tokens is not None)
 
 
 def _assemble(
@@ -431,6 +487,75 @@ class _StopForward(Exception):
     pass
 
 
+#: Ops that read their input at positions given by another tensor argument: ``(namespace,
+#: op name) -> indices of the position arguments``. When a position argument is computed from
+#: the model's input, the sampled positions depend on the data (deformable convolution,
+#: ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, gathers with
+#: computed indices): no finite receptive field exists.
+_SAMPLING_OPS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("aten", "grid_sampler"): (1,),
+    ("aten", "grid_sampler_2d"): (1,),
+    ("aten", "grid_sampler_3d"): (1,),
+    ("aten", "_grid_sampler_2d_cpu_fallback"): (1,),
+    ("aten", "cudnn_grid_sampler"): (1,),
+    ("torchvision", "deform_conv2d"): (2, 3),
+    ("torchvision", "roi_align"): (1,),
+    ("torchvision", "roi_pool"): (1,),
+    ("torchvision", "ps_roi_align"): (1,),
+    ("torchvision", "ps_roi_pool"): (1,),
+    ("aten", "index"): (1,),
+    ("aten", "_unsafe_index"): (1,),
+    ("aten", "index_select"): (2,),
+    ("aten", "gather"): (2,),
+    ("aten", "take"): (1,),
+    ("aten", "take_along_dim"): (1,),
+    ("aten", "embedding"): (1,),
+}
+
+
+class _DataDependence(TorchDispatchMode):
+    """Follows, op by op, which tensors are computed from the input ``x``, and which of those
+    went through a data-dependent sampling op (with the op's name as the reason)."""
+
+    def __init__(self, x: Tensor) -> None:
+        super().__init__()
+        self._alive: list[Tensor] = [x]  # keeps ids unique while the forward runs
+        self._dependent: set[int] = {id(x)}
+        self.reasons: dict[int, str] = {}
+
+    def reason(self, t: Any) -> str:
+        """Why ``t``'s sampling positions depend on the data ("" if they do not)."""
+        return self.reasons.get(id(t), "") if isinstance(t, Tensor) else ""
+
+    def _depends(self, value: Any) -> bool:
+        leaves = torch.utils._pytree.tree_leaves(value)
+        return any(isinstance(a, Tensor) and id(a) in self._dependent for a in leaves)
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [
+            a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)
+        ]
+        if not any(id(a) in self._dependent for a in inputs):
+            return out
+        reason = next((self.reasons[id(a)] for a in inputs if id(a) in self.reasons), "")
+        packet = getattr(func, "overloadpacket", None)
+        key = (getattr(func, "namespace", ""), getattr(packet, "__name__", ""))
+        positions = _SAMPLING_OPS.get(key, ())
+        if not reason and any(i < len(args) and self._depends(args[i]) for i in positions):
+            reason = f"{key[0]}::{key[1]} samples the input at positions computed from the input"
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._alive.append(t)
+                self._dependent.add(id(t))
+                if reason:
+                    self.reasons[id(t)] = reason
+        return out
+
+
 def _capture(
     sur: nn.Module,
     table: dict[str, nn.Module],
@@ -438,18 +563,30 @@ def _capture(
     fwd: ForwardFn,
     x: Tensor,
     layouts: Mapping[str, TokenLayout] | None = None,
+    info: dict[str, tuple[bool, str]] | None = None,
+    track: bool = True,
 ) -> dict[str, Tensor]:
     """Run the surrogate on ``x``; the first output of each layer (hooks always removed).
 
+    Each output is cloned in its hook, so in-place ops later in the forward cannot change it.
     Token outputs are put on their patch grid (as the probe does), so that their centre unit
-    is the centre patch token. ``layouts=None``: outputs are returned as they are.
+    is the centre patch token. ``layouts=None``: outputs are returned as they are. ``info``
+    (if given) is filled with ``{layer: (token output, data-dependence reason)}``; with
+    ``track`` the reason is found by following the forward op by op (slow: only for one
+    small forward).
     """
     captured: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
     handles = []
+    tracker = _DataDependence(x) if info is not None and track else None
 
     def hook(key: str) -> Callable[[nn.Module, Any, Any], None]:
         def fn(_m: nn.Module, _i: Any, out: Any) -> None:
-            captured.setdefault(key, out)
+            if key in captured:
+                return
+            if tracker is not None:
+                reasons[key] = tracker.reason(out)
+            captured[key] = out.clone() if isinstance(out, Tensor) else out
             if len(captured) == len(names):
                 raise _StopForward  # nothing after the last wanted layer is needed
 
@@ -459,7 +596,8 @@ def _capture(
         for name in names:
             handles.append(table[_canonical(name)].register_forward_hook(hook(name)))
         try:
-            fwd(sur, x)
+            with tracker if tracker is not None else contextlib.nullcontext():
+                fwd(sur, x)
         except _StopForward:
             pass
         except Exception as exc:
@@ -479,11 +617,14 @@ def _capture(
                 f"Layer {name!r} does not return a floating-point tensor; its receptive "
                 "field is undefined."
             )
+        tokens = None
         if layouts is not None:
             spatial = tuple(x.shape[2:])
             tokens = resolve_layout(name, tuple(out.shape), layouts.get(name), spatial, sur)
             if tokens is not None:
                 captured[name] = tokens_to_spatial(out, tokens)
+        if info is not None:
+            info[name] = (tokens is not None, reasons.get(name, ""))
     return captured
 
 
@@ -494,6 +635,7 @@ def _numeric(
     names: list[str],
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
+    mode: str = "luo",
 ) -> dict[str, TRF]:
     sur = _surrogate(net)
     layouts = layouts_for(token_layout, names)
@@ -505,39 +647,81 @@ def _numeric(
     def rand(n: int) -> Tensor:
         return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
 
+    info: dict[str, tuple[bool, str]] = {}
+    x = rand(1)
     with torch.no_grad():
-        outs = _capture(sur, table, names, fwd, rand(1), layouts)
+        try:
+            outs = _capture(sur, table, names, fwd, x, layouts, info)
+        except ValueError:
+            # A model whose ops do not run under the dependence tracker (a torch dispatch
+            # mode): no reason found, and the consistency check of every probe remains.
+            info.clear()
+            outs = _capture(sur, table, names, fwd, x, layouts, info, track=False)
         shapes = {k: tuple(v.shape) for k, v in outs.items()}
+    grids = {k: shapes[k][2:] if len(shapes[k]) == nd + 2 else () for k in names}
+    seeds = {k: seed_index(mode, grids[k], info[k][0]) for k in names}
+    dependent = {k: info[k][1] for k in names if info[k][1]}
+    probed = [k for k in names if k not in dependent]
     # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
     # backward per batch gives every unit's gradient support.
     supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
-    units = {name: _numeric_units(shapes[name], nd) for name in names}
+    units = {name: _numeric_units(shapes[name], nd, seeds[name]) for name in probed}
     jobs = [
         (name, key, unit)
         for _ in range(_TRIALS)
-        for name in names
+        for name in probed
         for key, unit in units[name].items()
         if key != "first"
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
+    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts)
     # The first unit is only needed to tell "global" from "sees the whole input".
     jobs = [
         (name, "first", units[name]["first"])
         for _ in range(_TRIALS)
-        for name in names
+        for name in probed
         if "first" in units[name]
         and any(
             _hull(m) == (0, n - 1) and s_out > 1
             for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
         )
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
-    return {
-        name: _numeric_trf(
-            supports[name], spatial, shapes[name][2:] if len(shapes[name]) == nd + 2 else ()
-        )
-        for name in names
-    }
+    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts)
+    out: dict[str, TRF] = {}
+    for name in names:
+        if name in dependent:
+            trf = data_dependent_trf(spatial, grids[name], seeds[name], dependent[name], "numeric")
+        else:
+            trf = _numeric_trf(supports[name], spatial, grids[name], seeds[name])
+        out[name] = replace(trf, tokens=info[name][0])
+    return out
+
+
+def data_dependent_trf(
+    spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    seed: tuple[int, ...],
+    reason: str,
+    method: Literal["fx", "numeric"],
+) -> TRF:
+    """The TRF of a unit that samples at data-dependent positions: no finite field."""
+    nd = len(spatial)
+    centre = seed if out_spatial else (0,) * nd
+    grid = out_spatial or (1,) * nd
+    return TRF(
+        size=(math.inf,) * nd,
+        stride=tuple(float(s / g) for s, g in zip(spatial, grid)),
+        interval=((-math.inf, math.inf),) * nd,
+        clipped=tuple((0, s - 1) for s in spatial),
+        global_dims=(True,) * nd,
+        centre=tuple(_global_centre(c, s, g) for c, s, g in zip(centre, spatial, grid)),
+        output_centre=tuple(seed),
+        output_shape=tuple(out_spatial),
+        input_shape=tuple(spatial),
+        method=method,
+        local=False,
+        data_dependent=True,
+        reason=reason,
+    )
 
 
 def _run_jobs(
@@ -555,13 +739,22 @@ def _run_jobs(
     for start in range(0, len(jobs), _CHUNK):
         chunk = jobs[start : start + _CHUNK]
         x = rand(len(chunk)).requires_grad_(True)
-        with torch.enable_grad():
-            outs = _capture(sur, table, names, fwd, x, layouts)
-            seed = sum(
-                (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
-                start=x.new_zeros(()),
-            )
-            (grad,) = torch.autograd.grad(seed, x, allow_unused=True)
+        try:
+            grad = _chunk_grad(sur, table, names, fwd, x, chunk, layouts)
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc) or len(names) < 2:
+                raise
+            # A later in-place op changed a tensor a watched layer's backward needs: one
+            # forward per layer (each stops in its own hook).
+            grad = torch.zeros_like(x)
+            for name in names:
+                rows = [i for i, job in enumerate(chunk) if job[0] == name]
+                if rows:
+                    xi = x.detach()[rows].requires_grad_(True)
+                    part = _chunk_grad(sur, table, [name], fwd, xi, [chunk[i] for i in rows],
+                                       layouts)  # fmt: skip
+                    if part is not None:
+                        grad[rows] = part
         for i, (name, key, _unit) in enumerate(chunk):
             g = grad[i : i + 1] if grad is not None else None
             masks = _support(g, nd) or [np.zeros(s, dtype=bool) for s in spatial]
@@ -569,17 +762,37 @@ def _run_jobs(
             supports[name][key] = masks if prev is None else [a | b for a, b in zip(prev, masks)]
 
 
+def _chunk_grad(
+    sur: nn.Module,
+    table: dict[str, nn.Module],
+    names: list[str],
+    fwd: ForwardFn,
+    x: Tensor,
+    chunk: list[tuple[str, str, tuple[Any, ...]]],
+    layouts: Mapping[str, TokenLayout] | None,
+) -> Tensor | None:
+    with torch.enable_grad():
+        outs = _capture(sur, table, names, fwd, x, layouts)
+        seed = sum(
+            (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
+            start=x.new_zeros(()),
+        )
+        (grad,) = torch.autograd.grad(seed, x, allow_unused=True)
+    return grad
+
+
 def _unit_sum(out: Tensor, sample: int, unit: tuple[Any, ...]) -> Tensor:
     index = (sample, *unit)
     return out[index].sum()
 
 
-def _numeric_units(shape: tuple[int, ...], nd: int) -> dict[str, tuple[Any, ...]]:
+def _numeric_units(
+    shape: tuple[int, ...], nd: int, centre: tuple[int, ...]
+) -> dict[str, tuple[Any, ...]]:
     """Index (without the batch index) of each unit whose support is needed."""
     if len(shape) != nd + 2:
         return {"centre": (Ellipsis,)}
     out_spatial = shape[2:]
-    centre = _centre_index(out_spatial)
     units: dict[str, tuple[Any, ...]] = {
         "centre": (slice(None), *centre),
         "first": (slice(None), *(0,) * nd),
@@ -593,10 +806,12 @@ def _numeric_units(shape: tuple[int, ...], nd: int) -> dict[str, tuple[Any, ...]
 
 
 def _numeric_trf(
-    sup: dict[str, list[np.ndarray]], spatial: tuple[int, ...], out_spatial: tuple[int, ...]
+    sup: dict[str, list[np.ndarray]],
+    spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    centre_idx: tuple[int, ...],
 ) -> TRF:
     nd = len(spatial)
-    centre_idx = _centre_index(out_spatial) if out_spatial else ()
     size: list[float] = []
     stride: list[float] = []
     interval: list[tuple[float, float]] = []

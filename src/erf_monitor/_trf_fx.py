@@ -71,10 +71,15 @@ class Axis:
 
 @dataclass
 class Region:
-    """Per-axis region of one tensor, plus whether every op so far was local."""
+    """Per-axis region of one tensor, plus whether every op so far was local.
+
+    ``data_dependent`` (set on the input's region by :func:`walk`) names an op on the way
+    that samples the input at positions computed from the input.
+    """
 
     axes: list[Axis]
     local: bool = True
+    data_dependent: str = ""
 
     def union(self, other: Region) -> Region:
         if len(self.axes) != len(other.axes):
@@ -210,7 +215,7 @@ class _Tracer(fx.Tracer):
     """Records the output node of the first call of every module (containers included)."""
 
     def __init__(self, aliases: dict[int, list[str]]) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=_autowrap_functions())
         self.aliases = aliases
         self.outputs: dict[str, fx.Node | None] = {}
         self.leaf_paths: set[str] = set()
@@ -235,6 +240,32 @@ class _Tracer(fx.Tracer):
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(_canonical(path))
         return out
+
+
+def _autowrap_functions() -> tuple[Callable[..., Any], ...]:
+    """Functions of optional packages recorded as one call instead of being traced into.
+
+    Only those already imported (a model that uses them has imported them).
+    """
+    import sys
+
+    found = []
+    for module, name in _AUTOWRAP:
+        fn = getattr(sys.modules.get(module), name, None)
+        if callable(fn):
+            found.append(fn)
+    return tuple(found)
+
+
+#: torchvision ops that fx cannot trace into (they branch on or assert about tensor values);
+#: ``torch.fx.wrap`` in torchvision covers only calls from torchvision's own modules.
+_AUTOWRAP = (
+    ("torchvision.ops.deform_conv", "deform_conv2d"),
+    ("torchvision.ops.roi_align", "roi_align"),
+    ("torchvision.ops.roi_pool", "roi_pool"),
+    ("torchvision.ops.ps_roi_align", "ps_roi_align"),
+    ("torchvision.ops.ps_roi_pool", "ps_roi_pool"),
+)
 
 
 @dataclass
@@ -328,6 +359,21 @@ class _Ctx:
     def __init__(self, traced: TracedModel) -> None:
         self.traced = traced
         self.gm = traced.gm
+        self.data_dependent: list[str] = []  # ops on the way that sample data-dependently
+        self._values: dict[fx.Node, bool] = {}
+
+    def depends_on_values(self, n: Any) -> bool:
+        """Whether node ``n`` is a tensor computed from the input's *values*: shapes read off
+        the input (``x.shape[0]`` in an ``expand``) do not count."""
+        if not isinstance(n, fx.Node) or n not in self.traced.dependent:
+            return False
+        if n is self.traced.placeholder:
+            return True
+        if n not in self._values:
+            self._values[n] = shape_of(n) is not None and any(
+                self.depends_on_values(a) for a in n.all_input_nodes
+            )
+        return self._values[n]
 
     def is_tensor_input(self, n: Any) -> bool:
         return isinstance(n, fx.Node) and n in self.traced.dependent and shape_of(n) is not None
@@ -363,6 +409,8 @@ def walk(traced: TracedModel, target: fx.Node, seed: Region) -> Region | None:
                 continue
             prev = regions.get(inp)
             regions[inp] = r if prev is None else prev.union(r)
+    if result is not None and ctx.data_dependent:
+        result.data_dependent = ctx.data_dependent[0]
     return result
 
 
@@ -934,6 +982,30 @@ def _everything_mixed(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contributio
     return res
 
 
+def _sampling(what: str, *positions: tuple[int, str]) -> Rule:
+    """Rule of an op that reads its input at positions given by other arguments.
+
+    Positions computed from the input (a deformable convolution's offsets, a predicted
+    ``grid_sample`` grid, predicted RoI boxes) make the field data-dependent: every input is
+    needed entirely and the walk records why. Fixed positions (a constant grid) have no
+    geometric rule here: the numeric method measures them.
+    """
+
+    def rule(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
+        values = [_arg(node, i, name) for i, name in positions]
+        if not any(ctx.depends_on_values(n) for n in _nodes_in(values)):
+            raise Unsupported(f"{what} with sampling positions that do not depend on the input")
+        ctx.data_dependent.append(f"{what} samples the input at positions computed from it")
+        # The field is the whole input whatever else the positions read: walk on the sampled
+        # tensor only.
+        x = _first_input(ctx, node)
+        if not ctx.is_tensor_input(x):
+            return []
+        return [(x, Region([full_axis(n) for n in ctx.shape(x)], reg.local))]
+
+    return rule
+
+
 def _cat(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     tensors = _arg(node, 0, "tensors")
     dim = _arg(node, 1, "dim", 0)
@@ -1391,6 +1463,22 @@ def _build_tables() -> None:
     _register_function(_max_min, "max", "min", namespaces=(torch,))
     # torchvision: stochastic depth is the identity in eval mode (per-sample scaling otherwise).
     _NAMED_FUNCTION_RULES["torchvision.ops.stochastic_depth.stochastic_depth"] = _unary
+    # Data-dependent sampling (torch and torchvision; torchvision's functions by name).
+    grid = _sampling("grid_sample", (1, "grid"))
+    _register_function(grid, "grid_sample", namespaces=(F,))
+    _register_function(grid, "grid_sampler", "grid_sampler_2d", "grid_sampler_3d",
+                       namespaces=(torch,))  # fmt: skip
+    _NAMED_FUNCTION_RULES["torchvision.ops.deform_conv.deform_conv2d"] = _sampling(
+        "deform_conv2d", (1, "offset"), (7, "mask")
+    )
+    for op, module in (
+        ("roi_align", "roi_align"), ("roi_pool", "roi_pool"),
+        ("ps_roi_align", "ps_roi_align"), ("ps_roi_pool", "ps_roi_pool"),
+    ):  # fmt: skip
+        _NAMED_FUNCTION_RULES[f"torchvision.ops.{module}.{op}"] = _sampling(op, (1, "boxes"))
+    _NAMED_FUNCTION_RULES["torchvision.ops.poolers._multiscale_roi_align"] = _sampling(
+        "MultiScaleRoIAlign", (1, "boxes")
+    )
     _register_method(_max_min, "max", "min")
 
 

@@ -25,9 +25,11 @@ class TRF:
         clipped: the exact inclusive ``(start, end)`` hull of in-bounds input indices that
             can influence the centre unit (padding accounted for layer by layer).
         global_dims: per dimension, whether a global operation (global pooling, attention,
-            squeeze-excitation gating, flatten + linear) makes the field the whole input.
+            squeeze-excitation gating, flatten + linear) or data-dependent sampling makes
+            the field the whole input.
         centre: theoretical centre of the field in input pixel coordinates (float).
-        output_centre: index of the centre unit in the layer's output spatial dims.
+        output_centre: index of the seed unit in the layer's output spatial dims (the
+            centre unit ``S' // 2``; see :mod:`erf_monitor._modes` for the one exception).
         output_shape: spatial shape of the layer's output (``()`` if it has none).
         input_shape: spatial shape of the input.
         method: ``"fx"`` (analytic graph walk) or ``"numeric"`` (gradient support of a
@@ -36,6 +38,13 @@ class TRF:
             shift-equivariant operation with integer strides, so that cropping the input
             to a stride-aligned window containing ``clipped`` reproduces the centre unit
             exactly (used by the probe's cropping fast path).
+        data_dependent: the unit samples the input at positions computed from the input
+            (deformable convolution, ``grid_sample`` with a grid computed from the input,
+            RoI pooling of predicted boxes): no finite field exists. Reported like a global
+            field (every dim global, ``size`` infinite) with the op named in ``reason``.
+        reason: why the field is global or data-dependent (empty when it is finite or
+            when no single op is to blame).
+        tokens: the layer's output was read as tokens on a patch grid.
     """
 
     size: tuple[float, ...]
@@ -49,6 +58,9 @@ class TRF:
     input_shape: tuple[int, ...]
     method: Literal["fx", "numeric"]
     local: bool = False
+    data_dependent: bool = False
+    reason: str = ""
+    tokens: bool = False
 
     @property
     def is_global(self) -> bool:
@@ -61,6 +73,9 @@ class TRF:
         return tuple(int(e - s + 1) for s, e in self.clipped)
 
     def __str__(self) -> str:
+        if self.data_dependent:
+            why = f": {self.reason}" if self.reason else ""
+            return f"TRF(data-dependent{why})"
         dims = " x ".join(
             "global" if g else str(int(s)) if math.isfinite(s) else "inf"
             for s, g in zip(self.size, self.global_dims)

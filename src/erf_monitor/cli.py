@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erf_monitor._modes import MODES
+
 if TYPE_CHECKING:
     import torch
     from rich.console import Console
@@ -57,6 +59,8 @@ def _trf_text(r: ERFResult) -> tuple[str, str]:
     trf = r.trf
     if trf is None:
         return "?", "?"
+    if trf.data_dependent:
+        return "data-dependent", "-"
     size = " x ".join(
         "global" if g else (str(int(s)) if math.isfinite(s) else "inf")
         for s, g in zip(trf.size, trf.global_dims)
@@ -137,9 +141,16 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
             "clipped": [[int(s), int(e)] for s, e in trf.clipped],
             "clipped_size": list(trf.clipped_size),
             "global": [bool(g) for g in trf.global_dims],
+            "data_dependent": trf.data_dependent,
+            "reason": trf.reason,
             "method": trf.method,
         }
+        if trf.data_dependent:  # no finite field: no interval to report
+            del rec["trf"]["clipped"], rec["trf"]["clipped_size"]
     rec["centre_pixel"] = list(r.centre_pixel)
+    rec["theoretical_centre"] = [float(c) for c in r.theoretical_centre]
+    if r.trf_issue is not None:
+        rec["trf_issue"] = r.trf_issue
     rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
     return rec
 
@@ -276,12 +287,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         fig.savefig(out / "erf_overview.png")
         progress.advance(task)
 
-    save_npz(out / "maps.npz", {name: r.heatmap.numpy() for name, r in results.items()})
+    from erf_monitor._modes import DEFINITIONS, metadata
+
+    maps = {name: r.heatmap.numpy() for name, r in results.items()}
+    save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
     record = {
         "model": args.model,
         "input": source,
         "input_shape": list(x.shape),
         "mode": args.mode,
+        "definition": DEFINITIONS[args.mode],
         "seed": args.seed,
         "probe_seconds": seconds,
         "layers": {name: _result_record(r) for name, r in results.items()},
@@ -398,7 +413,13 @@ def _parser() -> argparse.ArgumentParser:
         help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
     )
     analyze.add_argument("--samples", type=int, default=8, help="probe batch size (default 8)")
-    analyze.add_argument("--mode", choices=("luo", "replknet"), default="luo")
+    analyze.add_argument(
+        "--mode",
+        choices=MODES,
+        default="luo",
+        help="ERF convention (exact definitions in docs/concepts.md): luo (Luo et al. 2016), "
+        "replknet (RepLKNet's scripts) or openerf (OpenERF / Kim et al. 2023)",
+    )
     analyze.add_argument(
         "--input",
         default="noise",

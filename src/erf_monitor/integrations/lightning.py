@@ -17,6 +17,7 @@ from typing_extensions import Unpack
 from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
 from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
 from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor._rng import preserved_rng
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback as _CallbackBase
@@ -59,8 +60,10 @@ class ERFMonitor(EngineView, _CallbackBase):
     **Steps** are ``trainer.global_step`` (optimizer steps: with gradient accumulation the
     probe runs after optimizer steps only, never on micro-batches).
 
-    **Probe batch.** ``probe_inputs="val"`` takes the first validation batch. The batch is
-    stored in the checkpoint, so a resumed run probes the same images.
+    **Probe batch.** ``probe_inputs="val"`` takes the first ``num_samples`` items of the
+    validation dataset in dataset order (collated with the loader's ``collate_fn``; the loader
+    itself is never iterated, so its sampler, workers and persistent iterator are untouched).
+    The batch is stored in the checkpoint, so a resumed run probes the same images.
 
     **on_insufficient="stop"** sets ``trainer.should_stop = True``.
 
@@ -153,7 +156,9 @@ class ERFMonitor(EngineView, _CallbackBase):
         if trainer.is_global_zero and engine.probe_batch is None:
             try:
                 if engine.source == "val":
-                    engine.capture_from_loader(_val_loader(trainer))
+                    with preserved_rng():  # the user's val_dataloader() may draw random numbers
+                        loader = _val_loader(trainer)
+                    engine.capture_from_loader(loader)
                 elif engine.needs_batch:
                     engine.capture(batch)
             except Exception as exc:

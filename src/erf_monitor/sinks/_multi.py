@@ -95,6 +95,7 @@ def log_results(
     render_kwargs: Mapping[str, Any] | None = None,
     images: bool = True,
     arrays: bool = True,
+    mode_text: bool = True,
 ) -> dict[str, float]:
     """Log one probe's results to every sink, never raising because of a sink.
 
@@ -102,9 +103,13 @@ def log_results(
 
     1. scalars ``<prefix>/<layer>/<metric>`` for each ``metric`` in ``result.scalars()``,
        in one ``log_scalars`` call;
-    2. one image per layer, ``<prefix>/<layer>/heatmap``, rendered once with
+    2. with ``mode_text``, the mode and its exact definition as text, ``<prefix>/mode``
+       (``"mode=luo: ..."``, see :mod:`erf_monitor._modes`; monitors send it with their first
+       probe only);
+    3. one image per layer, ``<prefix>/<layer>/heatmap``, rendered once with
        :func:`~erf_monitor._render.render_heatmap` (``render_kwargs`` passed on);
-    3. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays);
+    4. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays),
+       plus the entries ``__mode__`` and ``__definition__`` (0-d string arrays);
 
     then flushes. A sink that raises gets one warning (see :class:`MultiSink`); a layer
     whose map cannot be rendered is warned about and skipped for images only.
@@ -117,10 +122,12 @@ def log_results(
         render_kwargs: keyword arguments for ``render_heatmap`` (``cmap``, ``log_scale``...).
         images: log heatmap images.
         arrays: log raw maps.
+        mode_text: log the mode's definition as text.
 
     Returns:
         The scalar dict that was logged.
     """
+    from erf_monitor._modes import describe, metadata
     from erf_monitor._render import render_heatmap
 
     multi = (
@@ -135,6 +142,9 @@ def log_results(
             scalars[f"{prefix}/{name}/{metric}"] = float(value)
     if scalars:
         multi.log_scalars(scalars, step)
+    modes = sorted({r.mode for _, r in items})
+    for mode in modes if mode_text else ():
+        multi.log_text(f"{prefix}/mode", describe(mode), step)
     if images:
         kwargs = dict(render_kwargs or {})
         for name, r in items:
@@ -151,6 +161,8 @@ def log_results(
             multi.log_image(f"{prefix}/{name}/heatmap", image, step)
     if arrays and items:
         maps = {name: r.heatmap.detach().cpu().float().numpy() for name, r in items}
+        if len(modes) == 1:
+            maps.update(metadata(modes[0]))
         multi.log_arrays(prefix, maps, step)
     multi.flush()
     return scalars
