@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from erf_monitor._auto import pick_layers
 from erf_monitor._batch import InputKey, find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
-from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
-from erf_monitor._tokens import TokenLayoutArg, check_token_layout, layouts_for
+from erf_monitor._layers import resolve_layers, unwrap_compiled
+from erf_monitor._tokens import TokenLayout, TokenLayoutArg, check_token_layout, layouts_for
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
@@ -268,6 +269,7 @@ class MonitorEngine:
         self.layer_names: list[str] | None = None
         self.trfs: dict[str, TRF | None] | None = None
         self._thresholds: dict[str, float] = {}
+        self._layouts: dict[str, TokenLayout] = {}
         self._disabled: str | None = None
         self._reported: set[str] = set()
         self.latest: ERFResults | None = None
@@ -281,6 +283,9 @@ class MonitorEngine:
         if isinstance(self.min_coverage, dict):
             table = [n for n, _ in unwrap_compiled(model).named_modules() if n]
             for spec in self.min_coverage:
+                with contextlib.suppress(ValueError):
+                    resolve_layers(model, [spec])  # also names with output selectors
+                    continue
                 if not any(fnmatchcase(n, spec) or n == spec for n in table):
                     raise ValueError(
                         f"min_coverage names layer {spec!r}, which matches no module of the model."
@@ -355,12 +360,16 @@ class MonitorEngine:
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
         x = self.probe_batch[:1].to(device, dtype)
+        auto_layouts: dict[str, TokenLayout] = {}
         if self.layers == "auto":
             with preserved_rng(device):
-                names = auto_layers(net, x, self.forward_fn)
+                pick = pick_layers(net, x, self.forward_fn)
+            names, auto_layouts = pick.names, pick.layouts
         else:
-            names = resolve_layers(net, self.layers)
+            names = resolve_layers(model, self.layers)
         self.layer_names = names
+        # Channels-last stages found by "auto", then the user's layouts (which win).
+        self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
         self._thresholds = self._resolve_thresholds(names)
         try:
             from erf_monitor._trf import theoretical_rf
@@ -376,7 +385,7 @@ class MonitorEngine:
                         tuple(self.probe_batch.shape[1:]),
                         names,
                         forward_fn=self.forward_fn,
-                        token_layout=layouts_for(self.token_layout, names),
+                        token_layout=self._layouts,
                     )
             finally:
                 for m, flag in flags:
@@ -498,7 +507,7 @@ class MonitorEngine:
                 chunk_size=self.chunk_size,
                 forward_fn=self.forward_fn,
                 trf=self.trfs,
-                token_layout=self.token_layout,
+                token_layout=self._layouts,
             )
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from erf_monitor import _metrics
+from erf_monitor._auto import pick_layers
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
-from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
-from erf_monitor._outputs import to_spatial, warn_if_degenerate_seed
+from erf_monitor._layers import locate_layer, resolve_layers, unwrap_compiled
+from erf_monitor._outputs import select_output, to_spatial, warn_if_degenerate_seed
 from erf_monitor._result import ERFResult, ERFResults, Mode
 from erf_monitor._tokens import TokenLayout, layouts_for
 from erf_monitor._types import TRF
@@ -162,13 +163,14 @@ def _run_forward(
     captures = {name: _Capture() for name in layers}
     pending = set(layers)
     handles = []
+    located = {name: locate_layer(net, name) for name in layers}  # (module name, module, selector)
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
             cap = captures[name]
             cap.calls += 1
             if cap.calls == 1:
-                cap.output = out
+                cap.output = select_output(out, located[name][2], name)
                 pending.discard(name)
                 if not pending:
                     raise _StopForward
@@ -177,7 +179,7 @@ def _run_forward(
 
     try:
         for name in layers:
-            handles.append(get_module(net, name).register_forward_hook(make_hook(name)))
+            handles.append(located[name][1].register_forward_hook(make_hook(name)))
         with contextlib.suppress(_StopForward):
             forward_fn(net, x)
     except (ValueError, TypeError, ERFProbeError):
@@ -601,14 +603,16 @@ def compute_erf(
     if n == 0:
         raise ValueError("The probe batch is empty.")
 
+    auto_layouts: dict[str, TokenLayout] = {}
     if isinstance(layers, str) and layers == "auto":
         with _probe_state(net, False, device):
-            names = auto_layers(net, x_all[:1].detach(), fwd)
+            pick = pick_layers(net, x_all[:1].detach(), fwd)
+        names, auto_layouts = pick.names, pick.layouts
     else:
-        names = resolve_layers(net, layers)
+        names = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
 
     trfs: Mapping[str, TRF | None]
-    layouts = _layouts_by_name(token_layout, names)
+    layouts = {**auto_layouts, **_layouts_by_name(token_layout, names)}
     if trf == "auto":
         from erf_monitor._trf import theoretical_rf
 

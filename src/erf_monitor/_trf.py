@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from erf_monitor._errors import ERFProbeWarning
-from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
+from erf_monitor._layers import _module_table, locate_layer, unwrap_compiled
+from erf_monitor._outputs import needs_selector_error, select_output
 from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor._trf_fx import (
     Axis,
@@ -31,6 +32,7 @@ from erf_monitor._trf_fx import (
     Unsupported,
     full_axis,
     point_axis,
+    select_node,
     shape_of,
     trace_model,
     walk,
@@ -130,7 +132,7 @@ def theoretical_rf(
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     net = unwrap_compiled(model)
     channels, spatial = _parse_input_shape(net, input_shape)
-    names = _check_layers(net, layers)
+    names = _check_layers(model, layers)
     if method == "numeric":
         return _numeric(net, channels, spatial, names, forward_fn, token_layout)
     try:
@@ -183,13 +185,11 @@ def _check_layers(net: nn.Module, layers: Sequence[str] | str) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name.")
-    table = _module_table(net)
     out: list[str] = []
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        if _canonical(spec) not in table:
-            raise _unknown_layer_error(spec, list(table))
+        locate_layer(net, spec)  # raises for unknown names, listing close matches
         out.append(spec)
     return out
 
@@ -237,13 +237,13 @@ def _analytic_one(
     layout: TokenLayout | None = None,
     net: nn.Module | None = None,
 ) -> TRF:
-    key = _canonical(name)
+    key, _module, selector = locate_layer(net, name) if net is not None else (name, None, ())
     if key not in traced.outputs:
         parts = key.split(".")
         if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):
             raise Unsupported(f"layer {name!r} lives inside a module fx treats as one op")
         raise _not_reached(name)
-    node = traced.outputs[key]
+    node = select_node(traced, key, selector, name)
     out_shape = shape_of(node)
     if node is None or out_shape is None:
         raise Unsupported(f"layer {name!r} does not return a single tensor")
@@ -449,15 +449,17 @@ def _capture(
 
     def hook(key: str) -> Callable[[nn.Module, Any, Any], None]:
         def fn(_m: nn.Module, _i: Any, out: Any) -> None:
-            captured.setdefault(key, out)
+            if key not in captured:
+                captured[key] = select_output(out, located[key][2], key)
             if len(captured) == len(names):
                 raise _StopForward  # nothing after the last wanted layer is needed
 
         return fn
 
+    located = {name: locate_layer(sur, name, table) for name in names}
     try:
         for name in names:
-            handles.append(table[_canonical(name)].register_forward_hook(hook(name)))
+            handles.append(located[name][1].register_forward_hook(hook(name)))
         try:
             fwd(sur, x)
         except _StopForward:
@@ -475,10 +477,7 @@ def _capture(
             raise _not_reached(name)
         out = captured[name]
         if not isinstance(out, Tensor) or not out.is_floating_point():
-            raise ValueError(
-                f"Layer {name!r} does not return a floating-point tensor; its receptive "
-                "field is undefined."
-            )
+            raise needs_selector_error(name, out)
         if layouts is not None:
             spatial = tuple(x.shape[2:])
             tokens = resolve_layout(name, tuple(out.shape), layouts.get(name), spatial, sur)

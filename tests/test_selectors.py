@@ -1,0 +1,285 @@
+"""Output selectors (``"backbone['0']"``, ``"stage[0]"``, ModelOutput fields) and wrappers.
+
+Each selected ERF is checked against a plain reference: the gradient of the selected tensor's
+centre unit, computed by hand with ``torch.autograd.grad`` on the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import erf_monitor as em
+from erf_monitor._layers import format_selector, locate_layer, parse_layer_spec, resolve_layers
+from erf_monitor._outputs import describe_output, select_output
+
+
+def reference_map(full: nn.Module, x: torch.Tensor, pick: object) -> torch.Tensor:
+    """Luo map of a tensor picked by ``pick(model, x) -> (N, C, H, W)``, plainly computed."""
+    maps = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        y = pick(full, xi)  # type: ignore[operator]
+        c = tuple(s // 2 for s in y.shape[2:])
+        (g,) = torch.autograd.grad(y[(0, slice(None), *c)].sum(), xi)
+        maps.append(g.abs().sum(1)[0])
+    return torch.stack(maps).mean(0)
+
+
+class TwoLevels(nn.Module):
+    """Returns a dict of two maps, like a detection backbone returns FPN levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        y = torch.relu(self.a(x))
+        return OrderedDict([("0", y), ("1", self.b(y))])
+
+
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 5, padding=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        y = self.conv(x)
+        return y, {"feat": torch.tanh(y[:, :2]), "mask": (y > 0).long()}
+
+
+@dataclasses.dataclass
+class Out:
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+class DataclassOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Out:
+        return Out(self.conv(x))
+
+
+class Holder(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.backbone = inner
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        first = out["0"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
+        return self.head(first.hidden if isinstance(first, Out) else first)
+
+
+# ----------------------------------------------------------------------------- grammar
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "selector"),
+    [
+        ("backbone", "backbone", ()),
+        ("backbone['0']", "backbone", ("0",)),
+        ('backbone["0"]', "backbone", ("0",)),
+        ("backbone[0]", "backbone", (0,)),
+        ("stage[-1]", "stage", (-1,)),
+        ("layer[0]['feat']", "layer", (0, "feat")),
+        ("vit.encoder[last_hidden_state]", "vit.encoder", ("last_hidden_state",)),
+        ("head[1].logits", "head", (1, "logits")),
+        ("a['x.y[z]']", "a", ("x.y[z]",)),
+    ],
+)
+def test_parse_layer_spec(spec: str, path: str, selector: tuple[object, ...]) -> None:
+    assert parse_layer_spec(spec) == (path, selector)
+
+
+@pytest.mark.parametrize("spec", ["a[0", "a['0]", "a[]", "a[0]x", "a[0]."])
+def test_malformed_selectors_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_layer_spec(spec)
+
+
+def test_format_selector_round_trips() -> None:
+    for sel in [(0,), ("0",), (1, "feat"), ("it's",)]:
+        assert parse_layer_spec("m" + format_selector(sel)) == ("m", sel)
+
+
+def test_dotted_fields_after_a_module_name() -> None:
+    net = Holder(DataclassOut())
+    assert locate_layer(net, "backbone.hidden")[0::2] == ("backbone", ("hidden",))
+    assert locate_layer(net, "backbone[hidden]")[0::2] == ("backbone", ("hidden",))
+    assert locate_layer(net, "backbone.conv")[0::2] == ("backbone.conv", ())
+
+
+def test_glob_with_selector_and_legacy_char_class() -> None:
+    net = nn.Sequential(TwoLevels(), TwoLevels())
+    assert resolve_layers(net, "*['1']") == ["0['1']", "1['1']"]
+    tv = pytest.importorskip("torchvision")
+    # "layer[12]" is still the glob character class (there is no module "layer").
+    assert resolve_layers(tv.models.resnet18(), "layer[12]") == ["layer1", "layer2"]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_dict_key_and_int_fallback_select_the_same_level() -> None:
+    torch.manual_seed(0)
+    net = Holder(TwoLevels())
+    x = torch.randn(2, 3, 16, 16)
+    res = em.compute_erf(net, x, ["backbone['1']", "backbone[1]", "backbone['0']"])
+    ref1 = reference_map(net, x, lambda m, xi: m.backbone(xi)["1"])
+    ref0 = reference_map(net, x, lambda m, xi: m.backbone(xi)["0"])
+    torch.testing.assert_close(res["backbone['1']"].heatmap, ref1, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(res["backbone[1]"].heatmap, ref1, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(res["backbone['0']"].heatmap, ref0, rtol=1e-5, atol=1e-8)
+    # The fx analysis starts from the selected level: 3x3 then a strided 3x3.
+    assert res["backbone['1']"].trf is not None and res["backbone['1']"].trf.method == "fx"
+    assert res["backbone['1']"].trf.size == (5.0, 5.0)  # 3 + (3 - 1) * 1
+    assert res["backbone['0']"].trf.size == (3.0, 3.0)
+
+
+def test_chained_selector_and_theoretical_rf() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(Pair())
+    x = torch.randn(2, 3, 12, 12)
+    res = em.compute_erf(net, x, ["0[1]['feat']", "0[0]"])
+    ref = reference_map(net, x, lambda m, xi: m[0](xi)[1]["feat"])
+    torch.testing.assert_close(res["0[1]['feat']"].heatmap, ref, rtol=1e-5, atol=1e-8)
+    for method in ("fx", "numeric"):
+        trf = em.theoretical_rf(net, (3, 12, 12), ["0[1]['feat']"], method=method)
+        assert trf["0[1]['feat']"].size == (5.0, 5.0), method
+
+
+def test_dataclass_field_by_attribute_syntax() -> None:
+    torch.manual_seed(0)
+    net = Holder(DataclassOut())
+    x = torch.randn(1, 3, 9, 9)
+    res = em.compute_erf(net, x, "backbone.hidden", trf="skip")
+    ref = reference_map(net, x, lambda m, xi: m.backbone(xi).hidden)
+    torch.testing.assert_close(res["backbone.hidden"].heatmap, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_messages_list_the_output_and_suggest_a_selector() -> None:
+    net = Holder(TwoLevels())
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"returned an OrderedDict \{'0': tensor \(1, 4, 8, 8\)"):
+        em.compute_erf(net, x, "backbone", trf="skip")
+    with pytest.raises(ValueError, match=r"e\.g\. \"backbone\['0'\]\""):
+        em.compute_erf(net, x, "backbone", trf="skip")
+    with pytest.raises(ValueError, match=r"selector \['2'\] matches nothing: its output is an"):
+        em.compute_erf(net, x, "backbone['2']", trf="skip")
+    with pytest.raises(ValueError, match=r"returned an OrderedDict.*select one"):
+        em.theoretical_rf(net, (3, 8, 8), ["backbone"], method="numeric")
+    pair = nn.Sequential(Pair())
+    with pytest.raises(ValueError, match=r"\['mask'\].*torch\.int64 tensor, which has no gradient"):
+        em.compute_erf(pair, x, "0[1]['mask']", trf="skip")
+
+
+def test_describe_nested_outputs() -> None:
+    out = (torch.zeros(1, 3136, 96), (torch.zeros(1, 96, 56, 56), None), None)
+    assert describe_output(out) == (
+        "a tuple of 3 (tensor (1, 3136, 96), tuple of 2 (tensor (1, 96, 56, 56), None), None)"
+    )
+    with pytest.raises(ValueError, match=r"part \[1\] is a tuple of 2"):
+        select_output(out, (1, 5), "x")
+
+
+# ----------------------------------------------------------------------------- real models
+
+
+def test_faster_rcnn_fpn_levels() -> None:
+    tvd = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    net = tvd.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, min_size=64, max_size=64
+    ).eval()
+    x = torch.rand(2, 3, 64, 64)
+    res = em.compute_erf(net, x, ["backbone['0']", "backbone['pool']"], trf="skip")
+
+    def level(key: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+        def pick(m: nn.Module, xi: torch.Tensor) -> torch.Tensor:
+            images, _ = m.transform(list(xi))
+            return m.backbone(images.tensors)[key]
+
+        return pick
+
+    torch.testing.assert_close(
+        res["backbone['0']"].heatmap, reference_map(net, x, level("0")), rtol=1e-4, atol=1e-9
+    )
+    assert res["backbone['pool']"].output_shape == (1, 1)
+
+
+def test_hugging_face_swin_stage_tuple() -> None:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=12, depths=[1, 1], num_heads=[1, 2], window_size=4
+    )
+    net = tf.SwinForImageClassification(cfg).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"returned a tuple of 3 \(tensor \(1, 16, 24\).*e\.g\. "):
+        em.compute_erf(net, x, "swin.encoder.layers.0", trf="skip")
+    res = em.compute_erf(net, x, ["swin.encoder.layers.0[0]", "swin.encoder.layers.0[1]"])
+    a, b = res["swin.encoder.layers.0[0]"], res["swin.encoder.layers.0[1]"]
+    # [0] is the token sequence after patch merging, [1] the same map as (N, C, H, W).
+    assert a.output_shape == b.output_shape == (4, 4)
+    torch.testing.assert_close(a.heatmap, b.heatmap)
+    # One unshifted block: a token sees its 4x4-token window (16 px); merged unit (2, 2) is
+    # made of tokens 4..5, inside the window of tokens 4..7 = pixels 16..31.
+    assert a.trf is not None and a.trf.clipped == ((16, 31), (16, 31))
+    out = em.compute_erf(net, x, "swin.encoder[last_hidden_state]", trf="skip")
+    assert out["swin.encoder[last_hidden_state]"].output_shape == (4, 4)  # no merge at the end
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def test_data_parallel_names_with_or_without_module_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    dp = nn.DataParallel(inner)  # no GPU: DataParallel calls the module itself
+    x = torch.randn(2, 3, 10, 10)
+    with caplog.at_level(logging.INFO, logger="erf_monitor"):
+        res = em.compute_erf(dp, x, ["module.2", "0"])
+    assert "layer 'module.2' is module '2' inside DataParallel" in caplog.text
+    plain = em.compute_erf(inner, x, ["2", "0"])
+    torch.testing.assert_close(res["module.2"].heatmap, plain["2"].heatmap)
+    assert res["module.2"].trf == plain["2"].trf
+    trf = em.theoretical_rf(dp, (3, 10, 10), ["module.2", "2"])
+    assert trf["module.2"].size == trf["2"].size == (5.0, 5.0)
+    with pytest.raises(ValueError, match=r"'module\.' prefix of DataParallel/DDP"):
+        em.compute_erf(nn.DataParallel(nn.Sequential(Holder(TwoLevels()))), x, "module.9")
+    # A model built with a child called "module" (a hand-made wrapper) resolves the same way.
+    wrapped = nn.Module()
+    wrapped.module = inner
+    wrapped.forward = lambda t: wrapped.module(t)  # type: ignore[method-assign]
+    assert resolve_layers(wrapped, ["2", "module.2"]) == ["2", "module.2"]
+
+
+def test_watch_with_selector_and_data_parallel() -> None:
+    torch.manual_seed(0)
+    net = nn.DataParallel(Holder(TwoLevels()))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with em.watch(
+        net, ["backbone['1']", "module.head"], every_n_steps=1, optimizer=opt, min_coverage=None
+    ) as w:
+        for _ in range(2):
+            loss = net(torch.randn(2, 3, 12, 12)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.latest is not None
+    assert list(w.latest) == ["backbone['1']", "module.head"]
+    assert w.latest["backbone['1']"].trf is not None
