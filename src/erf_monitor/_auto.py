@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from erf_monitor._hints import forward_error, is_own_error
 from erf_monitor._layers import (
     Selector,
     _module_table,
@@ -178,6 +179,10 @@ def _record(
         net.eval()
         with torch.no_grad():
             (forward_fn or (lambda m, t: m(t)))(net, x)
+    except Exception as exc:
+        if is_own_error(exc):
+            raise
+        raise forward_error(exc, x) from None
     finally:
         for h in handles:
             h.remove()

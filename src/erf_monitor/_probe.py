@@ -38,6 +38,7 @@ from torch import nn
 from erf_monitor import _metrics
 from erf_monitor._auto import pick_layers
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
+from erf_monitor._hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor._layers import locate_layer, resolve_layers, unwrap_compiled
 from erf_monitor._outputs import select_output, to_spatial, warn_if_degenerate_seed
 from erf_monitor._result import ERFResult, ERFResults, Mode
@@ -114,7 +115,10 @@ def _as_probe_input(inputs: torch.Tensor, device: torch.device, dtype: torch.dty
     if inputs.dim() > 5:
         raise ValueError(f"At most 3 spatial dims are supported; got shape {tuple(inputs.shape)}.")
     if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+        raise TypeError(
+            f"inputs must be floating point, got {inputs.dtype}: convert images first, e.g. "
+            "x.float() / 255 and the model's normalisation (erf_monitor.load_images does both)."
+        )
     # Cloning outside inference mode turns an inference tensor into a normal leaf.
     with torch.inference_mode(False):
         x = inputs.detach().to(device=device, dtype=dtype).clone()
@@ -142,15 +146,7 @@ def _centre_pixel(
 
 
 def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = ""
-    low = msg.lower()
-    if "kernel size" in low or "output size is too small" in low or "input size" in low:
-        hint = " The probe input looks smaller than a kernel: use a larger input."
-    return ERFProbeError(
-        f"The model's forward failed on the probe input of shape {tuple(x.shape)}: "
-        f"{type(exc).__name__}: {msg}.{hint}"
-    )
+    return forward_error(exc, x)  # one line, with what to do (erf_monitor._hints)
 
 
 def _run_forward(
@@ -182,10 +178,12 @@ def _run_forward(
             handles.append(located[name][1].register_forward_hook(make_hook(name)))
         with contextlib.suppress(_StopForward):
             forward_fn(net, x)
-    except (ValueError, TypeError, ERFProbeError):
+    except ERFProbeError:
         raise
     except Exception as exc:  # the user's model failed: say so, with the input shape
-        raise _forward_error(exc, x) from exc
+        if is_own_error(exc):  # e.g. an output selector that matches nothing
+            raise
+        raise _forward_error(exc, x) from None
     finally:
         for h in handles:
             h.remove()
@@ -467,7 +465,7 @@ def _probe_group(
             except LookupError:
                 continue
             warn_if_degenerate_seed(name, out, mode, idx)
-            (grad,) = torch.autograd.grad(
+            (grad,) = input_grad(  # torch.autograd.grad, its known refusals made plain
                 _seed(out, mode, idx), x, retain_graph=not last, allow_unused=True
             )
             if grad is None:  # the layer does not depend on the input at all
@@ -589,6 +587,7 @@ def compute_erf(
         raise ValueError(f"crop must be True, False or 'auto', got {crop!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_not_meta(model, inputs)
     net = unwrap_compiled(model)
     fwd = forward_fn or _default_forward
     device, param_dtype = _model_device_dtype(net, inputs)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from erf_monitor._errors import ERFProbeWarning
+from erf_monitor._hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor._layers import _module_table, locate_layer, unwrap_compiled
 from erf_monitor._outputs import needs_selector_error, select_output
 from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
@@ -130,6 +131,7 @@ def theoretical_rf(
     """
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
+    check_not_meta(model)
     net = unwrap_compiled(model)
     channels, spatial = _parse_input_shape(net, input_shape)
     names = _check_layers(model, layers)
@@ -465,10 +467,9 @@ def _capture(
         except _StopForward:
             pass
         except Exception as exc:
-            raise ValueError(
-                f"The model's forward failed on an input of shape {tuple(x.shape)}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            if is_own_error(exc):  # e.g. an output selector that matches nothing
+                raise
+            raise forward_error(exc, x, what="input") from None
     finally:
         for h in handles:
             h.remove()
@@ -560,7 +561,7 @@ def _run_jobs(
                 (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
                 start=x.new_zeros(()),
             )
-            (grad,) = torch.autograd.grad(seed, x, allow_unused=True)
+            (grad,) = input_grad(seed, x, allow_unused=True)
         for i, (name, key, _unit) in enumerate(chunk):
             g = grad[i : i + 1] if grad is not None else None
             masks = _support(g, nd) or [np.zeros(s, dtype=bool) for s in spatial]

@@ -20,6 +20,7 @@ To support a new op, add a rule there.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -296,7 +297,8 @@ def trace_model(
             raise Unsupported(f"torch.fx could not trace the model ({_first_line(exc)})") from exc
         x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
         try:
-            with torch.no_grad():
+            # ShapeProp prints a traceback for a failing node: the fallback makes it noise.
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(x)
         except Exception as exc:
             raise Unsupported(
