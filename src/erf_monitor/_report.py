@@ -39,7 +39,9 @@ __all__ = ["ReportError", "Run", "build_report", "find_runs", "render_html"]
 #: Metric names of ``ERFResult.scalars()``; a scalar key ``<prefix>/<layer>/<metric>`` whose
 #: last part is one of these (or matches the per-axis/area patterns) is an ERF metric.
 _METRICS = {"coverage", "erf_size", "erf_trf_ratio", "trf_size", "trf_size_clipped", "trf_global"}
-_METRIC_PATTERN = re.compile(r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2)$")
+_METRIC_PATTERN = re.compile(
+    r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2|disc_mass_r\d+|gauss_fit_\w+)$"
+)
 #: The three growth curves, with their axis labels.
 _CURVES = (
     ("erf_size", "ERF size (95%-mass square, px)"),
