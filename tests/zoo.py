@@ -136,7 +136,7 @@ ZOO: list[Entry] = [
         "torchvision",
         _tv("inception_v3", aux_logits=False, init_weights=False),
         size=96,
-        note="96 px (the smallest input it accepts is 75 px)",
+        note="it accepts 75 px and up",
     ),
     Entry("maxvit_t", "torchvision", _maxvit, note="maxvit_t's widths, partition size 2"),
     Entry("mnasnet0_5", "torchvision", _tv("mnasnet0_5")),

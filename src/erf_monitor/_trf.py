@@ -331,7 +331,39 @@ _GATES = (
     nn.Hardsigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.ELU, nn.CELU, nn.SELU,
 )  # fmt: skip
 _TRIALS = 2
-_CHUNK = 16  # samples per forward/backward of the surrogate
+_CHUNK = 16  # samples per forward/backward of the surrogate, at most ...
+_CHUNK_BYTES = 2**30  # ... and about this much float64 activation memory (detectors resize)
+
+
+def _chunk_size(sur: nn.Module, fwd: ForwardFn, x: Tensor) -> int:
+    """Samples per surrogate chunk: the activations of one sample (a hooked no-grad forward,
+    counting every module output once), times 8 bytes, kept within ``_CHUNK_BYTES``."""
+    numel = [0]
+
+    def count(_m: nn.Module, _i: Any, out: Any) -> None:
+        numel[0] += sum(t.numel() for t in _tensors(out))
+
+    handles = [m.register_forward_hook(count) for m in sur.modules()]
+    try:
+        with torch.no_grad():
+            fwd(sur, x)
+    except Exception:  # the real forward below reports failures
+        return _CHUNK
+    finally:
+        for h in handles:
+            h.remove()
+    per_sample = 8 * max(numel[0], 1)  # float64; the depth of nesting roughly covers grads
+    return max(1, min(_CHUNK, _CHUNK_BYTES // per_sample))
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
 
 
 def _surrogate(net: nn.Module) -> nn.Module:
@@ -508,6 +540,7 @@ def _numeric(
     with torch.no_grad():
         outs = _capture(sur, table, names, fwd, rand(1), layouts)
         shapes = {k: tuple(v.shape) for k, v in outs.items()}
+    chunk = _chunk_size(sur, fwd, torch.full((1, channels, *spatial), 0.5, dtype=torch.float64))
     # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
     # backward per batch gives every unit's gradient support.
     supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
@@ -519,7 +552,7 @@ def _numeric(
         for key, unit in units[name].items()
         if key != "first"
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
     # The first unit is only needed to tell "global" from "sees the whole input".
     jobs = [
         (name, "first", units[name]["first"])
@@ -531,7 +564,7 @@ def _numeric(
             for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
         )
     ]
-    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts)
+    _run_jobs(sur, table, names, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
     return {
         name: _numeric_trf(
             supports[name], spatial, shapes[name][2:] if len(shapes[name]) == nd + 2 else ()
@@ -551,9 +584,10 @@ def _run_jobs(
     nd: int,
     spatial: tuple[int, ...],
     layouts: Mapping[str, TokenLayout] | None = None,
+    step: int = _CHUNK,
 ) -> None:
-    for start in range(0, len(jobs), _CHUNK):
-        chunk = jobs[start : start + _CHUNK]
+    for start in range(0, len(jobs), step):
+        chunk = jobs[start : start + step]
         x = rand(len(chunk)).requires_grad_(True)
         with torch.enable_grad():
             outs = _capture(sur, table, names, fwd, x, layouts)
