@@ -283,3 +283,35 @@ def test_watch_with_selector_and_data_parallel() -> None:
     assert w.latest is not None
     assert list(w.latest) == ["backbone['1']", "module.head"]
     assert w.latest["backbone['1']"].trf is not None
+
+
+class Parallel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = TwoLevels()
+        self.b = TwoLevels()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)["1"] + self.b(x)["1"]
+
+
+def test_selector_globs_in_token_layout_and_min_coverage_keys() -> None:
+    from erf_monitor._monitor import MonitorEngine
+
+    torch.manual_seed(0)
+    net = Parallel()
+    eng = MonitorEngine(
+        layers=["a['0']", "a['1']", "b['1']"], num_samples=2, min_coverage={"*['1']": 0.99}
+    )
+    eng.check_layers(net)
+    eng.set_probe_batch(torch.randn(2, 3, 16, 16))
+    with pytest.warns(em.ERFCoverageWarning):
+        outcome = eng.probe(net, 0)
+    assert outcome.results is not None and list(outcome.results) == ["a['0']", "a['1']", "b['1']"]
+    assert sorted(eng._thresholds) == ["a['1']", "b['1']"]
+    with pytest.raises(ValueError, match="matches no module"):
+        MonitorEngine(layers=["a['0']"], min_coverage={"c['1']": 0.5}).check_layers(net)
+    # token_layout keys: a glob with a selector matches the selected names.
+    layout = {"*['1']": em.TokenLayout(channels_last=True, grid=(9, 9))}
+    with pytest.raises(ValueError, match=r"TokenLayout\.grid"):
+        em.compute_erf(net, torch.randn(1, 3, 8, 8), ["a['1']"], token_layout=layout)

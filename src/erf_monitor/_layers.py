@@ -41,6 +41,7 @@ __all__ = [
     "locate_layer",
     "parse_layer_spec",
     "resolve_layers",
+    "spec_matches",
     "unwrap_compiled",
     "unwrap_model",
 ]
@@ -215,7 +216,29 @@ def _split(spec: str, table: dict[str, nn.Module]) -> tuple[str, Selector] | Non
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob over dotted names: ``*`` and ``?`` stay inside one segment, ``**`` spans segments."""
+    """Glob over dotted names: ``*`` and ``?`` stay inside one segment, ``**`` spans segments.
+
+    ``[...]`` is a character class, or, when the pattern ends with an output selector, that
+    selector literally: ``"stages.*[0]"`` matches ``stages.1[0]`` (and, as a character class,
+    ``stages.10``).
+    """
+    plain = _glob_body(pattern)
+    try:
+        path, selector = parse_layer_spec(pattern)
+    except ValueError:
+        selector = ()
+    if not selector:
+        return re.compile(plain)
+    literal = _glob_body(path, classes=False) + re.escape(pattern[len(path) :])
+    return re.compile(f"(?:{plain})|(?:{literal})")
+
+
+def spec_matches(name: str, pattern: str) -> bool:
+    """Whether layer ``name`` is ``pattern`` or matched by it as a glob (selectors literal)."""
+    return name == pattern or bool(_glob_regex(pattern).fullmatch(name))
+
+
+def _glob_body(pattern: str, classes: bool = True) -> str:
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**", i):
@@ -227,7 +250,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append("[^.]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+        elif classes and pattern[i] == "[" and "]" in pattern[i + 1 :]:
             end = pattern.index("]", i + 1)
             body = pattern[i + 1 : end]
             out.append(
@@ -237,7 +260,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out))
+    return "".join(out)
 
 
 def _wrapper_of(model: nn.Module) -> str | None:

@@ -35,7 +35,7 @@ from torch import nn
 from erf_monitor._auto import pick_layers
 from erf_monitor._batch import InputKey, find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
-from erf_monitor._layers import resolve_layers, unwrap_compiled
+from erf_monitor._layers import resolve_layers, spec_matches, unwrap_compiled
 from erf_monitor._tokens import TokenLayout, TokenLayoutArg, check_token_layout, layouts_for
 from erf_monitor.sinks._base import Sink
 
@@ -286,7 +286,7 @@ class MonitorEngine:
                 with contextlib.suppress(ValueError):
                     resolve_layers(model, [spec])  # also names with output selectors
                     continue
-                if not any(fnmatchcase(n, spec) or n == spec for n in table):
+                if not any(fnmatchcase(n, spec) or spec_matches(n, spec) for n in table):
                     raise ValueError(
                         f"min_coverage names layer {spec!r}, which matches no module of the model."
                     )
@@ -413,7 +413,7 @@ class MonitorEngine:
         out: dict[str, float] = {}
         for name in names:
             for spec, value in cov.items():
-                if name == spec or fnmatchcase(name, spec):
+                if spec_matches(name, spec) or fnmatchcase(name, spec):
                     out[name] = value
                     break
         return out
