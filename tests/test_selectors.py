@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +317,97 @@ def test_selector_globs_in_token_layout_and_min_coverage_keys() -> None:
     layout = {"*['1']": em.TokenLayout(channels_last=True, grid=(9, 9))}
     with pytest.raises(ValueError, match=r"TokenLayout\.grid"):
         em.compute_erf(net, torch.randn(1, 3, 8, 8), ["a['1']"], token_layout=layout)
+
+
+def test_lightning_monitor_on_hugging_face_swin_with_selectors(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    tf = pytest.importorskip("transformers")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    cfg = tf.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=12, depths=[1, 1], num_heads=[1, 2],
+        window_size=4, num_labels=3,
+    )  # fmt: skip
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tf.SwinForImageClassification(cfg)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).logits
+
+        def training_step(self, batch: list[torch.Tensor], _i: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self) -> DataLoader:
+            ds = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+            return DataLoader(ds, batch_size=4)
+
+    layers = ["model.swin.encoder.layers.0[0]", "model.swin.encoder[last_hidden_state]"]
+    cb = em.ERFMonitor(layers=layers, every_n_steps=2, num_samples=2, min_coverage=None)
+    auto = em.ERFMonitor(layers="auto", every_n_steps=2, num_samples=2, min_coverage=None)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[cb, auto],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.ERFProbeWarning)  # fx cannot trace transformers
+        trainer.fit(Module())
+    assert sorted(cb.history) == sorted(layers)
+    assert sorted(cb.history[layers[0]]) == [0, 2]
+    assert "gauss_fit_r2" in cb.history[layers[0]][2]
+    # The last stage does not merge patches: stage 0's blocks (8x8), then the encoder (4x4).
+    assert auto.layers == [
+        "model.swin.encoder.layers.0.blocks.0[0]",
+        "model.swin.encoder['last_hidden_state']",
+    ]
+
+
+def test_cli_layers_with_selectors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from erf_monitor.cli import main
+
+    model_file = tmp_path / "levels.py"
+    model_file.write_text(
+        "from collections import OrderedDict\n"
+        "import torch\n"
+        "from torch import nn\n"
+        "class Levels(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(3, 4, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        y = self.a(x)\n"
+        "        return OrderedDict([('0', y), ('1', self.b(y))])\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.backbone = Levels()\n"
+        "    def forward(self, x):\n"
+        "        return self.backbone(x)['1'].mean((2, 3))\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    out = tmp_path / "out"
+    code = main(
+        ["analyze", f"{model_file}:make", "--layers", "backbone['0'],backbone[1]", "--quiet",
+         "--input-size", "16", "--samples", "2", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "metrics.json").read_text())
+    assert list(rec["layers"]) == ["backbone['0']", "backbone[1]"]
+    assert rec["layers"]["backbone[1]"]["trf"]["size"] == [5.0, 5.0]
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert heatmaps == ["backbone%5B%270%27%5D.png", "backbone%5B1%5D.png"]
+    code = main(["analyze", f"{model_file}:make", "--layers", "backbone", "--quiet",
+                 "--input-size", "16", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "select one, e.g. \"backbone['0']\"" in err
