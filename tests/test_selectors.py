@@ -411,3 +411,30 @@ def test_cli_layers_with_selectors(tmp_path: Path, capsys: pytest.CaptureFixture
                  "--input-size", "16", "--out", str(out)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "select one, e.g. \"backbone['0']\"" in err
+
+
+def test_ddp_wrapper_is_probed_through_its_module(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        x = torch.randn(2, 3, 10, 10)
+        for _step in range(2):
+            res = em.compute_erf(ddp, x, ["module.2", "0"])  # between training steps
+            loss = ddp(x).square().mean()
+            opt.zero_grad()
+            loss.backward()  # DDP's reducer is untouched by the probe: no reduction error
+            opt.step()
+            assert res["module.2"].trf is not None and res["module.2"].trf.size == (5.0, 5.0)
+        plain = em.compute_erf(inner, x, ["2"])
+        torch.testing.assert_close(em.compute_erf(ddp, x, ["2"])["2"].heatmap, plain["2"].heatmap)
+    finally:
+        dist.destroy_process_group()
