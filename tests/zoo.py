@@ -71,6 +71,15 @@ def _detection(name: str, **kwargs: object) -> Callable[[], nn.Module]:
     return build
 
 
+def _detection_fixed(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models.detection as tvd
+
+        return getattr(tvd, name)(weights=None, weights_backbone=None)
+
+    return build
+
+
 def _segmentation(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision.models.segmentation as tvs
@@ -169,6 +178,12 @@ ZOO: list[Entry] = [
         "torchvision detection",
         _detection("fcos_resnet50_fpn"),
         note="min_size=max_size=64",
+    ),
+    Entry(
+        "ssdlite320_mobilenet_v3_large",
+        "torchvision detection",
+        _detection_fixed("ssdlite320_mobilenet_v3_large"),
+        note="its transform resizes to 320 x 320",
     ),
     Entry("deeplabv3_resnet50", "torchvision segmentation", _segmentation("deeplabv3_resnet50")),
     Entry("fcn_resnet50", "torchvision segmentation", _segmentation("fcn_resnet50")),

@@ -59,6 +59,10 @@ Notes:
 - Detection models run their own resize (`GeneralizedRCNNTransform`, here `min_size=max_size=64`
   so that the probe input is not resized); maps are in the caller's pixels, see
   [Detection and segmentation](guides/detection-segmentation.md).
+- Not in the zoo: `ssd300_vgg16` works too (picks `backbone.features.3`, `.8`, `.15`, then
+  `backbone['0']` ... `backbone['4']`), but the numeric TRF of a VGG at the 300 px its transform
+  resizes to takes about 3 minutes on one CPU thread (`trf="skip"`: 4 s); Mask R-CNN and
+  Keypoint R-CNN pick the same layers as Faster R-CNN.
 {failures}"""
 
 

@@ -17,8 +17,9 @@ call that the probe measures):
      infers (ViT blocks);
    * the shape: ``(N, C, *S)`` or channels-last ``(N, *S, C)`` (Swin stages), whichever puts
      the map on a *plausible* grid: the latest grid read, halved or doubled (patch merging,
-     an upsampling decoder); when both readings are plausible and differ, ``(N, C, *S)``;
-     when they coincide, neither (the layout cannot be told).
+     an upsampling decoder), or, for one part of a dict/tuple output, any grid read before;
+     when both readings are plausible and differ, ``(N, C, *S)``; when they coincide,
+     neither (the layout cannot be told).
 
    Parts with another batch size (windows, RoIs, tables that do not depend on the input: the
    pass runs on two samples), all-ones grids and the input itself are not maps of the input.
@@ -28,11 +29,14 @@ call that the probe measures):
    (``Identity``, dropout, drop-path: the layer before them is the same map), and modules
    called more than once (a head shared over FPN levels, a ReLU reused inside a block: "first
    call" would be arbitrary there).
-3. **Stage outputs, not the first layer of a transition.** A *layer* (a module with at most
-   one level of children, e.g. a conv or a conv-norm-activation) on grid ``G`` inside a block
-   that takes ``G`` in and gives something else out (a stride-2 block's expansion conv, a
-   DenseNet transition's 1x1 conv) is skipped; plain ``Sequential``/``ModuleList`` containers
-   only chain their children and are not such blocks.
+3. **Stage outputs, not parts of transitions or heads.** A *layer* (a module with at most one
+   level of children, e.g. a conv or a conv-norm-activation) on grid ``G`` inside a block that
+   takes ``G`` in and gives another grid out (a stride-2 block's expansion conv, a DenseNet
+   transition's 1x1 conv) is skipped (a *block* works on two grids besides 1x1 pools; a
+   sub-network, on more, is not one), and so is anything inside a *head*, a block that takes
+   maps in and gives no map out (an SSD head's per-level convolutions). Plain
+   ``Sequential``/``ModuleList`` containers only chain their children and are not such blocks;
+   neither is a module that takes the model's input (the whole network, wrapped).
 4. **One per grid, depth order.** For each grid the part that finished last wins (forward hooks
    of containers fire after their children, so the outermost module of the stage); among parts
    of one output a ``(N, C, *S)`` map beats a token or channels-last reading. The picks are
@@ -212,16 +216,20 @@ class _Reader:
     def __init__(self, x_spatial: Grid, nd: int) -> None:
         self.nd = nd
         self.current: Grid = x_spatial
+        self.seen: set[Grid] = {x_spatial}
         self.by_tensor: dict[int, Reading] = {}
 
     def plausible(self, grid: Grid) -> bool:
         return _near(grid, self.current)
 
     def input(self, part: _Part) -> Reading:
-        """Reading of a module input (the model input, or a tensor read before)."""
+        """Reading of a module input: the model input, a tensor read before, or (made by a
+        function, e.g. a normalisation in ``forward``) a map on a grid seen before."""
         if part.tid in self.by_tensor:
             return self.by_tensor[part.tid]
-        if part.is_input and len(part.shape) == self.nd + 2:
+        if not part.batch_ok or part.tokens is not None or len(part.shape) != self.nd + 2:
+            return None
+        if part.is_input or tuple(part.shape[2:]) in self.seen:
             return tuple(part.shape[2:]), "first"
         return None
 
@@ -230,6 +238,7 @@ class _Reader:
         self.by_tensor.setdefault(part.tid, read)
         if read is not None:
             self.current = read[0]
+            self.seen.add(read[0])
         return read
 
     def _output(self, part: _Part, call: _Call) -> Reading:
@@ -247,8 +256,11 @@ class _Reader:
             return first, "first"
         for p in call.in_parts:
             if p.shape == part.shape and (p.tid in self.by_tensor or p.is_input):
-                return self.input(p)  # elementwise modules, residual blocks
-        ok_first, ok_last = self.plausible(first), self.plausible(last)
+                return self.input(p)  # elementwise modules, residual blocks (as read before)
+        # One part of a dict/tuple output (an FPN level) may sit on any grid read before.
+        seen = bool(part.selector)
+        ok_first = self.plausible(first) or (seen and first in self.seen)
+        ok_last = self.plausible(last) or (seen and last in self.seen)
         if ok_first and (not ok_last or first != last):
             return first, "first"
         if ok_last and not ok_first:
@@ -307,22 +319,39 @@ def pick_layers(
     calls = _record(net, x, forward_fn)
     by_name = {c.name: c for c in calls}
     reader = _Reader(tuple(x.shape[2:]), nd)
-    outs = {c.name: [reader.output(p, c) for p in c.out_parts] for c in calls}
-    ins = {c.name: [reader.input(p) for p in c.in_parts] for c in calls}
+    ins: dict[str, list[Reading]] = {}
+    outs: dict[str, list[Reading]] = {}
+    for c in calls:  # finish order: a module's inputs were made before it finished
+        ins[c.name] = [reader.input(p) for p in c.in_parts]
+        outs[c.name] = [reader.output(p, c) for p in c.out_parts]
 
     def grids(reads: list[Reading]) -> set[Grid]:
         return {r[0] for r in reads if r is not None}
 
+    # Grids of every module's outputs and of its descendants' (a block has 2, a network more).
+    inside: dict[str, set[Grid]] = {}
+    for c in calls:
+        g = {grid for grid in grids(outs[c.name]) if any(d > 1 for d in grid)}  # not SE pools
+        parts = c.name.split(".")
+        for i in range(1, len(parts) + 1):
+            inside.setdefault(".".join(parts[:i]), set()).update(g)
+
     def in_transition(call: _Call, grid: Grid) -> bool:
-        if not _is_layer(call.module):
-            return False
+        layer = _is_layer(call.module)
         parts = call.name.split(".")
         for i in range(1, len(parts)):
             anc = by_name.get(".".join(parts[:i]))
             if anc is None or type(anc.module) in _PLAIN_CONTAINERS:
                 continue
-            if grid in grids(ins[anc.name]) and grid not in grids(outs[anc.name]):
-                return True
+            if any(p.is_input for p in anc.in_parts):
+                continue  # the whole network (wrapped, e.g. in a LightningModule)
+            in_grids, out_grids = grids(ins[anc.name]), grids(outs[anc.name])
+            if grid in in_grids and not out_grids:
+                return True  # inside a head: maps in, no map out (pooling, concatenation)
+            spread = {g for g in inside.get(anc.name, set()) | in_grids if any(d > 1 for d in g)}
+            block = len(spread) <= 2  # a block works on two grids, a sub-network on more
+            if layer and block and grid in in_grids and grid not in out_grids:
+                return True  # the first layer of a block that changes the grid
         return False
 
     # A LayerNorm's output (and any view of it) has a constant channel sum by construction.
