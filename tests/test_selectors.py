@@ -438,3 +438,22 @@ def test_ddp_wrapper_is_probed_through_its_module(tmp_path: Path) -> None:
         torch.testing.assert_close(em.compute_erf(ddp, x, ["2"])["2"].heatmap, plain["2"].heatmap)
     finally:
         dist.destroy_process_group()
+
+
+def test_fx_walk_starts_at_the_getitem_of_a_leaf_module_output() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)  # fx: one leaf op
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            out, _ = self.attn(t, t, t)
+            return out
+
+    net = Tokens()
+    trf = em.theoretical_rf(net, (3, 16, 16), ["attn[0]"], method="fx")["attn[0]"]
+    assert trf.method == "fx" and trf.is_global  # attention: every token sees every token
+    res = em.compute_erf(net, torch.randn(1, 3, 16, 16), ["attn[0]"])
+    assert res["attn[0]"].output_shape == (4, 4) and res["attn[0]"].trf == trf
