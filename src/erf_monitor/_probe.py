@@ -527,10 +527,14 @@ def compute_erf(
     """Centre-pixel ERF maps of several layers from one probe.
 
     Args:
-        model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly).
+        model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly; a
+            ``DataParallel``/DDP wrapper through the module it wraps, which ``forward_fn``
+            then receives).
         inputs: probe batch ``(N, C, *S)`` with 1 to 3 spatial dims. Never modified.
-        layers: layer names (as in ``model.named_modules()``), globs, or ``"auto"`` (one layer
-            per spatial resolution stage).
+        layers: layer names (as in ``model.named_modules()``, optionally followed by an
+            output selector such as ``"backbone['0']"`` or ``"stage[0]"`` for modules that
+            return tuples, dicts or ``ModelOutput``s), globs, or ``"auto"`` (one layer per
+            spatial stage, deepest last; see the Models and layers guide).
         mode: ``"luo"`` (Luo et al.: mean over samples of channel-summed ``|gradient|``) or
             ``"replknet"`` (relu seed, relu gradient, summed, ``log10(x + 1) / max``) for
             numbers comparable with RepLKNet's published ones.

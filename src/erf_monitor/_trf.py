@@ -101,8 +101,9 @@ def theoretical_rf(
         input_shape: ``(C, *S)`` or ``(N, C, *S)`` with 1 to 3 spatial dims. A 4-tuple is read
             as ``(N, C, H, W)`` when the model's first convolution/pooling is 2-D, and as
             ``(C, D, H, W)`` when it is 3-D (likewise for other lengths).
-        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments
-            optional).
+        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments and a
+            wrapper's ``module.`` prefix optional), optionally with an output selector
+            (``"backbone['0']"``): the analysis starts from the selected part.
         method: ``"auto"``, ``"fx"`` or ``"numeric"``.
         forward_fn: how to call the model on an image batch, ``forward_fn(model, x)``;
             default ``model(x)``.
