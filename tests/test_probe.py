@@ -377,8 +377,11 @@ def test_tuple_output_rejected_with_explanation() -> None:
             return x, x
 
     net = nn.Sequential(nn.Conv2d(3, 3, 3), Pair())
-    with pytest.raises(ValueError, match=r"returned a tuple of 2.*one tensor"):
+    msg = r"returned a tuple of 2 \(tensor \(1, 3, 6, 6\).*e\.g\. '1\[0\]'"
+    with pytest.raises(ValueError, match=msg):
         em.compute_erf(net, torch.randn(1, 3, 8, 8), layers=["1"], trf="skip")
+    res = em.compute_erf(net, torch.randn(1, 3, 8, 8), layers=["1[1]"], trf="skip")
+    assert res["1[1]"].trf is None and res["1[1]"].heatmap.shape == (8, 8)
 
 
 def test_bad_mode() -> None:

@@ -578,3 +578,24 @@ def test_timm_swin_with_channels_last_layout() -> None:
     support = (r.heatmap > 0).nonzero()
     assert support.min(0).values.tolist() == [28, 28]
     assert support.max(0).values.tolist() == [55, 55]
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_hugging_face_dinov2_layout_from_its_embeddings(registers: int) -> None:
+    """HF embeddings advertise the patch size and the class/register tokens: no guessing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_register_tokens=registers,
+    )  # fmt: skip
+    model = (
+        transformers.Dinov2WithRegistersModel(cfg) if registers else transformers.Dinov2Model(cfg)
+    )
+    x = torch.randn(2, 3, 32, 32)
+    name = "encoder.layer.0"
+    res = em.compute_erf(model, x, [name], forward_fn=lambda m, t: m(pixel_values=t))
+    r = res[name]
+    # The seed is the centre patch token of the 4x4 grid (prefix = 1 + registers): its
+    # theoretical centre is patch (2, 2)'s centre, 2 * 8 + 3.5 = 19.5 px.
+    assert r.output_shape == (4, 4)
+    assert r.theoretical_centre == pytest.approx((19.5, 19.5))

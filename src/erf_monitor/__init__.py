@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor._images import load_images
 from erf_monitor._options import MonitorOptions
 from erf_monitor._probe import compute_erf
 from erf_monitor._result import ERFResult, ERFResults
@@ -35,6 +36,7 @@ __all__ = [
     "Watcher",
     "__version__",
     "compute_erf",
+    "load_images",
     "theoretical_rf",
     "watch",
 ]

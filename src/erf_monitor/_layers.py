@@ -1,24 +1,86 @@
-"""Resolving user layer specs (names, globs, ``"auto"``) to modules."""
+"""Resolving user layer specs (names, globs, output selectors, ``"auto"``) to modules.
+
+A layer spec is a module name as in ``model.named_modules()``, optionally followed by an
+*output selector* that picks one tensor out of what the module returns::
+
+    spec      := path step*
+    path      := dotted module name; in globs ``*``/``?`` stay in one segment, ``**`` spans them
+    step      := "[" key "]" | "." field
+    key       := integer            tuple/list index, or a dict key (int, or its str spelling)
+               | 'text' | "text"    dict key, ModelOutput/dataclass field
+               | bare text          the same as 'text'
+    field     := identifier         dict key, ModelOutput/dataclass field or attribute
+
+Examples: ``"backbone['0']"`` (an FPN level of a torchvision detection backbone),
+``"backbone[0]"`` (the same level: ``0`` falls back to the key ``'0'``),
+``"swin.encoder.layers.0[0]"`` (first element of a Hugging Face Swin stage's tuple),
+``"vit.encoder[last_hidden_state]"`` or ``"vit.encoder.last_hidden_state"`` (a ModelOutput
+field), ``"layer[0]['feat']"`` (chained). A dotted tail that names no submodule is read as
+field steps (``a.b.field`` is module ``a.b``, field ``field`` when ``a.b.field`` is not a
+module). Globs take bracket selectors: ``"encoder.layers.*[0]"``.
+
+Wrappers are transparent: ``torch.compile``'s ``_orig_mod`` segments may be omitted, and the
+``module.`` prefix of ``DataParallel``/``DistributedDataParallel`` may be given or omitted
+(the probe runs the wrapped module itself).
+"""
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-__all__ = ["auto_layers", "get_module", "resolve_layers", "unwrap_compiled"]
+__all__ = [
+    "Selector",
+    "format_selector",
+    "get_module",
+    "layer_selector",
+    "locate_layer",
+    "parse_layer_spec",
+    "resolve_layers",
+    "spec_matches",
+    "unwrap_compiled",
+    "unwrap_model",
+]
+
+log = logging.getLogger("erf_monitor")
 
 _COMPILED = "_orig_mod"
+_WRAPPER_PREFIX = "module."
+
+#: One step of an output selector: an int index or a str key / field name.
+Step = int | str
+Selector = tuple[Step, ...]
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """Return the eager module behind ``torch.compile(model)`` (or ``model`` itself)."""
-    inner = getattr(model, _COMPILED, None)
-    return inner if isinstance(inner, nn.Module) else model
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _is_wrapper(model: nn.Module) -> bool:
+    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile``, ``DataParallel`` and DDP wrappers.
+
+    The probe runs this module directly: hooks stay on one replica, and a DDP forward (which
+    expects a training backward) is never started by a probe.
+    """
+    while True:
+        inner = getattr(model, _COMPILED, None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif _is_wrapper(model) and isinstance(getattr(model, "module", None), nn.Module):
+            model = getattr(model, "module")  # noqa: B009 (typed as Tensor | Module)
+        else:
+            return model
+
+
+#: Older name, kept for the modules that import it.
+unwrap_compiled = unwrap_model
 
 
 def _canonical(name: str) -> str:
@@ -34,8 +96,149 @@ def _module_table(model: nn.Module) -> dict[str, nn.Module]:
     return table
 
 
+def _lookup(table: dict[str, nn.Module], path: str) -> str | None:
+    """The table key for ``path``, with the wrapper's ``module.`` prefix given or not."""
+    if path in table:
+        return path
+    if path.startswith(_WRAPPER_PREFIX) and path[len(_WRAPPER_PREFIX) :] in table:
+        return path[len(_WRAPPER_PREFIX) :]
+    if _WRAPPER_PREFIX + path in table:
+        return _WRAPPER_PREFIX + path
+    return None
+
+
+# ----------------------------------------------------------------------------- grammar
+
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_INT = re.compile(r"-?\d+")
+
+
+def _parse_key(text: str, spec: str) -> Step:
+    text = text.strip()
+    if not text:
+        raise ValueError(f"Empty selector [] in layer spec {spec!r}.")
+    if _INT.fullmatch(text):
+        return int(text)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    if any(q in text for q in "'\""):
+        raise ValueError(f"Unbalanced quotes in selector [{text}] of layer spec {spec!r}.")
+    return text
+
+
+def parse_layer_spec(spec: str) -> tuple[str, Selector]:
+    """Split a layer spec into its module path and output selector (syntax only).
+
+    A dotted field tail (``"vit.encoder.last_hidden_state"``) cannot be told from a module
+    path by syntax: it is split off by :func:`locate_layer`, which knows the modules.
+
+    Raises:
+        ValueError: for a malformed selector (unbalanced brackets or quotes, empty ``[]``).
+
+    Examples:
+        >>> parse_layer_spec("backbone['0']")
+        ('backbone', ('0',))
+        >>> parse_layer_spec("layer[0]['feat']")
+        ('layer', (0, 'feat'))
+        >>> parse_layer_spec("vit.encoder[last_hidden_state]")
+        ('vit.encoder', ('last_hidden_state',))
+        >>> parse_layer_spec("head[-1].logits")
+        ('head', (-1, 'logits'))
+    """
+    i = spec.find("[")
+    if i < 0:
+        return spec, ()
+    path, rest, steps = spec[:i], spec[i:], []
+    pos = 0
+    while pos < len(rest):
+        ch = rest[pos]
+        if ch == "[":
+            end = pos + 1
+            quote = None
+            while end < len(rest) and (quote is not None or rest[end] != "]"):
+                if rest[end] in "'\"":
+                    quote = None if quote == rest[end] else (quote or rest[end])
+                end += 1
+            if end >= len(rest):
+                raise ValueError(f"Unclosed '[' in layer spec {spec!r}.")
+            steps.append(_parse_key(rest[pos + 1 : end], spec))
+            pos = end + 1
+        elif ch == ".":
+            m = _FIELD.match(rest, pos + 1)
+            if m is None:
+                raise ValueError(f"Expected a field name after '.' in layer spec {spec!r}.")
+            steps.append(m.group())
+            pos = m.end()
+        else:
+            raise ValueError(
+                f"Unexpected {ch!r} in layer spec {spec!r}: after the module name only "
+                "[index], ['key'] and .field selectors may follow."
+            )
+    return path, tuple(steps)
+
+
+def format_selector(selector: Selector) -> str:
+    """Canonical text of a selector: ``[0]`` for indices, ``['key']`` for keys and fields.
+
+    Examples:
+        >>> format_selector((0, "feat"))
+        "[0]['feat']"
+    """
+    out = []
+    for step in selector:
+        if isinstance(step, int):
+            out.append(f"[{step}]")
+        else:
+            out.append(f'["{step}"]' if "'" in step else f"['{step}']")
+    return "".join(out)
+
+
+def _split(spec: str, table: dict[str, nn.Module]) -> tuple[str, Selector] | None:
+    """``(table key, selector)`` of an exact (non-glob) spec, or ``None`` if it names nothing."""
+    try:
+        path, selector = parse_layer_spec(spec)
+    except ValueError:
+        return None
+    key = _lookup(table, _canonical(path))
+    if key is not None:
+        return key, selector
+    # A dotted tail that is no submodule: ModelOutput/dataclass fields ("vit.encoder.pooled").
+    parts = _canonical(path).split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        key = _lookup(table, ".".join(parts[:cut]))
+        tail = parts[cut:]
+        if key is not None and all(_FIELD.fullmatch(p) for p in tail):
+            return key, (*tail, *selector)
+    return None
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob over dotted names: ``*`` and ``?`` stay inside one segment, ``**`` spans segments."""
+    """Glob over dotted names: ``*`` and ``?`` stay inside one segment, ``**`` spans segments.
+
+    ``[...]`` is a character class, or, when the pattern ends with an output selector, that
+    selector literally: ``"stages.*[0]"`` matches ``stages.1[0]`` (and, as a character class,
+    ``stages.10``).
+    """
+    plain = _glob_body(pattern)
+    try:
+        path, selector = parse_layer_spec(pattern)
+    except ValueError:
+        selector = ()
+    if not selector:
+        return re.compile(plain)
+    literal = _glob_body(path, classes=False) + re.escape(pattern[len(path) :])
+    return re.compile(f"(?:{plain})|(?:{literal})")
+
+
+def spec_matches(name: str, pattern: str) -> bool:
+    """Whether layer ``name`` is ``pattern`` or matched by it as a glob (selectors literal)."""
+    return name == pattern or bool(_glob_regex(pattern).fullmatch(name))
+
+
+def _glob_body(pattern: str, classes: bool = True) -> str:
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**", i):
@@ -47,7 +250,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append("[^.]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+        elif classes and pattern[i] == "[" and "]" in pattern[i + 1 :]:
             end = pattern.index("]", i + 1)
             body = pattern[i + 1 : end]
             out.append(
@@ -57,27 +260,79 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out))
+    return "".join(out)
 
 
-def _unknown_layer_error(name: str, names: Sequence[str]) -> ValueError:
+def _wrapper_of(model: nn.Module) -> str | None:
+    """Name of the DataParallel/DDP wrapper class around ``model`` (compile unwrapped)."""
+    while True:
+        inner = getattr(model, _COMPILED, None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        return type(model).__name__ if _is_wrapper(model) else None
+
+
+def _unknown_layer_error(name: str, names: Sequence[str], wrapper: str | None = None) -> ValueError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     shown = ", ".join(names[:25]) + (f", ... ({len(names)} in all)" if len(names) > 25 else "")
+    where = "model.named_modules()"
+    if wrapper is not None:
+        where = (
+            f"the named_modules() of the module inside {wrapper} (with or without its "
+            "'module.' prefix of DataParallel/DDP)"
+        )
     return ValueError(
-        f"Unknown layer {name!r}.{hint} Layers are named as in model.named_modules(): {shown}"
+        f"Unknown layer {name!r}.{hint} Layers are named as in {where}, optionally followed "
+        f"by an output selector such as [0] or ['key']: {shown}"
     )
 
 
+def _glob_matches(spec: str, names: list[str], table: dict[str, nn.Module]) -> list[str]:
+    """Names matched by a glob ``spec`` (bracket selectors kept), ``[]`` if none."""
+    try:
+        path, selector = parse_layer_spec(spec)
+    except ValueError:
+        path, selector = spec, ()
+    if selector and any(ch in path for ch in "*?"):
+        suffix = spec[len(path) :]
+        for pattern in (path, *_wrapper_variants(path)):
+            regex = _glob_regex(pattern)
+            found = [n + suffix for n in names if regex.fullmatch(n)]
+            if found:
+                return found
+        return []
+    if not any(ch in spec for ch in "*?["):
+        return []
+    for pattern in (spec, *_wrapper_variants(spec)):
+        regex = _glob_regex(pattern)
+        found = [n for n in names if regex.fullmatch(n)]
+        if found:
+            return found
+    return []
+
+
+def _wrapper_variants(pattern: str) -> list[str]:
+    if pattern.startswith(_WRAPPER_PREFIX):
+        return [pattern[len(_WRAPPER_PREFIX) :]]
+    return [_WRAPPER_PREFIX + pattern]
+
+
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
-    """Expand layer names and glob patterns into an ordered, de-duplicated list of names.
+    """Expand layer specs and glob patterns into an ordered, de-duplicated list of names.
 
     Args:
-        model: the model whose ``named_modules()`` define the names.
-        layers: a name, a glob, or a sequence of them. In globs ``*`` and ``?`` match within
-            one dotted segment (``"layer*"`` is ``layer1 .. layer4``, not their children) and
-            ``**`` matches across segments (``"layer1.**.conv*"``). ``"auto"`` needs an
-            input and is expanded by :func:`auto_layers` instead.
+        model: the model whose ``named_modules()`` define the names (wrappers unwrapped).
+        layers: a spec, a glob, or a sequence of them (see the module docstring for output
+            selectors). In globs ``*`` and ``?`` match within one dotted segment
+            (``"layer*"`` is ``layer1 .. layer4``, not their children) and ``**`` matches
+            across segments (``"layer1.**.conv*"``); a selector after a glob applies to every
+            match. ``"auto"`` needs an input and is expanded by :func:`auto_layers` instead.
+
+    Returns:
+        The names as given (exact specs keep their spelling, so that results are keyed the
+        way they were asked for), globs expanded in module order.
 
     Raises:
         ValueError: for an unknown name or a glob that matches nothing (close matches listed).
@@ -90,87 +345,73 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         ['0', '1', '2']
         >>> resolve_layers(nn.Sequential(net), "0.*")
         ['0.0', '0.1', '0.2']
+        >>> resolve_layers(nn.Sequential(net), "0[0]")  # a selector on the output of '0'
+        ['0[0]']
     """
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name, a glob, or 'auto'.")
-    table = _module_table(unwrap_compiled(model))
+    table = _module_table(unwrap_model(model))
     names = list(table)
     out: list[str] = []
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        spec = _canonical(spec)
-        if spec in table:
+        spec = _canonical_spec(spec)
+        try:
+            path = _canonical(parse_layer_spec(spec)[0])
+            syntax_error: ValueError | None = None
+        except ValueError as exc:
+            path, syntax_error = spec, exc
+        hit = None if syntax_error or any(c in path for c in "*?") else _split(spec, table)
+        if hit is not None:
+            key = _lookup(table, path)
+            if key is not None and key != path:
+                where = _wrapper_of(model) or type(unwrap_model(model)).__name__
+                log.info("erf-monitor: layer %r is module %r inside %s", spec, key, where)
             matched = [spec]
-        elif any(ch in spec for ch in "*?["):
-            regex = _glob_regex(spec)
-            matched = [n for n in names if regex.fullmatch(n)]
-            if not matched:
-                raise _unknown_layer_error(spec, names)
         else:
-            raise _unknown_layer_error(spec, names)
+            matched = _glob_matches(spec, names, table)
+        if not matched:
+            if syntax_error is not None and any(q in spec for q in "'\""):
+                raise syntax_error
+            raise _unknown_layer_error(spec, names, _wrapper_of(model))
         out.extend(m for m in matched if m not in out)
     return out
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name`` (``_orig_mod`` segments optional)."""
-    table = _module_table(unwrap_compiled(model))
-    try:
-        return table[_canonical(name)]
-    except KeyError:
-        raise _unknown_layer_error(name, list(table)) from None
+def _canonical_spec(spec: str) -> str:
+    """``spec`` with ``_orig_mod`` segments dropped from its module path (selector untouched)."""
+    i = spec.find("[")
+    path, rest = (spec, "") if i < 0 else (spec[:i], spec[i:])
+    return _canonical(path) + rest
 
 
-def auto_layers(
-    model: nn.Module,
-    x: torch.Tensor,
-    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
-) -> list[str]:
-    """Pick one layer per spatial resolution stage: the outermost module finishing last there.
+def locate_layer(
+    model: nn.Module, name: str, table: dict[str, nn.Module] | None = None
+) -> tuple[str, nn.Module, Selector]:
+    """``(module name, module, output selector)`` of one exact layer spec.
 
-    Runs one forward pass (no gradients, eval mode, every module's ``training`` flag restored)
-    and records the spatial shape of every module output that looks like ``(N, C, *S)``.
-    For each distinct spatial shape (1x1 excluded) the module whose forward *finished last*
-    with that shape is chosen: forward hooks of containers fire after their children, so in
-    a torchvision ResNet this yields ``relu`` (stem), ``layer1`` ... ``layer4``.
+    The module name is the one in ``unwrap_model(model).named_modules()`` (without
+    ``_orig_mod``), whatever wrapper prefix the spec used. ``table`` (from ``_module_table``)
+    saves rebuilding the name table when many names are located.
+
+    Raises:
+        ValueError: for a name that matches no module (close matches listed).
     """
-    net = unwrap_compiled(model)
-    spatial_ndim = x.dim() - 2
-    finished: list[tuple[str, tuple[int, ...]]] = []
-    handles = []
+    if table is None:
+        table = _module_table(unwrap_model(model))
+    hit = _split(_canonical_spec(name), table)
+    if hit is None:
+        raise _unknown_layer_error(name, list(table), _wrapper_of(model))
+    return hit[0], table[hit[0]], hit[1]
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.dim() == spatial_ndim + 2:
-                finished.append((name, tuple(out.shape[2:])))
 
-        return hook
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of layer spec ``name`` (``_orig_mod`` segments and selectors allowed)."""
+    return locate_layer(model, name)[1]
 
-    flags = {m: m.training for m in net.modules()}
-    try:
-        for name, module in _module_table(net).items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        net.eval()
-        with torch.no_grad():
-            (forward_fn or (lambda m, t: m(t)))(net, x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in flags.items():
-            m.training = flag
-    last_by_shape: dict[tuple[int, ...], str] = {}
-    order: list[tuple[int, ...]] = []
-    for name, shape in finished:
-        if all(s == 1 for s in shape):
-            continue
-        if shape not in last_by_shape:
-            order.append(shape)
-        last_by_shape[shape] = name
-    if not order:
-        raise ValueError(
-            "layers='auto' found no module with a spatial output (N, C, *S); "
-            "name the layers explicitly."
-        )
-    return [last_by_shape[s] for s in order]
+
+def layer_selector(model: nn.Module, name: str) -> Selector:
+    """The output selector of layer spec ``name`` (``()`` when it takes the whole output)."""
+    return locate_layer(model, name)[2]

@@ -18,16 +18,21 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 __all__ = [
     "COVERAGE_MASS",
+    "OPENERF_RADII",
+    "GaussianFit",
     "area_ratio",
     "centroid",
     "coverage",
+    "disc_mass",
     "erf_size",
+    "gaussian_fit",
     "gaussian_r2",
     "mass_extent",
     "mass_extent_per_axis",
@@ -475,3 +480,224 @@ def replknet_normalise(raw_sum_map: MapLike) -> torch.Tensor:
     if peak.item() == 0.0:
         return torch.zeros(x.shape, dtype=torch.float32)
     return (logged / peak).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenERF metrics: mass in discs of fixed radii, free-centre 2-D Gaussian fit
+# --------------------------------------------------------------------------------------------
+#: OpenERF's default radii (pixels) for the cumulative disc mass.
+OPENERF_RADII: tuple[int, ...] = (5, 10, 20, 30, 40, 60, 80)
+
+
+def disc_mass(
+    heatmap: MapLike, radii: Sequence[float], centre: Sequence[int]
+) -> dict[float, float]:
+    """Fraction of the map's mass within Euclidean distance ``r`` of ``centre``, per radius.
+
+    OpenERF's "radial cumulative mass": the map is normalised to sum 1 and, for each radius
+    ``r``, the mass of the pixels ``p`` with ``||p - centre||_2 <= r`` (pixel indices, the
+    boundary included) is summed. OpenERF centres the discs on ``(H // 2, W // 2)``;
+    :meth:`~erf_monitor.ERFResult.disc_mass` uses the layer's theoretical centre pixel (the
+    same pixel for a centred, odd-sized layer). Works for 1 to 3 dims (intervals, discs,
+    balls).
+
+    Args:
+        heatmap: non-negative ERF map of spatial shape ``S``.
+        radii: non-negative radii in pixels.
+        centre: integer pixel index per dim, inside the map.
+
+    Returns:
+        ``{r: fraction}`` in the order of ``radii``; NaN fractions for a map that is zero
+        everywhere (there is no mass to divide).
+
+    Raises:
+        ValueError: a bad map, a negative or non-finite radius, a centre outside the map.
+        TypeError: a map that is not a real tensor/array.
+
+    Examples:
+        >>> import torch
+        >>> disc_mass(torch.ones(5, 5), [0, 1, 1.5], (2, 2))  # 1, 5 and 9 of 25 pixels
+        {0: 0.04, 1: 0.2, 1.5: 0.36}
+    """
+    x = _as_float64(heatmap)
+    c = _check_centre(centre, tuple(x.shape))
+    rs = []
+    for r in radii:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
+            raise ValueError(f"radii must be finite numbers >= 0, got {r!r}")
+        rs.append(r)
+    total = x.sum().item()
+    if total == 0.0:
+        return dict.fromkeys(rs, math.nan)
+    dist2 = torch.zeros((), dtype=torch.float64)
+    for d, (cd, s) in enumerate(zip(c, x.shape)):
+        view = [1] * x.dim()
+        view[d] = s
+        dist2 = dist2 + ((torch.arange(s, dtype=torch.float64) - cd) ** 2).view(view)
+    dist2 = dist2.expand(x.shape)
+    return {r: float(x[dist2 <= float(r) ** 2].sum().item() / total) for r in rs}
+
+
+@dataclass(frozen=True)
+class GaussianFit:
+    """A 2-D Gaussian fitted to an ERF map normalised to sum 1 (OpenERF's model).
+
+    ``G(y, x) = amplitude * N((y, x); centre, covariance)``, ``N`` the normalised bivariate
+    normal density, so ``amplitude`` is the share of the map's mass the Gaussian carries
+    (1 for a map that is exactly Gaussian and well inside the input).
+
+    Attributes:
+        amplitude: integral of the fitted Gaussian over the plane, in units of the map's mass.
+        centre: ``(y, x)`` in pixel indices (free: not tied to the theoretical centre).
+        sigma: ``(sigma_y, sigma_x)``, square roots of the covariance's diagonal, in pixels.
+        covariance: ``((s_yy, s_yx), (s_xy, s_xx))`` in pixels²; diagonal unless fitted with
+            ``rotated=True``.
+        r2: ``1 - Var(G - p) / Var(p)`` over all pixels (``p`` the normalised map): OpenERF's
+            R², which subtracts the residual's mean (1: a perfect fit).
+        rotated: whether the covariance was free to tilt (``False``: axis-aligned, as OpenERF).
+        converged: whether Levenberg-Marquardt met its tolerance within its iteration budget.
+    """
+
+    amplitude: float
+    centre: tuple[float, float]
+    sigma: tuple[float, float]
+    covariance: tuple[tuple[float, float], tuple[float, float]]
+    r2: float
+    rotated: bool = False
+    converged: bool = True
+
+
+def _gaussian_and_jacobian(
+    theta: np.ndarray, yy: np.ndarray, xx: np.ndarray, rotated: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model values and their Jacobian for ``theta = (A, yc, xc, a, c[, b])``.
+
+    ``(a, b, c)`` is the precision matrix ``[[a, b], [b, c]]`` (inverse covariance), so that
+    ``G = A sqrt(ac - b^2) / (2 pi) exp(-(a dy^2 + 2 b dy dx + c dx^2) / 2)``.
+    """
+    amp, yc, xc, a, c = theta[:5]
+    b = theta[5] if rotated else 0.0
+    dy, dx = yy - yc, xx - xc
+    det = a * c - b * b
+    base = (
+        math.sqrt(det)
+        / (2 * math.pi)
+        * np.exp(-0.5 * (a * dy * dy + 2 * b * dy * dx + c * dx * dx))
+    )
+    g = amp * base
+    cols = [
+        base,
+        g * (a * dy + b * dx),
+        g * (b * dy + c * dx),
+        g * (c / (2 * det) - dy * dy / 2),
+        g * (a / (2 * det) - dx * dx / 2),
+    ]
+    if rotated:
+        cols.append(g * (-b / det - dy * dx))
+    return g, np.stack(cols, axis=1)
+
+
+def _valid(theta: np.ndarray, rotated: bool) -> bool:
+    amp, _, _, a, c = theta[:5]
+    b = theta[5] if rotated else 0.0
+    return bool(np.all(np.isfinite(theta))) and amp >= 0 and a > 0 and c > 0 and a * c - b * b > 0
+
+
+def gaussian_fit(heatmap: MapLike, *, rotated: bool = False) -> GaussianFit:
+    """Least-squares fit of a free-centre 2-D Gaussian to the map normalised to sum 1.
+
+    OpenERF's protocol (``openerf.fit.fit_2d_gaussian``): the model
+    ``A exp(-((x - xc)^2 / (2 sx^2) + (y - yc)^2 / (2 sy^2))) / (2 pi sx sy)`` is fitted to
+    ``p = E / sum(E)`` over every pixel by least squares with a free amplitude and centre, and
+    ``R² = 1 - Var(residual) / Var(p)``. Implemented here with Levenberg-Marquardt on the
+    precision-matrix form of the model (analytic Jacobian, float64), started from the map's
+    moments, so the result is the least-squares optimum nearest the moment estimate. With
+    ``rotated=True`` the covariance may also tilt (one more parameter, the correlation).
+
+    Args:
+        heatmap: non-negative 2-D ERF map.
+        rotated: also fit the covariance's off-diagonal term.
+
+    Returns:
+        A :class:`GaussianFit`; every field NaN for a map that is zero everywhere, and NaN
+        ``r2`` for a constant map.
+
+    Raises:
+        ValueError: a map that is not 2-D, or has negative, NaN or infinite values.
+        TypeError: a map that is not a real tensor/array.
+
+    Examples:
+        >>> import torch
+        >>> y, x = torch.meshgrid(torch.arange(40.0), torch.arange(50.0), indexing="ij")
+        >>> g = torch.exp(-0.5 * (((y - 17.3) / 3.0) ** 2 + ((x - 26.0) / 5.0) ** 2))
+        >>> fit = gaussian_fit(g)
+        >>> [round(v, 4) for v in (*fit.centre, *fit.sigma, fit.amplitude, fit.r2)]
+        [17.3, 26.0, 3.0, 5.0, 1.0, 1.0]
+    """
+    t = _as_float64(heatmap)
+    if t.dim() != 2:
+        raise ValueError(f"gaussian_fit needs a 2-D map, got shape {tuple(t.shape)}")
+    nan = math.nan
+    total = t.sum().item()
+    if total == 0.0:
+        return GaussianFit(nan, (nan, nan), (nan, nan), ((nan, nan), (nan, nan)), nan, rotated)
+    p = (t / total).numpy().ravel()
+    h, w = t.shape
+    grid = np.meshgrid(
+        np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij"
+    )
+    yy, xx = grid[0].ravel(), grid[1].ravel()
+    # Start from the moments (the covariance floored at a quarter pixel², a delta's scale).
+    my, mx = float((p * yy).sum()), float((p * xx).sum())
+    cyy = max(float((p * (yy - my) ** 2).sum()), 0.25)
+    cxx = max(float((p * (xx - mx) ** 2).sum()), 0.25)
+    cyx = float((p * (yy - my) * (xx - mx)).sum()) if rotated else 0.0
+    if cyy * cxx - cyx * cyx <= 0:
+        cyx = 0.0
+    det0 = cyy * cxx - cyx * cyx
+    theta = np.array([1.0, my, mx, cxx / det0, cyy / det0] + ([-cyx / det0] if rotated else []))
+    g, jac = _gaussian_and_jacobian(theta, yy, xx, rotated)
+    res = g - p
+    cost = float(res @ res)
+    lam, converged = 1e-3, False
+    for _ in range(200):
+        jtj = jac.T @ jac
+        grad = jac.T @ res
+        improved = False
+        for _ in range(30):  # raise the damping until a step lowers the cost
+            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-300), -grad)
+            cand = theta + step
+            if _valid(cand, rotated):
+                g_new, jac_new = _gaussian_and_jacobian(cand, yy, xx, rotated)
+                res_new = g_new - p
+                cost_new = float(res_new @ res_new)
+                if cost_new < cost:
+                    improved = True
+                    break
+            lam *= 10.0
+        if not improved:
+            converged = True  # no descent direction left: a (local) minimum
+            break
+        small = cost - cost_new <= 1e-12 * cost and np.all(
+            np.abs(step) <= 1e-9 * (np.abs(theta) + 1e-9)
+        )
+        theta, g, jac, res, cost = cand, g_new, jac_new, res_new, cost_new
+        lam = max(lam / 10.0, 1e-12)
+        if small:
+            converged = True
+            break
+    amp, yc, xc, a, c = (float(v) for v in theta[:5])
+    b = float(theta[5]) if rotated else 0.0
+    det = a * c - b * b
+    s_yy, s_xx, s_yx = c / det, a / det, -b / det
+    var_p = float(np.var(p))
+    r2 = nan if var_p == 0.0 else 1.0 - float(np.var(res)) / var_p
+    return GaussianFit(
+        amplitude=amp,
+        centre=(yc, xc),
+        sigma=(math.sqrt(s_yy), math.sqrt(s_xx)),
+        covariance=((s_yy, s_yx), (s_yx, s_xx)),
+        r2=r2,
+        rotated=rotated,
+        converged=converged,
+    )

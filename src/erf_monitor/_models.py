@@ -8,6 +8,12 @@ Three forms are accepted:
 * ``path/to/file.py:factory`` — **runs that file** and calls ``factory()``; the only form that
   executes user code.
 
+Weights (``pretrained``) are only ever read from local files, never downloaded: ``"cache"``
+takes the copy that torchvision (``torch.hub`` cache) or timm (Hugging Face hub cache, or the
+``torch.hub`` cache for older weights) keeps after a download elsewhere; a path loads a
+checkpoint file (``torch.load(weights_only=True)`` or ``.safetensors``; a ``state_dict`` /
+``model`` entry and ``model.``/``module.``/``_orig_mod.`` key prefixes are handled).
+
 Every failure is a :class:`ModelSpecError` with a one-line message that says what to do.
 """
 
@@ -16,15 +22,18 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import torch
 from torch import nn
 
 from erf_monitor._imports import package_available
 
-__all__ = ["ModelSpecError", "load_model"]
+__all__ = ["ModelSpecError", "load_checkpoint", "load_model", "spec_preprocessing"]
 
 _PREFIXES = ("torchvision", "timm")
 
@@ -39,6 +48,145 @@ def _close(name: str, choices: list[str], n: int = 5) -> str:
         lowered = name.lower()
         matches = [c for c in choices if lowered in c.lower()][:n]
     return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+_NO_DOWNLOAD = "erf-monitor never downloads"
+
+
+def _torchvision_weights(name: str) -> Any:
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        return None
+
+
+def _torchvision_pretrained(name: str) -> nn.Module:
+    import torchvision.models as tvm
+
+    weights = _torchvision_weights(name)
+    if weights is None:
+        raise ModelSpecError(f"torchvision has no pretrained weights for {name!r}")
+    cached = (
+        Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    )
+    if not cached.is_file():
+        raise ModelSpecError(
+            f"no local copy of {weights} for torchvision:{name} (looked for {str(cached)!r}; "
+            f"{_NO_DOWNLOAD}): download them once where there is internet "
+            f"(torchvision.models.get_model({name!r}, weights='DEFAULT')) or pass "
+            "--pretrained=PATH to a checkpoint file"
+        )
+    # The builder reads the cached file (torch.hub only downloads a missing file) and applies
+    # the model's own key fixes (e.g. DenseNet's old names).
+    return tvm.get_model(name, weights=weights)
+
+
+def _timm_pretrained(name: str) -> nn.Module:
+    timm: Any = importlib.import_module("timm")
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    found: str | None = None
+    repo = cfg.get("hf_hub_id")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, filename)
+            if isinstance(hit, str):
+                found = hit
+                break
+    url = cfg.get("url")
+    if found is None and url:
+        legacy = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        found = str(legacy) if legacy.is_file() else None
+    if found is None:
+        where = f"Hugging Face hub cache of {repo!r}" if repo else "torch.hub cache"
+        raise ModelSpecError(
+            f"no local copy of the pretrained weights of timm:{name} (looked in the {where}; "
+            f"{_NO_DOWNLOAD}): download them once where there is internet "
+            f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained=PATH"
+        )
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found})
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelSpecError(
+            f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors, "
+            "possibly under 'state_dict' or 'model')"
+        )
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a checkpoint file's weights into ``model`` (data only: no code is run).
+
+    ``.safetensors`` files are read with safetensors, anything else with
+    ``torch.load(weights_only=True)``. A ``state_dict``/``model`` entry is used when present,
+    and a common key prefix (``model.``, ``module.``, ``_orig_mod.``, ``net.``) is dropped
+    when the keys do not match as they are.
+
+    Raises:
+        ModelSpecError: a missing or unreadable file, or weights that do not fit the model.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelSpecError(f"checkpoint {str(file)!r} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(file), device="cpu")
+        else:
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelSpecError(
+            f"cannot read checkpoint {str(file)!r} as weights only: {type(exc).__name__}: "
+            f"{_first_line(exc)}"
+        ) from None
+    state = _state_dict_of(raw, file)
+    expected = set(model.state_dict())
+    for prefix in ("", "model.", "module.", "_orig_mod.", "net."):
+        if prefix and not all(k.startswith(prefix) for k in state):
+            continue
+        candidate = {k[len(prefix) :]: v for k, v in state.items()}
+        if set(candidate) == expected:
+            try:
+                model.load_state_dict(candidate)
+            except RuntimeError as exc:
+                raise ModelSpecError(
+                    f"the weights in {str(file)!r} do not fit the model: {_first_line(exc)}"
+                ) from None
+            return model
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    raise ModelSpecError(
+        f"the weights in {str(file)!r} do not fit the model: {len(missing)} missing "
+        f"(e.g. {missing[:3]}) and {len(unexpected)} unexpected (e.g. {unexpected[:3]}) keys"
+    )
+
+
+def spec_preprocessing(spec: str, model: nn.Module) -> Any:
+    """How images should be preprocessed for the model of ``spec`` (a ``Preprocessing``).
+
+    torchvision models use their default weights' ``transforms()`` (available offline), timm
+    models their data config, others ImageNet defaults.
+    """
+    from erf_monitor._images import preprocessing_for
+
+    prefix, _, name = spec.partition(":")
+    if prefix == "torchvision" and package_available("torchvision"):
+        weights = _torchvision_weights(name)
+        if weights is not None:
+            return preprocessing_for(
+                transform=weights.transforms(), source=f"torchvision weights {weights}"
+            )
+    return preprocessing_for(model)
 
 
 def _torchvision(name: str) -> nn.Module:
@@ -117,18 +265,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model named by ``spec`` (randomly initialised, in eval mode).
+def load_model(spec: str, pretrained: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` (randomly initialised unless ``pretrained``; eval mode).
 
     Args:
         spec: ``torchvision:<name>``, ``timm:<name>`` or ``path/to/file.py:factory``.
+        pretrained: ``None`` (random init), ``"cache"`` (the library's own pretrained weights,
+            from the local download cache only) or a checkpoint file path.
 
     Returns:
         The model, in eval mode.
 
     Raises:
         ModelSpecError: for an unknown prefix or model, a missing file or factory, a factory
-            that fails or does not return an ``nn.Module``, or timm not being installed.
+            that fails or does not return an ``nn.Module``, timm not being installed, or
+            weights that are not available locally or do not fit.
 
     Examples:
         >>> load_model("torchvision:resnet18").__class__.__name__
@@ -144,14 +295,29 @@ def load_model(spec: str) -> nn.Module:
             "path/to/file.py:factory"
         )
     prefix, _, rest = spec.partition(":")
+    model: nn.Module | None = None
     if prefix == "torchvision":
-        return _torchvision(rest).eval()
-    if prefix == "timm":
-        return _timm(rest).eval()
-    # A file spec: split at the *last* colon (the path may contain one, e.g. C:\...).
-    path_text, _, factory = spec.rpartition(":")
-    if path_text.endswith(".py") or "/" in path_text or "\\" in path_text:
-        return _from_file(path_text, factory).eval()
+        model = _torchvision(rest)
+        if pretrained == "cache":
+            model = _torchvision_pretrained(rest)
+    elif prefix == "timm":
+        model = _timm(rest)
+        if pretrained == "cache":
+            model = _timm_pretrained(rest)
+    else:
+        # A file spec: split at the *last* colon (the path may contain one, e.g. C:\...).
+        path_text, _, factory = spec.rpartition(":")
+        if path_text.endswith(".py") or "/" in path_text or "\\" in path_text:
+            model = _from_file(path_text, factory)
+            if pretrained == "cache":
+                raise ModelSpecError(
+                    "--pretrained without a path needs a torchvision: or timm: model; for "
+                    "a model file pass --pretrained=PATH to a checkpoint"
+                )
+    if model is not None:
+        if pretrained not in (None, "cache"):
+            load_checkpoint(model, pretrained)
+        return model.eval()
     raise ModelSpecError(
         f"unknown model source {prefix!r} in {spec!r}: use torchvision:<name>, timm:<name> or "
         "path/to/file.py:factory"

@@ -19,6 +19,7 @@ Coverage alert semantics (documented in ``ERFMonitor``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from erf_monitor._auto import pick_layers
 from erf_monitor._batch import find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
-from erf_monitor._layers import auto_layers, resolve_layers, unwrap_compiled
+from erf_monitor._layers import resolve_layers, spec_matches, unwrap_compiled
 from erf_monitor._modes import Mode
 from erf_monitor._options import (
     DEFAULT_MIN_COVERAGE,
@@ -44,7 +46,7 @@ from erf_monitor._options import (
     ProbeInputs,
 )
 from erf_monitor._rng import preserved_rng
-from erf_monitor._tokens import TokenLayoutArg, layouts_for
+from erf_monitor._tokens import TokenLayout, TokenLayoutArg, layouts_for
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
@@ -178,6 +180,7 @@ class MonitorEngine:
         self.layer_names: list[str] | None = None
         self.trfs: dict[str, TRF | None] | None = None
         self._thresholds: dict[str, float] = {}
+        self._layouts: dict[str, TokenLayout] = {}
         self._disabled: str | None = None
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
@@ -192,7 +195,10 @@ class MonitorEngine:
         if isinstance(self.min_coverage, dict):
             table = [n for n, _ in unwrap_compiled(model).named_modules() if n]
             for spec in self.min_coverage:
-                if not any(fnmatchcase(n, spec) or n == spec for n in table):
+                with contextlib.suppress(ValueError):
+                    resolve_layers(model, [spec])  # also names with output selectors
+                    continue
+                if not any(fnmatchcase(n, spec) or spec_matches(n, spec) for n in table):
                     raise ValueError(
                         f"min_coverage names layer {spec!r}, which matches no module of the model."
                     )
@@ -270,12 +276,16 @@ class MonitorEngine:
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
         x = self.probe_batch[:1].to(device, dtype)
+        auto_layouts: dict[str, TokenLayout] = {}
         if self.layers == "auto":
             with preserved_rng(device):
-                names = auto_layers(net, x, self.forward_fn)
+                pick = pick_layers(net, x, self.forward_fn)
+            names, auto_layouts = pick.names, pick.layouts
         else:
-            names = resolve_layers(net, self.layers)
+            names = resolve_layers(model, self.layers)
         self.layer_names = names
+        # Channels-last stages found by "auto", then the user's layouts (which win).
+        self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
         self._thresholds = self._resolve_thresholds(names)
         try:
             from erf_monitor._trf import theoretical_rf
@@ -291,7 +301,7 @@ class MonitorEngine:
                         tuple(self.probe_batch.shape[1:]),
                         names,
                         forward_fn=self.forward_fn,
-                        token_layout=layouts_for(self.token_layout, names),
+                        token_layout=self._layouts,
                         mode=self.mode,
                     )
             finally:
@@ -320,7 +330,7 @@ class MonitorEngine:
         out: dict[str, float] = {}
         for name in names:
             for spec, value in cov.items():
-                if name == spec or fnmatchcase(name, spec):
+                if spec_matches(name, spec) or fnmatchcase(name, spec):
                     out[name] = value
                     break
         return out
@@ -420,7 +430,7 @@ class MonitorEngine:
                     chunk_size=self.chunk_size,
                     forward_fn=self.forward_fn,
                     trf=self.trfs,
-                    token_layout=self.token_layout,
+                    token_layout=self._layouts,
                 )
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)

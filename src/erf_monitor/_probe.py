@@ -48,10 +48,12 @@ import torch
 from torch import nn
 
 from erf_monitor import _metrics
+from erf_monitor._auto import pick_layers
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
-from erf_monitor._layers import auto_layers, get_module, resolve_layers, unwrap_compiled
+from erf_monitor._hints import check_not_meta, forward_error, input_grad, is_own_error
+from erf_monitor._layers import locate_layer, resolve_layers, unwrap_compiled
 from erf_monitor._modes import Mode, check_mode, sample_maps, seed_index, seed_value
-from erf_monitor._outputs import to_spatial, warn_if_degenerate_seed
+from erf_monitor._outputs import select_output, to_spatial, warn_if_degenerate_seed
 from erf_monitor._result import ERFResult, ERFResults
 from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for
@@ -143,7 +145,10 @@ def _as_probe_input(inputs: torch.Tensor, device: torch.device, dtype: torch.dty
     if inputs.dim() > 5:
         raise ValueError(f"At most 3 spatial dims are supported; got shape {tuple(inputs.shape)}.")
     if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+        raise TypeError(
+            f"inputs must be floating point, got {inputs.dtype}: convert images first, e.g. "
+            "x.float() / 255 and the model's normalisation (erf_monitor.load_images does both)."
+        )
     if inputs.numel() and not bool(torch.isfinite(inputs.detach()).all()):
         raise _non_finite_error(inputs)
     # Cloning outside inference mode turns an inference tensor into a normal leaf.
@@ -173,15 +178,7 @@ def _round_centre(centre: Sequence[float], spatial: tuple[int, ...]) -> tuple[in
 
 
 def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = ""
-    low = msg.lower()
-    if "kernel size" in low or "output size is too small" in low or "input size" in low:
-        hint = " The probe input looks smaller than a kernel: use a larger input."
-    return ERFProbeError(
-        f"The model's forward failed on the probe input of shape {tuple(x.shape)}: "
-        f"{type(exc).__name__}: {msg}.{hint}"
-    )
+    return forward_error(exc, x)  # one line, with what to do (erf_monitor._hints)
 
 
 #: ``take(name, output, capture)``: what a hook keeps of a layer's first output.
@@ -204,6 +201,7 @@ def _run_forward(
     captures = {name: _Capture() for name in layers}
     pending = set(layers)
     handles = []
+    located = {name: locate_layer(net, name) for name in layers}  # (module name, module, selector)
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -211,7 +209,7 @@ def _run_forward(
             cap.calls += 1
             if cap.calls == 1:
                 try:
-                    take(name, out, cap)
+                    take(name, select_output(out, located[name][2], name), cap)
                 except Exception as exc:  # raised after the forward: the model may catch it
                     cap.error = exc
                 pending.discard(name)
@@ -222,13 +220,15 @@ def _run_forward(
 
     try:
         for name in layers:
-            handles.append(get_module(net, name).register_forward_hook(make_hook(name)))
+            handles.append(located[name][1].register_forward_hook(make_hook(name)))
         with contextlib.suppress(_StopForward):
             forward_fn(net, x.clone())
-    except (ValueError, TypeError, ERFProbeError):
+    except ERFProbeError:
         raise
     except Exception as exc:  # the user's model failed: say so, with the input shape
-        raise _forward_error(exc, x) from exc
+        if is_own_error(exc):  # e.g. an output selector that matches nothing
+            raise
+        raise _forward_error(exc, x) from None
     finally:
         for h in handles:
             h.remove()
@@ -530,9 +530,11 @@ def _probe_group(
             # The degenerate case (a constant channel sum or mean) is the same in both modes.
             warn_if_degenerate_seed(name, unit, "luo" if mode == "openerf" else mode)
             try:
-                (grad,) = torch.autograd.grad(
+                (grad,) = input_grad(  # torch.autograd.grad, its known refusals made plain
                     seed_value(unit, mode), x, retain_graph=not last, allow_unused=True
                 )
+            except ERFProbeError:
+                raise
             except RuntimeError as exc:
                 if _is_inplace_error(exc) and len(names) > 1:
                     alone.append(name)
@@ -660,10 +662,14 @@ def compute_erf(
     """Centre-pixel ERF maps of several layers from one probe.
 
     Args:
-        model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly).
+        model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly; a
+            ``DataParallel``/DDP wrapper through the module it wraps, which ``forward_fn``
+            then receives).
         inputs: probe batch ``(N, C, *S)`` with 1 to 3 spatial dims, finite. Never modified.
-        layers: layer names (as in ``model.named_modules()``), globs, or ``"auto"`` (one layer
-            per spatial resolution stage).
+        layers: layer names (as in ``model.named_modules()``, optionally followed by an
+            output selector such as ``"backbone['0']"`` or ``"stage[0]"`` for modules that
+            return tuples, dicts or ``ModelOutput``s), globs, or ``"auto"`` (one layer per
+            spatial stage, deepest last; see the Models and layers guide).
         mode: the published convention to follow (exact definitions in
             ``docs/concepts.md``; every result records it): ``"luo"`` (Luo et al.: mean over
             samples of the channel-summed ``|gradient|``), ``"replknet"`` (RepLKNet's
@@ -732,16 +738,18 @@ def compute_erf(
         raise ValueError(f"crop must be True, False or 'auto', got {crop!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_not_meta(model, inputs)
     net = unwrap_compiled(model)
     device, _ = _model_device_dtype(net, inputs)
     with preserved_rng(device):
         return _compute_erf(
-            net, inputs, layers, mode, num_samples, chunk_size, forward_fn, train_mode, dtype,
-            keep_per_sample, trf, crop, token_layout,
+            model, net, inputs, layers, mode, num_samples, chunk_size, forward_fn, train_mode,
+            dtype, keep_per_sample, trf, crop, token_layout,
         )  # fmt: skip
 
 
 def _compute_erf(
+    model: nn.Module,
     net: nn.Module,
     inputs: torch.Tensor,
     layers: str | Sequence[str],
@@ -769,15 +777,17 @@ def _compute_erf(
     if n == 0:
         raise ValueError("The probe batch is empty.")
 
+    auto_layouts: dict[str, TokenLayout] = {}
     if isinstance(layers, str) and layers == "auto":
         with _probe_state(net, False, device):
-            names = auto_layers(net, x_all[:1].detach().clone(), fwd)
+            pick = pick_layers(net, x_all[:1].detach().clone(), fwd)
+        names, auto_layouts = pick.names, pick.layouts
     else:
-        names = resolve_layers(net, layers)
+        names = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
 
     trfs: dict[str, TRF | None]
     geometry: Mapping[str, TRF | None]
-    layouts = _layouts_by_name(token_layout, names)
+    layouts = {**auto_layouts, **_layouts_by_name(token_layout, names)}
     input_shape = tuple(x_all.shape[1:])
     if trf == "auto":
         from erf_monitor._trf import theoretical_rf

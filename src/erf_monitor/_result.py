@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -67,6 +67,7 @@ class ERFResult:
     centre: tuple[float, ...] | None = None
     trf_issue: str | None = None
     _cache: dict[float, int] = field(default_factory=dict, repr=False)
+    _fits: dict[bool, _metrics.GaussianFit] = field(default_factory=dict, repr=False)
 
     # -- mass-based metrics ---------------------------------------------------------------
     def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
@@ -135,6 +136,34 @@ class ERFResult:
         """Centroid minus theoretical centre, in pixels per axis."""
         return tuple(c - t for c, t in zip(self.centroid, self.theoretical_centre))
 
+    # -- OpenERF metrics ---------------------------------------------------------------------
+    def disc_mass(
+        self,
+        radii: Sequence[float] = _metrics.OPENERF_RADII,
+        centre: Sequence[int] | None = None,
+    ) -> dict[float, float]:
+        """Fraction of the mass within Euclidean distance ``r`` of the centre, per radius.
+
+        OpenERF's radial cumulative mass (default radii are OpenERF's); the discs are centred
+        on :attr:`centre_pixel` unless ``centre`` is given (OpenERF uses ``(H // 2, W // 2)``).
+        See :func:`erf_monitor._metrics.disc_mass`.
+        """
+        where = self.centre_pixel if centre is None else tuple(centre)
+        return _metrics.disc_mass(self.heatmap, radii, where)
+
+    def gaussian_fit(self, rotated: bool = False) -> _metrics.GaussianFit:
+        """Free-centre 2-D Gaussian least-squares fit to the map normalised to sum 1 (OpenERF).
+
+        ``rotated=False`` is OpenERF's axis-aligned model; ``True`` also fits the covariance's
+        off-diagonal term. Cached per ``rotated``. See :func:`erf_monitor._metrics.gaussian_fit`.
+
+        Raises:
+            ValueError: for a map that is not 2-D.
+        """
+        if rotated not in self._fits:
+            self._fits[rotated] = _metrics.gaussian_fit(self.heatmap, rotated=rotated)
+        return self._fits[rotated]
+
     # -- export -----------------------------------------------------------------------------
     def scalars(self) -> dict[str, float]:
         """Flat dict of the scalar metrics, as logged (keys are stable across backends)."""
@@ -157,6 +186,18 @@ class ERFResult:
             out[f"sigma_{axis}"] = float(s)
             out[f"centroid_offset_{axis}"] = float(off)
         out["gaussian_r2"] = float(self.gaussian_r2)
+        # OpenERF's metrics: disc masses at its radii that fit in the map, the Gaussian fit.
+        size = max(self.heatmap.shape)
+        radii = [r for r in _metrics.OPENERF_RADII if r < size]
+        for r, mass in self.disc_mass(radii).items():
+            out[f"disc_mass_r{r}"] = float(mass)
+        if self.heatmap.dim() == 2:
+            fit = self.gaussian_fit()
+            out["gauss_fit_amplitude"] = fit.amplitude
+            for axis, s, c, t in zip(names, fit.sigma, fit.centre, self.theoretical_centre):
+                out[f"gauss_fit_sigma_{axis}"] = s
+                out[f"gauss_fit_offset_{axis}"] = c - t
+            out["gauss_fit_r2"] = fit.r2
         return out
 
     def __repr__(self) -> str:

@@ -190,6 +190,16 @@ def _model_hints(model: nn.Module | None, nd: int) -> list[tuple[tuple[int, ...]
         if patch is not None:
             prefix = getattr(m, "num_prefix_tokens", None)
             hints.append((patch, prefix if isinstance(prefix, int) else None))
+        # Hugging Face ViT/DeiT/Dinov2 embeddings: ``patch_embeddings.patch_size`` and a
+        # ``cls_token`` (plus ``distillation_token`` / ``register_tokens`` when present).
+        hf_embed = getattr(m, "patch_embeddings", None)
+        patch = _as_tuple(getattr(hf_embed, "patch_size", None), nd) if hf_embed else None
+        if patch is not None and isinstance(getattr(m, "cls_token", None), torch.Tensor):
+            prefix = 1 + int(isinstance(getattr(m, "distillation_token", None), torch.Tensor))
+            registers = getattr(m, "register_tokens", None)
+            if isinstance(registers, torch.Tensor) and registers.dim() >= 2:
+                prefix += int(registers.shape[1])
+            hints.append((patch, prefix))
         if len(hints) >= 4:
             break
     return hints

@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from erf_monitor._errors import ERFProbeWarning
-from erf_monitor._layers import _canonical, _module_table, _unknown_layer_error, unwrap_compiled
+from erf_monitor._hints import check_not_meta, forward_error, input_grad, is_own_error
+from erf_monitor._layers import _module_table, locate_layer, unwrap_compiled
 from erf_monitor._modes import check_mode, seed_index
+from erf_monitor._outputs import needs_selector_error, select_output
 from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor._trf_fx import (
@@ -40,6 +42,7 @@ from erf_monitor._trf_fx import (
     Unsupported,
     full_axis,
     point_axis,
+    select_node,
     shape_of,
     trace_model,
     walk,
@@ -114,8 +117,9 @@ def theoretical_rf(
         input_shape: ``(C, *S)`` or ``(N, C, *S)`` with 1 to 3 spatial dims. A 4-tuple is read
             as ``(N, C, H, W)`` when the model's first convolution/pooling is 2-D, and as
             ``(C, D, H, W)`` when it is 3-D (likewise for other lengths).
-        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments
-            optional).
+        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments and a
+            wrapper's ``module.`` prefix optional), optionally with an output selector
+            (``"backbone['0']"``): the analysis starts from the selected part.
         method: ``"auto"``, ``"fx"`` or ``"numeric"``.
         forward_fn: how to call the model on an image batch, ``forward_fn(model, x)``;
             default ``model(x)``.
@@ -150,9 +154,10 @@ def theoretical_rf(
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
+    check_not_meta(model)
     net = unwrap_compiled(model)
     channels, spatial = _parse_input_shape(net, input_shape)
-    names = _check_layers(net, layers)
+    names = _check_layers(model, layers)
     with preserved_rng(), eager_forwards(net):
         if method == "numeric":
             return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode)
@@ -236,13 +241,11 @@ def _check_layers(net: nn.Module, layers: Sequence[str] | str) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name.")
-    table = _module_table(net)
     out: list[str] = []
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        if _canonical(spec) not in table:
-            raise _unknown_layer_error(spec, list(table))
+        locate_layer(net, spec)  # raises for unknown names, listing close matches
         out.append(spec)
     return out
 
@@ -290,13 +293,13 @@ def _analytic_one(
     net: nn.Module | None = None,
     mode: str = "luo",
 ) -> TRF:
-    key = _canonical(name)
+    key, _module, selector = locate_layer(net, name) if net is not None else (name, None, ())
     if key not in traced.outputs:
         parts = key.split(".")
         if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):
             raise Unsupported(f"layer {name!r} lives inside a module fx treats as one op")
         raise _not_reached(name)
-    node = traced.outputs[key]
+    node = select_node(traced, key, selector, name)
     out_shape = shape_of(node)
     if node is None or out_shape is None:
         raise Unsupported(f"layer {name!r} does not return a single tensor")
@@ -385,7 +388,39 @@ _GATES = (
     nn.Hardsigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.ELU, nn.CELU, nn.SELU,
 )  # fmt: skip
 _TRIALS = 2
-_CHUNK = 16  # samples per forward/backward of the surrogate
+_CHUNK = 16  # samples per forward/backward of the surrogate, at most ...
+_CHUNK_BYTES = 2**30  # ... and about this much float64 activation memory (detectors resize)
+
+
+def _chunk_size(sur: nn.Module, fwd: ForwardFn, x: Tensor) -> int:
+    """Samples per surrogate chunk: the activations of one sample (a hooked no-grad forward,
+    counting every module output once), times 8 bytes, kept within ``_CHUNK_BYTES``."""
+    numel = [0]
+
+    def count(_m: nn.Module, _i: Any, out: Any) -> None:
+        numel[0] += sum(t.numel() for t in _tensors(out))
+
+    handles = [m.register_forward_hook(count) for m in sur.modules()]
+    try:
+        with torch.no_grad():
+            fwd(sur, x)
+    except Exception:  # the real forward below reports failures
+        return _CHUNK
+    finally:
+        for h in handles:
+            h.remove()
+    per_sample = 8 * max(numel[0], 1)  # float64; the depth of nesting roughly covers grads
+    return max(1, min(_CHUNK, _CHUNK_BYTES // per_sample))
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
 
 
 def _surrogate(net: nn.Module) -> nn.Module:
@@ -584,6 +619,7 @@ def _capture(
         def fn(_m: nn.Module, _i: Any, out: Any) -> None:
             if key in captured:
                 return
+            out = select_output(out, located[key][2], key)
             if tracker is not None:
                 reasons[key] = tracker.reason(out)
             captured[key] = out.clone() if isinstance(out, Tensor) else out
@@ -592,19 +628,19 @@ def _capture(
 
         return fn
 
+    located = {name: locate_layer(sur, name, table) for name in names}
     try:
         for name in names:
-            handles.append(table[_canonical(name)].register_forward_hook(hook(name)))
+            handles.append(located[name][1].register_forward_hook(hook(name)))
         try:
             with tracker if tracker is not None else contextlib.nullcontext():
                 fwd(sur, x)
         except _StopForward:
             pass
         except Exception as exc:
-            raise ValueError(
-                f"The model's forward failed on an input of shape {tuple(x.shape)}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            if is_own_error(exc):  # e.g. an output selector that matches nothing
+                raise
+            raise forward_error(exc, x, what="input") from None
     finally:
         for h in handles:
             h.remove()
@@ -613,10 +649,7 @@ def _capture(
             raise _not_reached(name)
         out = captured[name]
         if not isinstance(out, Tensor) or not out.is_floating_point():
-            raise ValueError(
-                f"Layer {name!r} does not return a floating-point tensor; its receptive "
-                "field is undefined."
-            )
+            raise needs_selector_error(name, out)
         tokens = None
         if layouts is not None:
             spatial = tuple(x.shape[2:])
@@ -662,6 +695,7 @@ def _numeric(
     seeds = {k: seed_index(mode, grids[k], info[k][0]) for k in names}
     dependent = {k: info[k][1] for k in names if info[k][1]}
     probed = [k for k in names if k not in dependent]
+    chunk = _chunk_size(sur, fwd, torch.full((1, channels, *spatial), 0.5, dtype=torch.float64))
     # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
     # backward per batch gives every unit's gradient support.
     supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
@@ -673,7 +707,7 @@ def _numeric(
         for key, unit in units[name].items()
         if key != "first"
     ]
-    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts)
+    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
     # The first unit is only needed to tell "global" from "sees the whole input".
     jobs = [
         (name, "first", units[name]["first"])
@@ -685,7 +719,7 @@ def _numeric(
             for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
         )
     ]
-    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts)
+    _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
     out: dict[str, TRF] = {}
     for name in names:
         if name in dependent:
@@ -735,9 +769,10 @@ def _run_jobs(
     nd: int,
     spatial: tuple[int, ...],
     layouts: Mapping[str, TokenLayout] | None = None,
+    step: int = _CHUNK,
 ) -> None:
-    for start in range(0, len(jobs), _CHUNK):
-        chunk = jobs[start : start + _CHUNK]
+    for start in range(0, len(jobs), step):
+        chunk = jobs[start : start + step]
         x = rand(len(chunk)).requires_grad_(True)
         try:
             grad = _chunk_grad(sur, table, names, fwd, x, chunk, layouts)
@@ -777,7 +812,7 @@ def _chunk_grad(
             (_unit_sum(outs[name], i, unit) for i, (name, _k, unit) in enumerate(chunk)),
             start=x.new_zeros(()),
         )
-        (grad,) = torch.autograd.grad(seed, x, allow_unused=True)
+        (grad,) = input_grad(seed, x, allow_unused=True)
     return grad
 
 

@@ -20,6 +20,7 @@ To support a new op, add a rule there.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -34,7 +35,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-__all__ = ["Axis", "Region", "TracedModel", "Unsupported", "trace_model", "walk"]
+__all__ = [
+    "Axis",
+    "Region",
+    "TracedModel",
+    "Unsupported",
+    "select_node",
+    "trace_model",
+    "walk",
+]
 
 Mask = npt.NDArray[np.bool_]
 _ROOT = "model"
@@ -218,6 +227,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=_autowrap_functions())
         self.aliases = aliases
         self.outputs: dict[str, fx.Node | None] = {}
+        self.raw_outputs: dict[str, Any] = {}  # what the call returned (proxies in containers)
         self.leaf_paths: set[str] = set()
 
     def call_module(
@@ -237,6 +247,7 @@ class _Tracer(fx.Tracer):
         node = out.node if isinstance(out, fx.Proxy) else None
         for name in self.aliases.get(id(m), [_canonical(path)]):
             self.outputs.setdefault(name, node)
+            self.raw_outputs.setdefault(name, out)
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(_canonical(path))
         return out
@@ -277,6 +288,7 @@ class TracedModel:
     outputs: dict[str, fx.Node | None]  # canonical layer name -> output node of first call
     leaf_paths: set[str]
     dependent: set[fx.Node] = field(default_factory=set)  # nodes that depend on the input
+    raw_outputs: dict[str, Any] = field(default_factory=dict)  # for output selectors
 
 
 def trace_model(
@@ -316,7 +328,8 @@ def trace_model(
             raise Unsupported(f"torch.fx could not trace the model ({_first_line(exc)})") from exc
         x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
         try:
-            with torch.no_grad():
+            # ShapeProp prints a traceback for a failing node: the fallback makes it noise.
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(x)
         except Exception as exc:
             raise Unsupported(
@@ -332,7 +345,9 @@ def trace_model(
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
-    return TracedModel(gm, placeholders[0], tracer.outputs, tracer.leaf_paths, dependent)
+    return TracedModel(
+        gm, placeholders[0], tracer.outputs, tracer.leaf_paths, dependent, tracer.raw_outputs
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -506,6 +521,61 @@ def _nodes_in(values: Iterable[Any]) -> list[Any]:
         else:
             out.append(v)
     return out
+
+
+# ----------------------------------------------------------------------------- selectors
+
+
+def select_node(
+    traced: TracedModel, key: str, selector: tuple[int | str, ...], name: str
+) -> fx.Node | None:
+    """The graph node of the part of module ``key``'s output that ``selector`` picks.
+
+    Containers that the traced code built (tuples, dicts of proxies) are indexed directly; a
+    step into one node's value (a leaf module returning a tuple) reuses the graph's own
+    ``getitem`` node or adds one, with the shape taken from the node's metadata.
+
+    Raises:
+        ValueError: a step that matches nothing in a traced container.
+    """
+    if not selector:
+        return traced.outputs.get(key)
+    from erf_monitor._outputs import select_output  # the run-time selection rules
+
+    value: Any = traced.raw_outputs.get(key)
+    for i, step in enumerate(selector):
+        if isinstance(value, fx.Proxy):
+            value = value.node
+        if isinstance(value, fx.Node):
+            value = _item_node(traced, value, step)
+        else:
+            value = select_output(value, (step,), name + "".join(f"[{s!r}]" for s in selector[:i]))
+    if isinstance(value, fx.Proxy):
+        value = value.node
+    return value if isinstance(value, fx.Node) else None
+
+
+def _item_node(traced: TracedModel, node: fx.Node, step: int | str) -> fx.Node:
+    for user in node.users:
+        if (
+            user.op == "call_function"
+            and user.target is operator.getitem
+            and user.args
+            == (
+                node,
+                step,
+            )
+        ):
+            return user
+    graph = traced.gm.graph
+    with graph.inserting_after(node):
+        new = graph.call_function(operator.getitem, (node, step))
+    meta = node.meta.get("tensor_meta")
+    with contextlib.suppress(LookupError, TypeError):
+        new.meta["tensor_meta"] = meta[step]  # type: ignore[index]
+    if node in traced.dependent:
+        traced.dependent.add(new)
+    return new
 
 
 # ----------------------------------------------------------------------------- rules

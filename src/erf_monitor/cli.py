@@ -33,7 +33,13 @@ MODEL is one of:
   path/to/file.py:FACTORY  imports file.py and calls FACTORY() -> nn.Module.
                            WARNING: this form RUNS THE CODE IN THAT FILE; use only files you
                            trust. It is the only form that executes user code.
-No weights are downloaded: models are randomly initialised (seeded with --seed).
+No weights are downloaded: models are randomly initialised (seeded with --seed) unless
+--pretrained loads weights from a local file: the torch.hub / Hugging Face cache that
+torchvision and timm fill when they download weights elsewhere (--pretrained alone), or a
+checkpoint file (--pretrained=PATH; read with torch.load(weights_only=True) or safetensors).
+
+Images (--images DIR) are preprocessed the way the model expects: the torchvision weights'
+transforms, timm's data config, or --size/--mean/--std (which override those).
 """
 
 
@@ -156,16 +162,14 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- analyze
-def _parse_size(text: str) -> tuple[int, ...]:
+def _parse_size(text: str, flag: str = "--input-size") -> tuple[int, ...]:
     parts = [p for p in text.replace(",", "x").lower().split("x") if p]
     try:
         sizes = tuple(int(p) for p in parts)
     except ValueError:
-        raise CLIError(
-            f"--input-size must be N or HxW (e.g. 224 or 224x160), got {text!r}"
-        ) from None
+        raise CLIError(f"{flag} must be N or HxW (e.g. 224 or 224x160), got {text!r}") from None
     if not sizes or len(sizes) > 3 or any(s < 1 for s in sizes):
-        raise CLIError(f"--input-size must be N or HxW with positive sizes, got {text!r}")
+        raise CLIError(f"{flag} must be N or HxW with positive sizes, got {text!r}")
     return sizes * 2 if len(sizes) == 1 else sizes
 
 
@@ -174,6 +178,40 @@ def _layer_spec(values: Sequence[str]) -> str | list[str]:
     if not names or names == ["auto"]:
         return "auto"
     return names
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise CLIError(
+            f"{flag} must be comma-separated numbers (e.g. 0.5,0.5,0.5), got {text!r}"
+        ) from None
+    if len(values) not in (1, 3):
+        raise CLIError(f"{flag} needs 1 or 3 values (images are read as RGB), got {text!r}")
+    return values
+
+
+def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    from erf_monitor._images import list_images, load_images, preprocessing_for
+    from erf_monitor._models import spec_preprocessing
+
+    size = _parse_size(args.size, "--size") if args.size else None
+    if size is not None and len(size) != 2:
+        raise CLIError(f"--size must be N or HxW for images, got {args.size!r}")
+    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+    if size is None and mean is None and std is None:
+        prep = spec_preprocessing(args.model, model)
+    else:
+        prep = preprocessing_for(model, size=size, mean=mean, std=std)
+    try:
+        paths = list_images(args.images)[: args.samples]
+        x = load_images(paths, transform=prep)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    return x, f"{len(paths)} images from {args.images}", prep.describe()
 
 
 def _load_inputs(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[torch.Tensor, str]:
@@ -214,6 +252,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     layers = _layer_spec(args.layers)
     if args.samples < 1:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.images is not None and args.input != "noise":
+        raise CLIError("give either --images DIR or --input FILE, not both")
+    if args.images is None and (args.size or args.mean or args.std):
+        raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
     out = Path(args.out)
     err = _console(stderr=True)
     console = _console()
@@ -236,11 +278,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             try:
-                model = load_model(args.model)
+                model = load_model(args.model, pretrained=args.pretrained)
             except ModelSpecError as exc:
                 raise CLIError(str(exc)) from None
         model = model.to(args.device)
-        x, source = _load_inputs(args, size)
+        preprocessing: dict[str, Any] | None = None
+        if args.images is not None:
+            x, source, preprocessing = _load_images(args, model)
+        else:
+            x, source = _load_inputs(args, size)
         progress.update(task, completed=1, total=1)
 
         from erf_monitor import compute_erf
@@ -293,7 +339,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
     record = {
         "model": args.model,
+        "weights": "random init" if args.pretrained is None else args.pretrained,
         "input": source,
+        "preprocessing": preprocessing,
         "input_shape": list(x.shape),
         "mode": args.mode,
         "definition": DEFINITIONS[args.mode],
@@ -303,6 +351,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
+    if preprocessing is not None:
+        console.print(
+            f"Images preprocessed by {preprocessing['source']}: "
+            f"{'x'.join(map(str, preprocessing['size']))} px, mean {preprocessing['mean']}, "
+            f"std {preprocessing['std']}.",
+            highlight=False,
+        )
     console.print(results_table(results, title=f"ERF of {args.model} — {source}, mode {args.mode}"))
     console.print(
         f"Probe: {seconds:.2f} s. Wrote [bold]{out / 'metrics.json'}[/], "
@@ -395,13 +450,14 @@ def _parser() -> argparse.ArgumentParser:
         "analyze",
         help="ERF and TRF of a model's layers on noise or your images",
         description=(
-            "Probe the centre-pixel ERF of chosen layers of a randomly initialised model; print "
-            "a table, write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
+            "Probe the centre-pixel ERF of chosen layers of a model (random init, or local "
+            "pretrained weights) on noise, a .npy array or a folder of images; print a table, "
+            "write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
         ),
         epilog=_MODEL_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("model", metavar="MODEL", help="see below")
+    analyze.add_argument("model", metavar="MODEL", nargs="?", help="see below")
     analyze.add_argument(
         "--input-size", default="224", help="N or HxW (default: %(default)s)", metavar="SIZE"
     )
@@ -425,6 +481,25 @@ def _parser() -> argparse.ArgumentParser:
         default="noise",
         help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or (H,W), "
         "loaded without pickle",
+    )
+    analyze.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="a folder of images (searched recursively; the first --samples are used), "
+        "preprocessed as the model expects",
+    )
+    analyze.add_argument("--size", default=None, help="image size N or HxW (with --images)")
+    analyze.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
+    analyze.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
+    analyze.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="cache",
+        default=None,
+        metavar="PATH",
+        help="load weights: alone, the model's pretrained weights from the local torch.hub / "
+        "Hugging Face cache (never downloaded); =PATH, a checkpoint file",
     )
     analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
@@ -468,6 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if args.command == "analyze" and args.model is None:
+        # "--pretrained MODEL" reads MODEL as the weights path: give it back.
+        pre = args.pretrained
+        if pre not in (None, "cache") and not Path(pre).is_file() and ":" in pre:
+            args.model, args.pretrained = pre, "cache"
+        else:
+            print("erf-monitor analyze: error: MODEL is required (see --help)", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except CLIError as exc:

@@ -49,7 +49,8 @@ class ERFMonitor(EngineView, _CallbackBase):
 
     * ``erf/<layer>/<metric>`` scalars (``coverage``, ``erf_size``, ``erf_trf_ratio``,
       ``trf_size``, ``area_t20`` ... ``area_t99``, ``sigma_y/x``, ``centroid_offset_y/x``,
-      ``gaussian_r2``) and ``erf/probe_time_s``;
+      ``gaussian_r2``, OpenERF's ``disc_mass_r5`` ... ``disc_mass_r80`` and
+      ``gauss_fit_amplitude/sigma_y/sigma_x/offset_y/offset_x/r2``) and ``erf/probe_time_s``;
     * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
     * coverage alerts as text (``alerts/erf_coverage/<layer>``).
 
