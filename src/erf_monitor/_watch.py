@@ -37,6 +37,13 @@ class Watcher(EngineView):
     :class:`~erf_monitor.ERFMonitor`; ``on_insufficient="stop"`` sets :attr:`should_stop`,
     which the loop may check.
 
+    **Distributed.** Under DDP create the watcher on rank 0 only, on the unwrapped module
+    (the probe then runs no collective). When every rank probes together (sharded FSDP2
+    parameters, or ``distributed_probe=True``) create it on *every* rank, with the same
+    options and an ``optimizer``: the step-0 probe then runs just before the first optimizer
+    step (never inside a forward), rank 0 logs, and ``should_stop`` is rank 0's decision on
+    every rank.
+
     Attributes:
         model: the watched model.
         global_step: optimizer steps counted so far.
@@ -74,12 +81,14 @@ class Watcher(EngineView):
         self.should_stop = False
         self._handles: list[RemovableHandle] = []
         self._capture_handle: RemovableHandle | None = None
+        self._first_probe_pending = False
         if logger is not None:
             from erf_monitor.sinks import as_sink
 
             loggers = logger if isinstance(logger, (list, tuple)) else [logger]
             self._engine.set_sinks([as_sink(lg) for lg in loggers])
         if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
         if self._engine.needs_batch:
             self._capture_handle = model.register_forward_pre_hook(
@@ -105,13 +114,24 @@ class Watcher(EngineView):
         return None
 
     def _probe(self) -> ERFResults | None:
-        outcome: ProbeOutcome = self._engine.probe(self.model, self.global_step)
-        if outcome.alerts:
-            if self._engine.on_insufficient == "stop":
+        engine = self._engine
+        outcome: ProbeOutcome = engine.probe(self.model, self.global_step)
+        fired = bool(outcome.alerts)
+        if engine.on_insufficient != "warn" and engine.all_ranks_probe(self.model):
+            from erf_monitor._distributed import agree
+
+            fired = agree(fired)  # only rank 0 checks alerts: every rank acts on its decision
+        if fired:
+            if engine.on_insufficient == "stop":
                 self.should_stop = True
-            elif self._engine.on_insufficient == "raise":
-                raise self._engine.insufficient_error(outcome.alerts)
+            elif engine.on_insufficient == "raise":
+                raise engine.insufficient_error(outcome.alerts)
         return outcome.results
+
+    def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        if self._first_probe_pending:  # the step-0 probe, on the parameters not yet updated
+            self._first_probe_pending = False
+            self.probe()
 
     def _on_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         self.step()
@@ -123,6 +143,12 @@ class Watcher(EngineView):
             self._engine.capture(batch)
         except Exception as exc:
             self._engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
+            return
+        if self._engine.all_ranks_probe(self.model):
+            # Every rank probes together (FSDP2...): never inside a forward, whose sharded
+            # modules are half-way through gathering their parameters. Probe just before the
+            # first optimizer step instead (still step 0: nothing was updated yet).
+            self._first_probe_pending = True
             return
         self.probe()
 
