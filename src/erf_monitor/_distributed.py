@@ -293,7 +293,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
     if failed:
         msg = f"the ERF probe at step {step} failed on rank(s) {failed} and was skipped"
         if failure is not None:
-            msg = f"{msg}: {type(failure).__name__}: {failure}"
+            msg = f"{msg}: {type(failure).__name__}: {str(failure).rstrip('.')}"
         engine.report("probe", msg, failure or ERFProbeError(msg))
         return outcome
     assert local is not None
