@@ -165,20 +165,62 @@ def scenario_ddp(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
+def scenario_hf_ddp(rank: int, out: Path) -> dict[str, Any]:
+    """transformers.Trainer under DDP (it sets the process group up itself)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from transformers import Trainer
+
+    from test_transformers import CONVNEXT_LAYERS, Images, args, convnext
+
+    result: dict[str, Any] = {}
+    for option in ("auto", True):
+        cb = em.ERFTrainerCallback(
+            CONVNEXT_LAYERS, every_n_steps=2, num_samples=3, min_coverage=None,
+            distributed_probe=option,  # type: ignore[arg-type]
+        )  # fmt: skip
+        a = args(out / str(option), report_to=["tensorboard"], max_steps=4, ddp_backend="gloo")
+        trainer = Trainer(model=convnext(), args=a, train_dataset=Images(), callbacks=[cb])
+        trainer.train()
+        assert dist.get_world_size() == 2
+        maps = None if cb.latest is None else {n: cb.latest[n].heatmap for n in CONVNEXT_LAYERS}
+        ref = None
+        if cb.probe_batch is not None:
+            ref = em.compute_erf(
+                trainer.model, cb.probe_batch, CONVNEXT_LAYERS, crop=False,
+                forward_fn=lambda m, x: m(pixel_values=x),
+            )  # fmt: skip
+        result[str(option)] = {
+            "maps": maps,
+            "reference": None if ref is None else {n: ref[n].heatmap for n in CONVNEXT_LAYERS},
+            "history": cb.history,
+        }
+    return result
+
+
 def worker(rank: int, world: int, port: int, out: Path, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if scenario == "hf_ddp":  # the Trainer (Accelerate) initialises the group from these
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        os.environ.update(LOCAL_WORLD_SIZE=str(world))
+        run_scenario(rank, out, scenario)
+        return
     # A hang inside a collective becomes an error after this long instead of blocking CI.
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
-    torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = {"fsdp2": scenario_fsdp2, "ddp": scenario_ddp}[scenario](rank, out)
-        torch.save(result, out / f"rank{rank}.pt")
+        run_scenario(rank, out, scenario)
     finally:
         dist.destroy_process_group()
+
+
+def run_scenario(rank: int, out: Path, scenario: str) -> None:
+    torch.set_num_threads(1)
+    scenarios = {"fsdp2": scenario_fsdp2, "ddp": scenario_ddp, "hf_ddp": scenario_hf_ddp}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = scenarios[scenario](rank, out)
+    torch.save(result, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

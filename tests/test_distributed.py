@@ -203,3 +203,22 @@ def test_ddp_with_distributed_probe_two_processes(tmp_path: Path) -> None:
         n: [0, 1, 2] for n in ("0.2", "1.0", "1.2")
     }
     assert (tmp_path / "logs" / "metrics.csv").exists() and b["history"] == {}
+
+
+@pytest.mark.slow
+def test_hf_trainer_ddp_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    a, b = (r for r in run_two_ranks(tmp_path, "hf_ddp"))
+    # Default: the world process zero probes and logs alone.
+    assert a["auto"]["maps"] is not None and b["auto"]["maps"] is None
+    assert b["auto"]["history"] == {}
+    # distributed_probe=True: both ranks probe their shares and get the same maps, those of
+    # a probe of the whole batch; rank 0 logs.
+    assert_same_maps(a["True"]["maps"], a["True"]["reference"])
+    for name, heat in a["True"]["maps"].items():
+        assert torch.equal(heat, b["True"]["maps"][name])
+    steps = next(iter(a["True"]["history"].values()))
+    assert sorted(steps) == [0, 2, 4] and b["True"]["history"] == {}
+    for option in ("auto", "True"):
+        files = list((tmp_path / option / "runs").rglob("events.out.tfevents.*"))
+        assert len(files) == 1  # written once, by rank 0

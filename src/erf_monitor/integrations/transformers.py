@@ -308,6 +308,12 @@ class _TrainerTensorBoardSink(TensorBoardSink):
             self._own = SummaryWriter(log_dir=str(log_dir))
         return self._own
 
+    def flush(self) -> None:
+        """Flush the writer in use (never open one just to flush it)."""
+        writer = self._own if self._own is not None else getattr(self._callback, "tb_writer", None)
+        if writer is not None:
+            writer.flush()
+
     def close(self) -> None:
         """Close our own writer if one was opened; the Trainer's stays the Trainer's."""
         if self._own is not None:
