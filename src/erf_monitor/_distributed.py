@@ -73,7 +73,7 @@ def sharding(model: nn.Module) -> Sharding | None:
     """How the parameters of ``model`` are sharded, ``None`` if they are not.
 
     ``"fsdp2"``: ``fully_shard`` modules whose parameters are sharded over the data-parallel
-    ranks only (a 1-D mesh, or HSDP's replicate x shard mesh); ``"fsdp1"``:
+    ranks only (a 1-D mesh, or HSDP's replicate x shard mesh, spanning every rank); ``"fsdp1"``:
     ``FullyShardedDataParallel``; ``"dtensor"``: DTensor parameters on other meshes (tensor
     parallelism...); ``"deepspeed"``: ZeRO-3 partitioned parameters.
     """
@@ -82,6 +82,7 @@ def sharding(model: nn.Module) -> Sharding | None:
         from torch.distributed.tensor import DTensor, Replicate
     except ImportError:  # pragma: no cover - torch without distributed support
         return None
+    world = rank_and_world()[1]
     fsdp2 = fsdp1 = False
     for m in model.modules():
         fsdp2 = fsdp2 or isinstance(m, FSDPModule)
@@ -97,7 +98,8 @@ def sharding(model: nn.Module) -> Sharding | None:
             any_dtensor = True
             mesh, placements = p.device_mesh, p.placements
             hsdp = mesh.ndim == 2 and isinstance(placements[0], Replicate)
-            data_parallel_only = data_parallel_only and (mesh.ndim == 1 or hsdp)
+            over_all_ranks = mesh.size() == world  # every rank is a data-parallel rank
+            data_parallel_only = data_parallel_only and (mesh.ndim == 1 or hsdp) and over_all_ranks
     if fsdp2 and data_parallel_only:
         return "fsdp2"
     return "dtensor" if (fsdp2 or any_dtensor) else None
