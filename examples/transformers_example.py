@@ -56,8 +56,8 @@ def main(out: str = "runs/hf", steps: int = 40) -> em.ERFTrainerCallback:
     for layer, by_step in monitor.history.items():
         last = by_step[max(by_step)]
         print(
-            f"{layer}: ERF {last['erf_size']:.0f}px, TRF {last['trf_size']:.0f}px, "
-            f"coverage {last['coverage']:.1%} (steps {sorted(by_step)})"
+            f"{layer}: ERF {last['erf_size']:.0f}px, coverage {last['coverage']:.1%} "
+            f"(steps {sorted(by_step)})"
         )
     return monitor
 

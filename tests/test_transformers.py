@@ -296,3 +296,18 @@ def _all_artifacts(client: Any, run_id: str, path: str | None = None) -> list[st
     for info in client.list_artifacts(run_id, path):
         out += _all_artifacts(client, run_id, info.path) if info.is_dir else [info.path]
     return out
+
+
+def test_lazy_import() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, erf_monitor as em\n"
+        "import erf_monitor.integrations.accelerate\n"
+        "before = [m for m in ('transformers', 'accelerate') if m in sys.modules]\n"
+        "em.ERFTrainerCallback\n"
+        "print(before, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] True", out.stdout + out.stderr
