@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(name: str, tmp_path: Path, *args: str) -> str:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "MPLBACKEND": "Agg"}
+    env["OMP_NUM_THREADS"] = "1"  # one thread per process: 2 pytest workers share 2 cores
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
