@@ -69,6 +69,10 @@ def peek_first_batch(loader: Any) -> Any:
                     dataset, batch_size=base.batch_size, collate_fn=base.collate_fn
                 )
                 return next(iter(fresh))
+            # A DataLoader's iterator draws its workers' base seed (from the loader's
+            # generator or the global RNG) before its sampler runs: draw it too, so that the
+            # sampler sees the RNG state it sees in training and yields the same indices.
+            torch.empty((), dtype=torch.int64).random_(generator=getattr(base, "generator", None))
             indices = list(next(iter(batch_sampler)))
             fetch = getattr(dataset, "__getitems__", None)
             items = fetch(indices) if fetch else [dataset[i] for i in indices]
