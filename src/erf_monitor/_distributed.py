@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 Sharding = Literal["fsdp2", "fsdp1", "dtensor", "deepspeed"]
+
+log = logging.getLogger("erf_monitor")
 
 
 def _dist() -> Any:
@@ -200,6 +203,14 @@ def _refusal(kind: Sharding, option: bool | str) -> str | None:
     )
 
 
+def _report(engine: MonitorEngine, kind: str, message: str, exc: BaseException) -> None:
+    """Rank 0 warns (once per kind); the other ranks only log, unless ``strict`` (all raise)."""
+    if rank_and_world()[0] == 0 or engine.strict:
+        engine.report(kind, message, exc)
+    else:
+        log.info("erf-monitor: %s", message)
+
+
 def _share(n: int, rank: int, world: int) -> tuple[list[int], int]:
     """Indices of this rank's samples (``ceil(n / world)`` on every rank) and how many are real."""
     per = math.ceil(n / world)
@@ -222,7 +233,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
     refusal = None if kind is None else _refusal(kind, engine.options.distributed_probe)
     if refusal is not None:
         engine._disabled = refusal
-        engine.report("setup", refusal, ERFProbeError(refusal))
+        _report(engine, "setup", refusal, ERFProbeError(refusal))
         return outcome
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
@@ -239,7 +250,10 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
         if ready is None:  # rank 0 has not analysed the model yet: every rank does
             error = None
             try:
-                engine._prepare(model)
+                with warnings.catch_warnings():
+                    if rank != 0:  # the same analysis everywhere: rank 0 tells about it
+                        warnings.simplefilter("ignore")
+                    engine._prepare(model)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             names, trfs, error = broadcast_object((engine.layer_names, engine.trfs, error))
@@ -247,7 +261,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
             if error is not None:
                 engine._disabled = error
                 msg = f"the monitor could not be set up ({error}); it is off"
-                engine.report("setup", msg, ERFProbeError(msg))
+                _report(engine, "setup", msg, ERFProbeError(msg))
                 return outcome
             if rank == 0:
                 engine._warn_small_trf()
@@ -296,7 +310,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
         msg = f"the ERF probe at step {step} failed on rank(s) {failed} and was skipped"
         if failure is not None:
             msg = f"{msg}: {type(failure).__name__}: {str(failure).rstrip('.')}"
-        engine.report("probe", msg, failure or ERFProbeError(msg))
+        _report(engine, "probe", msg, failure or ERFProbeError(msg))
         return outcome
     assert local is not None
     total = buffer[: sums.numel()].reshape(sums.shape)

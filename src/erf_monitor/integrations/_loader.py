@@ -4,9 +4,10 @@ Iterating a training dataloader to look at its first batch has side effects that
 training: a ``RandomSampler`` draws its seed from the global RNG or from its own
 ``torch.Generator``, worker processes start, Accelerate's ``DataLoaderShard`` synchronises RNG
 states across processes (a collective) and counts iterations. So the batch is rebuilt from the
-loader's parts instead: the first index batch of its batch sampler, the dataset's items, its
-``collate_fn``, with every RNG involved (global torch/NumPy/Python, and every
-``torch.Generator`` of the sampler chain) restored afterwards.
+loader's parts instead: the first index batch of its batch sampler (after the one draw a
+real pass makes first, for its workers' base seed), the dataset's items, its ``collate_fn``,
+with every RNG involved (global torch/NumPy/Python, and every ``torch.Generator`` of the
+sampler chain) restored afterwards.
 """
 
 from __future__ import annotations
