@@ -311,3 +311,19 @@ def test_lazy_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] True", out.stdout + out.stderr
+
+
+def test_without_transformers_the_message_says_what_to_install() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import erf_monitor as em\n"
+        "try:\n"
+        "    em.ERFTrainerCallback()\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install erf-monitor[transformers]" in out.stdout, out.stdout + out.stderr
