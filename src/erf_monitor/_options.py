@@ -89,9 +89,9 @@ class MonitorOptions:
     **Distributed runs.** By default global rank 0 probes alone (no collective, nothing to
     wait for). When the parameters are sharded (FSDP2 ``fully_shard``), every rank must take
     part in every forward, so every rank probes its share of the probe batch and one
-    all-reduce sums the maps (see the distributed guide); ``distributed_probe=True`` asks for
-    the same under DDP (the probe's work is split over the ranks); ``False`` refuses sharded
-    models (rank 0 alone would wait forever for the others).
+    all-reduce sums the maps (see the guide "Sharded models (FSDP2)");
+    ``distributed_probe=True`` asks for the same under DDP (the probe's work is split over the
+    ranks); ``False`` refuses sharded models (rank 0 alone would wait forever for the others).
 
     Attributes:
         layers: layer names as in ``model.named_modules()``, globs (``"backbone.layer*"``),

@@ -68,9 +68,10 @@ class ERFMonitor(EngineView, _CallbackBase):
     collective (it only differentiates the input of the unwrapped LightningModule in eval
     mode), so the other ranks never wait and no ``barrier`` is needed. With sharded
     parameters (FSDP2, e.g. ``ModelParallelStrategy``) or ``distributed_probe=True`` every
-    rank probes its share of rank 0's probe batch instead (see the distributed guide). All
-    ranks follow the same step schedule; for ``on_insufficient="stop"`` or ``"raise"`` rank
-    0's decision is broadcast at probe steps so that every rank stops (or raises) together.
+    rank probes its share of rank 0's probe batch instead (see the guide "Sharded models
+    (FSDP2)"). All ranks follow the same step schedule; for ``on_insufficient="stop"`` or
+    ``"raise"`` rank 0's decision is broadcast at probe steps so that every rank stops (or
+    raises) together.
 
     **Failures.** With ``strict=False`` (default) anything failing inside the monitor (a probe
     whose gradients turn NaN, a logger that raises, a model the TRF analysis cannot follow) is

@@ -70,9 +70,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
 
     **Processes.** Only the world process zero (``state.is_world_process_zero``) captures,
     probes and logs, unless every rank must probe (sharded FSDP2 parameters, or
-    ``distributed_probe=True``: see the distributed guide). ``on_insufficient="stop"`` sets
-    ``control.should_training_stop`` (the Trainer stops after the current step) on every rank
-    at once; ``"raise"`` raises from ``trainer.train()``.
+    ``distributed_probe=True``: see the guide "Sharded models (FSDP2)").
+    ``on_insufficient="stop"`` sets ``control.should_training_stop`` (the Trainer stops after
+    the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()``.
 
     **Checkpoints.** At every checkpoint the monitor's state (probe batch, history, alert
     state) is saved as ``erf_monitor.pt`` in the checkpoint directory; resuming with
