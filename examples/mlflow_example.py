@@ -26,7 +26,10 @@ def main(out: str = "runs/mlflow", steps: int = 30) -> em.ERFMonitor:
     uri = f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(256, 3, 32, 32), torch.randint(0, 4, (256,)))
-    logger = MLFlowLogger(experiment_name="erf-monitor", tracking_uri=uri, save_dir=out)
+    logger = MLFlowLogger(
+        experiment_name="erf-monitor", tracking_uri=uri,
+        artifact_location=str(Path(out).resolve() / "artifacts"),
+    )  # fmt: skip
     monitor = em.ERFMonitor(layers=["backbone.2", "backbone.7"], every_n_steps=10, num_samples=8)
     trainer = pl.Trainer(
         max_steps=steps, logger=logger, callbacks=[monitor], enable_checkpointing=False,

@@ -119,7 +119,8 @@ def test_mlflow_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     acc = accelerate.Accelerator(cpu=True, log_with="mlflow")
-    acc.init_trackers("erf-acc")
+    artifacts = str(tmp_path / "artifacts")  # not ./mlruns
+    acc.init_trackers("erf-acc", init_kwargs={"mlflow": {"logging_dir": artifacts}})
     results = _results()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -36,7 +36,9 @@ def artifacts(client: Any, run_id: str) -> list[str]:
 @pytest.mark.slow
 def test_lightning_mlflow_logger_metrics_images_maps_alerts(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    logger = MLFlowLogger(experiment_name="erf", tracking_uri=uri, save_dir=str(tmp_path))
+    logger = MLFlowLogger(
+        experiment_name="erf", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
+    )
     cb = em.ERFMonitor(layers=LAYERS, every_n_steps=2, num_samples=4,
                        min_coverage={LAYERS[0]: 0.99})  # fmt: skip
     trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4, logger=logger)

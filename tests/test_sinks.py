@@ -377,7 +377,7 @@ def test_mlflow_sink_real(tmp_path: Path, results: dict[str, ERFResult]) -> None
     mlflow = pytest.importorskip("mlflow")
     # A sqlite store: mlflow 3 refuses the plain file store unless MLFLOW_ALLOW_FILE_STORE is set.
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.create_experiment("erf")
+    exp = client.create_experiment("erf", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(exp).info.run_id
     sink = MLflowSink(client, run_id)
     log_results(sink, results, 5)

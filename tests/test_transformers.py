@@ -273,10 +273,11 @@ def test_mlflow_reuses_the_trainers_run(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "erf-hf")
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    client = mlflow.MlflowClient(tracking_uri=uri)  # artifacts under tmp_path, not ./mlruns
+    client.create_experiment("erf-hf", artifact_location=str(tmp_path / "artifacts"))
     cb = em.ERFTrainerCallback(CONVNEXT_LAYERS[:1], every_n_steps=2, num_samples=2,
                                min_coverage=None)  # fmt: skip
     train(convnext(), args(tmp_path / "out", report_to=["mlflow"], max_steps=4), [cb])
-    client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("erf-hf").experiment_id])
     layer = CONVNEXT_LAYERS[0]
     history = client.get_metric_history(run.info.run_id, f"erf/{layer}/coverage")
