@@ -40,7 +40,7 @@ def main(out: str = "runs/fsdp2", steps: int = 20) -> em.Watcher:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     watcher = em.watch(
         model, layers=["0.2", "1.0", "2.0"], optimizer=optimizer, every_n_steps=5,
-        num_samples=8, logger=out if rank == 0 else None,
+        num_samples=8, min_coverage={"2.0": 0.05}, logger=out if rank == 0 else None,
     )  # fmt: skip
     g = torch.Generator().manual_seed(rank)  # each rank its own data
     for _ in range(steps):
