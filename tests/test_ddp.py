@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
     import erf_monitor as em
 
     out, max_steps, on_insufficient = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    distributed_probe = sys.argv[4] == "True"
 
 
     class Module(L.LightningModule):
@@ -64,7 +65,8 @@ SCRIPT = textwrap.dedent(
         L.seed_everything(0)
         cb = em.ERFMonitor(layers=["net.0", "net.3"], every_n_steps=2, num_samples=4,
                            min_coverage=0.9 if on_insufficient == "stop" else None,
-                           on_insufficient=on_insufficient)
+                           on_insufficient=on_insufficient,
+                           distributed_probe=distributed_probe or "auto")
         trainer = L.Trainer(
             strategy="ddp", devices=2, accelerator="cpu", max_steps=max_steps,
             logger=TensorBoardLogger(str(out), name="tb", version=0),
@@ -78,19 +80,23 @@ SCRIPT = textwrap.dedent(
         rank = trainer.global_rank
         # parameters only: BatchNorm running stats are rank-local under DDP (no SyncBatchNorm)
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
+        latest = None if cb.latest is None else {n: r.heatmap for n, r in cb.latest.items()}
         torch.save({"model": params, "steps": trainer.global_step,
-                    "history": cb.history, "probe_batch": cb.probe_batch},
+                    "history": cb.history, "probe_batch": cb.probe_batch, "latest": latest},
                    out / f"rank{rank}.pt")
     """
 )
 
 
-def run_ddp(tmp_path: Path, max_steps: int, on_insufficient: str) -> list[dict]:
+def run_ddp(
+    tmp_path: Path, max_steps: int, on_insufficient: str, distributed_probe: bool = False
+) -> list[dict]:
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Lightning picks a free MASTER_PORT
+    args = [str(tmp_path), str(max_steps), on_insufficient, str(distributed_probe)]
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(max_steps), on_insufficient],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -129,3 +135,19 @@ def test_ddp_stop_is_agreed_by_all_ranks(tmp_path: Path) -> None:
     ranks = run_ddp(tmp_path, 50, "stop")  # rank 0 alerts at step 0; a hang would time out
     assert ranks[0]["steps"] == ranks[1]["steps"] < 50
     assert_same_weights(ranks)
+
+
+@pytest.mark.slow
+def test_ddp_distributed_probe_splits_the_batch(tmp_path: Path) -> None:
+    ranks = run_ddp(tmp_path, 4, "warn", distributed_probe=True)
+    a, b = ranks
+    assert a["steps"] == b["steps"] == 4
+    assert_same_weights(ranks)  # training is unchanged
+    # Both ranks probed (their shares of rank 0's batch) and hold the same maps; rank 0 logs.
+    assert torch.equal(a["probe_batch"], b["probe_batch"])
+    assert a["latest"].keys() == b["latest"].keys() == {"net.0", "net.3"}
+    for name in a["latest"]:
+        assert torch.equal(a["latest"][name], b["latest"][name])
+    assert sorted(a["history"]["net.3"]) == [0, 2, 4] and b["history"] == {}
+    files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert len(files) == 1

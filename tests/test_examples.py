@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(name: str, tmp_path: Path, *args: str) -> str:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "MPLBACKEND": "Agg"}
+    env["OMP_NUM_THREADS"] = "1"  # one thread per process: 2 pytest workers share 2 cores
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -44,3 +45,46 @@ def test_wandb_example(tmp_path: Path) -> None:
     media = tmp_path / "wb" / "wandb" / "offline-run-*" / "files" / "media" / "images"
     pngs = glob.glob(str(media / "**" / "*.png"), recursive=True)
     assert pngs, "W&B offline run has no heatmap images"
+
+
+@pytest.mark.slow
+def test_transformers_example(tmp_path: Path) -> None:
+    out = run_example("transformers_example.py", tmp_path, "--out", "hf", "--steps", "12")
+    assert "convnext.encoder.stages.2.layers.0.dwconv: ERF" in out
+    assert "(steps [0, 10, 12])" in out
+    assert len(glob.glob(str(tmp_path / "hf" / "runs" / "*" / "events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+def test_accelerate_example(tmp_path: Path) -> None:
+    out = run_example("accelerate_example.py", tmp_path, "--out", "acc", "--steps", "12")
+    assert "layer 5: ERF" in out
+    assert glob.glob(str(tmp_path / "acc" / "erf" / "events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_fabric_example(tmp_path: Path) -> None:
+    out = run_example("fabric_example.py", tmp_path, "--out", "fab", "--steps", "12")
+    assert "layer 5: ERF" in out
+    assert glob.glob(str(tmp_path / "fab" / "cnn" / "version_0" / "events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_mlflow_example(tmp_path: Path) -> None:
+    out = run_example("mlflow_example.py", tmp_path, "--out", "ml", "--steps", "12")
+    assert "backbone.7: coverage 0: " in out and ", 10: " in out and ", 12: " in out
+    assert "erf_maps" in out
+
+
+@pytest.mark.slow
+def test_fsdp2_example(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "fsdp2_example.py"), "--out", "fsdp", "--steps", "6"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("layer 2.0: ERF") == 1  # printed by rank 0 only
+    assert "(probed at steps [0, 5, 6])" in proc.stdout
+    assert (tmp_path / "fsdp" / "metrics.csv").exists()

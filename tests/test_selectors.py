@@ -116,11 +116,16 @@ def test_format_selector_round_trips() -> None:
         assert parse_layer_spec("m" + format_selector(sel)) == ("m", sel)
 
 
-def test_dotted_fields_after_a_module_name() -> None:
+def test_dotted_names_are_modules_only_fields_need_brackets() -> None:
     net = Holder(DataclassOut())
-    assert locate_layer(net, "backbone.hidden")[0::2] == ("backbone", ("hidden",))
     assert locate_layer(net, "backbone[hidden]")[0::2] == ("backbone", ("hidden",))
     assert locate_layer(net, "backbone.conv")[0::2] == ("backbone.conv", ())
+    # A dotted name that is no module is a typo, refused at once with close matches, never
+    # read as a field that would only fail (as a warning) at the first probe.
+    with pytest.raises(ValueError, match=r"Unknown layer 'backbone\.hiden'.*backbone"):
+        locate_layer(net, "backbone.hiden")
+    with pytest.raises(ValueError, match=r"Unknown layer 'backbone\.hidden'"):
+        locate_layer(net, "backbone.hidden")
 
 
 def test_glob_with_selector_and_legacy_char_class() -> None:
@@ -162,13 +167,13 @@ def test_chained_selector_and_theoretical_rf() -> None:
         assert trf["0[1]['feat']"].size == (5.0, 5.0), method
 
 
-def test_dataclass_field_by_attribute_syntax() -> None:
+def test_dataclass_field_by_name() -> None:
     torch.manual_seed(0)
     net = Holder(DataclassOut())
     x = torch.randn(1, 3, 9, 9)
-    res = em.compute_erf(net, x, "backbone.hidden", trf="skip")
+    res = em.compute_erf(net, x, "backbone[hidden]", trf="skip")
     ref = reference_map(net, x, lambda m, xi: m.backbone(xi).hidden)
-    torch.testing.assert_close(res["backbone.hidden"].heatmap, ref, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(res["backbone[hidden]"].heatmap, ref, rtol=1e-5, atol=1e-8)
 
 
 def test_messages_list_the_output_and_suggest_a_selector() -> None:

@@ -1,7 +1,8 @@
 """erf-monitor: watch the effective receptive field of your vision model while it trains.
 
 The core (``compute_erf``, ``theoretical_rf``, metrics) needs only torch. Integrations that
-need optional packages (Lightning's ``ERFMonitor``) are imported on first access.
+need optional packages (Lightning's ``ERFMonitor``, Hugging Face's ``ERFTrainerCallback``) are
+imported on first access.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from erf_monitor._watch import Watcher, watch
 
 if TYPE_CHECKING:
     from erf_monitor.integrations.lightning import ERFMonitor
+    from erf_monitor.integrations.transformers import ERFTrainerCallback
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "ERFProbeWarning",
     "ERFResult",
     "ERFResults",
+    "ERFTrainerCallback",
     "MonitorOptions",
     "TokenLayout",
     "Watcher",
@@ -41,11 +44,14 @@ __all__ = [
     "watch",
 ]
 
-_LAZY = {"ERFMonitor": "erf_monitor.integrations.lightning"}
+_LAZY = {
+    "ERFMonitor": "erf_monitor.integrations.lightning",
+    "ERFTrainerCallback": "erf_monitor.integrations.transformers",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Lightning is heavy and optional: import the callback only when asked for.
+    # Lightning and transformers are heavy and optional: import a callback only when asked for.
     if name in _LAZY:
         import importlib
 

@@ -14,10 +14,10 @@ A layer spec is a module name as in ``model.named_modules()``, optionally follow
 Examples: ``"backbone['0']"`` (an FPN level of a torchvision detection backbone),
 ``"backbone[0]"`` (the same level: ``0`` falls back to the key ``'0'``),
 ``"swin.encoder.layers.0[0]"`` (first element of a Hugging Face Swin stage's tuple),
-``"vit.encoder[last_hidden_state]"`` or ``"vit.encoder.last_hidden_state"`` (a ModelOutput
-field), ``"layer[0]['feat']"`` (chained). A dotted tail that names no submodule is read as
-field steps (``a.b.field`` is module ``a.b``, field ``field`` when ``a.b.field`` is not a
-module). Globs take bracket selectors: ``"encoder.layers.*[0]"``.
+``"vit.encoder[last_hidden_state]"`` (a ModelOutput field), ``"layer[0]['feat']"``
+(chained), ``"head[-1].logits"`` (a field after a bracket). The dotted part before the first
+bracket is always a module path: a name that is no module is an unknown layer (close matches
+listed), never a field. Globs take bracket selectors: ``"encoder.layers.*[0]"``.
 
 Wrappers are transparent: ``torch.compile``'s ``_orig_mod`` segments may be omitted, and the
 ``module.`` prefix of ``DataParallel``/``DistributedDataParallel`` may be given or omitted
@@ -129,8 +129,8 @@ def _parse_key(text: str, spec: str) -> Step:
 def parse_layer_spec(spec: str) -> tuple[str, Selector]:
     """Split a layer spec into its module path and output selector (syntax only).
 
-    A dotted field tail (``"vit.encoder.last_hidden_state"``) cannot be told from a module
-    path by syntax: it is split off by :func:`locate_layer`, which knows the modules.
+    Everything before the first ``[`` is the module path; ``.field`` steps are only read after
+    a bracket (``"head[-1].logits"``).
 
     Raises:
         ValueError: for a malformed selector (unbalanced brackets or quotes, empty ``[]``).
@@ -199,17 +199,10 @@ def _split(spec: str, table: dict[str, nn.Module]) -> tuple[str, Selector] | Non
         path, selector = parse_layer_spec(spec)
     except ValueError:
         return None
+    # The dotted path is modules only: a field needs brackets ("vit.encoder[pooled]"), so a
+    # mistyped module name is an unknown layer at once, never a selector that fails later.
     key = _lookup(table, _canonical(path))
-    if key is not None:
-        return key, selector
-    # A dotted tail that is no submodule: ModelOutput/dataclass fields ("vit.encoder.pooled").
-    parts = _canonical(path).split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        key = _lookup(table, ".".join(parts[:cut]))
-        tail = parts[cut:]
-        if key is not None and all(_FIELD.fullmatch(p) for p in tail):
-            return key, (*tail, *selector)
-    return None
+    return None if key is None else (key, selector)
 
 
 # ----------------------------------------------------------------------------- resolution

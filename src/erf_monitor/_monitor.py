@@ -401,6 +401,10 @@ class MonitorEngine:
         from erf_monitor._probe import timed_compute_erf
 
         self.last_probe_step = step
+        if self.all_ranks_probe(model):  # every rank takes part: see _distributed
+            from erf_monitor._distributed import probe_on_all_ranks
+
+            return probe_on_all_ranks(self, model, step)
         outcome = ProbeOutcome(step)
         if self._disabled is not None:
             return outcome
@@ -435,6 +439,23 @@ class MonitorEngine:
         except Exception as exc:
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
             return outcome
+        self._publish(outcome, results, seconds)
+        return outcome
+
+    def all_ranks_probe(self, model: nn.Module) -> bool:
+        """Whether every rank must call :meth:`probe` (not only global rank 0).
+
+        True when the parameters are sharded (FSDP2) or ``distributed_probe=True`` in a
+        process group of several ranks: then the ranks probe their shares together.
+        """
+        from erf_monitor._distributed import all_ranks_probe
+
+        return all_ranks_probe(model, self.options.distributed_probe)
+
+    def _publish(self, outcome: ProbeOutcome, results: ERFResults, seconds: float) -> None:
+        """Record a successful probe: history, sinks, alerts (on the process that logs)."""
+        assert self.trfs is not None  # set by _prepare before any probe
+        step = outcome.step
         outcome.results, outcome.seconds = results, seconds
         self.latest = results
         for name, r in results.items():
@@ -462,7 +483,6 @@ class MonitorEngine:
         outcome.alerts = self._check_alerts(results, step)
         self.sinks.flush()
         self._raise_sink_errors()
-        return outcome
 
     def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
         fired: list[str] = []

@@ -24,6 +24,7 @@ from erf_monitor._tokens import TokenLayoutArg, check_token_layout
 
 __all__ = [
     "DEFAULT_MIN_COVERAGE",
+    "DistributedProbe",
     "LayerSpec",
     "MinCoverage",
     "MonitorKwargs",
@@ -40,6 +41,7 @@ OnInsufficient = Literal["warn", "raise", "stop"]
 ProbeInputs = Literal["train", "val", "noise"] | torch.Tensor
 MinCoverage = float | Mapping[str, float] | None
 ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
+DistributedProbe = bool | Literal["auto"]
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -84,6 +86,13 @@ class MonitorOptions:
     images' shape (Luo et al.), seeded by ``seed``; or a tensor ``(N, C, *spatial)``. Neither
     capturing nor probing advances a dataloader or any global RNG.
 
+    **Distributed runs.** By default global rank 0 probes alone (no collective, nothing to
+    wait for). When the parameters are sharded (FSDP2 ``fully_shard``), every rank must take
+    part in every forward, so every rank probes its share of the probe batch and one
+    all-reduce sums the maps (see the guide "Sharded models (FSDP2)");
+    ``distributed_probe=True`` asks for the same under DDP (the probe's work is split over the
+    ranks); ``False`` refuses sharded models (rank 0 alone would wait forever for the others).
+
     Attributes:
         layers: layer names as in ``model.named_modules()``, globs (``"backbone.layer*"``),
             or ``"auto"`` (one layer per spatial resolution stage).
@@ -110,6 +119,9 @@ class MonitorOptions:
         strict: re-raise failures inside the monitor instead of warning once and going on.
         token_layout: how token outputs of transformer layers map onto the patch grid (see
             :func:`~erf_monitor.compute_erf`; torchvision/timm ViTs need none).
+        distributed_probe: ``"auto"`` (every rank probes its share when the parameters are
+            sharded, else rank 0 alone), ``True`` (every rank probes its share, also under
+            DDP) or ``False`` (rank 0 alone; sharded models are refused).
 
     Examples:
         >>> import erf_monitor as em
@@ -140,6 +152,7 @@ class MonitorOptions:
     render_kwargs: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
     token_layout: TokenLayoutArg = None
+    distributed_probe: DistributedProbe = "auto"
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: through object.__setattr__) so that the engine can rely
@@ -198,6 +211,10 @@ class MonitorOptions:
         put("render_kwargs", dict(self.render_kwargs or {}))
         put("strict", bool(self.strict))
         check_token_layout(self.token_layout)
+        if not (isinstance(self.distributed_probe, bool) or self.distributed_probe == "auto"):
+            raise ValueError(
+                f"distributed_probe must be 'auto', True or False, got {self.distributed_probe!r}"
+            )
 
     @property
     def source(self) -> str:
@@ -254,3 +271,4 @@ class MonitorKwargs(TypedDict, total=False):
     render_kwargs: Mapping[str, Any]
     strict: bool
     token_layout: TokenLayoutArg
+    distributed_probe: DistributedProbe

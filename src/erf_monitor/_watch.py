@@ -37,6 +37,13 @@ class Watcher(EngineView):
     :class:`~erf_monitor.ERFMonitor`; ``on_insufficient="stop"`` sets :attr:`should_stop`,
     which the loop may check.
 
+    **Distributed.** Under DDP create the watcher on rank 0 only, on the unwrapped module
+    (the probe then runs no collective). When every rank probes together (sharded FSDP2
+    parameters, or ``distributed_probe=True``) create it on *every* rank, with the same
+    options and an ``optimizer``: the step-0 probe then runs just before the first optimizer
+    step (never inside a forward), rank 0 logs, and ``should_stop`` is rank 0's decision on
+    every rank.
+
     Attributes:
         model: the watched model.
         global_step: optimizer steps counted so far.
@@ -55,6 +62,7 @@ class Watcher(EngineView):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = _unwrap(model)
         if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -74,13 +82,16 @@ class Watcher(EngineView):
         self.should_stop = False
         self._handles: list[RemovableHandle] = []
         self._capture_handle: RemovableHandle | None = None
+        self._first_probe_pending = False
         if logger is not None:
             from erf_monitor.sinks import as_sink
 
             loggers = logger if isinstance(logger, (list, tuple)) else [logger]
             self._engine.set_sinks([as_sink(lg) for lg in loggers])
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+            inner = _hookable(optimizer)
+            self._handles.append(inner.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(inner.register_step_post_hook(self._on_optimizer_step))
         if self._engine.needs_batch:
             self._capture_handle = model.register_forward_pre_hook(
                 self._on_first_forward, with_kwargs=True
@@ -105,13 +116,24 @@ class Watcher(EngineView):
         return None
 
     def _probe(self) -> ERFResults | None:
-        outcome: ProbeOutcome = self._engine.probe(self.model, self.global_step)
-        if outcome.alerts:
-            if self._engine.on_insufficient == "stop":
+        engine = self._engine
+        outcome: ProbeOutcome = engine.probe(self.model, self.global_step)
+        fired = bool(outcome.alerts)
+        if engine.on_insufficient != "warn" and engine.all_ranks_probe(self.model):
+            from erf_monitor._distributed import agree
+
+            fired = agree(fired)  # only rank 0 checks alerts: every rank acts on its decision
+        if fired:
+            if engine.on_insufficient == "stop":
                 self.should_stop = True
-            elif self._engine.on_insufficient == "raise":
-                raise self._engine.insufficient_error(outcome.alerts)
+            elif engine.on_insufficient == "raise":
+                raise engine.insufficient_error(outcome.alerts)
         return outcome.results
+
+    def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        if self._first_probe_pending:  # the step-0 probe, on the parameters not yet updated
+            self._first_probe_pending = False
+            self.probe()
 
     def _on_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         self.step()
@@ -123,6 +145,12 @@ class Watcher(EngineView):
             self._engine.capture(batch)
         except Exception as exc:
             self._engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
+            return
+        if self._engine.all_ranks_probe(self.model):
+            # Every rank probes together (FSDP2...): never inside a forward, whose sharded
+            # modules are half-way through gathering their parameters. Probe just before the
+            # first optimizer step instead (still step 0: nothing was updated yet).
+            self._first_probe_pending = True
             return
         self.probe()
 
@@ -182,6 +210,38 @@ class Watcher(EngineView):
         )
 
 
+#: Wrappers whose ``.module`` is the model they run (layer names are the inner model's).
+_WRAPPERS = ("_FabricModule", "DistributedDataParallel", "DataParallel")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside Fabric's ``_FabricModule`` and DDP/DP wrappers (their hooks and
+    collectives are not needed to probe it; a sharded FSDP2 model is sharded in place)."""
+    for _ in range(4):
+        inner = getattr(model, "module", None)
+        if type(model).__name__ not in _WRAPPERS or not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _hookable(optimizer: Any) -> Any:
+    """The torch optimizer whose step hooks fire when ``optimizer`` steps.
+
+    Wrappers such as Accelerate's ``AcceleratedOptimizer`` (``.optimizer``) or Lightning's
+    ``LightningOptimizer`` (``._optimizer``) step the optimizer they wrap, and only on real
+    optimizer steps (not on skipped gradient-accumulation micro-steps): hook that one.
+    """
+    for _ in range(4):
+        if hasattr(optimizer, "_optimizer_step_post_hooks"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
+
+
 def watch(
     model: nn.Module,
     layers: LayerSpec | None = None,
@@ -194,14 +254,17 @@ def watch(
     """Watch a model's ERF in a plain PyTorch training loop.
 
     Args:
-        model: the model being trained.
+        model: the model being trained; Fabric's wrapper (``fabric.setup``) and DDP are
+            looked through (layer names are those of the model inside).
         layers: see :attr:`MonitorOptions.layers <erf_monitor.MonitorOptions>`
             (default ``"auto"``).
         logger: where to log: a ``SummaryWriter``, a wandb run, a directory (CSV/PNG/npz
             files), a function ``fn(step, scalars, images)``, a Sink, or a list of these;
             ``None`` keeps results in :attr:`Watcher.history` only.
         optimizer: count steps through ``optimizer.register_step_post_hook`` (the loop is
-            unchanged); without it call :meth:`Watcher.step` after each optimizer step.
+            unchanged); wrappers (``accelerator.prepare``'d, Fabric's, Lightning's) are
+            followed to the optimizer they step. Without it call :meth:`Watcher.step` after
+            each optimizer step.
         options: shared :class:`~erf_monitor.MonitorOptions`; keyword arguments override
             its fields.
         **kwargs: any other field of :class:`~erf_monitor.MonitorOptions`

@@ -70,9 +70,12 @@ class ERFMonitor(EngineView, _CallbackBase):
 
     **Distributed.** Only global rank 0 captures the probe batch and probes; the probe runs no
     collective (it only differentiates the input of the unwrapped LightningModule in eval
-    mode), so the other ranks never wait and no ``barrier`` is needed. All ranks follow the
-    same step schedule; for ``on_insufficient="stop"`` or ``"raise"`` rank 0's decision is
-    broadcast at probe steps so that every rank stops (or raises) together.
+    mode), so the other ranks never wait and no ``barrier`` is needed. With sharded
+    parameters (FSDP2, e.g. ``ModelParallelStrategy``) or ``distributed_probe=True`` every
+    rank probes its share of rank 0's probe batch instead (see the guide "Sharded models
+    (FSDP2)"). All ranks follow the same step schedule; for ``on_insufficient="stop"`` or
+    ``"raise"`` rank 0's decision is broadcast at probe steps so that every rank stops (or
+    raises) together.
 
     **Failures.** With ``strict=False`` (default) anything failing inside the monitor (a probe
     whose gradients turn NaN, a logger that raises, a model the TRF analysis cannot follow) is
@@ -204,7 +207,7 @@ class ERFMonitor(EngineView, _CallbackBase):
             return
         engine.mark(step)
         outcome = ProbeOutcome(step)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or engine.all_ranks_probe(pl_module):
             outcome = engine.probe(pl_module, step)
         fired = bool(outcome.alerts)
         if engine.on_insufficient != "warn" and int(getattr(trainer, "world_size", 1)) > 1:

@@ -74,6 +74,7 @@ def sink_for_logger(logger: Any) -> Sink | None:
     if kind == "WandbLogger":
         return WandbSink(logger.experiment, extra_step_keys=("trainer/global_step",))
     if kind == "CSVLogger":
+        _ = logger.experiment  # created first: it warns about a non-empty log_dir otherwise
         return FileSink(Path(logger.log_dir) / CSV_SUBDIR)
     if kind == "MLFlowLogger":
         return MLflowSink(logger.experiment, logger.run_id)
@@ -135,6 +136,8 @@ def as_sink(obj: Any) -> Sink:
       :class:`TensorBoardSink` (the writer stays yours: never closed)
     * a ``wandb`` run → :class:`WandbSink`
     * a ``str`` or ``os.PathLike`` directory → :class:`FileSink`
+    * an ``accelerate.Accelerator`` → :class:`~erf_monitor.integrations.accelerate.AccelerateSink`
+      (its trackers)
     * a callable ``fn(step, scalars, images)`` → :class:`CallableSink`
 
     Args:
@@ -169,13 +172,17 @@ def as_sink(obj: Any) -> Sink:
         return WandbSink(obj)
     if isinstance(obj, (str, PathLike)):
         return FileSink(obj)
+    from erf_monitor.integrations.accelerate import AccelerateSink, is_accelerator
+
+    if is_accelerator(obj):
+        return AccelerateSink(obj)
     if callable(obj):
         return CallableSink(obj)
     raise TypeError(
         f"Cannot log ERF data to a {type(obj).__module__}.{type(obj).__qualname__}. Pass a "
         "torch.utils.tensorboard.SummaryWriter, a wandb run, a directory (str or Path) for "
         "CSV/PNG/npz files, a function fn(step, scalars, images), a Lightning logger, an "
-        "erf_monitor.sinks.Sink, or a list of these."
+        "accelerate.Accelerator, an erf_monitor.sinks.Sink, or a list of these."
     )
 
 
