@@ -144,9 +144,11 @@ class Watcher(EngineView):
             self._engine.set_sinks(())
 
     def close(self) -> None:
-        """Probe once more at the current step (the end of training), then :meth:`remove`."""
+        """Probe once more at the current step (the end of training), print the summary
+        table (unless ``summary=False``), then :meth:`remove`."""
         try:
             self.probe()
+            self._engine.print_summary()
         finally:
             self.remove()
 

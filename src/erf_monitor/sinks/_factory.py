@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -12,6 +11,7 @@ from erf_monitor._imports import (
     _LIGHTNING_AVAILABLE,
     _PL_AVAILABLE,
 )
+from erf_monitor._warn import warn
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._file import FileSink
@@ -107,12 +107,11 @@ def sinks_for_trainer(trainer: Any, *, rank_zero_only: bool = True) -> list[Sink
         else:
             sinks.append(sink)
     if skipped:
-        warnings.warn(
+        warn(
             f"erf-monitor: no sink for logger(s) {', '.join(skipped)}; ERF data is not sent "
-            "to them. Supported: TensorBoardLogger, WandbLogger, CSVLogger, MLFlowLogger "
-            "(or pass your own Sink).",
+            "to them.\nSupported: TensorBoardLogger, WandbLogger, CSVLogger, MLFlowLogger "
+            "(or pass ERFMonitor(sinks=...)).",
             UserWarning,
-            stacklevel=2,
         )
     return sinks
 
