@@ -192,18 +192,21 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
 
 
 @pytest.mark.skipif(not package_available("tensorboard"), reason="tensorboard not installed")
-def test_tensorboard_sink_never_closes_user_writer(tmp_path: Path) -> None:
+def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(tmp_path))
     sink = as_sink(writer)
-    assert isinstance(sink, TensorBoardSink) and sink.writer is writer
+    assert isinstance(sink, TensorBoardSink) and sink.log_dir == tmp_path / "erf"
     sink.log_scalars({"erf/a/coverage": 0.5}, 1)
     sink.close()
     writer.add_scalar("after", 1.0, 2)  # still open
     writer.close()
-    acc = _accumulator(tmp_path)
-    assert acc.Scalars("erf/a/coverage")[0].value == 0.5 and acc.Scalars("after")
+    ours, theirs = _accumulator(tmp_path / "erf"), _accumulator(tmp_path)
+    assert ours.Scalars("erf/a/coverage")[0].value == 0.5 and ours.Tags()["scalars"] == [
+        "erf/a/coverage"
+    ]
+    assert theirs.Tags()["scalars"] == ["after"]  # the monitor never wrote to the user's writer
 
 
 # -- W&B (offline) --------------------------------------------------------------------------
@@ -427,7 +430,7 @@ def test_sinks_for_trainer(
         sinks = sinks_for_trainer(trainer)
     assert [type(s) for s in sinks] == [TensorBoardSink, FileSink, WandbSink]
     tb_sink, file_sink, wandb_sink = sinks
-    assert isinstance(tb_sink, TensorBoardSink) and tb_sink.writer is tb.experiment
+    assert isinstance(tb_sink, TensorBoardSink) and tb_sink.log_dir == Path(tb.log_dir) / "erf"
     assert isinstance(file_sink, FileSink)
     assert file_sink.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
     assert isinstance(wandb_sink, WandbSink) and wandb_sink.run is wb.experiment
@@ -437,7 +440,7 @@ def test_sinks_for_trainer(
     for s in sinks:
         s.close()
     tb.experiment.flush()
-    acc = _accumulator(Path(tb.log_dir))
+    acc = _accumulator(Path(tb.log_dir) / "erf")
     assert acc.Scalars(f"erf/{LAYERS[0]}/coverage")[0].step == 7
     assert (file_sink.directory / "metrics.csv").exists()
     run_dir = Path(wb.experiment.dir).parent

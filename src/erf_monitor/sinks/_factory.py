@@ -52,8 +52,9 @@ def _lightning_logger_kind(obj: Any) -> str | None:
 def sink_for_logger(logger: Any) -> Sink | None:
     """The sink for one Lightning logger (``lightning.pytorch`` or ``pytorch_lightning``).
 
-    * ``TensorBoardLogger`` → :class:`TensorBoardSink` on ``logger.experiment`` (its
-      ``SummaryWriter``; the sink never closes it)
+    * ``TensorBoardLogger`` → :class:`TensorBoardSink` writing its own event file in
+      ``<logger.log_dir>/erf`` (never into Lightning's ``SummaryWriter``: a failing disk
+      must not break the logger's own writes)
     * ``WandbLogger`` → :class:`WandbSink` on ``logger.experiment`` (the run), also stamping
       ``trainer/global_step`` so ERF charts share Lightning's x-axis
     * ``CSVLogger`` → :class:`FileSink` on ``<logger.log_dir>/erf`` (Lightning owns
@@ -131,7 +132,8 @@ def as_sink(obj: Any) -> Sink:
     * a list or tuple of any of these → :class:`MultiSink`
     * a Lightning logger → :func:`sink_for_logger`
     * a ``SummaryWriter`` (anything with ``add_scalar`` and ``add_image``) →
-      :class:`TensorBoardSink` (the writer stays yours: never closed)
+      :class:`TensorBoardSink` writing to ``<its log_dir>/erf`` (the writer stays yours: never
+      written to or closed)
     * a ``wandb`` run → :class:`WandbSink`
     * a ``str`` or ``os.PathLike`` directory → :class:`FileSink`
     * a callable ``fn(step, scalars, images)`` → :class:`CallableSink`
