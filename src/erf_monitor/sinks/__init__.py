@@ -22,12 +22,12 @@ from erf_monitor.sinks._wandb import WandbSink
 
 __all__ = [
     "CSV_SUBDIR",
+    "TB_SUBDIR",
     "CallableSink",
     "FileSink",
     "MLflowSink",
     "MultiSink",
     "Sink",
-    "TB_SUBDIR",
     "TensorBoardSink",
     "WandbSink",
     "arrays_relpath",

@@ -135,9 +135,10 @@ def log_results(
         multi.log_scalars(scalars, step)
     if images:
         kwargs = dict(render_kwargs or {})
+        kwargs.pop("step", None)
         for name, r in items:
             try:
-                image = render_heatmap(r, **kwargs)
+                image = render_heatmap(r, step=step, **kwargs)
             except Exception as err:
                 warn(
                     f"erf-monitor: could not render the ERF map of layer {name!r} "
