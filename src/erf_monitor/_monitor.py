@@ -11,7 +11,8 @@ Coverage alert semantics (documented in ``ERFMonitor``):
   watched layer (early stages cannot be expected to cover the image); a mapping
   ``{name or glob: threshold}`` checks exactly the layers it names. ``None`` disables the alert.
 * A checked layer's coverage (``a(0.95)``) "stays below" the threshold when it is below it at
-  ``patience`` consecutive probes (default 1: the first probe below fires). A probe at or
+  ``patience`` consecutive probes (default 1: the first probe below fires), or at once when
+  its clipped TRF is smaller than the threshold (no training can help then). A probe at or
   above the threshold resets the count. Each layer alerts at most once per monitor, also
   across checkpoint/resume (the alert state is in ``state_dict``).
 """
@@ -116,6 +117,13 @@ def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
         if end(name) >= end(best):
             best = name
     return best
+
+
+def _unreachable(r: ERFResult, threshold: float) -> bool:
+    """Whether the layer's clipped TRF covers less of the input than ``threshold``."""
+    if r.trf is None or r.trf.is_global:
+        return False
+    return math.prod(r.trf.clipped_size) / math.prod(r.heatmap.shape) < threshold
 
 
 def _alert_message(name: str, r: ERFResult, step: int, threshold: float, probes: int) -> str:
@@ -513,8 +521,8 @@ class MonitorEngine:
                 self.below[name] = 0
                 continue
             self.below[name] = self.below.get(name, 0) + 1
-            if self.below[name] < self.patience:
-                continue
+            if self.below[name] < self.patience and not _unreachable(r, threshold):
+                continue  # waiting is pointless when the TRF itself is too small
             self.alerted[name] = step
             msg = _alert_message(name, r, step, threshold, self.below[name])
             fired.append(msg)

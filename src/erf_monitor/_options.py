@@ -69,7 +69,8 @@ class MonitorOptions:
 
     **Coverage alert.** ``coverage`` is the fraction of the input area inside the square that
     holds 95% of the ERF's mass. A checked layer whose coverage is below its threshold at
-    ``patience`` consecutive probes triggers, once per layer, an
+    ``patience`` consecutive probes (or at once, if its clipped TRF alone is smaller than
+    the threshold: no training can fix that) triggers, once per layer, an
     :class:`~erf_monitor.ERFCoverageWarning` (two lines: the numbers, then what to try,
     reported at your ``trainer.fit(...)`` / ``optimizer.step()`` line), an alert in every
     sink, and ``on_insufficient``; ``alerts`` then maps the layer to that step. A float
@@ -95,7 +96,8 @@ class MonitorOptions:
             at the end of training).
         num_samples: probe batch size (the ERF map is the mean over these samples).
         min_coverage: alert threshold(s), see above; ``None`` disables alerts.
-        patience: consecutive probes below the threshold before the alert fires.
+        patience: consecutive probes below the threshold before the alert fires (ERFs grow
+            during training: a patience of a few probes lets a layer that starts small grow).
         on_insufficient: ``"warn"`` (warning and logged alert only), ``"stop"`` (ask the
             loop to stop: ``trainer.should_stop``, ``Watcher.should_stop``...) or ``"raise"``
             (raise the :class:`~erf_monitor.ERFCoverageWarning`).
