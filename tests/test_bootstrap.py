@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import erf_monitor as em
-from erf_monitor._bootstrap import Interval, bootstrap_metrics, metric_value
+from erf_monitor._bootstrap import Interval, bootstrap_metrics, metric_value, paired_differences
 from erf_monitor._result import ERFResult
 
 SIZE, CENTRE = 31, (15, 15)
@@ -107,3 +107,18 @@ def test_intervals_cover_the_true_value_at_the_nominal_rate() -> None:
     for k, rate in rates.items():
         assert 0.90 <= rate <= 0.99, (k, rate)
     assert np.mean([rates[k] for k in keys[:3]]) >= 0.91
+
+
+def test_paired_differences_use_the_same_images() -> None:
+    gen = torch.Generator().manual_seed(3)
+    maps = _draw(24, gen)
+    a, same, wider = _result(maps), _result(maps.clone()), _result(maps * 0 + maps.roll(1, 2))
+    d = paired_differences(a, same, ["sigma_x", "erf_size"], n_boot=100)
+    for ci in d.values():  # a model against itself: exactly 0, with no spread
+        assert ci.value == 0 and ci.low == ci.high == 0
+    # the same maps shifted one pixel right: the centroid moves by exactly 1 in every resample
+    shift = paired_differences(a, wider, ["centroid_offset_x"], n_boot=100)["centroid_offset_x"]
+    assert shift.value == pytest.approx(1.0, abs=0.02)
+    assert shift.high - shift.low < 0.05  # what the images have in common cancels
+    alone = bootstrap_metrics(a, ["centroid_offset_x"], n_boot=100)["centroid_offset_x"]
+    assert alone.high - alone.low > 5 * (shift.high - shift.low)

@@ -36,7 +36,7 @@ import torch
 
 from erf_monitor._result import ERFResult, axis_names
 
-__all__ = ["Interval", "bootstrap_metrics", "metric_value"]
+__all__ = ["Interval", "bootstrap_metrics", "metric_value", "paired_differences"]
 
 #: Metrics that depend on the architecture only (no interval needed).
 _CONSTANT = ("trf_size", "trf_size_clipped", "trf_global")
@@ -147,55 +147,132 @@ def bootstrap_metrics(
         >>> ci.low <= ci.value <= ci.high
         True
     """
-    from erf_monitor._probe import finalise_map
+    _check(level, n_boot, method)
+    sampler = _Resampler(result, metrics)
+    gen = torch.Generator().manual_seed(seed)
+    draws = [sampler.draw(gen) for _ in range(n_boot)]
+    values = np.stack([sampler.values(c) for c in draws])
+    jack = sampler.jackknife() if method == "bca" else None
+    return _intervals(sampler.keys, sampler.full(), values, jack, level, n_boot)
 
-    if result.per_sample is None:
-        raise ValueError(
-            f"layer {result.name!r} has no per-sample maps: compute it with "
-            "compute_erf(..., keep_per_sample=True)"
-        )
+
+def paired_differences(
+    a: ERFResult,
+    b: ERFResult,
+    metrics: Sequence[str] | None = None,
+    *,
+    n_boot: int = 500,
+    level: float = 0.95,
+    seed: int = 0,
+    method: str = "bca",
+) -> dict[str, Interval]:
+    """Intervals of ``metric(b) - metric(a)`` for two models probed on the **same** images.
+
+    Each resample draws one set of images and applies it to both models, so what the images
+    have in common cancels: the interval says whether ``b``'s ERF really differs from
+    ``a``'s on this probe set (an interval excluding 0), not just whether each is noisy.
+
+    Args:
+        a: the reference result (``keep_per_sample=True``).
+        b: the other result, same layer geometry, same probe images in the same order.
+        metrics: keys of ``scalars()``; default: all but the TRF sizes.
+        n_boot: number of resamples.
+        level: nominal coverage.
+        seed: seed of the resampling.
+        method: ``"bca"`` or ``"percentile"``.
+
+    Returns:
+        ``{metric: Interval}`` of the differences (``value``: the difference of the full maps).
+
+    Raises:
+        ValueError: if the two were not probed on the same number of images.
+    """
+    _check(level, n_boot, method)
+    sa, sb = _Resampler(a, metrics), _Resampler(b, metrics)
+    if sa.n != sb.n:
+        raise ValueError(f"paired differences need the same probe images: {sa.n} vs {sb.n}")
+    keys = [k for k in sa.keys if k in sb.keys]
+    sa.keys = sb.keys = keys
+    gen = torch.Generator().manual_seed(seed)
+    draws = [sa.draw(gen) for _ in range(n_boot)]
+    values = np.stack([sb.values(c) - sa.values(c) for c in draws])
+    ja, jb = (sa.jackknife(), sb.jackknife()) if method == "bca" else (None, None)
+    jack = jb - ja if ja is not None and jb is not None else None
+    return _intervals(keys, sb.full() - sa.full(), values, jack, level, n_boot)
+
+
+def _check(level: float, n_boot: int, method: str) -> None:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 2:
         raise ValueError(f"n_boot must be >= 2, got {n_boot}")
     if method not in ("bca", "percentile"):
         raise ValueError(f"method must be 'bca' or 'percentile', got {method!r}")
-    maps = result.per_sample.detach().to("cpu", torch.float64)
-    n = maps.shape[0]
-    full = finalise_map(maps.sum(0), n, result.mode)
-    if not torch.allclose(full, result.heatmap.float(), rtol=1e-4, atol=1e-6 * float(full.max())):
-        raise ValueError(
-            f"layer {result.name!r}: the per-sample maps do not add up to the ERF map "
-            "(probed in train mode, or maps from another probe?)"
-        )
-    keys = (
-        list(metrics)
-        if metrics is not None
-        else [k for k in result.scalars() if k not in _CONSTANT]
-    )
-    gen = torch.Generator().manual_seed(seed)
-    flat = maps.reshape(n, -1)
-    values = np.empty((n_boot, len(keys)))
-    for b in range(n_boot):
-        counts = torch.bincount(torch.randint(0, n, (n,), generator=gen), minlength=n)
-        total = (counts.to(torch.float64) @ flat).reshape(maps.shape[1:])
-        heat = finalise_map(total, n, result.mode)
-        replica = dataclasses.replace(result, heatmap=heat, per_sample=None, _cache={})
-        values[b] = [metric_value(replica, k) for k in keys]
-    full_values = [metric_value(result, k) for k in keys]
-    jack = None
-    if method == "bca" and n > 2:
-        jack = np.empty((n, len(keys)))
-        for i in range(n):  # leave-one-out maps, for the acceleration
-            heat = finalise_map(
-                flat.sum(0).sub(flat[i]).reshape(maps.shape[1:]), n - 1, result.mode
+
+
+class _Resampler:
+    """Rebuilds ``result``'s map from weighted per-sample maps and measures it."""
+
+    def __init__(self, result: ERFResult, metrics: Sequence[str] | None) -> None:
+        from erf_monitor._probe import finalise_map
+
+        if result.per_sample is None:
+            raise ValueError(
+                f"layer {result.name!r} has no per-sample maps: compute it with "
+                "compute_erf(..., keep_per_sample=True)"
             )
-            replica = dataclasses.replace(result, heatmap=heat, per_sample=None, _cache={})
-            jack[i] = [metric_value(replica, k) for k in keys]
+        maps = result.per_sample.detach().to("cpu", torch.float64)
+        self.result, self.n, self.shape = result, maps.shape[0], maps.shape[1:]
+        self.flat = maps.reshape(self.n, -1)
+        self.finalise = finalise_map
+        full = finalise_map(maps.sum(0), self.n, result.mode)
+        scale = 1e-6 * float(full.max())
+        if not torch.allclose(full, result.heatmap.float(), rtol=1e-4, atol=scale):
+            raise ValueError(
+                f"layer {result.name!r}: the per-sample maps do not add up to the ERF map "
+                "(probed in train mode, or maps from another probe?)"
+            )
+        self.keys = (
+            list(metrics)
+            if metrics is not None
+            else [k for k in result.scalars() if k not in _CONSTANT]
+        )
+
+    def draw(self, gen: torch.Generator) -> torch.Tensor:
+        """How often each image is in one resample (``N`` draws with replacement)."""
+        return torch.bincount(torch.randint(0, self.n, (self.n,), generator=gen), minlength=self.n)
+
+    def _measure(self, total: torch.Tensor, n: int) -> np.ndarray:
+        heat = self.finalise(total.reshape(self.shape), n, self.result.mode)
+        replica = dataclasses.replace(self.result, heatmap=heat, per_sample=None, _cache={})
+        return np.array([metric_value(replica, k) for k in self.keys])
+
+    def values(self, counts: torch.Tensor) -> np.ndarray:
+        return self._measure(counts.to(torch.float64) @ self.flat, self.n)
+
+    def full(self) -> np.ndarray:
+        return np.array([metric_value(self.result, k) for k in self.keys])
+
+    def jackknife(self) -> np.ndarray | None:
+        """Metrics of the ``N`` leave-one-out maps (for the BCa acceleration)."""
+        if self.n <= 2:
+            return None
+        total = self.flat.sum(0)
+        return np.stack([self._measure(total - self.flat[i], self.n - 1) for i in range(self.n)])
+
+
+def _intervals(
+    keys: Sequence[str],
+    full: np.ndarray,
+    values: np.ndarray,
+    jack: np.ndarray | None,
+    level: float,
+    n_boot: int,
+) -> dict[str, Interval]:
     out: dict[str, Interval] = {}
     for j, key in enumerate(keys):
         col = values[:, j][np.isfinite(values[:, j])]
-        value = full_values[j]
+        value = float(full[j])
         if col.size < 2 or not math.isfinite(value):
             out[key] = Interval(value, math.nan, math.nan, math.nan, level, n_boot)
             continue
