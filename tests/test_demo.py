@@ -61,7 +61,7 @@ def test_demo_fast(tmp_path: Path) -> None:
     assert large.alerts == {} and large.coverage_warnings == []
     assert small.results is not None and large.results is not None
     text = buf.getvalue()
-    assert "tensorboard --logdir" in text and "--samples_per_plugin images=0" in text
+    assert "tensorboard --logdir" in text and "--samples_per_plugin images=1000" in text
     assert "Accuracy" in text and "7 → " in text  # first -> last probe
     assert (tmp_path / "erf_report.html").is_file()
     assert len(list(tmp_path.glob("*/version_0/erf/events.out.tfevents*"))) == 2

@@ -300,7 +300,13 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
             ax = axes[row, n_models + k]
             diff = _unit_mass(maps[name]) - ref
             vmax = float(np.abs(diff).max()) or 1.0
-            im = ax.imshow(diff, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            if log_scale:  # both signs, three decades each, like the maps' log colour scale
+                from matplotlib.colors import SymLogNorm
+
+                norm = SymLogNorm(linthresh=vmax * 1e-3, vmin=-vmax, vmax=vmax)
+                im = ax.imshow(diff, cmap="RdBu_r", norm=norm)
+            else:
+                im = ax.imshow(diff, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             d = comp.differences[name][layer].get("erf_size")
             ax.set_title(f"{name} − {first} (mass share)\nΔ ERF {_fmt(d, '+.0f')} px", fontsize=8)
             ax.set_xticks([])

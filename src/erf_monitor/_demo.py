@@ -394,7 +394,7 @@ def growth(res: VariantResult, layer: str = HEAD) -> dict[str, tuple[float, floa
 
 def tensorboard_command(logdir: Path | str) -> str:
     """The command that shows every logged heatmap (TensorBoard keeps 10 images per tag)."""
-    return f"tensorboard --logdir {logdir} --samples_per_plugin images=0"
+    return f"tensorboard --logdir {logdir} --samples_per_plugin images=1000"
 
 
 def _summary(results: list[VariantResult], out: Path, logger_kind: str, console: Console) -> None:
@@ -475,7 +475,7 @@ def _summary(results: list[VariantResult], out: Path, logger_kind: str, console:
         )
         console.print(
             "  (SCALARS: erf/<layer>/coverage ...; IMAGES: erf/<layer>/heatmap; "
-            "--samples_per_plugin images=0 shows every probe, not just 10 per tag)"
+            "--samples_per_plugin images=1000 keeps every probe, not just the last 10 per tag)"
         )
     elif logger_kind == "wandb":
         console.print(

@@ -597,6 +597,8 @@ def comparison_figure(layer: str, runs: list[Run], reference: float | None = Non
     axes = fig.subplots(1, 3)
     curves = (_CURVES[0], _CURVES[2], _CURVES[1])
     any_threshold = False
+    # a reference line only when no run checks any layer (else this layer is just unchecked)
+    reference = None if any(r.thresholds() for r in runs) else reference
     for ax, (metric, label) in zip(axes, curves):
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
@@ -651,7 +653,7 @@ th:first-child,td:first-child{text-align:left} th{background:#f6f6f6}
 font-size:.85rem;white-space:pre-wrap}
 .strip{display:flex;gap:.4rem;overflow-x:auto;padding-bottom:.3rem}
 .strip figure{margin:0;text-align:center;font-size:.75rem;color:#555}
-.strip img{width:220px;height:auto;display:block}
+.strip img{width:300px;height:auto;display:block}
 img.plot{max-width:100%}
 .legend{font-size:.85rem;color:#444}
 """
@@ -757,7 +759,10 @@ def _shared_layers(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     for run in runs:
         for layer in run.metrics:
             order.setdefault(layer, []).append(run)
-    return [(layer, rs) for layer, rs in order.items() if len(rs) > 1]
+    shared = [(layer, rs) for layer, rs in order.items() if len(rs) > 1]
+    # checked layers (those with a threshold in some run) first: they are what the runs are
+    # judged by; then the others in order of appearance
+    return sorted(shared, key=lambda item: not any(item[0] in r.thresholds() for r in item[1]))
 
 
 def _compare_section(runs: list[Run], reference: float | None) -> str:

@@ -96,7 +96,8 @@ class TensorBoardSink(Sink):
     A writer-like object without a log directory is written to with its ``add_*`` methods.
 
     TensorBoard shows only 10 images per tag unless started with
-    ``tensorboard --logdir DIR --samples_per_plugin images=0`` (0: all of them).
+    ``tensorboard --logdir DIR --samples_per_plugin images=1000`` (any number at least the
+    number of probes; ``images=0`` shows no image at all in TensorBoard 2.21, not all).
 
     Args:
         writer_or_logdir: a ``SummaryWriter`` (only its log directory is used) or a directory.
