@@ -86,7 +86,8 @@ def metric_value(result: ERFResult, key: str) -> float:
 
     Examples:
         >>> import torch, erf_monitor as em
-        >>> r = em.compute_erf(torch.nn.Conv2d(1, 1, 3), torch.randn(2, 1, 9, 9), [""])[""]
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3))
+        >>> r = em.compute_erf(net, torch.randn(2, 1, 9, 9), ["0"])["0"]
         >>> metric_value(r, "erf_size") == r.erf_size
         True
     """

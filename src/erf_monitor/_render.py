@@ -591,8 +591,8 @@ def render_heatmap(
 
     Examples:
         >>> import torch, erf_monitor as em
-        >>> net = torch.nn.Conv2d(1, 1, 3, padding=1)
-        >>> r = em.compute_erf(net, torch.randn(2, 1, 16, 16), [""])[""]
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1))
+        >>> r = em.compute_erf(net, torch.randn(2, 1, 16, 16), ["0"])["0"]
         >>> img = render_heatmap(r, step=100)
         >>> img.dtype.name, img.shape[2], img.shape[0] > 256
         ('uint8', 3, True)

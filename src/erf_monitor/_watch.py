@@ -225,7 +225,8 @@ def watch(
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
         >>> logdir = tempfile.mkdtemp()
         >>> with em.watch(net, layers=["2"], every_n_steps=2, logger=logdir,
-        ...               optimizer=opt, num_samples=2, min_coverage=None) as w:
+        ...               optimizer=opt, num_samples=2, min_coverage=None,
+        ...               summary=False) as w:  # no end-of-training table here
         ...     for _ in range(4):
         ...         opt.zero_grad()
         ...         net(torch.randn(2, 1, 16, 16)).pow(2).mean().backward()
