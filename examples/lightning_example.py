@@ -1,7 +1,7 @@
 """ERFMonitor in an existing Lightning training: the only change is ``callbacks=[...]``.
 
 Run:  python examples/lightning_example.py  [--out runs/lightning]  then
-      tensorboard --logdir runs/lightning
+      tensorboard --logdir runs/lightning --samples_per_plugin images=1000
 """
 
 from __future__ import annotations

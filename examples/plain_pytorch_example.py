@@ -1,7 +1,7 @@
 """``em.watch`` in a plain PyTorch loop: the loop itself does not change.
 
 Run:  python examples/plain_pytorch_example.py  [--out runs/plain]  then
-      tensorboard --logdir runs/plain
+      tensorboard --logdir runs/plain --samples_per_plugin images=1000
 """
 
 from __future__ import annotations

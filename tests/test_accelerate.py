@@ -76,11 +76,14 @@ def test_tensorboard_tracker_gets_scalars_and_images(tmp_path: Path) -> None:
     assert watcher is not None
     # 8 micro-batches, accumulation 2: 4 optimizer steps; probes at 0, 2 and 4.
     assert watcher.global_step == 4
-    files = list(tmp_path.rglob("events.out.tfevents.*"))
-    assert len(files) == 1  # the tracker's own writer: loss and ERF in one event file
-    ea = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0, "images": 0})
+    runs = sorted(p.parent for p in tmp_path.rglob("events.out.tfevents.*"))
+    # The tracker's run (the loss) and the monitor's own run in its erf/ folder.
+    assert len(runs) == 2 and runs[1] == runs[0] / "erf"
+    tracker = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0})
+    tracker.Reload()
+    assert "train/loss" in tracker.Tags()["scalars"]
+    ea = EventAccumulator(str(runs[1]), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
-    assert "train/loss" in ea.Tags()["scalars"]
     for layer in LAYERS:
         coverage = ea.Scalars(f"erf/{layer}/coverage")
         assert [e.step for e in coverage] == [0, 2, 4]

@@ -122,9 +122,9 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     # rank 0 probes, rank 1 does not (and never waited for it)
     assert sorted(ranks[0]["history"]["net.3"]) == [0, 2, 4]
     assert ranks[1]["history"] == {} and ranks[1]["probe_batch"] is None
-    files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert len(files) == 1  # logs written once
-    ea = EventAccumulator(str(files[0].parent), size_guidance={"images": 0, "scalars": 0})
+    ours = list((tmp_path / "tb").rglob("erf/events.out.tfevents.*"))
+    assert len(ours) == 1  # the monitor's events, written once (by rank 0)
+    ea = EventAccumulator(str(ours[0].parent), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     assert [e.step for e in ea.Scalars("erf/net.3/coverage")] == [0, 2, 4]
     assert len(ea.Images("erf/net.0/heatmap")) == 3
@@ -149,5 +149,5 @@ def test_ddp_distributed_probe_splits_the_batch(tmp_path: Path) -> None:
     for name in a["latest"]:
         assert torch.equal(a["latest"][name], b["latest"][name])
     assert sorted(a["history"]["net.3"]) == [0, 2, 4] and b["history"] == {}
-    files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert len(files) == 1
+    files = list((tmp_path / "tb").rglob("erf/events.out.tfevents.*"))
+    assert len(files) == 1  # the monitor's events, written once (by rank 0)

@@ -252,5 +252,5 @@ def test_hf_trainer_ddp_two_processes(tmp_path: Path) -> None:
     steps = next(iter(a["True"]["history"].values()))
     assert sorted(steps) == [0, 2, 4] and b["True"]["history"] == {}
     for option in ("auto", "True"):
-        files = list((tmp_path / option / "runs").rglob("events.out.tfevents.*"))
+        files = list((tmp_path / option / "runs").rglob("erf/events.out.tfevents.*"))
         assert len(files) == 1  # written once, by rank 0

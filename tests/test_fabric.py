@@ -65,11 +65,14 @@ def run(out: Path, watch: bool) -> tuple[dict[str, torch.Tensor], em.Watcher | N
 def test_fabric_loggers_get_the_probes(tmp_path: Path) -> None:
     _, watcher = run(tmp_path, watch=True)
     assert watcher is not None and watcher.global_step == 6
-    files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert len(files) == 1  # Fabric's own SummaryWriter: loss and ERF side by side
-    ea = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0, "images": 0})
+    runs = sorted(p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*"))
+    # Fabric's run (the loss) and the monitor's own run in its erf/ folder.
+    assert len(runs) == 2 and runs[1] == runs[0] / "erf"
+    fabric_run = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0})
+    fabric_run.Reload()
+    assert "train/loss" in fabric_run.Tags()["scalars"]
+    ea = EventAccumulator(str(runs[1]), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
-    assert "train/loss" in ea.Tags()["scalars"]
     for layer in LAYERS:
         assert [e.step for e in ea.Scalars(f"erf/{layer}/coverage")] == [0, 2, 4, 6]
         assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4, 6]

@@ -287,7 +287,8 @@ def test_every_saved_result_records_its_mode(tmp_path: pytest.TempPathFactory) -
     w.step()
     w.close()
     writer.close()
-    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})  # type: ignore[operator]
+    # The monitor's own run, beside the writer's (erf/ of its log directory).
+    ea = EventAccumulator(str(tmp_path / "tb" / "erf"), size_guidance={"tensors": 0})  # type: ignore[operator]
     ea.Reload()
     texts = [t for t in ea.Tags()["tensors"] if t.startswith("erf/mode")]
     assert texts, ea.Tags()

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from erf_monitor._render import (
+    CENTRE_COLOR,
     ERF_COLOR,
     TRF_COLOR,
     colorize,
     erf_figure,
     normalize,
     render_heatmap,
+    render_map,
     save_png,
 )
 from erf_monitor._result import ERFResult
@@ -121,7 +123,7 @@ def test_boxes_at_known_pixels_without_upscaling() -> None:
     shape, centre = (20, 24), (10, 12)
     r = _result(_block_map(shape, centre, 2), ((3, 14), (5, 16)), centre)
     assert r.erf_size == 5  # uniform 5x5 block: the first square holding > 95% is 5x5
-    img = render_heatmap(r, min_size=0)
+    img = render_map(r, min_size=0)
     assert img.shape == (20, 24, 3) and img.dtype == np.uint8
     trf = _is(img, TRF_COLOR)
     # the TRF outline is on the border pixels of rows 3..14, cols 5..16 (1 px, small image)
@@ -139,20 +141,20 @@ def test_boxes_at_known_pixels_without_upscaling() -> None:
 def test_boxes_scale_with_integer_upscaling() -> None:
     shape, centre = (20, 20), (10, 10)
     r = _result(_block_map(shape, centre, 2), ((3, 14), (5, 16)), centre)
-    img = render_heatmap(r, min_size=40)  # factor 2 -> 40x40, 1 px lines
+    img = render_map(r, min_size=40)  # factor 2 -> 40x40, 1 px lines
     assert img.shape == (40, 40, 3)
     trf = _is(img, TRF_COLOR)
     rows, cols = np.nonzero(trf)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 29, 10, 33)
     # nearest upscaling: every input pixel is a crisp 2x2 block
-    plain = render_heatmap(r, min_size=40, draw_trf=False, draw_extent=False)
+    plain = render_map(r, min_size=40, draw_trf=False, draw_extent=False)
     np.testing.assert_array_equal(plain, np.repeat(np.repeat(colorize(r.heatmap), 2, 0), 2, 1))
 
 
 def test_default_size_and_thick_lines() -> None:
     centre = (16, 16)
     r = _result(_gauss((32, 32), 3.0), ((6, 26), (6, 26)), centre)
-    img = render_heatmap(r)
+    img = render_map(r)
     assert img.shape == (256, 256, 3)  # 32 * 8
     trf = _is(img, TRF_COLOR)
     assert trf[48:50, 60].all() and not trf[50, 60]  # 2 px top edge of row 6 (y 48..55)
@@ -162,7 +164,7 @@ def test_default_size_and_thick_lines() -> None:
 def test_erf_box_partly_outside_draws_only_visible_edges() -> None:
     # centre near the top-left corner: the ERF square's top/left edges fall outside
     r = _result(_block_map((16, 16), (2, 2), 2), None, (1, 1))
-    img = render_heatmap(r, min_size=0)
+    img = render_map(r, min_size=0)
     erf = _is(img, ERF_COLOR)
     half = r.erf_size // 2
     assert half >= 2
@@ -172,7 +174,7 @@ def test_erf_box_partly_outside_draws_only_visible_edges() -> None:
 
 def test_zero_map_renders_bottom_colour_and_trf_only() -> None:
     r = _result(torch.zeros(12, 12), ((2, 9), (2, 9)), (6, 6))
-    img = render_heatmap(r, min_size=0)
+    img = render_map(r, min_size=0)
     bottom = colorize(np.zeros((1, 1)))[0, 0]
     trf = _is(img, TRF_COLOR)
     assert trf.sum() == 4 * 8 - 4
@@ -181,20 +183,64 @@ def test_zero_map_renders_bottom_colour_and_trf_only() -> None:
 
 def test_render_without_trf() -> None:
     r = _result(_gauss((24, 24), 2.0), None, (12, 12))
-    img = render_heatmap(r, min_size=0)
+    img = render_map(r, min_size=0)
     assert not _is(img, TRF_COLOR).any() and _is(img, ERF_COLOR).any()
 
 
 def test_render_224_is_fast() -> None:
     r = _result(_gauss((224, 224), 20.0), ((0, 223), (0, 223)), (112, 112))
-    r.erf_size  # noqa: B018 - metrics are cached; time only the rendering
-    render_heatmap(r)
+    metrics = r.scalars()  # what log_results passes: the picture does not recompute them
+    render_heatmap(r, step=1, metrics=metrics)
     t0 = time.perf_counter()
     for _ in range(5):
-        img = render_heatmap(r)
+        img = render_heatmap(r, step=1, metrics=metrics)
     per_call = (time.perf_counter() - t0) / 5
-    assert img.shape == (448, 448, 3)
+    assert render_map(r).shape == (448, 448, 3)
+    assert img.shape[0] > 448 and img.shape[1] > 448
     assert per_call < 0.05, f"render_heatmap took {per_call * 1e3:.1f} ms for 224x224"
+
+
+def _find(img: np.ndarray, core: np.ndarray) -> tuple[int, int]:
+    """Where ``core`` sits inside ``img`` (top-left corner), found by its first row."""
+    h, w = core.shape[:2]
+    for y in range(img.shape[0] - h + 1):
+        for x in range(img.shape[1] - w + 1):
+            if (img[y, x : x + w] == core[0]).all() and (img[y : y + h, x : x + w] == core).all():
+                return y, x
+    raise AssertionError("the map is not in the picture")
+
+
+def test_annotated_picture_frames_the_exact_map() -> None:
+    r = _result(_gauss((32, 32), 3.0), ((6, 26), (6, 26)), (16, 16), name="layer3")
+    bare = render_map(r)
+    img = render_heatmap(r, step=7)
+    y, x = _find(img, bare)  # the map itself is unchanged (centre unit at the image centre)
+    assert y > 30 and x < 20  # below a title, left-aligned
+    # right of the map: a colour bar running from the colormap's top to its bottom colour
+    bar = img[y : y + bare.shape[0], x + bare.shape[1] + 10]
+    top, bottom = colorize(np.array([[1.0, 0.0]]))[0]
+    assert (bar[0] == top).all() and (bar[-1] == bottom).all()
+    assert len(np.unique(bar, axis=0)) > 100
+    below = img[y + bare.shape[0] :]  # the legend repeats both box colours, no centre cross
+    assert _is(below, TRF_COLOR).any() and _is(below, ERF_COLOR).any()
+    assert not _is(img, CENTRE_COLOR).any()
+    log = render_heatmap(r, step=7, log_scale=True)
+    assert log.shape == img.shape and (log != img).any()
+
+
+def test_off_centre_unit_is_marked() -> None:
+    # the centre unit sees input pixel (11, 13) of a 32x32 input (image centre: 16, 16)
+    r = _result(_block_map((32, 32), (11, 13), 2), ((5, 17), (7, 19)), (11, 13))
+    img = render_heatmap(r, step=0)
+    cross = _is(img, CENTRE_COLOR)
+    assert cross.any()
+    f = render_map(r).shape[0] // 32  # upscaling factor (8)
+    y, x = np.argwhere(_is(img, TRF_COLOR))[0]  # the TRF box's top-left corner: (5, 7) * f
+    y0, x0 = y - 5 * f, x - 7 * f  # the map's top-left corner in the picture
+    rows, cols = np.nonzero(cross[y0 : y0 + 32 * f, x0 : x0 + 32 * f])
+    assert abs(np.median(rows) - (11 * f + f // 2)) <= 1
+    assert abs(np.median(cols) - (13 * f + f // 2)) <= 1
+    assert cross[y0 + 32 * f :].any()  # and its legend entry below the map
 
 
 # -- 1-D and 3-D ----------------------------------------------------------------------------
@@ -214,7 +260,7 @@ def test_render_3d_max_projections_tiled() -> None:
     shape, centre = (4, 6, 8), (2, 3, 4)
     h = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     r = _result(h, ((1, 2), (1, 4), (2, 5)), centre)
-    img = render_heatmap(r, min_size=0, draw_trf=False, draw_extent=False)
+    img = render_map(r, min_size=0, draw_trf=False, draw_extent=False)
     gap = 2
     assert img.shape == (6, 8 + gap + 8 + gap + 6, 3)
     # projections share the global max, so each tile is colorize(max-projection / global max)
@@ -225,7 +271,7 @@ def test_render_3d_max_projections_tiled() -> None:
         t_img = colorize(torch.cat([t.flatten(), peak.view(1)]).view(1, -1))[0, :-1]
         np.testing.assert_array_equal(img[: t.shape[0], x : x + t.shape[1]].reshape(-1, 3), t_img)
         x += t.shape[1] + gap
-    boxed = render_heatmap(r, min_size=0)
+    boxed = render_map(r, min_size=0)
     trf = _is(boxed, TRF_COLOR)
     assert trf[1, 2:6].all()  # yx tile: rows 1..4, cols 2..5
     assert trf[1, 8 + gap + 2 : 8 + gap + 6].all()  # zx tile: rows (z) 1..2, cols 2..5

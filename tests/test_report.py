@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import re
 from pathlib import Path
 
@@ -54,13 +56,21 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_steps=6,
         accelerator="cpu",
         logger=[CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tb")],
-        callbacks=[ERFMonitor(layers=[EVIL, "conv2"], every_n_steps=2, num_samples=4)],
+        callbacks=[
+            ERFMonitor(
+                layers=[EVIL, "conv2"],
+                every_n_steps=2,
+                num_samples=4,
+                min_coverage={EVIL: 0.5, "conv2": 0.01},
+                summary=False,
+            )
+        ],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    with pytest.warns(Warning):  # the 16x16 input outgrows the 3x3 conv: coverage alert
+    with pytest.warns(Warning):  # the 3x3 conv cannot cover half of the 16x16 input: alert
         trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
     return root
 
@@ -74,6 +84,7 @@ def test_finds_both_sources(logdir: Path) -> None:
         assert steps == [0, 2, 4, 6]
         assert [s for s, _ in run.frames[EVIL]] == [0, 2, 4, 6]
         assert any(title.endswith(EVIL) for _, title, _ in run.alerts)
+        assert run.thresholds() == pytest.approx({EVIL: 0.5, "conv2": 0.01})  # logged
     # same numbers from both backends (TensorBoard stores float32)
     files, tb = runs["files"], runs["tensorboard"]
     for layer in (EVIL, "conv2"):
@@ -95,7 +106,10 @@ def test_html_report(logdir: Path, tmp_path: Path) -> None:
     assert "<script" not in page and "http://" not in page and "https://" not in page
     # every inlined image is a real PNG
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) >= 2 * (1 + 1 + 2 * 3)  # per run: curves, training, 2 layers x 3 frames
+    # One fit logged to CSV and TensorBoard: identical ERF data, shown once (the newest),
+    # the other listed. Curves, training curves, 2 layers x 3 frames.
+    assert len(images) == 1 + 1 + 2 * 3
+    assert "The same ERF data are also in" in page
     from PIL import Image
 
     for b64 in images:
@@ -123,3 +137,62 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no ERF data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several runs
+def _file_run(path: Path, sizes: list[float], *, threshold: float | None = None) -> None:
+    from erf_monitor.sinks import FileSink
+
+    sink = FileSink(path)
+    for i, size in enumerate(sizes):
+        scalars = {"erf/head/erf_size": size, "erf/head/coverage": (size / 32) ** 2}
+        if threshold is not None:
+            scalars["erf/head/min_coverage"] = threshold
+        sink.log_scalars(scalars, 10 * i)
+
+
+def test_runs_side_by_side_in_natural_order(tmp_path: Path) -> None:
+    _file_run(tmp_path / "run_10", [5, 9, 13], threshold=0.1)
+    _file_run(tmp_path / "run_2", [5, 7, 9])
+    path, runs = build_report(tmp_path)
+    assert [r.name for r in runs] == ["run_2", "run_10"]  # not alphabetical
+    assert runs[1].thresholds() == {"head": 0.1} and runs[0].thresholds() == {}
+    page = path.read_text()
+    assert "Runs side by side" in page
+    assert page.index("run_2") < page.index("run_10")
+    # a run with no threshold still gets a threshold line: the reference
+    assert "reference coverage 5% (this run logged no min_coverage)" in page
+    assert "Dashed: each checked layer" in page
+
+
+def test_reruns_are_shown_once(tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    _file_run(tmp_path / "a" / "version_0", [5, 9, 13])
+    time.sleep(0.01)
+    shutil.copytree(tmp_path / "a" / "version_0", tmp_path / "a" / "version_1")
+    os.utime(tmp_path / "a" / "version_1" / "metrics.csv")  # the newer rerun
+    _file_run(tmp_path / "b", [5, 9, 15])  # different data: kept
+    _, runs = build_report(tmp_path)
+    assert [r.name for r in runs] == ["a/version_1", "b"]
+    assert runs[0].duplicates == ["a/version_0 (files)"] and runs[1].duplicates == []
+    _, every = build_report(tmp_path, dedupe=False)
+    assert len(every) == 3
+
+
+def test_analyze_output_is_a_run(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    out = tmp_path / "logs" / "resnet18"
+    args = ["analyze", "torchvision:resnet18", "--input-size", "32", "--samples", "1"]
+    assert main([*args, "--layers", "layer1", "layer2", "--out", str(out), "--quiet"]) == 0
+    _file_run(tmp_path / "logs" / "trained", [5, 9, 13])
+    runs = find_runs(tmp_path / "logs")
+    (analyzed,) = [r for r in runs if r.source == "analyze"]
+    assert analyzed.name == "resnet18" and set(analyzed.metrics) == {"layer1", "layer2"}
+    record = json.loads((out / "metrics.json").read_text())
+    size = record["layers"]["layer2"]["metrics"]["erf_size"]
+    assert analyzed.metrics["layer2"]["erf_size"] == [(0, size)]
+    assert [s for s, _ in analyzed.frames["layer1"]] == [0]
+    path, _ = build_report(tmp_path / "logs")
+    assert "erf-monitor analyze output" in path.read_text()

@@ -185,7 +185,7 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
         images = acc.Images(f"erf/{name}/heatmap")
         assert [e.step for e in images] == [5, 10]
         img = _decode_png(images[-1].encoded_image_string)
-        rendered = render_heatmap(r)
+        rendered = render_heatmap(r, step=10)  # titled with the layer and the step
         assert (images[-1].height, images[-1].width) == rendered.shape[:2]
         np.testing.assert_array_equal(np.round(img[..., :3] * 255).astype(np.uint8), rendered)
         assert _not_uniform(img)
@@ -196,18 +196,21 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
 
 
 @pytest.mark.skipif(not package_available("tensorboard"), reason="tensorboard not installed")
-def test_tensorboard_sink_never_closes_user_writer(tmp_path: Path) -> None:
+def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(tmp_path))
     sink = as_sink(writer)
-    assert isinstance(sink, TensorBoardSink) and sink.writer is writer
+    assert isinstance(sink, TensorBoardSink) and sink.log_dir == tmp_path / "erf"
     sink.log_scalars({"erf/a/coverage": 0.5}, 1)
     sink.close()
     writer.add_scalar("after", 1.0, 2)  # still open
     writer.close()
-    acc = _accumulator(tmp_path)
-    assert acc.Scalars("erf/a/coverage")[0].value == 0.5 and acc.Scalars("after")
+    ours, theirs = _accumulator(tmp_path / "erf"), _accumulator(tmp_path)
+    assert ours.Scalars("erf/a/coverage")[0].value == 0.5 and ours.Tags()["scalars"] == [
+        "erf/a/coverage"
+    ]
+    assert theirs.Tags()["scalars"] == ["after"]  # the monitor never wrote to the user's writer
 
 
 # -- W&B (offline) --------------------------------------------------------------------------
@@ -286,7 +289,8 @@ def test_wandb_sink_offline_run(
     assert len(images) == 2 * len(results)
     for path in images:
         img = matplotlib.image.imread(path)
-        assert img.shape[:2] == (264, 264) and _not_uniform(img)  # 24 px * 11
+        shape = render_heatmap(next(iter(results.values())), step=5).shape
+        assert img.shape[:2] == shape[:2] and _not_uniform(img)  # the annotated picture
     with np.load(run_dir / "files" / "erf_maps" / "step_10.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz[LAYERS[0]], results[LAYERS[0]].heatmap.numpy())
 
@@ -435,7 +439,7 @@ def test_sinks_for_trainer(
         sinks = sinks_for_trainer(trainer)
     assert [type(s) for s in sinks] == [TensorBoardSink, FileSink, WandbSink]
     tb_sink, file_sink, wandb_sink = sinks
-    assert isinstance(tb_sink, TensorBoardSink) and tb_sink.writer is tb.experiment
+    assert isinstance(tb_sink, TensorBoardSink) and tb_sink.log_dir == Path(tb.log_dir) / "erf"
     assert isinstance(file_sink, FileSink)
     assert file_sink.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
     assert isinstance(wandb_sink, WandbSink) and wandb_sink.run is wb.experiment
@@ -445,7 +449,7 @@ def test_sinks_for_trainer(
     for s in sinks:
         s.close()
     tb.experiment.flush()
-    acc = _accumulator(Path(tb.log_dir))
+    acc = _accumulator(Path(tb.log_dir) / "erf")
     assert acc.Scalars(f"erf/{LAYERS[0]}/coverage")[0].step == 7
     assert (file_sink.directory / "metrics.csv").exists()
     run_dir = Path(wb.experiment.dir).parent

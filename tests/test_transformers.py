@@ -108,20 +108,21 @@ def scalars(log_dir: Path) -> EventAccumulator:
     return ea
 
 
-def test_tensorboard_reuses_the_trainers_writer(tmp_path: Path) -> None:
+def test_tensorboard_run_beside_the_trainers(tmp_path: Path) -> None:
     cb = em.ERFTrainerCallback(CONVNEXT_LAYERS, every_n_steps=2, num_samples=3, min_coverage=None)
     first = FirstBatch()
     trainer = train(convnext(), args(tmp_path, report_to=["tensorboard"]), [cb, first])
-    runs = [p.parent for p in (tmp_path / "runs").rglob("events.out.tfevents.*")]
-    assert len(runs) == 1  # one event file: the Trainer's, loss and ERF side by side
-    ea = scalars(runs[0])
-    assert "train/loss" in ea.Tags()["scalars"]
+    runs = sorted(p.parent for p in (tmp_path / "runs").rglob("events.out.tfevents.*"))
+    # The Trainer's run (the loss) and the monitor's own run beside it, in its erf/ folder.
+    assert len(runs) == 2 and runs[1] == runs[0] / "erf"
+    assert "train/loss" in scalars(runs[0]).Tags()["scalars"]
+    ea = scalars(runs[1])
     for layer in CONVNEXT_LAYERS:
         steps = [e.step for e in ea.Scalars(f"erf/{layer}/coverage")]
         assert steps == [0, 2, 4, 5]  # train begin, every 2 optimizer steps, the end
         images = ea.Images(f"erf/{layer}/heatmap")
         assert [i.step for i in images] == [0, 2, 4, 5]
-        assert images[0].width == images[0].height > 0
+        assert images[0].width > 0 and images[0].height > 0  # annotated: frame, legend, bar
         logged = [e.value for e in ea.Scalars(f"erf/{layer}/coverage")]
         assert logged == pytest.approx([cb.history[layer][s]["coverage"] for s in (0, 2, 4, 5)])
     # The probe batch is the first 3 images the model was trained on, and the logged
@@ -135,7 +136,7 @@ def test_tensorboard_reuses_the_trainers_writer(tmp_path: Path) -> None:
         assert cb.history[layer][5]["coverage"] == pytest.approx(again[layer].coverage)
         assert cb.latest is not None
         torch.testing.assert_close(cb.latest[layer].heatmap, again[layer].heatmap)
-    assert (runs[0] / "erf_maps").is_dir()  # raw maps next to the event files
+    assert (runs[1] / "erf_maps").is_dir()  # raw maps next to the monitor's event file
 
 
 class StopInOnLog(TrainerCallback):  # type: ignore[misc]
@@ -148,18 +149,16 @@ class StopInOnLog(TrainerCallback):  # type: ignore[misc]
 
 def test_final_probe_after_the_trainer_closed_its_writer(tmp_path: Path) -> None:
     # Stopped outside the step loop: the final probe runs in on_train_end, after the
-    # Trainer's TensorBoardCallback closed its writer. It lands in the same run directory.
+    # Trainer's TensorBoardCallback closed its writer; it lands in the monitor's own run.
     cb = em.ERFTrainerCallback(CONVNEXT_LAYERS[:1], every_n_steps=2, num_samples=2,
                                min_coverage=None)  # fmt: skip
     trainer = train(
         convnext(), args(tmp_path, report_to=["tensorboard"], max_steps=10), [StopInOnLog(), cb]
     )
     assert trainer.state.global_step == 3
-    files = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
-    assert len(files) == 2  # the Trainer's, and ours for the final probe, in one directory
-    runs = {p.parent for p in files}
-    assert len(runs) == 1
-    ea = scalars(runs.pop())
+    files = list((tmp_path / "runs").rglob("erf/events.out.tfevents.*"))
+    assert len(files) == 1  # ours, beside the Trainer's closed run: the final probe is in it
+    ea = scalars(files[0].parent)
     assert [e.step for e in ea.Scalars(f"erf/{CONVNEXT_LAYERS[0]}/coverage")] == [0, 2, 3]
     assert [i.step for i in ea.Images(f"erf/{CONVNEXT_LAYERS[0]}/heatmap")] == [0, 2, 3]
 
@@ -181,9 +180,13 @@ def test_training_is_bit_for_bit_identical_with_the_callback(tmp_path: Path) -> 
     assert cb.history[VIT_LAYERS[0]][0]["trf_size"] == 8.0  # the 8x8 patch embedding
 
 
-def test_no_reporting_integration_falls_back_to_files(tmp_path: Path) -> None:
+def test_no_reporting_integration_falls_back_to_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cb = em.ERFTrainerCallback(CONVNEXT_LAYERS[:1], every_n_steps=3, num_samples=2)
     train(convnext(), args(tmp_path, report_to="none"), [cb])
+    out = capsys.readouterr().out  # the end-of-training summary, as in the other front-ends
+    assert "ERF over training (steps 0 → 5, 3 probes)" in out and CONVNEXT_LAYERS[0] in out
     csv = (tmp_path / "erf" / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("step")
     assert sorted({int(line.split(",")[0]) for line in csv[1:]}) == [0, 3, 5]

@@ -159,7 +159,7 @@ def test_summary_writer_and_stop(tmp_path: Path) -> None:
     assert w.should_stop and w.alerts == {"4": 0}
     w.close()
     writer.close()
-    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    ea = EventAccumulator(str(tmp_path / "erf"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     assert [e.step for e in ea.Scalars("erf/4/coverage")] == [0, 2]
     assert len(ea.Images("erf/4/heatmap")) == 2

@@ -2,7 +2,8 @@
 
 Every script builds small random-init convolution stacks, measures the centre-pixel ERF of the
 last convolution with :func:`erf_monitor.compute_erf`, averages maps over several weight seeds
-(and input samples), and writes a figure into ``docs/img/paper/``.
+(and input samples), and writes a figure into ``erf_examples/paper/`` (``--out DIR`` to
+change it; ``--docs`` refreshes the tracked picture in ``docs/img/paper/`` instead).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import nn
 
 import erf_monitor as em
 
-OUT_DIR = Path(__file__).resolve().parents[2] / "docs" / "img" / "paper"
+DOCS_DIR = Path(__file__).resolve().parents[2] / "docs" / "img" / "paper"
+DEFAULT_OUT = Path("erf_examples") / "paper"
 
 #: Activation modules by name; ``None`` means a linear network.
 ACTIVATIONS: dict[str, Callable[[], nn.Module] | None] = {
@@ -142,10 +144,29 @@ def mean_sigma(r: em.ERFResult) -> float:
     return float(np.mean(r.sigma))
 
 
-def save(fig, name: str) -> Path:  # type: ignore[no-untyped-def]
-    """Save a matplotlib figure as ``docs/img/paper/<name>`` and return the path."""
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / name
+def output_dir(description: str | None) -> Path:
+    """Where the figure goes, from the command line (``--out DIR`` or ``--docs``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=DEFAULT_OUT, help="figure directory")
+    where.add_argument(
+        "--docs", action="store_true", help=f"refresh the documentation's picture in {DOCS_DIR}"
+    )
+    args = parser.parse_args()
+    return DOCS_DIR if args.docs else args.out
+
+
+def progress(text: str) -> None:
+    """One line of progress, shown at once (long runs print as they go)."""
+    print(text, flush=True)
+
+
+def save(fig, name: str, out: Path = DEFAULT_OUT) -> Path:  # type: ignore[no-untyped-def]
+    """Save a matplotlib figure as ``<out>/<name>`` and return the path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
     fig.savefig(path, dpi=fig.dpi)
-    print(f"wrote {path.relative_to(OUT_DIR.parents[2])} ({path.stat().st_size // 1024} KB)")
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
     return path

@@ -5,16 +5,16 @@ tanh or sigmoid between the convolutions; weights have the variance-preserving g
 activation (1, sqrt(2), 5/3, 1). Maps are averaged over 32 weight seeds (linear) or 8 weight
 seeds x 4 noise inputs (nonlinear).
 Prints sigma, ERF size and Gaussian R^2 per activation and writes
-``docs/img/paper/activations.png`` (maps and their horizontal centre profiles).
+``erf_examples/paper/activations.png`` (maps and their horizontal centre profiles).
 
-Run: ``python examples/paper/activations.py`` (about 15 s on a laptop CPU).
+Run: ``python examples/paper/activations.py [--out DIR | --docs]`` (about 15 s on a laptop CPU).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from _common import conv_stack, mean_erf, mean_sigma, save
+from _common import conv_stack, mean_erf, mean_sigma, output_dir, save
 from matplotlib.figure import Figure
 
 DEPTH = 16
@@ -27,6 +27,7 @@ COLORS = ("k", "tab:red", "tab:blue", "tab:green")
 
 
 def main() -> None:
+    out = output_dir(__doc__)
     torch.manual_seed(0)
     fig = Figure(figsize=(12.5, 2.9), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(ACTS) + 1, width_ratios=[1] * len(ACTS) + [1.5])
@@ -60,7 +61,7 @@ def main() -> None:
     prof_ax.grid(alpha=0.3)
     prof_ax.legend(fontsize=8)
     fig.suptitle(f"ERF of {DEPTH} random 3×3 conv layers with different activations", fontsize=11)
-    save(fig, "activations.png")
+    save(fig, "activations.png", out)
 
 
 if __name__ == "__main__":

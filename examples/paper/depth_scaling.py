@@ -9,16 +9,18 @@ is averaged over seeds (and 4 noise samples per seed); we measure
 * ERF size m(0.95): side of the centred square holding 95% of the mass,
 * ERF/TRF: m(0.95) / (2n + 1), and sigma / (2n + 1),
 
-and fit log-log slopes with ``numpy.polyfit``. Writes ``docs/img/paper/depth_scaling.png``.
+and fit log-log slopes with ``numpy.polyfit``. Writes ``erf_examples/paper/depth_scaling.png``.
 
-Run: ``python examples/paper/depth_scaling.py`` (about 1 min on a laptop CPU).
+Run: ``python examples/paper/depth_scaling.py [--out DIR | --docs]`` (about 1 min on a laptop CPU).
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
-from _common import conv_stack, loglog_slope, mean_erf, mean_sigma, save
+from _common import conv_stack, loglog_slope, mean_erf, mean_sigma, output_dir, progress, save
 from matplotlib.figure import Figure
 
 DEPTHS = (4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -34,9 +36,10 @@ SEEDS_SAMPLES = {"linear": (32, 1), "relu": (8, 4)}
 YTICKS = {"sigma": (2, 3, 4, 6, 8, 10), "erf_size": (8, 16, 32, 64, 128), "ratio": (0.25, 0.5, 1)}
 
 
-def measure(kw: dict) -> dict[str, np.ndarray]:
+def measure(case: str, kw: dict) -> dict[str, np.ndarray]:
     rows = []
-    for depth in DEPTHS:
+    t0 = time.perf_counter()
+    for i, depth in enumerate(DEPTHS, 1):
         size = 2 * depth + 1  # = TRF of n 3x3 convolutions
 
         def build(seed: int, depth: int = depth) -> tuple:
@@ -49,6 +52,10 @@ def measure(kw: dict) -> dict[str, np.ndarray]:
         trf = max(r.trf.clipped_size)
         assert trf == size, (trf, size)
         seed_sigmas = [mean_sigma(p) for p in per_seed]
+        progress(
+            f"  {case}: depth {depth:>2} ({i}/{len(DEPTHS)}), sigma {mean_sigma(r):.2f} px, "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
         rows.append(
             (
                 depth,
@@ -66,8 +73,10 @@ def measure(kw: dict) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
+    out = output_dir(__doc__)
     torch.manual_seed(0)
-    results = {case: measure(kw) for case, kw in CASES.items()}
+    progress(f"{len(CASES)} cases x {len(DEPTHS)} depths (about a minute on a laptop CPU)")
+    results = {case: measure(case, kw) for case, kw in CASES.items()}
 
     slopes: dict[str, dict[str, float]] = {}
     for case, m in results.items():
@@ -150,7 +159,7 @@ def main() -> None:
         "ERF vs depth, log-log (paper: ERF ∝ √n → slope 0.5, ERF/TRF ∝ 1/√n → slope −0.5)",
         fontsize=11,
     )
-    save(fig, "depth_scaling.png")
+    save(fig, "depth_scaling.png", out)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 ERF maps of stacks of 5, 10 and 20 3x3 convolutions (no pooling, no bias) with
 (a) uniform weights and no nonlinearity, (b) random weights, no nonlinearity,
 (c) random weights + ReLU. Prints sigma and the R^2 of the moment-matched Gaussian
-(``ERFResult.gaussian_r2``) per case and writes ``docs/img/paper/gaussian_erf.png``.
+(``ERFResult.gaussian_r2``) per case and writes ``erf_examples/paper/gaussian_erf.png``.
 
-Run: ``python examples/paper/gaussian_erf.py`` (about 10 s on a laptop CPU).
+Run: ``python examples/paper/gaussian_erf.py [--out DIR | --docs]`` (about 10 s on a laptop CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
-from _common import conv_stack, mean_erf, mean_sigma, save
+from _common import conv_stack, mean_erf, mean_sigma, output_dir, save
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -30,6 +30,7 @@ SEEDS_SAMPLES = {"linear": (32, 1), "relu": (8, 4)}
 
 
 def main() -> None:
+    out = output_dir(__doc__)
     torch.manual_seed(0)
     fig = Figure(figsize=(7.6, 7.4), dpi=100, layout="constrained")
     axes = fig.subplots(len(DEPTHS), len(CASES))
@@ -74,7 +75,7 @@ def main() -> None:
     fig.suptitle(
         f"Centre-pixel ERF of 3×3 conv stacks ({SIZE}×{SIZE} input; cyan: TRF)", fontsize=11
     )
-    save(fig, "gaussian_erf.png")
+    save(fig, "gaussian_erf.png", out)
 
 
 if __name__ == "__main__":

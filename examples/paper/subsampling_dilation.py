@@ -13,9 +13,9 @@ the same weights its centre unit computes exactly the same function, so the two 
 coincide (a check of the probe and of the TRF analysis, not a coincidence).
 
 Maps are averaged over 8 weight seeds x 4 noise inputs; the table is printed for linear and
-ReLU stacks, the figure (``docs/img/paper/subsampling_dilation.png``) shows the ReLU ones.
+ReLU stacks, the figure (``erf_examples/paper/subsampling_dilation.png``) shows the ReLU ones.
 
-Run: ``python examples/paper/subsampling_dilation.py`` (about 20 s on a laptop CPU).
+Run: ``python examples/paper/subsampling_dilation.py [--out DIR | --docs]`` (about 20 s, CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from _common import conv_stack, mean_erf, mean_sigma, save
+from _common import conv_stack, mean_erf, mean_sigma, output_dir, save
 
 from erf_monitor._render import erf_figure
 
@@ -39,6 +39,7 @@ VARIANTS = {
 
 
 def main() -> None:
+    out = output_dir(__doc__)
     torch.manual_seed(0)
     shown = []
     for activation in ("linear", "relu"):
@@ -71,7 +72,7 @@ def main() -> None:
         title="Random-init 3×3 conv + ReLU stacks, 64×64 input: subsampling and dilation "
         "enlarge the ERF (cyan: TRF, white: 95% mass)",
     )
-    save(fig, "subsampling_dilation.png")
+    save(fig, "subsampling_dilation.png", out)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
-"""``erf-monitor demo``: a task that needs a large receptive field, and two CNNs that try it.
+"""``erf-monitor demo``: a task that needs a large, centred ERF, and two CNNs that try it.
 
-**Task** ("which corner?"): 32 x 32 single-channel images of Gaussian noise with one bright
-3 x 3 square in one of the four corner zones (its centre at least 8 px from the image centre
-along both axes). The label is the corner (4 classes). The models are fully convolutional and
-predict from the **centre unit** of their last feature map, as a segmentation or detection head
-predicts at one location: to be right, that unit has to *see* the corner.
+**Task** ("brighter or darker?"): 128 x 128 single-channel images of unit Gaussian noise,
+shifted by a faint ``+0.04`` or ``-0.04`` everywhere; the label is the sign. No pixel tells
+on its own (the shift is 4% of the noise): only an average over many pixels does, and the
+more pixels the better (a uniform average over a fraction ``f`` of the image has a
+signal-to-noise ratio of ``0.04 * 128 * sqrt(f) = 5.1 sqrt(f)``; 99% accuracy needs
+``f >= 21%``). The models are fully convolutional and predict from the **centre unit** of their
+last feature map, as a segmentation head predicts at one location: the region that unit
+averages over is its ERF, and it has to grow, around the centre, for the task to be learned.
 
-**Models**: the same five 3 x 3 convolutions (16 channels, ReLU) and a 1 x 1 head, same number
-of parameters; only stride and dilation differ.
+**Models**: the same stem (two 3 x 3 convolutions of stride 2, 16 channels) and four residual
+blocks (two 3 x 3 convolutions each, the second one zero-initialised as in Goyal et al. 2017)
+at 1/4 resolution, then a 1 x 1 head; same number of parameters, only the dilations differ.
+At initialisation the blocks are identities, so the ERF is the stem's (7 px) in both.
 
-* ``small``: stride 1 everywhere. TRF 11 x 11 around the centre: the corners are out of
-  reach whatever the training does; :class:`~erf_monitor.ERFMonitor` warns (its coverage alert
-  fires) and the accuracy stays at chance (25%).
-* ``large``: strides 2, 2 then dilations 2, 3 (co-prime, so the field has no holes).
-  TRF 49 x 49, the whole image; the ERF grows during training and the task is learned.
+* ``large``: dilations 1, 2, 4, 8 in the blocks: TRF 247 x 247 px, the whole image. As the
+  blocks learn, the ERF grows from 7 px to ~110 px (coverage from 0.3% to ~75%) and the
+  accuracy from chance to ~99%.
+* ``small``: no dilation: TRF 71 x 71 px, at most 31% of the image, whatever the training.
+  Its ERF grows too, but stays capped; the coverage alert fires at the first probe (the TRF
+  cannot reach the threshold, so there is nothing to wait for) and the accuracy stays lower.
 
-The coverage threshold is derived from the task: a blob's centre is at least 8 px from the
-centre unit along each axis, so to reach the nearest blob pixels the 95%-mass square must be
-at least 13 px wide (2 * 6 + 1), 16.5% of the 32 x 32 image; the demo alerts below 15%.
+The threshold, ``min_coverage=0.35``, is above what the small TRF allows and well below what
+the large model reaches; the patience (``GROW_STEPS = 120`` steps' worth of probes: 6 at the
+default probe period of 20 steps) lets the large model's ERF grow past it (it starts at
+0.3%, as every ERF that grows during training starts small; it crosses 35% near step 80).
+Heatmaps are logged on a log colour scale: the grown ERF is broad but faint next to its
+centre pixel.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ import logging
 import math
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,19 +52,28 @@ if TYPE_CHECKING:
 __all__ = [
     "DemoError",
     "VariantResult",
-    "corner_dataset",
+    "brightness_dataset",
     "demo_model",
+    "growth",
     "run_demo",
+    "tensorboard_command",
 ]
 
-IMAGE_SIZE = 32
-NUM_CLASSES = 4
-#: Monitored layers (module names of :func:`demo_model`); the alert checks :data:`HEAD`.
-LAYERS = ("features.conv1", "features.conv3", "features.conv5", "head")
+IMAGE_SIZE = 128
+NUM_CLASSES = 2
+#: The faint brightness shift that carries the label (the noise has standard deviation 1).
+SHIFT = 0.04
+#: Monitored layers (module names of :func:`demo_model`); the float threshold checks the
+#: deepest one, :data:`HEAD`.
+LAYERS = ("stem", "blocks.1", "blocks.3", "head")
 HEAD = "head"
-#: Derived from the task geometry, see the module docstring.
-MIN_COVERAGE = 0.15
-_ZONE = (2, 7)  # blob centres lie in [2, 7] or [size-1-7, size-1-2] along each axis
+#: See the module docstring.
+MIN_COVERAGE = 0.35
+#: Training steps the ERF gets to grow past :data:`MIN_COVERAGE` before the alert may fire
+#: (the patience in probes is derived from it and the probe period).
+GROW_STEPS = 120
+DILATIONS = {"small": (1, 1, 1, 1), "large": (1, 2, 4, 8)}
+WIDTH = 16
 
 
 class DemoError(Exception):
@@ -64,80 +81,95 @@ class DemoError(Exception):
 
 
 # ---------------------------------------------------------------------------------- data
-def corner_dataset(
-    n: int, seed: int, size: int = IMAGE_SIZE, noise: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "which corner?" task: noise images with a bright 3 x 3 square in one corner zone.
+class BrightnessDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The "brighter or darker?" task, generated on the fly (item ``i`` is a pure function of
+    ``seed`` and ``i``: no 100 MB tensor held in memory)."""
+
+    def __init__(self, n: int, seed: int, size: int = IMAGE_SIZE, shift: float = SHIFT) -> None:
+        self.n, self.seed, self.size, self.shift = n, seed, size, shift
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = torch.randint(0, NUM_CLASSES, (), generator=gen)
+        image = torch.randn(1, self.size, self.size, generator=gen)
+        return image + (2.0 * label.float() - 1.0) * self.shift, label
+
+
+def brightness_dataset(
+    n: int, seed: int, size: int = IMAGE_SIZE, shift: float = SHIFT
+) -> BrightnessDataset:
+    """The "brighter or darker?" task: unit noise images shifted by ``+shift`` or ``-shift``.
 
     Args:
         n: number of images.
-        seed: seed of the generator (the data is a pure function of ``n``, ``seed``, ``size``).
+        seed: seed of the data (item ``i`` is a pure function of ``seed`` and ``i``).
         size: image side.
-        noise: standard deviation of the Gaussian background.
+        shift: brightness shift carrying the label.
 
     Returns:
-        ``(images, labels)``: float32 ``(n, 1, size, size)`` and int64 ``(n,)`` with
-        0 = top-left, 1 = top-right, 2 = bottom-left, 3 = bottom-right.
+        A dataset of ``(image, label)``: float32 ``(1, size, size)`` and an int64 scalar
+        (1: brighter, 0: darker).
 
     Examples:
-        >>> x, y = corner_dataset(8, seed=0)
-        >>> x.shape, y.shape, int(y.max()) < 4
-        (torch.Size([8, 1, 32, 32]), torch.Size([8]), True)
+        >>> ds = brightness_dataset(8, seed=0, size=32)
+        >>> image, label = ds[3]
+        >>> tuple(image.shape), int(label) in (0, 1), len(ds)
+        ((1, 32, 32), True, 8)
     """
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-    lo, hi = _ZONE
-    offset = torch.randint(lo, hi + 1, (n, 2), generator=gen)
-    bottom = (labels // 2).bool()
-    right = (labels % 2).bool()
-    rows = torch.where(bottom, size - 1 - offset[:, 0], offset[:, 0])
-    cols = torch.where(right, size - 1 - offset[:, 1], offset[:, 1])
-    images = noise * torch.randn(n, 1, size, size, generator=gen)
-    grid = torch.arange(size)
-    in_rows = (grid[None, :] - rows[:, None]).abs() <= 1  # (n, size)
-    in_cols = (grid[None, :] - cols[:, None]).abs() <= 1
-    blob = (in_rows[:, :, None] & in_cols[:, None, :]).float()  # (n, size, size)
-    images[:, 0] += 3.0 * blob
-    return images, labels
+    return BrightnessDataset(n, seed, size, shift)
 
 
 # ---------------------------------------------------------------------------------- models
+class Block(nn.Module):
+    """``x + conv2(relu(conv1(relu(x))))`` with dilated 3 x 3 convolutions; ``conv2`` starts
+    at zero, so the block starts as the identity."""
+
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        with torch.no_grad():
+            self.conv2.weight.zero_()
+            self.conv2.bias.zero_()  # type: ignore[union-attr]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
 class CentreReadout(nn.Module):
     """Fully convolutional classifier that predicts from the centre unit of its head."""
 
-    def __init__(self, features: nn.Sequential, head: nn.Conv2d) -> None:
+    def __init__(self, dilations: tuple[int, ...], width: int = WIDTH) -> None:
         super().__init__()
-        self.features = features
-        self.head = head
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+        )
+        self.blocks = nn.Sequential(*[Block(width, d) for d in dilations])
+        self.head = nn.Conv2d(width, NUM_CLASSES, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.head(self.features(x))
+        y = self.head(torch.relu(self.blocks(self.stem(x))))
         h, w = y.shape[-2:]
         return y[:, :, h // 2, w // 2]  # same centre convention as the ERF probe
 
 
-def demo_model(variant: str, width: int = 16) -> CentreReadout:
-    """The ``small`` (stride 1) or ``large`` (strided + dilated) demo CNN.
+def demo_model(variant: str, width: int = WIDTH) -> CentreReadout:
+    """The ``small`` (no dilation) or ``large`` (dilations 1, 2, 4, 8) demo CNN.
 
     Examples:
-        >>> demo_model("small")(torch.zeros(2, 1, 32, 32)).shape
-        torch.Size([2, 4])
+        >>> demo_model("large")(torch.zeros(2, 1, 128, 128)).shape
+        torch.Size([2, 2])
     """
-    if variant == "small":
-        cfg = [(1, 1), (1, 1), (1, 1), (1, 1), (1, 1)]  # (stride, dilation)
-    elif variant == "large":
-        cfg = [(1, 1), (2, 1), (2, 1), (1, 2), (1, 3)]  # co-prime dilations: no gaps
-    else:
+    if variant not in DILATIONS:
         raise ValueError(f"variant must be 'small' or 'large', got {variant!r}")
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    cin = 1
-    for i, (stride, dilation) in enumerate(cfg, 1):
-        layers[f"conv{i}"] = nn.Conv2d(
-            cin, width, 3, stride=stride, padding=dilation, dilation=dilation
-        )
-        layers[f"relu{i}"] = nn.ReLU()
-        cin = width
-    return CentreReadout(nn.Sequential(layers), nn.Conv2d(width, NUM_CLASSES, 1))
+    return CentreReadout(DILATIONS[variant], width)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -154,6 +186,7 @@ class VariantResult:
     alerts: dict[str, int] = field(default_factory=dict)
     coverage_warnings: list[str] = field(default_factory=list)
     history: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    test_size: int = 0
 
 
 @contextlib.contextmanager
@@ -215,11 +248,15 @@ def _make_logger(kind: str, out: Path, variant: str) -> tuple[Any, Any]:
     raise DemoError(f"unknown logger {kind!r}; use tensorboard, wandb or csv")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(model: nn.Module, data: BrightnessDataset) -> float:
+    from torch.utils.data import DataLoader
+
     model.eval()
+    right = 0
     with torch.no_grad():
-        pred = torch.cat([model(xb).argmax(1) for xb in x.split(512)])
-    return float((pred == y).float().mean())
+        for x, y in DataLoader(data, batch_size=128):
+            right += int((model(x).argmax(1) == y).sum())
+    return right / len(data)
 
 
 def _train_variant(
@@ -230,14 +267,14 @@ def _train_variant(
     steps: int,
     every: int,
     num_samples: int,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    train: BrightnessDataset,
+    test: BrightnessDataset,
     seed: int,
     progress: bool,
     console: Console,
 ) -> VariantResult:
     import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from erf_monitor._errors import ERFCoverageWarning
     from erf_monitor.integrations.lightning import ERFMonitor
@@ -260,13 +297,13 @@ def _train_variant(
             return loss
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.Adam(self.parameters(), lr=3e-3)
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     pl.seed_everything(seed, verbose=False)
     module = DemoModule()
     loader = DataLoader(
-        TensorDataset(*train),
-        batch_size=64,
+        train,
+        batch_size=32,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -275,8 +312,11 @@ def _train_variant(
         layers=[f"net.{name}" for name in LAYERS],
         every_n_steps=every,
         num_samples=num_samples,
-        min_coverage={f"net.{HEAD}": MIN_COVERAGE},
+        min_coverage=MIN_COVERAGE,  # a float: checks the deepest watched layer, the head
+        patience=max(1, math.ceil(GROW_STEPS / every)),
+        render_kwargs={"log_scale": True},
         sinks=extra_sinks,
+        summary=False,  # the demo prints its own table for both variants
     )
     callbacks: list[Any] = [monitor]
     if progress:
@@ -317,7 +357,8 @@ def _train_variant(
         log_dir = extra_sinks
     return VariantResult(
         variant=variant,
-        accuracy=_accuracy(module.net, *test),
+        accuracy=_accuracy(module.net, test),
+        test_size=len(test),
         seconds=seconds,
         steps=int(trainer.global_step),
         log_dir=Path(log_dir) if log_dir else None,
@@ -330,32 +371,57 @@ def _train_variant(
 
 def _describe(variant: str) -> str:
     return (
-        "five 3x3 convs, stride 1 (TRF 11x11 of the 32x32 image)"
+        "stem + 4 residual blocks, no dilation (TRF 71x71 of the 128x128 image)"
         if variant == "small"
-        else "five 3x3 convs, strides 2, 2 then dilations 2, 3 (TRF 49x49)"
+        else "stem + 4 residual blocks, dilations 1, 2, 4, 8 (TRF 247x247)"
     )
 
 
 # ---------------------------------------------------------------------------------- summary
+def _first_last(res: VariantResult, name: str, key: str) -> tuple[float, float]:
+    by_step = res.history.get(name, {})
+    if not by_step:
+        return math.nan, math.nan
+    return by_step[min(by_step)].get(key, math.nan), by_step[max(by_step)].get(key, math.nan)
+
+
+def growth(res: VariantResult, layer: str = HEAD) -> dict[str, tuple[float, float]]:
+    """``{metric: (first probe, last probe)}`` of ``layer`` (ERF size, coverage, ratio)."""
+    name = f"net.{layer}"
+    keys = ("erf_size", "coverage", "erf_trf_ratio", "sigma_x", "centroid_offset_x")
+    return {k: _first_last(res, name, k) for k in keys}
+
+
+def tensorboard_command(logdir: Path | str) -> str:
+    """The command that shows every logged heatmap (TensorBoard keeps 10 images per tag)."""
+    return f"tensorboard --logdir {logdir} --samples_per_plugin images=1000"
+
+
 def _summary(results: list[VariantResult], out: Path, logger_kind: str, console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(
-        title="erf-monitor demo: which corner holds the blob? (read out at the centre unit)",
+        title="erf-monitor demo: brighter or darker? (read out at the centre unit)",
+        caption=f"first → last probe; the head is checked against min_coverage {MIN_COVERAGE:.0%}",
         title_justify="left",
         header_style="bold",
     )
     for col, justify in (
         ("variant", "left"),
         ("layer", "left"),
-        ("TRF (clipped)", "right"),
-        ("ERF 95%", "right"),
-        ("ERF/TRF", "right"),
+        ("TRF", "right"),
+        ("ERF size (px)", "right"),
         ("coverage", "right"),
+        ("ERF/TRF", "right"),
         ("alert", "left"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+
+    def arrow(a: float, b: float, spec: str) -> str:
+        f = lambda v: "n/a" if not math.isfinite(v) else format(v, spec)  # noqa: E731
+        return f"{f(a)} → {f(b)}"
+
     for res in results:
         if res.results is None:
             table.add_row(res.variant, "(no probe)", "", "", "", "", "")
@@ -364,36 +430,37 @@ def _summary(results: list[VariantResult], out: Path, logger_kind: str, console:
             short = name.removeprefix("net.")
             trf = "?" if r.trf is None else "x".join(str(c) for c in r.trf.clipped_size)
             checked = short == HEAD
-            cov = f"{r.coverage:.1%}"
+            cov = arrow(*_first_last(res, name, "coverage"), ".1%")
             if checked:
                 ok = r.coverage >= MIN_COVERAGE
-                cov = f"[{'green' if ok else 'bold red'}]{cov}[/] (min {MIN_COVERAGE:.0%})"
+                cov = f"[{'green' if ok else 'bold red'}]{cov}[/]"
             alert = ""
             if name in res.alerts:
                 alert = f"[bold red]fired at step {res.alerts[name]}[/]"
             elif checked:
                 alert = "[green]none[/]"
-            ratio = "n/a" if not math.isfinite(r.ratio) else f"{r.ratio:.2f}"
             table.add_row(
                 f"[bold]{res.variant}[/]" if i == 0 else "",
                 escape(short),
                 trf,
-                str(r.erf_size),
-                ratio,
+                arrow(*_first_last(res, name, "erf_size"), ".0f"),
                 cov,
+                arrow(*_first_last(res, name, "erf_trf_ratio"), ".2f"),
                 alert,
                 end_section=i == len(res.results) - 1,
             )
     console.print(table)
     acc = Table(
-        title="Accuracy on 1024 held-out images", caption="chance level: 25%", title_justify="left"
+        title=f"Accuracy on {results[0].test_size} held-out images",
+        caption="chance level: 50%",
+        title_justify="left",
     )
     acc.add_column("variant")
     acc.add_column("accuracy", justify="right")
     acc.add_column("steps", justify="right")
     acc.add_column("train time", justify="right")
     for res in results:
-        style = "green" if res.accuracy >= 0.6 else "red"
+        style = "green" if res.accuracy >= 0.95 else "red"
         acc.add_row(
             res.variant, f"[{style}]{res.accuracy:.1%}[/]", str(res.steps), f"{res.seconds:.0f} s"
         )
@@ -404,9 +471,12 @@ def _summary(results: list[VariantResult], out: Path, logger_kind: str, console:
             console.print(f"  {res.variant}: {escape(str(res.log_dir))}", highlight=False)
     if logger_kind == "tensorboard":
         console.print(
-            f"Open them with:  [bold]tensorboard --logdir {escape(str(out))}[/]", highlight=False
+            f"Open them with:  [bold]{escape(tensorboard_command(out))}[/]", highlight=False
         )
-        console.print("  (SCALARS: erf/<layer>/coverage ...; IMAGES: erf/<layer>/heatmap)")
+        console.print(
+            "  (SCALARS: erf/<layer>/coverage ...; IMAGES: erf/<layer>/heatmap; "
+            "--samples_per_plugin images=1000 keeps every probe, not just the last 10 per tag)"
+        )
     elif logger_kind == "wandb":
         console.print(
             f"W&B runs are under {escape(str(out / 'wandb'))}; offline runs upload with "
@@ -437,7 +507,7 @@ def run_demo(
         out: log directory.
         logger: ``"tensorboard"``, ``"wandb"`` (offline unless W&B is configured) or ``"csv"``.
         fast: a few steps on a small data set (for tests; accuracies are meaningless).
-        steps: training steps per variant (default 150, ``fast``: 8).
+        steps: training steps per variant (default 200, ``fast``: 8).
         seed: seeds data, initialisation and shuffling.
         report: write ``<out>/erf_report.html`` at the end.
         progress: show Lightning's progress bar.
@@ -462,20 +532,21 @@ def run_demo(
         raise DemoError(
             "--logger tensorboard needs tensorboard: pip install erf-monitor[tensorboard]"
         )
-    n_steps = steps if steps is not None else (8 if fast else 150)
+    n_steps = steps if steps is not None else (8 if fast else 200)
     if n_steps < 1:
         raise DemoError(f"--steps must be >= 1, got {n_steps}")
     every = max(1, n_steps // (4 if fast else 10))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = corner_dataset(512 if fast else 8192, seed=seed)
-    test = corner_dataset(1024, seed=seed + 1)
+    train = brightness_dataset(256 if fast else 8192, seed=seed)
+    test = brightness_dataset(64 if fast else 1024, seed=seed + 1)
     variants = ["small", "large"] if variant == "both" else [variant]
     console.print(
-        "[bold]Task[/]: 32x32 noise images with a bright 3x3 blob in one corner zone; predict the "
-        "corner from the [italic]centre unit[/] of the last feature map. The blob is at least 8 "
-        f"px from the centre, so the ERF must cover >= {MIN_COVERAGE:.0%} of the image "
-        "(ERFMonitor's min_coverage for the head).",
+        f"[bold]Task[/]: {IMAGE_SIZE}x{IMAGE_SIZE} noise images, all pixels shifted by "
+        f"+{SHIFT} or -{SHIFT} (4% of the noise): brighter or darker? Read out at the "
+        "[italic]centre unit[/] of the last feature map, which has to average over a large "
+        "region around the centre: its ERF must grow. ERFMonitor checks the head against "
+        f"min_coverage={MIN_COVERAGE}, giving its ERF {GROW_STEPS} steps to grow.",
         highlight=False,
     )
     results = []

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from erf_monitor import _warn
 from erf_monitor._errors import ERFProbeError
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
                 _report(engine, "setup", msg, ERFProbeError(msg))
                 return outcome
             if rank == 0:
-                engine._warn_small_trf()
+                engine._note_small_trf()
         else:
             engine.layer_names, engine.trfs = ready
         names = list(engine.layer_names or [])
@@ -285,7 +286,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
                     chunk_size=engine.chunk_size,
                     forward_fn=engine.forward_fn,
                     trf=engine.trfs or {},
-                    token_layout=engine.token_layout,
+                    token_layout=engine._layouts,
                     keep_per_sample=True,
                     crop="auto" if kind is None else False,
                 )
@@ -302,9 +303,8 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
         if dist is not None and world > 1:
             dist.all_reduce(buffer)  # the one collective of the probe itself
         buffer = buffer.cpu()
-    if rank == 0:
-        for w in caught if failure is None else []:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if rank == 0 and failure is None:
+        _warn.reissue(caught)  # the probe's own warnings, at the user's line
     failed = [r for r in range(world) if buffer[sums.numel() + r] > 0]
     if failed:
         msg = f"the ERF probe at step {step} failed on rank(s) {failed} and was skipped"

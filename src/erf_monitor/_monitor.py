@@ -7,12 +7,12 @@ integrations only decide *where* the model, the steps and the sinks come from.
 
 Coverage alert semantics (documented in ``ERFMonitor``):
 
-* A layer is *checked* if it has a threshold: a float ``min_coverage`` checks every explicitly
-  named layer, and with ``layers="auto"`` only the deepest auto-picked layer (early stages
-  cannot be expected to cover the image); a mapping ``{name or glob: threshold}`` checks
-  exactly the layers it names. ``None`` disables the alert.
+* A layer is *checked* if it has a threshold: a float ``min_coverage`` checks only the deepest
+  watched layer (early stages cannot be expected to cover the image); a mapping
+  ``{name or glob: threshold}`` checks exactly the layers it names. ``None`` disables the alert.
 * A checked layer's coverage (``a(0.95)``) "stays below" the threshold when it is below it at
-  ``patience`` consecutive probes (default 1: the first probe below fires). A probe at or
+  ``patience`` consecutive probes (default 1: the first probe below fires), or at once when
+  its clipped TRF is smaller than the threshold (no training can help then). A probe at or
   above the threshold resets the count. Each layer alerts at most once per monitor, also
   across checkpoint/resume (the alert state is in ``state_dict``).
 """
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from erf_monitor import _warn
 from erf_monitor._auto import pick_layers
 from erf_monitor._batch import find_image
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeWarning
@@ -50,7 +51,7 @@ from erf_monitor._tokens import TokenLayout, TokenLayoutArg, layouts_for
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
-    from erf_monitor._result import ERFResults
+    from erf_monitor._result import ERFResult, ERFResults
     from erf_monitor._types import TRF
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "MonitorEngine",
     "OnInsufficient",
     "ProbeInputs",
+    "deepest_layer",
     "preserved_rng",
 ]
 
@@ -66,12 +68,7 @@ log = logging.getLogger("erf_monitor")
 
 
 _STATE_VERSION = 1
-_ADVICE = (
-    "To enlarge the ERF try: dilated convolutions, earlier or more subsampling (strided "
-    "convolutions, pooling), larger kernels (e.g. 7x7+ depth-wise), more depth at low "
-    "resolution, or a global operation (attention, squeeze-excitation); or watch a deeper layer "
-    "or lower min_coverage."
-)
+_ENLARGE = "dilated convolutions, more or earlier striding/pooling, larger kernels or attention"
 
 
 def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -82,6 +79,58 @@ def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _fmt_shape(shape: Sequence[int | float]) -> str:
     return "x".join(str(int(s)) for s in shape)
+
+
+def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
+    """The watched layer that runs last: the one whose subtree ends last in ``named_modules()``
+    order (a container after its children); ``"stage[0]"``-style selectors count as their
+    module. Ties keep the later name."""
+    order = [n for n, _ in unwrap_compiled(model).named_modules()]
+
+    def end(name: str) -> tuple[int, int]:
+        base = name.split("[", 1)[0]
+        last = max(
+            (i for i, n in enumerate(order) if base in ("", n) or n.startswith(base + ".")),
+            default=-1,
+        )
+        return last, -base.count(".")
+
+    best = names[0]
+    for name in names[1:]:
+        if end(name) >= end(best):
+            best = name
+    return best
+
+
+def _unreachable(r: ERFResult, threshold: float) -> bool:
+    """Whether the layer's clipped TRF covers less of the input than ``threshold``."""
+    if r.trf is None or r.trf.is_global:
+        return False
+    return math.prod(r.trf.clipped_size) / math.prod(r.heatmap.shape) < threshold
+
+
+def _alert_message(name: str, r: ERFResult, step: int, threshold: float, probes: int) -> str:
+    """Two lines: what was measured against what, and what to do about it."""
+    spatial = tuple(r.heatmap.shape)
+    times = f" for {probes} consecutive probes" if probes > 1 else ""
+    head = (
+        f"erf-monitor: at step {step} the ERF of layer {name!r} covers only {r.coverage:.2%} of "
+        f"the {_fmt_shape(spatial)} input (95%-mass square {r.erf_size} px), below "
+        f"min_coverage={threshold:.2%}{times}."
+    )
+    if r.trf is None:
+        return f"{head}\nTry {_ENLARGE}; or watch a deeper layer or lower min_coverage."
+    best = 1.0 if r.trf.is_global else math.prod(r.trf.clipped_size) / math.prod(spatial)
+    trf = "global" if r.trf.is_global else f"{_fmt_shape(r.trf.clipped_size)} px"
+    if best < threshold:
+        return (
+            f"{head}\nIts TRF ({trf}) allows at most {best:.1%}: only an architecture change "
+            f"helps ({_ENLARGE}); or watch a deeper layer or lower min_coverage."
+        )
+    return (
+        f"{head}\nIts TRF ({trf}) allows {best:.0%}: train longer, or enlarge the ERF "
+        f"({_ENLARGE}); or watch a deeper layer or lower min_coverage."
+    )
 
 
 class _Recorder(Sink):
@@ -164,6 +213,7 @@ class MonitorEngine:
         self.prefix = opts.prefix
         self.render_kwargs = dict(opts.render_kwargs)
         self.strict = opts.strict
+        self.summary = opts.summary
         self.token_layout: TokenLayoutArg = opts.token_layout
         probe_inputs = opts.probe_inputs
 
@@ -184,6 +234,7 @@ class MonitorEngine:
         self._disabled: str | None = None
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
+        self._noted: set[str] = set()
         self.latest: ERFResults | None = None
         self.set_sinks(())
 
@@ -286,7 +337,7 @@ class MonitorEngine:
         self.layer_names = names
         # Channels-last stages found by "auto", then the user's layouts (which win).
         self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
-        self._thresholds = self._resolve_thresholds(names)
+        self._thresholds = self._resolve_thresholds(net, names)
         try:
             from erf_monitor._trf import theoretical_rf
 
@@ -320,13 +371,12 @@ class MonitorEngine:
             )
             self.trfs = {n: None for n in names}
 
-    def _resolve_thresholds(self, names: list[str]) -> dict[str, float]:
+    def _resolve_thresholds(self, net: nn.Module, names: list[str]) -> dict[str, float]:
         cov = self.min_coverage
-        if cov is None:
+        if cov is None or not names:
             return {}
         if isinstance(cov, float):
-            checked = names[-1:] if self.layers == "auto" else names
-            return dict.fromkeys(checked, cov)
+            return {deepest_layer(net, names): cov}
         out: dict[str, float] = {}
         for name in names:
             for spec, value in cov.items():
@@ -335,30 +385,30 @@ class MonitorEngine:
                     break
         return out
 
-    def _warn_small_trf(self) -> None:
+    def _note_small_trf(self) -> None:
+        """Log (information, once per layer) when a checked layer's TRF cannot cover the input."""
         assert self.probe_batch is not None and self.trfs is not None
         spatial = tuple(self.probe_batch.shape[2:])
         area = math.prod(spatial)
         for name, threshold in self._thresholds.items():
             trf = self.trfs.get(name)
-            if trf is None or trf.is_global:
+            if name in self._noted or trf is None or trf.is_global:
                 continue
             clipped = trf.clipped_size
             if all(c >= s for c, s in zip(clipped, spatial)):
                 continue
+            self._noted.add(name)
             best = math.prod(clipped) / area
-            verdict = (
-                f"below min_coverage={threshold:.1%}: the coverage alert will fire whatever "
-                "the training does, only an architecture change helps"
-                if best < threshold
-                else f"min_coverage={threshold:.1%} is still reachable"
-            )
-            warnings.warn(
-                f"erf-monitor: the theoretical receptive field of layer {name!r} "
-                f"({_fmt_shape(clipped)} px) is smaller than the {_fmt_shape(spatial)} input: its "
-                f"ERF can cover at most {best:.1%} of the input, {verdict}. {_ADVICE}",
-                ERFCoverageWarning,
-                stacklevel=2,
+            log.info(
+                "erf-monitor: the theoretical receptive field of layer %r (%s px) is smaller "
+                "than the %s input: its ERF can cover at most %.1f%% of it "
+                "(min_coverage %.1f%%%s).",
+                name,
+                _fmt_shape(clipped),
+                _fmt_shape(spatial),
+                100 * best,
+                100 * threshold,
+                ": unreachable, only an architecture change helps" if best < threshold else "",
             )
 
     # ------------------------------------------------------------------ sinks
@@ -418,10 +468,12 @@ class MonitorEngine:
                 self._disabled = f"{type(exc).__name__}: {exc}"
                 self.report("setup", f"the monitor could not be set up ({exc}); it is off", exc)
                 return outcome
-            self._warn_small_trf()  # outside the guard: ``-W error`` users get it raised
+            self._note_small_trf()
         assert self.layer_names is not None and self.trfs is not None
+        caught: list[warnings.WarningMessage] = []
         try:
-            with warnings.catch_warnings():
+            # The probe's own warnings (an all-zero map...) are re-issued at the user's line.
+            with warnings.catch_warnings(record=True) as caught:
                 for name in self._contradicted:  # the probe warned once already
                     warnings.filterwarnings(
                         "ignore", re.escape(f"Layer {name!r}: ") + ".*outside the clipped TRF"
@@ -437,8 +489,10 @@ class MonitorEngine:
                     token_layout=self._layouts,
                 )
         except Exception as exc:
+            _warn.reissue(caught)
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
             return outcome
+        _warn.reissue(caught)
         self._publish(outcome, results, seconds)
         return outcome
 
@@ -477,7 +531,11 @@ class MonitorEngine:
                 mode_text=not self._mode_logged,
             )  # fmt: skip
             self._mode_logged = True
-            self.sinks.log_scalars({f"{self.prefix}/probe_time_s": float(seconds)}, step)
+            extra = {f"{self.prefix}/probe_time_s": float(seconds)}
+            # The thresholds too, so that reports draw them for every run, alert or not.
+            for name, threshold in self._thresholds.items():
+                extra[f"{self.prefix}/{name}/min_coverage"] = threshold
+            self.sinks.log_scalars(extra, step)
         except Exception as exc:
             self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)
         outcome.alerts = self._check_alerts(results, step)
@@ -495,31 +553,26 @@ class MonitorEngine:
                 self.below[name] = 0
                 continue
             self.below[name] = self.below.get(name, 0) + 1
-            if self.below[name] < self.patience:
-                continue
+            if self.below[name] < self.patience and not _unreachable(r, threshold):
+                continue  # waiting is pointless when the TRF itself is too small
             self.alerted[name] = step
-            spatial = tuple(r.heatmap.shape)
-            side = r.erf_size
-            trf_txt = ""
-            if r.trf is not None:
-                best = (
-                    1.0 if r.trf.is_global else math.prod(r.trf.clipped_size) / math.prod(spatial)
-                )
-                trf_txt = (
-                    f" Its theoretical receptive field is {r.trf} (clipped "
-                    f"{_fmt_shape(r.trf.clipped_size)} px, at most {best:.1%} of the input; "
-                    f"ERF/TRF ratio {r.ratio:.2f})."
-                )
-            msg = (
-                f"erf-monitor: at step {step} the ERF of layer {name!r} covers only "
-                f"{coverage:.2%} of the {_fmt_shape(spatial)} input (95%-mass square of side "
-                f"{side} px), below min_coverage={threshold:.2%} for {self.below[name]} "
-                f"consecutive probe(s).{trf_txt} {_ADVICE}"
-            )
+            msg = _alert_message(name, r, step, threshold, self.below[name])
             fired.append(msg)
-            warnings.warn(msg, ERFCoverageWarning, stacklevel=3)
+            _warn.warn(msg, ERFCoverageWarning)
             self.sinks.alert(f"erf_coverage/{name}", msg, step)
         return fired
+
+    def print_summary(self) -> None:
+        """Print the end-of-training table (see ``MonitorOptions.summary``); never raises
+        unless ``strict``."""
+        if not self.summary:
+            return
+        try:
+            from erf_monitor._summary import print_summary
+
+            print_summary(self.history, self.alerted, self._thresholds)
+        except Exception as exc:
+            self.report("summary", f"the end-of-training summary could not be printed: {exc}", exc)
 
     def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
         """Report a monitor failure: re-raise when ``strict``, else warn once per kind."""
@@ -529,11 +582,10 @@ class MonitorEngine:
             log.warning("erf-monitor: %s", message)
             return
         self._reported.add(kind)
-        warnings.warn(
-            f"erf-monitor: {message}. Training continues (further such failures are logged to "
-            "the 'erf_monitor' logger; pass strict=True to raise).",
+        _warn.warn(
+            f"erf-monitor: {message}.\nTraining continues; repeats go to the 'erf_monitor' "
+            "logger (strict=True raises instead).",
             ERFProbeWarning,
-            stacklevel=3,
         )
 
     def insufficient_error(self, alerts: Sequence[str]) -> ERFCoverageWarning:
@@ -612,5 +664,8 @@ class EngineView:
 
     @property
     def alerts(self) -> dict[str, int]:
-        """``{layer: step}`` of the coverage alerts fired so far."""
+        """Coverage alerts fired so far: ``{layer: step}``, the step of the probe at which each
+        layer's alert fired (at most once per layer, kept across checkpoint/resume); empty
+        while no alert fired. ``{"layer4": 0}`` means: already below ``min_coverage`` at the
+        first probe, before any training step."""
         return dict(self._engine.alerted)

@@ -71,14 +71,19 @@ class MonitorOptions:
 
     **Coverage alert.** ``coverage`` is the fraction of the input area inside the square that
     holds 95% of the ERF's mass. A checked layer whose coverage is below its threshold at
-    ``patience`` consecutive probes triggers, once per layer, an
-    :class:`~erf_monitor.ERFCoverageWarning` with the numbers and what to try, an alert in
-    every sink, and ``on_insufficient``. A float ``min_coverage`` checks every named layer,
-    or with ``layers="auto"`` only the deepest auto-picked layer (early stages never cover
-    the image); a mapping ``{name or glob: threshold}`` checks exactly those layers; ``None``
-    turns alerts off. The default 0.05 (the 95%-mass square spans >= 5% of the image, e.g.
-    50x50 px of a 224x224 input) is deliberately low: healthy backbones exceed it by far at
-    their last stage, so it fires only when a layer really sees just a small patch.
+    ``patience`` consecutive probes (or at once, if its clipped TRF alone is smaller than
+    the threshold: no training can fix that) triggers, once per layer, an
+    :class:`~erf_monitor.ERFCoverageWarning` (two lines: the numbers, then what to try,
+    reported at your ``trainer.fit(...)`` / ``optimizer.step()`` line), an alert in every
+    sink, and ``on_insufficient``; ``alerts`` then maps the layer to that step. A float
+    ``min_coverage`` checks only the **deepest watched layer** (the one that runs last; early
+    stages never cover the image, so they are watched, not judged); a mapping
+    ``{name or glob: threshold}`` checks exactly the layers it names; ``None`` turns alerts
+    off. The default 0.05 (the 95%-mass square spans >= 5% of the image, e.g. 50x50 px of a
+    224x224 input) is deliberately low: healthy backbones exceed it by far at their last
+    stage, so it fires only when a layer really sees just a small patch. When a checked
+    layer's theoretical receptive field is smaller than the input, that is logged once as
+    information (logger ``"erf_monitor"``), not warned about.
 
     **Probe batch.** ``"train"`` keeps the first ``num_samples`` images of the first training
     batch (a detached CPU copy, never the training tensor itself); ``"val"`` the first
@@ -100,7 +105,8 @@ class MonitorOptions:
             at the end of training).
         num_samples: probe batch size (the ERF map is the mean over these samples).
         min_coverage: alert threshold(s), see above; ``None`` disables alerts.
-        patience: consecutive probes below the threshold before the alert fires.
+        patience: consecutive probes below the threshold before the alert fires (ERFs grow
+            during training: a patience of a few probes lets a layer that starts small grow).
         on_insufficient: ``"warn"`` (warning and logged alert only), ``"stop"`` (ask the
             loop to stop: ``trainer.should_stop``, ``Watcher.should_stop``...) or ``"raise"``
             (raise the :class:`~erf_monitor.ERFCoverageWarning`).
@@ -117,6 +123,9 @@ class MonitorOptions:
         prefix: top-level key of everything logged (``"erf"``).
         render_kwargs: options for the heatmap images (``cmap``, ``log_scale``...).
         strict: re-raise failures inside the monitor instead of warning once and going on.
+        summary: print a table at the end of training (per layer: first -> last ERF size,
+            ERF/TRF ratio and coverage, the threshold and when its alert fired); ``False``
+            turns it off.
         token_layout: how token outputs of transformer layers map onto the patch grid (see
             :func:`~erf_monitor.compute_erf`; torchvision/timm ViTs need none).
         distributed_probe: ``"auto"`` (every rank probes its share when the parameters are
@@ -153,6 +162,7 @@ class MonitorOptions:
     strict: bool = False
     token_layout: TokenLayoutArg = None
     distributed_probe: DistributedProbe = "auto"
+    summary: bool = True
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: through object.__setattr__) so that the engine can rely
@@ -210,6 +220,7 @@ class MonitorOptions:
             raise ValueError(f"prefix must be a non-empty string, got {self.prefix!r}")
         put("render_kwargs", dict(self.render_kwargs or {}))
         put("strict", bool(self.strict))
+        put("summary", bool(self.summary))
         check_token_layout(self.token_layout)
         if not (isinstance(self.distributed_probe, bool) or self.distributed_probe == "auto"):
             raise ValueError(
@@ -272,3 +283,4 @@ class MonitorKwargs(TypedDict, total=False):
     strict: bool
     token_layout: TokenLayoutArg
     distributed_probe: DistributedProbe
+    summary: bool

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from erf_monitor._result import ERFResult
 
 __all__ = [
+    "CENTRE_COLOR",
     "ERF_COLOR",
     "LOG_DECADES",
     "TRF_COLOR",
@@ -40,6 +41,7 @@ __all__ = [
     "erf_figure",
     "normalize",
     "render_heatmap",
+    "render_map",
     "save_png",
 ]
 
@@ -47,6 +49,8 @@ __all__ = [
 TRF_COLOR: tuple[int, int, int] = (0, 255, 255)
 #: RGB colour of the 95%-mass (ERF size) outline.
 ERF_COLOR: tuple[int, int, int] = (255, 255, 255)
+#: RGB colour of the cross marking the centre unit (drawn when it is off the image centre).
+CENTRE_COLOR: tuple[int, int, int] = (0, 255, 0)
 #: Number of decades below the peak that ``log_scale=True`` spreads over the colour range.
 LOG_DECADES: float = 3.0
 _GAP_COLOR: tuple[int, int, int] = (40, 40, 40)
@@ -239,6 +243,8 @@ def _render_1d(
     draw_trf: bool,
     draw_extent: bool,
     min_size: int,
+    step: int | None = None,
+    metrics: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     from matplotlib.figure import Figure
 
@@ -247,6 +253,9 @@ def _render_1d(
     fig = Figure(figsize=(width * 1.6 / dpi, width / dpi), dpi=dpi)
     ax = fig.add_subplot()
     _plot_1d(ax, a, result, cmap, log_scale, draw_trf, draw_extent)
+    if step is not None:
+        title = f"{result.name or '<model>'} · step {int(step)}\n{_metrics_line(result, metrics)}"
+        ax.set_title(title, fontsize=9)
     fig.tight_layout(pad=0.4)
     return _figure_to_rgb(fig)
 
@@ -328,7 +337,7 @@ def _render_3d(
     return out
 
 
-def render_heatmap(
+def render_map(
     result: ERFResult,
     *,
     cmap: str = "inferno",
@@ -337,7 +346,8 @@ def render_heatmap(
     draw_extent: bool = True,
     min_size: int = 256,
 ) -> np.ndarray:
-    """Render one layer's ERF map as an RGB image for loggers.
+    """Render one layer's ERF map alone (no title, colour bar or legend; see
+    :func:`render_heatmap` for the annotated picture that loggers get).
 
     * **2-D** maps are colormapped and upscaled by the smallest integer factor (nearest
       neighbour, so pixels stay crisp) that makes the longer side at least ``min_size`` px.
@@ -384,6 +394,256 @@ def render_heatmap(
     raise ValueError(
         f"Cannot render the ERF map of layer {result.name!r}: expected 1-3 spatial dims, "
         f"got shape {tuple(a.shape)}"
+    )
+
+
+# -- annotated pictures --------------------------------------------------------------------
+_BG: tuple[int, int, int] = (28, 28, 30)
+_FG: tuple[int, int, int] = (235, 235, 235)
+_DIM: tuple[int, int, int] = (165, 165, 170)
+_PAD = 8
+
+
+@lru_cache(maxsize=8)
+def _font(size: int, bold: bool = False) -> Any:
+    """DejaVu Sans from matplotlib's own data (no system fonts needed), else PIL's default."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), size)
+    except (ImportError, OSError):  # pragma: no cover - matplotlib ships these fonts
+        return ImageFont.load_default()
+
+
+def _off_centre(result: ERFResult, shape: Sequence[int]) -> bool:
+    """Whether the centre unit's pixel differs from the image centre (``s // 2`` per axis)."""
+    return tuple(int(c) for c in result.centre_pixel) != tuple(int(s) // 2 for s in shape)
+
+
+def _draw_cross(img: np.ndarray, centre: Sequence[int], factor: int) -> None:
+    """A centre-unit cross on an upscaled 2-D image (arms of ~1.5 input pixels, >= 5 px)."""
+    h, w = img.shape[:2]
+    cy, cx = (int(c) * factor + factor // 2 for c in centre)
+    arm = max(5, (3 * factor) // 2)
+    t = 1 if max(h, w) < 256 else 2
+    lo = -(t // 2)
+    img[max(cy + lo, 0) : max(cy + lo + t, 0), max(cx - arm, 0) : max(cx + arm + 1, 0)] = (
+        CENTRE_COLOR
+    )
+    img[max(cy - arm, 0) : max(cy + arm + 1, 0), max(cx + lo, 0) : max(cx + lo + t, 0)] = (
+        CENTRE_COLOR
+    )
+
+
+def _colorbar(
+    height: int, cmap: str, log_scale: bool
+) -> tuple[np.ndarray, list[tuple[float, str]]]:
+    """A vertical colour bar (max at the top) and its ticks as ``(fraction from top, label)``."""
+    bar = _lut(cmap)[np.linspace(255, 0, height).round().astype(np.intp)]
+    if log_scale:
+        values = [1.0, 1e-1, 1e-2, 1e-3, 0.0]
+        labels = ["1", "0.1", "0.01", "0.001", "0"]
+    else:
+        values = [1.0, 0.75, 0.5, 0.25, 0.0]
+        labels = ["1", "0.75", "0.5", "0.25", "0"]
+    pos = normalize(np.array(values), log_scale=log_scale) if log_scale else np.array(values)
+    return bar, [(1.0 - float(p), lab) for p, lab in zip(pos, labels)]
+
+
+def _metrics_line(result: ERFResult, metrics: Mapping[str, float] | None = None) -> str:
+    """``ERF 23 px · coverage 51.7% · ERF/TRF 0.72`` (from ``metrics`` when given: the
+    metrics are not cached and cost more than the picture on large maps)."""
+    if metrics is None:
+        metrics = {
+            "erf_size": result.erf_size,
+            "coverage": result.coverage,
+            "erf_trf_ratio": result.ratio,
+        }
+    ratio = metrics.get("erf_trf_ratio", math.nan)
+    return f"ERF {metrics['erf_size']:.0f} px · coverage {metrics['coverage']:.1%} · ERF/TRF " + (
+        "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}"
+    )
+
+
+def _describe_trf(result: ERFResult) -> str:
+    trf = result.trf
+    if trf is None:
+        return "TRF unknown"
+    if trf.is_global:
+        return "TRF global"
+    return f"TRF (clipped) {_fmt_size(trf.clipped_size)} px"
+
+
+def _annotate(
+    core: np.ndarray,
+    result: ERFResult,
+    *,
+    step: int | None,
+    cmap: str,
+    log_scale: bool,
+    boxes: Sequence[tuple[tuple[int, int, int], str, str]],
+    note: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """Frame ``core`` with a title (layer, step), metrics, a colour bar and a legend.
+
+    ``boxes`` are legend entries ``(colour, kind, label)`` with kind ``"box"`` or ``"cross"``.
+    Drawn with PIL (a few milliseconds), not matplotlib: this runs at every probe.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = core.shape[:2]
+    title_f, text_f, small_f = _font(15, bold=True), _font(12), _font(11)
+    subtitle = _metrics_line(result, metrics)
+    title = (result.name or "<model>") + ("" if step is None else f" · step {int(step)}")
+    bar_w, label_w = 12, 44
+    width = max(_PAD + w + 10 + bar_w + 4 + label_w + _PAD, 300)
+    # legend entries wrap onto as many lines as the width needs
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = [(c, k, lab, 22 + probe.textlength(lab, font=small_f)) for c, k, lab in boxes]
+    lines: list[list[tuple[tuple[int, int, int], str, str, float]]] = [[]]
+    x = 0.0
+    for entry in entries:
+        if lines[-1] and x + entry[3] > width - 2 * _PAD:
+            lines.append([])
+            x = 0.0
+        lines[-1].append(entry)
+        x += entry[3] + 14
+    lines = [line for line in lines if line]
+    top = _PAD + 20 + 17 + 6
+    legend_y = top + h + 8
+    height = legend_y + 17 * len(lines) + (17 if note else 0) + _PAD
+    canvas = Image.new("RGB", (int(width), int(height)), _BG)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(core)), (_PAD, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_PAD, _PAD), title, font=title_f, fill=_FG)
+    draw.text((_PAD, _PAD + 20), subtitle, font=text_f, fill=_DIM)
+    bar, ticks = _colorbar(h, cmap, log_scale)
+    bx = _PAD + w + 10
+    canvas.paste(Image.fromarray(np.repeat(bar[:, None, :], bar_w, axis=1)), (bx, top))
+    for frac, label in ticks:
+        y = top + round(frac * (h - 1))
+        draw.text((bx + bar_w + 4, y), label, font=small_f, fill=_FG, anchor="lm")
+    y = legend_y
+    for line in lines:
+        x = float(_PAD)
+        for color, kind, label, span in line:
+            if kind == "cross":
+                draw.line([(x + 2, y + 7), (x + 14, y + 7)], fill=color, width=2)
+                draw.line([(x + 8, y + 1), (x + 8, y + 13)], fill=color, width=2)
+            else:
+                draw.rectangle([(x, y + 2), (x + 16, y + 12)], outline=color, width=2)
+            draw.text((x + 22, y + 7), label, font=small_f, fill=_FG, anchor="lm")
+            x += span + 14
+        y += 17
+    if note:
+        draw.text((_PAD, y + 7), note, font=small_f, fill=_DIM, anchor="lm")
+    return np.asarray(canvas)
+
+
+def render_heatmap(
+    result: ERFResult,
+    *,
+    step: int | None = None,
+    cmap: str = "inferno",
+    log_scale: bool = False,
+    draw_trf: bool = True,
+    draw_extent: bool = True,
+    min_size: int = 256,
+    annotate: bool = True,
+    metrics: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """Render one layer's ERF map as a self-explaining RGB image (what loggers get).
+
+    The map (see :func:`render_map`: crisp nearest-neighbour upscaling to at least
+    ``min_size`` px, TRF box cyan, 95%-mass square white) is framed by:
+
+    * a title with the layer name and the training ``step``, and a line with the ERF size,
+      coverage and ERF/TRF ratio;
+    * a colour bar of the ERF relative to its maximum, ticked on its scale (linear: 0 ... 1;
+      ``log_scale``: 0.001, 0.01, 0.1, 1);
+    * a legend: the TRF box (with its clipped size), the 95%-mass square (with its side) and,
+      when the centre unit's pixel is not the image centre (``s // 2`` per axis), a green cross
+      marking it (also drawn on the map); and the scale in words.
+
+    Rendering uses NumPy and PIL only (a few milliseconds at 224 x 224); 1-D maps are a
+    matplotlib curve plot titled the same way.
+
+    Args:
+        result: the layer's :class:`~erf_monitor.ERFResult`.
+        step: training step shown in the title (``None``: not shown).
+        cmap: matplotlib colormap name.
+        log_scale: log colour scale, see :func:`normalize`.
+        draw_trf: outline the clipped TRF (skipped when ``result.trf`` is ``None``).
+        draw_extent: outline the 95%-mass square (skipped for a zero map).
+        min_size: minimum size in pixels of the map's longer side.
+        annotate: ``False`` returns :func:`render_map`'s bare map.
+        metrics: the result's ``scalars()`` if already computed (saves recomputing them).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image.
+
+    Raises:
+        ValueError: for maps with 0 or more than 3 dimensions.
+
+    Examples:
+        >>> import torch, erf_monitor as em
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1))
+        >>> r = em.compute_erf(net, torch.randn(2, 1, 16, 16), ["0"])["0"]
+        >>> img = render_heatmap(r, step=100)
+        >>> img.dtype.name, img.shape[2], img.shape[0] > 256
+        ('uint8', 3, True)
+    """
+    a = _to_numpy(result.heatmap)
+    if annotate and a.ndim == 1:
+        return _render_1d(
+            a, result, cmap, log_scale, draw_trf, draw_extent, min_size, step, metrics
+        )
+    core = render_map(
+        result,
+        cmap=cmap,
+        log_scale=log_scale,
+        draw_trf=draw_trf,
+        draw_extent=draw_extent,
+        min_size=min_size,
+    )
+    if not annotate:
+        return core
+    boxes: list[tuple[tuple[int, int, int], str, str]] = []
+    dependent = result.trf is not None and result.trf.data_dependent
+    if draw_trf and result.trf is not None and not dependent:
+        boxes.append((TRF_COLOR, "box", _describe_trf(result)))
+    if draw_extent and a.max() > 0:
+        boxes.append((ERF_COLOR, "box", f"95%-mass square, side {result.erf_size} px"))
+    note = None
+    if a.ndim == 2 and _off_centre(result, a.shape):
+        core = core.copy()
+        _draw_cross(core, result.centre_pixel, _factor(a.shape, min_size))
+        boxes.append(
+            (
+                CENTRE_COLOR,
+                "cross",
+                "centre unit at (" + ", ".join(str(int(c)) for c in result.centre_pixel) + ")",
+            )
+        )
+    elif a.ndim == 3:
+        note = "max-projections: yx | zx | zy"
+    if dependent:  # said whatever draw_trf is: there is no box to draw or leave out
+        note = "TRF data-dependent, no box" + (f" · {note}" if note else "")
+    scale = "log scale, 3 decades" if log_scale else "linear scale"
+    note = f"colour: ERF / max ({scale})" + (f" · {note}" if note else "")
+    return _annotate(
+        core,
+        result,
+        step=step,
+        cmap=cmap,
+        log_scale=log_scale,
+        boxes=boxes,
+        note=note,
+        metrics=metrics,
     )
 
 
@@ -492,7 +752,7 @@ def erf_figure(
             _plot_1d(ax, a, r, cmap, log_scale, True, True)
             continue
         if a.ndim == 3:
-            ax.imshow(render_heatmap(r, cmap=cmap, log_scale=log_scale, min_size=0))
+            ax.imshow(render_map(r, cmap=cmap, log_scale=log_scale, min_size=0))
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel("max-projections: yx | zx | zy", fontsize=7)
@@ -517,6 +777,9 @@ def erf_figure(
                     ls="--",
                     label="95% mass",
                 )
+            if _off_centre(r, a.shape):
+                cy, cx = r.centre_pixel
+                ax.plot([cx], [cy], "+", color="lime", ms=9, mew=1.5, label="centre unit")
             ax.set_xlim(-0.5, a.shape[1] - 0.5)
             ax.set_ylim(a.shape[0] - 0.5, -0.5)
             ax.tick_params(labelsize=7)
@@ -529,9 +792,34 @@ def erf_figure(
         cbar.set_label(label, fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
+    labels = {lab for ax in axes.flat for lab in ax.get_legend_handles_labels()[1]}
+    proxies = _legend_proxies(labels)
+    if proxies:
+        fig.legend(
+            [h for h, _ in proxies],
+            [lab for _, lab in proxies],
+            loc="outside lower center",
+            ncols=len(proxies),
+            fontsize=8,
+            frameon=False,
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _legend_proxies(labels: set[str]) -> list[tuple[Any, str]]:
+    """Legend swatches for the boxes drawn (the white square on a dark swatch)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    known = {
+        "TRF (clipped)": Patch(facecolor="0.15", edgecolor="cyan", lw=1.2),
+        "95% mass": Patch(facecolor="0.15", edgecolor="white", lw=1.2),
+        "centre unit": Line2D([], [], ls="", marker="+", color="lime", ms=9, mew=1.5),
+    }
+    names = {"95% mass": "95%-mass square", "centre unit": "centre unit (off the image centre)"}
+    return [(h, names.get(lab, lab)) for lab, h in known.items() if lab in labels]
 
 
 def save_png(image: np.ndarray, path: str | PathLike[str]) -> Path:

@@ -172,9 +172,11 @@ class Watcher(EngineView):
             self._engine.set_sinks(())
 
     def close(self) -> None:
-        """Probe once more at the current step (the end of training), then :meth:`remove`."""
+        """Probe once more at the current step (the end of training), print the summary
+        table (unless ``summary=False``), then :meth:`remove`."""
         try:
             self.probe()
+            self._engine.print_summary()
         finally:
             self.remove()
 
@@ -286,7 +288,8 @@ def watch(
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
         >>> logdir = tempfile.mkdtemp()
         >>> with em.watch(net, layers=["2"], every_n_steps=2, logger=logdir,
-        ...               optimizer=opt, num_samples=2, min_coverage=None) as w:
+        ...               optimizer=opt, num_samples=2, min_coverage=None,
+        ...               summary=False) as w:  # no end-of-training table here
         ...     for _ in range(4):
         ...         opt.zero_grad()
         ...         net(torch.randn(2, 1, 16, 16)).pow(2).mean().backward()

@@ -1,4 +1,4 @@
-"""The ``erf-monitor`` command line: ``demo``, ``analyze`` and ``report``.
+"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``report`` and ``compare``.
 
 ``main(argv)`` returns the exit code: 0 on success, 2 for a usage error (bad MODEL spec,
 unknown layer, unreadable input file...), reported as one line on stderr without a traceback.
@@ -10,12 +10,13 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erf_monitor._modes import MODES
+from erf_monitor._modes import DEFINITIONS, MODES
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,29 @@ checkpoint file (--pretrained=PATH; read with torch.load(weights_only=True) or s
 Images (--images DIR) are preprocessed the way the model expects: the torchvision weights'
 transforms, timm's data config, or --size/--mean/--std (which override those).
 """
+
+#: The exact definition of each ``--mode`` (the text saved with every result).
+_MODE_HELP = "MODE (--mode) is one of:\n" + "".join(
+    textwrap.fill(
+        DEFINITIONS[name], 88, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13
+    )
+    + "\n"
+    for name in MODES
+)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help (unless it says its own, or there is none:
+    ``None``, an off flag); the descriptions' and epilogs' line breaks kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
 
 
 class CLIError(Exception):
@@ -374,7 +398,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from erf_monitor._report import ReportError, build_report
 
     try:
-        path, runs = build_report(args.logdir, args.out, max_frames=args.frames, title=args.title)
+        path, runs = build_report(
+            args.logdir,
+            args.out,
+            max_frames=args.frames,
+            title=args.title,
+            reference_coverage=args.min_coverage,
+            dedupe=not args.keep_duplicates,
+        )
     except ReportError as exc:
         raise CLIError(str(exc)) from None
     console = _console()
@@ -382,6 +413,77 @@ def _cmd_report(args: argparse.Namespace) -> int:
         f"Report of {len(runs)} run(s) written to [bold]{path}[/] "
         f"({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser).",
         highlight=False,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- compare
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from erf_monitor._compare import (
+        CompareError,
+        compare_models,
+        comparison_table,
+        load_state,
+        split_spec,
+        write_comparison,
+    )
+    from erf_monitor._errors import ERFProbeError
+    from erf_monitor._models import ModelSpecError, load_model
+
+    if args.samples < 2:
+        raise CLIError(f"--samples must be >= 2 for intervals, got {args.samples}")
+    if args.bootstrap < 2:
+        raise CLIError(f"--bootstrap must be >= 2, got {args.bootstrap}")
+    if not 0.0 < args.level < 1.0:
+        raise CLIError(f"--level must be in (0, 1), got {args.level}")
+    names = [n.strip() for n in args.names.split(",")] if args.names else list(args.models)
+    if len(names) != len(args.models):
+        raise CLIError(f"--names has {len(names)} names for {len(args.models)} models")
+    size = _parse_size(args.input_size)
+    x, source = _load_inputs(args, size)
+    models = []
+    err = _console(stderr=True)
+    for name, spec in zip(names, args.models):
+        model_spec, ckpt = split_spec(spec)
+        with torch.random.fork_rng():  # the same initialisation for every spec, seeded
+            torch.manual_seed(args.seed)
+            try:
+                model = load_model(model_spec)
+            except ModelSpecError as exc:
+                raise CLIError(str(exc)) from None
+        if ckpt is not None:
+            try:
+                load_state(model, ckpt)
+            except CompareError as exc:
+                raise CLIError(str(exc)) from None
+        models.append((name, model.to(args.device).eval()))
+    err.print(
+        f"probing {len(models)} model(s) on {x.shape[0]} {source} image(s); "
+        f"{args.bootstrap} bootstrap resamples per layer and model...",
+        highlight=False,
+    )
+    try:
+        comp = compare_models(
+            models,
+            x.to(args.device),
+            _layer_spec(args.layers),
+            mode=args.mode,
+            n_boot=args.bootstrap,
+            level=args.level,
+            method=args.method,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+    except (ValueError, TypeError, ERFProbeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    meta = {"specs": list(args.models), "input": source, "mode": args.mode, "seed": args.seed}
+    paths = write_comparison(comp, args.out, log_scale=args.log_scale, meta=meta)
+    console = _console()
+    console.print(comparison_table(comp))
+    console.print(
+        "Wrote " + ", ".join(f"[bold]{p}[/]" for p in paths.values()) + ".", highlight=False
     )
     return 0
 
@@ -414,48 +516,57 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erf-monitor",
         description="Measure and watch the effective receptive field (ERF) of vision models.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"erf-monitor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
         "demo",
-        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, ~2 min)",
-        description=(
-            "Train two small CNNs on a synthetic task whose label depends on a blob in a corner "
-            "of the image, read out at the centre unit: a 'small' variant (stride 1, TRF smaller "
-            "than the image; the coverage alert fires and it stays at chance) and a 'large' one "
-            "(strided + dilated; it learns the task). ERFMonitor logs to TensorBoard (default), "
-            "W&B or CSV files; a summary table and an HTML report follow."
+        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, ~1 min)",
+        description=_wrap(
+            "Train two small CNNs on a synthetic task (brighter or darker? a faint shift of "
+            "every pixel of 128x128 noise) read out at the centre unit, which must average over "
+            "a large region around the centre: the 'large' variant (dilated residual blocks) "
+            "grows its ERF from 7 to ~115 px and learns the task; the 'small' one (no "
+            "dilation, TRF 71 px) cannot cover enough of the image and gets the coverage "
+            "alert. ERFMonitor logs to TensorBoard, W&B or CSV files; a table and an HTML "
+            "report follow."
         ),
+        formatter_class=_Formatter,
     )
-    demo.add_argument("--variant", choices=("small", "large", "both"), default="both")
+    demo.add_argument(
+        "--variant", choices=("small", "large", "both"), default="both", help="what to train"
+    )
     demo.add_argument(
         "--logger",
         choices=("tensorboard", "wandb", "csv"),
         default="tensorboard",
         help="where ERFMonitor logs (wandb runs offline unless W&B is configured)",
     )
-    demo.add_argument("--out", default="erf_demo_logs", help="log directory (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per variant")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--fast", action="store_true", help="a few steps only (for tests)")
+    demo.add_argument("--out", default="erf_demo_logs", help="log directory")
     demo.add_argument(
-        "--threads", type=int, default=1, help="torch threads for training (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per variant (default: 200; --fast: 8)",
     )
+    demo.add_argument("--seed", type=int, default=0, help="seeds data, weights and shuffling")
+    demo.add_argument("--fast", action="store_true", help="a few steps only (for tests)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads for training")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(func=_cmd_demo)
 
     analyze = sub.add_parser(
         "analyze",
         help="ERF and TRF of a model's layers on noise or your images",
-        description=(
+        description=_wrap(
             "Probe the centre-pixel ERF of chosen layers of a model (random init, or local "
             "pretrained weights) on noise, a .npy array or a folder of images; print a table, "
             "write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
         ),
-        epilog=_MODEL_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_MODEL_HELP + "\n" + _MODE_HELP,
+        formatter_class=_Formatter,
     )
     analyze.add_argument("model", metavar="MODEL", nargs="?", help="see below")
     analyze.add_argument(
@@ -468,14 +579,8 @@ def _parser() -> argparse.ArgumentParser:
         default=["auto"],
         help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
     )
-    analyze.add_argument("--samples", type=int, default=8, help="probe batch size (default 8)")
-    analyze.add_argument(
-        "--mode",
-        choices=MODES,
-        default="luo",
-        help="ERF convention (exact definitions in docs/concepts.md): luo (Luo et al. 2016), "
-        "replknet (RepLKNet's scripts) or openerf (OpenERF / Kim et al. 2023)",
-    )
+    analyze.add_argument("--samples", type=int, default=8, help="probe batch size")
+    analyze.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
     analyze.add_argument(
         "--input",
         default="noise",
@@ -503,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
-    analyze.add_argument("--device", default="cpu")
+    analyze.add_argument("--device", default="cpu", help="torch device")
     analyze.add_argument("--log-scale", action="store_true", help="log colour scale for images")
     analyze.add_argument("--out", default="erf_analysis", help="output directory")
     analyze.add_argument("--quiet", action="store_true", help="no progress display")
@@ -511,18 +616,73 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="one self-contained HTML page from ERFMonitor logs (FileSink/CSV or TensorBoard)",
-        description=(
+        help="one self-contained HTML page from ERFMonitor logs and analyze outputs",
+        description=_wrap(
             "Find every run under LOGDIR (FileSink directories with metrics.csv, CSVLogger's "
-            "erf/ folders, TensorBoard event files) and write one HTML page with growth curves "
-            "of ERF size, ERF/TRF ratio and coverage per layer, and heatmap filmstrips."
+            "erf/ folders, TensorBoard event files, 'erf-monitor analyze --out' folders) and "
+            "write one HTML page: runs side by side (one plot per layer they share), then per "
+            "run growth curves of ERF size, ERF/TRF ratio and coverage (with min_coverage or a "
+            "reference line) and heatmap filmstrips. Runs with identical ERF data are shown "
+            "once. Nothing outside LOGDIR is read: symbolic links out of it are ignored."
         ),
+        formatter_class=_Formatter,
     )
-    report.add_argument("logdir", metavar="LOGDIR")
+    report.add_argument("logdir", metavar="LOGDIR", help="folder to search")
     report.add_argument("--out", default=None, help="HTML file (default: LOGDIR/erf_report.html)")
     report.add_argument("--frames", type=int, default=8, help="heatmaps per filmstrip")
-    report.add_argument("--title", default=None)
+    report.add_argument("--title", default=None, help="page title (default: from LOGDIR)")
+    report.add_argument(
+        "--min-coverage",
+        type=float,
+        default=0.05,
+        help="reference line on coverage plots of runs that logged no min_coverage",
+    )
+    report.add_argument(
+        "--keep-duplicates", action="store_true", help="show runs with identical data each"
+    )
     report.set_defaults(func=_cmd_report)
+
+    compare = sub.add_parser(
+        "compare",
+        help="several models or checkpoints on one probe set, with bootstrap intervals",
+        description=_wrap(
+            "Probe every MODEL[@CHECKPOINT] on the same images, print per layer ERF size, "
+            "coverage, ERF/TRF ratio and sigma with bootstrap confidence intervals over the "
+            "probe images, and the paired difference to the first model (bold when its "
+            "interval excludes 0); write compare.png (maps side by side and difference "
+            "maps), compare.json (every metric's interval) and maps.npz."
+        ),
+        epilog=_MODEL_HELP.replace(
+            "No weights",
+            "  MODEL@CKPT               MODEL with the weights of CKPT (a state dict or a\n"
+            "                           Lightning checkpoint; torch.load(weights_only=True))\n"
+            "No weights",
+        )
+        + "\n"
+        + _MODE_HELP,
+        formatter_class=_Formatter,
+    )
+    compare.add_argument("models", metavar="MODEL", nargs="+", help="see below")
+    compare.add_argument("--names", default=None, help="comma-separated names (default: the specs)")
+    compare.add_argument("--layers", nargs="+", default=["auto"], help="layer names or globs")
+    compare.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
+    compare.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    compare.add_argument("--samples", type=int, default=32, help="probe images")
+    compare.add_argument(
+        "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
+    )
+    compare.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
+    compare.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
+    compare.add_argument("--level", type=float, default=0.95, help="interval coverage")
+    compare.add_argument(
+        "--method", choices=("bca", "percentile"), default="bca", help="bootstrap interval"
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seeds model init, noise, resamples")
+    compare.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
+    compare.add_argument("--device", default="cpu", help="torch device")
+    compare.add_argument("--log-scale", action="store_true", help="log colour scale")
+    compare.add_argument("--out", default="erf_compare", help="output directory")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

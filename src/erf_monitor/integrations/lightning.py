@@ -181,9 +181,11 @@ class ERFMonitor(EngineView, _CallbackBase):
             self._maybe_probe(trainer, pl_module, force=True)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Flush and release the sinks (never the loggers themselves)."""
+        """Flush and release the sinks (never the loggers themselves); print the summary."""
         if stage != "fit":
             return
+        if self._fit_started and trainer.is_global_zero:
+            self._engine.print_summary()
         try:
             self._engine.close()
         except Exception as exc:

@@ -22,6 +22,7 @@ from erf_monitor._imports import package_available
 from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
 from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor.sinks import FileSink, MLflowSink, Sink, TensorBoardSink, WandbSink, as_sink
+from erf_monitor.sinks._tensorboard import TB_SUBDIR
 
 if TYPE_CHECKING or package_available("transformers"):
     from transformers import TrainerCallback as _CallbackBase
@@ -49,10 +50,11 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     of ``layers`` is computed on a fixed probe batch and logged with the same keys as
     :class:`~erf_monitor.ERFMonitor` (``erf/<layer>/coverage``, ``erf/<layer>/heatmap``...).
 
-    **Where it logs.** To whatever the Trainer reports to, through the Trainer's own
-    writers and runs: ``report_to="tensorboard"`` (the ``SummaryWriter`` of the Trainer's
-    ``TensorBoardCallback``, so ERF curves sit next to the loss), ``"wandb"`` (the run of its
-    ``WandbCallback``; records also carry ``train/global_step``) and ``"mlflow"`` (the active
+    **Where it logs.** To whatever the Trainer reports to: ``report_to="tensorboard"`` (an
+    event file of the monitor's own in ``<the Trainer's TensorBoard run>/erf``, a run beside
+    the loss's; never the Trainer's writer, which a failed write would poison), ``"wandb"``
+    (the run of its ``WandbCallback``; records also carry ``train/global_step``) and
+    ``"mlflow"`` (the active
     run of its ``MLflowCallback``). Without any of these (``report_to="none"``), to
     ``<output_dir>/erf`` (CSV, PNG and ``.npz`` files). ``sinks=`` adds destinations.
 
@@ -161,6 +163,8 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         try:
             if isinstance(model, nn.Module):
                 self._maybe_probe(state, control, model, force=True)
+            if state.is_world_process_zero:
+                self._engine.print_summary()
         finally:
             try:
                 self._engine.close()
@@ -278,49 +282,17 @@ def _calling_handler() -> Any:
     return None
 
 
-class _TrainerTensorBoardSink(TensorBoardSink):
-    """The writer of the Trainer's ``TensorBoardCallback``.
+def _trainer_tensorboard_sink(callback: Any, args: Any) -> TensorBoardSink:
+    """The monitor's own event file in ``<the Trainer's TensorBoard run>/erf``.
 
-    That callback closes its writer in ``on_train_end``, before later callbacks run: a probe
-    after that (the final one, when training stopped outside the step loop) goes to a writer
-    of our own on the same directory, which TensorBoard shows as the same run.
+    Never the ``TensorBoardCallback``'s writer itself (see :mod:`erf_monitor.sinks._tensorboard`:
+    a failed write would poison it), so it does not matter that the Trainer closes that writer
+    in ``on_train_end`` before a final probe: TensorBoard shows the ERF run beside the loss.
     """
-
-    def __init__(self, callback: Any, fallback_dir: Path) -> None:
-        self._callback = callback
-        self._fallback_dir = fallback_dir
-        self._own: Any = None
-        self.save_arrays = True
-
-    def __repr__(self) -> str:
-        return f"TensorBoardSink(Trainer's TensorBoardCallback, {self.log_dir!s})"
-
-    @property
-    def writer(self) -> Any:
-        """The Trainer's writer while it is open, else our own on the same directory."""
-        writer = getattr(self._callback, "tb_writer", None)
-        if writer is not None:
-            return writer
-        if self._own is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            log_dir = getattr(self._callback, "logging_dir", None) or self._fallback_dir
-            self._own = SummaryWriter(log_dir=str(log_dir))
-        return self._own
-
-    def flush(self) -> None:
-        """Flush the writer in use (never open one just to flush it)."""
-        writer = self._own if self._own is not None else getattr(self._callback, "tb_writer", None)
-        if writer is not None:
-            writer.flush()
-
-    def close(self) -> None:
-        """Close our own writer if one was opened; the Trainer's stays the Trainer's."""
-        if self._own is not None:
-            self._own.close()
-            self._own = None
-        elif getattr(self._callback, "tb_writer", None) is not None:
-            self._callback.tb_writer.flush()
+    writer = getattr(callback, "tb_writer", None)
+    log_dir = getattr(writer, "log_dir", None) or getattr(args, "logging_dir", None)
+    run = Path(log_dir) if log_dir else Path(args.output_dir) / "runs"
+    return TensorBoardSink(run / TB_SUBDIR)
 
 
 def _reporting_sinks(args: Any, handler: Any) -> list[Sink]:
@@ -333,7 +305,7 @@ def _reporting_sinks(args: Any, handler: Any) -> list[Sink]:
     unsupported: list[str] = []
     for cb in handler.callbacks:
         if isinstance(cb, hf.TensorBoardCallback):
-            sinks.append(_TrainerTensorBoardSink(cb, Path(args.output_dir) / "runs"))
+            sinks.append(_trainer_tensorboard_sink(cb, args))
         elif isinstance(cb, hf.WandbCallback):
             sinks.append(WandbSink(None, extra_step_keys=("train/global_step",)))
         elif isinstance(cb, hf.MLflowCallback):  # also DagsHubCallback

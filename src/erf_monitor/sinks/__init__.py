@@ -17,11 +17,12 @@ from erf_monitor.sinks._factory import CSV_SUBDIR, as_sink, sink_for_logger, sin
 from erf_monitor.sinks._file import FileSink, arrays_relpath, safe_filename, save_npz
 from erf_monitor.sinks._mlflow import MLflowSink
 from erf_monitor.sinks._multi import MultiSink, log_results
-from erf_monitor.sinks._tensorboard import TensorBoardSink
+from erf_monitor.sinks._tensorboard import TB_SUBDIR, TensorBoardSink
 from erf_monitor.sinks._wandb import WandbSink
 
 __all__ = [
     "CSV_SUBDIR",
+    "TB_SUBDIR",
     "CallableSink",
     "FileSink",
     "MLflowSink",

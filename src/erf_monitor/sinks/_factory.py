@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -12,6 +11,7 @@ from erf_monitor._imports import (
     _LIGHTNING_AVAILABLE,
     _PL_AVAILABLE,
 )
+from erf_monitor._warn import warn
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._file import FileSink
@@ -52,8 +52,9 @@ def _lightning_logger_kind(obj: Any) -> str | None:
 def sink_for_logger(logger: Any) -> Sink | None:
     """The sink for one Lightning logger (``lightning.pytorch`` or ``pytorch_lightning``).
 
-    * ``TensorBoardLogger`` → :class:`TensorBoardSink` on ``logger.experiment`` (its
-      ``SummaryWriter``; the sink never closes it)
+    * ``TensorBoardLogger`` → :class:`TensorBoardSink` writing its own event file in
+      ``<logger.log_dir>/erf`` (never into Lightning's ``SummaryWriter``: a failing disk
+      must not break the logger's own writes)
     * ``WandbLogger`` → :class:`WandbSink` on ``logger.experiment`` (the run), also stamping
       ``trainer/global_step`` so ERF charts share Lightning's x-axis
     * ``CSVLogger`` → :class:`FileSink` on ``<logger.log_dir>/erf`` (Lightning owns
@@ -108,12 +109,11 @@ def sinks_for_trainer(trainer: Any, *, rank_zero_only: bool = True) -> list[Sink
         else:
             sinks.append(sink)
     if skipped:
-        warnings.warn(
+        warn(
             f"erf-monitor: no sink for logger(s) {', '.join(skipped)}; ERF data is not sent "
-            "to them. Supported: TensorBoardLogger, WandbLogger, CSVLogger, MLFlowLogger "
-            "(or pass your own Sink).",
+            "to them.\nSupported: TensorBoardLogger, WandbLogger, CSVLogger, MLFlowLogger "
+            "(or pass ERFMonitor(sinks=...)).",
             UserWarning,
-            stacklevel=2,
         )
     return sinks
 
@@ -133,7 +133,8 @@ def as_sink(obj: Any) -> Sink:
     * a list or tuple of any of these → :class:`MultiSink`
     * a Lightning logger → :func:`sink_for_logger`
     * a ``SummaryWriter`` (anything with ``add_scalar`` and ``add_image``) →
-      :class:`TensorBoardSink` (the writer stays yours: never closed)
+      :class:`TensorBoardSink` writing to ``<its log_dir>/erf`` (the writer stays yours: never
+      written to or closed)
     * a ``wandb`` run → :class:`WandbSink`
     * a ``str`` or ``os.PathLike`` directory → :class:`FileSink`
     * an ``accelerate.Accelerator`` → :class:`~erf_monitor.integrations.accelerate.AccelerateSink`

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from erf_monitor._warn import warn
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
@@ -43,12 +43,10 @@ class MultiSink(Sink):
                 if tag in self._reported:
                     continue
                 self._reported.add(tag)
-                warnings.warn(
-                    f"erf-monitor: {sink!r}.{method} failed with {type(err).__name__}: {err}. "
-                    "Its data for this call is lost; the other sinks and training continue "
-                    "(this error is reported once).",
+                warn(
+                    f"erf-monitor: {sink!r}.{method} failed with {type(err).__name__}: {err}.\n"
+                    "That data is lost; the other sinks and training continue (reported once).",
                     UserWarning,
-                    stacklevel=3,
                 )
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
@@ -147,15 +145,15 @@ def log_results(
         multi.log_text(f"{prefix}/mode", describe(mode), step)
     if images:
         kwargs = dict(render_kwargs or {})
+        kwargs.pop("step", None)
         for name, r in items:
             try:
-                image = render_heatmap(r, **kwargs)
+                image = render_heatmap(r, step=step, **kwargs)
             except Exception as err:
-                warnings.warn(
+                warn(
                     f"erf-monitor: could not render the ERF map of layer {name!r} "
                     f"({type(err).__name__}: {err}); its image is skipped",
                     UserWarning,
-                    stacklevel=2,
                 )
                 continue
             multi.log_image(f"{prefix}/{name}/heatmap", image, step)

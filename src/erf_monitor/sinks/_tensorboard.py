@@ -1,7 +1,26 @@
-"""TensorBoard through ``torch.utils.tensorboard.SummaryWriter`` (or any writer like it)."""
+"""TensorBoard: an event file of the monitor's own, next to the user's writer, never in it.
+
+Why not ``writer.add_image(...)`` on the user's ``SummaryWriter``? Its records are written by
+a background thread that keeps the first ``OSError`` it meets (disk full, file size limit, a
+directory turned read-only) and raises it again at every later call, including the
+``flush()``/``close()`` that Lightning's ``TensorBoardLogger`` makes at the end of ``fit()``.
+The monitor's heatmaps are by far the largest records in a run, so they are the ones that hit
+a full disk first, and one failed heatmap would make the user's ``fit()`` raise where the same
+run without the monitor ends normally. So the monitor writes its own event file, synchronously
+(each call appends its records and closes the file, so an error surfaces in that call, is
+reported once, and leaves nothing behind), in a sub-directory ``erf/`` of the writer's log
+directory: TensorBoard reads one event file per directory at a time, so a second live file
+next to the user's would stall the user's curves; in ``erf/`` it is a run of its own
+(``version_0/erf`` next to ``version_0``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import socket
+import time
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -12,81 +31,151 @@ import numpy as np
 from erf_monitor._imports import require
 from erf_monitor.sinks._base import Sink
 
-__all__ = ["TensorBoardSink"]
+__all__ = ["TB_SUBDIR", "TensorBoardSink"]
+
+#: Sub-directory of a ``SummaryWriter``'s log directory that the monitor's events go to.
+TB_SUBDIR = "erf"
+_COUNTER = itertools.count()
+
+
+class _EventFile:
+    """One TensorBoard event file, appended to synchronously (opened and closed per call)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+
+    def write(self, summaries: list[Any], step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        events = [Event(wall_time=time.time(), step=int(step), summary=s) for s in summaries]
+        new = self.path is None
+        if self.path is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            name = (
+                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(_COUNTER)}.erf-monitor"
+            )
+            path = self.directory / name
+            events.insert(0, Event(wall_time=time.time(), file_version="brain.Event:2"))
+        else:
+            path = self.path
+        size = 0 if new else path.stat().st_size
+        try:
+            with path.open("xb" if new else "ab") as f:
+                writer = RecordWriter(f)
+                for event in events:
+                    writer.write(event.SerializeToString())
+        except BaseException:
+            # Leave no partial record behind: TensorBoard stops reading a file at a bad one.
+            with contextlib.suppress(OSError):
+                if new:
+                    path.unlink()
+                else:
+                    os.truncate(path, size)
+            raise
+        self.path = path
 
 
 class TensorBoardSink(Sink):
     """Log to TensorBoard.
 
-    Scalars go through ``add_scalar``, heatmaps through ``add_image(..., dataformats="HWC")``,
-    texts and alerts through ``add_text``. Raw maps are saved as
-    ``<log_dir>/erf_maps/step_<N>.npz`` next to the event files when ``save_arrays`` is true
-    and the writer has a log directory (TensorBoard ignores them).
+    The sink writes an event file of its own (see the module docstring for why):
+
+    * given a ``SummaryWriter`` (or a Lightning ``TensorBoardLogger``'s, via
+      :func:`~erf_monitor.sinks.sink_for_logger`): in ``<writer log dir>/erf/``, a run of its
+      own in TensorBoard (``tensorboard --logdir`` the parent shows both). The writer itself
+      is never written to, flushed or closed, so a full disk can only cost the monitor's data;
+    * given a directory: in that directory.
+
+    Scalars are ``simple_value`` summaries, heatmaps PNG image summaries, texts and alerts
+    text-plugin summaries (tags ``<key>/text_summary``), exactly what ``add_scalar``,
+    ``add_image`` and ``add_text`` would write. Raw maps are saved as
+    ``<run dir>/erf_maps/step_<N>.npz`` when ``save_arrays`` is true (TensorBoard ignores them).
+    A writer-like object without a log directory is written to with its ``add_*`` methods.
+
+    TensorBoard shows only 10 images per tag unless started with
+    ``tensorboard --logdir DIR --samples_per_plugin images=1000`` (any number at least the
+    number of probes; ``images=0`` shows no image at all in TensorBoard 2.21, not all).
 
     Args:
-        writer_or_logdir: a ``SummaryWriter`` you own (used as is, flushed but never closed
-            by the sink) or a directory, on which the sink opens (and closes) its own writer.
-        save_arrays: keep raw maps as ``.npz`` files in the writer's log directory.
+        writer_or_logdir: a ``SummaryWriter`` (only its log directory is used) or a directory.
+        save_arrays: keep raw maps as ``.npz`` files next to the event file.
+        subdir: sub-directory of a writer's log directory for the monitor's run.
 
     Raises:
-        ModuleNotFoundError: if a directory is given and ``tensorboard`` is not installed.
+        ModuleNotFoundError: if ``tensorboard`` is not installed.
     """
 
-    def __init__(self, writer_or_logdir: Any, *, save_arrays: bool = True) -> None:
+    def __init__(
+        self, writer_or_logdir: Any, *, save_arrays: bool = True, subdir: str = TB_SUBDIR
+    ) -> None:
+        self.writer: Any = None
         if isinstance(writer_or_logdir, (str, PathLike)):
-            require("tensorboard", "tensorboard", "TensorBoardSink")
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer: Any = SummaryWriter(log_dir=str(writer_or_logdir))
-            self._owns_writer = True
+            run_dir: Path | None = Path(writer_or_logdir)
         elif hasattr(writer_or_logdir, "add_scalar") and hasattr(writer_or_logdir, "add_image"):
-            self.writer = writer_or_logdir
-            self._owns_writer = False
+            getter = getattr(writer_or_logdir, "get_logdir", None)
+            logdir = getter() if callable(getter) else getattr(writer_or_logdir, "log_dir", None)
+            run_dir = Path(logdir) / subdir if isinstance(logdir, (str, PathLike)) else None
+            if run_dir is None:
+                self.writer = writer_or_logdir
         else:
             raise TypeError(
                 "TensorBoardSink needs a SummaryWriter or a log directory, got "
                 f"{type(writer_or_logdir).__name__}"
             )
+        if run_dir is not None:
+            require("tensorboard", "tensorboard", "TensorBoardSink")
+        self.run_dir = run_dir
+        self._file = _EventFile(run_dir) if run_dir is not None else None
         self.save_arrays = save_arrays
 
     def __repr__(self) -> str:
-        return f"TensorBoardSink({self.log_dir!s})"
+        return f"TensorBoardSink({self.run_dir!s})"
 
     @property
     def log_dir(self) -> Path | None:
-        """The writer's log directory, if it has one."""
-        getter = getattr(self.writer, "get_logdir", None)
-        d = getter() if callable(getter) else getattr(self.writer, "log_dir", None)
-        return Path(d) if isinstance(d, (str, PathLike)) else None
+        """The directory of the monitor's event file (``None`` for a writer without one)."""
+        return self.run_dir
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        """``add_scalar`` for every key."""
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, float(value), global_step=int(step))
+        """One scalar summary per key."""
+        if self._file is None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, float(value), global_step=int(step))
+            return
+        from torch.utils.tensorboard.summary import scalar
+
+        self._file.write([scalar(k, float(v)) for k, v in scalars.items()], step)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        """``add_image`` with ``dataformats="HWC"`` (uint8 RGB)."""
-        self.writer.add_image(key, image, global_step=int(step), dataformats="HWC")
+        """A PNG image summary (``(H, W, 3)`` uint8 RGB)."""
+        if self._file is None:
+            self.writer.add_image(key, image, global_step=int(step), dataformats="HWC")
+            return
+        from torch.utils.tensorboard.summary import image as image_summary
+
+        self._file.write([image_summary(key, image, dataformats="HWC")], step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        """``add_text``."""
-        self.writer.add_text(key, text, global_step=int(step))
+        """A text summary (TensorBoard's TEXT tab)."""
+        if self._file is None:
+            self.writer.add_text(key, text, global_step=int(step))
+            return
+        from torch.utils.tensorboard.summary import text as text_summary
+
+        self._file.write([text_summary(key, text)], step)
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
-        """Save ``<log_dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
-        if not self.save_arrays or self.log_dir is None:
+        """Save ``<run dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
+        if not self.save_arrays or self.run_dir is None:
             return
         from erf_monitor.sinks._file import arrays_relpath, save_npz
 
-        save_npz(self.log_dir / "erf_maps" / arrays_relpath(key, step), arrays)
+        save_npz(self.run_dir / "erf_maps" / arrays_relpath(key, step), arrays)
 
     def flush(self) -> None:
-        """Flush the writer's event file."""
-        self.writer.flush()
-
-    def close(self) -> None:
-        """Close the writer if this sink opened it, else only flush it."""
-        if self._owns_writer:
-            self.writer.close()
-        else:
+        """Nothing to do: every call is on disk when it returns (a writer is flushed)."""
+        if self.writer is not None:
             self.writer.flush()

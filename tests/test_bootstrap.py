@@ -1,0 +1,124 @@
+"""Bootstrap intervals over probe images: exact plumbing, and coverage at the nominal rate.
+
+The coverage experiment draws probe sets from a population whose mean map is known exactly
+(a mixture of Gaussian templates of different widths and offsets, scaled by independent
+Gamma(16, 1/16) amplitudes of mean 1 and CV 0.25: the mean map is ``sum_k p_k T_k``), so the
+true value of each metric is the metric of that map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import erf_monitor as em
+from erf_monitor._bootstrap import Interval, bootstrap_metrics, metric_value, paired_differences
+from erf_monitor._result import ERFResult
+
+SIZE, CENTRE = 31, (15, 15)
+SHAPE = 16  # amplitude ~ Gamma(SHAPE, 1 / SHAPE): mean 1, coefficient of variation 0.25
+#: (probability, sigma, dy, dx) of the templates.
+TEMPLATES = ((0.4, 2.0, 0, 0), (0.25, 3.5, 2, -1), (0.2, 1.5, -1, 3), (0.15, 5.0, 0, -2))
+
+
+def _template(sigma: float, dy: int, dx: int) -> torch.Tensor:
+    y = torch.arange(SIZE, dtype=torch.float64)[:, None] - CENTRE[0] - dy
+    x = torch.arange(SIZE, dtype=torch.float64)[None, :] - CENTRE[1] - dx
+    return torch.exp(-(y**2 + x**2) / (2 * sigma**2))
+
+
+MAPS = torch.stack([_template(s, dy, dx) for _, s, dy, dx in TEMPLATES])
+PROBS = torch.tensor([p for p, *_ in TEMPLATES], dtype=torch.float64)
+
+
+def _result(per_sample: torch.Tensor) -> ERFResult:
+    return ERFResult(
+        name="layer",
+        heatmap=per_sample.double().mean(0).float(),
+        trf=None,
+        mode="luo",
+        num_samples=per_sample.shape[0],
+        output_shape=(SIZE, SIZE),
+        centre_pixel=CENTRE,
+        per_sample=per_sample.float(),
+    )
+
+
+def _draw(n: int, gen: torch.Generator) -> torch.Tensor:
+    k = torch.multinomial(PROBS, n, replacement=True, generator=gen)
+    exponentials = -torch.log(torch.rand(n, SHAPE, generator=gen, dtype=torch.float64))
+    amplitude = exponentials.sum(1) / SHAPE
+    return amplitude[:, None, None] * MAPS[k]
+
+
+def test_resample_of_all_images_is_the_map_and_intervals_bracket_the_value() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    x = torch.randn(12, 1, 24, 24)
+    for mode in ("luo", "replknet"):
+        r = em.compute_erf(net, x, ["2"], mode=mode, keep_per_sample=True)["2"]
+        cis = bootstrap_metrics(r, n_boot=50)
+        assert set(cis) == set(r.scalars()) - {"trf_size", "trf_size_clipped", "trf_global"}
+        for key, ci in cis.items():
+            assert ci.value == pytest.approx(r.scalars()[key], nan_ok=True), key
+            if math.isfinite(ci.value):
+                assert ci.low <= ci.high and ci.n_boot == 50 and ci.std >= 0
+    one = em.compute_erf(net, x[:1], ["2"], keep_per_sample=True)["2"]  # one image: no spread
+    ci = bootstrap_metrics(one, ["sigma_x"], n_boot=20)["sigma_x"]
+    assert ci.low == ci.high == pytest.approx(ci.value)
+    with pytest.raises(ValueError, match="keep_per_sample"):
+        bootstrap_metrics(em.compute_erf(net, x, ["2"])["2"])
+
+
+def test_interval_format() -> None:
+    ci = Interval(value=153.0, low=147.0, high=159.0, std=3.1, level=0.95, n_boot=500)
+    assert str(ci) == "153 ± 6" and ci.covers(150.0) and not ci.covers(160.0)
+
+
+def test_metric_value_matches_scalars() -> None:
+    r = _result(_draw(8, torch.Generator().manual_seed(1)))
+    for key, value in r.scalars().items():
+        assert metric_value(r, key) == pytest.approx(value, nan_ok=True), key
+
+
+@pytest.mark.slow
+def test_intervals_cover_the_true_value_at_the_nominal_rate() -> None:
+    """300 probe sets of 32 images, 200 resamples each, 95% BCa intervals.
+
+    A correct 95% interval covers 300 trials at 0.95 +- 0.025 (two binomial standard errors);
+    the assertion allows 0.90 to 0.99 for every metric (BCa intervals of 32 images undercover
+    slightly; erf_size is discrete, its intervals are made of odd sizes and overcover). The
+    measured rates are in the report of issue 12 and printed with ``-s``.
+    """
+    truth = _result((PROBS[:, None, None] * MAPS).sum(0, keepdim=True))  # the population mean
+    keys = ("sigma_y", "sigma_x", "centroid_offset_x", "erf_size")
+    true = {k: metric_value(truth, k) for k in keys}
+    gen = torch.Generator().manual_seed(0)
+    trials, hits = 300, dict.fromkeys(keys, 0)
+    for t in range(trials):
+        cis = bootstrap_metrics(_result(_draw(32, gen)), keys, n_boot=200, seed=t)
+        for k in keys:
+            hits[k] += cis[k].covers(true[k])
+    rates = {k: hits[k] / trials for k in keys}
+    print("coverage of nominal 95% intervals over", trials, "trials:", rates)
+    for k, rate in rates.items():
+        assert 0.90 <= rate <= 0.99, (k, rate)
+    assert np.mean([rates[k] for k in keys[:3]]) >= 0.91
+
+
+def test_paired_differences_use_the_same_images() -> None:
+    gen = torch.Generator().manual_seed(3)
+    maps = _draw(24, gen)
+    a, same, wider = _result(maps), _result(maps.clone()), _result(maps * 0 + maps.roll(1, 2))
+    d = paired_differences(a, same, ["sigma_x", "erf_size"], n_boot=100)
+    for ci in d.values():  # a model against itself: exactly 0, with no spread
+        assert ci.value == 0 and ci.low == ci.high == 0
+    # the same maps shifted one pixel right: the centroid moves by exactly 1 in every resample
+    shift = paired_differences(a, wider, ["centroid_offset_x"], n_boot=100)["centroid_offset_x"]
+    assert shift.value == pytest.approx(1.0, abs=0.02)
+    assert shift.high - shift.low < 0.05  # what the images have in common cancels
+    alone = bootstrap_metrics(a, ["centroid_offset_x"], n_boot=100)["centroid_offset_x"]
+    assert alone.high - alone.low > 5 * (shift.high - shift.low)
