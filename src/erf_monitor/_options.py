@@ -242,12 +242,17 @@ class MonitorOptions:
         options: MonitorOptions | None,
         overrides: Mapping[str, Any],
         defaults: Mapping[str, Any] | None = None,
+        *,
+        layers: LayerSpec | None = None,
     ) -> MonitorOptions:
         """Options for a front-end: ``options`` (or the defaults) with ``overrides`` applied.
 
-        ``defaults`` are a front-end's own defaults, used only when no ``options`` is given.
+        ``defaults`` are a front-end's own defaults, used only when no ``options`` is given;
+        ``layers`` (a front-end's positional argument) overrides too unless it is ``None``.
         Unknown names raise ``TypeError`` listing the valid ones.
         """
+        if layers is not None:
+            overrides = {**overrides, "layers": layers}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:

@@ -67,10 +67,7 @@ class Watcher(EngineView):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        overrides: dict[str, Any] = dict(kwargs)
-        if layers is not None:
-            overrides["layers"] = layers
-        opts = MonitorOptions.build(options, overrides, defaults=WATCH_DEFAULTS)
+        opts = MonitorOptions.build(options, kwargs, WATCH_DEFAULTS, layers=layers)
         if opts.source == "val":
             raise ValueError(
                 "watch() has no validation loader: pass probe_inputs='train', 'noise' or a tensor."

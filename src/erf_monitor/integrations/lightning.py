@@ -113,10 +113,7 @@ class ERFMonitor(EngineView, _CallbackBase):
                 name="lightning",
             )
         super().__init__()
-        overrides: dict[str, Any] = dict(kwargs)
-        if layers is not None:
-            overrides["layers"] = layers
-        self._engine = MonitorEngine(MonitorOptions.build(options, overrides))
+        self._engine = MonitorEngine(MonitorOptions.build(options, kwargs, layers=layers))
         self._extra_sinks = sinks
         self._fit_started = False
 

@@ -107,10 +107,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
                 "ERFTrainerCallback needs transformers: pip install erf-monitor[transformers]",
                 name="transformers",
             )
-        overrides: dict[str, Any] = dict(kwargs)
-        if layers is not None:
-            overrides["layers"] = layers
-        opts = MonitorOptions.build(options, overrides)
+        opts = MonitorOptions.build(options, kwargs, layers=layers)
         if opts.source == "val":
             raise ValueError(
                 "ERFTrainerCallback cannot read the evaluation loader at train begin: pass "
