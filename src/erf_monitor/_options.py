@@ -20,6 +20,7 @@ from typing_extensions import TypedDict
 
 from erf_monitor._batch import InputKey
 from erf_monitor._modes import Mode, check_mode
+from erf_monitor._positions import PositionSpec, check_position
 from erf_monitor._tokens import TokenLayoutArg, check_token_layout
 
 __all__ = [
@@ -110,6 +111,13 @@ class MonitorOptions:
         strict: re-raise failures inside the monitor instead of warning once and going on.
         token_layout: how token outputs of transformer layers map onto the patch grid (see
             :func:`~erf_monitor.compute_erf`; torchvision/timm ViTs need none).
+        position: which output unit(s) to probe, as in :func:`~erf_monitor.compute_erf`:
+            ``"centre"`` (default), an index ``(0, -1)``, a fraction ``(0.0, 0.5)``, or a
+            set (``"corners"``, ``"edges"``, ``"grid:5"``, a list). Metrics of other units
+            than the centre are logged as ``<prefix>/<layer>/<position>/<metric>`` (e.g.
+            ``erf/layer4/corner_top_left/coverage``); with a set the centre's stay at
+            ``<prefix>/<layer>/<metric>`` with ``border_ratio``, the field figure at
+            ``<prefix>/<layer>/field``, and the coverage alert watches the centre unit.
 
     Examples:
         >>> import erf_monitor as em
@@ -140,6 +148,7 @@ class MonitorOptions:
     render_kwargs: Mapping[str, Any] = field(default_factory=dict)
     strict: bool = False
     token_layout: TokenLayoutArg = None
+    position: PositionSpec = "centre"
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: through object.__setattr__) so that the engine can rely
@@ -198,6 +207,9 @@ class MonitorOptions:
         put("render_kwargs", dict(self.render_kwargs or {}))
         put("strict", bool(self.strict))
         check_token_layout(self.token_layout)
+        check_position(self.position)
+        if isinstance(self.position, list):  # frozen options: keep it immutable
+            put("position", tuple(self.position))
 
     @property
     def source(self) -> str:
@@ -254,3 +266,4 @@ class MonitorKwargs(TypedDict, total=False):
     render_kwargs: Mapping[str, Any]
     strict: bool
     token_layout: TokenLayoutArg
+    position: PositionSpec

@@ -389,8 +389,9 @@ _BACKWARD_COST = 1.0
 
 
 def _box(trf: TRF | None) -> _seeds.Box | None:
-    """The clipped TRF box of a unit, when it may be packed: an exact (fx), finite field."""
-    if trf is None or trf.method != "fx" or trf.is_global or trf.data_dependent:
+    """The clipped TRF box of a unit, when it may be packed: an exact (fx), finite field
+    through local operations (what cropping trusts too)."""
+    if trf is None or trf.method != "fx" or not trf.local or trf.is_global or trf.data_dependent:
         return None
     return tuple((int(lo), int(hi)) for lo, hi in trf.clipped)
 
