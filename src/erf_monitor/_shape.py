@@ -91,7 +91,9 @@ def principal_axes(heatmap: MapLike) -> tuple[tuple[float, ...], float]:
     cov = _covariance(x)
     if cov is None:
         return (math.nan,) * x.dim(), math.nan
-    values = torch.linalg.eigvalsh(cov).clamp_min(0.0).flip(0)  # descending
+    values = torch.linalg.eigvalsh(cov).flip(0)  # descending
+    # A degenerate axis (a line) is exactly 0, not rounding noise of order 1e-32.
+    values = torch.where(values > 1e-12 * values[0], values, torch.zeros_like(values))
     widths = tuple(math.sqrt(float(v)) for v in values)
     angle = math.nan
     if x.dim() == 2:
