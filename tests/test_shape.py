@@ -82,11 +82,14 @@ def test_isotropic_lines_and_zero_maps() -> None:
 
 
 def test_cross_score_known_answers() -> None:
-    plus = torch.zeros(9, 9)
-    plus[4, 1:8] = 1.0
-    plus[1:8, 4] = 1.0
-    assert cross_score(plus, (4, 4)) == pytest.approx(1.0, abs=1e-12)
-    # Separable maps (a Gaussian, a box) have exactly the cross mass their marginals imply.
+    # A "+" of any arm width: no mass off the axes at all (kappa = 1 exactly).
+    for width in (1, 3):
+        plus = torch.zeros(15, 15)
+        lo, hi = 7 - width // 2, 7 + width // 2 + 1
+        plus[lo:hi, 1:14] = 1.0
+        plus[1:14, lo:hi] = 1.0
+        assert cross_score(plus, (7, 7)) == 1.0, width
+    # Separable maps (a Gaussian, a box) have exactly the off-axis mass their marginals imply.
     axis = torch.arange(15, dtype=torch.float64)
     y, x = torch.meshgrid(axis, axis, indexing="ij")
     gauss = torch.exp(-0.5 * (((y - 7) / 2) ** 2 + ((x - 6) / 3) ** 2))
@@ -94,19 +97,26 @@ def test_cross_score_known_answers() -> None:
     box = torch.zeros(9, 9)
     box[2:7, 1:8] = 1.0
     assert cross_score(box, (4, 4)) == pytest.approx(0.0, abs=1e-12)
-    # An "x" of arms L: only the centre pixel is on the cross, p = 1/(4L+1) on the centre
-    # row and column: C = p, C0 = 2p - p^2, kappa = (C - C0)/(1 - C0) = -p/(1 - p) = -1/(4L).
-    L = 3
-    ex = torch.zeros(9, 9)
-    for i in range(-L, L + 1):
-        ex[4 + i, 4 + i] = 1.0
-        ex[4 + i, 4 - i] = 1.0
-    assert cross_score(ex, (4, 4)) == pytest.approx(-1 / (4 * L), rel=1e-12)
-    # Nothing to compare with: a single line (C0 = 1), a point; a zero map is undefined.
+    # An "x" of arms L: every pixel has d_y = d_x = k, with P(0) = 1/(4L+1), P(k) = 4/(4L+1).
+    # The median h is the smallest with (1 + 4h)/(4L+1) >= 1/2; a pixel is off the axes iff
+    # k > h, so E(O) = q = P(k > h), E0(O) = q^2 and kappa = 1 - 1/q.
+    for arm in (3, 6):
+        ex = torch.zeros(2 * arm + 1, 2 * arm + 1)
+        for i in range(-arm, arm + 1):
+            ex[arm + i, arm + i] = ex[arm + i, arm - i] = 1.0
+        h = next(h for h in range(arm + 1) if (1 + 4 * h) / (4 * arm + 1) >= 0.5)
+        q = 4 * (arm - h) / (4 * arm + 1)
+        assert cross_score(ex, (arm, arm)) == pytest.approx(1 - 1 / q, rel=1e-12)
+    # Nothing can be off the axes: a single line, a point; a zero map is undefined.
     line = torch.zeros(5, 5)
     line[2] = 1.0
     assert cross_score(line, (2, 2)) == 0.0
+    assert cross_score(torch.eye(1), (0, 0)) == 0.0
     assert math.isnan(cross_score(torch.zeros(3, 3), (1, 1)))
+    # 3-D: the three axis lines through the centre.
+    cube = torch.zeros(7, 7, 7)
+    cube[3, 3, :] = cube[3, :, 3] = cube[:, 3, 3] = 1.0
+    assert cross_score(cube, (3, 3, 3)) == 1.0
 
 
 def test_an_axial_network_has_a_cross_shaped_erf() -> None:
@@ -145,6 +155,12 @@ def test_dead_fraction_and_gridding_period_of_hand_made_maps() -> None:
         1,
     )
     assert dead_fraction(m, ((0, 20), (0, 20))) == pytest.approx(1 - 15 / 144)  # clipped to map
+    bands = torch.zeros(3, 20)
+    bands[:, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]] = 1.0  # 4 live, 4 dead, ...
+    assert gridding_period(bands, ((0, 2), (0, 19))) == (1, 8)
+    irregular = torch.zeros(1, 7)
+    irregular[0, [0, 1, 3]] = 1.0  # no period up to half the box
+    assert gridding_period(irregular, ((0, 0), (0, 6))) == (1, 1)
 
 
 def dilated(layers: list[tuple[int, int]]) -> nn.Sequential:

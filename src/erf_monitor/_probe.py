@@ -1,4 +1,4 @@
-"""The probe: centre-pixel ERF maps of several layers from one forward and batched backwards.
+"""The probe: ERF maps of several layers from one forward and batched backwards.
 
 Design in one paragraph: a forward hook on each watched layer turns the layer's first output
 into its seed right away (token layout applied, the seed unit indexed and *cloned*), so that
@@ -14,6 +14,13 @@ own (its forward then stops in its hook, so nothing runs after it). The model ge
 the input, so a model that normalises its input in place works too. Everything the probe
 changes (training flags, buffers in train mode, every RNG stream, hooks, autocast, compile
 stance) is restored in ``finally``.
+
+Positions (``position=``, :mod:`erf_monitor._positions`): the hook keeps every requested
+seed unit of the layer (the centre unit by default), each with its own TRF (the fx walk starts
+at that unit); units whose clipped TRFs are disjoint share a backward and the rest reuse the
+graph of the same forward (:mod:`erf_monitor._seeds`). Cropping works per unit: a layer's
+units run on one window around all of them or each on its own, whichever is estimated cheaper
+(:func:`_layer_items`); everything below about "the centre unit" holds for each seed unit.
 
 Every map is checked against the layer's TRF (the consistency check, on every probe): mass
 outside a finite clipped TRF means the TRF is wrong; it is then reported unknown (warning
@@ -384,8 +391,18 @@ def _aligned(window: _Window | None, trf: TRF | None) -> bool:
     return strides is not None and all(a % s == 0 for a, s in zip(window.start, strides))
 
 
-#: A backward costs about this many forwards (per pixel), for the planner's estimates.
+#: The planner's cost of a forward on a window of ``A`` pixels is ``A ** _PIXEL_EXPONENT`` plus
+#: ``_FORWARD_OVERHEAD`` (in the same units), a backward ``_BACKWARD_COST`` times that without
+#: the overhead. Fitted on CPU (resnet50, 5 x 5 grids at 224 to 640 px; docs/benchmarks.md):
+#: a pixel of a large tensor costs more than one of a small crop (caches), and every extra
+#: forward costs Python and hook time. Only speed depends on these, never a number.
 _BACKWARD_COST = 1.0
+_PIXEL_EXPONENT = 1.2
+_FORWARD_OVERHEAD = 4e4
+
+
+def _cost(area: int, backwards: int) -> float:
+    return float(area) ** _PIXEL_EXPONENT * (1 + _BACKWARD_COST * backwards) + _FORWARD_OVERHEAD
 
 
 def _box(trf: TRF | None) -> _seeds.Box | None:
@@ -420,8 +437,8 @@ def _layer_items(
     """How one layer's seed units are cropped: ``[(window, units)]``.
 
     ``crop=True``: each unit on its own window. ``"auto"``: one window around all of them
-    (one forward, packed backwards) or one per unit, whichever the cost estimate
-    ``area x (1 + B x backwards)`` says is cheaper.
+    (one forward, packed backwards) or one per unit, whichever :func:`_cost` says is
+    cheaper.
     """
     total = math.prod(spatial)
     windows: dict[Index, _Window | None] = {}
@@ -441,12 +458,10 @@ def _layer_items(
         return len(_seeds.pack_units(idxs, boxes))
 
     shared_window = None if full else _union([w for w, _ in own], spatial)
-    shared = (total if shared_window is None else shared_window.area) * (
-        1 + _BACKWARD_COST * backwards(list(units))
-    )
-    separate = sum(w.area for w, _ in own) * (1 + _BACKWARD_COST)
+    shared = _cost(total if shared_window is None else shared_window.area, backwards(list(units)))
+    separate = sum(_cost(w.area, 1) for w, _ in own)
     if full:
-        separate += total * (1 + _BACKWARD_COST * backwards(full))
+        separate += _cost(total, backwards(full))
     return [(shared_window, list(units))] if shared <= separate else split
 
 

@@ -42,7 +42,10 @@ _METRICS = {
     "coverage", "erf_size", "erf_trf_ratio", "trf_size", "trf_size_clipped", "trf_global",
     "trf_data_dependent",
 }  # fmt: skip
-_METRIC_PATTERN = re.compile(r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2)$")
+_METRIC_PATTERN = re.compile(
+    r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2|gridding_period_\w+|coverage_trf"
+    r"|erf_size_visible|anisotropy|axis_angle|cross_score|dead_fraction|border_ratio)$"
+)
 #: The three growth curves, with their axis labels.
 _CURVES = (
     ("erf_size", "ERF size (95%-mass square, px)"),

@@ -171,8 +171,9 @@ class ERFResult:
 
     @cached_property
     def cross_score(self) -> float:
-        """Mass on the centre row and column beyond what the marginals imply: 1 for a "+"
-        pattern, 0 for a separable map (Gaussian, box), < 0 when the axes are avoided."""
+        """``1 - E(O) / E0(O)``: how much less mass lies off the centre row and column than
+        the marginals imply; 1 for a "+" pattern, 0 for a separable map (Gaussian, box),
+        < 0 when the axes are avoided (``docs/concepts.md``)."""
         return _shape.cross_score(self.heatmap, self.centre_pixel)
 
     @cached_property
@@ -255,8 +256,10 @@ class ERFResult:
 
     def __repr__(self) -> str:
         trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
+        where = "" if self.position == "centre" else f" at {self.position} {self.output_index}"
         return (
-            f"ERFResult({self.name!r}, mode {self.mode}, map {tuple(self.heatmap.shape)}, {trf}, "
+            f"ERFResult({self.name!r}{where}, mode {self.mode}, map {tuple(self.heatmap.shape)}, "
+            f"{trf}, "
             f"erf_size={self.erf_size}, ratio={self.ratio:.3f}, coverage={self.coverage:.3f})"
         )
 

@@ -96,10 +96,12 @@ def class_grads(
     """
     out: list[torch.Tensor | None] = []
     start = 0
-    if len(values) > 1 and x.device.type in _BATCHED_DEVICES:
+    if len(values) > 2 and x.device.type in _BATCHED_DEVICES:
+        # All but the last in vmapped calls that keep the graph; the last one alone, so that
+        # it frees the graph when asked to (nothing then keeps the graph alive).
         try:
-            while start < len(values):
-                part = values[start : start + _MAX_BATCHED]
+            while start < len(values) - 1:
+                part = values[start : min(start + _MAX_BATCHED, len(values) - 1)]
                 eye = torch.eye(len(part), device=x.device, dtype=part[0].dtype)
                 with warnings.catch_warnings():  # vmap's "performance drop" notes
                     warnings.simplefilter("ignore", UserWarning)
@@ -109,7 +111,6 @@ def class_grads(
                     )  # fmt: skip
                 out += [None] * len(part) if g is None else list(g.unbind(0))
                 start += len(part)
-            return out
         except RuntimeError as exc:
             if "modified by an inplace operation" in str(exc):
                 raise

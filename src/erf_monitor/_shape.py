@@ -10,26 +10,28 @@ the row (downwards) and ``x`` the column (rightwards).
   isotropic map, ``inf`` for a line); in 2-D the **angle** of the major axis is measured from
   the ``+x`` axis towards ``+y``, ``theta = 1/2 atan2(2 c_xy, c_xx - c_yy)`` in degrees, in
   ``(-90, 90]`` (0 for an isotropic map).
-* **Cross score** (:func:`cross_score`): how much more mass lies on the centre row and column
-  (the axis lines through the centre pixel) than the map's own marginals imply.
-  With ``C`` the mass fraction on the cross and ``C0`` the same fraction for the product of
-  the map's marginal profiles (the separable map with the same marginals),
-  ``kappa = (C - C0) / (1 - C0)``: 1 when all mass is on the cross (a "+" pattern, as the
-  ERFs of some windowed-attention models), 0 for any separable map (a Gaussian, a box),
-  negative when the mass avoids the axes (an "x" or a ring). 0 when ``C0 = 1`` (the marginals
-  put all mass on the cross: a single line or point; nothing to compare with).
+* **Cross score** (:func:`cross_score`): how much less mass lies *off* the centre row and
+  column than the map's own marginals imply. The centre row and column are bands as wide as
+  the map's median distance from the centre on each axis (``h_k``: half the mass is within
+  ``h_k`` of the centre pixel along axis ``k``); the off-axis region ``O`` holds the pixels
+  beyond ``h_k`` on at least two axes. With ``E(O)`` the map's mass fraction in ``O`` and
+  ``E0(O)`` that of the product of its marginal profiles (the separable map with the same
+  marginals), ``kappa = 1 - E(O) / E0(O)``: 1 when no mass is off the axes (a "+" pattern of
+  any arm width, as the ERFs of axial or some windowed-attention models), 0 for any separable
+  map (a Gaussian, a box), negative when the mass avoids the axes (an "x", a ring). 0 when
+  ``E0(O) = 0`` (nothing can be off the axes: a line, a point); NaN for a zero map.
 * **Dead fraction** (:func:`dead_fraction`): the fraction of pixels inside a box (the clipped
   TRF) where the map is exactly zero: no path from that pixel reaches the unit, or in the
   ``replknet``/``openerf`` modes the clamped gradient vanished. Dilated and strided stacks
   without compensating kernels leave periodic zeros ("gridding").
-* **Gridding period** (:func:`gridding_period`): per axis, the greatest common divisor of the
-  distances between the non-zero entries of the map's marginal profile inside the box
-  (1: no period; 2: every other row/column is dead...).
+* **Gridding period** (:func:`gridding_period`): per axis, the period of the live/dead pattern
+  of the map's marginal profile inside the box: the smallest ``p`` (at most half the box) with
+  ``live[i] == live[i + p]`` everywhere (1: no dead rows/columns or no period; 2: every other
+  row/column is dead; 8: bands of 4 live and 4 dead...).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from functools import reduce
@@ -115,22 +117,28 @@ def anisotropy(widths: Sequence[float]) -> float:
 
 
 def cross_score(heatmap: MapLike, centre: Sequence[int]) -> float:
-    """``kappa = (C - C0) / (1 - C0)``: mass on the axis lines through ``centre`` beyond what
-    the marginals imply (see the module docs).
+    """``kappa = 1 - E(O) / E0(O)``: how much less mass lies off the axes through ``centre``
+    than the map's marginals imply (see the module docs).
+
+    ``d_k = |x_k - centre_k|`` per axis; ``h_k`` is the median of ``d_k`` under the map (the
+    smallest ``h`` with at least half the mass at ``d_k <= h``); the off-axis region ``O``
+    holds the pixels beyond ``h_k`` on at least two axes. ``E(O)`` is the map's mass fraction
+    in ``O``, ``E0(O)`` the same for the product of its marginal profiles.
 
     Args:
-        heatmap: non-negative ERF map.
+        heatmap: non-negative ERF map (2 or 3 dims; 1-D maps have no off-axis region).
         centre: integer pixel per dim (the seed unit's centre pixel).
 
     Returns:
-        A float ``<= 1``; NaN for a zero map; 0.0 when ``C0 = 1``.
+        A float ``<= 1``; 0.0 when ``E0(O) = 0`` (nothing can be off the axes: a line, a
+        point, a map narrower than its median band); NaN for a zero map.
 
     Examples:
         >>> import torch
         >>> plus = torch.zeros(7, 7)
         >>> plus[3, :] = 1.0
         >>> plus[:, 3] = 1.0
-        >>> round(cross_score(plus, (3, 3)), 12)
+        >>> cross_score(plus, (3, 3))
         1.0
         >>> box = torch.zeros(7, 7)
         >>> box[1:6, 1:6] = 1.0
@@ -144,25 +152,25 @@ def cross_score(heatmap: MapLike, centre: Sequence[int]) -> float:
         return math.nan
     p = x / total
     nd = x.dim()
-    # A pixel is on the cross when at most one of its coordinates differs from the centre's.
-    off = torch.zeros(x.shape, dtype=torch.int64)
+    beyond = torch.zeros(x.shape, dtype=torch.int64)
     marginals = []
     for d in range(nd):
+        others = [k for k in range(nd) if k != d]
+        profile = p.sum(dim=others) if others else p
+        dist = (torch.arange(x.shape[d]) - c[d]).abs()
+        # Mass at each distance from the centre, and the median distance h.
+        by_dist = torch.zeros(int(dist.max()) + 1, dtype=torch.float64).index_add_(0, dist, profile)
+        h = int(torch.nonzero(by_dist.cumsum(0) >= 0.5 - 1e-12)[0, 0])
         view = [1] * nd
         view[d] = x.shape[d]
-        off = off + (torch.arange(x.shape[d]) != c[d]).view(view).to(torch.int64)
-        others = [k for k in range(nd) if k != d]
-        marginals.append(p.sum(dim=others) if others else p)
-    on = off <= 1
-    mass = float(p[on].sum())
-    product = reduce(
-        torch.mul,
-        [m.view([-1 if k == d else 1 for k in range(nd)]) for d, m in enumerate(marginals)],
-    )
-    expected = float(product.expand(x.shape)[on].sum())
-    if 1.0 - expected <= 1e-12:
+        beyond = beyond + (dist > h).view(view).to(torch.int64)
+        marginals.append(profile.view(view))
+    off = beyond.expand(x.shape) >= 2
+    separable = reduce(torch.mul, marginals).expand(x.shape)
+    expected = float(separable[off].sum())
+    if expected <= 1e-12:
         return 0.0
-    return (mass - expected) / (1.0 - expected)
+    return 1.0 - float(p[off].sum()) / expected
 
 
 def _box_slices(box: Box, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -190,25 +198,36 @@ def dead_fraction(heatmap: MapLike, box: Box) -> float:
 
 
 def gridding_period(heatmap: MapLike, box: Box) -> tuple[int, ...]:
-    """Per axis, the gcd of the distances between non-zero entries of the marginal profile
-    inside ``box`` (1 when there is no period or fewer than two non-zero entries).
+    """Per axis, the period of the live/dead pattern of the map's marginal profile inside
+    ``box``: the smallest ``p <= n / 2`` with ``live[i] == live[i + p]`` for every ``i`` (``n``
+    entries; ``live`` = the profile is non-zero there); 1 when every entry is live or no such
+    period exists.
 
     Examples:
         >>> import torch
         >>> m = torch.zeros(9, 9)
-        >>> m[::2, ::3] = 1.0
+        >>> m[::2, ::3] = 1.0  # every other row, every third column
         >>> gridding_period(m, ((0, 8), (0, 8)))
         (2, 3)
+        >>> bands = torch.zeros(4, 16)
+        >>> bands[:, [0, 1, 2, 3, 8, 9, 10, 11]] = 1.0  # 4 live, 4 dead, ...
+        >>> gridding_period(bands, ((0, 3), (0, 15)))
+        (1, 8)
     """
     x = _as_float64(heatmap)
     inside = x[_box_slices(box, tuple(x.shape))]
     out = []
     for d in range(inside.dim()):
         others = [k for k in range(inside.dim()) if k != d]
-        profile = inside.sum(dim=others) if others else inside
-        nz = torch.nonzero(profile > 0).flatten().tolist()
-        steps = [b - a for a, b in itertools.pairwise(nz)]
-        out.append(reduce(math.gcd, steps) if steps else 1)
+        live = ((inside.sum(dim=others) if others else inside) > 0).tolist()
+        n = len(live)
+        period = 1
+        if not all(live):
+            for q in range(1, n // 2 + 1):
+                if all(live[i] == live[i + q] for i in range(n - q)):
+                    period = q
+                    break
+        out.append(period)
     return tuple(out)
 
 
