@@ -282,30 +282,33 @@ class MonitorEngine:
         self._thresholds = self._resolve_thresholds(names)
         try:
             from erf_monitor._positions import request
-            from erf_monitor._trf import theoretical_rfs
+            from erf_monitor._trf import theoretical_rf, theoretical_rfs
 
             # The analysis is not supposed to touch flags, buffers or RNG; make sure of it (once
             # per fit), so that training stays bit-for-bit identical whatever it does.
             flags = [(m, m.training) for m in net.modules()]
             buffers = [(b, b.detach().clone()) for b in net.buffers()]
+            req = request(self.position, self.probe_batch.dim() - 2)
+            kwargs: dict[str, Any] = {
+                "forward_fn": self.forward_fn,
+                "token_layout": layouts_for(self.token_layout, names),
+                "mode": self.mode,
+            }
+            shape = tuple(self.probe_batch.shape[1:])
             try:
                 with preserved_rng(device):
-                    units = theoretical_rfs(
-                        net,
-                        tuple(self.probe_batch.shape[1:]),
-                        names,
-                        request(self.position, self.probe_batch.dim() - 2),
-                        forward_fn=self.forward_fn,
-                        token_layout=layouts_for(self.token_layout, names),
-                        mode=self.mode,
-                    )
+                    if req.is_default:
+                        trfs = theoretical_rf(net, shape, names, **kwargs)
+                        units = {n: {"centre": t} for n, t in trfs.items()}
+                    else:  # every probed unit's TRF from one trace
+                        units = theoretical_rfs(net, shape, names, req, **kwargs)
             finally:
                 for m, flag in flags:
                     m.training = flag
                 with torch.no_grad():
                     for b, saved in buffers:
                         b.copy_(saved)
-            primary = request(self.position, self.probe_batch.dim() - 2).primary.key
+            primary = req.primary.key
             self.trfs = {n: units.get(n, {}).get(primary) for n in names}
             self.unit_trfs = {
                 n: tuple({tuple(t.output_centre): t for t in units.get(n, {}).values()}.values())

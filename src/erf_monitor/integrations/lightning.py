@@ -51,6 +51,8 @@ class ERFMonitor(EngineView, _CallbackBase):
       ``trf_size``, ``area_t20`` ... ``area_t99``, ``sigma_y/x``, ``centroid_offset_y/x``,
       ``gaussian_r2``) and ``erf/probe_time_s``;
     * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
+    * with ``position`` other units than the centre: ``erf/<layer>/<position>/<metric>``, and
+      for a set of positions ``erf/<layer>/border_ratio`` and the ``erf/<layer>/field`` image;
     * coverage alerts as text (``alerts/erf_coverage/<layer>``).
 
     What to probe, how often, the coverage alert and the failure policy are the shared
