@@ -4,10 +4,12 @@ A seeded generator builds a few hundred small CNNs (random depth, kernel sizes i
 ones, strides, dilations, paddings and padding modes, in-place activations, residual blocks
 with an in-place ``+=``, concatenations, max/avg pooling with ``ceil_mode``, BatchNorm) and
 probes 1 to 3 random layers (top-level blocks or modules inside them) in a random mode, with
-or without cropping. For every case:
+or without cropping, at a random position (the centre, an output index, negative or not, a
+fraction of the output plane, corners, edges or a small grid). For every case:
 
 * every layer's map equals a slow reference written here: one layer and one image at a time,
-  a forward stopped inside the layer's hook, an input-only backward, the mode's reduction;
+  a forward stopped inside the layer's hook, an input-only backward, the mode's reduction,
+  at the seeded unit (for sets: the centre, a corner and a random position of the set);
 * the map's support lies inside the reported clipped TRF (and the TRF is not contradicted);
 * torch's, Python's and NumPy's random streams are unchanged;
 * the model is unchanged: parameters, buffers, every ``training`` flag, no ``.grad``, no hook.
@@ -137,6 +139,51 @@ class Case:
     layers: list[str]
     mode: str
     crop: bool | str
+    position: object = "centre"
+
+
+def output_grids(model: nn.Module, x: torch.Tensor, layers: list[str]) -> list[tuple[int, ...]]:
+    """Spatial output shape of each layer's first call (eval mode, flags restored)."""
+    grids: dict[str, tuple[int, ...]] = {}
+    modules = dict(model.named_modules())
+    flags = [(m, m.training) for m in model.modules()]
+
+    def hook(name: str) -> object:
+        def fn(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            grids.setdefault(name, tuple(out.shape[2:]))  # returns None: output unchanged
+
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]  # type: ignore[arg-type]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1].clone())
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.training = flag
+    return [grids[name] for name in layers]
+
+
+def random_position(rng: random.Random, grids: list[tuple[int, ...]]) -> object:
+    """A position valid on every grid (indices within the smallest one, negative or not)."""
+    kind = rng.choice(["centre"] * 3 + ["index", "fraction", "corners", "edges", "grid", "list"])
+    if kind in ("centre", "corners", "edges"):
+        return kind
+    if kind == "grid":
+        return rng.choice([f"grid:{rng.randint(2, 3)}", ("grid", 2)])
+    small = [min(g[d] for g in grids) for d in range(2)]
+
+    def one() -> tuple[int | float, ...]:
+        if kind == "fraction" or rng.random() < 0.3:
+            return tuple(rng.choice([0.0, 1.0, rng.random()]) for _ in range(2))
+        return tuple(rng.randint(-s, s - 1) for s in small)
+
+    if kind == "list":
+        return list(dict.fromkeys([one(), one()]))
+    return one()
 
 
 def make_case(seed: int) -> Case:
@@ -165,7 +212,9 @@ def make_case(seed: int) -> Case:
     mode = rng.choice(["luo", "luo", "replknet", "openerf"])
     crop = rng.choice([False, True, "auto"])
     model.train(rng.random() < 0.5)  # the probe runs in eval mode and restores the flags
-    return Case(model, x, layers, mode, crop)
+    # Its own generator: the architectures stay those of the seeds before positions existed.
+    position = random_position(random.Random(seed + 1_000_003), output_grids(model, x, layers))
+    return Case(model, x, layers, mode, crop, position)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -175,8 +224,15 @@ class _Stop(Exception):
     pass
 
 
-def reference(model: nn.Module, x: torch.Tensor, layer: str, mode: str) -> torch.Tensor:
-    """The mode's map, one image at a time, the forward stopped in the layer's hook."""
+def reference(
+    model: nn.Module,
+    x: torch.Tensor,
+    layer: str,
+    mode: str,
+    index: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """The mode's map of output unit ``index`` (default: the centre unit ``S' // 2``), one
+    image at a time, the forward stopped in the layer's hook."""
     module = dict(model.named_modules())[layer]
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -187,7 +243,8 @@ def reference(model: nn.Module, x: torch.Tensor, layer: str, mode: str) -> torch
             seeds: list[torch.Tensor] = []
 
             def hook(_m: nn.Module, _i: object, out: torch.Tensor, seeds: list = seeds) -> None:
-                unit = out[(0, slice(None), *(s // 2 for s in out.shape[2:]))]
+                at = tuple(s // 2 for s in out.shape[2:]) if index is None else index
+                unit = out[(0, slice(None), *at)]
                 if mode == "replknet":
                     seeds.append(torch.relu(unit).sum())
                 elif mode == "openerf":
@@ -256,18 +313,31 @@ def test_random_architecture(seed: int) -> None:
     before = snapshot(case.model)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = em.compute_erf(case.model, case.x, case.layers, mode=case.mode, crop=case.crop)  # type: ignore[arg-type]
+        res = em.compute_erf(
+            case.model, case.x, case.layers, mode=case.mode, crop=case.crop,  # type: ignore[arg-type]
+            position=case.position,  # type: ignore[arg-type]
+        )  # fmt: skip
     assert_untouched(case.model, before)
     messages = [str(w.message) for w in rec]
     assert not [m for m in messages if "outside the clipped TRF" in m or "cropping" in m], messages
+    pick = random.Random(seed)
     for name in case.layers:
-        r = res[name]
-        ref = reference(case.model, case.x, name, case.mode)
-        scale = float(ref.abs().max()) or 1.0
-        torch.testing.assert_close(r.heatmap, ref, rtol=1e-4, atol=1e-5 * scale, msg=name)
-        assert r.trf is not None and r.trf_issue is None, name
-        if not r.trf.is_global:
-            box = torch.zeros_like(r.heatmap, dtype=torch.bool)
-            (r0, r1), (c0, c1) = r.trf.clipped
-            box[r0 : r1 + 1, c0 : c1 + 1] = True
-            assert not bool((r.heatmap > 0)[~box].any()), (name, r.trf)
+        field = res[name].field
+        checked = [res[name]]
+        if field is not None:  # the centre, a corner and one more position of the set
+            others = [r for key, r in field.items() if key != "centre"]
+            corners = field.corners or others
+            checked += [pick.choice(corners), pick.choice(others)]
+        for r in checked:
+            what = (name, r.position, r.output_index)
+            index = None if r.position == "centre" else r.output_index
+            ref = reference(case.model, case.x, name, case.mode, index)
+            scale = float(ref.abs().max()) or 1.0
+            torch.testing.assert_close(r.heatmap, ref, rtol=1e-4, atol=1e-5 * scale, msg=str(what))
+            assert r.trf is not None and r.trf_issue is None, what
+            assert tuple(r.trf.output_centre) == r.output_index, what
+            if not r.trf.is_global:
+                box = torch.zeros_like(r.heatmap, dtype=torch.bool)
+                (r0, r1), (c0, c1) = r.trf.clipped
+                box[r0 : r1 + 1, c0 : c1 + 1] = True
+                assert not bool((r.heatmap > 0)[~box].any()), (what, r.trf)

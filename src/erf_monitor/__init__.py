@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor._field import ERFField
 from erf_monitor._images import load_images
 from erf_monitor._options import MonitorOptions
 from erf_monitor._probe import compute_erf
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TRF",
     "ERFCoverageWarning",
+    "ERFField",
     "ERFMonitor",
     "ERFProbeError",
     "ERFProbeWarning",

@@ -212,6 +212,24 @@ def _report(engine: MonitorEngine, kind: str, message: str, exc: BaseException) 
         log.info("erf-monitor: %s", message)
 
 
+def _single_position(engine: MonitorEngine) -> Any:
+    """The unit the distributed probe seeds: ``position`` when it names one unit; for a set
+    (``"corners"``, a grid...) the centre, said once: only one map per layer is all-reduced."""
+    from erf_monitor._positions import request
+
+    req = request(engine.position)
+    if req.is_set:
+        if "position" not in engine._reported:
+            engine._reported.add("position")
+            log.warning(
+                "erf-monitor: the distributed probe measures one unit per layer; position=%r is "
+                "a set, so only its centre unit is probed (probe on one rank for the field).",
+                engine.position,
+            )
+        return "centre"
+    return engine.position
+
+
 def _share(n: int, rank: int, world: int) -> tuple[list[int], int]:
     """Indices of this rank's samples (``ceil(n / world)`` on every rank) and how many are real."""
     per = math.ceil(n / world)
@@ -289,6 +307,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
                     token_layout=engine._layouts,
                     keep_per_sample=True,
                     crop="auto" if kind is None else False,
+                    position=_single_position(engine),
                 )
             for i, name in enumerate(names):
                 per_sample = local[name].per_sample

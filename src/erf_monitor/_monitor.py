@@ -215,6 +215,7 @@ class MonitorEngine:
         self.strict = opts.strict
         self.summary = opts.summary
         self.token_layout: TokenLayoutArg = opts.token_layout
+        self.position = opts.position
         probe_inputs = opts.probe_inputs
 
         # -- state (checkpointed) ------------------------------------------------------------
@@ -229,6 +230,8 @@ class MonitorEngine:
         # -- caches (not checkpointed) -------------------------------------------------------
         self.layer_names: list[str] | None = None
         self.trfs: dict[str, TRF | None] | None = None
+        #: With a set of positions (or another unit than the centre): every probed unit's TRF.
+        self.unit_trfs: dict[str, tuple[TRF, ...]] = {}
         self._thresholds: dict[str, float] = {}
         self._layouts: dict[str, TokenLayout] = {}
         self._disabled: str | None = None
@@ -339,29 +342,39 @@ class MonitorEngine:
         self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
         self._thresholds = self._resolve_thresholds(net, names)
         try:
-            from erf_monitor._trf import theoretical_rf
+            from erf_monitor._positions import request
+            from erf_monitor._trf import theoretical_rf, theoretical_rfs
 
             # The analysis is not supposed to touch flags, buffers or RNG; make sure of it (once
             # per fit), so that training stays bit-for-bit identical whatever it does.
             flags = [(m, m.training) for m in net.modules()]
             buffers = [(b, b.detach().clone()) for b in net.buffers()]
+            req = request(self.position, self.probe_batch.dim() - 2)
+            kwargs: dict[str, Any] = {
+                "forward_fn": self.forward_fn,
+                "token_layout": self._layouts,
+                "mode": self.mode,
+            }
+            shape = tuple(self.probe_batch.shape[1:])
             try:
                 with preserved_rng(device):
-                    trfs = theoretical_rf(
-                        net,
-                        tuple(self.probe_batch.shape[1:]),
-                        names,
-                        forward_fn=self.forward_fn,
-                        token_layout=self._layouts,
-                        mode=self.mode,
-                    )
+                    if req.is_default:
+                        trfs = theoretical_rf(net, shape, names, **kwargs)
+                        units = {n: {"centre": t} for n, t in trfs.items()}
+                    else:  # every probed unit's TRF from one trace
+                        units = theoretical_rfs(net, shape, names, req, **kwargs)
             finally:
                 for m, flag in flags:
                     m.training = flag
                 with torch.no_grad():
                     for b, saved in buffers:
                         b.copy_(saved)
-            self.trfs = {n: trfs.get(n) for n in names}
+            primary = req.primary.key
+            self.trfs = {n: units.get(n, {}).get(primary) for n in names}
+            self.unit_trfs = {
+                n: tuple({tuple(t.output_centre): t for t in units.get(n, {}).values()}.values())
+                for n in names
+            }
         except Exception as exc:
             self.report(
                 "trf",
@@ -370,6 +383,7 @@ class MonitorEngine:
                 exc,
             )
             self.trfs = {n: None for n in names}
+            self.unit_trfs = {}
 
     def _resolve_thresholds(self, net: nn.Module, names: list[str]) -> dict[str, float]:
         cov = self.min_coverage
@@ -485,8 +499,9 @@ class MonitorEngine:
                     mode=self.mode,
                     chunk_size=self.chunk_size,
                     forward_fn=self.forward_fn,
-                    trf=self.trfs,
+                    trf=self._given_trfs(),
                     token_layout=self._layouts,
+                    position=self.position,
                 )
         except Exception as exc:
             _warn.reissue(caught)
@@ -514,12 +529,18 @@ class MonitorEngine:
         self.latest = results
         for name, r in results.items():
             trf = self.trfs.get(name)
-            if r.trf_issue is not None and trf is not None and name not in self._contradicted:
+            others = r.field.values() if r.field is not None else ()
+            issue = r.trf_issue is not None or any(x.trf_issue is not None for x in others)
+            if issue and name not in self._contradicted and (trf or self.unit_trfs.get(name)):
                 # The map contradicts the TRF: it is reported unknown from now on (the probe
                 # rejects it again each time, silently). Its geometry still gives the seed
                 # unit's centre, so metrics stay comparable; no more cropping to it.
                 self._contradicted.add(name)
-                self.trfs[name] = dataclasses.replace(trf, local=False)
+                if trf is not None:
+                    self.trfs[name] = dataclasses.replace(trf, local=False)
+                self.unit_trfs[name] = tuple(
+                    dataclasses.replace(t, local=False) for t in self.unit_trfs.get(name, ())
+                )
         for name, values in results.scalars().items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)
@@ -541,6 +562,13 @@ class MonitorEngine:
         outcome.alerts = self._check_alerts(results, step)
         self.sinks.flush()
         self._raise_sink_errors()
+
+    def _given_trfs(self) -> dict[str, Any]:
+        """The cached TRFs for the probe: every probed unit's when there are several."""
+        assert self.trfs is not None
+        if not any(len(units) > 1 for units in self.unit_trfs.values()):
+            return dict(self.trfs)
+        return {n: self.unit_trfs.get(n) or self.trfs.get(n) for n in self.trfs}
 
     def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
         fired: list[str] = []

@@ -20,6 +20,7 @@ from typing_extensions import TypedDict
 
 from erf_monitor._batch import InputKey
 from erf_monitor._modes import Mode, check_mode
+from erf_monitor._positions import PositionSpec, check_position
 from erf_monitor._tokens import TokenLayoutArg, check_token_layout
 
 __all__ = [
@@ -131,6 +132,13 @@ class MonitorOptions:
         distributed_probe: ``"auto"`` (every rank probes its share when the parameters are
             sharded, else rank 0 alone), ``True`` (every rank probes its share, also under
             DDP) or ``False`` (rank 0 alone; sharded models are refused).
+        position: which output unit(s) to probe, as in :func:`~erf_monitor.compute_erf`:
+            ``"centre"`` (default), an index ``(0, -1)``, a fraction ``(0.0, 0.5)``, or a
+            set (``"corners"``, ``"edges"``, ``"grid:5"``, a list). Metrics of other units
+            than the centre are logged as ``<prefix>/<layer>/<position>/<metric>`` (e.g.
+            ``erf/layer4/corner_top_left/coverage``); with a set the centre's stay at
+            ``<prefix>/<layer>/<metric>`` with ``border_ratio``, the field figure at
+            ``<prefix>/<layer>/field``, and the coverage alert watches the centre unit.
 
     Examples:
         >>> import erf_monitor as em
@@ -163,6 +171,7 @@ class MonitorOptions:
     token_layout: TokenLayoutArg = None
     distributed_probe: DistributedProbe = "auto"
     summary: bool = True
+    position: PositionSpec = "centre"
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: through object.__setattr__) so that the engine can rely
@@ -226,6 +235,9 @@ class MonitorOptions:
             raise ValueError(
                 f"distributed_probe must be 'auto', True or False, got {self.distributed_probe!r}"
             )
+        check_position(self.position)
+        if isinstance(self.position, list):  # frozen options: keep it immutable
+            put("position", tuple(self.position))
 
     @property
     def source(self) -> str:
@@ -289,3 +301,4 @@ class MonitorKwargs(TypedDict, total=False):
     token_layout: TokenLayoutArg
     distributed_probe: DistributedProbe
     summary: bool
+    position: PositionSpec

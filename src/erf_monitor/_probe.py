@@ -1,4 +1,4 @@
-"""The probe: centre-pixel ERF maps of several layers from one forward and batched backwards.
+"""The probe: ERF maps of several layers from one forward and batched backwards.
 
 Design in one paragraph: a forward hook on each watched layer turns the layer's first output
 into its seed right away (token layout applied, the seed unit indexed and *cloned*), so that
@@ -14,6 +14,13 @@ own (its forward then stops in its hook, so nothing runs after it). The model ge
 the input, so a model that normalises its input in place works too. Everything the probe
 changes (training flags, buffers in train mode, every RNG stream, hooks, autocast, compile
 stance) is restored in ``finally``.
+
+Positions (``position=``, :mod:`erf_monitor._positions`): the hook keeps every requested
+seed unit of the layer (the centre unit by default), each with its own TRF (the fx walk starts
+at that unit); units whose clipped TRFs are disjoint share a backward and the rest reuse the
+graph of the same forward (:mod:`erf_monitor._seeds`). Cropping works per unit: a layer's
+units run on one window around all of them or each on its own, whichever is estimated cheaper
+(:func:`_layer_items`); everything below about "the centre unit" holds for each seed unit.
 
 Every map is checked against the layer's TRF (the consistency check, on every probe): mass
 outside a finite clipped TRF means the TRF is wrong; it is then reported unknown (warning
@@ -47,13 +54,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from erf_monitor import _metrics
+from erf_monitor import _metrics, _seeds
 from erf_monitor._auto import pick_layers
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
-from erf_monitor._hints import check_not_meta, forward_error, input_grad, is_own_error
+from erf_monitor._hints import check_not_meta, forward_error, is_own_error
 from erf_monitor._layers import locate_layer, resolve_layers, unwrap_compiled
 from erf_monitor._modes import Mode, check_mode, sample_maps, seed_index, seed_value
 from erf_monitor._outputs import select_output, to_spatial, warn_if_degenerate_seed
+from erf_monitor._positions import (
+    PositionRequest,
+    PositionSpec,
+    check_position,
+    request,
+)
 from erf_monitor._result import ERFResult, ERFResults
 from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for
@@ -80,11 +93,11 @@ class _Capture:
     """What a layer's forward hook kept of its first output."""
 
     calls: int = 0
-    unit: torch.Tensor | None = None  # the seed unit (N, K), cloned inside the hook
-    index: tuple[int, ...] = ()  # its index on the (possibly cropped) output grid
+    #: The seed units ``(N, K)``, cloned inside the hook, by their index on the full output
+    #: grid (a unit that a cropped output does not hold is missing).
+    units: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     grid: tuple[int, ...] = ()  # the output's spatial shape
     tokens: bool = False  # the output was read on its token grid
-    outside: bool = False  # a cropped output that does not hold the seed unit
     error: Exception | None = None  # raised in the hook; re-raised after the forward
 
 
@@ -307,12 +320,30 @@ class _Window:
         )
 
 
+Index = tuple[int, ...]
+
+
 @dataclass
 class _Group:
-    """Layers probed from one forward on one input window (``None``: the full input)."""
+    """Seed units probed from one forward on one input window (``None``: the full input).
+
+    ``units[layer]`` lists the output indices (on the full output grid) probed for the layer;
+    a layer without an entry probes every requested position, resolved on its output grid in
+    the hook (only in full-input groups). ``pack``: units with disjoint TRFs may share a
+    backward (:mod:`erf_monitor._seeds`).
+    """
 
     window: _Window | None
     layers: list[str]
+    units: dict[str, list[Index]] = field(default_factory=dict)
+    pack: bool = True
+
+    def add(self, name: str, indices: Sequence[Index]) -> None:
+        if name not in self.layers:
+            self.layers.append(name)
+        if indices:
+            have = self.units.setdefault(name, [])
+            have += [i for i in indices if i not in have]
 
 
 def _integer_strides(trf: TRF) -> tuple[int, ...] | None:
@@ -360,35 +391,117 @@ def _aligned(window: _Window | None, trf: TRF | None) -> bool:
     return strides is not None and all(a % s == 0 for a, s in zip(window.start, strides))
 
 
+#: The planner's cost of a forward on a window of ``A`` pixels is ``A ** _PIXEL_EXPONENT`` plus
+#: ``_FORWARD_OVERHEAD`` (in the same units), a backward ``_BACKWARD_COST`` times that without
+#: the overhead. Fitted on CPU (resnet50, 5 x 5 grids at 224 to 640 px; docs/benchmarks.md):
+#: a pixel of a large tensor costs more than one of a small crop (caches), and every extra
+#: forward costs Python and hook time. Only speed depends on these, never a number.
+_BACKWARD_COST = 1.0
+_PIXEL_EXPONENT = 1.2
+_FORWARD_OVERHEAD = 4e4
+
+
+def _cost(area: int, backwards: int) -> float:
+    return float(area) ** _PIXEL_EXPONENT * (1 + _BACKWARD_COST * backwards) + _FORWARD_OVERHEAD
+
+
+def _box(trf: TRF | None) -> _seeds.Box | None:
+    """The clipped TRF box of a unit, when it may be packed: an exact (fx), finite field
+    through local operations (what cropping trusts too)."""
+    if trf is None or trf.method != "fx" or not trf.local or trf.is_global or trf.data_dependent:
+        return None
+    return tuple((int(lo), int(hi)) for lo, hi in trf.clipped)
+
+
+def _boxes(units: Mapping[Index, TRF | None]) -> dict[Index, _seeds.Box] | None:
+    """Every unit's box, or ``None`` when one of them cannot be packed."""
+    out = {}
+    for idx, trf in units.items():
+        box = _box(trf)
+        if box is None:
+            return None
+        out[idx] = box
+    return out
+
+
+def _union(windows: Sequence[_Window], spatial: tuple[int, ...]) -> _Window | None:
+    """The smallest window holding every one (stride-aligned if they are); ``None``: the input."""
+    start = tuple(min(w.start[d] for w in windows) for d in range(len(spatial)))
+    stop = tuple(max(w.stop[d] for w in windows) for d in range(len(spatial)))
+    return None if stop == spatial and not any(start) else _Window(start, stop)
+
+
+def _layer_items(
+    units: Mapping[Index, TRF], spatial: tuple[int, ...], crop: CropOption
+) -> list[tuple[_Window | None, list[Index]]]:
+    """How one layer's seed units are cropped: ``[(window, units)]``.
+
+    ``crop=True``: each unit on its own window. ``"auto"``: one window around all of them
+    (one forward, packed backwards) or one per unit, whichever :func:`_cost` says is
+    cheaper.
+    """
+    total = math.prod(spatial)
+    windows: dict[Index, _Window | None] = {}
+    for idx, trf in units.items():
+        w = _crop_window(trf, spatial)
+        if w is not None and crop == "auto" and w.area > _CROP_MAX_FRACTION * total:
+            w = None
+        windows[idx] = w
+    full = [i for i, w in windows.items() if w is None]
+    own = [(w, [i]) for i, w in windows.items() if w is not None]
+    split: list[tuple[_Window | None, list[Index]]] = [*own, *([(None, full)] if full else [])]
+    if crop is True or len(units) == 1:
+        return split
+    boxes = _boxes(units)
+
+    def backwards(idxs: list[Index]) -> int:
+        return len(_seeds.pack_units(idxs, boxes))
+
+    shared_window = None if full else _union([w for w, _ in own], spatial)
+    shared = _cost(total if shared_window is None else shared_window.area, backwards(list(units)))
+    separate = sum(_cost(w.area, 1) for w, _ in own)
+    if full:
+        separate += _cost(total, backwards(full))
+    return [(shared_window, list(units))] if shared <= separate else split
+
+
 def _plan_groups(
     names: Sequence[str],
-    trfs: Mapping[str, TRF | None],
+    trfs: Mapping[str, Mapping[Index, TRF] | TRF | None],
     spatial: tuple[int, ...],
     crop: CropOption,
     train_mode: bool,
 ) -> list[_Group]:
-    """Group layers by input window; the full-input group (if any) comes last."""
-    full = _Group(None, [])
+    """Group seed units by input window; the full-input group (if any) comes last.
+
+    ``trfs[layer]`` maps each seed unit of the layer to its TRF (one TRF: its unit only); a
+    layer without any is probed on the full input, its units resolved on its output grid.
+    """
+    by_index = {
+        name: {tuple(t.output_centre): t} if isinstance(t, TRF) else dict(t or {})
+        for name, t in trfs.items()
+    }
     if crop is False or train_mode:
-        return [_Group(None, list(names))]
+        return [_Group(None, list(names), pack=not train_mode)]
     total = math.prod(spatial)
-    windows: dict[str, _Window | None] = {}
+    items: list[tuple[str, _Window | None, list[Index]]] = []
     for name in names:
-        w = _crop_window(trfs.get(name), spatial)
-        if w is not None and crop == "auto" and w.area > _CROP_MAX_FRACTION * total:
-            w = None
-        windows[name] = w
+        units = by_index.get(name) or {}
+        if not units:
+            items.append((name, None, []))
+            continue
+        items += [(name, w, idxs) for w, idxs in _layer_items(units, spatial, crop)]
+    full = _Group(None, [])
     groups: list[_Group] = []
 
     def area(w: _Window | None) -> int:
         return total if w is None else w.area
 
-    order = sorted(names, key=lambda n: -area(windows[n]))
-    for name in order:
-        w = windows[name]
+    for name, w, idxs in sorted(items, key=lambda item: -area(item[1])):
         if w is None:
-            full.layers.append(name)
+            full.add(name, idxs)
             continue
+        layer_trf = next(iter(by_index[name].values()))
         candidates = [full] if full.layers else []
         candidates += groups
         best: _Group | None = None
@@ -397,7 +510,7 @@ def _plan_groups(
             g_area = area(gw)
             if gw is not None and not gw.contains(w):
                 continue
-            if not _aligned(gw, trfs.get(name)):
+            if not _aligned(gw, layer_trf):
                 continue
             same = gw == w
             if not same and (crop is True or w.area < _CROP_MERGE_FRACTION * g_area):
@@ -405,9 +518,9 @@ def _plan_groups(
             if best is None or g_area < area(best.window):
                 best = g
         if best is not None:
-            best.layers.append(name)
+            best.add(name, idxs)
         else:
-            groups.append(_Group(w, [name]))
+            groups.append(_Group(w, [name], {name: list(idxs)}))
     rank = {name: i for i, name in enumerate(names)}
     out = [g for g in groups if g.layers]
     if full.layers:
@@ -418,19 +531,32 @@ def _plan_groups(
 
 
 def _without_cropping(groups: list[_Group], moved: list[str], names: Sequence[str]) -> list[_Group]:
-    """The plan with ``moved`` taken out of the cropped groups and into the full-input one."""
-    out = [_Group(g.window, [n for n in g.layers if n not in moved]) for g in groups]
-    full = [n for g in groups if g.window is None for n in g.layers] + list(moved)
-    out = [g for g in out if g.window is not None and g.layers]
-    return [*out, _Group(None, [n for n in names if n in full])]
+    """The plan with the layers ``moved`` taken out of the cropped groups and probed whole
+    (every requested unit) in the full-input one."""
+    out = []
+    for g in groups:
+        if g.window is None:
+            continue
+        kept = [n for n in g.layers if n not in moved]
+        if kept:
+            out.append(_Group(g.window, kept, {n: g.units[n] for n in kept if n in g.units}))
+    full = _Group(None, [])
+    for g in groups:
+        if g.window is None:
+            for n in g.layers:
+                full.add(n, [] if n in moved else g.units.get(n, []))
+    for n in moved:
+        full.add(n, [])
+        full.units.pop(n, None)
+    full.layers.sort(key=list(names).index)
+    return [*out, full]
 
 
-def _crop_index(trf: TRF | None, window: _Window) -> tuple[int, ...]:
-    """The seed unit (``trf.output_centre``) as an index of the output of the cropped input."""
-    assert trf is not None
+def _crop_index(trf: TRF, index: Index, window: _Window) -> Index:
+    """Output unit ``index`` (full grid) as an index of the output of the cropped input."""
     strides = _integer_strides(trf)
     assert strides is not None
-    return tuple(c - a // s for c, a, s in zip(trf.output_centre, window.start, strides))
+    return tuple(c - a // s for c, a, s in zip(index, window.start, strides))
 
 
 def _margin_clear(grad: torch.Tensor, window: _Window, spatial: tuple[int, ...]) -> bool:
@@ -446,17 +572,32 @@ def _margin_clear(grad: torch.Tensor, window: _Window, spatial: tuple[int, ...])
 
 @dataclass
 class _Acc:
-    """What the probe accumulates per layer over chunks."""
+    """What the probe accumulates per layer and seed unit over chunks."""
 
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    per_sample: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    grids: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    sums: dict[tuple[str, Index], torch.Tensor] = field(default_factory=dict)
+    per_sample: dict[tuple[str, Index], list[torch.Tensor]] = field(default_factory=dict)
+    grids: dict[str, Index] = field(default_factory=dict)
+    tokens: dict[str, bool] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, index: Index, maps: torch.Tensor, keep: bool) -> None:
+        key = (name, index)
+        self.sums[key] = self.sums[key] + maps.sum(0) if key in self.sums else maps.sum(0)
+        if keep:
+            self.per_sample.setdefault(key, []).append(maps)
 
 
 def _is_inplace_error(exc: RuntimeError) -> bool:
     return "modified by an inplace operation" in str(exc)
+
+
+def _check_finite(name: str, t: torch.Tensor, what: str, grid: Index) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ERFProbeError(
+            f"Layer {name!r}: {what} contains NaN or Inf (output grid {grid}). The model or "
+            "its weights produce non-finite values on the probe input; check for NaN weights "
+            "or overflowing activations."
+        )
 
 
 def _probe_group(
@@ -464,21 +605,27 @@ def _probe_group(
     fwd: ForwardFn,
     x_chunk: torch.Tensor,
     group: _Group,
-    trfs: Mapping[str, TRF | None],
+    trfs: Mapping[str, Mapping[Index, TRF]],
+    req: PositionRequest,
     spatial: tuple[int, ...],
     mode: Mode,
     acc: _Acc,
     keep_per_sample: bool,
     layouts: Mapping[str, TokenLayout] | None = None,
     rejected: list[str] | None = None,
-) -> tuple[set[str], list[str]]:
-    """One forward (early exit) and one input-only backward per layer of ``group``.
+    wanted: dict[str, list[Index]] | None = None,
+) -> tuple[set[tuple[str, Index]], list[str]]:
+    """One forward (early exit) and input-only backwards of every seed unit of ``group``.
 
-    Adds each layer's maps to ``acc`` and returns ``(done, alone)``. A layer of a cropped
-    group that cannot be reproduced exactly (the cropped forward fails, the cropped output
-    lacks the seed unit, or the gradient reaches the crop margin) is in neither, for the
-    caller to run on the full input; ``alone`` are layers whose backward autograd refused
-    because a later in-place op modified a tensor it needs: the caller probes each alone.
+    Adds each unit's maps to ``acc`` and returns ``(done, alone)``: the ``(layer, unit)``
+    pairs done, and the layers whose backward autograd refused because a later in-place op
+    modified a tensor it needs (the caller probes each alone). The units of each layer are
+    recorded in ``wanted``. A unit of a cropped group that cannot be reproduced exactly (the
+    cropped forward fails, the cropped output lacks the unit, or the gradient reaches the
+    crop margin) is not done, for the caller to run on the full input. Units with disjoint
+    TRFs share a backward (``group.pack``); a shared gradient that is not zero outside their
+    TRFs is recomputed unit by unit from the same forward (or, after the group's last
+    backward, which frees the graph, left to the caller).
     """
     window = group.window
     names = group.layers
@@ -488,6 +635,7 @@ def _probe_group(
         x = x[box].contiguous()
     x.requires_grad_(True)
     nd = len(spatial)
+    origin = window.start if window is not None else (0,) * nd
 
     def take(name: str, out: Any, cap: _Capture) -> None:
         y = to_spatial(
@@ -495,14 +643,15 @@ def _probe_group(
         )
         cap.tokens = y is not out  # to_spatial returns conv-like and flat outputs as they are
         cap.grid = tuple(y.shape[2:])
-        if window is None:
-            cap.index = seed_index(mode, cap.grid, cap.tokens)
-        else:
-            cap.index = _crop_index(trfs.get(name), window)
-            if any(not 0 <= i < g for i, g in zip(cap.index, cap.grid)):
-                cap.outside = True
-                return
-        cap.unit = _seed_unit(y, cap.index)
+        units = group.units.get(name)
+        if units is None:
+            units = list(dict.fromkeys(req.indices(cap.grid, mode, cap.tokens, name).values()))
+        if wanted is not None:
+            wanted[name] = list(units)
+        for idx in units:
+            local = idx if window is None else _crop_index(trfs[name][idx], idx, window)
+            if all(0 <= i < g for i, g in zip(local, cap.grid)):
+                cap.units[idx] = _seed_unit(y, local)
 
     try:
         captures = _run_forward(net, fwd, x, names, take)
@@ -512,27 +661,45 @@ def _probe_group(
         if rejected is not None:  # e.g. a ViT that only accepts its own image size
             rejected.extend(names)
         return set(), []
-    done: set[str] = set()
+    done: set[tuple[str, Index]] = set()
     alone: list[str] = []
+    # The group's last backward frees the graph (nothing may keep it alive afterwards).
+    last_name = next((n for n in reversed(names) if captures[n].units), None)
     try:
-        for i, name in enumerate(names):
+        for name in names:
             cap = captures[name]
-            unit = cap.unit
-            last = i == len(names) - 1
-            if unit is None:  # cropped output without the seed unit
+            if not cap.units:  # cropped output without any of the seed units
                 continue
-            if not bool(torch.isfinite(unit).all()):
-                raise ERFProbeError(
-                    f"Layer {name!r}: its output at the seed unit contains NaN or Inf (output "
-                    f"grid {cap.grid}). The model or its weights produce non-finite values on "
-                    "the probe input; check for NaN weights or overflowing activations."
-                )
+            retain = name != last_name
+            for unit in cap.units.values():
+                _check_finite(name, unit, "its output at the seed unit", cap.grid)
             # The degenerate case (a constant channel sum or mean) is the same in both modes.
-            warn_if_degenerate_seed(name, unit, "luo" if mode == "openerf" else mode)
+            warn_if_degenerate_seed(name, next(iter(cap.units.values())),
+                                    "luo" if mode == "openerf" else mode)  # fmt: skip
+            boxes = _boxes({i: trfs.get(name, {}).get(i) for i in cap.units})
+            boxes = boxes if group.pack else None
+            classes = _seeds.pack_units(list(cap.units), boxes)
+            pairs: list[tuple[list[Index], torch.Tensor | None]] = []
             try:
-                (grad,) = input_grad(  # torch.autograd.grad, its known refusals made plain
-                    seed_value(unit, mode), x, retain_graph=not last, allow_unused=True
+                grads = _seeds.class_grads(
+                    [sum_seeds([cap.units[i] for i in cls], mode) for cls in classes], x, retain
                 )
+                for cls, grad in zip(classes, grads):
+                    if (
+                        len(cls) > 1
+                        and grad is not None
+                        and boxes is not None
+                        and not _seeds.clear_outside(grad, [boxes[i] for i in cls], origin)
+                    ):
+                        if not retain:
+                            continue  # the graph is gone: the caller probes them unpacked
+                        # A TRF is wrong: one backward per unit (the consistency check names it).
+                        singles = _seeds.class_grads(
+                            [sum_seeds([cap.units[i]], mode) for i in cls], x, True
+                        )
+                        pairs += [([i], g) for i, g in zip(cls, singles)]
+                    else:
+                        pairs.append((cls, grad))
             except ERFProbeError:
                 raise
             except RuntimeError as exc:
@@ -542,37 +709,44 @@ def _probe_group(
                 raise ERFProbeError(
                     f"Layer {name!r}: the backward failed: {str(exc).splitlines()[0]}"
                 ) from exc
-            if grad is None:  # the layer does not depend on the input at all
-                grad = torch.zeros_like(x)
-            if not torch.isfinite(grad).all():
-                raise ERFProbeError(
-                    f"Layer {name!r}: the ERF gradient contains NaN or Inf (output grid "
-                    f"{cap.grid}). The model or its weights produce non-finite values "
-                    "on the probe input; check for NaN weights or overflowing activations."
-                )
-            if window is not None and not _margin_clear(grad, window, spatial):
-                continue
-            maps = sample_maps(grad, mode).detach().cpu()
+            for cls, maybe_grad in pairs:
+                grad = torch.zeros_like(x) if maybe_grad is None else maybe_grad
+                _check_finite(name, grad, "the ERF gradient", cap.grid)
+                if window is not None and not _margin_clear(grad, window, spatial):
+                    continue
+                maps = sample_maps(grad, mode).detach()
+                for idx in cls:
+                    if len(cls) > 1 and boxes is not None:
+                        m = _seeds.restrict(maps, boxes[idx], origin)
+                    else:
+                        m = maps
+                    m = m.cpu()
+                    if window is not None:
+                        placed = m.new_zeros((m.shape[0], *spatial))
+                        rows: tuple[slice, ...] = (slice(None), *window.slices)
+                        placed[rows] = m
+                        m = placed
+                    acc.add(name, idx, m, keep_per_sample)
+                    done.add((name, idx))
             if window is not None:
-                placed = maps.new_zeros((maps.shape[0], *spatial))
-                rows: tuple[slice, ...] = (slice(None), *window.slices)
-                placed[rows] = maps
-                maps = placed
-                layer_trf = trfs.get(name)
-                assert layer_trf is not None
+                layer_trf = next(iter(trfs[name].values()))
                 acc.grids[name] = tuple(layer_trf.output_shape)
-                acc.indices[name] = tuple(layer_trf.output_centre)
+                acc.tokens[name] = layer_trf.tokens
             else:
                 acc.grids[name] = cap.grid
-                acc.indices[name] = cap.index
+                acc.tokens[name] = cap.tokens
             acc.calls[name] = max(acc.calls.get(name, 0), cap.calls)
-            acc.sums[name] = acc.sums[name] + maps.sum(0) if name in acc.sums else maps.sum(0)
-            if keep_per_sample:
-                acc.per_sample.setdefault(name, []).append(maps)
-            done.add(name)
     finally:
         del captures, x
     return done, alone
+
+
+def sum_seeds(units: Sequence[torch.Tensor], mode: Mode) -> torch.Tensor:
+    """The scalar differentiated for a class of seed units: the sum of their seeds."""
+    total = seed_value(units[0], mode)
+    for unit in units[1:]:
+        total = total + seed_value(unit, mode)
+    return total
 
 
 def _layouts_by_name(
@@ -582,31 +756,61 @@ def _layouts_by_name(
     return layouts_for(token_layout, names)
 
 
+#: What ``trf=`` may hold per layer: one TRF, several (one per seed unit), or none.
+GivenTRF = TRF | Sequence[TRF] | Mapping[Any, TRF] | None
+
+
 def _usable_trfs(
-    trfs: Mapping[str, TRF | None], names: Sequence[str], spatial: tuple[int, ...], mode: Mode
-) -> dict[str, TRF | None]:
-    """Given TRFs that describe the probed unit on this input shape; the others dropped, warned."""
-    out: dict[str, TRF | None] = {}
+    trfs: Mapping[str, GivenTRF],
+    names: Sequence[str],
+    spatial: tuple[int, ...],
+    mode: Mode,
+    req: PositionRequest,
+) -> dict[str, dict[str, TRF]]:
+    """Given TRFs that describe a probed unit on this input shape, by position key; the
+    others dropped, with a warning."""
+    out: dict[str, dict[str, TRF]] = {}
     for name in names:
-        t = trfs.get(name)
-        if t is not None:
+        entry = trfs.get(name)
+        given: list[TRF] = (
+            []
+            if entry is None
+            else [entry]
+            if isinstance(entry, TRF)
+            else list(entry.values())
+            if isinstance(entry, Mapping)
+            else list(entry)
+        )
+        out[name] = {}
+        for t in given:
             why = ""
+            keys: list[str] = []
             if tuple(t.input_shape) != spatial:
                 why = f"it was computed for input shape {tuple(t.input_shape)}, not {spatial}"
-            elif tuple(t.output_centre) != seed_index(mode, tuple(t.output_shape), t.tokens):
-                why = (
-                    f"it describes output unit {tuple(t.output_centre)}, but mode={mode!r} "
-                    f"seeds unit {seed_index(mode, tuple(t.output_shape), t.tokens)} "
-                    "(compute it with theoretical_rf(..., mode=mode))"
-                )
+            else:
+                grid = tuple(t.output_shape)
+                wanted = req.indices(grid, mode, t.tokens, name)
+                keys = [k for k, idx in wanted.items() if idx == tuple(t.output_centre)]
+                if not keys and req.is_default:
+                    why = (
+                        f"it describes output unit {tuple(t.output_centre)}, but mode={mode!r} "
+                        f"seeds unit {seed_index(mode, grid, t.tokens)} "
+                        "(compute it with theoretical_rf(..., mode=mode))"
+                    )
+                elif not keys:
+                    why = (
+                        f"it describes output unit {tuple(t.output_centre)}, which is none of "
+                        f"the probed units {sorted(set(wanted.values()))}"
+                    )
             if why:
                 warnings.warn(
                     f"Layer {name!r}: the TRF passed is not used: {why}.",
                     ERFProbeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-                t = None
-        out[name] = t
+                continue
+            for k in keys:
+                out[name][k] = t
     return out
 
 
@@ -617,17 +821,19 @@ def _geometry(
     forward_fn: ForwardFn | None,
     layouts: Mapping[str, TokenLayout],
     mode: Mode,
-) -> dict[str, TRF]:
+    req: PositionRequest,
+) -> dict[str, dict[str, TRF]]:
     """The TRF analysis used only for the seed units' theoretical centres (silent; ``{}`` if
     the model cannot be analysed)."""
-    from erf_monitor._trf import theoretical_rf
+    from erf_monitor._trf import theoretical_rfs
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return theoretical_rf(
-                net, input_shape, names, forward_fn=forward_fn, token_layout=layouts, mode=mode
-            )
+            return theoretical_rfs(
+                net, input_shape, names, req, forward_fn=forward_fn, token_layout=layouts,
+                mode=mode,
+            )  # fmt: skip
     except Exception:
         return {}
 
@@ -655,11 +861,12 @@ def compute_erf(
     train_mode: bool = False,
     dtype: torch.dtype | None = None,
     keep_per_sample: bool = False,
-    trf: Mapping[str, TRF | None] | Literal["auto", "skip"] = "auto",
+    trf: Mapping[str, GivenTRF] | Literal["auto", "skip"] = "auto",
     crop: CropOption = "auto",
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
+    position: PositionSpec = "centre",
 ) -> ERFResults:
-    """Centre-pixel ERF maps of several layers from one probe.
+    """ERF maps of several layers from one probe, at the centre unit or any other units.
 
     Args:
         model: any ``nn.Module`` (a ``torch.compile``'d one is probed eagerly; a
@@ -691,18 +898,19 @@ def compute_erf(
             Autocast is disabled during the probe.
         keep_per_sample: also return the per-sample maps ``(N, *S)`` (before the mode's
             normalisation over samples).
-        trf: precomputed TRFs per layer (from :func:`theoretical_rf` with the same ``mode``
-            and input shape; others are warned about and not used), ``"auto"`` to compute
-            them, or ``"skip"`` not to report or use any (``ratio`` is then NaN and nothing is
-            cropped). Metrics do not depend on this choice: they are centred on the seed
-            unit's theoretical centre, which comes from the layer geometry in every case.
+        trf: precomputed TRFs per layer (from :func:`theoretical_rf` with the same ``mode``,
+            input shape and position; several per layer for several positions; others are
+            warned about and not used), ``"auto"`` to compute them, or ``"skip"`` not to
+            report or use any (``ratio`` is then NaN and nothing is cropped). Metrics do not
+            depend on this choice: they are centred on the seed unit's theoretical centre,
+            which comes from the layer geometry in every case.
         crop: run each layer's forward and backward on a stride-aligned crop of the input
-            that contains its TRF (exact: nothing outside the TRF reaches the centre unit).
+            that contains its TRF (exact: nothing outside the TRF reaches the seed unit).
             ``"auto"`` crops where the window is clearly smaller than the input and shares
-            windows between layers where that is cheaper; ``True`` crops every layer that
-            can be cropped, each to its own window; ``False`` never crops. Layers with a
-            global, non-local or unknown TRF (``trf="skip"``), and ``train_mode``, always
-            use the full input.
+            windows between layers (and between the positions of a layer) where that is
+            cheaper; ``True`` crops every layer and position that can be cropped, each to
+            its own window; ``False`` never crops. Layers with a global, non-local or
+            unknown TRF (``trf="skip"``), and ``train_mode``, always use the full input.
         token_layout: how token outputs map onto the patch grid: one
             :class:`~erf_monitor.TokenLayout` for every layer with a token output, or
             ``{layer or glob: TokenLayout}``. Token sequences ``(N, L, D)`` of
@@ -710,9 +918,20 @@ def compute_erf(
             automatically;
             channels-last (Swin-style) outputs ``(N, H', W', C)`` need
             ``TokenLayout(channels_last=True)``. The seed is the centre patch token.
+        position: which output unit of each layer is seeded (``docs/guides/positions.md``):
+            ``"centre"`` (default); an output index per spatial dim, ``(0, -1)`` (negative
+            from the end); a fraction of the output plane per dim, ``(0.0, 0.5)`` (index
+            ``min(floor(f * S'), S' - 1)``; an int is an index, a float a fraction); or a
+            set: ``"corners"``, ``"edges"``, a ``k x k`` grid ``"grid:k"`` / ``("grid", k)``,
+            or a list of positions. A set is probed in one forward per layer (units with
+            disjoint TRFs share a backward); each result's metrics are centred on its own
+            unit's theoretical centre.
 
     Returns:
-        An ordered mapping ``layer -> ERFResult``.
+        An ordered mapping ``layer -> ERFResult``. With one position, each layer's result
+        is that unit's (``result.position``, ``result.output_index``); with a set, it is
+        the centre unit's and ``result.field`` maps every position's key (the centre
+        included) to its result, with ``field.border_ratio`` and ``field.figure()``.
 
     Raises:
         ValueError: unknown layer, a layer not reached, input without spatial dims or with
@@ -734,6 +953,7 @@ def compute_erf(
         True
     """
     mode = check_mode(mode)
+    check_position(position)
     if crop not in (True, False, "auto"):
         raise ValueError(f"crop must be True, False or 'auto', got {crop!r}")
     if chunk_size is not None and chunk_size < 1:
@@ -744,7 +964,7 @@ def compute_erf(
     with preserved_rng(device):
         return _compute_erf(
             model, net, inputs, layers, mode, num_samples, chunk_size, forward_fn, train_mode,
-            dtype, keep_per_sample, trf, crop, token_layout,
+            dtype, keep_per_sample, trf, crop, token_layout, position,
         )  # fmt: skip
 
 
@@ -760,9 +980,10 @@ def _compute_erf(
     train_mode: bool,
     dtype: torch.dtype | None,
     keep_per_sample: bool,
-    trf: Mapping[str, TRF | None] | Literal["auto", "skip"],
+    trf: Mapping[str, GivenTRF] | Literal["auto", "skip"],
     crop: CropOption,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None,
+    position: PositionSpec = "centre",
 ) -> ERFResults:
     fwd = forward_fn or _default_forward
     device, param_dtype = _model_device_dtype(net, inputs)
@@ -776,6 +997,7 @@ def _compute_erf(
     n, spatial = x_all.shape[0], tuple(x_all.shape[2:])
     if n == 0:
         raise ValueError("The probe batch is empty.")
+    req = request(position, len(spatial))
 
     auto_layouts: dict[str, TokenLayout] = {}
     if isinstance(layers, str) and layers == "auto":
@@ -785,94 +1007,125 @@ def _compute_erf(
     else:
         names = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
 
-    trfs: dict[str, TRF | None]
-    geometry: Mapping[str, TRF | None]
+    # TRFs and geometry by layer and position key.
+    trfs: dict[str, dict[str, TRF]]
+    geometry: Mapping[str, Mapping[str, TRF]]
     layouts = {**auto_layouts, **_layouts_by_name(token_layout, names)}
     input_shape = tuple(x_all.shape[1:])
     if trf == "auto":
-        from erf_monitor._trf import theoretical_rf
+        from erf_monitor._trf import theoretical_rfs
 
-        trfs = dict(
-            theoretical_rf(
-                net, input_shape, names, forward_fn=forward_fn, token_layout=layouts, mode=mode
-            )
+        trfs = theoretical_rfs(
+            net, input_shape, names, req, forward_fn=forward_fn, token_layout=layouts, mode=mode
         )
         geometry = trfs
     elif trf == "skip":
         trfs = {}
-        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode)
+        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode, req)
     else:
-        trfs = _usable_trfs(trf, names, spatial, mode)
+        trfs = _usable_trfs(trf, names, spatial, mode, req)
         geometry = trfs
+        incomplete = [
+            name
+            for name in names
+            if not trfs[name] or any(k not in trfs[name] for k in _keys_of(req, trfs[name]))
+        ]
+        if incomplete:  # positions without a given TRF: centres from the geometry
+            more = _geometry(net, input_shape, incomplete, forward_fn, layouts, mode, req)
+            geometry = {name: {**more.get(name, {}), **trfs[name]} for name in names}
+    by_index = {name: {tuple(t.output_centre): t for t in units.values()} for name, units in
+                trfs.items()}  # fmt: skip
 
-    groups = _plan_groups(names, trfs, spatial, crop, train_mode)
+    groups = _plan_groups(names, by_index, spatial, crop, train_mode)
     acc = _Acc()
     fell_back: list[str] = []
     rejected: list[str] = []  # cropped forward failed: a quiet fallback, not a TRF bug
     step = chunk_size or _default_chunk(n, spatial, device)
+
+    def run(
+        group: _Group, x_chunk: torch.Tensor, rejects: list[str] | None
+    ) -> tuple[set[Any], dict[str, list[Index]]]:
+        wanted: dict[str, list[Index]] = {n: list(u) for n, u in group.units.items()}
+        done, alone = _probe_group(
+            net, fwd, x_chunk, group, by_index, req, spatial, mode, acc, keep_per_sample,
+            layouts, rejects, wanted,
+        )  # fmt: skip
+        for name in alone:  # its forward now stops in its own hook
+            units = {name: group.units[name]} if name in group.units else {}
+            more, _ = _probe_group(
+                net, fwd, x_chunk, _Group(group.window, [name], units, group.pack), by_index,
+                req, spatial, mode, acc, keep_per_sample, layouts, rejects, wanted,
+            )  # fmt: skip
+            done |= more
+        return done, wanted
+
     with _probe_state(net, train_mode, device):
         for start in range(0, n, step):
             x_chunk = x_all[start : start + step].detach()
-            redo: list[str] = []
+            redo = _Group(None, [], pack=False)
             for group in groups:
-                done, alone = _probe_group(
-                    net, fwd, x_chunk, group, trfs, spatial, mode, acc, keep_per_sample,
-                    layouts, rejected,
-                )  # fmt: skip
-                for name in alone:  # its forward now stops in its own hook
-                    more, _ = _probe_group(
-                        net, fwd, x_chunk, _Group(group.window, [name]), trfs, spatial, mode,
-                        acc, keep_per_sample, layouts, rejected,
-                    )  # fmt: skip
-                    done |= more
-                redo += [name for name in group.layers if name not in done]
-            if redo:  # cropping did not reproduce these layers: run them on the full input
-                fell_back += redo
-                done, alone = _probe_group(
-                    net, fwd, x_chunk, _Group(None, redo), trfs, spatial, mode, acc,
-                    keep_per_sample, layouts,
-                )  # fmt: skip
-                for name in alone:
-                    _probe_group(
-                        net, fwd, x_chunk, _Group(None, [name]), trfs, spatial, mode, acc,
-                        keep_per_sample, layouts,
-                    )  # fmt: skip
-                groups = _without_cropping(groups, redo, names)
+                done, wanted = run(group, x_chunk, rejected)
+                for name in group.layers:
+                    missing = [i for i in wanted.get(name, []) if (name, i) not in done]
+                    if missing:
+                        redo.add(name, missing)
+            if redo.layers:  # these units were not reproduced: run them on the full input
+                fell_back += [n for n in redo.layers if any(
+                    g.window is not None and n in g.layers for g in groups)]  # fmt: skip
+                run(redo, x_chunk, None)
+                groups = _without_cropping(groups, redo.layers, names)
             del x_chunk
 
     results: dict[str, ERFResult] = {}
+    estimated: list[str] = []
     for name in names:
-        total = acc.sums[name]
-        heat = finalise_map(total, n, mode)
-        if not bool((heat > 0).any()):
-            warnings.warn(
-                f"Layer {name!r}: the ERF gradient is zero everywhere (dead ReLUs, or a layer "
-                "that does not depend on the input); its map is all zeros.",
-                ERFProbeWarning,
-                stacklevel=3,
+        grid, tokens = acc.grids[name], acc.tokens[name]
+        keyed = req.indices(grid, mode, tokens, name)
+        by_key: dict[str, ERFResult] = {}
+        zero: list[str] = []
+        issues: dict[str, str] = {}
+        for key, idx in keyed.items():
+            total = acc.sums[(name, idx)]
+            heat = finalise_map(total, n, mode)
+            if not bool((heat > 0).any()):
+                zero.append(key)
+            centre, guessed = _unit_centre(geometry.get(name, {}).get(key), grid, idx, spatial)
+            if guessed and name not in estimated:
+                estimated.append(name)
+            layer_trf, issue = _checked_trf(trfs.get(name, {}).get(key), total)
+            if issue is not None:
+                issues[key] = issue
+            per_sample = acc.per_sample.get((name, idx)) if keep_per_sample else None
+            by_key[key] = ERFResult(
+                name=name,
+                heatmap=heat,
+                trf=layer_trf,
+                mode=mode,
+                num_samples=n,
+                output_shape=grid,
+                centre_pixel=_round_centre(centre, spatial),
+                per_sample=torch.cat(per_sample) if per_sample else None,
+                num_calls=acc.calls[name],
+                centre=centre,
+                trf_issue=issue,
+                position=key,
+                output_index=idx,
             )
-        grid, index = acc.grids[name], acc.indices[name]
-        centre = _unit_centre(name, geometry.get(name), grid, index, spatial)
-        layer_trf, issue = _checked_trf(name, trfs.get(name), total)
-        results[name] = ERFResult(
-            name=name,
-            heatmap=heat,
-            trf=layer_trf,
-            mode=mode,
-            num_samples=n,
-            output_shape=grid,
-            centre_pixel=_round_centre(centre, spatial),
-            per_sample=torch.cat(acc.per_sample[name]) if keep_per_sample else None,
-            num_calls=acc.calls[name],
-            centre=centre,
-            trf_issue=issue,
-        )
+        _warn_layer(name, zero, issues, estimated, keyed, req)
+        primary = by_key[req.primary.key]
+        if req.is_set:
+            from erf_monitor._field import ERFField
+
+            primary.field = ERFField(by_key, grid=req.grid)
+        results[name] = primary
     # Layers whose TRF the map contradicts were just warned about: that is why.
-    fell_back = [n for n in fell_back if n not in rejected and results[n].trf_issue is None]
+    fell_back = [
+        n for n in dict.fromkeys(fell_back) if n not in rejected and not _contradicted(results[n])
+    ]
     if fell_back:
         warnings.warn(
             f"erf-monitor: cropping to the TRF did not reproduce layer(s) {sorted(set(fell_back))} "
-            "exactly (the cropped output lacked the centre unit or its gradient reached the "
+            "exactly (the cropped output lacked the seed unit or its gradient reached the "
             "crop border); "
             "they were probed on the full input. Please report this with the model.",
             ERFProbeWarning,
@@ -881,17 +1134,70 @@ def _compute_erf(
     return ERFResults(results)
 
 
-def _unit_centre(
+def _keys_of(req: PositionRequest, have: Mapping[str, TRF]) -> list[str]:
+    """The probed position keys of a layer whose grid a TRF tells (``[]`` without one)."""
+    t = next(iter(have.values()), None)
+    if t is None:
+        return []
+    return list(req.indices(tuple(t.output_shape), "luo", t.tokens))
+
+
+def _contradicted(r: ERFResult) -> bool:
+    results = r.field.values() if r.field is not None else [r]
+    return any(x.trf_issue is not None for x in results)
+
+
+def _warn_layer(
     name: str,
+    zero: list[str],
+    issues: Mapping[str, str],
+    estimated: list[str],
+    keyed: Mapping[str, Index],
+    req: PositionRequest,
+) -> None:
+    """One warning per layer and kind, naming the positions (none for the centre alone)."""
+
+    def where(keys: Sequence[str]) -> str:
+        return "" if req.is_default else f" (position(s) {', '.join(keys)})"
+
+    if zero:
+        warnings.warn(
+            f"Layer {name!r}: the ERF gradient is zero everywhere{where(zero)} (dead ReLUs, or a "
+            "layer that does not depend on the input); its map is all zeros.",
+            ERFProbeWarning,
+            stacklevel=4,
+        )
+    if issues:
+        first = next(iter(issues.values()))
+        warnings.warn(
+            f"Layer {name!r}: {first}{where(list(issues))} (no ERF/TRF ratio). Please report "
+            "this with the model.",
+            ERFProbeWarning,
+            stacklevel=4,
+        )
+    if name in estimated:
+        units = sorted(set(keyed.values()))
+        shown = str(units[0]) if len(units) == 1 else f"{len(units)} seed units"
+        warnings.warn(
+            f"Layer {name!r}: the layer geometry could not be analysed, so the theoretical "
+            f"centre of its seed unit {shown} is estimated as (i + 0.5) * S / S' - 0.5; "
+            "mass squares and the centroid offset are measured around that estimate.",
+            ERFProbeWarning,
+            stacklevel=4,
+        )
+
+
+def _unit_centre(
     geometry: TRF | None,
     grid: tuple[int, ...],
     index: tuple[int, ...],
     spatial: tuple[int, ...],
-) -> tuple[float, ...]:
-    """The seed unit's theoretical centre in input pixels, from the layer geometry.
+) -> tuple[tuple[float, ...], bool]:
+    """The seed unit's theoretical centre in input pixels, from the layer geometry, and
+    whether it had to be estimated.
 
-    Only when the geometry could not be analysed at all is the proportional estimate used,
-    with a warning (a number that may be off by the padding of a few layers).
+    Only when the geometry could not be analysed at all is the proportional estimate used
+    (warned about by the caller: a number that may be off by the padding of a few layers).
     """
     if (
         geometry is not None
@@ -899,19 +1205,11 @@ def _unit_centre(
         and tuple(geometry.output_centre) == index
         and tuple(geometry.input_shape) == spatial
     ):
-        return tuple(float(c) for c in geometry.centre)
-    if grid:
-        warnings.warn(
-            f"Layer {name!r}: the layer geometry could not be analysed, so the theoretical "
-            f"centre of its seed unit {index} is estimated as (i + 0.5) * S / S' - 0.5; "
-            "mass squares and the centroid offset are measured around that estimate.",
-            ERFProbeWarning,
-            stacklevel=4,
-        )
-    return proportional_centre(index, grid, spatial)
+        return tuple(float(c) for c in geometry.centre), False
+    return proportional_centre(index, grid, spatial), bool(grid)
 
 
-def _checked_trf(name: str, trf: TRF | None, total: torch.Tensor) -> tuple[TRF | None, str | None]:
+def _checked_trf(trf: TRF | None, total: torch.Tensor) -> tuple[TRF | None, str | None]:
     """The consistency check: a finite TRF that the map has mass outside of is wrong."""
     if trf is None or trf.is_global or tuple(trf.input_shape) != tuple(total.shape):
         return trf, None
@@ -921,11 +1219,6 @@ def _checked_trf(name: str, trf: TRF | None, total: torch.Tensor) -> tuple[TRF |
     issue = (
         f"{spill:.3g} of the ERF mass lies outside the clipped TRF {trf.clipped} ({trf}): the "
         "TRF analysis is wrong for this layer, so its TRF is reported unknown"
-    )
-    warnings.warn(
-        f"Layer {name!r}: {issue} (no ERF/TRF ratio). Please report this with the model.",
-        ERFProbeWarning,
-        stacklevel=4,
     )
     return None, issue
 

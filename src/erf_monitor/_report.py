@@ -60,7 +60,9 @@ _METRICS = {
     "trf_data_dependent", "min_coverage",
 }  # fmt: skip
 _METRIC_PATTERN = re.compile(
-    r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2|disc_mass_r\d+|gauss_fit_\w+)$"
+    r"^(area_t\d+|sigma_\w+|centroid_offset_\w+|gaussian_r2|disc_mass_r\d+|gauss_fit_\w+"
+    r"|gridding_period_\w+|coverage_trf|erf_size_visible|anisotropy|axis_angle|cross_score"
+    r"|dead_fraction|border_ratio)$"
 )
 #: The three growth curves, with their axis labels.
 _CURVES = (

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
-from erf_monitor import _metrics
+from erf_monitor import _metrics, _shape
 from erf_monitor._modes import DEFINITIONS, Mode
 from erf_monitor._types import TRF
+
+if TYPE_CHECKING:
+    from erf_monitor._field import ERFField
 
 __all__ = ["AREA_THRESHOLDS", "ERFResult", "ERFResults", "Mode", "axis_names"]
 
@@ -53,6 +58,12 @@ class ERFResult:
             geometry whether or not the TRF is reported; ``None``: :attr:`trf`'s centre.
         trf_issue: why a TRF that was analysed is reported unknown (ERF mass outside it),
             else ``None``.
+        position: the key of the seed unit's position (``"centre"``, ``"corner_top_left"``,
+            ``"y0_x-1"``...; see ``docs/guides/positions.md``); logged keys of any other
+            position than the centre are ``<prefix>/<layer>/<position>/<metric>``.
+        output_index: the seed unit's index on the layer's output grid (non-negative).
+        field: with a set of positions, ``{position: ERFResult}`` of the layer (this result
+            is the centre's); else ``None``.
     """
 
     name: str
@@ -66,8 +77,11 @@ class ERFResult:
     num_calls: int = 1
     centre: tuple[float, ...] | None = None
     trf_issue: str | None = None
-    _cache: dict[float, int] = field(default_factory=dict, repr=False)
-    _fits: dict[bool, _metrics.GaussianFit] = field(default_factory=dict, repr=False)
+    position: str = "centre"
+    output_index: tuple[int, ...] = ()
+    field: ERFField | None = dataclasses.field(default=None, repr=False)
+    _cache: dict[float, int] = dataclasses.field(default_factory=dict, repr=False)
+    _fits: dict[bool, _metrics.GaussianFit] = dataclasses.field(default_factory=dict, repr=False)
 
     # -- mass-based metrics ---------------------------------------------------------------
     def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
@@ -95,6 +109,28 @@ class ERFResult:
         return self.area_ratio(_metrics.COVERAGE_MASS)
 
     @property
+    def visible_size(self) -> float:
+        """Side of the 95%-mass square as the input clips it, ``(coverage * prod(S)) ** (1/D)``
+        pixels: :attr:`erf_size` for a square inside the input, smaller where the border cuts
+        it (the ERF size that the field figure and ``border_ratio`` compare)."""
+        volume = round(self.coverage * self.heatmap.numel())
+        nd = self.heatmap.dim()
+        return math.sqrt(volume) if nd == 2 else float(volume) ** (1.0 / nd)
+
+    @property
+    def coverage_trf(self) -> float:
+        """Fraction of the clipped TRF inside the 95%-mass square (NaN without a TRF).
+
+        The image clips a border unit's field: this compares the ERF with what the unit can
+        see at all, where :attr:`coverage` compares it with the whole input.
+        """
+        if self.trf is None:
+            return math.nan
+        return _shape.coverage_within(
+            self.heatmap, _metrics.COVERAGE_MASS, self.centre_pixel, self.trf.clipped
+        )
+
+    @property
     def ratio(self) -> float:
         """ERF/TRF ratio: ``erf_size`` over the largest per-axis clipped TRF size."""
         if self.trf is None:
@@ -116,6 +152,49 @@ class ERFResult:
     def centroid(self) -> tuple[float, ...]:
         """Mass-weighted mean pixel index per axis."""
         return _metrics.centroid(self.heatmap)
+
+    @cached_property
+    def principal_axes(self) -> tuple[tuple[float, ...], float]:
+        """``(widths, angle)``: standard deviations along the principal axes of the map
+        (largest first, pixels) and, in 2-D, the major axis' angle in degrees from ``+x``
+        (columns) towards ``+y`` (rows), in ``(-90, 90]``."""
+        return _shape.principal_axes(self.heatmap)
+
+    @property
+    def anisotropy(self) -> float:
+        """Largest over smallest principal width: 1 for an isotropic ERF, ``inf`` for a line."""
+        return _shape.anisotropy(self.principal_axes[0])
+
+    @property
+    def axis_angle(self) -> float:
+        """The major principal axis' angle in degrees (2-D; NaN otherwise)."""
+        return self.principal_axes[1]
+
+    @cached_property
+    def cross_score(self) -> float:
+        """``1 - E(O) / E0(O)``: how much less mass lies off the centre row and column than
+        the marginals imply; 1 for a "+" pattern, 0 for a separable map (Gaussian, box),
+        < 0 when the axes are avoided (``docs/concepts.md``)."""
+        return _shape.cross_score(self.heatmap, self.centre_pixel)
+
+    @cached_property
+    def dead_fraction(self) -> float:
+        """Fraction of the clipped TRF's pixels where the map is exactly zero (NaN without
+        a TRF): dead pixels, e.g. the periodic holes that dilation leaves ("gridding")."""
+        if self.trf is None:
+            return math.nan
+        return _shape.dead_fraction(self.heatmap, self.trf.clipped)
+
+    @cached_property
+    def gridding_period(self) -> tuple[int, ...]:
+        """Per axis, the period of the non-zero rows/columns inside the clipped TRF (1: none;
+        the whole map without a TRF)."""
+        box = (
+            self.trf.clipped
+            if self.trf is not None
+            else tuple((0, s - 1) for s in self.heatmap.shape)
+        )
+        return _shape.gridding_period(self.heatmap, box)
 
     @property
     def theoretical_centre(self) -> tuple[float, ...]:
@@ -198,12 +277,30 @@ class ERFResult:
                 out[f"gauss_fit_sigma_{axis}"] = s
                 out[f"gauss_fit_offset_{axis}"] = c - t
             out["gauss_fit_r2"] = fit.r2
+        out["coverage_trf"] = float(self.coverage_trf)
+        out["erf_size_visible"] = float(self.visible_size)
+        widths, angle = self.principal_axes
+        out["sigma_major"], out["sigma_minor"] = float(widths[0]), float(widths[-1])
+        out["anisotropy"] = float(self.anisotropy)
+        if self.heatmap.dim() == 2:
+            out["axis_angle"] = float(angle)
+        if self.heatmap.dim() >= 2:
+            out["cross_score"] = float(self.cross_score)
+        out["dead_fraction"] = float(self.dead_fraction)
+        for axis, period in zip(names, self.gridding_period):
+            out[f"gridding_period_{axis}"] = float(period)
+        if self.field is not None:
+            ratio = self.field.border_ratio
+            if not math.isnan(ratio):
+                out["border_ratio"] = float(ratio)
         return out
 
     def __repr__(self) -> str:
         trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
+        where = "" if self.position == "centre" else f" at {self.position} {self.output_index}"
         return (
-            f"ERFResult({self.name!r}, mode {self.mode}, map {tuple(self.heatmap.shape)}, {trf}, "
+            f"ERFResult({self.name!r}{where}, mode {self.mode}, map {tuple(self.heatmap.shape)}, "
+            f"{trf}, "
             f"erf_size={self.erf_size}, ratio={self.ratio:.3f}, coverage={self.coverage:.3f})"
         )
 
@@ -227,8 +324,18 @@ class ERFResults(Mapping[str, ERFResult]):
         return len(self._results)
 
     def scalars(self) -> dict[str, dict[str, float]]:
-        """``{layer: result.scalars()}`` for every layer."""
-        return {name: r.scalars() for name, r in self._results.items()}
+        """``{layer: result.scalars()}`` for every layer, plus ``{"<layer>/<position>": ...}``
+        for every position other than the centre (the logged keys' middle part)."""
+        return {path: r.scalars() for path, r in self.flat().items()}
+
+    def flat(self) -> dict[str, ERFResult]:
+        """Every result by its key path: ``"<layer>"`` for the centre unit, else
+        ``"<layer>/<position>"`` (each position of a field included)."""
+        out: dict[str, ERFResult] = {}
+        for name, r in self._results.items():
+            for x in r.field.values() if r.field is not None else (r,):
+                out[name if x.position == "centre" else f"{name}/{x.position}"] = x
+        return out
 
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(r) for r in self._results.values())

@@ -68,8 +68,9 @@ def theoretical_rf(
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
+    position: Any = "centre",
 ) -> dict[str, TRF]:
-    """Theoretical receptive field of the centre unit of each layer.
+    """Theoretical receptive field of the centre unit (or another unit) of each layer.
 
     For each layer the output of the module's *first* call in the forward is taken as
     ``(N, C, *S')``; its centre unit sits at ``c' = S'_d // 2`` per spatial dim (for even sizes
@@ -130,6 +131,10 @@ def theoretical_rf(
         mode: the ERF mode whose seed unit is analysed (see
             :func:`~erf_monitor.compute_erf`); only ``"openerf"`` on token outputs with an
             even grid seeds another unit than ``S' // 2`` (the upper-left central token).
+        position: the output unit analysed: ``"centre"`` (default), an index tuple such as
+            ``(0, -1)`` or a fraction tuple such as ``(0.0, 0.5)`` (one position; see
+            :func:`~erf_monitor.compute_erf`). The TRF's ``output_centre`` is that unit,
+            ``interval``/``clipped``/``centre`` are its field.
 
     Every global random stream is left as it was (the numeric method runs the model).
 
@@ -151,6 +156,48 @@ def theoretical_rf(
         >>> str(trf)
         'TRF(5 x 5, stride 2 x 2)'
     """
+    from erf_monitor._positions import request
+
+    net = unwrap_compiled(model)
+    _, spatial = _parse_input_shape(net, input_shape)
+    req = request(position, len(spatial))
+    if req.is_set:
+        raise ValueError(
+            f"theoretical_rf takes one position, got the set {position!r}; compute_erf "
+            "reports the TRF of every position of a set (ERFResult.field)."
+        )
+    key = req.primary.key
+    out = theoretical_rfs(
+        model, input_shape, layers, req, method=method, forward_fn=forward_fn,
+        token_layout=token_layout, mode=mode, _stacklevel=3,
+    )  # fmt: skip
+    return {name: units[key] for name, units in out.items()}
+
+
+#: ``units(layer, output grid, token output) -> {key: output index}``: the units analysed.
+UnitsFn = Callable[[str, tuple[int, ...], bool], dict[str, tuple[int, ...]]]
+
+
+def theoretical_rfs(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    layers: Sequence[str] | str,
+    positions: Any = None,
+    *,
+    method: Literal["auto", "fx", "numeric"] = "auto",
+    forward_fn: ForwardFn | None = None,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
+    mode: str = "luo",
+    _stacklevel: int = 2,
+) -> dict[str, dict[str, TRF]]:
+    """:func:`theoretical_rf` of several units per layer: ``{layer: {position key: TRF}}``.
+
+    ``positions`` is a :class:`~erf_monitor._positions.PositionRequest` (every probed
+    position of it, the centre included for sets) or ``None`` (the centre unit only, key
+    ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
+    """
+    from erf_monitor._positions import PositionRequest
+
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
@@ -158,11 +205,18 @@ def theoretical_rf(
     net = unwrap_compiled(model)
     channels, spatial = _parse_input_shape(net, input_shape)
     names = _check_layers(model, layers)
+    req = positions if isinstance(positions, PositionRequest) else None
+
+    def units(name: str, grid: tuple[int, ...], tokens: bool) -> dict[str, tuple[int, ...]]:
+        if req is None:
+            return {"centre": seed_index(mode, grid, tokens)}
+        return req.indices(grid, mode, tokens, name)
+
     with preserved_rng(), eager_forwards(net):
         if method == "numeric":
-            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode)
+            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
         try:
-            return _analytic(net, channels, spatial, names, forward_fn, token_layout, mode)
+            return _analytic(net, channels, spatial, names, forward_fn, token_layout, mode, units)
         except Unsupported as exc:
             if method == "fx":
                 raise ValueError(
@@ -172,9 +226,9 @@ def theoretical_rf(
             warnings.warn(
                 f"theoretical_rf: falling back to the numeric method ({exc}).",
                 ERFProbeWarning,
-                stacklevel=2,
+                stacklevel=_stacklevel,
             )
-            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode)
+            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -277,22 +331,26 @@ def _analytic(
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
-) -> dict[str, TRF]:
+    units: UnitsFn | None = None,
+) -> dict[str, dict[str, TRF]]:
     traced = trace_model(net, forward_fn, (channels, *spatial))
     layouts = layouts_for(token_layout, names)
     return {
-        name: _analytic_one(traced, name, spatial, layouts.get(name), net, mode) for name in names
+        name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units)
+        for name in names
     }
 
 
-def _analytic_one(
+def _analytic_units(
     traced: TracedModel,
     name: str,
     spatial: tuple[int, ...],
     layout: TokenLayout | None = None,
     net: nn.Module | None = None,
     mode: str = "luo",
-) -> TRF:
+    units: UnitsFn | None = None,
+) -> dict[str, TRF]:
+    """The TRF of each unit ``units`` names (default: the mode's centre unit), one walk each."""
     key, _module, selector = locate_layer(net, name) if net is not None else (name, None, ())
     if key not in traced.outputs:
         parts = key.split(".")
@@ -307,34 +365,45 @@ def _analytic_one(
     conv_like = len(out_shape) == nd + 2
     tokens = resolve_layout(name, tuple(out_shape), layout, spatial, net)
     if tokens is not None:
-        # Token output: seed the centre patch token (all features), on the patch grid.
         out_spatial = tokens.grid
-        centre_idx = seed_index(mode, out_spatial, tokens=True)
-        points = [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
-        if tokens.channels_last:
-            seed_axes = [point_axis(out_shape[0], 0), *points, full_axis(out_shape[-1])]
-        else:
-            flat = tokens.prefix_tokens + int(np.ravel_multi_index(centre_idx, out_spatial))
-            seed_axes = [point_axis(out_shape[0], 0), point_axis(out_shape[1], flat)]
-            seed_axes.append(full_axis(out_shape[2]))
     elif conv_like:
         out_spatial = tuple(out_shape[2:])
-        centre_idx = seed_index(mode, out_spatial)
-        seed_axes = [point_axis(out_shape[0], 0), full_axis(out_shape[1])]
-        seed_axes += [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
     else:
-        out_spatial, centre_idx = (), ()
-        seed_axes = [point_axis(out_shape[0], 0)] + [full_axis(n) for n in out_shape[1:]]
-    region = walk(traced, node, Region(seed_axes))
-    if region is None:
-        raise Unsupported(f"layer {name!r} does not depend on the input in the traced graph")
-    if len(region.axes) != nd + 2:
-        raise Unsupported("the input region has an unexpected rank")
-    if region.data_dependent:
-        trf = data_dependent_trf(spatial, out_spatial, centre_idx, region.data_dependent, "fx")
-    else:
-        trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx)
-    return replace(trf, tokens=tokens is not None)
+        out_spatial = ()
+    wanted = (
+        units(name, out_spatial, tokens is not None)
+        if units is not None
+        else {"centre": seed_index(mode, out_spatial, tokens=tokens is not None)}
+    )
+    done: dict[tuple[int, ...], TRF] = {}
+    for centre_idx in wanted.values():
+        if centre_idx in done:
+            continue
+        if tokens is not None:
+            # Token output: seed the patch token (all features), on the patch grid.
+            points = [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
+            if tokens.channels_last:
+                seed_axes = [point_axis(out_shape[0], 0), *points, full_axis(out_shape[-1])]
+            else:
+                flat = tokens.prefix_tokens + int(np.ravel_multi_index(centre_idx, out_spatial))
+                seed_axes = [point_axis(out_shape[0], 0), point_axis(out_shape[1], flat)]
+                seed_axes.append(full_axis(out_shape[2]))
+        elif conv_like:
+            seed_axes = [point_axis(out_shape[0], 0), full_axis(out_shape[1])]
+            seed_axes += [point_axis(n, c) for n, c in zip(out_spatial, centre_idx)]
+        else:
+            seed_axes = [point_axis(out_shape[0], 0)] + [full_axis(n) for n in out_shape[1:]]
+        region = walk(traced, node, Region(seed_axes))
+        if region is None:
+            raise Unsupported(f"layer {name!r} does not depend on the input in the traced graph")
+        if len(region.axes) != nd + 2:
+            raise Unsupported("the input region has an unexpected rank")
+        if region.data_dependent:
+            trf = data_dependent_trf(spatial, out_spatial, centre_idx, region.data_dependent, "fx")
+        else:
+            trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx)
+        done[centre_idx] = replace(trf, tokens=tokens is not None)
+    return {k: done[idx] for k, idx in wanted.items()}
 
 
 def _assemble(
@@ -669,7 +738,8 @@ def _numeric(
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
-) -> dict[str, TRF]:
+    units: UnitsFn | None = None,
+) -> dict[str, dict[str, TRF]]:
     sur = _surrogate(net)
     layouts = layouts_for(token_layout, names)
     table = _module_table(sur)
@@ -692,41 +762,66 @@ def _numeric(
             outs = _capture(sur, table, names, fwd, x, layouts, info, track=False)
         shapes = {k: tuple(v.shape) for k, v in outs.items()}
     grids = {k: shapes[k][2:] if len(shapes[k]) == nd + 2 else () for k in names}
-    seeds = {k: seed_index(mode, grids[k], info[k][0]) for k in names}
+    wanted = {
+        k: (
+            units(k, grids[k], info[k][0])
+            if units is not None
+            else {"centre": seed_index(mode, grids[k], info[k][0])}
+        )
+        for k in names
+    }
+    seeds = {k: list(dict.fromkeys(wanted[k].values())) for k in names}  # unique units
     dependent = {k: info[k][1] for k in names if info[k][1]}
     probed = [k for k in names if k not in dependent]
     chunk = _chunk_size(sur, fwd, torch.full((1, channels, *spatial), 0.5, dtype=torch.float64))
     # One sample per (trial, layer, unit): samples do not interact (eval mode), so a single
-    # backward per batch gives every unit's gradient support.
+    # backward per batch gives every unit's gradient support. Job keys: "<i>:<role>" for the
+    # i-th unique seed unit of the layer, "first" for the first unit (shared).
     supports: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
-    units = {name: _numeric_units(shapes[name], nd, seeds[name]) for name in probed}
+    units_of: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for name in probed:
+        units_of[name] = {}
+        for i, idx in enumerate(seeds[name]):
+            for role, unit in _numeric_units(shapes[name], nd, idx).items():
+                units_of[name]["first" if role == "first" else f"{i}:{role}"] = unit
     jobs = [
         (name, key, unit)
         for _ in range(_TRIALS)
         for name in probed
-        for key, unit in units[name].items()
+        for key, unit in units_of[name].items()
         if key != "first"
     ]
     _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
     # The first unit is only needed to tell "global" from "sees the whole input".
     jobs = [
-        (name, "first", units[name]["first"])
+        (name, "first", units_of[name]["first"])
         for _ in range(_TRIALS)
         for name in probed
-        if "first" in units[name]
+        if "first" in units_of[name]
         and any(
             _hull(m) == (0, n - 1) and s_out > 1
-            for m, n, s_out in zip(supports[name]["centre"], spatial, shapes[name][2:])
+            for i in range(len(seeds[name]))
+            for m, n, s_out in zip(supports[name][f"{i}:centre"], spatial, shapes[name][2:])
         )
     ]
     _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
-    out: dict[str, TRF] = {}
+    out: dict[str, dict[str, TRF]] = {}
     for name in names:
-        if name in dependent:
-            trf = data_dependent_trf(spatial, grids[name], seeds[name], dependent[name], "numeric")
-        else:
-            trf = _numeric_trf(supports[name], spatial, grids[name], seeds[name])
-        out[name] = replace(trf, tokens=info[name][0])
+        by_index: dict[tuple[int, ...], TRF] = {}
+        for i, idx in enumerate(seeds[name]):
+            if name in dependent:
+                trf = data_dependent_trf(spatial, grids[name], idx, dependent[name], "numeric")
+            else:
+                sup = {
+                    role.split(":", 1)[1]: masks
+                    for role, masks in supports[name].items()
+                    if role.startswith(f"{i}:")
+                }
+                if "first" in supports[name]:
+                    sup["first"] = supports[name]["first"]
+                trf = _numeric_trf(sup, spatial, grids[name], idx)
+            by_index[idx] = replace(trf, tokens=info[name][0])
+        out[name] = {key: by_index[idx] for key, idx in wanted[name].items()}
     return out
 
 
@@ -824,7 +919,8 @@ def _unit_sum(out: Tensor, sample: int, unit: tuple[Any, ...]) -> Tensor:
 def _numeric_units(
     shape: tuple[int, ...], nd: int, centre: tuple[int, ...]
 ) -> dict[str, tuple[Any, ...]]:
-    """Index (without the batch index) of each unit whose support is needed."""
+    """Index (without the batch index) of each unit whose support is needed: the seed unit
+    ``centre``, the first unit, and per dim its next neighbour (its previous one at the end)."""
     if len(shape) != nd + 2:
         return {"centre": (Ellipsis,)}
     out_spatial = shape[2:]
@@ -833,10 +929,13 @@ def _numeric_units(
         "first": (slice(None), *(0,) * nd),
     }
     for d in range(nd):
+        nb = list(centre)
         if centre[d] + 1 < out_spatial[d]:
-            nb = list(centre)
             nb[d] += 1
             units[f"next{d}"] = (slice(None), *nb)
+        elif centre[d] > 0:
+            nb[d] -= 1
+            units[f"prev{d}"] = (slice(None), *nb)
     return units
 
 
@@ -866,14 +965,22 @@ def _numeric_trf(
         )
         glob.append(is_global)
         jump: float = s_out and n / s_out
-        nxt = sup.get(f"next{d}")
-        if nxt is not None and not is_global:
-            nlo, nhi = _hull(nxt[d])
+        nxt, prv = sup.get(f"next{d}"), sup.get(f"prev{d}")
+        # The unit and its neighbour, the lower index first (a unit at the end: its previous).
+        pair = (
+            ((lo, hi), _hull(nxt[d]))
+            if nxt is not None
+            else (_hull(prv[d]), (lo, hi))
+            if prv is not None
+            else None
+        )
+        if pair is not None and not is_global:
+            (alo, ahi), (blo, bhi) = pair
             # (Units that share a support, e.g. tokens of one attention window, keep n / s_out.)
-            if lo > 0 and nlo > lo:
-                jump = float(nlo - lo)
-            elif hi < n - 1 and nhi < n - 1 and nhi > hi:
-                jump = float(nhi - hi)
+            if alo > 0 and blo > alo:
+                jump = float(blo - alo)
+            elif ahi < n - 1 and bhi < n - 1 and bhi > ahi:
+                jump = float(bhi - ahi)
         stride.append(float(jump))
         if is_global or hi < lo:
             size.append(math.inf if is_global else 0.0)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from erf_monitor._result import ERFResult
 
-__all__ = ["main", "results_table"]
+__all__ = ["main", "positions_table", "results_table"]
 
 _MODEL_HELP = """\
 MODEL is one of:
@@ -182,7 +182,63 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
     if r.trf_issue is not None:
         rec["trf_issue"] = r.trf_issue
     rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
+    rec["position"] = r.position
+    rec["output_index"] = list(r.output_index)
+    if r.trf is not None and not r.trf.data_dependent:
+        rec["trf"]["interval"] = [[_json_float(a), _json_float(b)] for a, b in r.trf.interval]
+    if r.field is not None:
+        rec["positions"] = {key: _result_record(x) for key, x in r.field.items() if key != "centre"}
     return rec
+
+
+def positions_table(results: Mapping[str, ERFResult], *, title: str | None = None) -> Table:
+    """A rich table of every probed position of every layer (``compute_erf(position=...)``)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("layer", "position"):
+        table.add_column(col, style="cyan" if col == "layer" else None, no_wrap=True)
+    for col in ("unit", "centre px", "ERF", "visible", "coverage", "of TRF", "offset y,x",
+                "aniso.", "dead"):  # fmt: skip
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, r in results.items():
+        rows = list(r.field.values()) if r.field is not None else [r]
+        for x in rows:
+            table.add_row(
+                escape(name or "<model>"),
+                escape(x.position),
+                ",".join(map(str, x.output_index)) or "-",
+                ",".join(map(str, x.centre_pixel)),
+                str(x.erf_size),
+                _fmt(x.visible_size, ".1f"),
+                f"{x.coverage:.1%}",
+                "n/a" if math.isnan(x.coverage_trf) else f"{x.coverage_trf:.1%}",
+                ",".join(_fmt(o, "+.1f") for o in x.centroid_offset),
+                _fmt(x.anisotropy, ".2f"),
+                "n/a" if math.isnan(x.dead_fraction) else f"{x.dead_fraction:.0%}",
+            )
+        if r.field is not None:
+            ratio = r.field.border_ratio
+            table.add_row(escape(name), "[i]border_ratio[/]", "", "", "", _fmt(ratio, ".2f"))
+    return table
+
+
+def _write_positions(
+    results: Mapping[str, ERFResult], out: Path, console: Console, title: str
+) -> None:
+    """The positions table, and each 2-D field's figure as ``fields/<layer>.png``."""
+    if all(r.position == "centre" and r.field is None for r in results.values()):
+        return
+    console.print(positions_table(results, title=title))
+    from erf_monitor.sinks import safe_filename
+
+    for name, r in results.items():
+        if r.field is not None and r.heatmap.dim() == 2:
+            path = out / "fields" / f"{safe_filename(name)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            r.field.figure().savefig(path)
+            console.print(f"ERF field of {name!r}: [bold]{path}[/]", highlight=False)
 
 
 # ---------------------------------------------------------------------------------- analyze
@@ -287,6 +343,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
     from erf_monitor._models import ModelSpecError, load_model
+    from erf_monitor._positions import parse_position_text, request
+
+    try:
+        position = parse_position_text(args.position)
+        request(position, len(size))
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--position: {_one_line(exc)}") from None
 
     with Progress(
         SpinnerColumn(),
@@ -325,7 +388,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
         try:
             try:
-                results = compute_erf(model, x, layers, mode=args.mode, chunk_size=args.chunk_size)
+                results = compute_erf(
+                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size,
+                    position=position,
+                )  # fmt: skip
             except (ValueError, TypeError, ERFProbeError):
                 raise
             except Exception as exc:  # the TRF analysis could not follow this model
@@ -335,8 +401,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     highlight=False,
                 )
                 results = compute_erf(
-                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size, trf="skip"
-                )
+                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size, trf="skip",
+                    position=position,
+                )  # fmt: skip
         except (ValueError, TypeError, ERFProbeError) as exc:
             raise CLIError(_one_line(exc)) from None
         seconds = time.perf_counter() - t0
@@ -359,7 +426,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from erf_monitor._modes import DEFINITIONS, metadata
 
-    maps = {name: r.heatmap.numpy() for name, r in results.items()}
+    maps = {path: r.heatmap.numpy() for path, r in results.flat().items()}
     save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
     record = {
         "model": args.model,
@@ -383,6 +450,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             highlight=False,
         )
     console.print(results_table(results, title=f"ERF of {args.model} — {source}, mode {args.mode}"))
+    _write_positions(results, out, console, f"ERF at position {args.position!r}")
     console.print(
         f"Probe: {seconds:.2f} s. Wrote [bold]{out / 'metrics.json'}[/], "
         f"[bold]{out / 'maps.npz'}[/] (np.load(..., allow_pickle=False)), "
@@ -605,6 +673,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="load weights: alone, the model's pretrained weights from the local torch.hub / "
         "Hugging Face cache (never downloaded); =PATH, a checkpoint file",
+    )
+    analyze.add_argument(
+        "--position",
+        default="centre",
+        metavar="POS",
+        help="seed unit(s): centre (default), corners, edges, grid:K (a K x K grid), an output "
+        "index I,J (negative from the end), a fraction of the output plane 0.0,0.5, or several "
+        "separated by ';'. Sets also write fields/<layer>.png (the ERF field)",
     )
     analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")

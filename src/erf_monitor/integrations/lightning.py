@@ -52,6 +52,8 @@ class ERFMonitor(EngineView, _CallbackBase):
       ``gaussian_r2``, OpenERF's ``disc_mass_r5`` ... ``disc_mass_r80`` and
       ``gauss_fit_amplitude/sigma_y/sigma_x/offset_y/offset_x/r2``) and ``erf/probe_time_s``;
     * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
+    * with ``position`` other units than the centre: ``erf/<layer>/<position>/<metric>``, and
+      for a set of positions ``erf/<layer>/border_ratio`` and the ``erf/<layer>/field`` image;
     * coverage alerts as text (``alerts/erf_coverage/<layer>``).
 
     What to probe, how often, the coverage alert and the failure policy are the shared

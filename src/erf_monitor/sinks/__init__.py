@@ -2,6 +2,8 @@
 
 Keys are the same on every backend: ``erf/<layer>/<metric>`` for scalars (the metrics of
 ``ERFResult.scalars()``), ``erf/<layer>/heatmap`` for images; ``step`` is the training step.
+Units other than the centre (``position=``) add their key: ``erf/<layer>/<position>/<metric>``;
+a set of positions adds the field figure ``erf/<layer>/field``.
 Optional backends (TensorBoard, W&B, MLflow) are imported only when a sink is constructed.
 
 Examples:

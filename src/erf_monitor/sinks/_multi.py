@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from erf_monitor._errors import ERFProbeWarning
 from erf_monitor._warn import warn
 from erf_monitor.sinks._base import Sink
 
@@ -84,6 +85,22 @@ def _items(results: Mapping[str, ERFResult] | Iterable[ERFResult]) -> list[tuple
     return [(r.name, r) for r in results]
 
 
+def _path(name: str, r: ERFResult) -> str:
+    """``<layer>`` for the centre unit, ``<layer>/<position>`` for any other."""
+    position = getattr(r, "position", "centre")
+    return name if position == "centre" else f"{name}/{position}"
+
+
+def _flat(items: list[tuple[str, ERFResult]]) -> list[tuple[str, ERFResult]]:
+    """Every result by its key path, each position of a field included."""
+    out = []
+    for name, r in items:
+        field = getattr(r, "field", None)
+        for x in field.values() if field is not None else (r,):
+            out.append((_path(name, x), x))
+    return out
+
+
 def log_results(
     sinks: Sink | Sequence[Sink],
     results: Mapping[str, ERFResult] | Iterable[ERFResult],
@@ -100,14 +117,19 @@ def log_results(
     Sends, in this order and to every sink:
 
     1. scalars ``<prefix>/<layer>/<metric>`` for each ``metric`` in ``result.scalars()``,
-       in one ``log_scalars`` call;
+       in one ``log_scalars`` call; a result at another unit than the centre (see
+       ``docs/guides/positions.md``) under ``<prefix>/<layer>/<position>/<metric>``, and
+       every position of a layer's field likewise;
     2. with ``mode_text``, the mode and its exact definition as text, ``<prefix>/mode``
        (``"mode=luo: ..."``, see :mod:`erf_monitor._modes`; monitors send it with their first
        probe only);
-    3. one image per layer, ``<prefix>/<layer>/heatmap``, rendered once with
-       :func:`~erf_monitor._render.render_heatmap` (``render_kwargs`` passed on);
-    4. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays),
-       plus the entries ``__mode__`` and ``__definition__`` (0-d string arrays);
+    3. one image per layer, ``<prefix>/<layer>/heatmap`` (``<prefix>/<layer>/<position>/
+       heatmap`` for a single non-centre position), rendered once with
+       :func:`~erf_monitor._render.render_heatmap` (``render_kwargs`` passed on), and for a
+       layer with a field (2-D) its figure, ``<prefix>/<layer>/field``;
+    4. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays;
+       other positions as ``<layer>/<position>``), plus the entries ``__mode__`` and
+       ``__definition__`` (0-d string arrays);
 
     then flushes. A sink that raises gets one warning (see :class:`MultiSink`); a layer
     whose map cannot be rendered is warned about and skipped for images only.
@@ -135,9 +157,9 @@ def log_results(
     )
     items = _items(results)
     scalars: dict[str, float] = {}
-    for name, r in items:
+    for path, r in _flat(items):
         for metric, value in r.scalars().items():
-            scalars[f"{prefix}/{name}/{metric}"] = float(value)
+            scalars[f"{prefix}/{path}/{metric}"] = float(value)
     if scalars:
         multi.log_scalars(scalars, step)
     modes = sorted({r.mode for _, r in items})
@@ -156,9 +178,21 @@ def log_results(
                     UserWarning,
                 )
                 continue
-            multi.log_image(f"{prefix}/{name}/heatmap", image, step)
+            multi.log_image(f"{prefix}/{_path(name, r)}/heatmap", image, step)
+            field = getattr(r, "field", None)
+            if field is not None and r.heatmap.dim() == 2:
+                try:
+                    from erf_monitor._field import render_field
+
+                    multi.log_image(f"{prefix}/{name}/field", render_field(field), step)
+                except Exception as err:
+                    warn(
+                        f"erf-monitor: could not draw the ERF field of layer {name!r} "
+                        f"({type(err).__name__}: {err}); its image is skipped",
+                        ERFProbeWarning,
+                    )
     if arrays and items:
-        maps = {name: r.heatmap.detach().cpu().float().numpy() for name, r in items}
+        maps = {path: r.heatmap.detach().cpu().float().numpy() for path, r in _flat(items)}
         if len(modes) == 1:
             maps.update(metadata(modes[0]))
         multi.log_arrays(prefix, maps, step)
