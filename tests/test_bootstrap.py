@@ -122,3 +122,37 @@ def test_paired_differences_use_the_same_images() -> None:
     assert shift.high - shift.low < 0.05  # what the images have in common cancels
     alone = bootstrap_metrics(a, ["centroid_offset_x"], n_boot=100)["centroid_offset_x"]
     assert alone.high - alone.low > 5 * (shift.high - shift.low)
+
+
+def test_every_resample_is_measured_afresh() -> None:
+    """Each resample's metrics are those of a result built from its map alone: no metric may
+    come from a cache of the full map (the Gaussian fit's did, so its intervals had width 0)."""
+    per_sample = _draw(16, torch.Generator().manual_seed(5))
+    r = _result(per_sample)
+    r.scalars()  # fill every cache of the full result first, as a user's print would
+    keys = [k for k in r.scalars() if k.startswith(("gauss_fit", "sigma", "erf_size"))]
+    counts = torch.bincount(torch.arange(16) % 5, minlength=16)  # images 0-4, 3 or 4 times
+    from erf_monitor._bootstrap import _Resampler
+
+    got = _Resampler(r, keys).values(counts)
+    mean = (counts.double()[:, None, None] * per_sample).sum(0) / 16
+    fresh = _result(mean[None])  # a new result of the resample's map: no caches
+    for key, value in zip(keys, got):
+        assert value == pytest.approx(metric_value(fresh, key), rel=1e-5), key
+    cis = bootstrap_metrics(r, keys, n_boot=50)
+    for key in keys:
+        if key != "erf_size":  # discrete; the continuous metrics vary between resamples
+            assert cis[key].high > cis[key].low, key
+
+
+def test_field_results_bootstrap_their_own_map() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, padding=1))  # fmt: skip
+    r = em.compute_erf(net, torch.randn(8, 1, 16, 16), ["2"], position="corners",
+                       keep_per_sample=True)["2"]  # fmt: skip
+    assert "border_ratio" in r.scalars()
+    cis = bootstrap_metrics(r, n_boot=20)
+    assert "border_ratio" not in cis and "sigma_x" in cis
+    with pytest.raises(ValueError, match="several positions"):
+        bootstrap_metrics(r, ["border_ratio"], n_boot=20)

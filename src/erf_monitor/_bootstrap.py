@@ -25,7 +25,6 @@ get intervals made of those values; with few images they can be ``± 0``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ __all__ = ["Interval", "bootstrap_metrics", "metric_value", "paired_differences"
 
 #: Metrics that depend on the architecture only (no interval needed).
 _CONSTANT = ("trf_size", "trf_size_clipped", "trf_global")
+#: Metrics of other maps than the one resampled (the other positions of an ERF field).
+_NOT_RESAMPLED = ("border_ratio",)
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,14 @@ class _Resampler:
         self.keys = (
             list(metrics)
             if metrics is not None
-            else [k for k in result.scalars() if k not in _CONSTANT]
+            else [k for k in result.scalars() if k not in _CONSTANT + _NOT_RESAMPLED]
         )
+        unknown = [k for k in self.keys if k in _NOT_RESAMPLED]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} compares several positions' maps; bootstrap intervals are "
+                "computed for one position's map at a time"
+            )
 
     def draw(self, gen: torch.Generator) -> torch.Tensor:
         """How often each image is in one resample (``N`` draws with replacement)."""
@@ -245,7 +252,7 @@ class _Resampler:
 
     def _measure(self, total: torch.Tensor, n: int) -> np.ndarray:
         heat = self.finalise(total.reshape(self.shape), n, self.result.mode)
-        replica = dataclasses.replace(self.result, heatmap=heat, per_sample=None, _cache={})
+        replica = self.result.with_heatmap(heat)
         return np.array([metric_value(replica, k) for k in self.keys])
 
     def values(self, counts: torch.Tensor) -> np.ndarray:

@@ -243,6 +243,13 @@ class ERFResult:
             self._fits[rotated] = _metrics.gaussian_fit(self.heatmap, rotated=rotated)
         return self._fits[rotated]
 
+    def with_heatmap(self, heatmap: torch.Tensor) -> ERFResult:
+        """This result with another map (same layer, unit and TRF), measured afresh: no
+        metric cached from this map carries over (bootstrap resamples are built this way)."""
+        return dataclasses.replace(
+            self, heatmap=heatmap, per_sample=None, field=None, _cache={}, _fits={}
+        )
+
     # -- export -----------------------------------------------------------------------------
     def scalars(self) -> dict[str, float]:
         """Flat dict of the scalar metrics, as logged (keys are stable across backends)."""
