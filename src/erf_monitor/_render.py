@@ -149,8 +149,33 @@ def _erf_interval(result: ERFResult, dim: int) -> tuple[int, int]:
 def _trf_interval(result: ERFResult, dim: int) -> tuple[int, int] | None:
     if result.trf is None or result.trf.data_dependent:  # no finite box to draw
         return None
+    if _wraps(result, dim):  # the unclipped interval, drawn in every period it reaches
+        lo, hi = result.trf.interval[dim]
+        return int(lo), int(hi)
     s, e = result.trf.clipped[dim]
     return int(s), int(e)
+
+
+def _wraps(result: ERFResult, dim: int) -> bool:
+    return len(result.wrapped) == result.heatmap.dim() and result.wrapped[dim]
+
+
+def _spans(result: ERFResult, dim: int, span: tuple[int, int]) -> list[tuple[int, int]]:
+    """Where ``span`` is drawn along ``dim``: itself, or where the field wraps around the
+    input (circular padding), its copies one period either side, so that the box is seen in
+    both pieces and no edge is drawn where the input's border cuts it."""
+    if not _wraps(result, dim):
+        return [span]
+    n = int(result.heatmap.shape[dim])
+    if span[1] - span[0] + 1 >= n:
+        return [(-1, n)]  # all of it: both edges outside the input
+    return [(span[0] + k * n, span[1] + k * n) for k in (-1, 0, 1)]
+
+
+def _boxes(
+    result: ERFResult, dims: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    return [(r, c) for r in _spans(result, dims[0], rows) for c in _spans(result, dims[1], cols)]
 
 
 def _draw_rect(
@@ -214,16 +239,12 @@ def _render_2d(
     if draw_trf:
         rows, cols = _trf_interval(result, dims[0]), _trf_interval(result, dims[1])
         if rows is not None and cols is not None:
-            _draw_rect(img, rows, cols, factor, TRF_COLOR, t)
+            for r, c in _boxes(result, dims, rows, cols):
+                _draw_rect(img, r, c, factor, TRF_COLOR, t)
     if draw_extent and a.max() > 0:
-        _draw_rect(
-            img,
-            _erf_interval(result, dims[0]),
-            _erf_interval(result, dims[1]),
-            factor,
-            ERF_COLOR,
-            t,
-        )
+        square = (_erf_interval(result, dims[0]), _erf_interval(result, dims[1]))
+        for r, c in _boxes(result, dims, *square):
+            _draw_rect(img, r, c, factor, ERF_COLOR, t)
     return img
 
 
@@ -474,6 +495,8 @@ def _describe_trf(result: ERFResult) -> str:
         return "TRF unknown"
     if trf.is_global:
         return "TRF global"
+    if any(result.wrapped):
+        return f"TRF {_fmt_size(trf.clipped_size)} px, wraps around the border"
     return f"TRF (clipped) {_fmt_size(trf.clipped_size)} px"
 
 
@@ -766,17 +789,12 @@ def erf_figure(
             )
             trf = (_trf_interval(r, 0), _trf_interval(r, 1))
             if trf[0] is not None and trf[1] is not None:
-                _add_box(ax, trf[0], trf[1], "cyan", lw=1.2, label="TRF (clipped)")
+                for rows, cols in _boxes(r, (0, 1), trf[0], trf[1]):
+                    _add_box(ax, rows, cols, "cyan", lw=1.2, label="TRF (clipped)")
             if a.max() > 0:
-                _add_box(
-                    ax,
-                    _erf_interval(r, 0),
-                    _erf_interval(r, 1),
-                    "white",
-                    lw=1.2,
-                    ls="--",
-                    label="95% mass",
-                )
+                square = (_erf_interval(r, 0), _erf_interval(r, 1))
+                for rows, cols in _boxes(r, (0, 1), *square):
+                    _add_box(ax, rows, cols, "white", lw=1.2, ls="--", label="95% mass")
             if _off_centre(r, a.shape):
                 cy, cx = r.centre_pixel
                 ax.plot([cx], [cy], "+", color="lime", ms=9, mew=1.5, label="centre unit")

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -27,6 +27,17 @@ AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
 def axis_names(ndim: int) -> tuple[str, ...]:
     """Names used for per-axis metrics: ``x`` (1-D), ``y, x`` (2-D), ``z, y, x`` (3-D)."""
     return ("z", "y", "x")[3 - ndim :] if 1 <= ndim <= 3 else tuple(f"d{i}" for i in range(ndim))
+
+
+class _Frame(NamedTuple):
+    """The map as metrics see it: rolled along the dims where the unit's field wraps around
+    the input (circular padding) so that the field is in one piece around the middle."""
+
+    map: torch.Tensor
+    centre_pixel: tuple[int, ...]
+    shift: tuple[int, ...]  # frame index = input index + shift (mod the size where wrapped)
+    centre: tuple[float, ...]  # the theoretical centre in the frame
+    box: tuple[tuple[int, int], ...] | None  # the clipped TRF in the frame (None: no TRF)
 
 
 @dataclass(eq=False)
@@ -64,6 +75,11 @@ class ERFResult:
         output_index: the seed unit's index on the layer's output grid (non-negative).
         field: with a set of positions, ``{position: ERFResult}`` of the layer (this result
             is the centre's); else ``None``.
+        wrapped: per dim, whether the unit's field wraps around the input (circular
+            padding, :attr:`TRF.wrapped <erf_monitor.TRF>`). The network lives on a torus
+            there: metrics are measured on the map rolled so that the field is in one piece
+            around :attr:`centre_pixel`, and positions (:attr:`centre_pixel`,
+            :attr:`theoretical_centre`, :attr:`centroid`) are taken modulo the input size.
     """
 
     name: str
@@ -80,23 +96,69 @@ class ERFResult:
     position: str = "centre"
     output_index: tuple[int, ...] = ()
     field: ERFField | None = dataclasses.field(default=None, repr=False)
+    wrapped: tuple[bool, ...] = ()
     _cache: dict[float, int] = dataclasses.field(default_factory=dict, repr=False)
     _fits: dict[bool, _metrics.GaussianFit] = dataclasses.field(default_factory=dict, repr=False)
+
+    @cached_property
+    def _frame(self) -> _Frame:
+        shape = tuple(self.heatmap.shape)
+        wrapped = self.wrapped if len(self.wrapped) == len(shape) else (False,) * len(shape)
+        raw = self._raw_centre
+        shift = tuple(
+            n // 2 - c if w else 0 for n, c, w in zip(shape, self.centre_pixel, wrapped)
+        )  # fmt: skip
+        heat = self.heatmap
+        if any(shift):
+            heat = torch.roll(heat, shift, tuple(range(len(shape))))
+        pixel = tuple(c + sh for c, sh in zip(self.centre_pixel, shift))
+        # the theoretical centre's offset from the centre pixel, the shorter way round
+        centre = tuple(
+            p + (((t - c + n / 2) % n) - n / 2) if w else t
+            for p, t, c, n, w in zip(pixel, raw, self.centre_pixel, shape, wrapped)
+        )
+        box = None
+        if self.trf is not None:
+            box = tuple(
+                (max(int(lo) + round(f - t), 0), min(int(hi) + round(f - t), n - 1)) if w else clip
+                for (lo, hi), f, t, n, w, clip in zip(
+                    self.trf.interval, centre, raw, shape, wrapped, self.trf.clipped
+                )
+            )
+        return _Frame(heat, pixel, shift, centre, box)
+
+    @property
+    def _raw_centre(self) -> tuple[float, ...]:
+        if self.centre is not None:
+            return self.centre
+        if self.trf is not None:
+            return self.trf.centre
+        return tuple(float(c) for c in self.centre_pixel)
+
+    def _unframe(self, position: Sequence[float]) -> tuple[float, ...]:
+        """A frame position as an input position (modulo the size where the field wraps)."""
+        f = self._frame
+        return tuple(
+            (p - sh) % n if sh else p for p, sh, n in zip(position, f.shift, self.heatmap.shape)
+        )
 
     # -- mass-based metrics ---------------------------------------------------------------
     def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
         """Side of the smallest centred square (odd side) holding more than fraction ``t``."""
         if t not in self._cache:
-            self._cache[t] = _metrics.mass_extent(self.heatmap, t, self.centre_pixel)
+            f = self._frame
+            self._cache[t] = _metrics.mass_extent(f.map, t, f.centre_pixel)
         return self._cache[t]
 
     def mass_extent_per_axis(self, t: float = _metrics.COVERAGE_MASS) -> tuple[int, ...]:
         """Per-axis variant of :meth:`mass_extent` on the map's marginal profiles."""
-        return _metrics.mass_extent_per_axis(self.heatmap, t, self.centre_pixel)
+        f = self._frame
+        return _metrics.mass_extent_per_axis(f.map, t, f.centre_pixel)
 
     def area_ratio(self, t: float) -> float:
         """Fraction of the input area inside the ``t``-mass square."""
-        return _metrics.area_ratio(self.heatmap, t, self.centre_pixel)
+        f = self._frame
+        return _metrics.area_ratio(f.map, t, f.centre_pixel)
 
     @property
     def erf_size(self) -> int:
@@ -124,41 +186,44 @@ class ERFResult:
         The image clips a border unit's field: this compares the ERF with what the unit can
         see at all, where :attr:`coverage` compares it with the whole input.
         """
-        if self.trf is None:
+        f = self._frame
+        if f.box is None:
             return math.nan
-        return _shape.coverage_within(
-            self.heatmap, _metrics.COVERAGE_MASS, self.centre_pixel, self.trf.clipped
-        )
+        return _shape.coverage_within(f.map, _metrics.COVERAGE_MASS, f.centre_pixel, f.box)
 
     @property
     def ratio(self) -> float:
         """ERF/TRF ratio: ``erf_size`` over the largest per-axis clipped TRF size."""
-        if self.trf is None:
-            return math.nan
-        return self.erf_size / max(self.trf.clipped_size)
+        size = self._clipped_size
+        return math.nan if size is None else self.erf_size / max(size)
+
+    @property
+    def _clipped_size(self) -> tuple[int, ...] | None:
+        """The clipped TRF's size per dim (what it covers where the field wraps)."""
+        return None if self.trf is None else self.trf.clipped_size
 
     # -- shape metrics ----------------------------------------------------------------------
     @cached_property
     def sigma(self) -> tuple[float, ...]:
         """Per-axis standard deviation (pixels) from second moments about the centroid."""
-        return _metrics.sigma(self.heatmap)
+        return _metrics.sigma(self._frame.map)
 
     @cached_property
     def gaussian_r2(self) -> float:
         """R^2 of the moment-matched Gaussian: 1 means perfectly Gaussian."""
-        return _metrics.gaussian_r2(self.heatmap)
+        return _metrics.gaussian_r2(self._frame.map)
 
     @cached_property
     def centroid(self) -> tuple[float, ...]:
         """Mass-weighted mean pixel index per axis."""
-        return _metrics.centroid(self.heatmap)
+        return self._unframe(_metrics.centroid(self._frame.map))
 
     @cached_property
     def principal_axes(self) -> tuple[tuple[float, ...], float]:
         """``(widths, angle)``: standard deviations along the principal axes of the map
         (largest first, pixels) and, in 2-D, the major axis' angle in degrees from ``+x``
         (columns) towards ``+y`` (rows), in ``(-90, 90]``."""
-        return _shape.principal_axes(self.heatmap)
+        return _shape.principal_axes(self._frame.map)
 
     @property
     def anisotropy(self) -> float:
@@ -175,35 +240,28 @@ class ERFResult:
         """``1 - E(O) / E0(O)``: how much less mass lies off the centre row and column than
         the marginals imply; 1 for a "+" pattern, 0 for a separable map (Gaussian, box),
         < 0 when the axes are avoided (``docs/concepts.md``)."""
-        return _shape.cross_score(self.heatmap, self.centre_pixel)
+        f = self._frame
+        return _shape.cross_score(f.map, f.centre_pixel)
 
     @cached_property
     def dead_fraction(self) -> float:
         """Fraction of the clipped TRF's pixels where the map is exactly zero (NaN without
         a TRF): dead pixels, e.g. the periodic holes that dilation leaves ("gridding")."""
-        if self.trf is None:
-            return math.nan
-        return _shape.dead_fraction(self.heatmap, self.trf.clipped)
+        f = self._frame
+        return math.nan if f.box is None else _shape.dead_fraction(f.map, f.box)
 
     @cached_property
     def gridding_period(self) -> tuple[int, ...]:
         """Per axis, the period of the non-zero rows/columns inside the clipped TRF (1: none;
         the whole map without a TRF)."""
-        box = (
-            self.trf.clipped
-            if self.trf is not None
-            else tuple((0, s - 1) for s in self.heatmap.shape)
-        )
-        return _shape.gridding_period(self.heatmap, box)
+        f = self._frame
+        box = f.box if f.box is not None else tuple((0, s - 1) for s in self.heatmap.shape)
+        return _shape.gridding_period(f.map, box)
 
     @property
     def theoretical_centre(self) -> tuple[float, ...]:
         """Where the seed unit sits in input pixels (the centre of its TRF interval)."""
-        if self.centre is not None:
-            return self.centre
-        if self.trf is not None:
-            return self.trf.centre
-        return tuple(float(c) for c in self.centre_pixel)
+        return self._unframe(self._frame.centre)
 
     @property
     def definition(self) -> str:
@@ -212,8 +270,10 @@ class ERFResult:
 
     @property
     def centroid_offset(self) -> tuple[float, ...]:
-        """Centroid minus theoretical centre, in pixels per axis."""
-        return tuple(c - t for c, t in zip(self.centroid, self.theoretical_centre))
+        """Centroid minus theoretical centre, in pixels per axis (the shorter way round where
+        the field wraps)."""
+        f = self._frame
+        return tuple(c - t for c, t in zip(_metrics.centroid(f.map), f.centre))
 
     # -- OpenERF metrics ---------------------------------------------------------------------
     def disc_mass(
@@ -227,8 +287,11 @@ class ERFResult:
         on :attr:`centre_pixel` unless ``centre`` is given (OpenERF uses ``(H // 2, W // 2)``).
         See :func:`erf_monitor._metrics.disc_mass`.
         """
-        where = self.centre_pixel if centre is None else tuple(centre)
-        return _metrics.disc_mass(self.heatmap, radii, where)
+        f = self._frame
+        where = f.centre_pixel if centre is None else tuple(centre)
+        if centre is not None and any(f.shift):
+            where = tuple((c + sh) % n for c, sh, n in zip(where, f.shift, self.heatmap.shape))
+        return _metrics.disc_mass(f.map, radii, where)
 
     def gaussian_fit(self, rotated: bool = False) -> _metrics.GaussianFit:
         """Free-centre 2-D Gaussian least-squares fit to the map normalised to sum 1 (OpenERF).
@@ -239,8 +302,15 @@ class ERFResult:
         Raises:
             ValueError: for a map that is not 2-D.
         """
+        fit = self._frame_fit(rotated)
+        if not any(self._frame.shift):
+            return fit
+        cy, cx = self._unframe(fit.centre)  # the fit is 2-D
+        return dataclasses.replace(fit, centre=(cy, cx))
+
+    def _frame_fit(self, rotated: bool) -> _metrics.GaussianFit:
         if rotated not in self._fits:
-            self._fits[rotated] = _metrics.gaussian_fit(self.heatmap, rotated=rotated)
+            self._fits[rotated] = _metrics.gaussian_fit(self._frame.map, rotated=rotated)
         return self._fits[rotated]
 
     def with_heatmap(self, heatmap: torch.Tensor) -> ERFResult:
@@ -259,8 +329,8 @@ class ERFResult:
             finite = [s for s in self.trf.size if math.isfinite(s)]
             if finite and not self.trf.is_global:
                 out["trf_size"] = float(max(finite))
-            if not self.trf.data_dependent:  # data-dependent: no finite size at all
-                out["trf_size_clipped"] = float(max(self.trf.clipped_size))
+            if not self.trf.data_dependent and self._clipped_size is not None:
+                out["trf_size_clipped"] = float(max(self._clipped_size))  # data-dep.: no size
             out["trf_global"] = float(self.trf.is_global)
             out["trf_data_dependent"] = float(self.trf.data_dependent)
         out["erf_size"] = float(self.erf_size)
@@ -278,9 +348,9 @@ class ERFResult:
         for r, mass in self.disc_mass(radii).items():
             out[f"disc_mass_r{r}"] = float(mass)
         if self.heatmap.dim() == 2:
-            fit = self.gaussian_fit()
+            fit = self._frame_fit(False)
             out["gauss_fit_amplitude"] = fit.amplitude
-            for axis, s, c, t in zip(names, fit.sigma, fit.centre, self.theoretical_centre):
+            for axis, s, c, t in zip(names, fit.sigma, fit.centre, self._frame.centre):
                 out[f"gauss_fit_sigma_{axis}"] = s
                 out[f"gauss_fit_offset_{axis}"] = c - t
             out["gauss_fit_r2"] = fit.r2

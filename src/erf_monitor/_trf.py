@@ -447,6 +447,7 @@ def _assemble(
         input_shape=tuple(spatial),
         method="fx",
         local=bool(local and not any(glob) and out_spatial),
+        wrapped=tuple(bool(ax.wrap) and not g for ax, g in zip(axes, glob)),
     )
 
 

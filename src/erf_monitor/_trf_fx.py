@@ -65,6 +65,7 @@ class Axis:
     mask: Mask  # in-bounds indices that can influence the seed
     mixed: bool = False  # a global op needs this whole axis
     jump: Fraction | None = Fraction(1)  # input pixels per unit along this axis (None: no map)
+    wrap: bool = False  # circular padding folded part of the interval onto the far side
 
     def union(self, other: Axis) -> Axis:
         mixed = self.mixed or other.mixed
@@ -75,6 +76,7 @@ class Axis:
             self.mask | other.mask,
             mixed,
             max(jumps) if jumps else None,
+            self.wrap or other.wrap,
         )
 
 
@@ -153,7 +155,8 @@ def window_axis(ax: Axis, n_in: int, k: int, s: int, p: int, d: int, mode: str =
     if ax.mixed:
         return Axis(None, None, mask, True, _times(ax.jump, s))
     lo, hi = _int(ax.lo) * s - p, _int(ax.hi) * s - p + d * (k - 1)
-    return Axis(lo, hi, mask, False, _times(ax.jump, s))
+    wrap = ax.wrap or (mode == "circular" and bool(((vals < 0) | (vals >= n_in)).any()))
+    return Axis(lo, hi, mask, False, _times(ax.jump, s), wrap)
 
 
 def transposed_axis(ax: Axis, n_in: int, k: int, s: int, p: int, d: int) -> tuple[Axis, bool]:
@@ -176,8 +179,8 @@ def transposed_axis(ax: Axis, n_in: int, k: int, s: int, p: int, d: int) -> tupl
     lo, hi = _int(ax.lo), _int(ax.hi)
     unclipped = sources(np.arange(lo, hi + 1, dtype=np.int64))
     if unclipped.size == 0:
-        return Axis(0, -1, mask, False, jump), False
-    return Axis(int(unclipped.min()), int(unclipped.max()), mask, False, jump), True
+        return Axis(0, -1, mask, False, jump, ax.wrap), False
+    return Axis(int(unclipped.min()), int(unclipped.max()), mask, False, jump, ax.wrap), True
 
 
 def table_axis(
@@ -193,7 +196,7 @@ def table_axis(
     new_jump = None if ax.jump is None or jump is None else ax.jump * jump
     if ax.mixed:
         return Axis(None, None, mask, True, new_jump)
-    return Axis(taps(_int(ax.lo))[0], taps(_int(ax.hi))[1], mask, False, new_jump)
+    return Axis(taps(_int(ax.lo))[0], taps(_int(ax.hi))[1], mask, False, new_jump, ax.wrap)
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -503,7 +506,7 @@ def broadcast_region(reg: Region, out_shape: Sequence[int], in_shape: Sequence[i
     for k, n in enumerate(in_shape):
         a = reg.axes[k + off]
         if n == 1 and out_shape[k + off] != 1:
-            axes.append(Axis(0, 0, np.ones(1, dtype=bool), a.mixed, a.jump))
+            axes.append(Axis(0, 0, np.ones(1, dtype=bool), a.mixed, a.jump, a.wrap))
             if a.mixed:
                 axes[-1].lo = axes[-1].hi = None
         else:
@@ -1100,7 +1103,7 @@ def _cat(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
                 if lo > hi and not mask.any():
                     off += n
                     continue
-                part = Axis(lo - off, hi - off, mask, False, ax.jump)
+                part = Axis(lo - off, hi - off, mask, False, ax.jump, ax.wrap)
             axes = [replace(a) for a in reg.axes]
             axes[dim] = part
             local = reg.local and (n == out_shape[dim] or dim < 2)
@@ -1192,7 +1195,7 @@ def reshape_region(reg: Region, in_shape: Sequence[int], out_shape: Sequence[int
             else:
                 nz = np.flatnonzero(m)
                 lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, -1)
-                axes[k] = Axis(lo, hi, m, False, None)
+                axes[k] = Axis(lo, hi, m, False, None, any(reg.axes[j].wrap for j in gj))
     return Region(axes, local)
 
 

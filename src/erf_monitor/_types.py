@@ -45,6 +45,10 @@ class TRF:
         reason: why the field is global or data-dependent (empty when it is finite or
             when no single op is to blame).
         tokens: the layer's output was read as tokens on a patch grid.
+        wrapped: per dimension, whether circular padding folds part of the interval onto
+            the input's far side (the field wraps around the border: the network lives on a
+            torus there, and ``clipped`` is then the hull of both parts); ``()`` when not
+            analysed.
     """
 
     size: tuple[float, ...]
@@ -61,6 +65,7 @@ class TRF:
     data_dependent: bool = False
     reason: str = ""
     tokens: bool = False
+    wrapped: tuple[bool, ...] = ()
 
     @property
     def is_global(self) -> bool:
@@ -69,8 +74,15 @@ class TRF:
 
     @property
     def clipped_size(self) -> tuple[int, ...]:
-        """Per-dimension size of :attr:`clipped` (``end - start + 1``)."""
-        return tuple(int(e - s + 1) for s, e in self.clipped)
+        """Per-dimension size of :attr:`clipped` (``end - start + 1``); where the field
+        wraps around the input, the pixels it covers: ``min(size, input size)``."""
+        wraps = (
+            self.wrapped if len(self.wrapped) == len(self.clipped) else (False,) * len(self.clipped)
+        )
+        return tuple(
+            int(min(z, n)) if w else int(e - s + 1)
+            for (s, e), z, n, w in zip(self.clipped, self.size, self.input_shape, wraps)
+        )
 
     def __str__(self) -> str:
         if self.data_dependent:
@@ -80,4 +92,5 @@ class TRF:
             "global" if g else str(int(s)) if math.isfinite(s) else "inf"
             for s, g in zip(self.size, self.global_dims)
         )
-        return f"TRF({dims}, stride {' x '.join(f'{s:g}' for s in self.stride)})"
+        wraps = ", wraps around" if any(self.wrapped) else ""
+        return f"TRF({dims}, stride {' x '.join(f'{s:g}' for s in self.stride)}{wraps})"
