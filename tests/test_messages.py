@@ -142,3 +142,32 @@ def test_cli_forward_failure_is_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "forward_fn" in err and "Traceback" not in err
+
+
+class _FrozenStem(nn.Module):
+    def __init__(self, detach: bool) -> None:
+        super().__init__()
+        self.detach = detach
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            return self.head(self.stem(x).detach())
+        with torch.no_grad():
+            y = self.stem(x)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_graph_cut_in_the_forward_is_named(detach: bool) -> None:
+    """A frozen stem run under no_grad (or detached) gives a zero map: say why, not "dead
+    ReLUs"; dead ReLUs keep their own message."""
+    with pytest.warns(em.ERFProbeWarning, match=r"no_grad\(\) or \.detach\(\)") as rec:
+        r = em.compute_erf(_FrozenStem(detach).eval(), torch.randn(2, 1, 8, 8), ["head"])
+    assert float(r["head"].heatmap.sum()) == 0.0
+    assert not any("dead ReLUs" in str(w.message) for w in rec)
+    dead = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    nn.init.constant_(dead[0].bias, -100.0)
+    with pytest.warns(em.ERFProbeWarning, match="dead ReLUs"):
+        em.compute_erf(dead.eval(), torch.rand(2, 1, 8, 8), ["1"])

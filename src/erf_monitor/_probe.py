@@ -185,9 +185,15 @@ def proportional_centre(
     return tuple((i + 0.5) * s / g - 0.5 for i, s, g in zip(index, spatial, grid))
 
 
-def _round_centre(centre: Sequence[float], spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """Round half up, clamped into the input."""
-    return tuple(min(max(math.floor(c + 0.5), 0), s - 1) for c, s in zip(centre, spatial))
+def _round_centre(
+    centre: Sequence[float], spatial: tuple[int, ...], wrapped: Sequence[bool] = ()
+) -> tuple[int, ...]:
+    """Round half up, clamped into the input (modulo its size where the field wraps)."""
+    wraps = tuple(wrapped) if len(wrapped) == len(spatial) else (False,) * len(spatial)
+    return tuple(
+        math.floor(c + 0.5) % s if w else min(max(math.floor(c + 0.5), 0), s - 1)
+        for c, s, w in zip(centre, spatial, wraps)
+    )
 
 
 def _forward_error(exc: Exception, x: torch.Tensor) -> ERFProbeError:
@@ -579,6 +585,8 @@ class _Acc:
     grids: dict[str, Index] = field(default_factory=dict)
     tokens: dict[str, bool] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    #: layers whose seed's graph does not reach the input (no_grad / detach on the way)
+    detached: set[str] = field(default_factory=set)
 
     def add(self, name: str, index: Index, maps: torch.Tensor, keep: bool) -> None:
         key = (name, index)
@@ -710,6 +718,8 @@ def _probe_group(
                     f"Layer {name!r}: the backward failed: {str(exc).splitlines()[0]}"
                 ) from exc
             for cls, maybe_grad in pairs:
+                if maybe_grad is None:  # autograd: the seed does not reach the input at all
+                    acc.detached.add(name)
                 grad = torch.zeros_like(x) if maybe_grad is None else maybe_grad
                 _check_finite(name, grad, "the ERF gradient", cap.grid)
                 if window is not None and not _margin_clear(grad, window, spatial):
@@ -1089,7 +1099,9 @@ def _compute_erf(
             heat = finalise_map(total, n, mode)
             if not bool((heat > 0).any()):
                 zero.append(key)
-            centre, guessed = _unit_centre(geometry.get(name, {}).get(key), grid, idx, spatial)
+            unit_geometry = geometry.get(name, {}).get(key)
+            centre, guessed = _unit_centre(unit_geometry, grid, idx, spatial)
+            wrapped = () if guessed or unit_geometry is None else unit_geometry.wrapped
             if guessed and name not in estimated:
                 estimated.append(name)
             layer_trf, issue = _checked_trf(trfs.get(name, {}).get(key), total)
@@ -1103,15 +1115,16 @@ def _compute_erf(
                 mode=mode,
                 num_samples=n,
                 output_shape=grid,
-                centre_pixel=_round_centre(centre, spatial),
+                centre_pixel=_round_centre(centre, spatial, wrapped),
                 per_sample=torch.cat(per_sample) if per_sample else None,
                 num_calls=acc.calls[name],
                 centre=centre,
                 trf_issue=issue,
                 position=key,
                 output_index=idx,
+                wrapped=tuple(wrapped),
             )
-        _warn_layer(name, zero, issues, estimated, keyed, req)
+        _warn_layer(name, zero, issues, estimated, keyed, req, name in acc.detached)
         primary = by_key[req.primary.key]
         if req.is_set:
             from erf_monitor._field import ERFField
@@ -1154,6 +1167,7 @@ def _warn_layer(
     estimated: list[str],
     keyed: Mapping[str, Index],
     req: PositionRequest,
+    detached: bool = False,
 ) -> None:
     """One warning per layer and kind, naming the positions (none for the centre alone)."""
 
@@ -1161,9 +1175,15 @@ def _warn_layer(
         return "" if req.is_default else f" (position(s) {', '.join(keys)})"
 
     if zero:
+        why = (
+            "autograd finds no path from it to the input: torch.no_grad() or .detach() in "
+            "the forward, or a layer that does not depend on the input"
+            if detached
+            else "dead ReLUs, or a layer that does not depend on the input"
+        )
         warnings.warn(
-            f"Layer {name!r}: the ERF gradient is zero everywhere{where(zero)} (dead ReLUs, or a "
-            "layer that does not depend on the input); its map is all zeros.",
+            f"Layer {name!r}: the ERF gradient is zero everywhere{where(zero)} ({why}); its "
+            "map is all zeros.",
             ERFProbeWarning,
             stacklevel=4,
         )
