@@ -171,3 +171,9 @@ def test_a_graph_cut_in_the_forward_is_named(detach: bool) -> None:
     nn.init.constant_(dead[0].bias, -100.0)
     with pytest.warns(em.ERFProbeWarning, match="dead ReLUs"):
         em.compute_erf(dead.eval(), torch.rand(2, 1, 8, 8), ["1"])
+
+
+def test_a_probe_dtype_the_model_does_not_take_says_what_dtype_does() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    with pytest.raises(em.ERFProbeError, match=r"casts the inputs only.*model\.double\(\)"):
+        em.compute_erf(net, torch.randn(2, 1, 8, 8), ["0"], dtype=torch.float64)

@@ -904,7 +904,8 @@ def compute_erf(
             ``model(x)``); for models whose ``forward`` does not take the image directly.
         train_mode: probe in train mode. Then BatchNorm mixes samples (maps are no longer
             per-sample) and dropout is active; buffers and RNG are still restored.
-        dtype: probe dtype; default float32 (or the parameters' dtype for half models).
+        dtype: dtype of the probe inputs; default float32 (or the parameters' dtype for
+            half models). The model is not cast: a float64 probe needs a float64 model.
             Autocast is disabled during the probe.
         keep_per_sample: also return the per-sample maps ``(N, *S)`` (before the mode's
             normalisation over samples).
