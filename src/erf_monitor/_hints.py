@@ -82,7 +82,7 @@ def forward_error(exc: BaseException, x: Tensor, *, what: str = "probe input") -
     hint = ""
     if "kernel size" in low or "output size is too small" in low or "input size" in low:
         hint = " The probe input looks smaller than a kernel: use a larger input."
-    elif "should be the same" in low and "type" in low or "expected scalar type" in low:
+    elif ("should be the same" in low and "type" in low) or "expected scalar type" in low:
         hint = (
             f" The probe input is {str(x.dtype).replace('torch.', '')}: compute_erf's dtype "
             "casts the inputs only, so pass the model's own dtype (or none), or cast the "

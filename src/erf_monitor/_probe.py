@@ -12,8 +12,8 @@ out of one batched backward — samples do not interact in eval mode — and no 
 needs, autograd's version counters refuse the backward, and that layer is probed again on its
 own (its forward then stops in its hook, so nothing runs after it). The model gets a copy of
 the input, so a model that normalises its input in place works too. Everything the probe
-changes (training flags, buffers in train mode, every RNG stream, hooks, autocast, compile
-stance) is restored in ``finally``.
+changes (training flags, every buffer, every RNG stream, hooks, autocast, compile stance) is
+restored in ``finally``.
 
 Positions (``position=``, :mod:`erf_monitor._positions`): the hook keeps every requested
 seed unit of the layer (the centre unit by default), each with its own TRF (the fx walk starts
@@ -56,6 +56,7 @@ from torch import nn
 
 from erf_monitor import _metrics, _seeds
 from erf_monitor._auto import pick_layers
+from erf_monitor._buffers import preserved_buffers
 from erf_monitor._errors import ERFProbeError, ERFProbeWarning
 from erf_monitor._hints import check_not_meta, forward_error, is_own_error
 from erf_monitor._layers import locate_layer, resolve_layers, unwrap_compiled
@@ -111,11 +112,9 @@ def _model_device_dtype(model: nn.Module, x: torch.Tensor) -> tuple[torch.device
 def _probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Iterator[None]:
     """Put the model in the probe's mode and restore *everything* it may touch afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    # In train mode BatchNorm updates its running statistics: keep a copy of every buffer.
-    buffers = (
-        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if train_mode else []
-    )
     with contextlib.ExitStack() as stack:
+        # BatchNorm statistics in train mode, quantization observers and counters in any mode
+        stack.enter_context(preserved_buffers(model))
         stack.enter_context(preserved_rng(device))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -131,9 +130,6 @@ def _probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> It
         finally:
             for m, flag in flags:
                 m.training = flag
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
 
 
 def _non_finite_error(inputs: torch.Tensor) -> ValueError:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from erf_monitor._buffers import preserved_buffers
+
 __all__ = [
     "Axis",
     "Region",
@@ -321,26 +323,30 @@ def trace_model(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     flags = [(m, m.training) for m in root.modules()]
-    try:
-        root.eval()
-        tracer = _Tracer(aliases)
+    # Tracing and shape propagation run the real modules: a buffer they change (a counter,
+    # a quantization observer) is put back, as the probe does.
+    with preserved_buffers(root):
         try:
-            graph = tracer.trace(root)
-            gm = fx.GraphModule(root, graph)
-        except Exception as exc:
-            raise Unsupported(f"torch.fx could not trace the model ({_first_line(exc)})") from exc
-        x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-        try:
-            # ShapeProp prints a traceback for a failing node: the fallback makes it noise.
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(gm).propagate(x)
-        except Exception as exc:
-            raise Unsupported(
-                f"shape propagation on the traced graph failed ({_first_line(exc)})"
-            ) from exc
-    finally:
-        for m, flag in flags:
-            m.training = flag
+            root.eval()
+            tracer = _Tracer(aliases)
+            try:
+                graph = tracer.trace(root)
+                gm = fx.GraphModule(root, graph)
+            except Exception as exc:
+                why = _first_line(exc)
+                raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
+            x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
+            try:
+                # ShapeProp prints a traceback for a failing node: the fallback makes it noise.
+                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                    ShapeProp(gm).propagate(x)
+            except Exception as exc:
+                raise Unsupported(
+                    f"shape propagation on the traced graph failed ({_first_line(exc)})"
+                ) from exc
+        finally:
+            for m, flag in flags:
+                m.training = flag
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise Unsupported(f"traced graph has {len(placeholders)} inputs, expected 1")
