@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -615,6 +615,33 @@ class MonitorEngine:
             "logger (strict=True raises instead).",
             ERFProbeWarning,
         )
+
+    def probe_and_act(
+        self,
+        model: nn.Module,
+        step: int,
+        *,
+        logs: bool,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> tuple[ProbeOutcome, bool]:
+        """One scheduled probe as every front-end runs it: probe on the process that logs
+        (``logs``) or on every rank when they probe together; agree on rank 0's alert
+        decision when acting on it (``agree``: the framework's broadcast from rank 0, ``None``
+        on a single process); raise for ``on_insufficient="raise"``.
+
+        Returns:
+            The outcome, and whether training should stop (``on_insufficient="stop"``).
+        """
+        self.mark(step)  # ranks that do not probe keep the schedule too
+        outcome = ProbeOutcome(step)
+        if logs or self.all_ranks_probe(model):
+            outcome = self.probe(model, step)
+        fired = bool(outcome.alerts)
+        if self.on_insufficient != "warn" and agree is not None:
+            fired = agree(fired)  # only rank 0 checks alerts: every rank acts on its decision
+        if fired and self.on_insufficient == "raise":
+            raise self.insufficient_error(outcome.alerts)
+        return outcome, fired and self.on_insufficient == "stop"
 
     def insufficient_error(self, alerts: Sequence[str]) -> ERFCoverageWarning:
         """The exception raised for ``on_insufficient="raise"``."""

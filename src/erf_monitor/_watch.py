@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
+from erf_monitor._monitor import EngineView, MonitorEngine
 from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
 
 if TYPE_CHECKING:
@@ -113,18 +113,15 @@ class Watcher(EngineView):
         return None
 
     def _probe(self) -> ERFResults | None:
-        engine = self._engine
-        outcome: ProbeOutcome = engine.probe(self.model, self.global_step)
-        fired = bool(outcome.alerts)
-        if engine.on_insufficient != "warn" and engine.all_ranks_probe(self.model):
-            from erf_monitor._distributed import agree
+        from erf_monitor._distributed import agree
 
-            fired = agree(fired)  # only rank 0 checks alerts: every rank acts on its decision
-        if fired:
-            if engine.on_insufficient == "stop":
-                self.should_stop = True
-            elif engine.on_insufficient == "raise":
-                raise engine.insufficient_error(outcome.alerts)
+        engine = self._engine
+        outcome, stop = engine.probe_and_act(
+            self.model, self.global_step, logs=True,
+            agree=agree if engine.all_ranks_probe(self.model) else None,
+        )  # fmt: skip
+        if stop:
+            self.should_stop = True
         return outcome.results
 
     def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Unpack
 
 from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
-from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
+from erf_monitor._monitor import EngineView, MonitorEngine
 from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor._rng import preserved_rng
 
@@ -206,20 +206,17 @@ class ERFMonitor(EngineView, _CallbackBase):
         step = int(trainer.global_step)
         if not engine.should_probe(step, force=force):
             return
-        engine.mark(step)
-        outcome = ProbeOutcome(step)
-        if trainer.is_global_zero or engine.all_ranks_probe(pl_module):
-            outcome = engine.probe(pl_module, step)
-        fired = bool(outcome.alerts)
-        if engine.on_insufficient != "warn" and int(getattr(trainer, "world_size", 1)) > 1:
-            # Every rank reaches this point at the same step: agree on rank 0's decision.
-            fired = bool(trainer.strategy.broadcast(fired, src=0))
-        if not fired:
-            return
-        if engine.on_insufficient == "stop":
+
+        def from_rank_zero(fired: bool) -> bool:
+            # Every rank reaches this point at the same step: they agree on rank 0's decision.
+            return bool(trainer.strategy.broadcast(fired, src=0))
+
+        several = int(getattr(trainer, "world_size", 1)) > 1
+        _, stop = engine.probe_and_act(
+            pl_module, step, logs=trainer.is_global_zero, agree=from_rank_zero if several else None
+        )
+        if stop:
             trainer.should_stop = True
-        elif engine.on_insufficient == "raise":
-            raise engine.insufficient_error(outcome.alerts)
 
 
 def _val_loader(trainer: Any) -> Any:

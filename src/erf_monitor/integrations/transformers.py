@@ -19,7 +19,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from erf_monitor._imports import package_available
-from erf_monitor._monitor import EngineView, MonitorEngine, ProbeOutcome
+from erf_monitor._monitor import EngineView, MonitorEngine
 from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor.sinks import FileSink, MLflowSink, Sink, TensorBoardSink, WandbSink, as_sink
 from erf_monitor.sinks._tensorboard import TB_SUBDIR
@@ -197,21 +197,14 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         step = int(state.global_step)
         if not engine.should_probe(step, force=force):
             return
-        engine.mark(step)
-        outcome = ProbeOutcome(step)
-        if state.is_world_process_zero or engine.all_ranks_probe(model):
-            outcome = engine.probe(model, step)
-        fired = bool(outcome.alerts)
-        if engine.on_insufficient != "warn" and _world_size() > 1:
-            from erf_monitor._distributed import agree
+        from erf_monitor._distributed import agree
 
-            fired = agree(fired)  # rank 0 checks the alerts; every rank acts together
-        if not fired:
-            return
-        if engine.on_insufficient == "stop":
+        _, stop = engine.probe_and_act(
+            model, step, logs=state.is_world_process_zero,
+            agree=agree if _world_size() > 1 else None,
+        )  # fmt: skip
+        if stop:
             control.should_training_stop = True
-        elif engine.on_insufficient == "raise":
-            raise engine.insufficient_error(outcome.alerts)
 
     def _restore(self, args: Any, state: Any) -> None:
         candidates = []
