@@ -23,40 +23,9 @@ from erf_monitor import _seeds
 from erf_monitor._positions import parse_position_text, request
 from erf_monitor._probe import _plan_groups
 from erf_monitor._trf import theoretical_rfs
+from references import one_layer_reference
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class _Stop(Exception):
-    pass
-
-
-def reference(
-    model: nn.Module, x: torch.Tensor, layer: str, index: tuple[int, ...]
-) -> torch.Tensor:
-    """Luo map of output unit ``index`` of ``layer``: one image at a time, the forward stopped
-    in the layer's hook, an input-only backward, mean over images of sum_c |grad|."""
-    module = dict(model.named_modules())[layer]
-    model.eval()
-    total = torch.zeros(x.shape[2:], dtype=torch.float64)
-    for n in range(x.shape[0]):
-        xi = x[n : n + 1].clone().requires_grad_(True)
-        seeds: list[torch.Tensor] = []
-
-        def hook(_m: nn.Module, _i: object, out: torch.Tensor, seeds: list = seeds) -> None:
-            seeds.append(out[(0, slice(None), *index)].sum())
-            raise _Stop
-
-        handle = module.register_forward_hook(hook)
-        try:
-            model(xi)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        (g,) = torch.autograd.grad(seeds[0], xi)
-        total += g[0].double().abs().sum(0)
-    return (total / x.shape[0]).float()
 
 
 def ones_stack(n: int = 3, k: int = 3) -> nn.Sequential:
@@ -223,7 +192,7 @@ def test_negative_indices_and_fractions_agree_with_the_positive_index() -> None:
             assert a[name].scalars() == b[name].scalars()
             assert a[name].trf == b[name].trf
     last = em.compute_erf(net, x, ["4"], position=(-1, -1))["4"]
-    ref = reference(net, x, "4", (9, 8))
+    ref = one_layer_reference(net, x, "4", (9, 8))
     torch.testing.assert_close(last.heatmap, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -257,7 +226,7 @@ def test_a_grid_equals_separate_probes_and_the_reference_at_every_position() -> 
         assert field is not None and res[name] is field.centre
         assert next(iter(field)) == "centre" and len(field) == 10
         for key, r in field.items():
-            ref = reference(net, x, name, r.output_index)
+            ref = one_layer_reference(net, x, name, r.output_index)
             torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-7, msg=key)
             alone = quiet_probe(net, x, [name], position=r.output_index)[name]
             torch.testing.assert_close(r.heatmap, alone.heatmap, rtol=1e-6, atol=1e-8)
@@ -313,7 +282,7 @@ def test_disjoint_units_share_a_backward(monkeypatch: pytest.MonkeyPatch) -> Non
     field = res["4"].field
     assert field is not None
     for r in list(field.values())[::4]:
-        torch.testing.assert_close(r.heatmap, reference(net, x, "4", r.output_index),
+        torch.testing.assert_close(r.heatmap, one_layer_reference(net, x, "4", r.output_index),
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
 
 
