@@ -71,7 +71,7 @@ from erf_monitor._positions import (
 from erf_monitor._result import ERFResult, ERFResults
 from erf_monitor._rng import preserved_rng
 from erf_monitor._tokens import TokenLayout, layouts_for
-from erf_monitor._types import TRF
+from erf_monitor._types import TRF, wrap_flags
 
 __all__ = ["CropOption", "ForwardFn", "compute_erf"]
 
@@ -185,10 +185,9 @@ def _round_centre(
     centre: Sequence[float], spatial: tuple[int, ...], wrapped: Sequence[bool] = ()
 ) -> tuple[int, ...]:
     """Round half up, clamped into the input (modulo its size where the field wraps)."""
-    wraps = tuple(wrapped) if len(wrapped) == len(spatial) else (False,) * len(spatial)
     return tuple(
         math.floor(c + 0.5) % s if w else min(max(math.floor(c + 0.5), 0), s - 1)
-        for c, s, w in zip(centre, spatial, wraps)
+        for c, s, w in zip(centre, spatial, wrap_flags(wrapped, len(spatial)))
     )
 
 

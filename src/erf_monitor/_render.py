@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from erf_monitor._types import wrap_flags
+
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
@@ -157,7 +159,7 @@ def _trf_interval(result: ERFResult, dim: int) -> tuple[int, int] | None:
 
 
 def _wraps(result: ERFResult, dim: int) -> bool:
-    return len(result.wrapped) == result.heatmap.dim() and result.wrapped[dim]
+    return wrap_flags(result.wrapped, result.heatmap.dim())[dim]
 
 
 def _spans(result: ERFResult, dim: int, span: tuple[int, int]) -> list[tuple[int, int]]:

@@ -13,7 +13,7 @@ import torch
 
 from erf_monitor import _metrics, _shape
 from erf_monitor._modes import DEFINITIONS, Mode
-from erf_monitor._types import TRF
+from erf_monitor._types import TRF, wrap_flags
 
 if TYPE_CHECKING:
     from erf_monitor._field import ERFField
@@ -103,7 +103,7 @@ class ERFResult:
     @cached_property
     def _frame(self) -> _Frame:
         shape = tuple(self.heatmap.shape)
-        wrapped = self.wrapped if len(self.wrapped) == len(shape) else (False,) * len(shape)
+        wrapped = wrap_flags(self.wrapped, len(shape))
         raw = self._raw_centre
         shift = tuple(
             n // 2 - c if w else 0 for n, c, w in zip(shape, self.centre_pixel, wrapped)
@@ -194,13 +194,9 @@ class ERFResult:
     @property
     def ratio(self) -> float:
         """ERF/TRF ratio: ``erf_size`` over the largest per-axis clipped TRF size."""
-        size = self._clipped_size
-        return math.nan if size is None else self.erf_size / max(size)
-
-    @property
-    def _clipped_size(self) -> tuple[int, ...] | None:
-        """The clipped TRF's size per dim (what it covers where the field wraps)."""
-        return None if self.trf is None else self.trf.clipped_size
+        if self.trf is None:
+            return math.nan
+        return self.erf_size / max(self.trf.clipped_size)
 
     # -- shape metrics ----------------------------------------------------------------------
     @cached_property
@@ -214,9 +210,13 @@ class ERFResult:
         return _metrics.gaussian_r2(self._frame.map)
 
     @cached_property
+    def _frame_centroid(self) -> tuple[float, ...]:
+        return _metrics.centroid(self._frame.map)
+
+    @property
     def centroid(self) -> tuple[float, ...]:
         """Mass-weighted mean pixel index per axis."""
-        return self._unframe(_metrics.centroid(self._frame.map))
+        return self._unframe(self._frame_centroid)
 
     @cached_property
     def principal_axes(self) -> tuple[tuple[float, ...], float]:
@@ -272,8 +272,7 @@ class ERFResult:
     def centroid_offset(self) -> tuple[float, ...]:
         """Centroid minus theoretical centre, in pixels per axis (the shorter way round where
         the field wraps)."""
-        f = self._frame
-        return tuple(c - t for c, t in zip(_metrics.centroid(f.map), f.centre))
+        return tuple(c - t for c, t in zip(self._frame_centroid, self._frame.centre))
 
     # -- OpenERF metrics ---------------------------------------------------------------------
     def disc_mass(
@@ -329,8 +328,8 @@ class ERFResult:
             finite = [s for s in self.trf.size if math.isfinite(s)]
             if finite and not self.trf.is_global:
                 out["trf_size"] = float(max(finite))
-            if not self.trf.data_dependent and self._clipped_size is not None:
-                out["trf_size_clipped"] = float(max(self._clipped_size))  # data-dep.: no size
+            if not self.trf.data_dependent:  # data-dependent: no finite size at all
+                out["trf_size_clipped"] = float(max(self.trf.clipped_size))
             out["trf_global"] = float(self.trf.is_global)
             out["trf_data_dependent"] = float(self.trf.data_dependent)
         out["erf_size"] = float(self.erf_size)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["TRF"]
+
+
+def wrap_flags(wrapped: Sequence[bool], nd: int) -> tuple[bool, ...]:
+    """Per dim, whether a field wraps around the input: ``wrapped`` itself, or ``False``
+    everywhere when it was not analysed (``()``)."""
+    return tuple(bool(w) for w in wrapped) if len(wrapped) == nd else (False,) * nd
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,7 @@ class TRF:
     def clipped_size(self) -> tuple[int, ...]:
         """Per-dimension size of :attr:`clipped` (``end - start + 1``); where the field
         wraps around the input, the pixels it covers: ``min(size, input size)``."""
-        wraps = (
-            self.wrapped if len(self.wrapped) == len(self.clipped) else (False,) * len(self.clipped)
-        )
+        wraps = wrap_flags(self.wrapped, len(self.clipped))
         return tuple(
             int(min(z, n)) if w else int(e - s + 1)
             for (s, e), z, n, w in zip(self.clipped, self.size, self.input_shape, wraps)
