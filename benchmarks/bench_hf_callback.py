@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -24,24 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from _overhead import interleaved_arms, print_overhead, time_methods
 
 _EVENTS = ("on_train_begin", "on_step_end", "on_train_end", "on_save")
 LAYERS = [f"convnext.encoder.stages.{i}.layers.1.dwconv" for i in range(3)]
-
-
-def _time_events(callback: Any, spent: list[float]) -> None:
-    """Wrap the callback's events (instance attributes) to add their wall time to ``spent``."""
-    for event in _EVENTS:
-        original = getattr(callback, event)
-
-        def timed(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _f(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - t0
-
-        setattr(callback, event, timed)
 
 
 class _Images(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -83,7 +68,7 @@ def train(steps: int, with_callback: bool, out: str) -> tuple[float, float]:
     callbacks = []
     if with_callback:
         cb = em.ERFTrainerCallback(LAYERS)  # the defaults: every 500 steps, 8 samples
-        _time_events(cb, spent)
+        time_methods(cb, _EVENTS, spent)
         callbacks.append(cb)
     trainer = Trainer(model=model, args=args, train_dataset=_Images(2048, 64), callbacks=callbacks)
     t0 = time.perf_counter()
@@ -108,37 +93,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    times: dict[str, list[float]] = {"without": [], "with": []}
-    inside: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         train(min(20, args.steps), True, os.path.join(tmp, "warm"))  # imports, first calls
-        for r in range(args.repeats):
-            for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
-                wall, events = train(args.steps, arm == "with", os.path.join(tmp, f"{arm}{r}"))
-                times[arm].append(wall)
-                if arm == "with":
-                    inside.append(events / wall)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    overhead = (med["with"] - med["without"]) / med["with"]
-    table = Table(title=f"ERFTrainerCallback overhead: {args.steps} steps, defaults")
-    for col in ("arm", "median s", "all s"):
-        table.add_column(col, justify="right")
-    for arm, ts in times.items():
-        table.add_row(arm, f"{med[arm]:.2f}", " ".join(f"{t:.2f}" for t in ts))
-    console.print(table)
-    share = statistics.median(inside)
-    console.print(
-        f"overhead = (with - without) / with = [bold]{100 * overhead:.2f}%[/] of wall time "
-        f"(load {os.getloadavg()[0]:.2f}; noisy on a shared machine)"
-    )
-    runs = ", ".join(f"{100 * v:.2f}%" for v in inside)
-    console.print(
-        f"time inside ERFTrainerCallback's events / wall time of the same run = "
-        f"[bold]{100 * share:.2f}%[/] (median; runs: {runs})"
-    )
+        times, inside = interleaved_arms(
+            lambda with_cb, out: train(args.steps, with_cb, out), args.repeats, tmp
+        )
+    title = f"ERFTrainerCallback overhead: {args.steps} steps, defaults"
+    med, overhead = print_overhead(console, title, "ERFTrainerCallback's events", times, inside)
     report = {"args": vars(args), "times_s": times, "median_s": med, "overhead": overhead,
               "event_share": inside}  # fmt: skip
     if args.json:

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -26,24 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from _overhead import interleaved_arms, print_overhead, time_methods
 from torch import nn
 
 _HOOKS = ("setup", "on_train_batch_start", "on_train_batch_end", "on_train_end", "teardown")
-
-
-def _time_hooks(callback: Any, spent: list[float]) -> None:
-    """Wrap the callback's hooks (instance attributes) to add their wall time to ``spent``."""
-    for hook in _HOOKS:
-        original = getattr(callback, hook)
-
-        def timed(*args: Any, _f: Any = original, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _f(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - t0
-
-        setattr(callback, hook, timed)
 
 
 def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, float]:
@@ -51,10 +36,10 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, f
     the wall time spent inside the monitor's hooks."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from erf_monitor import ERFMonitor
-    from erf_monitor._demo import HEAD, LAYERS, corner_dataset, demo_model
+    from erf_monitor._demo import HEAD, LAYERS, brightness_dataset, demo_model
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -74,9 +59,8 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, f
             return torch.optim.Adam(self.parameters(), lr=3e-3)
 
     pl.seed_everything(seed, verbose=False)
-    data = corner_dataset(8192, seed=seed)
     loader = DataLoader(
-        TensorDataset(*data),
+        brightness_dataset(8192, seed=seed),
         batch_size=64,
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
@@ -91,7 +75,7 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, f
             if every <= 0
             else ERFMonitor(layers=layers, min_coverage=coverage, every_n_steps=every)
         )
-        _time_hooks(monitor, spent)
+        time_methods(monitor, _HOOKS, spent)
         callbacks.append(monitor)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -127,38 +111,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    times: dict[str, list[float]] = {"without": [], "with": []}
-    inside: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         fit(min(20, args.steps), None, 0, os.path.join(tmp, "warm"))  # imports, first-call costs
-        for r in range(args.repeats):
-            for arm in ("without", "with") if r % 2 == 0 else ("with", "without"):
-                every = args.every if arm == "with" else None
-                wall, hooks = fit(args.steps, every, 0, os.path.join(tmp, f"{arm}{r}"))
-                times[arm].append(wall)
-                if arm == "with":
-                    inside.append(hooks / wall)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    overhead = (med["with"] - med["without"]) / med["with"]
+        times, inside = interleaved_arms(
+            lambda with_cb, out: fit(args.steps, args.every if with_cb else None, 0, out),
+            args.repeats,
+            tmp,
+        )
     cadence = args.every or 500
-    table = Table(title=f"ERFMonitor overhead: {args.steps} steps, every_n_steps={cadence}")
-    for col in ("arm", "median s", "all s"):
-        table.add_column(col, justify="right")
-    for arm, ts in times.items():
-        table.add_row(arm, f"{med[arm]:.2f}", " ".join(f"{t:.2f}" for t in ts))
-    console.print(table)
-    share = statistics.median(inside)
-    console.print(
-        f"overhead = (with - without) / with = [bold]{100 * overhead:.2f}%[/] of wall time "
-        f"(load {os.getloadavg()[0]:.2f}; noisy on a shared machine)"
-    )
-    console.print(
-        f"time inside ERFMonitor's hooks / wall time of the same run = [bold]{100 * share:.2f}%"
-        f"[/] (median; runs: {', '.join(f'{100 * v:.2f}%' for v in inside)})"
-    )
+    title = f"ERFMonitor overhead: {args.steps} steps, every_n_steps={cadence}"
+    med, overhead = print_overhead(console, title, "ERFMonitor's hooks", times, inside)
     report = {
         "args": vars(args),
         "times_s": times,
