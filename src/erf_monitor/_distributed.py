@@ -30,7 +30,6 @@ into the published map, once); rank 0 logs, the other ranks get the same results
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -335,13 +334,7 @@ def probe_on_all_ranks(engine: MonitorEngine, model: nn.Module, step: int) -> Pr
     total = buffer[: sums.numel()].reshape(sums.shape)
     results = ERFResults(
         {
-            name: dataclasses.replace(
-                local[name],
-                heatmap=finalise_map(total[i], n, engine.mode),
-                num_samples=n,
-                per_sample=None,
-                _cache={},
-            )
+            name: local[name].with_heatmap(finalise_map(total[i], n, engine.mode), n)
             for i, name in enumerate(names)
         }
     )

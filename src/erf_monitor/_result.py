@@ -312,11 +312,18 @@ class ERFResult:
             self._fits[rotated] = _metrics.gaussian_fit(self._frame.map, rotated=rotated)
         return self._fits[rotated]
 
-    def with_heatmap(self, heatmap: torch.Tensor) -> ERFResult:
-        """This result with another map (same layer, unit and TRF), measured afresh: no
-        metric cached from this map carries over (bootstrap resamples are built this way)."""
+    def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
+        """This result with another map (same layer, unit and TRF; ``num_samples`` images if
+        given), measured afresh: no metric cached from this map carries over (bootstrap
+        resamples and the all-reduced map of a distributed probe are built this way)."""
         return dataclasses.replace(
-            self, heatmap=heatmap, per_sample=None, field=None, _cache={}, _fits={}
+            self,
+            heatmap=heatmap,
+            num_samples=self.num_samples if num_samples is None else num_samples,
+            per_sample=None,
+            field=None,
+            _cache={},
+            _fits={},
         )
 
     # -- export -----------------------------------------------------------------------------
