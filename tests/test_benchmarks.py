@@ -1,0 +1,56 @@
+"""Every benchmark in benchmarks/ still runs (its ``--quick`` mode) and writes its measurements.
+
+Nothing here is timed: the numbers are for the docs, measured by hand. What is tested is that a
+change elsewhere (bench_overhead.py imported a demo dataset that had been renamed) cannot leave
+a documented benchmark broken unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, tmp_path: Path, *args: str) -> Any:
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--json", str(out), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_overhead(tmp_path: Path) -> None:
+    report = run_benchmark("bench_overhead.py", tmp_path)
+    assert len(report["times_s"]["with"]) == len(report["times_s"]["without"]) == 1
+    assert 0.0 < report["hook_share"][0] < 1.0
+
+
+@pytest.mark.slow
+def test_bench_hf_callback(tmp_path: Path) -> None:
+    report = run_benchmark("bench_hf_callback.py", tmp_path)
+    assert len(report["times_s"]["with"]) == len(report["times_s"]["without"]) == 1
+    assert 0.0 < report["event_share"][0] < 1.0
+
+
+@pytest.mark.slow
+def test_bench_probe(tmp_path: Path) -> None:
+    report = run_benchmark("bench_probe.py", tmp_path, "--no-memory", "--no-plain")
+    assert report["sizes"]
+
+
+@pytest.mark.slow
+def test_bench_positions(tmp_path: Path) -> None:
+    rows = run_benchmark("bench_positions.py", tmp_path)
+    assert rows
