@@ -182,11 +182,13 @@ def test_replknet_mode_is_their_pipeline(crop: bool | str) -> None:
 def test_replknet_averages_before_the_log() -> None:
     """Summing instead of averaging changes every area ratio (log10(x + 1) is not scale-free):
     the map of N copies of one image is that image's map."""
-    model = small_resnet()
-    one = images(1, 64)
+    # float64: a batch of 4 runs other float32 kernels than a batch of 1 (noise of ~1e-7)
+    model = small_resnet().double()
+    one = images(1, 64).double()
     four = one.expand(4, -1, -1, -1).clone()
-    a = em.compute_erf(model, one, ["layer2"], mode="replknet")["layer2"]
-    b = em.compute_erf(model, four, ["layer2"], mode="replknet")["layer2"]
+    kw: dict = {"mode": "replknet", "dtype": torch.float64}
+    a = em.compute_erf(model, one, ["layer2"], **kw)["layer2"]
+    b = em.compute_erf(model, four, ["layer2"], **kw)["layer2"]
     torch.testing.assert_close(a.heatmap, b.heatmap, rtol=1e-5, atol=1e-7)
 
 
