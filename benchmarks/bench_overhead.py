@@ -1,7 +1,7 @@
 """Training overhead of ``ERFMonitor``: the demo's Lightning fit with and without the callback.
 
 Run ``python benchmarks/bench_overhead.py`` (``--quick`` for a smoke run). Both arms train the
-demo model (``erf_monitor._demo``: the "large" variant, its data set, Adam, batch 64) for the
+demo model (``erf_monitor.cli.demo``: the "large" variant, its data set, Adam, batch 64) for the
 same number of steps with the same TensorBoard logger, interleaved over ``--repeats`` runs in
 alternating order; the callback arm adds ``ERFMonitor`` with its default settings
 (``every_n_steps=500``, ``num_samples=8``; probes at fit start, every 500 steps and at fit
@@ -39,7 +39,7 @@ def fit(steps: int, every: int | None, seed: int, logdir: str) -> tuple[float, f
     from torch.utils.data import DataLoader
 
     from erf_monitor import ERFMonitor
-    from erf_monitor._demo import HEAD, LAYERS, brightness_dataset, demo_model
+    from erf_monitor.cli.demo import HEAD, LAYERS, brightness_dataset, demo_model
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:

@@ -36,9 +36,9 @@ import torchvision
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor import _seeds
-from erf_monitor._positions import request
-from erf_monitor._trf import theoretical_rfs
+from erf_monitor.probe import seeds as _seeds
+from erf_monitor.targets.positions import request
+from erf_monitor.trf.analysis import theoretical_rfs
 
 
 def setup(model_name: str, size: int, samples: int, seed: int = 0) -> tuple[nn.Module, Any]:

@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def em_plan(trfs: Any, layers: Sequence[str], size: int) -> list[str]:
-    from erf_monitor._probe import _plan_groups
+    from erf_monitor.probe.compute import _plan_groups
 
     groups = _plan_groups(list(layers), trfs, (size, size), "auto", False)
     return [

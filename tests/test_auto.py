@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._auto import pick_layers
+from erf_monitor.targets.auto import pick_layers
 
 
 class ChannelsLast(nn.Module):

@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from erf_monitor._batch import describe_batch, find_image
+from erf_monitor.inputs.batch import describe_batch, find_image
 
 X = torch.randn(4, 3, 8, 8)
 Y = torch.randint(0, 10, (4,))

@@ -15,8 +15,13 @@ import pytest
 import torch
 
 import erf_monitor as em
-from erf_monitor._bootstrap import Interval, bootstrap_metrics, metric_value, paired_differences
-from erf_monitor._result import ERFResult
+from erf_monitor.measure.bootstrap import (
+    Interval,
+    bootstrap_metrics,
+    metric_value,
+    paired_differences,
+)
+from erf_monitor.measure.result import ERFResult
 
 SIZE, CENTRE = 31, (15, 15)
 SHAPE = 16  # amplitude ~ Gamma(SHAPE, 1 / SHAPE): mean 1, coefficient of variation 0.25
@@ -132,7 +137,7 @@ def test_every_resample_is_measured_afresh() -> None:
     r.scalars()  # fill every cache of the full result first, as a user's print would
     keys = [k for k in r.scalars() if k.startswith(("gauss_fit", "sigma", "erf_size"))]
     counts = torch.bincount(torch.arange(16) % 5, minlength=16)  # images 0-4, 3 or 4 times
-    from erf_monitor._bootstrap import _Resampler
+    from erf_monitor.measure.bootstrap import _Resampler
 
     got = _Resampler(r, keys).values(counts)
     mean = (counts.double()[:, None, None] * per_sample).sum(0) / 16

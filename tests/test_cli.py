@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import erf_monitor as em
-from erf_monitor._imports import package_available
 from erf_monitor.cli import main
+from erf_monitor.core.imports import package_available
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -127,7 +127,7 @@ def test_bad_specs(spec: str, needles: list[str], capsys: pytest.CaptureFixture[
 
 
 def test_timm_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import erf_monitor._models as models
+    import erf_monitor.cli.models as models
 
     monkeypatch.setattr(models, "package_available", lambda name: name != "timm")
     assert main(["analyze", "timm:resnet18", "--quiet"]) == 2

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from erf_monitor._compare import CompareError, load_state, split_spec
 from erf_monitor.cli import main
+from erf_monitor.cli.compare import CompareError, load_state, split_spec
 
 FACTORY = textwrap.dedent(
     """

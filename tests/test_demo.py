@@ -13,8 +13,8 @@ pytest.importorskip("tensorboard")
 
 from rich.console import Console
 
-from erf_monitor._demo import HEAD, MIN_COVERAGE, SHIFT, brightness_dataset, demo_model, run_demo
 from erf_monitor.cli import main
+from erf_monitor.cli.demo import HEAD, MIN_COVERAGE, SHIFT, brightness_dataset, demo_model, run_demo
 
 
 def test_task_is_a_faint_global_shift() -> None:

@@ -1,4 +1,4 @@
-"""The probe that every rank runs together (``erf_monitor._distributed``).
+"""The probe that every rank runs together (``erf_monitor.probe.distributed``).
 
 In-process tests use a one-rank gloo group; the real thing runs in 2 CPU processes (gloo)
 through ``tests/_distributed_script.py``, with timeouts so that a hang fails instead of
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._distributed import _share, all_ranks_probe, sharding
-from erf_monitor._probe import finalise_map
+from erf_monitor.measure.metrics import finalise_map
+from erf_monitor.probe.distributed import all_ranks_probe, sharding, share
 
 SCRIPT = Path(__file__).with_name("_distributed_script.py")
 
@@ -66,7 +66,7 @@ def test_per_sample_maps_do_not_depend_on_the_other_samples() -> None:
 def test_shares_are_equal_sized_and_cover_every_sample_once(n: int, world: int) -> None:
     real: list[int] = []
     for rank in range(world):
-        indices, k = _share(n, rank, world)
+        indices, k = share(n, rank, world)
         assert len(indices) == -(-n // world)  # the same number of samples on every rank
         assert all(0 <= i < n for i in indices)
         real += indices[:k]

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._probe import _plan_groups
+from erf_monitor.probe.compute import _plan_groups
 
 RTOL = 1e-4
 ATOL_REL = 1e-7  # absolute tolerance as a fraction of the map's maximum

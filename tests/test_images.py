@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import erf_monitor as em
-from erf_monitor._images import Preprocessing, preprocessing_for
 from erf_monitor.cli import main
+from erf_monitor.inputs.images import Preprocessing, preprocessing_for
 
 
 @pytest.fixture

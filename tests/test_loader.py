@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from erf_monitor.integrations._loader import peek_first_batch
+from erf_monitor.inputs.first_batch import peek_first_batch
 
 
 def data() -> TensorDataset:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from erf_monitor._metrics import (
+from erf_monitor.measure.metrics import (
     COVERAGE_MASS,
     area_ratio,
     centroid,

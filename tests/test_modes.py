@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._modes import DEFINITIONS, MODES
+from erf_monitor.core.modes import DEFINITIONS, MODES
 
 
 class _Stop(Exception):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import erf_monitor as em
-from erf_monitor._monitor import MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.sinks import FileSink, Sink
 
 

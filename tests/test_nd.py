@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import erf_monitor as em
-from erf_monitor._render import render_heatmap
+from erf_monitor.viz.render import render_heatmap
 
 
 def ones_stack(nd: int, n: int, k: int) -> nn.Sequential:

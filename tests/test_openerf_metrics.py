@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._metrics import OPENERF_RADII, disc_mass, gaussian_fit
+from erf_monitor.measure.metrics import OPENERF_RADII, disc_mass, gaussian_fit
 
 
 def disc_mass_by_loop(m: np.ndarray, radii: list[float], centre: tuple[int, int]) -> list[float]:

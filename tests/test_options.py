@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._monitor import MonitorEngine
-from erf_monitor._options import MonitorKwargs
+from erf_monitor.monitor.engine import MonitorEngine
+from erf_monitor.monitor.options import MonitorKwargs
 
 
 def net() -> nn.Module:

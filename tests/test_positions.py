@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor import _seeds
-from erf_monitor._positions import parse_position_text, request
-from erf_monitor._probe import _plan_groups
-from erf_monitor._trf import theoretical_rfs
+from erf_monitor.probe import seeds as _seeds
+from erf_monitor.probe.compute import _plan_groups
+from erf_monitor.targets.positions import parse_position_text, request
+from erf_monitor.trf.analysis import theoretical_rfs
 from references import one_layer_reference
 
 # ----------------------------------------------------------------------------- helpers

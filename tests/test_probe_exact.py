@@ -288,8 +288,8 @@ def test_monitor_warns_once_and_skips_probes_of_a_non_finite_batch() -> None:
 
 def test_data_dependent_trf_is_reported_everywhere_without_a_finite_box() -> None:
     tv_ops = pytest.importorskip("torchvision.ops")
-    from erf_monitor._render import _panel_title, render_heatmap
-    from erf_monitor.cli import _result_record, _trf_text
+    from erf_monitor.cli.main import _result_record, _trf_text
+    from erf_monitor.viz.render import _panel_title, render_heatmap
 
     class Deformable(nn.Module):
         def __init__(self) -> None:
@@ -354,7 +354,7 @@ def test_mass_outside_a_finite_trf_marks_it_unknown_with_one_warning() -> None:
 
 
 def test_monitor_stops_using_a_contradicted_trf(monkeypatch: pytest.MonkeyPatch) -> None:
-    import erf_monitor._trf as trf_module
+    import erf_monitor.trf.analysis as trf_module
 
     net = strided_net()
     real = trf_module.theoretical_rf

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from erf_monitor._render import (
+from erf_monitor.measure.result import ERFResult
+from erf_monitor.trf.types import TRF
+from erf_monitor.viz.render import (
     CENTRE_COLOR,
     ERF_COLOR,
     TRF_COLOR,
@@ -22,8 +24,6 @@ from erf_monitor._render import (
     render_map,
     save_png,
 )
-from erf_monitor._result import ERFResult
-from erf_monitor._types import TRF
 
 
 def _trf(clipped: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> TRF:

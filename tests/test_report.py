@@ -17,8 +17,8 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("tensorboard")
 
-from erf_monitor._report import build_report, find_runs  # noqa: E402
 from erf_monitor.cli import main  # noqa: E402
+from erf_monitor.cli.report import build_report, find_runs  # noqa: E402
 from erf_monitor.integrations.lightning import ERFMonitor  # noqa: E402
 
 EVIL = "conv<b>&1"  # a layer name that must be escaped in the HTML

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erf_monitor._report import build_report
+from erf_monitor.cli.report import build_report
 from erf_monitor.sinks import FileSink
 
 

@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._layers import format_selector, locate_layer, parse_layer_spec, resolve_layers
-from erf_monitor._outputs import describe_output, select_output
+from erf_monitor.targets.layers import (
+    format_selector,
+    locate_layer,
+    parse_layer_spec,
+    resolve_layers,
+)
+from erf_monitor.targets.outputs import describe_output, select_output
 
 
 def reference_map(full: nn.Module, x: torch.Tensor, pick: object) -> torch.Tensor:
@@ -303,7 +308,7 @@ class Parallel(nn.Module):
 
 
 def test_selector_globs_in_token_layout_and_min_coverage_keys() -> None:
-    from erf_monitor._monitor import MonitorEngine
+    from erf_monitor.monitor.engine import MonitorEngine
 
     torch.manual_seed(0)
     net = Parallel()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._shape import (
+from erf_monitor.measure.shape import (
     anisotropy,
     coverage_within,
     cross_score,

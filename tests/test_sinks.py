@@ -22,10 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from erf_monitor._imports import package_available, require
-from erf_monitor._render import render_heatmap
-from erf_monitor._result import ERFResult
-from erf_monitor._types import TRF
+from erf_monitor.core.imports import package_available, require
+from erf_monitor.measure.result import ERFResult
 from erf_monitor.sinks import (
     CSV_SUBDIR,
     CallableSink,
@@ -40,6 +38,8 @@ from erf_monitor.sinks import (
     safe_filename,
     sinks_for_trainer,
 )
+from erf_monitor.trf.types import TRF
+from erf_monitor.viz.render import render_heatmap
 
 LAYERS = ("layer1.0", "blocks/2")  # a dotted name and one that needs escaping in file names
 
@@ -398,7 +398,7 @@ def test_mlflow_sink_real(tmp_path: Path, results: dict[str, ERFResult]) -> None
 
 def test_import_does_not_pull_optional_packages() -> None:
     code = (
-        "import sys, erf_monitor.sinks, erf_monitor._render, erf_monitor._imports\n"
+        "import sys, erf_monitor.sinks, erf_monitor.viz.render, erf_monitor.core.imports\n"
         "heavy = ['lightning', 'pytorch_lightning', 'wandb', 'tensorboard', 'mlflow',"
         " 'matplotlib']\n"
         "print([m for m in heavy if m in sys.modules])"

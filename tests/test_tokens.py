@@ -13,7 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import VisionTransformer, vit_b_16
 
 import erf_monitor as em
-from erf_monitor._tokens import ResolvedLayout, layouts_for, resolve_layout, tokens_to_spatial
+from erf_monitor.targets.tokens import (
+    ResolvedLayout,
+    layouts_for,
+    resolve_layout,
+    tokens_to_spatial,
+)
 
 ENC0 = "encoder.layers.encoder_layer_0"
 ENC1 = "vit.encoder.layers.encoder_layer_1"

@@ -1,4 +1,4 @@
-"""Tests of the theoretical receptive field analysis (``erf_monitor._trf``).
+"""Tests of the theoretical receptive field analysis (``erf_monitor.trf.analysis``).
 
 Every expected number is derived by hand in the test (interval recurrences written out), or is a
 published value, never taken from the code under test.
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from erf_monitor._errors import ERFProbeWarning
-from erf_monitor._trf import theoretical_rf
+from erf_monitor.core.errors import ERFProbeWarning
+from erf_monitor.trf.analysis import theoretical_rf
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -664,7 +664,7 @@ def test_fixed_sampling_positions_are_not_data_dependent() -> None:
 def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import erf_monitor._trf as trf_module
+    import erf_monitor.trf.analysis as trf_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("this op has no dispatch-mode support")

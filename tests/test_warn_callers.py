@@ -159,8 +159,8 @@ def test_warning_machinery_failure_is_logged_not_raised(
 ) -> None:
     import warnings
 
-    from erf_monitor import _warn
-    from erf_monitor._errors import ERFCoverageWarning
+    from erf_monitor.core import warn as _warn
+    from erf_monitor.core.errors import ERFCoverageWarning
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ImportError("'__main__' is not a built-in module")
@@ -173,8 +173,8 @@ def test_warning_machinery_failure_is_logged_not_raised(
 def test_warning_filters_set_to_error_still_raise() -> None:
     import warnings
 
-    from erf_monitor import _warn
-    from erf_monitor._errors import ERFCoverageWarning
+    from erf_monitor.core import warn as _warn
+    from erf_monitor.core.errors import ERFCoverageWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ERFCoverageWarning)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor import _metrics
+from erf_monitor.measure import metrics as _metrics
 
 H, W = 16, 20
 
@@ -103,7 +103,7 @@ def test_reflect_padding_does_not_wrap() -> None:
 
 
 def test_a_wrapping_square_is_drawn_in_its_pieces_without_the_cut_edges() -> None:
-    from erf_monitor._render import ERF_COLOR, render_map
+    from erf_monitor.viz.render import ERF_COLOR, render_map
 
     net = _circular_net()
     r = em.compute_erf(net, torch.randn(2, 2, 32, 40), ["4"], position=(0, 0))["4"]

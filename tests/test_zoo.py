@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._auto import pick_layers
-from erf_monitor._layers import locate_layer
+from erf_monitor.targets.auto import pick_layers
+from erf_monitor.targets.layers import locate_layer
 from zoo import ZOO, Entry, make_input
 
 #: The picks, checked by eye (docs/models.md explains the rule behind each family).

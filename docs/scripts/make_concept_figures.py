@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._render import erf_figure
+from erf_monitor.viz.render import erf_figure
 
 OUT = Path(__file__).resolve().parents[1] / "img" / "concepts"
 CMAP = "inferno"

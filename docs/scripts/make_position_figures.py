@@ -19,7 +19,7 @@ from matplotlib.patches import Ellipse, Rectangle
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor._shape import cross_score, principal_axes
+from erf_monitor.measure.shape import cross_score, principal_axes
 
 OUT = Path(__file__).resolve().parents[1] / "img" / "positions"
 CMAP = "inferno"

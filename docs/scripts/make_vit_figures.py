@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import erf_monitor as em
-from erf_monitor._render import erf_figure
+from erf_monitor.viz.render import erf_figure
 
 OUT = Path("docs/img")
 

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 from _common import conv_stack, mean_erf, mean_sigma, output_dir, save
 
-from erf_monitor._render import erf_figure
+from erf_monitor.viz.render import erf_figure
 
 SIZE = 64
 SEEDS = 8

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from erf_monitor._errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
-from erf_monitor._field import ERFField
-from erf_monitor._images import load_images
-from erf_monitor._options import MonitorOptions
-from erf_monitor._probe import compute_erf
-from erf_monitor._result import ERFResult, ERFResults
-from erf_monitor._tokens import TokenLayout
-from erf_monitor._trf import theoretical_rf
-from erf_monitor._types import TRF
-from erf_monitor._watch import Watcher, watch
+from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.inputs.images import load_images
+from erf_monitor.measure.result import ERFField, ERFResult, ERFResults
+from erf_monitor.monitor.options import MonitorOptions
+from erf_monitor.monitor.watch import Watcher, watch
+from erf_monitor.probe.compute import compute_erf
+from erf_monitor.targets.tokens import TokenLayout
+from erf_monitor.trf.analysis import theoretical_rf
+from erf_monitor.trf.types import TRF
 
 if TYPE_CHECKING:
     from erf_monitor.integrations.lightning import ERFMonitor

@@ -10,6 +10,6 @@
 Each is imported only when used (``erf_monitor.ERFMonitor`` and
 ``erf_monitor.ERFTrainerCallback`` are resolved lazily), so the frameworks stay optional. All
 of them share :class:`~erf_monitor.MonitorOptions` and the
-:class:`~erf_monitor._monitor.MonitorEngine` that does the work; when every rank must probe
-(sharded models), :mod:`erf_monitor._distributed` runs the probe on all of them.
+:class:`~erf_monitor.monitor.engine.MonitorEngine` that does the work; when every rank must probe
+(sharded models), :mod:`erf_monitor.probe.distributed` runs the probe on all of them.
 """

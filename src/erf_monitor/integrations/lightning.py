@@ -2,7 +2,7 @@
 
 The class inherits from the ``Callback`` of every Lightning package that is installed, so one
 object is accepted by ``lightning.pytorch.Trainer`` and by ``pytorch_lightning.Trainer`` alike.
-All the work is done by the framework-free :class:`~erf_monitor._monitor.MonitorEngine`; this
+All the work is done by the framework-free :class:`~erf_monitor.monitor.engine.MonitorEngine`; this
 module only maps Trainer hooks onto it.
 """
 
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
 
-from erf_monitor._imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
-from erf_monitor._monitor import EngineView, MonitorEngine
-from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
-from erf_monitor._rng import preserved_rng
+from erf_monitor.core.imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
+from erf_monitor.core.rng import preserved_rng
+from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback as _CallbackBase

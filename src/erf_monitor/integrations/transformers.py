@@ -1,6 +1,6 @@
 """``ERFTrainerCallback``: the ERF monitor for Hugging Face's ``transformers.Trainer``.
 
-All the work is done by :class:`~erf_monitor._monitor.MonitorEngine`; this module maps the
+All the work is done by :class:`~erf_monitor.monitor.engine.MonitorEngine`; this module maps the
 Trainer's events onto it and finds where the Trainer reports to.
 """
 
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from erf_monitor._imports import package_available
-from erf_monitor._monitor import EngineView, MonitorEngine
-from erf_monitor._options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.core.imports import package_available
+from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor.sinks import FileSink, MLflowSink, Sink, TensorBoardSink, WandbSink, as_sink
 from erf_monitor.sinks._tensorboard import TB_SUBDIR
 
@@ -129,7 +129,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         if state.global_step > 0 and engine.last_probe_step is None:
             self._restore(args, state)
         if _world_size() > 1:  # every rank must follow rank 0's schedule
-            from erf_monitor._distributed import broadcast_object
+            from erf_monitor.probe.distributed import broadcast_object
 
             engine.last_probe_step = broadcast_object(engine.last_probe_step)
         zero = state.is_world_process_zero
@@ -139,7 +139,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             try:
                 if loader is None:
                     raise ValueError("the Trainer passed no train_dataloader")
-                from erf_monitor.integrations._loader import peek_first_batch
+                from erf_monitor.inputs.first_batch import peek_first_batch
 
                 engine.capture(peek_first_batch(loader))
             except Exception as exc:
@@ -197,7 +197,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         step = int(state.global_step)
         if not engine.should_probe(step, force=force):
             return
-        from erf_monitor._distributed import agree
+        from erf_monitor.probe.distributed import agree
 
         _, stop = engine.probe_and_act(
             model, step, logs=state.is_world_process_zero,
@@ -242,7 +242,7 @@ def _takes_pixel_values(model: nn.Module) -> bool:
 
 
 def _world_size() -> int:
-    from erf_monitor._distributed import rank_and_world
+    from erf_monitor.probe.distributed import rank_and_world
 
     return rank_and_world()[1]
 

@@ -13,6 +13,7 @@ Examples:
     >>> sink.log_scalars({"erf/layer4/coverage": 0.12}, step=100)
 """
 
+from erf_monitor.sinks._accelerate import AccelerateSink
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._factory import CSV_SUBDIR, as_sink, sink_for_logger, sinks_for_trainer
@@ -25,6 +26,7 @@ from erf_monitor.sinks._wandb import WandbSink
 __all__ = [
     "CSV_SUBDIR",
     "TB_SUBDIR",
+    "AccelerateSink",
     "CallableSink",
     "FileSink",
     "MLflowSink",

@@ -7,11 +7,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from erf_monitor._imports import (
+from erf_monitor.core.imports import (
     _LIGHTNING_AVAILABLE,
     _PL_AVAILABLE,
 )
-from erf_monitor._warn import warn
+from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._file import FileSink
@@ -137,7 +137,7 @@ def as_sink(obj: Any) -> Sink:
       written to or closed)
     * a ``wandb`` run → :class:`WandbSink`
     * a ``str`` or ``os.PathLike`` directory → :class:`FileSink`
-    * an ``accelerate.Accelerator`` → :class:`~erf_monitor.integrations.accelerate.AccelerateSink`
+    * an ``accelerate.Accelerator`` → :class:`~erf_monitor.sinks.AccelerateSink`
       (its trackers)
     * a callable ``fn(step, scalars, images)`` → :class:`CallableSink`
 
@@ -173,7 +173,7 @@ def as_sink(obj: Any) -> Sink:
         return WandbSink(obj)
     if isinstance(obj, (str, PathLike)):
         return FileSink(obj)
-    from erf_monitor.integrations.accelerate import AccelerateSink, is_accelerator
+    from erf_monitor.sinks._accelerate import AccelerateSink, is_accelerator
 
     if is_accelerator(obj):
         return AccelerateSink(obj)

@@ -159,7 +159,7 @@ class FileSink(Sink):
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """Save the image as PNG (see the class docstring for the path)."""
-        from erf_monitor._render import save_png
+        from erf_monitor.viz.render import save_png
 
         save_png(image, self.image_path(key, step))
 

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from erf_monitor._errors import ERFProbeWarning
-from erf_monitor._warn import warn
+from erf_monitor.core.errors import ERFProbeWarning
+from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
 
 if TYPE_CHECKING:
-    from erf_monitor._result import ERFResult
+    from erf_monitor.measure.result import ERFResult
 
 __all__ = ["MultiSink", "log_results"]
 
@@ -121,11 +121,11 @@ def log_results(
        ``docs/guides/positions.md``) under ``<prefix>/<layer>/<position>/<metric>``, and
        every position of a layer's field likewise;
     2. with ``mode_text``, the mode and its exact definition as text, ``<prefix>/mode``
-       (``"mode=luo: ..."``, see :mod:`erf_monitor._modes`; monitors send it with their first
+       (``"mode=luo: ..."``, see :mod:`erf_monitor.core.modes`; monitors send it with their first
        probe only);
     3. one image per layer, ``<prefix>/<layer>/heatmap`` (``<prefix>/<layer>/<position>/
        heatmap`` for a single non-centre position), rendered once with
-       :func:`~erf_monitor._render.render_heatmap` (``render_kwargs`` passed on), and for a
+       :func:`~erf_monitor.viz.render.render_heatmap` (``render_kwargs`` passed on), and for a
        layer with a field (2-D) its figure, ``<prefix>/<layer>/field``;
     4. the raw maps in one ``log_arrays(prefix, {layer: heatmap})`` call (float32 arrays;
        other positions as ``<layer>/<position>``), plus the entries ``__mode__`` and
@@ -147,8 +147,8 @@ def log_results(
     Returns:
         The scalar dict that was logged.
     """
-    from erf_monitor._modes import describe, metadata
-    from erf_monitor._render import render_heatmap
+    from erf_monitor.core.modes import describe, metadata
+    from erf_monitor.viz.render import render_heatmap
 
     multi = (
         sinks
@@ -182,7 +182,7 @@ def log_results(
             field = getattr(r, "field", None)
             if field is not None and r.heatmap.dim() == 2:
                 try:
-                    from erf_monitor._field import render_field
+                    from erf_monitor.viz.field import render_field
 
                     multi.log_image(f"{prefix}/{name}/field", render_field(field), step)
                 except Exception as err:

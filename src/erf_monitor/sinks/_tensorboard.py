@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from erf_monitor._imports import require
+from erf_monitor.core.imports import require
 from erf_monitor.sinks._base import Sink
 
 __all__ = ["TB_SUBDIR", "TensorBoardSink"]

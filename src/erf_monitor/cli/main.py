@@ -1,0 +1,801 @@
+"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``report`` and ``compare``.
+
+``main(argv)`` returns the exit code: 0 on success, 2 for a usage error (bad MODEL spec,
+unknown layer, unreadable input file...), reported as one line on stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from erf_monitor.core.modes import DEFINITIONS, MODES
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from erf_monitor.measure.result import ERFResult
+
+__all__ = ["main", "positions_table", "results_table"]
+
+_MODEL_HELP = """\
+MODEL is one of:
+  torchvision:NAME         a torchvision model, randomly initialised (e.g. torchvision:resnet50)
+  timm:NAME                a timm model, randomly initialised (needs timm installed)
+  path/to/file.py:FACTORY  imports file.py and calls FACTORY() -> nn.Module.
+                           WARNING: this form RUNS THE CODE IN THAT FILE; use only files you
+                           trust. It is the only form that executes user code.
+No weights are downloaded: models are randomly initialised (seeded with --seed) unless
+--pretrained loads weights from a local file: the torch.hub / Hugging Face cache that
+torchvision and timm fill when they download weights elsewhere (--pretrained alone), or a
+checkpoint file (--pretrained=PATH; read with torch.load(weights_only=True) or safetensors).
+
+Images (--images DIR) are preprocessed the way the model expects: the torchvision weights'
+transforms, timm's data config, or --size/--mean/--std (which override those).
+"""
+
+#: The exact definition of each ``--mode`` (the text saved with every result).
+_MODE_HELP = "MODE (--mode) is one of:\n" + "".join(
+    textwrap.fill(
+        DEFINITIONS[name], 88, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13
+    )
+    + "\n"
+    for name in MODES
+)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help (unless it says its own, or there is none:
+    ``None``, an off flag); the descriptions' and epilogs' line breaks kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
+class CLIError(Exception):
+    """A usage error: printed as one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # pipes and captured output: do not squeeze tables to 80 cols
+        console = Console(stderr=stderr, width=max(console.width, 120))
+    return console
+
+
+def _fmt(value: float, spec: str = ".3f") -> str:
+    return "n/a" if not math.isfinite(value) else format(value, spec)
+
+
+def _trf_text(r: ERFResult) -> tuple[str, str]:
+    trf = r.trf
+    if trf is None:
+        return "?", "?"
+    if trf.data_dependent:
+        return "data-dependent", "-"
+    size = " x ".join(
+        "global" if g else (str(int(s)) if math.isfinite(s) else "inf")
+        for s, g in zip(trf.size, trf.global_dims)
+    )
+    clipped = " x ".join(str(c) for c in trf.clipped_size)
+    return size, clipped
+
+
+def results_table(
+    results: Mapping[str, ERFResult],
+    *,
+    title: str | None = None,
+    thresholds: Mapping[str, float] | None = None,
+) -> Table:
+    """A rich table: layer, output shape, TRF (and clipped TRF), ERF size, ratio, coverage, sigma.
+
+    Args:
+        results: ``compute_erf``'s mapping ``layer -> ERFResult``.
+        title: table title.
+        thresholds: ``{layer: min_coverage}``; coverages below their threshold are shown red.
+
+    Returns:
+        A ``rich.table.Table``.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("layer", style="cyan", no_wrap=True)
+    table.add_column("output", justify="right")
+    table.add_column("TRF", justify="right")
+    table.add_column("TRF clipped", justify="right")
+    table.add_column("ERF (95%)", justify="right")
+    table.add_column("ERF/TRF", justify="right")
+    table.add_column("coverage", justify="right")
+    table.add_column("sigma y, x", justify="right")
+    thresholds = thresholds or {}
+    from rich.markup import escape
+
+    for name, r in results.items():
+        size, clipped = _trf_text(r)
+        cov = r.coverage
+        cov_text = f"{cov:.1%}"
+        if name in thresholds:
+            ok = cov >= thresholds[name]
+            cov_text = (
+                f"[{'green' if ok else 'bold red'}]{cov_text}[/] (min {thresholds[name]:.0%})"
+            )
+        table.add_row(
+            escape(name or "<model>"),
+            "x".join(str(s) for s in r.output_shape) or "-",
+            size,
+            clipped,
+            str(r.erf_size),
+            _fmt(r.ratio, ".2f"),
+            cov_text,
+            ", ".join(_fmt(s, ".1f") for s in r.sigma),
+        )
+    return table
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _json_float(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _result_record(r: ERFResult) -> dict[str, Any]:
+    trf = r.trf
+    rec: dict[str, Any] = {"output_shape": list(r.output_shape), "num_samples": r.num_samples}
+    if trf is None:
+        rec["trf"] = None
+    else:
+        rec["trf"] = {
+            "size": [_json_float(s) for s in trf.size],
+            "stride": [_json_float(s) for s in trf.stride],
+            "clipped": [[int(s), int(e)] for s, e in trf.clipped],
+            "clipped_size": list(trf.clipped_size),
+            "global": [bool(g) for g in trf.global_dims],
+            "data_dependent": trf.data_dependent,
+            "reason": trf.reason,
+            "method": trf.method,
+        }
+        if trf.data_dependent:  # no finite field: no interval to report
+            del rec["trf"]["clipped"], rec["trf"]["clipped_size"]
+    rec["centre_pixel"] = list(r.centre_pixel)
+    rec["theoretical_centre"] = [float(c) for c in r.theoretical_centre]
+    if r.trf_issue is not None:
+        rec["trf_issue"] = r.trf_issue
+    rec["metrics"] = {k: _json_float(v) for k, v in r.scalars().items()}
+    rec["position"] = r.position
+    rec["output_index"] = list(r.output_index)
+    if r.trf is not None and not r.trf.data_dependent:
+        rec["trf"]["interval"] = [[_json_float(a), _json_float(b)] for a, b in r.trf.interval]
+    if r.field is not None:
+        rec["positions"] = {key: _result_record(x) for key, x in r.field.items() if key != "centre"}
+    return rec
+
+
+def positions_table(results: Mapping[str, ERFResult], *, title: str | None = None) -> Table:
+    """A rich table of every probed position of every layer (``compute_erf(position=...)``)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("layer", "position"):
+        table.add_column(col, style="cyan" if col == "layer" else None, no_wrap=True)
+    for col in ("unit", "centre px", "ERF", "visible", "coverage", "of TRF", "offset y,x",
+                "aniso.", "dead"):  # fmt: skip
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, r in results.items():
+        rows = list(r.field.values()) if r.field is not None else [r]
+        for x in rows:
+            table.add_row(
+                escape(name or "<model>"),
+                escape(x.position),
+                ",".join(map(str, x.output_index)) or "-",
+                ",".join(map(str, x.centre_pixel)),
+                str(x.erf_size),
+                _fmt(x.visible_size, ".1f"),
+                f"{x.coverage:.1%}",
+                "n/a" if math.isnan(x.coverage_trf) else f"{x.coverage_trf:.1%}",
+                ",".join(_fmt(o, "+.1f") for o in x.centroid_offset),
+                _fmt(x.anisotropy, ".2f"),
+                "n/a" if math.isnan(x.dead_fraction) else f"{x.dead_fraction:.0%}",
+            )
+        if r.field is not None:
+            ratio = r.field.border_ratio
+            table.add_row(escape(name), "[i]border_ratio[/]", "", "", "", _fmt(ratio, ".2f"))
+    return table
+
+
+def _write_positions(
+    results: Mapping[str, ERFResult], out: Path, console: Console, title: str
+) -> None:
+    """The positions table, and each 2-D field's figure as ``fields/<layer>.png``."""
+    if all(r.position == "centre" and r.field is None for r in results.values()):
+        return
+    console.print(positions_table(results, title=title))
+    from erf_monitor.sinks import safe_filename
+
+    for name, r in results.items():
+        if r.field is not None and r.heatmap.dim() == 2:
+            path = out / "fields" / f"{safe_filename(name)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            r.field.figure().savefig(path)
+            console.print(f"ERF field of {name!r}: [bold]{path}[/]", highlight=False)
+
+
+# ---------------------------------------------------------------------------------- analyze
+def _parse_size(text: str, flag: str = "--input-size") -> tuple[int, ...]:
+    parts = [p for p in text.replace(",", "x").lower().split("x") if p]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise CLIError(f"{flag} must be N or HxW (e.g. 224 or 224x160), got {text!r}") from None
+    if not sizes or len(sizes) > 3 or any(s < 1 for s in sizes):
+        raise CLIError(f"{flag} must be N or HxW with positive sizes, got {text!r}")
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def _layer_spec(values: Sequence[str]) -> str | list[str]:
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names or names == ["auto"]:
+        return "auto"
+    return names
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise CLIError(
+            f"{flag} must be comma-separated numbers (e.g. 0.5,0.5,0.5), got {text!r}"
+        ) from None
+    if len(values) not in (1, 3):
+        raise CLIError(f"{flag} needs 1 or 3 values (images are read as RGB), got {text!r}")
+    return values
+
+
+def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    from erf_monitor.cli.models import spec_preprocessing
+    from erf_monitor.inputs.images import list_images, load_images, preprocessing_for
+
+    size = _parse_size(args.size, "--size") if args.size else None
+    if size is not None and len(size) != 2:
+        raise CLIError(f"--size must be N or HxW for images, got {args.size!r}")
+    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+    if size is None and mean is None and std is None:
+        prep = spec_preprocessing(args.model, model)
+    else:
+        prep = preprocessing_for(model, size=size, mean=mean, std=std)
+    try:
+        paths = list_images(args.images)[: args.samples]
+        x = load_images(paths, transform=prep)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    return x, f"{len(paths)} images from {args.images}", prep.describe()
+
+
+def _load_inputs(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+    import numpy as np
+    import torch
+
+    if args.input == "noise":
+        gen = torch.Generator().manual_seed(args.seed)
+        shape = (args.samples, args.channels, *size)
+        return torch.randn(shape, generator=gen), "noise"
+    path = Path(args.input)
+    if path.suffix != ".npy":
+        raise CLIError(f"--input must be 'noise' or a .npy file, got {args.input!r}")
+    if not path.is_file():
+        raise CLIError(f"--input file {str(path)!r} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # pickled object arrays, corrupt files
+        raise CLIError(f"cannot read {str(path)!r} as a plain .npy array: {exc}") from None
+    if not np.issubdtype(arr.dtype, np.number):
+        raise CLIError(f"{str(path)!r} holds {arr.dtype} data, not numbers")
+    if arr.ndim == 2:  # (H, W)
+        arr = arr[None, None]
+    elif arr.ndim == 3:  # (C, H, W)
+        arr = arr[None]
+    if arr.ndim not in (3, 4, 5):
+        raise CLIError(
+            f"{str(path)!r} has shape {arr.shape}; expected (N, C, H, W), (C, H, W) or (H, W)"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[: args.samples]
+    return x, str(path)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    size = _parse_size(args.input_size)
+    layers = _layer_spec(args.layers)
+    if args.samples < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.images is not None and args.input != "noise":
+        raise CLIError("give either --images DIR or --input FILE, not both")
+    if args.images is None and (args.size or args.mean or args.std):
+        raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
+    out = Path(args.out)
+    err = _console(stderr=True)
+    console = _console()
+
+    import torch
+
+    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.targets.positions import parse_position_text, request
+
+    try:
+        position = parse_position_text(args.position)
+        request(position, len(size))
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--position: {_one_line(exc)}") from None
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.quiet or not err.is_terminal,  # no spinner frames in logs and pipes
+    ) as progress:
+        task = progress.add_task(f"building {args.model}", total=None)
+        # Seeded initialisation without touching the caller's global RNG (main() may be
+        # called in-process, e.g. from tests).
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            try:
+                model = load_model(args.model, pretrained=args.pretrained)
+            except ModelSpecError as exc:
+                raise CLIError(str(exc)) from None
+        model = model.to(args.device)
+        preprocessing: dict[str, Any] | None = None
+        if args.images is not None:
+            x, source, preprocessing = _load_images(args, model)
+        else:
+            x, source = _load_inputs(args, size)
+        progress.update(task, completed=1, total=1)
+
+        from erf_monitor import compute_erf
+
+        what = "auto-picked layers" if layers == "auto" else f"{len(layers)} layer spec(s)"
+        task = progress.add_task(
+            f"probing {what} on {x.shape[0]} x {'x'.join(str(s) for s in x.shape[1:])} {source}",
+            total=None,
+        )
+        t0 = time.perf_counter()
+        from erf_monitor.core.errors import ERFProbeError
+
+        try:
+            try:
+                results = compute_erf(
+                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size,
+                    position=position,
+                )  # fmt: skip
+            except (ValueError, TypeError, ERFProbeError):
+                raise
+            except Exception as exc:  # the TRF analysis could not follow this model
+                err.print(
+                    f"[yellow]warning[/]: the theoretical receptive field could not be analysed "
+                    f"({type(exc).__name__}: {_one_line(exc)}); TRF columns and ratios are n/a.",
+                    highlight=False,
+                )
+                results = compute_erf(
+                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size, trf="skip",
+                    position=position,
+                )  # fmt: skip
+        except (ValueError, TypeError, ERFProbeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        seconds = time.perf_counter() - t0
+        progress.update(task, completed=1, total=1)
+
+        from erf_monitor.sinks import safe_filename, save_npz
+        from erf_monitor.viz.render import erf_figure, render_heatmap, save_png
+
+        task = progress.add_task("writing heatmaps", total=len(results) + 1)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, r in results.items():
+            save_png(
+                render_heatmap(r, log_scale=args.log_scale),
+                out / "heatmaps" / f"{safe_filename(name)}.png",
+            )
+            progress.advance(task)
+        fig = erf_figure(results, log_scale=args.log_scale, title=f"{args.model} ({source})")
+        fig.savefig(out / "erf_overview.png")
+        progress.advance(task)
+
+    from erf_monitor.core.modes import DEFINITIONS, metadata
+
+    maps = {path: r.heatmap.numpy() for path, r in results.flat().items()}
+    save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
+    record = {
+        "model": args.model,
+        "weights": "random init" if args.pretrained is None else args.pretrained,
+        "input": source,
+        "preprocessing": preprocessing,
+        "input_shape": list(x.shape),
+        "mode": args.mode,
+        "definition": DEFINITIONS[args.mode],
+        "seed": args.seed,
+        "probe_seconds": seconds,
+        "layers": {name: _result_record(r) for name, r in results.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    if preprocessing is not None:
+        console.print(
+            f"Images preprocessed by {preprocessing['source']}: "
+            f"{'x'.join(map(str, preprocessing['size']))} px, mean {preprocessing['mean']}, "
+            f"std {preprocessing['std']}.",
+            highlight=False,
+        )
+    console.print(results_table(results, title=f"ERF of {args.model} — {source}, mode {args.mode}"))
+    _write_positions(results, out, console, f"ERF at position {args.position!r}")
+    console.print(
+        f"Probe: {seconds:.2f} s. Wrote [bold]{out / 'metrics.json'}[/], "
+        f"[bold]{out / 'maps.npz'}[/] (np.load(..., allow_pickle=False)), "
+        f"[bold]{out / 'erf_overview.png'}[/] and {len(results)} heatmaps in "
+        f"[bold]{out / 'heatmaps'}[/].",
+        highlight=False,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from erf_monitor.cli.report import ReportError, build_report
+
+    try:
+        path, runs = build_report(
+            args.logdir,
+            args.out,
+            max_frames=args.frames,
+            title=args.title,
+            reference_coverage=args.min_coverage,
+            dedupe=not args.keep_duplicates,
+        )
+    except ReportError as exc:
+        raise CLIError(str(exc)) from None
+    console = _console()
+    console.print(
+        f"Report of {len(runs)} run(s) written to [bold]{path}[/] "
+        f"({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser).",
+        highlight=False,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- compare
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from erf_monitor.cli.compare import (
+        CompareError,
+        compare_models,
+        comparison_table,
+        load_state,
+        split_spec,
+        write_comparison,
+    )
+    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.core.errors import ERFProbeError
+
+    if args.samples < 2:
+        raise CLIError(f"--samples must be >= 2 for intervals, got {args.samples}")
+    if args.bootstrap < 2:
+        raise CLIError(f"--bootstrap must be >= 2, got {args.bootstrap}")
+    if not 0.0 < args.level < 1.0:
+        raise CLIError(f"--level must be in (0, 1), got {args.level}")
+    names = [n.strip() for n in args.names.split(",")] if args.names else list(args.models)
+    if len(names) != len(args.models):
+        raise CLIError(f"--names has {len(names)} names for {len(args.models)} models")
+    size = _parse_size(args.input_size)
+    x, source = _load_inputs(args, size)
+    models = []
+    err = _console(stderr=True)
+    for name, spec in zip(names, args.models):
+        model_spec, ckpt = split_spec(spec)
+        with torch.random.fork_rng():  # the same initialisation for every spec, seeded
+            torch.manual_seed(args.seed)
+            try:
+                model = load_model(model_spec)
+            except ModelSpecError as exc:
+                raise CLIError(str(exc)) from None
+        if ckpt is not None:
+            try:
+                load_state(model, ckpt)
+            except CompareError as exc:
+                raise CLIError(str(exc)) from None
+        models.append((name, model.to(args.device).eval()))
+    err.print(
+        f"probing {len(models)} model(s) on {x.shape[0]} {source} image(s); "
+        f"{args.bootstrap} bootstrap resamples per layer and model...",
+        highlight=False,
+    )
+    try:
+        comp = compare_models(
+            models,
+            x.to(args.device),
+            _layer_spec(args.layers),
+            mode=args.mode,
+            n_boot=args.bootstrap,
+            level=args.level,
+            method=args.method,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+    except (ValueError, TypeError, ERFProbeError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    meta = {"specs": list(args.models), "input": source, "mode": args.mode, "seed": args.seed}
+    paths = write_comparison(comp, args.out, log_scale=args.log_scale, meta=meta)
+    console = _console()
+    console.print(comparison_table(comp))
+    console.print(
+        "Wrote " + ", ".join(f"[bold]{p}[/]" for p in paths.values()) + ".", highlight=False
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from erf_monitor.cli.demo import DemoError, run_demo
+
+    try:
+        run_demo(
+            variant=args.variant,
+            out=args.out,
+            logger=args.logger,
+            fast=args.fast,
+            steps=args.steps,
+            seed=args.seed,
+            report=not args.no_report,
+            threads=args.threads,
+            console=_console(),
+        )
+    except DemoError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    from erf_monitor import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="erf-monitor",
+        description="Measure and watch the effective receptive field (ERF) of vision models.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"erf-monitor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, ~1 min)",
+        description=_wrap(
+            "Train two small CNNs on a synthetic task (brighter or darker? a faint shift of "
+            "every pixel of 128x128 noise) read out at the centre unit, which must average over "
+            "a large region around the centre: the 'large' variant (dilated residual blocks) "
+            "grows its ERF from 7 to ~115 px and learns the task; the 'small' one (no "
+            "dilation, TRF 71 px) cannot cover enough of the image and gets the coverage "
+            "alert. ERFMonitor logs to TensorBoard, W&B or CSV files; a table and an HTML "
+            "report follow."
+        ),
+        formatter_class=_Formatter,
+    )
+    demo.add_argument(
+        "--variant", choices=("small", "large", "both"), default="both", help="what to train"
+    )
+    demo.add_argument(
+        "--logger",
+        choices=("tensorboard", "wandb", "csv"),
+        default="tensorboard",
+        help="where ERFMonitor logs (wandb runs offline unless W&B is configured)",
+    )
+    demo.add_argument("--out", default="erf_demo_logs", help="log directory")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per variant (default: 200; --fast: 8)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seeds data, weights and shuffling")
+    demo.add_argument("--fast", action="store_true", help="a few steps only (for tests)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    demo.set_defaults(func=_cmd_demo)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="ERF and TRF of a model's layers on noise or your images",
+        description=_wrap(
+            "Probe the centre-pixel ERF of chosen layers of a model (random init, or local "
+            "pretrained weights) on noise, a .npy array or a folder of images; print a table, "
+            "write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
+        ),
+        epilog=_MODEL_HELP + "\n" + _MODE_HELP,
+        formatter_class=_Formatter,
+    )
+    analyze.add_argument("model", metavar="MODEL", nargs="?", help="see below")
+    analyze.add_argument(
+        "--input-size", default="224", help="N or HxW (default: %(default)s)", metavar="SIZE"
+    )
+    analyze.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    analyze.add_argument(
+        "--layers",
+        nargs="+",
+        default=["auto"],
+        help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
+    )
+    analyze.add_argument("--samples", type=int, default=8, help="probe batch size")
+    analyze.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
+    analyze.add_argument(
+        "--input",
+        default="noise",
+        help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or (H,W), "
+        "loaded without pickle",
+    )
+    analyze.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="a folder of images (searched recursively; the first --samples are used), "
+        "preprocessed as the model expects",
+    )
+    analyze.add_argument("--size", default=None, help="image size N or HxW (with --images)")
+    analyze.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
+    analyze.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
+    analyze.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="cache",
+        default=None,
+        metavar="PATH",
+        help="load weights: alone, the model's pretrained weights from the local torch.hub / "
+        "Hugging Face cache (never downloaded); =PATH, a checkpoint file",
+    )
+    analyze.add_argument(
+        "--position",
+        default="centre",
+        metavar="POS",
+        help="seed unit(s): centre (default), corners, edges, grid:K (a K x K grid), an output "
+        "index I,J (negative from the end), a fraction of the output plane 0.0,0.5, or several "
+        "separated by ';'. Sets also write fields/<layer>.png (the ERF field)",
+    )
+    analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
+    analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
+    analyze.add_argument("--device", default="cpu", help="torch device")
+    analyze.add_argument("--log-scale", action="store_true", help="log colour scale for images")
+    analyze.add_argument("--out", default="erf_analysis", help="output directory")
+    analyze.add_argument("--quiet", action="store_true", help="no progress display")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page from ERFMonitor logs and analyze outputs",
+        description=_wrap(
+            "Find every run under LOGDIR (FileSink directories with metrics.csv, CSVLogger's "
+            "erf/ folders, TensorBoard event files, 'erf-monitor analyze --out' folders) and "
+            "write one HTML page: runs side by side (one plot per layer they share), then per "
+            "run growth curves of ERF size, ERF/TRF ratio and coverage (with min_coverage or a "
+            "reference line) and heatmap filmstrips. Runs with identical ERF data are shown "
+            "once. Nothing outside LOGDIR is read: symbolic links out of it are ignored."
+        ),
+        formatter_class=_Formatter,
+    )
+    report.add_argument("logdir", metavar="LOGDIR", help="folder to search")
+    report.add_argument("--out", default=None, help="HTML file (default: LOGDIR/erf_report.html)")
+    report.add_argument("--frames", type=int, default=8, help="heatmaps per filmstrip")
+    report.add_argument("--title", default=None, help="page title (default: from LOGDIR)")
+    report.add_argument(
+        "--min-coverage",
+        type=float,
+        default=0.05,
+        help="reference line on coverage plots of runs that logged no min_coverage",
+    )
+    report.add_argument(
+        "--keep-duplicates", action="store_true", help="show runs with identical data each"
+    )
+    report.set_defaults(func=_cmd_report)
+
+    compare = sub.add_parser(
+        "compare",
+        help="several models or checkpoints on one probe set, with bootstrap intervals",
+        description=_wrap(
+            "Probe every MODEL[@CHECKPOINT] on the same images, print per layer ERF size, "
+            "coverage, ERF/TRF ratio and sigma with bootstrap confidence intervals over the "
+            "probe images, and the paired difference to the first model (bold when its "
+            "interval excludes 0); write compare.png (maps side by side and difference "
+            "maps), compare.json (every metric's interval) and maps.npz."
+        ),
+        epilog=_MODEL_HELP.replace(
+            "No weights",
+            "  MODEL@CKPT               MODEL with the weights of CKPT (a state dict or a\n"
+            "                           Lightning checkpoint; torch.load(weights_only=True))\n"
+            "No weights",
+        )
+        + "\n"
+        + _MODE_HELP,
+        formatter_class=_Formatter,
+    )
+    compare.add_argument("models", metavar="MODEL", nargs="+", help="see below")
+    compare.add_argument("--names", default=None, help="comma-separated names (default: the specs)")
+    compare.add_argument("--layers", nargs="+", default=["auto"], help="layer names or globs")
+    compare.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
+    compare.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    compare.add_argument("--samples", type=int, default=32, help="probe images")
+    compare.add_argument(
+        "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
+    )
+    compare.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
+    compare.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
+    compare.add_argument("--level", type=float, default=0.95, help="interval coverage")
+    compare.add_argument(
+        "--method", choices=("bca", "percentile"), default="bca", help="bootstrap interval"
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seeds model init, noise, resamples")
+    compare.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
+    compare.add_argument("--device", default="cpu", help="torch device")
+    compare.add_argument("--log-scale", action="store_true", help="log colour scale")
+    compare.add_argument("--out", default="erf_compare", help="output directory")
+    compare.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``erf-monitor`` command line.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 for usage errors (one line on stderr).
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version, argparse usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    if args.command == "analyze" and args.model is None:
+        # "--pretrained MODEL" reads MODEL as the weights path: give it back.
+        pre = args.pretrained
+        if pre not in (None, "cache") and not Path(pre).is_file() and ":" in pre:
+            args.model, args.pretrained = pre, "cache"
+        else:
+            print("erf-monitor analyze: error: MODEL is required (see --help)", file=sys.stderr)
+            return 2
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        print(f"erf-monitor {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erf-monitor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""The result types: one layer's ERF at one seed unit (:class:`ERFResult`), the ordered
+collection ``compute_erf`` returns (:class:`ERFResults`), and one layer's results at a set of
+seed units (:class:`ERFField`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+from erf_monitor.core.modes import DEFINITIONS, Mode
+from erf_monitor.measure import metrics as _metrics
+from erf_monitor.measure import shape as _shape
+from erf_monitor.trf.types import TRF, wrap_flags
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["AREA_THRESHOLDS", "ERFField", "ERFResult", "ERFResults", "Mode", "axis_names"]
+
+#: Mass fractions at which area ratios are reported (RepLKNet Table 10 uses 20/30/50/99 %).
+AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
+
+
+def axis_names(ndim: int) -> tuple[str, ...]:
+    """Names used for per-axis metrics: ``x`` (1-D), ``y, x`` (2-D), ``z, y, x`` (3-D)."""
+    return ("z", "y", "x")[3 - ndim :] if 1 <= ndim <= 3 else tuple(f"d{i}" for i in range(ndim))
+
+
+class _Frame(NamedTuple):
+    """The map as metrics see it: rolled along the dims where the unit's field wraps around
+    the input (circular padding) so that the field is in one piece around the middle."""
+
+    map: torch.Tensor
+    centre_pixel: tuple[int, ...]
+    shift: tuple[int, ...]  # frame index = input index + shift (mod the size where wrapped)
+    centre: tuple[float, ...]  # the theoretical centre in the frame
+    box: tuple[tuple[int, int], ...] | None  # the clipped TRF in the frame (None: no TRF)
+
+
+@dataclass(eq=False)
+class ERFResult:
+    """ERF of one layer, measured on one probe batch.
+
+    Metrics follow ``docs/concepts.md`` (DESIGN §2) exactly and are computed lazily from
+    :attr:`heatmap`; mass squares are centred on :attr:`centre_pixel`, the theoretical centre
+    of the layer's seed unit rounded half up.
+
+    Attributes:
+        name: layer name as in ``model.named_modules()``.
+        heatmap: ERF map, float32 CPU tensor of the input's spatial shape, ``>= 0``, as the
+            ``mode`` defines it (:attr:`definition`): ``"luo"``: mean over samples of the
+            channel-summed ``|d y_centre / d x|``; ``"replknet"``: ``log10(mean + 1) / max``
+            of the channel-summed relu'd gradients; ``"openerf"``: the clamped channel-mean
+            gradients summed over samples, normalised to total mass 1.
+        trf: theoretical receptive field of the seed unit (``None`` if it is unknown: not
+            analysed, or contradicted by the map, see :attr:`trf_issue`; then ``ratio`` is
+            NaN).
+        mode: ``"luo"``, ``"replknet"`` or ``"openerf"``.
+        num_samples: number of probe samples.
+        output_shape: spatial shape of the layer's output (``()`` if it has none).
+        centre_pixel: integer input pixel on which mass squares are centred.
+        per_sample: the per-sample maps ``(N, *S)`` if requested, else ``None``.
+        num_calls: how often the module ran before the probe stopped the forward (the first
+            call is the one measured).
+        centre: the seed unit's theoretical centre in input pixels (float), from the layer
+            geometry whether or not the TRF is reported; ``None``: :attr:`trf`'s centre.
+        trf_issue: why a TRF that was analysed is reported unknown (ERF mass outside it),
+            else ``None``.
+        position: the key of the seed unit's position (``"centre"``, ``"corner_top_left"``,
+            ``"y0_x-1"``...; see ``docs/guides/positions.md``); logged keys of any other
+            position than the centre are ``<prefix>/<layer>/<position>/<metric>``.
+        output_index: the seed unit's index on the layer's output grid (non-negative).
+        field: with a set of positions, ``{position: ERFResult}`` of the layer (this result
+            is the centre's); else ``None``.
+        wrapped: per dim, whether the unit's field wraps around the input (circular
+            padding, :attr:`TRF.wrapped <erf_monitor.TRF>`). The network lives on a torus
+            there: metrics are measured on the map rolled so that the field is in one piece
+            around :attr:`centre_pixel`, and positions (:attr:`centre_pixel`,
+            :attr:`theoretical_centre`, :attr:`centroid`) are taken modulo the input size.
+    """
+
+    name: str
+    heatmap: torch.Tensor
+    trf: TRF | None
+    mode: Mode
+    num_samples: int
+    output_shape: tuple[int, ...]
+    centre_pixel: tuple[int, ...]
+    per_sample: torch.Tensor | None = None
+    num_calls: int = 1
+    centre: tuple[float, ...] | None = None
+    trf_issue: str | None = None
+    position: str = "centre"
+    output_index: tuple[int, ...] = ()
+    field: ERFField | None = dataclasses.field(default=None, repr=False)
+    wrapped: tuple[bool, ...] = ()
+    _cache: dict[float, int] = dataclasses.field(default_factory=dict, repr=False)
+    _fits: dict[bool, _metrics.GaussianFit] = dataclasses.field(default_factory=dict, repr=False)
+
+    @cached_property
+    def _frame(self) -> _Frame:
+        shape = tuple(self.heatmap.shape)
+        wrapped = wrap_flags(self.wrapped, len(shape))
+        raw = self._raw_centre
+        shift = tuple(
+            n // 2 - c if w else 0 for n, c, w in zip(shape, self.centre_pixel, wrapped)
+        )  # fmt: skip
+        heat = self.heatmap
+        if any(shift):
+            heat = torch.roll(heat, shift, tuple(range(len(shape))))
+        pixel = tuple(c + sh for c, sh in zip(self.centre_pixel, shift))
+        # the theoretical centre's offset from the centre pixel, the shorter way round
+        centre = tuple(
+            p + (((t - c + n / 2) % n) - n / 2) if w else t
+            for p, t, c, n, w in zip(pixel, raw, self.centre_pixel, shape, wrapped)
+        )
+        box = None
+        if self.trf is not None:
+            box = tuple(
+                (max(int(lo) + round(f - t), 0), min(int(hi) + round(f - t), n - 1)) if w else clip
+                for (lo, hi), f, t, n, w, clip in zip(
+                    self.trf.interval, centre, raw, shape, wrapped, self.trf.clipped
+                )
+            )
+        return _Frame(heat, pixel, shift, centre, box)
+
+    @property
+    def _raw_centre(self) -> tuple[float, ...]:
+        if self.centre is not None:
+            return self.centre
+        if self.trf is not None:
+            return self.trf.centre
+        return tuple(float(c) for c in self.centre_pixel)
+
+    def _unframe(self, position: Sequence[float]) -> tuple[float, ...]:
+        """A frame position as an input position (modulo the size where the field wraps)."""
+        f = self._frame
+        return tuple(
+            (p - sh) % n if sh else p for p, sh, n in zip(position, f.shift, self.heatmap.shape)
+        )
+
+    # -- mass-based metrics ---------------------------------------------------------------
+    def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
+        """Side of the smallest centred square (odd side) holding more than fraction ``t``."""
+        if t not in self._cache:
+            f = self._frame
+            self._cache[t] = _metrics.mass_extent(f.map, t, f.centre_pixel)
+        return self._cache[t]
+
+    def mass_extent_per_axis(self, t: float = _metrics.COVERAGE_MASS) -> tuple[int, ...]:
+        """Per-axis variant of :meth:`mass_extent` on the map's marginal profiles."""
+        f = self._frame
+        return _metrics.mass_extent_per_axis(f.map, t, f.centre_pixel)
+
+    def area_ratio(self, t: float) -> float:
+        """Fraction of the input area inside the ``t``-mass square."""
+        f = self._frame
+        return _metrics.area_ratio(f.map, t, f.centre_pixel)
+
+    @property
+    def erf_size(self) -> int:
+        """ERF size in pixels: ``mass_extent(0.95)``."""
+        return self.mass_extent(_metrics.COVERAGE_MASS)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the input inside the 95%-mass square: ``area_ratio(0.95)``."""
+        return self.area_ratio(_metrics.COVERAGE_MASS)
+
+    @property
+    def visible_size(self) -> float:
+        """Side of the 95%-mass square as the input clips it, ``(coverage * prod(S)) ** (1/D)``
+        pixels: :attr:`erf_size` for a square inside the input, smaller where the border cuts
+        it (the ERF size that the field figure and ``border_ratio`` compare)."""
+        volume = round(self.coverage * self.heatmap.numel())
+        nd = self.heatmap.dim()
+        return math.sqrt(volume) if nd == 2 else float(volume) ** (1.0 / nd)
+
+    @property
+    def coverage_trf(self) -> float:
+        """Fraction of the clipped TRF inside the 95%-mass square (NaN without a TRF).
+
+        The image clips a border unit's field: this compares the ERF with what the unit can
+        see at all, where :attr:`coverage` compares it with the whole input.
+        """
+        f = self._frame
+        if f.box is None:
+            return math.nan
+        return _shape.coverage_within(f.map, _metrics.COVERAGE_MASS, f.centre_pixel, f.box)
+
+    @property
+    def ratio(self) -> float:
+        """ERF/TRF ratio: ``erf_size`` over the largest per-axis clipped TRF size."""
+        if self.trf is None:
+            return math.nan
+        return self.erf_size / max(self.trf.clipped_size)
+
+    # -- shape metrics ----------------------------------------------------------------------
+    @cached_property
+    def sigma(self) -> tuple[float, ...]:
+        """Per-axis standard deviation (pixels) from second moments about the centroid."""
+        return _metrics.sigma(self._frame.map)
+
+    @cached_property
+    def gaussian_r2(self) -> float:
+        """R^2 of the moment-matched Gaussian: 1 means perfectly Gaussian."""
+        return _metrics.gaussian_r2(self._frame.map)
+
+    @cached_property
+    def _frame_centroid(self) -> tuple[float, ...]:
+        return _metrics.centroid(self._frame.map)
+
+    @property
+    def centroid(self) -> tuple[float, ...]:
+        """Mass-weighted mean pixel index per axis."""
+        return self._unframe(self._frame_centroid)
+
+    @cached_property
+    def principal_axes(self) -> tuple[tuple[float, ...], float]:
+        """``(widths, angle)``: standard deviations along the principal axes of the map
+        (largest first, pixels) and, in 2-D, the major axis' angle in degrees from ``+x``
+        (columns) towards ``+y`` (rows), in ``(-90, 90]``."""
+        return _shape.principal_axes(self._frame.map)
+
+    @property
+    def anisotropy(self) -> float:
+        """Largest over smallest principal width: 1 for an isotropic ERF, ``inf`` for a line."""
+        return _shape.anisotropy(self.principal_axes[0])
+
+    @property
+    def axis_angle(self) -> float:
+        """The major principal axis' angle in degrees (2-D; NaN otherwise)."""
+        return self.principal_axes[1]
+
+    @cached_property
+    def cross_score(self) -> float:
+        """``1 - E(O) / E0(O)``: how much less mass lies off the centre row and column than
+        the marginals imply; 1 for a "+" pattern, 0 for a separable map (Gaussian, box),
+        < 0 when the axes are avoided (``docs/concepts.md``)."""
+        f = self._frame
+        return _shape.cross_score(f.map, f.centre_pixel)
+
+    @cached_property
+    def dead_fraction(self) -> float:
+        """Fraction of the clipped TRF's pixels where the map is exactly zero (NaN without
+        a TRF): dead pixels, e.g. the periodic holes that dilation leaves ("gridding")."""
+        f = self._frame
+        return math.nan if f.box is None else _shape.dead_fraction(f.map, f.box)
+
+    @cached_property
+    def gridding_period(self) -> tuple[int, ...]:
+        """Per axis, the period of the non-zero rows/columns inside the clipped TRF (1: none;
+        the whole map without a TRF)."""
+        f = self._frame
+        box = f.box if f.box is not None else tuple((0, s - 1) for s in self.heatmap.shape)
+        return _shape.gridding_period(f.map, box)
+
+    @property
+    def theoretical_centre(self) -> tuple[float, ...]:
+        """Where the seed unit sits in input pixels (the centre of its TRF interval)."""
+        return self._unframe(self._frame.centre)
+
+    @property
+    def definition(self) -> str:
+        """The exact definition of :attr:`mode` (recorded with saved and logged results)."""
+        return DEFINITIONS[self.mode]
+
+    @property
+    def centroid_offset(self) -> tuple[float, ...]:
+        """Centroid minus theoretical centre, in pixels per axis (the shorter way round where
+        the field wraps)."""
+        return tuple(c - t for c, t in zip(self._frame_centroid, self._frame.centre))
+
+    # -- OpenERF metrics ---------------------------------------------------------------------
+    def disc_mass(
+        self,
+        radii: Sequence[float] = _metrics.OPENERF_RADII,
+        centre: Sequence[int] | None = None,
+    ) -> dict[float, float]:
+        """Fraction of the mass within Euclidean distance ``r`` of the centre, per radius.
+
+        OpenERF's radial cumulative mass (default radii are OpenERF's); the discs are centred
+        on :attr:`centre_pixel` unless ``centre`` is given (OpenERF uses ``(H // 2, W // 2)``).
+        See :func:`erf_monitor.measure.metrics.disc_mass`.
+        """
+        f = self._frame
+        where = f.centre_pixel if centre is None else tuple(centre)
+        if centre is not None and any(f.shift):
+            where = tuple((c + sh) % n for c, sh, n in zip(where, f.shift, self.heatmap.shape))
+        return _metrics.disc_mass(f.map, radii, where)
+
+    def gaussian_fit(self, rotated: bool = False) -> _metrics.GaussianFit:
+        """Free-centre 2-D Gaussian least-squares fit to the map normalised to sum 1 (OpenERF).
+
+        ``rotated=False`` is OpenERF's axis-aligned model; ``True`` also fits the covariance's
+        off-diagonal term. Cached per ``rotated``. See
+        :func:`erf_monitor.measure.metrics.gaussian_fit`.
+
+        Raises:
+            ValueError: for a map that is not 2-D.
+        """
+        fit = self._frame_fit(rotated)
+        if not any(self._frame.shift):
+            return fit
+        cy, cx = self._unframe(fit.centre)  # the fit is 2-D
+        return dataclasses.replace(fit, centre=(cy, cx))
+
+    def _frame_fit(self, rotated: bool) -> _metrics.GaussianFit:
+        if rotated not in self._fits:
+            self._fits[rotated] = _metrics.gaussian_fit(self._frame.map, rotated=rotated)
+        return self._fits[rotated]
+
+    def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
+        """This result with another map (same layer, unit and TRF; ``num_samples`` images if
+        given), measured afresh: no metric cached from this map carries over (bootstrap
+        resamples and the all-reduced map of a distributed probe are built this way)."""
+        return dataclasses.replace(
+            self,
+            heatmap=heatmap,
+            num_samples=self.num_samples if num_samples is None else num_samples,
+            per_sample=None,
+            field=None,
+            _cache={},
+            _fits={},
+        )
+
+    # -- export -----------------------------------------------------------------------------
+    def scalars(self) -> dict[str, float]:
+        """Flat dict of the scalar metrics, as logged (keys are stable across backends)."""
+        names = axis_names(self.heatmap.dim())
+        out: dict[str, float] = {}
+        if self.trf is not None:
+            finite = [s for s in self.trf.size if math.isfinite(s)]
+            if finite and not self.trf.is_global:
+                out["trf_size"] = float(max(finite))
+            if not self.trf.data_dependent:  # data-dependent: no finite size at all
+                out["trf_size_clipped"] = float(max(self.trf.clipped_size))
+            out["trf_global"] = float(self.trf.is_global)
+            out["trf_data_dependent"] = float(self.trf.data_dependent)
+        out["erf_size"] = float(self.erf_size)
+        out["erf_trf_ratio"] = float(self.ratio)
+        out["coverage"] = float(self.coverage)
+        for t in AREA_THRESHOLDS:
+            out[f"area_t{round(t * 100):02d}"] = float(self.area_ratio(t))
+        for axis, s, off in zip(names, self.sigma, self.centroid_offset):
+            out[f"sigma_{axis}"] = float(s)
+            out[f"centroid_offset_{axis}"] = float(off)
+        out["gaussian_r2"] = float(self.gaussian_r2)
+        # OpenERF's metrics: disc masses at its radii that fit in the map, the Gaussian fit.
+        size = max(self.heatmap.shape)
+        radii = [r for r in _metrics.OPENERF_RADII if r < size]
+        for r, mass in self.disc_mass(radii).items():
+            out[f"disc_mass_r{r}"] = float(mass)
+        if self.heatmap.dim() == 2:
+            fit = self._frame_fit(False)
+            out["gauss_fit_amplitude"] = fit.amplitude
+            for axis, s, c, t in zip(names, fit.sigma, fit.centre, self._frame.centre):
+                out[f"gauss_fit_sigma_{axis}"] = s
+                out[f"gauss_fit_offset_{axis}"] = c - t
+            out["gauss_fit_r2"] = fit.r2
+        out["coverage_trf"] = float(self.coverage_trf)
+        out["erf_size_visible"] = float(self.visible_size)
+        widths, angle = self.principal_axes
+        out["sigma_major"], out["sigma_minor"] = float(widths[0]), float(widths[-1])
+        out["anisotropy"] = float(self.anisotropy)
+        if self.heatmap.dim() == 2:
+            out["axis_angle"] = float(angle)
+        if self.heatmap.dim() >= 2:
+            out["cross_score"] = float(self.cross_score)
+        out["dead_fraction"] = float(self.dead_fraction)
+        for axis, period in zip(names, self.gridding_period):
+            out[f"gridding_period_{axis}"] = float(period)
+        if self.field is not None:
+            ratio = self.field.border_ratio
+            if not math.isnan(ratio):
+                out["border_ratio"] = float(ratio)
+        return out
+
+    def __repr__(self) -> str:
+        trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
+        where = "" if self.position == "centre" else f" at {self.position} {self.output_index}"
+        return (
+            f"ERFResult({self.name!r}{where}, mode {self.mode}, map {tuple(self.heatmap.shape)}, "
+            f"{trf}, "
+            f"erf_size={self.erf_size}, ratio={self.ratio:.3f}, coverage={self.coverage:.3f})"
+        )
+
+
+class ERFResults(Mapping[str, ERFResult]):
+    """Ordered mapping ``layer name -> ERFResult`` returned by :func:`compute_erf`."""
+
+    def __init__(self, results: Mapping[str, ERFResult]) -> None:
+        self._results = dict(results)
+
+    def __getitem__(self, name: str) -> ERFResult:
+        try:
+            return self._results[name]
+        except KeyError:
+            raise KeyError(f"No result for layer {name!r}; have {list(self._results)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def scalars(self) -> dict[str, dict[str, float]]:
+        """``{layer: result.scalars()}`` for every layer, plus ``{"<layer>/<position>": ...}``
+        for every position other than the centre (the logged keys' middle part)."""
+        return {path: r.scalars() for path, r in self.flat().items()}
+
+    def flat(self) -> dict[str, ERFResult]:
+        """Every result by its key path: ``"<layer>"`` for the centre unit, else
+        ``"<layer>/<position>"`` (each position of a field included)."""
+        out: dict[str, ERFResult] = {}
+        for name, r in self._results.items():
+            for x in r.field.values() if r.field is not None else (r,):
+                out[name if x.position == "centre" else f"{name}/{x.position}"] = x
+        return out
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(r) for r in self._results.values())
+        return f"ERFResults(\n  {inner}\n)"
+
+
+class ERFField(Mapping[str, ERFResult]):
+    """One layer's ERF results at several positions: ``{position key: ERFResult}``.
+
+    Ordered as requested, the centre unit (key ``"centre"``) first. Several keys may name
+    the same output unit (a grid larger than a small output): they share one measurement.
+
+    Attributes:
+        grid: ``(k, k)`` for a ``k x k`` grid request, else ``None``.
+    """
+
+    def __init__(self, results: Mapping[str, ERFResult], grid: tuple[int, ...] | None = None):
+        self._results = dict(results)
+        self.grid = grid
+
+    def __getitem__(self, key: str) -> ERFResult:
+        try:
+            return self._results[key]
+        except KeyError:
+            raise KeyError(f"No position {key!r}; have {list(self._results)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}: {r.erf_size}" for k, r in self._results.items())
+        return f"ERFField({self.centre.name!r}, erf_size {{{sizes}}})"
+
+    @property
+    def centre(self) -> ERFResult:
+        """The centre unit's result (the layer's result in ``compute_erf``'s mapping)."""
+        return self._results["centre"]
+
+    def at(self, index: tuple[int, ...]) -> ERFResult:
+        """The result of output unit ``index`` (non-negative, as :attr:`ERFResult.output_index`)."""
+        for r in self._results.values():
+            if r.output_index == tuple(index):
+                return r
+        raise KeyError(f"No position at output index {tuple(index)} in this field")
+
+    @property
+    def corners(self) -> list[ERFResult]:
+        """Results of the output plane's corner units (first or last index on every axis),
+        one per unit."""
+        grid = self.centre.output_shape
+        seen: dict[tuple[int, ...], ERFResult] = {}
+        for r in self._results.values():
+            idx = r.output_index
+            if grid and all(i in (0, s - 1) for i, s in zip(idx, grid)):
+                seen.setdefault(idx, r)
+        return list(seen.values())
+
+    @property
+    def border_ratio(self) -> float:
+        """Mean visible ERF size of the corner units over the centre unit's.
+
+        The visible size (:attr:`ERFResult.visible_size`) is the side of the 95%-mass
+        square as the image clips it: a corner unit's square is cut by two borders. About
+        0.5 in 2-D when a corner unit's ERF reaches as far from it as the centre unit's
+        does (a quarter of it is inside the image), 1 when the ERFs are small enough for
+        the border not to matter; below 0.5 when the padding also shrinks the corner
+        unit's ERF. NaN when the field has no corner unit (e.g. ``"edges"``) or the centre
+        unit's map is zero.
+        """
+        corners = self.corners
+        centre = self.centre.visible_size
+        if not corners or centre == 0:
+            return math.nan
+        return float(np.mean([r.visible_size for r in corners])) / centre
+
+    def figure(self, **kwargs: Any) -> Figure:
+        """The field figure (:func:`erf_monitor.viz.field.field_figure`)."""
+        from erf_monitor.viz.field import field_figure
+
+        return field_figure(self, **kwargs)

@@ -1,0 +1,860 @@
+"""The framework-free engine behind :class:`~erf_monitor.ERFMonitor` and :func:`~erf_monitor.watch`.
+
+It knows nothing about Lightning: it validates the configuration, owns the fixed probe batch,
+caches layer names and TRFs, decides *when* to probe, runs the probe, logs to sinks, keeps the
+history, runs the coverage-alert state machine, and turns failures into warnings. The two
+integrations only decide *where* the model, the steps and the sinks come from.
+
+Coverage alert semantics (documented in ``ERFMonitor``):
+
+* A layer is *checked* if it has a threshold: a float ``min_coverage`` checks only the deepest
+  watched layer (early stages cannot be expected to cover the image); a mapping
+  ``{name or glob: threshold}`` checks exactly the layers it names. ``None`` disables the alert.
+* A checked layer's coverage (``a(0.95)``) "stays below" the threshold when it is below it at
+  ``patience`` consecutive probes (default 1: the first probe below fires), or at once when
+  its clipped TRF is smaller than the threshold (no training can help then). A probe at or
+  above the threshold resets the count. Each layer alerts at most once per monitor, also
+  across checkpoint/resume (the alert state is in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from erf_monitor.core import warn as _warn
+from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.core.modes import Mode
+from erf_monitor.core.rng import preserved_rng
+from erf_monitor.inputs.batch import find_image
+from erf_monitor.monitor.options import (
+    DEFAULT_MIN_COVERAGE,
+    MinCoverage,
+    MonitorOptions,
+    OnInsufficient,
+    ProbeInputs,
+)
+from erf_monitor.probe import distributed as dist_
+from erf_monitor.sinks._base import Sink
+from erf_monitor.targets.auto import pick_layers
+from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_compiled
+from erf_monitor.targets.tokens import TokenLayout, TokenLayoutArg, layouts_for
+
+if TYPE_CHECKING:
+    from erf_monitor.measure.result import ERFResult, ERFResults
+    from erf_monitor.trf.types import TRF
+
+__all__ = [
+    "DEFAULT_MIN_COVERAGE",
+    "MinCoverage",
+    "MonitorEngine",
+    "OnInsufficient",
+    "ProbeInputs",
+    "deepest_layer",
+    "preserved_rng",
+]
+
+log = logging.getLogger("erf_monitor")
+
+
+_STATE_VERSION = 1
+_ENLARGE = "dilated convolutions, more or earlier striding/pooling, larger kernels or attention"
+
+
+def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else torch.float32)
+    return torch.device("cpu"), torch.float32
+
+
+def _fmt_shape(shape: Sequence[int | float]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
+    """The watched layer that runs last: the one whose subtree ends last in ``named_modules()``
+    order (a container after its children); ``"stage[0]"``-style selectors count as their
+    module. Ties keep the later name."""
+    order = [n for n, _ in unwrap_compiled(model).named_modules()]
+
+    def end(name: str) -> tuple[int, int]:
+        base = name.split("[", 1)[0]
+        last = max(
+            (i for i, n in enumerate(order) if base in ("", n) or n.startswith(base + ".")),
+            default=-1,
+        )
+        return last, -base.count(".")
+
+    best = names[0]
+    for name in names[1:]:
+        if end(name) >= end(best):
+            best = name
+    return best
+
+
+def _unreachable(r: ERFResult, threshold: float) -> bool:
+    """Whether the layer's clipped TRF covers less of the input than ``threshold``."""
+    if r.trf is None or r.trf.is_global:
+        return False
+    return math.prod(r.trf.clipped_size) / math.prod(r.heatmap.shape) < threshold
+
+
+def _alert_message(name: str, r: ERFResult, step: int, threshold: float, probes: int) -> str:
+    """Two lines: what was measured against what, and what to do about it."""
+    spatial = tuple(r.heatmap.shape)
+    times = f" for {probes} consecutive probes" if probes > 1 else ""
+    head = (
+        f"erf-monitor: at step {step} the ERF of layer {name!r} covers only {r.coverage:.2%} of "
+        f"the {_fmt_shape(spatial)} input (95%-mass square {r.erf_size} px), below "
+        f"min_coverage={threshold:.2%}{times}."
+    )
+    if r.trf is None:
+        return f"{head}\nTry {_ENLARGE}; or watch a deeper layer or lower min_coverage."
+    best = 1.0 if r.trf.is_global else math.prod(r.trf.clipped_size) / math.prod(spatial)
+    trf = "global" if r.trf.is_global else f"{_fmt_shape(r.trf.clipped_size)} px"
+    if best < threshold:
+        return (
+            f"{head}\nIts TRF ({trf}) allows at most {best:.1%}: only an architecture change "
+            f"helps ({_ENLARGE}); or watch a deeper layer or lower min_coverage."
+        )
+    return (
+        f"{head}\nIts TRF ({trf}) allows {best:.0%}: train longer, or enlarge the ERF "
+        f"({_ENLARGE}); or watch a deeper layer or lower min_coverage."
+    )
+
+
+class _Recorder(Sink):
+    """Forwards to a sink and remembers its exceptions (so that ``strict`` can re-raise them
+    after :class:`MultiSink` has reported them once)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.errors: list[Exception] = []
+
+    def __repr__(self) -> str:
+        return repr(self.sink)
+
+    def _call(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        self._call("log_scalars", scalars, step)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        self._call("log_image", key, image, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self._call("log_text", key, text, step)
+
+    def log_arrays(self, key: str, arrays: Mapping[str, Any], step: int) -> None:
+        self._call("log_arrays", key, arrays, step)
+
+    def alert(self, title: str, text: str, step: int) -> None:
+        self._call("alert", title, text, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+
+@dataclass
+class ProbeOutcome:
+    """What one probe did: its results (``None`` if skipped) and the alerts it fired."""
+
+    step: int
+    results: ERFResults | None = None
+    seconds: float = math.nan
+    alerts: list[str] = field(default_factory=list)
+
+
+class MonitorEngine:
+    """Configuration, probe batch, schedule, history and alert state of one monitor.
+
+    Takes a :class:`~erf_monitor.MonitorOptions` and/or its fields as keyword arguments
+    (validated there); the attributes below mirror the options for the integrations.
+    """
+
+    def __init__(self, options: MonitorOptions | None = None, **overrides: Any) -> None:
+        opts = MonitorOptions.build(options, overrides)
+        self.options = opts
+        self.layers: str | list[str] = (
+            opts.layers if isinstance(opts.layers, str) else list(opts.layers)
+        )
+        self.every_n_steps = opts.every_n_steps
+        self.num_samples = opts.num_samples
+        self.patience = opts.patience
+        self.chunk_size = opts.chunk_size
+        cov = opts.min_coverage
+        self.min_coverage: float | dict[str, float] | None = (
+            dict(cov) if isinstance(cov, Mapping) else cov
+        )
+        self.on_insufficient: OnInsufficient = opts.on_insufficient
+        self.source = opts.source
+        self.input_key = opts.input_key
+        self.forward_fn = opts.forward_fn
+        self.mode: Mode = opts.mode
+        self.seed = opts.seed
+        self.prefix = opts.prefix
+        self.render_kwargs = dict(opts.render_kwargs)
+        self.strict = opts.strict
+        self.summary = opts.summary
+        self.token_layout: TokenLayoutArg = opts.token_layout
+        self.position = opts.position
+        probe_inputs = opts.probe_inputs
+
+        # -- state (checkpointed) ------------------------------------------------------------
+        self.probe_batch: torch.Tensor | None = None
+        if isinstance(probe_inputs, torch.Tensor):
+            self.set_probe_batch(probe_inputs)
+        self.history: dict[str, dict[int, dict[str, float]]] = {}
+        self.probe_times: dict[int, float] = {}
+        self.last_probe_step: int | None = None
+        self.below: dict[str, int] = {}
+        self.alerted: dict[str, int] = {}
+        # -- caches (not checkpointed) -------------------------------------------------------
+        self.layer_names: list[str] | None = None
+        self.trfs: dict[str, TRF | None] | None = None
+        #: With a set of positions (or another unit than the centre): every probed unit's TRF.
+        self.unit_trfs: dict[str, tuple[TRF, ...]] = {}
+        self._thresholds: dict[str, float] = {}
+        self._layouts: dict[str, TokenLayout] = {}
+        self._disabled: str | None = None
+        self._reported: set[str] = set()
+        self._contradicted: set[str] = set()
+        self._noted: set[str] = set()
+        self.latest: ERFResults | None = None
+        self.set_sinks(())
+
+    # ------------------------------------------------------------------ configuration helpers
+    def check_layers(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` (listing the available names) for unknown explicit layers."""
+        if self.layers != "auto":
+            resolve_layers(model, self.layers)
+        if isinstance(self.min_coverage, dict):
+            table = [n for n, _ in unwrap_compiled(model).named_modules() if n]
+            for spec in self.min_coverage:
+                with contextlib.suppress(ValueError):
+                    resolve_layers(model, [spec])  # also names with output selectors
+                    continue
+                if not any(fnmatchcase(n, spec) or spec_matches(n, spec) for n in table):
+                    raise ValueError(
+                        f"min_coverage names layer {spec!r}, which matches no module of the model."
+                    )
+
+    # ------------------------------------------------------------------ probe batch
+    @property
+    def needs_batch(self) -> bool:
+        """True while the probe batch still has to come from a training batch."""
+        return self.probe_batch is None and self.source in ("train", "noise")
+
+    def set_probe_batch(self, x: torch.Tensor) -> None:
+        """Store the first ``num_samples`` of ``x`` as the probe batch (detached CPU copy)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3:
+            raise ValueError(
+                "The probe batch must be a floating-point tensor (N, C, *spatial), got "
+                + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x))
+            )
+        # copy=True: never alias the training batch, even when it already lives on the CPU.
+        with torch.inference_mode(False):  # a normal tensor even if x is an inference tensor
+            self.probe_batch = x[: self.num_samples].detach().to("cpu", torch.float32, copy=True)
+        if self.probe_batch.shape[0] < self.num_samples:
+            log.info(
+                "erf-monitor: the probe batch has %d samples (num_samples=%d).",
+                self.probe_batch.shape[0],
+                self.num_samples,
+            )
+        self.layer_names = None
+        self.trfs = None
+
+    def capture(self, batch: Any) -> None:
+        """Take the probe batch from a training batch (or its shape, for ``"noise"``)."""
+        x = find_image(batch, self.input_key)
+        if self.source == "noise":
+            gen = torch.Generator().manual_seed(self.seed)
+            shape = (self.num_samples, *x.shape[1:])
+            self.set_probe_batch(torch.randn(shape, generator=gen))
+        else:
+            self.set_probe_batch(x)
+
+    def capture_from_loader(self, loader: Any) -> None:
+        """Take the probe batch from ``loader``'s first ``num_samples`` items (dataset order).
+
+        The loader itself is never iterated (no sampler, worker or persistent-iterator state
+        changes) and every random stream is restored: see
+        :func:`erf_monitor.inputs.loaders.first_items`.
+        """
+        from erf_monitor.inputs.loaders import first_items
+
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        elif isinstance(loader, Mapping):
+            loader = next(iter(loader.values()), None)
+        if loader is None:
+            raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
+        self.set_probe_batch(find_image(first_items(loader, self.num_samples), self.input_key))
+
+    # ------------------------------------------------------------------ schedule
+    def should_probe(self, step: int, force: bool = False) -> bool:
+        """Whether to probe at ``step``: a multiple of ``every_n_steps`` was reached (or crossed,
+        when one batch advances several steps) since the last probe; ``force`` probes at any step
+        not probed yet (fit start and end). Never twice at the same step."""
+        last = self.last_probe_step
+        if last is None:
+            return force or step % self.every_n_steps == 0
+        if step == last:
+            return False
+        return force or step // self.every_n_steps > last // self.every_n_steps
+
+    def mark(self, step: int) -> None:
+        """Record that ``step`` was handled (ranks that do not probe call this too)."""
+        self.last_probe_step = step
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, model: nn.Module) -> None:
+        assert self.probe_batch is not None
+        net = unwrap_compiled(model)
+        device, dtype = _model_device(net)
+        x = self.probe_batch[:1].to(device, dtype)
+        auto_layouts: dict[str, TokenLayout] = {}
+        if self.layers == "auto":
+            with preserved_rng(device):
+                pick = pick_layers(net, x, self.forward_fn)
+            names, auto_layouts = pick.names, pick.layouts
+        else:
+            names = resolve_layers(model, self.layers)
+        self.layer_names = names
+        # Channels-last stages found by "auto", then the user's layouts (which win).
+        self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
+        self._thresholds = self._resolve_thresholds(net, names)
+        try:
+            from erf_monitor.targets.positions import request
+            from erf_monitor.trf.analysis import theoretical_rf, theoretical_rfs
+
+            # The analysis is not supposed to touch flags, buffers or RNG; make sure of it (once
+            # per fit), so that training stays bit-for-bit identical whatever it does.
+            flags = [(m, m.training) for m in net.modules()]
+            buffers = [(b, b.detach().clone()) for b in net.buffers()]
+            req = request(self.position, self.probe_batch.dim() - 2)
+            kwargs: dict[str, Any] = {
+                "forward_fn": self.forward_fn,
+                "token_layout": self._layouts,
+                "mode": self.mode,
+            }
+            shape = tuple(self.probe_batch.shape[1:])
+            try:
+                with preserved_rng(device):
+                    if req.is_default:
+                        trfs = theoretical_rf(net, shape, names, **kwargs)
+                        units = {n: {"centre": t} for n, t in trfs.items()}
+                    else:  # every probed unit's TRF from one trace
+                        units = theoretical_rfs(net, shape, names, req, **kwargs)
+            finally:
+                for m, flag in flags:
+                    m.training = flag
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+            primary = req.primary.key
+            self.trfs = {n: units.get(n, {}).get(primary) for n in names}
+            self.unit_trfs = {
+                n: tuple({tuple(t.output_centre): t for t in units.get(n, {}).values()}.values())
+                for n in names
+            }
+        except Exception as exc:
+            self.report(
+                "trf",
+                f"the theoretical receptive field could not be analysed ({type(exc).__name__}: "
+                f"{exc}); ERF/TRF ratios will be NaN",
+                exc,
+            )
+            self.trfs = {n: None for n in names}
+            self.unit_trfs = {}
+
+    def _resolve_thresholds(self, net: nn.Module, names: list[str]) -> dict[str, float]:
+        cov = self.min_coverage
+        if cov is None or not names:
+            return {}
+        if isinstance(cov, float):
+            return {deepest_layer(net, names): cov}
+        out: dict[str, float] = {}
+        for name in names:
+            for spec, value in cov.items():
+                if spec_matches(name, spec) or fnmatchcase(name, spec):
+                    out[name] = value
+                    break
+        return out
+
+    def _note_small_trf(self) -> None:
+        """Log (information, once per layer) when a checked layer's TRF cannot cover the input."""
+        assert self.probe_batch is not None and self.trfs is not None
+        spatial = tuple(self.probe_batch.shape[2:])
+        area = math.prod(spatial)
+        for name, threshold in self._thresholds.items():
+            trf = self.trfs.get(name)
+            if name in self._noted or trf is None or trf.is_global:
+                continue
+            clipped = trf.clipped_size
+            if all(c >= s for c, s in zip(clipped, spatial)):
+                continue
+            self._noted.add(name)
+            best = math.prod(clipped) / area
+            log.info(
+                "erf-monitor: the theoretical receptive field of layer %r (%s px) is smaller "
+                "than the %s input: its ERF can cover at most %.1f%% of it "
+                "(min_coverage %.1f%%%s).",
+                name,
+                _fmt_shape(clipped),
+                _fmt_shape(spatial),
+                100 * best,
+                100 * threshold,
+                ": unreachable, only an architecture change helps" if best < threshold else "",
+            )
+
+    # ------------------------------------------------------------------ sinks
+    def set_sinks(self, sinks: Sequence[Sink]) -> None:
+        """Where probes are logged from now on (a failing sink is reported once, never raises,
+        unless ``strict``)."""
+        from erf_monitor.sinks import MultiSink
+
+        self._recorders = [_Recorder(s) for s in sinks]
+        self.sinks = MultiSink(self._recorders)
+        self._mode_logged = False  # the mode's definition goes to new sinks with the next probe
+
+    def _raise_sink_errors(self) -> None:
+        for rec in self._recorders:
+            if rec.errors:
+                exc = rec.errors[0]
+                rec.errors.clear()
+                if self.strict:
+                    raise exc
+
+    def flush(self) -> None:
+        """Flush every sink."""
+        self.sinks.flush()
+        self._raise_sink_errors()
+
+    def close(self) -> None:
+        """Flush and close every sink (sinks never close a user's writer or run)."""
+        self.sinks.flush()
+        self.sinks.close()
+        self._raise_sink_errors()
+
+    # ------------------------------------------------------------------ probing
+    def probe(self, model: nn.Module, step: int) -> ProbeOutcome:
+        """Probe ``model`` at ``step``, log to the sinks, update history and alerts.
+
+        Failures are reported as :class:`ERFProbeWarning` (re-raised when ``strict``); the
+        probe is then skipped. Alerts that fired are returned; acting on them (raise / stop)
+        is left to the caller so that distributed runs can agree first.
+        """
+        from erf_monitor.probe.compute import timed_compute_erf
+
+        self.last_probe_step = step
+        if self.all_ranks_probe(model):  # every rank takes part: see _distributed
+            return self._probe_on_all_ranks(model, step)
+        outcome = ProbeOutcome(step)
+        if self._disabled is not None:
+            return outcome
+        if self.probe_batch is None:
+            log.debug("erf-monitor: no probe batch yet at step %d; probe skipped", step)
+            return outcome
+        if self.layer_names is None or self.trfs is None:
+            try:
+                self._prepare(model)
+            except Exception as exc:
+                self._disabled = f"{type(exc).__name__}: {exc}"
+                self.report("setup", f"the monitor could not be set up ({exc}); it is off", exc)
+                return outcome
+            self._note_small_trf()
+        assert self.layer_names is not None and self.trfs is not None
+        caught: list[warnings.WarningMessage] = []
+        try:
+            # The probe's own warnings (an all-zero map...) are re-issued at the user's line.
+            with warnings.catch_warnings(record=True) as caught:
+                for name in self._contradicted:  # the probe warned once already
+                    warnings.filterwarnings(
+                        "ignore", re.escape(f"Layer {name!r}: ") + ".*outside the clipped TRF"
+                    )
+                results, seconds = timed_compute_erf(
+                    model,
+                    self.probe_batch,
+                    self.layer_names,
+                    mode=self.mode,
+                    chunk_size=self.chunk_size,
+                    forward_fn=self.forward_fn,
+                    trf=self._given_trfs(),
+                    token_layout=self._layouts,
+                    position=self.position,
+                )
+        except Exception as exc:
+            _warn.reissue(caught)
+            self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
+            return outcome
+        _warn.reissue(caught)
+        self._publish(outcome, results, seconds)
+        return outcome
+
+    def _report_all_ranks(self, kind: str, message: str, exc: BaseException) -> None:
+        """Rank 0 warns (once per kind); the other ranks only log, unless ``strict`` (all raise)."""
+        if dist_.rank_and_world()[0] == 0 or self.strict:
+            self.report(kind, message, exc)
+        else:
+            log.info("erf-monitor: %s", message)
+
+    def _single_position(self) -> Any:
+        """The unit the distributed probe seeds: ``position`` when it names one unit; for a set
+        (``"corners"``, a grid...) the centre, said once: only one map per layer is all-reduced."""
+        from erf_monitor.targets.positions import request
+
+        req = request(self.position)
+        if req.is_set:
+            if "position" not in self._reported:
+                self._reported.add("position")
+                log.warning(
+                    "erf-monitor: the distributed probe measures one unit per layer; "
+                    "position=%r is a set, so only its centre unit is probed (probe on one "
+                    "rank for the field).",
+                    self.position,
+                )
+            return "centre"
+        return self.position
+
+    def _probe_on_all_ranks(self, model: nn.Module, step: int) -> ProbeOutcome:
+        """:meth:`probe` when every rank takes part (:mod:`erf_monitor.probe.distributed`)."""
+        from erf_monitor.measure.metrics import finalise_map
+        from erf_monitor.measure.result import ERFResults
+        from erf_monitor.probe.compute import compute_erf
+
+        outcome = ProbeOutcome(step)
+        if self._disabled is not None:  # decided on every rank alike
+            return outcome
+        rank, world = dist_.rank_and_world()
+        kind = dist_.sharding(model)
+        refusal = None if kind is None else dist_.refusal(kind, self.options.distributed_probe)
+        if refusal is not None:
+            self._disabled = refusal
+            self._report_all_ranks("setup", refusal, ERFProbeError(refusal))
+            return outcome
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        batch = dist_.broadcast_object(self.probe_batch if rank == 0 else None)
+        if batch is None:
+            return outcome
+        if self.probe_batch is None or not torch.equal(self.probe_batch, batch):
+            self.set_probe_batch(batch)  # also resets layers/TRFs: prepared again below
+        gathered = dist_.gathered_parameters(model) if kind == "fsdp2" else contextlib.nullcontext()
+        with gathered:
+            prepared = self.layer_names is not None and self.trfs is not None
+            ready = dist_.broadcast_object((self.layer_names, self.trfs) if prepared else None)
+            if ready is None:  # rank 0 has not analysed the model yet: every rank does
+                error = None
+                try:
+                    with warnings.catch_warnings():
+                        if rank != 0:  # the same analysis everywhere: rank 0 tells about it
+                            warnings.simplefilter("ignore")
+                        self._prepare(model)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                names, trfs, error = dist_.broadcast_object((self.layer_names, self.trfs, error))
+                self.layer_names, self.trfs = names, trfs
+                if error is not None:
+                    self._disabled = error
+                    msg = f"the monitor could not be set up ({error}); it is off"
+                    self._report_all_ranks("setup", msg, ERFProbeError(msg))
+                    return outcome
+                if rank == 0:
+                    self._note_small_trf()
+            else:
+                self.layer_names, self.trfs = ready
+            names = list(self.layer_names or [])
+            n, spatial = batch.shape[0], tuple(batch.shape[2:])
+            indices, real = dist_.share(n, rank, world)
+            sums = torch.zeros((len(names), *spatial), dtype=torch.float64)
+            local = None
+            failure: Exception | None = None
+            caught: list[warnings.WarningMessage] = []
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    local = compute_erf(
+                        model,
+                        batch[indices],
+                        names,
+                        mode=self.mode,
+                        chunk_size=self.chunk_size,
+                        forward_fn=self.forward_fn,
+                        trf=self.trfs or {},
+                        token_layout=self._layouts,
+                        keep_per_sample=True,
+                        crop="auto" if kind is None else False,
+                        position=self._single_position(),
+                    )
+                for i, name in enumerate(names):
+                    per_sample = local[name].per_sample
+                    assert per_sample is not None
+                    sums[i] = per_sample[:real].double().sum(0)
+            except Exception as exc:
+                failure = exc
+            flags = torch.zeros(world, dtype=torch.float64)
+            flags[rank] = float(failure is not None)
+            buffer = torch.cat([sums.flatten(), flags]).to(dist_.comm_device())
+            dist = dist_.process_group()
+            if dist is not None and world > 1:
+                dist.all_reduce(buffer)  # the one collective of the probe itself
+            buffer = buffer.cpu()
+        if rank == 0 and failure is None:
+            _warn.reissue(caught)  # the probe's own warnings, at the user's line
+        failed = [r for r in range(world) if buffer[sums.numel() + r] > 0]
+        if failed:
+            msg = f"the ERF probe at step {step} failed on rank(s) {failed} and was skipped"
+            if failure is not None:
+                msg = f"{msg}: {type(failure).__name__}: {str(failure).rstrip('.')}"
+            self._report_all_ranks("probe", msg, failure or ERFProbeError(msg))
+            return outcome
+        assert local is not None
+        total = buffer[: sums.numel()].reshape(sums.shape)
+        results = ERFResults(
+            {
+                name: local[name].with_heatmap(finalise_map(total[i], n, self.mode), n)
+                for i, name in enumerate(names)
+            }
+        )
+        sync()
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            self._publish(outcome, results, seconds)
+        else:
+            outcome.results, outcome.seconds = results, seconds
+            self.latest = results
+        return outcome
+
+    def all_ranks_probe(self, model: nn.Module) -> bool:
+        """Whether every rank must call :meth:`probe` (not only global rank 0).
+
+        True when the parameters are sharded (FSDP2) or ``distributed_probe=True`` in a
+        process group of several ranks: then the ranks probe their shares together.
+        """
+        return dist_.all_ranks_probe(model, self.options.distributed_probe)
+
+    def _publish(self, outcome: ProbeOutcome, results: ERFResults, seconds: float) -> None:
+        """Record a successful probe: history, sinks, alerts (on the process that logs)."""
+        assert self.trfs is not None  # set by _prepare before any probe
+        step = outcome.step
+        outcome.results, outcome.seconds = results, seconds
+        self.latest = results
+        for name, r in results.items():
+            trf = self.trfs.get(name)
+            others = r.field.values() if r.field is not None else ()
+            issue = r.trf_issue is not None or any(x.trf_issue is not None for x in others)
+            if issue and name not in self._contradicted and (trf or self.unit_trfs.get(name)):
+                # The map contradicts the TRF: it is reported unknown from now on (the probe
+                # rejects it again each time, silently). Its geometry still gives the seed
+                # unit's centre, so metrics stay comparable; no more cropping to it.
+                self._contradicted.add(name)
+                if trf is not None:
+                    self.trfs[name] = dataclasses.replace(trf, local=False)
+                self.unit_trfs[name] = tuple(
+                    dataclasses.replace(t, local=False) for t in self.unit_trfs.get(name, ())
+                )
+        for name, values in results.scalars().items():
+            self.history.setdefault(name, {})[step] = dict(values)
+        self.probe_times[step] = float(seconds)
+        try:
+            from erf_monitor.sinks import log_results
+
+            log_results(
+                self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs,
+                mode_text=not self._mode_logged,
+            )  # fmt: skip
+            self._mode_logged = True
+            extra = {f"{self.prefix}/probe_time_s": float(seconds)}
+            # The thresholds too, so that reports draw them for every run, alert or not.
+            for name, threshold in self._thresholds.items():
+                extra[f"{self.prefix}/{name}/min_coverage"] = threshold
+            self.sinks.log_scalars(extra, step)
+        except Exception as exc:
+            self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)
+        outcome.alerts = self._check_alerts(results, step)
+        self.sinks.flush()
+        self._raise_sink_errors()
+
+    def _given_trfs(self) -> dict[str, Any]:
+        """The cached TRFs for the probe: every probed unit's when there are several."""
+        assert self.trfs is not None
+        if not any(len(units) > 1 for units in self.unit_trfs.values()):
+            return dict(self.trfs)
+        return {n: self.unit_trfs.get(n) or self.trfs.get(n) for n in self.trfs}
+
+    def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
+        fired: list[str] = []
+        for name, threshold in self._thresholds.items():
+            if name not in results or name in self.alerted:
+                continue
+            r = results[name]
+            coverage = r.coverage
+            if coverage >= threshold:
+                self.below[name] = 0
+                continue
+            self.below[name] = self.below.get(name, 0) + 1
+            if self.below[name] < self.patience and not _unreachable(r, threshold):
+                continue  # waiting is pointless when the TRF itself is too small
+            self.alerted[name] = step
+            msg = _alert_message(name, r, step, threshold, self.below[name])
+            fired.append(msg)
+            _warn.warn(msg, ERFCoverageWarning)
+            self.sinks.alert(f"erf_coverage/{name}", msg, step)
+        return fired
+
+    def print_summary(self) -> None:
+        """Print the end-of-training table (see ``MonitorOptions.summary``); never raises
+        unless ``strict``."""
+        if not self.summary:
+            return
+        try:
+            from erf_monitor.monitor.summary import print_summary
+
+            print_summary(self.history, self.alerted, self._thresholds)
+        except Exception as exc:
+            self.report("summary", f"the end-of-training summary could not be printed: {exc}", exc)
+
+    def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
+        """Report a monitor failure: re-raise when ``strict``, else warn once per kind."""
+        if self.strict and exc is not None:
+            raise exc
+        if kind in self._reported:
+            log.warning("erf-monitor: %s", message)
+            return
+        self._reported.add(kind)
+        _warn.warn(
+            f"erf-monitor: {message}.\nTraining continues; repeats go to the 'erf_monitor' "
+            "logger (strict=True raises instead).",
+            ERFProbeWarning,
+        )
+
+    def probe_and_act(
+        self,
+        model: nn.Module,
+        step: int,
+        *,
+        logs: bool,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> tuple[ProbeOutcome, bool]:
+        """One scheduled probe as every front-end runs it: probe on the process that logs
+        (``logs``) or on every rank when they probe together; agree on rank 0's alert
+        decision when acting on it (``agree``: the framework's broadcast from rank 0, ``None``
+        on a single process); raise for ``on_insufficient="raise"``.
+
+        Returns:
+            The outcome, and whether training should stop (``on_insufficient="stop"``).
+        """
+        self.mark(step)  # ranks that do not probe keep the schedule too
+        outcome = ProbeOutcome(step)
+        if logs or self.all_ranks_probe(model):
+            outcome = self.probe(model, step)
+        fired = bool(outcome.alerts)
+        if self.on_insufficient != "warn" and agree is not None:
+            fired = agree(fired)  # only rank 0 checks alerts: every rank acts on its decision
+        if fired and self.on_insufficient == "raise":
+            raise self.insufficient_error(outcome.alerts)
+        return outcome, fired and self.on_insufficient == "stop"
+
+    def insufficient_error(self, alerts: Sequence[str]) -> ERFCoverageWarning:
+        """The exception raised for ``on_insufficient="raise"``."""
+        text = "\n".join(alerts) or "erf-monitor: insufficient ERF coverage (see rank 0's log)."
+        return ERFCoverageWarning(text)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and Python scalars only: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "probe_batch": self.probe_batch,
+            "history": {n: {s: dict(v) for s, v in h.items()} for n, h in self.history.items()},
+            "probe_times": dict(self.probe_times),
+            "last_probe_step": self.last_probe_step,
+            "below": dict(self.below),
+            "alerted": dict(self.alerted),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        version = state.get("version", _STATE_VERSION)
+        if version > _STATE_VERSION:
+            raise ValueError(f"erf-monitor state version {version} is newer than this library.")
+        batch = state.get("probe_batch")
+        if batch is not None:
+            self.probe_batch = batch.detach().to("cpu", copy=True)
+            self.layer_names = None
+            self.trfs = None
+        self.history = {
+            str(n): {int(s): {str(k): float(x) for k, x in v.items()} for s, v in h.items()}
+            for n, h in state.get("history", {}).items()
+        }
+        self.probe_times = {int(s): float(t) for s, t in state.get("probe_times", {}).items()}
+        last = state.get("last_probe_step")
+        self.last_probe_step = None if last is None else int(last)
+        self.below = {str(k): int(v) for k, v in state.get("below", {}).items()}
+        self.alerted = {str(k): int(v) for k, v in state.get("alerted", {}).items()}
+
+
+class EngineView:
+    """Read-only properties shared by :class:`~erf_monitor.ERFMonitor` and ``Watcher``."""
+
+    _engine: MonitorEngine
+
+    @property
+    def every_n_steps(self) -> int:
+        """Probe period in optimizer steps."""
+        return self._engine.every_n_steps
+
+    @property
+    def min_coverage(self) -> float | dict[str, float] | None:
+        """Alert threshold(s)."""
+        return self._engine.min_coverage
+
+    @property
+    def layers(self) -> list[str] | None:
+        """Resolved layer names (``None`` until the first probe)."""
+        return None if self._engine.layer_names is None else list(self._engine.layer_names)
+
+    @property
+    def probe_batch(self) -> torch.Tensor | None:
+        """The fixed probe batch (CPU), once captured."""
+        return self._engine.probe_batch
+
+    @property
+    def history(self) -> dict[str, dict[int, dict[str, float]]]:
+        """``{layer: {step: {metric: value}}}`` of every probe so far (on rank 0)."""
+        return self._engine.history
+
+    @property
+    def latest(self) -> ERFResults | None:
+        """Results of the latest successful probe (on rank 0)."""
+        return self._engine.latest
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        """Coverage alerts fired so far: ``{layer: step}``, the step of the probe at which each
+        layer's alert fired (at most once per layer, kept across checkpoint/resume); empty
+        while no alert fired. ``{"layer4": 0}`` means: already below ``min_coverage`` at the
+        first probe, before any training step."""
+        return dict(self._engine.alerted)

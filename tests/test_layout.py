@@ -1,0 +1,117 @@
+"""The package layout shows the pipeline, and imports only flow down it.
+
+Stages, lowest first: ``core`` (shared foundations), ``inputs``, ``targets``, ``trf``, ``viz``,
+``measure``, ``probe``, ``sinks``, ``monitor``, ``integrations``, ``cli``, and the package root
+(the public surface). A module may import its own stage and the stages below it, never one
+above, whether at module level, inside a function or under ``TYPE_CHECKING``; and no imports
+run in a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import erf_monitor
+
+PACKAGE = Path(erf_monitor.__file__).parent
+STAGES = [
+    "core",
+    "inputs",
+    "targets",
+    "trf",
+    "viz",
+    "measure",
+    "probe",
+    "sinks",
+    "monitor",
+    "integrations",
+    "cli",
+]
+ROOT = len(STAGES)  # erf_monitor/__init__.py and the alias modules at the root
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _stage(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] not in STAGES:
+        return ROOT
+    return STAGES.index(parts[1])
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``module`` imports (``from pkg import mod`` resolved)."""
+    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], base])
+                base = base.rstrip(".")
+            for a in node.names:
+                if f"{base}.{a.name}" in known:
+                    out.add(f"{base}.{a.name}")
+                elif base in known:
+                    out.add(base)
+    return out - {module}
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {m: _imports(m, p, known) for m, p in mods.items()}
+
+
+def test_every_module_belongs_to_a_stage() -> None:
+    stray = [m for m in _modules() if _stage(m) == ROOT and m.count(".") > 1]
+    assert not stray, stray
+    root = sorted(m for m in _modules() if m.count(".") == 1 and m.split(".")[1] not in STAGES)
+    assert root == ["erf_monitor.callback"], root  # the root holds the public surface only
+
+
+def test_imports_only_flow_down_the_pipeline() -> None:
+    upward = [
+        f"{m} ({STAGES[_stage(m)] if _stage(m) < ROOT else 'root'}) imports {t}"
+        for m, targets in _graph().items()
+        for t in sorted(targets)
+        if _stage(t) > _stage(m) and t != "erf_monitor"
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circles() -> None:
+    graph = _graph()
+    circles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                circles.append([*stack[stack.index(t) :], t])
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    # A subpackage's __init__ importing its own modules is not a circle of code.
+    circles = [c for c in circles if not all(x.startswith(c[0]) for x in c)]
+    assert not circles, "\n".join(" -> ".join(c) for c in circles)
