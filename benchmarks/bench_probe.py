@@ -377,9 +377,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def em_plan(trfs: Any, layers: Sequence[str], size: int) -> list[str]:
-    from erf_monitor.probe.compute import _plan_groups
+    from erf_monitor.probe.crop import plan_groups
 
-    groups = _plan_groups(list(layers), trfs, (size, size), "auto", False)
+    units = {n: [trfs[n].output_centre] for n in layers}
+    by_index = {n: {trfs[n].output_centre: trfs[n]} for n in layers}
+    groups = plan_groups(units, by_index, (size, size), "auto", False)
     return [
         f"{'+'.join(g.layers)}@{'full' if g.window is None else 'x'.join(map(str, g.window.shape))}"
         for g in groups

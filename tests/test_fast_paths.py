@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import erf_monitor as em
-from erf_monitor.probe.compute import _plan_groups
+from erf_monitor.probe.crop import plan_groups
 
 RTOL = 1e-4
 ATOL_REL = 1e-7  # absolute tolerance as a fraction of the map's maximum
@@ -79,7 +79,9 @@ def probe(model: nn.Module, x: torch.Tensor, layers: Sequence[str], **kw: object
 
 def cropped_layers(model: nn.Module, shape: tuple[int, ...], layers: Sequence[str]) -> set[str]:
     trfs = em.theoretical_rf(model, shape, list(layers))
-    groups = _plan_groups(list(layers), trfs, tuple(shape[1:]), True, False)
+    units = {n: [t.output_centre] for n, t in trfs.items()}
+    by_index = {n: {t.output_centre: t} for n, t in trfs.items()}
+    groups = plan_groups(units, by_index, tuple(shape[1:]), True, False)
     return {n for g in groups if g.window is not None for n in g.layers}
 
 

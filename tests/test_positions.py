@@ -20,7 +20,7 @@ from torch import nn
 
 import erf_monitor as em
 from erf_monitor.probe import seeds as _seeds
-from erf_monitor.probe.compute import _plan_groups
+from erf_monitor.probe.crop import plan_groups
 from erf_monitor.targets.positions import parse_position_text, request
 from erf_monitor.trf.analysis import theoretical_rfs
 from references import one_layer_reference
@@ -246,7 +246,8 @@ def test_cropped_equals_uncropped_at_every_position_of_a_grid(mode: str) -> None
     # crop=True really gives each position its own window (and windows differ).
     trfs = theoretical_rfs(net, (3, 40, 36), layers, request("grid:4", 2), mode=mode)
     by_index = {n: {t.output_centre: t for t in u.values()} for n, u in trfs.items()}
-    groups = _plan_groups(layers, by_index, (40, 36), True, False)
+    units = {n: list(by_index[n]) for n in layers}
+    groups = plan_groups(units, by_index, (40, 36), True, False)
     windows = {g.window for g in groups if g.window is not None}
     assert len(windows) >= 16
     plain = quiet_probe(net, x, layers, mode=mode, position="grid:4", crop=False)

@@ -322,7 +322,7 @@ def test_compiled_module_is_probed_eagerly() -> None:
     compiled = torch.compile(net)  # never run: the probe must use the eager module
     x = torch.randn(2, 3, 16, 16)
     a = em.compute_erf(compiled, x, layers=["block"])["block"].heatmap
-    b = em.compute_erf(net, x, layers=["_orig_mod.block"])["block"].heatmap
+    b = em.compute_erf(net, x, layers=["_orig_mod.block"])["_orig_mod.block"].heatmap
     torch.testing.assert_close(a, b)
 
 

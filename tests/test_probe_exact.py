@@ -357,16 +357,16 @@ def test_monitor_stops_using_a_contradicted_trf(monkeypatch: pytest.MonkeyPatch)
     import erf_monitor.trf.analysis as trf_module
 
     net = strided_net()
-    real = trf_module.theoretical_rf
+    real = trf_module.theoretical_rfs
 
-    def buggy(*args: object, **kwargs: object) -> dict[str, em.TRF]:
+    def buggy(*args: object, **kwargs: object) -> dict[str, dict[str, em.TRF]]:
         out = real(*args, **kwargs)  # type: ignore[arg-type]
         from dataclasses import replace
 
-        t = out["4"]
-        return {"4": replace(t, clipped=((16, 16), (16, 16)), size=(1.0, 1.0))}
+        t = out["4"]["centre"]
+        return {"4": {"centre": replace(t, clipped=((16, 16), (16, 16)), size=(1.0, 1.0))}}
 
-    monkeypatch.setattr(trf_module, "theoretical_rf", buggy)
+    monkeypatch.setattr(trf_module, "theoretical_rfs", buggy)
     x = torch.randn(4, 3, 32, 32)
     w = em.watch(net, layers=["4"], every_n_steps=1, probe_inputs=x, min_coverage=None)
     with warnings.catch_warnings(record=True) as rec:

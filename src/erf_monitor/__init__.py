@@ -14,9 +14,8 @@ from erf_monitor.inputs.images import load_images
 from erf_monitor.measure.result import ERFField, ERFResult, ERFResults
 from erf_monitor.monitor.options import MonitorOptions
 from erf_monitor.monitor.watch import Watcher, watch
-from erf_monitor.probe.compute import compute_erf
+from erf_monitor.probe.compute import compute_erf, theoretical_rf
 from erf_monitor.targets.tokens import TokenLayout
-from erf_monitor.trf.analysis import theoretical_rf
 from erf_monitor.trf.types import TRF
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from erf_monitor.core.errors import ERFProbeError
 
 __all__ = ["ForwardError", "check_not_meta", "forward_error", "input_grad", "is_own_error"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: The erf_monitor package folder (this module sits in its ``core`` subpackage).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("erf_monitor")
 
 
@@ -56,7 +57,7 @@ def is_own_error(exc: BaseException) -> bool:
     if not frames:
         return False
     filename = os.path.abspath(frames[-1][0].f_code.co_filename)
-    return os.path.dirname(filename) == _PACKAGE_DIR
+    return filename.startswith(_PACKAGE_DIR + os.sep)
 
 
 def forward_error(exc: BaseException, x: Tensor, *, what: str = "probe input") -> ForwardError:

@@ -107,13 +107,19 @@ def seed_index(mode: str, grid: tuple[int, ...], tokens: bool = False) -> tuple[
     return tuple(s // 2 for s in grid)
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors in float32 (sums of many terms), float32/64 as they are: a
+    float64 probe keeps float64 all the way (a degenerate seed is resolved only there)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def seed_value(unit: torch.Tensor, mode: str) -> torch.Tensor:
     """The scalar differentiated: the seed unit ``(N, K)`` reduced over channels and samples.
 
     Samples do not interact (eval mode), so one backward of this sum gives every sample's
     gradient.
     """
-    unit = unit.float()
+    unit = _at_least_float32(unit)
     if mode == "replknet":
         return torch.relu(unit).sum()
     if mode == "openerf":
@@ -123,7 +129,7 @@ def seed_value(unit: torch.Tensor, mode: str) -> torch.Tensor:
 
 def sample_maps(grad: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-sample maps ``(N, *S)`` from the input gradient ``(N, C, *S)``."""
-    grad = grad.float()
+    grad = _at_least_float32(grad)
     if mode == "replknet":
         return grad.clamp_min(0).sum(1)
     if mode == "openerf":

@@ -20,7 +20,6 @@ Coverage alert semantics (documented in ``ERFMonitor``):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import re
@@ -47,10 +46,12 @@ from erf_monitor.monitor.options import (
     ProbeInputs,
 )
 from erf_monitor.probe import distributed as dist_
+from erf_monitor.probe.compute import probe, probe_input
+from erf_monitor.probe.crop import CropOption
+from erf_monitor.probe.plan import ProbePlan, build_plan, probe_dtype
 from erf_monitor.sinks._base import Sink
-from erf_monitor.targets.auto import pick_layers
 from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_compiled
-from erf_monitor.targets.tokens import TokenLayout, TokenLayoutArg, layouts_for
+from erf_monitor.targets.tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
     from erf_monitor.measure.result import ERFResult, ERFResults
@@ -230,12 +231,9 @@ class MonitorEngine:
         self.below: dict[str, int] = {}
         self.alerted: dict[str, int] = {}
         # -- caches (not checkpointed) -------------------------------------------------------
-        self.layer_names: list[str] | None = None
-        self.trfs: dict[str, TRF | None] | None = None
-        #: With a set of positions (or another unit than the centre): every probed unit's TRF.
-        self.unit_trfs: dict[str, tuple[TRF, ...]] = {}
+        #: The probe plan (targets, TRFs, seed units, crop groups): built at the first probe.
+        self.plan: ProbePlan | None = None
         self._thresholds: dict[str, float] = {}
-        self._layouts: dict[str, TokenLayout] = {}
         self._disabled: str | None = None
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
@@ -281,8 +279,7 @@ class MonitorEngine:
                 self.probe_batch.shape[0],
                 self.num_samples,
             )
-        self.layer_names = None
-        self.trfs = None
+        self.plan = None
 
     def capture(self, batch: Any) -> None:
         """Take the probe batch from a training batch (or its shape, for ``"noise"``)."""
@@ -328,65 +325,52 @@ class MonitorEngine:
         self.last_probe_step = step
 
     # ------------------------------------------------------------------ preparation
-    def _prepare(self, model: nn.Module) -> None:
+    def _prepare(self, model: nn.Module, position: Any = None, crop: CropOption = "auto") -> None:
+        """Build the probe plan (once per fit; again only when the probe batch changes)."""
         assert self.probe_batch is not None
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
-        x = self.probe_batch[:1].to(device, dtype)
-        auto_layouts: dict[str, TokenLayout] = {}
-        if self.layers == "auto":
-            with preserved_rng(device):
-                pick = pick_layers(net, x, self.forward_fn)
-            names, auto_layouts = pick.names, pick.layouts
-        else:
-            names = resolve_layers(model, self.layers)
-        self.layer_names = names
-        # Channels-last stages found by "auto", then the user's layouts (which win).
-        self._layouts = {**auto_layouts, **layouts_for(self.token_layout, names)}
-        self._thresholds = self._resolve_thresholds(net, names)
-        try:
-            from erf_monitor.targets.positions import request
-            from erf_monitor.trf.analysis import theoretical_rf, theoretical_rfs
-
-            # The analysis is not supposed to touch flags, buffers or RNG; make sure of it (once
-            # per fit), so that training stays bit-for-bit identical whatever it does.
-            flags = [(m, m.training) for m in net.modules()]
-            buffers = [(b, b.detach().clone()) for b in net.buffers()]
-            req = request(self.position, self.probe_batch.dim() - 2)
-            kwargs: dict[str, Any] = {
-                "forward_fn": self.forward_fn,
-                "token_layout": self._layouts,
-                "mode": self.mode,
-            }
-            shape = tuple(self.probe_batch.shape[1:])
-            try:
-                with preserved_rng(device):
-                    if req.is_default:
-                        trfs = theoretical_rf(net, shape, names, **kwargs)
-                        units = {n: {"centre": t} for n, t in trfs.items()}
-                    else:  # every probed unit's TRF from one trace
-                        units = theoretical_rfs(net, shape, names, req, **kwargs)
-            finally:
-                for m, flag in flags:
-                    m.training = flag
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
-            primary = req.primary.key
-            self.trfs = {n: units.get(n, {}).get(primary) for n in names}
-            self.unit_trfs = {
-                n: tuple({tuple(t.output_centre): t for t in units.get(n, {}).values()}.values())
-                for n in names
-            }
-        except Exception as exc:
+        example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
+        plan = build_plan(
+            model, example, self.layers, mode=self.mode,
+            position=self.position if position is None else position,
+            token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
+            raise_trf_errors=False,
+        )  # fmt: skip
+        self.plan = plan
+        self._thresholds = self._resolve_thresholds(net, plan.names)
+        if plan.trf_error is not None:
             self.report(
                 "trf",
-                f"the theoretical receptive field could not be analysed ({type(exc).__name__}: "
-                f"{exc}); ERF/TRF ratios will be NaN",
-                exc,
+                f"the theoretical receptive field could not be analysed ({plan.trf_error}); "
+                "ERF/TRF ratios will be NaN",
             )
-            self.trfs = {n: None for n in names}
-            self.unit_trfs = {}
+
+    def _timed_probe(
+        self, model: nn.Module, batch: torch.Tensor, keep_per_sample: bool = False
+    ) -> tuple[ERFResults, float]:
+        """Probe ``batch`` with the plan; the results and the wall time (CUDA synchronised)."""
+        assert self.plan is not None
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        device, _ = _model_device(unwrap_compiled(model))
+        with preserved_rng(device):
+            x = probe_input(batch, device, self.plan.dtype)
+            results = probe(self.plan, model, x, chunk_size=self.chunk_size,
+                            keep_per_sample=keep_per_sample)  # fmt: skip
+        sync()
+        return results, time.perf_counter() - t0
+
+    @property
+    def layer_names(self) -> list[str] | None:
+        """The probed layers, resolved (``None`` before the plan is built)."""
+        return None if self.plan is None else self.plan.names
+
+    @property
+    def trfs(self) -> dict[str, TRF | None] | None:
+        """Every layer's TRF at its primary seed unit (``None`` before the plan is built)."""
+        return None if self.plan is None else self.plan.primary_trfs()
 
     def _resolve_thresholds(self, net: nn.Module, names: list[str]) -> dict[str, float]:
         cov = self.min_coverage
@@ -465,8 +449,6 @@ class MonitorEngine:
         probe is then skipped. Alerts that fired are returned; acting on them (raise / stop)
         is left to the caller so that distributed runs can agree first.
         """
-        from erf_monitor.probe.compute import timed_compute_erf
-
         self.last_probe_step = step
         if self.all_ranks_probe(model):  # every rank takes part: see _distributed
             return self._probe_on_all_ranks(model, step)
@@ -476,7 +458,7 @@ class MonitorEngine:
         if self.probe_batch is None:
             log.debug("erf-monitor: no probe batch yet at step %d; probe skipped", step)
             return outcome
-        if self.layer_names is None or self.trfs is None:
+        if self.plan is None or not self.plan.built_for(model):
             try:
                 self._prepare(model)
             except Exception as exc:
@@ -484,7 +466,6 @@ class MonitorEngine:
                 self.report("setup", f"the monitor could not be set up ({exc}); it is off", exc)
                 return outcome
             self._note_small_trf()
-        assert self.layer_names is not None and self.trfs is not None
         caught: list[warnings.WarningMessage] = []
         try:
             # The probe's own warnings (an all-zero map...) are re-issued at the user's line.
@@ -493,17 +474,7 @@ class MonitorEngine:
                     warnings.filterwarnings(
                         "ignore", re.escape(f"Layer {name!r}: ") + ".*outside the clipped TRF"
                     )
-                results, seconds = timed_compute_erf(
-                    model,
-                    self.probe_batch,
-                    self.layer_names,
-                    mode=self.mode,
-                    chunk_size=self.chunk_size,
-                    forward_fn=self.forward_fn,
-                    trf=self._given_trfs(),
-                    token_layout=self._layouts,
-                    position=self.position,
-                )
+                results, seconds = self._timed_probe(model, self.probe_batch)
         except Exception as exc:
             _warn.reissue(caught)
             self.report("probe", f"the ERF probe at step {step} failed and was skipped: {exc}", exc)
@@ -541,7 +512,6 @@ class MonitorEngine:
         """:meth:`probe` when every rank takes part (:mod:`erf_monitor.probe.distributed`)."""
         from erf_monitor.measure.metrics import finalise_map
         from erf_monitor.measure.result import ERFResults
-        from erf_monitor.probe.compute import compute_erf
 
         outcome = ProbeOutcome(step)
         if self._disabled is not None:  # decided on every rank alike
@@ -563,19 +533,22 @@ class MonitorEngine:
             self.set_probe_batch(batch)  # also resets layers/TRFs: prepared again below
         gathered = dist_.gathered_parameters(model) if kind == "fsdp2" else contextlib.nullcontext()
         with gathered:
-            prepared = self.layer_names is not None and self.trfs is not None
-            ready = dist_.broadcast_object((self.layer_names, self.trfs) if prepared else None)
-            if ready is None:  # rank 0 has not analysed the model yet: every rank does
-                error = None
+            stale = self.plan is None or not self.plan.built_for(model)
+            if dist_.any_rank(stale):  # every rank builds the plan again, together
+                setup = ""
                 try:
                     with warnings.catch_warnings():
                         if rank != 0:  # the same analysis everywhere: rank 0 tells about it
                             warnings.simplefilter("ignore")
-                        self._prepare(model)
+                        # One unit per layer (one map all-reduced); sharded: never cropped.
+                        crop: CropOption = "auto" if kind is None else False
+                        self._prepare(model, self._single_position(), crop)
                 except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                names, trfs, error = dist_.broadcast_object((self.layer_names, self.trfs, error))
-                self.layer_names, self.trfs = names, trfs
+                    self.plan = None
+                    if rank == 0:  # (another rank's failure fails its probes, below)
+                        setup = f"{type(exc).__name__}: {exc}"
+                # Rank 0's layers size the all-reduced maps on every rank.
+                error = dist_.broadcast_object(setup if rank == 0 and self.plan is None else None)
                 if error is not None:
                     self._disabled = error
                     msg = f"the monitor could not be set up ({error}); it is off"
@@ -583,9 +556,7 @@ class MonitorEngine:
                     return outcome
                 if rank == 0:
                     self._note_small_trf()
-            else:
-                self.layer_names, self.trfs = ready
-            names = list(self.layer_names or [])
+            names = list(dist_.broadcast_object(self.layer_names if rank == 0 else None) or [])
             n, spatial = batch.shape[0], tuple(batch.shape[2:])
             indices, real = dist_.share(n, rank, world)
             sums = torch.zeros((len(names), *spatial), dtype=torch.float64)
@@ -593,21 +564,11 @@ class MonitorEngine:
             failure: Exception | None = None
             caught: list[warnings.WarningMessage] = []
             try:
+                if self.plan is None:
+                    raise ERFProbeError("the probe plan could not be built on this rank")
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    local = compute_erf(
-                        model,
-                        batch[indices],
-                        names,
-                        mode=self.mode,
-                        chunk_size=self.chunk_size,
-                        forward_fn=self.forward_fn,
-                        trf=self.trfs or {},
-                        token_layout=self._layouts,
-                        keep_per_sample=True,
-                        crop="auto" if kind is None else False,
-                        position=self._single_position(),
-                    )
+                    local, _ = self._timed_probe(model, batch[indices], keep_per_sample=True)
                 for i, name in enumerate(names):
                     per_sample = local[name].per_sample
                     assert per_sample is not None
@@ -657,24 +618,19 @@ class MonitorEngine:
 
     def _publish(self, outcome: ProbeOutcome, results: ERFResults, seconds: float) -> None:
         """Record a successful probe: history, sinks, alerts (on the process that logs)."""
-        assert self.trfs is not None  # set by _prepare before any probe
+        assert self.plan is not None  # set by _prepare before any probe
         step = outcome.step
         outcome.results, outcome.seconds = results, seconds
         self.latest = results
         for name, r in results.items():
-            trf = self.trfs.get(name)
             others = r.field.values() if r.field is not None else ()
             issue = r.trf_issue is not None or any(x.trf_issue is not None for x in others)
-            if issue and name not in self._contradicted and (trf or self.unit_trfs.get(name)):
+            if issue and name not in self._contradicted:
                 # The map contradicts the TRF: it is reported unknown from now on (the probe
                 # rejects it again each time, silently). Its geometry still gives the seed
                 # unit's centre, so metrics stay comparable; no more cropping to it.
                 self._contradicted.add(name)
-                if trf is not None:
-                    self.trfs[name] = dataclasses.replace(trf, local=False)
-                self.unit_trfs[name] = tuple(
-                    dataclasses.replace(t, local=False) for t in self.unit_trfs.get(name, ())
-                )
+                self.plan.distrust(name)
         for name, values in results.scalars().items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)
@@ -696,13 +652,6 @@ class MonitorEngine:
         outcome.alerts = self._check_alerts(results, step)
         self.sinks.flush()
         self._raise_sink_errors()
-
-    def _given_trfs(self) -> dict[str, Any]:
-        """The cached TRFs for the probe: every probed unit's when there are several."""
-        assert self.trfs is not None
-        if not any(len(units) > 1 for units in self.unit_trfs.values()):
-            return dict(self.trfs)
-        return {n: self.unit_trfs.get(n) or self.trfs.get(n) for n in self.trfs}
 
     def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
         fired: list[str] = []
@@ -803,8 +752,7 @@ class MonitorEngine:
         batch = state.get("probe_batch")
         if batch is not None:
             self.probe_batch = batch.detach().to("cpu", copy=True)
-            self.layer_names = None
-            self.trfs = None
+            self.plan = None
         self.history = {
             str(n): {int(s): {str(k): float(x) for k, x in v.items()} for s, v in h.items()}
             for n, h in state.get("history", {}).items()

@@ -46,6 +46,7 @@ from erf_monitor.core.errors import ERFProbeError
 __all__ = [
     "agree",
     "all_ranks_probe",
+    "any_rank",
     "broadcast_object",
     "comm_device",
     "gathered_parameters",
@@ -132,6 +133,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def agree(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (for decisions only rank 0 can take, e.g. alerts)."""
     return bool(broadcast_object(bool(flag)))
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce; ``flag`` without a group)."""
+    dist = process_group()
+    if dist is None or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=comm_device())
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def comm_device() -> torch.device:

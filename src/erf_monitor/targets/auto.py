@@ -13,9 +13,13 @@ call that the probe measures):
      ``(N, C, *S)``;
    * the tensor: the same tensor (or a same-shaped input: elementwise modules and residual
      blocks keep their input's layout) was read before;
+   * the block: the last map of the same shape that a convolution or channel norm inside
+     the module made (a residual block adds to it or activates it, keeping its shape);
    * a token sequence ``(N, L, D)`` whose patch grid
      :func:`~erf_monitor.targets.tokens.resolve_layout`
      infers (ViT blocks);
+   * a channel norm over the last dim (a ``LayerNorm(C)`` applied to ``(N, *S, C)``; not
+     ``LayerNorm2d``-style channels-first norms): channels-last;
    * the shape: ``(N, C, *S)`` or channels-last ``(N, *S, C)`` (Swin stages), whichever puts
      the map on a *plausible* grid: the latest grid read, halved or doubled (patch merging,
      an upsampling decoder), or, for one part of a dict/tuple output, any grid read before;
@@ -46,6 +50,7 @@ call that the probe measures):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +65,11 @@ from erf_monitor.targets.layers import (
     format_selector,
     unwrap_model,
 )
+from erf_monitor.targets.observe import StopForward
 from erf_monitor.targets.outputs import output_parts
 from erf_monitor.targets.tokens import TokenLayout, resolve_layout
 
-__all__ = ["AutoPick", "auto_layers", "pick_layers"]
+__all__ = ["AutoPick", "auto_layers", "pick_layers", "read_outputs"]
 
 #: Outputs of these are ``(N, C, *S)`` by construction: their grids are the known grids.
 _GRID_MODULES: tuple[type[nn.Module], ...] = (
@@ -99,6 +105,8 @@ class AutoPick:
 
     names: list[str]
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
+    #: The shape of each pick (batch size 1), as recorded: no second forward needs it.
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,9 +160,15 @@ def _describe_part(
 
 
 def _record(
-    net: nn.Module, x: torch.Tensor, forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None
+    net: nn.Module,
+    x: torch.Tensor,
+    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
+    stop_after: set[str] | None = None,
 ) -> list[_Call]:
-    """Run the forward once and describe the first call of every module, in finish order."""
+    """Run the forward once and describe the first call of every module, in finish order
+    (stopping once every module of ``stop_after`` has finished, when given)."""
+    pending = set(stop_after or ())
+    x = x.clone()  # a model may modify its input in place (a ReLU(inplace=True) first)
     spatial = tuple(x.shape[2:])
     n = x.shape[0]
     calls: dict[str, _Call] = {}
@@ -174,6 +188,10 @@ def _record(
             for sel, t in output_parts(tuple(args), max_depth=2):
                 call.in_parts.append(_describe_part(sel, t, n, x, name, net, spatial))
             calls[name] = call
+            if stop_after:
+                pending.discard(name)
+                if not pending:
+                    raise StopForward
 
         return hook
 
@@ -182,7 +200,7 @@ def _record(
         for name, module in _module_table(net).items():
             handles.append(module.register_forward_hook(make_hook(name, module)))
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(StopForward):
             (forward_fn or (lambda m, t: m(t)))(net, x)
     except Exception as exc:
         if is_own_error(exc):
@@ -219,6 +237,8 @@ class _Reader:
         self.current: Grid = x_spatial
         self.seen: set[Grid] = {x_spatial}
         self.by_tensor: dict[int, Reading] = {}
+        #: ``(module name, shape, reading)`` of every output its module's kind decided.
+        self.evidence: list[tuple[str, tuple[int, ...], Reading]] = []
 
     def plausible(self, grid: Grid) -> bool:
         return _near(grid, self.current)
@@ -254,10 +274,17 @@ class _Reader:
             return None
         first, last = tuple(part.shape[2:]), tuple(part.shape[1:-1])
         if isinstance(call.module, _GRID_MODULES):
+            self.evidence.append((call.name, part.shape, (first, "first")))
             return first, "first"
+        if _norms_last_dim(call.module, part.shape) and self.plausible(last):
+            self.evidence.append((call.name, part.shape, (last, "last")))
+            return last, "last"  # a channel norm over the last dim: channels-last
         for p in call.in_parts:
             if p.shape == part.shape and (p.tid in self.by_tensor or p.is_input):
                 return self.input(p)  # elementwise modules, residual blocks (as read before)
+        inside = self._inside(call.name, part.shape)
+        if inside is not None:
+            return inside
         # One part of a dict/tuple output (an FPN level) may sit on any grid read before.
         seen = bool(part.selector)
         ok_first = self.plausible(first) or (seen and first in self.seen)
@@ -268,12 +295,34 @@ class _Reader:
             return last, "last"
         return None
 
+    def _inside(self, name: str, shape: tuple[int, ...]) -> Reading:
+        """The reading of the last map of this shape made inside the module by a module whose
+        kind decides (a convolution, a channel norm): a block's output keeps the layout of
+        the map it adds to, activates or pools without changing its shape."""
+        prefix = name + "."
+        for inner, inner_shape, read in reversed(self.evidence):
+            if inner.startswith(prefix) and inner_shape == shape:
+                return read
+        return None
+
 
 def _norm_like(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
         return True
     cls = type(module).__name__
     return "LayerNorm" in cls or "RMSNorm" in cls
+
+
+def _norms_last_dim(module: nn.Module, shape: tuple[int, ...]) -> bool:
+    """A LayerNorm/RMSNorm over the last dim alone, whose size it has: a channel norm of a
+    channels-last map (not a channels-first one such as ``LayerNorm2d`` or Hugging Face's
+    ``data_format="channels_first"`` norms)."""
+    normalized = getattr(module, "normalized_shape", None)
+    if not _norm_like(module) or not isinstance(normalized, (tuple, list)) or len(normalized) != 1:
+        return False
+    first = "first" in str(getattr(module, "data_format", "")).lower()
+    named_nd = type(module).__name__.lower().endswith(("1d", "2d", "3d"))
+    return not first and not named_nd and int(normalized[0]) == shape[-1]
 
 
 def _skipped(module: nn.Module) -> bool:
@@ -290,6 +339,50 @@ _PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 def _is_layer(module: nn.Module) -> bool:
     """At most one level of children (a conv, or a conv-norm-activation ``Sequential``)."""
     return all(not any(True for _ in c.children()) for c in module.children())
+
+
+def _read(
+    model: nn.Module,
+    x: torch.Tensor,
+    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
+    stop_after: set[str] | None = None,
+) -> tuple[list[_Call], dict[str, list[Reading]], dict[str, list[Reading]]]:
+    """Record one forward and read every module's inputs and outputs (rule 1)."""
+    net = unwrap_model(model)
+    nd = x.dim() - 2
+    # Two samples: a tensor with batch size 2 depends on the input (a position-bias table
+    # of batch 1 would pass for a map of a 1-sample probe).
+    x = x[:2] if x.shape[0] >= 2 else torch.cat([x, x])
+    calls = _record(net, x, forward_fn, stop_after)
+    reader = _Reader(tuple(x.shape[2:]), nd)
+    ins: dict[str, list[Reading]] = {}
+    outs: dict[str, list[Reading]] = {}
+    for c in calls:  # finish order: a module's inputs were made before it finished
+        ins[c.name] = [reader.input(p) for p in c.in_parts]
+        outs[c.name] = [reader.output(p, c) for p in c.out_parts]
+    return calls, ins, outs
+
+
+def read_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
+    modules: set[str],
+) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """How rule 1 reads the outputs of ``modules`` (and each part of one, by its selector):
+    ``{name + selector: (shape at batch 1, "first" | "last" | "tokens" | None)}`` (``None``:
+    no map, or a layout that cannot be told). One recorded forward, stopped once every one
+    of ``modules`` has finished: named layers are read exactly as ``"auto"`` reads them."""
+    calls, _ins, outs = _read(model, x, forward_fn, modules)
+    out: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    for c in calls:
+        if c.name not in modules:
+            continue
+        for part, read in zip(c.out_parts, outs[c.name]):
+            if part.batch_ok:  # a floating-point map of the batch (else the caller says why)
+                key = c.name + format_selector(part.selector)
+                out[key] = ((1, *part.shape[1:]), None if read is None else read[1])
+    return out
 
 
 def pick_layers(
@@ -312,19 +405,8 @@ def pick_layers(
         >>> pick_layers(net, torch.randn(1, 3, 16, 16)).names
         ['2', '4']
     """
-    net = unwrap_model(model)
-    nd = x.dim() - 2
-    # Two samples: a tensor with batch size 2 depends on the input (a position-bias table
-    # of batch 1 would pass for a map of a 1-sample probe).
-    x = x[:2] if x.shape[0] >= 2 else torch.cat([x, x])
-    calls = _record(net, x, forward_fn)
+    calls, ins, outs = _read(model, x, forward_fn)
     by_name = {c.name: c for c in calls}
-    reader = _Reader(tuple(x.shape[2:]), nd)
-    ins: dict[str, list[Reading]] = {}
-    outs: dict[str, list[Reading]] = {}
-    for c in calls:  # finish order: a module's inputs were made before it finished
-        ins[c.name] = [reader.input(p) for p in c.in_parts]
-        outs[c.name] = [reader.output(p, c) for p in c.out_parts]
 
     def grids(reads: list[Reading]) -> set[Grid]:
         return {r[0] for r in reads if r is not None}
@@ -358,6 +440,7 @@ def pick_layers(
     # A LayerNorm's output (and any view of it) has a constant channel sum by construction.
     normed = {p.storage for c in calls if _norm_like(c.module) for p in c.out_parts}
     best: dict[Grid, tuple[tuple[int, int, int], str, str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for call in calls:
         if call.calls > 1 or _norm_like(call.module) or _skipped(call.module):
             continue
@@ -372,7 +455,9 @@ def pick_layers(
             # Later calls win; within one output a (N, C, *S) reading beats the others.
             rank = (call.order, 1 if layout == "first" else 0, -i)
             if grid not in best or rank > best[grid][0]:
-                best[grid] = (rank, call.name + format_selector(part.selector), layout)
+                spec = call.name + format_selector(part.selector)
+                best[grid] = (rank, spec, layout)
+                shapes[spec] = (1, *part.shape[1:])
     if not best:
         raise ValueError(
             "layers='auto' found no module output that is a spatial map of the input "
@@ -381,7 +466,7 @@ def pick_layers(
     chosen = sorted(best.values(), key=lambda v: (v[0][0], -v[0][2]))
     names = [name for _, name, _ in chosen]
     layouts = {name: TokenLayout(channels_last=True) for _, name, lay in chosen if lay == "last"}
-    return AutoPick(names, layouts)
+    return AutoPick(names, layouts, {n: shapes[n] for n in names})
 
 
 def auto_layers(

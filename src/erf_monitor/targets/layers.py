@@ -350,7 +350,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        spec = _canonical_spec(spec)
+        given, spec = spec, _canonical_spec(spec)
         try:
             path = _canonical(parse_layer_spec(spec)[0])
             syntax_error: ValueError | None = None
@@ -362,7 +362,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
             if key is not None and key != path:
                 where = _wrapper_of(model) or type(unwrap_model(model)).__name__
                 log.info("erf-monitor: layer %r is module %r inside %s", spec, key, where)
-            matched = [spec]
+            matched = [given]  # as spelled: results are keyed the way they were asked for
         else:
             matched = _glob_matches(spec, names, table)
         if not matched:

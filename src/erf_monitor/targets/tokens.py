@@ -60,7 +60,9 @@ class TokenLayout:
             tokens) in a ``(N, L, D)`` sequence; ``None``: inferred (0 when only
             ``suffix_tokens`` is given).
         channels_last: the output is a channels-last map ``(N, *grid, C)`` (Swin-style)
-            rather than a token sequence.
+            rather than a token sequence. ``TokenLayout(channels_last=False)`` for an output
+            of rank ``2 + spatial dims`` declares it channels-first ``(N, C, *S)`` (for the
+            rare output whose shape and model cannot tell which).
         suffix_tokens: number of trailing non-patch tokens (after the patch tokens);
             ``None``: inferred (0 when only ``prefix_tokens`` is given).
 
@@ -282,6 +284,8 @@ def resolve_layout(
                 f"Layer {name!r}: output grid {grid} != TokenLayout.grid {layout.grid}."
             )
         return ResolvedLayout(grid, 0, True)
+    elif rank == nd + 2 and layout.grid is None and layout == TokenLayout(channels_last=False):
+        return None  # declared channels-first (N, C, *S)
     elif rank != 3:
         raise ValueError(
             f"Layer {name!r}: a token layout expects a sequence (N, L, D), got shape {shape} "

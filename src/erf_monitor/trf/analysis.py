@@ -159,7 +159,7 @@ def theoretical_rf(
     from erf_monitor.targets.positions import request
 
     net = unwrap_compiled(model)
-    _, spatial = _parse_input_shape(net, input_shape)
+    _, spatial = parse_input_shape(net, input_shape)
     req = request(position, len(spatial))
     if req.is_set:
         raise ValueError(
@@ -203,7 +203,7 @@ def theoretical_rfs(
     check_mode(mode)
     check_not_meta(model)
     net = unwrap_compiled(model)
-    channels, spatial = _parse_input_shape(net, input_shape)
+    channels, spatial = parse_input_shape(net, input_shape)
     names = _check_layers(model, layers)
     req = positions if isinstance(positions, PositionRequest) else None
 
@@ -264,7 +264,7 @@ def eager_forwards(model: nn.Module) -> Iterator[None]:
             m.__dict__["forward"] = compiled
 
 
-def _parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+def parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):

@@ -1,0 +1,107 @@
+"""One forward with a hook on each target layer: the single mechanism that reads layer outputs.
+
+The targets stage observes output shapes with it and the probe captures its seed units with
+it. Each target's *first* output (with its output selector applied) is handed to ``take``
+inside the hook, before anything later in the forward can modify it in place; once every
+target has produced its output the forward is aborted (nothing deeper runs). Hooks are
+always removed, also when the model raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from erf_monitor.core.errors import ERFProbeError
+from erf_monitor.core.hints import forward_error, is_own_error
+from erf_monitor.targets.layers import Selector
+from erf_monitor.targets.outputs import select_output
+
+__all__ = ["ForwardFn", "StopForward", "default_forward", "hooked_forward", "not_reached_error"]
+
+ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
+
+
+class StopForward(BaseException):
+    """Raised from a hook once every target has produced its output.
+
+    A ``BaseException`` so that a user's ``except Exception`` in ``forward`` cannot swallow it.
+    """
+
+
+def default_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    return model(x)
+
+
+def not_reached_error(names: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"Layer(s) {list(names)} exist but were not called during the forward pass, so they "
+        "have no ERF on this input. Check forward_fn (how the model is called) and that the "
+        "layer is used by forward()."
+    )
+
+
+def hooked_forward(
+    net: nn.Module,
+    forward_fn: ForwardFn | None,
+    x: torch.Tensor,
+    located: Mapping[str, tuple[nn.Module, Selector]],
+    take: Callable[[str, Any], None],
+) -> dict[str, int]:
+    """Run ``forward_fn(net, x.clone())`` with a hook on every target; return call counts.
+
+    ``located`` maps each target's spec to its module and output selector. ``take(spec,
+    output)`` receives the selected first output of each target inside its hook; an exception
+    it raises is re-raised after the forward (the model may catch exceptions itself). The
+    model runs on a copy of ``x``, so an in-place operation on its input changes neither
+    ``x`` nor a gradient w.r.t. ``x``.
+
+    Raises:
+        ERFProbeError: the model's forward failed (one line, with what to do).
+        ValueError: a target was never called.
+    """
+    calls = dict.fromkeys(located, 0)
+    errors: dict[str, Exception] = {}
+    pending = set(located)
+    handles = []
+
+    def make_hook(spec: str, selector: Selector) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            calls[spec] += 1
+            if calls[spec] > 1:
+                return
+            try:
+                take(spec, select_output(out, selector, spec))
+            except Exception as exc:  # raised after the forward: the model may catch it
+                errors[spec] = exc
+            pending.discard(spec)
+            if not pending:
+                raise StopForward
+
+        return hook
+
+    try:
+        for spec, (module, selector) in located.items():
+            handles.append(module.register_forward_hook(make_hook(spec, selector)))
+        with contextlib.suppress(StopForward):
+            (forward_fn or default_forward)(net, x.clone())
+    except ERFProbeError:
+        raise
+    except Exception as exc:  # the user's model failed: say so, with the input shape
+        if is_own_error(exc):  # e.g. an output selector that matches nothing
+            raise
+        raise forward_error(exc, x) from None
+    finally:
+        for h in handles:
+            h.remove()
+    for spec in located:
+        if spec in errors:
+            raise errors[spec]
+    missing = [s for s in located if calls[s] == 0]
+    if missing:
+        raise not_reached_error(missing)
+    return calls

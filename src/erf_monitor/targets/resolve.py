@@ -1,0 +1,209 @@
+"""Targets: the one resolver every entry point uses to turn a layer spec into what is probed.
+
+For a model, an input and a layer spec (names, globs, output selectors, ``"auto"``) it
+returns one :class:`Target` per layer: the spec as the user spelled it (results are keyed by
+it, wrapper prefixes and ``_orig_mod`` segments included), the module and output selector,
+the output's shape and its *layout*: how the output maps onto a spatial grid.
+
+Layouts, first rule that applies:
+
+1. the user's ``token_layout`` for that layer;
+2. what ``layers="auto"`` read when it picked the layer;
+3. the output's shape: ``(N, K)`` is flat; ``(N, L, D)`` is a token sequence whose patch
+   grid :func:`~erf_monitor.targets.tokens.resolve_layout` infers; ``(N, a, b, c)`` is read
+   from a recorded forward exactly as ``layers="auto"`` reads every module output
+   (:mod:`erf_monitor.targets.auto`, rule 1): the module's kind (a convolution, pooling or
+   batch norm outputs ``(N, C, *S)``, a channel norm over the last dim ``(N, *S, C)``), the
+   tensors it was computed from, the maps made inside it, and which grid is plausible after
+   the grids before it. When that cannot tell (``(N, a, a, a)`` with no evidence), an error
+   names both readings and how to choose; an output on no plausible grid is ``(N, C, *S)``.
+
+So a Swin stage named by the user (``(N, 56, 56, 96)`` at 224 px) is read channels-last, as
+``auto`` reads it, and never silently as 56 channels on a 56 x 96 grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from erf_monitor.targets.auto import pick_layers, read_outputs
+from erf_monitor.targets.layers import (
+    Selector,
+    _module_table,
+    format_selector,
+    locate_layer,
+    resolve_layers,
+    unwrap_model,
+)
+from erf_monitor.targets.observe import ForwardFn, hooked_forward
+from erf_monitor.targets.outputs import needs_selector_error
+from erf_monitor.targets.tokens import (
+    ResolvedLayout,
+    TokenLayout,
+    TokenLayoutArg,
+    layouts_for,
+    resolve_layout,
+)
+
+__all__ = ["Target", "resolve_targets"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One probed layer, resolved.
+
+    Attributes:
+        spec: the layer spec as given (the key of its results).
+        path: the module's name in the unwrapped model.
+        module: the module whose first output is probed.
+        selector: the output selector applied to that output (``()``: all of it).
+        shape: the selected output's shape on the input the targets were resolved with.
+        layout: how that output maps onto a grid (``None``: ``(N, C, *S)`` or flat ``(N, K)``).
+    """
+
+    spec: str
+    path: str
+    module: nn.Module
+    selector: Selector
+    shape: tuple[int, ...]
+    layout: ResolvedLayout | None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The output's spatial grid ``S'`` (``()`` for a flat output)."""
+        if self.layout is not None:
+            return tuple(self.layout.grid)
+        return tuple(self.shape[2:]) if len(self.shape) > 2 else ()
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the output is read through a layout (tokens or channels-last)."""
+        return self.layout is not None
+
+    @property
+    def token_layout(self) -> TokenLayout | None:
+        """The layout as an explicit :class:`TokenLayout` (what the later stages are given)."""
+        lay = self.layout
+        if lay is None:
+            return None
+        if lay.channels_last:
+            return TokenLayout(channels_last=True)
+        return TokenLayout(
+            grid=tuple(lay.grid), prefix_tokens=lay.prefix_tokens, suffix_tokens=lay.suffix_tokens
+        )
+
+
+def _ambiguous_error(spec: str, shape: tuple[int, ...]) -> ValueError:
+    first, last = shape[2:], shape[1:-1]
+    return ValueError(
+        f"Layer {spec!r} returns a tensor of shape {shape}: {shape[1]} channels on a "
+        f"{'x'.join(map(str, first))} grid (N, C, *S), or {shape[-1]} channels on a "
+        f"{'x'.join(map(str, last))} grid (channels-last, N, *S, C)? Neither its shape nor the "
+        f"model tells. Say which: token_layout={{{spec!r}: TokenLayout(channels_last=True)}} "
+        "or TokenLayout(channels_last=False)."
+    )
+
+
+def _layout(
+    spec: str,
+    shape: tuple[int, ...],
+    reading: str | None,
+    spatial: tuple[int, ...],
+    net: nn.Module,
+) -> ResolvedLayout | None:
+    """Rule 3 of the module docstring, for an output without a given layout."""
+    nd = len(spatial)
+    if len(shape) == 3 and nd >= 2:
+        return resolve_layout(spec, shape, None, spatial, net)
+    if len(shape) != nd + 2 or reading == "first":
+        return None
+    if reading == "last":
+        return ResolvedLayout(tuple(shape[1:-1]), 0, True)
+    if shape[1:-1] == shape[2:] and shape[1] == shape[-1]:
+        raise _ambiguous_error(spec, shape)
+    return None
+
+
+def resolve_targets(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    x: torch.Tensor,
+    forward_fn: ForwardFn | None = None,
+    token_layout: TokenLayoutArg = None,
+) -> list[Target]:
+    """Resolve ``layers`` on ``model`` for inputs shaped like ``x`` (see the module docstring).
+
+    Runs the recorded forward of ``layers="auto"`` (no gradients, two samples; for named
+    layers it stops at the deepest one): it tells every target's shape and layout. The
+    caller puts the model in the mode it probes in.
+
+    Raises:
+        ValueError: unknown layer (close matches listed), a layer the forward never reaches,
+            an output that is not a floating-point tensor, a layout that cannot be told.
+    """
+    net = unwrap_model(model)
+    spatial = tuple(x.shape[2:])
+    given: dict[str, TokenLayout] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    readings: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    if isinstance(layers, str) and layers == "auto":
+        pick = pick_layers(net, x[:2], forward_fn)
+        specs, given, shapes = pick.names, dict(pick.layouts), dict(pick.shapes)
+        # What auto read, it picked: channels-last picks carry their layout, others are maps.
+        readings = {s: (shapes[s], "last" if s in given else "first") for s in specs}
+    else:
+        specs = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
+    given.update(layouts_for(token_layout, specs))  # the user's layouts win
+    table = _module_table(net)
+    located = {s: locate_layer(model, s, table) for s in specs}
+    if any(s not in shapes for s in specs):  # (``auto`` recorded them already)
+        recorded = read_outputs(net, x[:2], forward_fn, {path for path, _, _ in located.values()})
+        readings = {
+            s: recorded[path + format_selector(sel)]
+            for s, (path, _m, sel) in located.items()
+            if path + format_selector(sel) in recorded
+        }
+        shapes.update({s: shape for s, (shape, _read) in readings.items()})
+    unread = [s for s in specs if s not in shapes]
+
+    def take(spec: str, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise needs_selector_error(spec, out)
+        if not out.is_floating_point():
+            raise ValueError(
+                f"Layer {spec!r} returned a {out.dtype} tensor, which has no gradient: watch "
+                "a layer with a floating-point output."
+            )
+        shapes[spec] = tuple(out.shape)
+
+    if unread:  # a deeper selector, or no tensor: the shape, or the error that says why
+        with torch.no_grad():
+            hooked_forward(net, forward_fn, x[:1],
+                           {s: located[s][1:] for s in unread}, take)  # fmt: skip
+    out = []
+    for spec in specs:
+        path, module, selector = located[spec]
+        shape = shapes[spec]
+        if spec in given:
+            layout = resolve_layout(spec, shape, given[spec], spatial, net)
+        else:
+            layout = _layout(spec, shape, readings.get(spec, (shape, None))[1], spatial, net)
+        _check_rank(spec, shape, layout, len(spatial))
+        out.append(Target(spec, path, module, selector, shape, layout))
+    return out
+
+
+def _check_rank(spec: str, shape: tuple[int, ...], layout: ResolvedLayout | None, nd: int) -> None:
+    if layout is not None or len(shape) in (2, nd + 2):
+        return
+    raise ValueError(
+        f"Layer {spec!r} returned a tensor of shape {shape}, but the input has {nd} spatial "
+        f"dim(s): expected (N, C, *spatial) with {nd} spatial dims, or (N, K). Token "
+        "sequences (N, L, D) and channels-last (N, *grid, C) outputs need "
+        "token_layout=TokenLayout(...); otherwise watch a layer with a conv-like output."
+    )

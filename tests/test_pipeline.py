@@ -1,0 +1,394 @@
+"""One pipeline: every entry point resolves a model the same way.
+
+Each test here failed before the probe plan existed: a channels-last stage named explicitly
+was read channels-first, ConvNeXt at initialisation gave float32 noise maps, compiled models
+lost the user's names, a layer inside ``no_grad`` gave autograd's message, ``train_mode``
+blamed the TRF analysis, a float64 model failed with the default dtype. References are
+computed here with plain autograd (float64 where it matters), never with the probe.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+import erf_monitor as em
+from erf_monitor.probe import plan as plan_module
+
+
+def reference_map(
+    model: nn.Module,
+    module: nn.Module,
+    x: torch.Tensor,
+    unit: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[nn.Module, torch.Tensor], Any] = lambda m, t: m(t),
+) -> torch.Tensor:
+    """Luo's map written plainly: per sample, d(sum of the seed unit's channels)/d(input),
+    |.| summed over input channels, averaged over samples (``unit`` picks ``(N, K)``)."""
+    maps = []
+    seen: list[Any] = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        seen.clear()
+        handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            with torch.enable_grad():
+                forward(model, xi.clone())  # (a model may change its input in place)
+        finally:
+            handle.remove()
+        out = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+        (g,) = torch.autograd.grad(unit(out).sum(), xi)
+        maps.append(g.abs().sum(1)[0])
+    return torch.stack(maps).mean(0)
+
+
+def centre_first(y: torch.Tensor) -> torch.Tensor:
+    return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
+
+
+def centre_last(y: torch.Tensor) -> torch.Tensor:
+    return y[:, y.shape[1] // 2, y.shape[2] // 2, :]
+
+
+def ours(record: list[warnings.WarningMessage]) -> list[str]:
+    kinds = (em.ERFProbeWarning, em.ERFCoverageWarning)
+    return [str(w.message) for w in record if issubclass(w.category, kinds)]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ----------------------------------------------------------------------------- 1. layouts
+
+
+def test_torchvision_swin_stage_named_is_read_channels_last() -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.swin_t().eval()
+    x = torch.randn(2, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the TRF analysis' own notes are not tested here)
+        res = em.compute_erf(net, x, ["features.1"])
+    r = res["features.1"]
+    assert r.output_shape == (56, 56)  # channels-first would read (56, 96)
+    expected = reference_map(net, net.features[1], x, centre_last)
+    assert relative_error(r.heatmap, expected) < 1e-4
+    assert r.trf is not None and not r.trf.is_global  # was TRF (inf, 56) "global"
+
+
+def test_timm_swin_stage_named_matches_its_reference_and_auto() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112)
+    net.eval()
+    x = torch.randn(2, 3, 112, 112)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        named = em.compute_erf(net, x, ["layers.0"])["layers.0"]
+        auto = em.compute_erf(net, x, "auto")
+    expected = reference_map(net, net.layers[0], x, centre_last)
+    assert relative_error(named.heatmap, expected) < 1e-4  # was off by up to 1.87x its max
+    assert "layers.0" in auto
+    torch.testing.assert_close(auto["layers.0"].heatmap, named.heatmap)
+
+
+class _ChannelsLast(nn.Module):
+    """A conv whose output is permuted to (N, H, W, C) and normed over C (Swin-style). The
+    norm's scale is not uniform (as after training), so its channel sum is no constant."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.norm = nn.LayerNorm(cout)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class _Back(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def test_ambiguous_layout_is_an_error_naming_both_readings() -> None:
+    # (N, 8, 8, 8) out of a module that is no convolution, on an 8 x 8 input: no evidence.
+    class Cube(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(1, 8 // x.shape[1], 1, 1)
+
+    net = nn.Sequential(Cube(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"channels_last=True\)\} or TokenLayout\(channels_last="):
+        em.compute_erf(net, x, ["0"])
+    # ... and the user's word settles it.
+    res = em.compute_erf(net, x, ["0"], token_layout={"0": em.TokenLayout(channels_last=False)})
+    assert res["0"].output_shape == (8, 8)
+
+
+def test_channels_last_evidence_from_the_recorded_forward() -> None:
+    # Both readings of (N, 16, 16, 16) are plausible on a 32 px input; the recorded forward
+    # tells: it is the output of a LayerNorm(16) over the last dim, a channel norm.
+    net = nn.Sequential(_ChannelsLast(3, 16, 2), _Back(), nn.Conv2d(16, 4, 3, padding=1))
+    x = torch.randn(2, 3, 32, 32)
+    r = em.compute_erf(net, x, ["0"], trf="skip")["0"]
+    expected = reference_map(net, net[0], x, centre_last)
+    assert relative_error(r.heatmap, expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------- 2. precision
+
+
+def _float64_reference(
+    net: nn.Module, module_of: Callable[[nn.Module], nn.Module], x: torch.Tensor, **kw: Any
+) -> torch.Tensor:
+    import copy
+
+    ref = copy.deepcopy(net).double()
+    return reference_map(ref, module_of(ref), x.double(), centre_first, **kw)
+
+
+def test_torchvision_convnext_at_init_gives_exact_maps_without_warning() -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.convnext_tiny().eval()
+    x = torch.randn(2, 3, 96, 96)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        auto = em.compute_erf(net, x, "auto")
+        named = em.compute_erf(net, x, ["features.1", "features.3"])
+    assert not ours(rec), ours(rec)
+    assert list(auto)[:2] == ["features.1", "features.3"]
+    for name, module_of in (
+        ("features.1", lambda m: m.features[1]),
+        ("features.3", lambda m: m.features[3]),
+    ):
+        expected = _float64_reference(net, module_of, x)
+        assert relative_error(auto[name].heatmap, expected) < 0.01, name  # was 216%
+        assert relative_error(named[name].heatmap, expected) < 0.01, name
+
+
+def test_timm_convnext_at_init_gives_exact_maps() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("convnext_atto", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = em.compute_erf(net, x, ["stages.0"])
+    assert not ours(rec), ours(rec)
+    expected = _float64_reference(net, lambda m: m.stages[0], x)
+    assert relative_error(res["stages.0"].heatmap, expected) < 0.01
+
+
+def test_hugging_face_convnext_at_init_gives_exact_maps() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_stages=2, hidden_sizes=[16, 32], depths=[2, 2], num_labels=4, image_size=64
+    )
+    net = transformers.ConvNextForImageClassification(config).eval()
+    x = torch.randn(2, 3, 64, 64)
+    name = "convnext.encoder.stages.0"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = em.compute_erf(net, x, [name])
+    assert not [m for m in ours(rec) if "constant" in m or "rounding" in m], ours(rec)
+    expected = _float64_reference(net, lambda m: m.convnext.encoder.stages[0], x)
+    assert relative_error(res[name].heatmap, expected) < 0.01
+
+
+def test_a_truly_constant_seed_is_still_warned_about() -> None:
+    # A bare LayerNorm over the channels (uniform scale): its channel sum is constant in
+    # every precision, so the ERF is zero by construction.
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    net = nn.Sequential(Norm())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        em.compute_erf(net, torch.randn(2, 3, 16, 16), ["0"])
+    assert any("constant" in m and "float64" in m for m in ours(rec)), ours(rec)
+
+
+# ----------------------------------------------------------------------------- 3. names
+
+
+def test_compiled_models_keep_the_users_names() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    compiled = torch.compile(net)
+    x = torch.randn(2, 3, 16, 16)
+    res = em.compute_erf(compiled, x, ["_orig_mod.3", "1"])
+    assert list(res) == ["_orig_mod.3", "1"]
+    assert res["_orig_mod.3"].name == "_orig_mod.3"
+    trf = em.theoretical_rf(compiled, (3, 16, 16), ["_orig_mod.3"])
+    assert list(trf) == ["_orig_mod.3"]
+    assert res["_orig_mod.3"].trf == trf["_orig_mod.3"]
+
+
+# ----------------------------------------------------------------------------- 4. no graph
+
+
+class _NoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y = self.a(x)
+        return self.b(y)
+
+
+class _Reentrant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.head = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True)
+        return self.head(y)
+
+
+@pytest.mark.parametrize(("net", "layer"), [(_NoGrad(), "a"), (_Reentrant(), "block.0")])
+def test_layer_the_gradient_cannot_reach_says_why_in_one_line(net: nn.Module, layer: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's checkpoint note
+        with pytest.raises(em.ERFProbeError) as info:
+            em.compute_erf(net, torch.randn(2, 3, 16, 16), [layer])
+    text = str(info.value)
+    assert "\n" not in text and "no gradient path" in text, text
+    assert "no_grad" in text and "use_reentrant=False" in text, text
+
+
+# ----------------------------------------------------------------------------- 5. train mode
+
+
+def test_train_mode_batch_statistics_make_the_field_global_not_a_bug() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+    )
+    x = torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = em.compute_erf(net, x, ["3"], train_mode=True)["3"]
+    assert not ours(rec), ours(rec)  # was "the TRF analysis is wrong ... Please report"
+    assert r.trf is not None and r.trf.is_global and "BatchNorm" in r.trf.reason
+    assert r.trf.clipped == ((0, 31), (0, 31))
+    # The map really reaches the whole input through the batch statistics ...
+    assert bool((r.heatmap > 0).all())
+    # ... and in eval mode the field is the 5 x 5 one.
+    assert em.compute_erf(net, x, ["3"])["3"].trf.size == (5.0, 5.0)
+
+
+# ----------------------------------------------------------------------------- 6. dtype
+
+
+def test_float64_model_probes_in_float64_by_default() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3)).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    r = em.compute_erf(net, x, ["2"])["2"]  # was "Input type (float) and bias type (double)"
+    expected = reference_map(net, net[2], x, centre_first)
+    assert relative_error(r.heatmap, expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+class _Stages(nn.Module):
+    """Two conv stages and a channels-last stage, for plans compared across entry points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.last = nn.Sequential(_ChannelsLast(12, 20, 2), nn.GELU())
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.last(self.stage(self.stem(x))).mean((1, 2)))
+
+
+def test_the_plan_is_built_once_per_monitor_setup() -> None:
+    torch.manual_seed(0)
+    net = _Stages()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = torch.randn(4, 3, 32, 32)
+    before = plan_module.builds
+    w = em.watch(net, layers=["stem", "last"], every_n_steps=1, optimizer=opt, probe_inputs=x,
+                 summary=False)  # fmt: skip
+    for _ in range(4):
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+    w.remove()
+    assert len(w.history["last"]) >= 4
+    assert plan_module.builds - before == 1
+
+
+def test_compute_erf_reuses_its_plan_until_the_model_changes() -> None:
+    torch.manual_seed(0)
+    net = _Stages()
+    x = torch.randn(2, 3, 32, 32)
+    first = em.compute_erf(net, x, ["stage", "last"])
+    before = plan_module.builds
+    again = em.compute_erf(net, x + 1, ["stage", "last"])  # other images, same shapes
+    assert plan_module.builds == before
+    assert not torch.equal(first["stage"].heatmap, again["stage"].heatmap)
+    net.stage[0] = nn.Conv2d(8, 12, 5, 2, 2)  # a new structure: a new plan
+    changed = em.compute_erf(net, x, ["stage", "last"])
+    assert plan_module.builds == before + 1
+    assert changed["stage"].trf.size != first["stage"].trf.size
+
+
+def test_every_entry_point_builds_the_same_plan() -> None:
+    torch.manual_seed(0)
+    net = _Stages()
+    x = torch.randn(4, 3, 32, 32)
+    layers = ["stem", "stage", "last"]
+    trfs = em.theoretical_rf(net, (3, 32, 32), layers)
+    res = em.compute_erf(net, x, layers)
+    w = em.watch(net, layers=layers, every_n_steps=1, probe_inputs=x, summary=False)
+    w.step()
+    w.remove()
+    auto = em.compute_erf(net, x, "auto")
+    assert list(auto) == layers  # ``auto`` picks the same stages ...
+    assert w.latest is not None
+    for name in layers:
+        assert res[name].trf == trfs[name] == w.latest[name].trf == auto[name].trf, name
+        torch.testing.assert_close(res[name].heatmap, w.latest[name].heatmap)
+        torch.testing.assert_close(res[name].heatmap, auto[name].heatmap)
+    assert res["last"].output_shape == (4, 4)  # the channels-last stage, on its grid
+
+
+def test_an_in_place_first_layer_never_changes_what_is_probed() -> None:
+    # Resolving the targets runs the model: on a copy, or a ReLU(inplace=True) at the input
+    # would change the probe batch itself (relu applied twice).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Tanh(), nn.Conv2d(3, 2, 3))
+    x = torch.randn(2, 3, 12, 12)
+    kept = x.clone()
+    res = em.compute_erf(net, x, ["2"])
+    assert torch.equal(x, kept)
+    expected = reference_map(net, net[2], x.clone(), centre_first)
+    assert relative_error(res["2"].heatmap, expected) < 1e-5
