@@ -102,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--every", type=int, default=0, help="every_n_steps (0: the default)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="100 steps, one repeat")
+    ap.add_argument("--quick", action="store_true", help="20 steps, one repeat (a smoke run)")
     ap.add_argument("--json", help="also write the measurements to this JSON file")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats = 100, 1
+    if args.quick:  # what tests/test_benchmarks.py runs: that it works, not what it costs
+        args.steps, args.repeats = 20, 1
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
-        fit(min(20, args.steps), None, 0, os.path.join(tmp, "warm"))  # imports, first-call costs
+        warm = min(20, max(1, args.steps // 4))
+        fit(warm, None, 0, os.path.join(tmp, "warm"))  # imports, first-call costs
         times, inside = interleaved_arms(
             lambda with_cb, out: fit(args.steps, args.every if with_cb else None, 0, out),
             args.repeats,

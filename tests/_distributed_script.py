@@ -206,7 +206,7 @@ def worker(rank: int, world: int, port: int, out: Path, scenario: str) -> None:
         return
     # A hang inside a collective becomes an error after this long instead of blocking CI.
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
     )
     try:
         run_scenario(rank, out, scenario)

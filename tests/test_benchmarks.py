@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +26,7 @@ def run_benchmark(name: str, tmp_path: Path, *args: str) -> Any:
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--json", str(out), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import erf_monitor as em
+from conftest import HANG_GUARD_S
 from erf_monitor.sinks import Sink
 
 pytest.importorskip("lightning")
@@ -306,7 +308,7 @@ def _fit_state(
         "opt": opt["state"],
         "rng": torch.get_rng_state(),
         "py": random.getstate(),
-        "np": np.random.get_state()[1].tobytes(),
+        "np": np.random.get_state(),  # (name, key, position, has_gauss, cached_gaussian)
     }
 
 
@@ -319,6 +321,10 @@ def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
         for k, v in a["opt"][i].items():
             assert torch.equal(v, b["opt"][i][k]), (i, k)
     assert torch.equal(a["rng"], b["rng"])
+    assert a["py"] == b["py"], "Python's random state differs"
+    name, key, pos, has_gauss, gauss = a["np"]
+    assert (name, pos, has_gauss, gauss) == b["np"][:1] + b["np"][2:], "NumPy's state differs"
+    assert np.array_equal(key, b["np"][1]), "NumPy's random key differs"
 
 
 @pytest.mark.parametrize("source", ["train", "val"])
@@ -356,8 +362,7 @@ def test_stochastic_depth_drawn_with_python_random_keeps_training_identical(
     cb = quiet_monitor(every_n_steps=1)
     got = _fit_state(tmp_path / "b", [cb], stochastic=True)
     assert sorted(cb.history["net.7"]) == list(range(7))
-    _assert_identical(ref, got)
-    assert ref["py"] == got["py"] and ref["np"] == got["np"]
+    _assert_identical(ref, got)  # Python's and NumPy's random states included
 
 
 # ----------------------------------------------------------------------------- alerts
@@ -452,14 +457,20 @@ def test_gradient_accumulation_probes_on_optimizer_steps_only(tmp_path: Path) ->
     assert sorted(cb.history["net.7"]) == [0, 1, 2, 3]  # 6 micro-batches, 3 optimizer steps
 
 
+def require_cxx_compiler() -> None:
+    """Skip only when torch.compile's CPU backend (inductor) has no C++ compiler to call: the
+    one case where the feature cannot run here. Any other error of a compiled run fails."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    if not any(shutil.which(name) for name in names):
+        pytest.skip(f"no C++ compiler ({' or '.join(names)}) for torch.compile's inductor")
+
+
 @pytest.mark.slow
 def test_torch_compile_module(tmp_path: Path) -> None:
     cb = quiet_monitor(layers=["net.3", "net.7"])
+    require_cxx_compiler()
     module = make_module(compiled=True)
-    try:
-        make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(module)
-    except Exception as exc:  # no C++ toolchain for inductor on this machine
-        pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(module)
     assert sorted(cb.history["net.7"]) == [0, 2]
     eager = em.compute_erf(module.net._orig_mod, cb.probe_batch, ["3", "7"])
     assert torch.allclose(cb.latest["net.7"].heatmap, eager["7"].heatmap)
@@ -471,14 +482,10 @@ def test_torch_compile_lightning_module_keeps_its_trf(tmp_path: Path) -> None:
     metric equals the eager probe's."""
     cb = quiet_monitor(layers=["net.3", "net.7"])
     module = make_module()
+    require_cxx_compiler()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        try:
-            make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(
-                torch.compile(module)
-            )
-        except Exception as exc:  # no C++ toolchain for inductor on this machine
-            pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+        make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2).fit(torch.compile(module))
     assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
     r = cb.latest["net.7"]
     assert r.trf is not None and r.trf.size == (9.0, 9.0)
@@ -537,4 +544,4 @@ def test_lazy_import() -> None:
     import sys
 
     env = dict(os.environ)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=HANG_GUARD_S)

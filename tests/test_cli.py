@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import erf_monitor as em
+from conftest import HANG_GUARD_S
 from erf_monitor.cli import main
 from erf_monitor.core.imports import package_available
 
@@ -94,7 +95,7 @@ def test_console_script(tmp_path: Path) -> None:
         [str(SCRIPT), *args, "--layers", "layer1", "--out", str(tmp_path), "--quiet"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr
     assert "layer1" in proc.stdout
@@ -103,7 +104,7 @@ def test_console_script(tmp_path: Path) -> None:
         [str(SCRIPT), "analyze", "torchvision:resnet_18"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert bad.returncode == 2
     assert "resnet18" in _one_error_line(bad.stderr)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S
+
 pytest.importorskip("lightning")
 if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -99,7 +101,7 @@ def run_ddp(
         [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=HANG_GUARD_S,
         env=env,
         cwd=tmp_path,
     )

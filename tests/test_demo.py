@@ -14,7 +14,15 @@ pytest.importorskip("tensorboard")
 from rich.console import Console
 
 from erf_monitor.cli import main
-from erf_monitor.cli.demo import HEAD, MIN_COVERAGE, SHIFT, brightness_dataset, demo_model, run_demo
+from erf_monitor.cli.demo import (
+    HEAD,
+    MIN_COVERAGE,
+    SHIFT,
+    brightness_dataset,
+    demo_model,
+    epoch_plan,
+    run_demo,
+)
 
 
 def test_task_is_a_faint_global_shift() -> None:
@@ -29,6 +37,18 @@ def test_task_is_a_faint_global_shift() -> None:
     assert abs(means[y == 1].mean() - SHIFT) < 0.01 and abs(means[y == 0].mean() + SHIFT) < 0.01
     assert ((means > 0).long() == y).float().mean() > 0.8
     assert ((x[:, 0, 16, 16] > 0).long() == y).float().mean() < 0.6
+
+
+def test_epoch_plan_ends_every_progress_bar_full() -> None:
+    for batches in (1, 7, 8, 256):
+        for steps in range(1, 3 * batches + 2):
+            epochs, per = epoch_plan(steps, batches)
+            # the fewest epochs a loader of this length allows, found by counting up
+            fewest = next(e for e in range(1, steps + 1) if e * batches >= steps)
+            assert epochs == fewest and per <= batches, (steps, batches)
+            assert steps <= epochs * per < steps + epochs  # last epoch < epochs batches short
+            if steps <= batches:
+                assert (epochs, per) == (1, steps)  # the demo's 200 of 256: "200/200"
 
 
 def test_theoretical_fields_and_initial_erf() -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_GUARD_S
+
 pytest.importorskip("lightning.pytorch")
 pytest.importorskip("tensorboard")
 resource = pytest.importorskip("resource")  # POSIX only
@@ -104,7 +106,7 @@ def test_failing_disk_never_fails_fit(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "logs")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))

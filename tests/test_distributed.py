@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import erf_monitor as em
+from conftest import HANG_GUARD_S
 from erf_monitor.measure.metrics import finalise_map
 from erf_monitor.probe.distributed import all_ranks_probe, sharding, share
 
@@ -180,7 +181,7 @@ def run_two_ranks(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
         [sys.executable, str(SCRIPT), str(tmp_path), scenario, str(_free_port())],
         capture_output=True,
         text=True,
-        timeout=150,  # the script's collectives time out after 60 s; a hang fails here
+        timeout=HANG_GUARD_S,  # a hang fails here (collectives time out after 10 min)
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

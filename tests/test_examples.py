@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def run_example(name: str, tmp_path: Path, *args: str) -> str:
     env["OMP_NUM_THREADS"] = "1"  # one thread per process: 2 pytest workers share 2 cores
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -82,7 +84,7 @@ def test_fsdp2_example(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "examples" / "fsdp2_example.py"), "--out", "fsdp", "--steps", "6"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("layer 2.0: ERF") == 1  # printed by rank 0 only

@@ -472,7 +472,7 @@ def test_lightning_monitor_with_a_grid(tmp_path: Path) -> None:
     assert all("border_ratio" in v for v in cb.history["net.4"].values())
 
 
-def test_cli_analyze_writes_positions(tmp_path: Path) -> None:
+def test_cli_analyze_writes_positions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from erf_monitor.cli import main
@@ -483,6 +483,9 @@ def test_cli_analyze_writes_positions(tmp_path: Path) -> None:
         ["analyze", "torchvision:resnet18", *args, "--position", "corners", "--out", str(out)]
     )
     assert code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # the table's legend, rewrapped
+    for column in ("border_ratio", "aniso.", "dead", "visible", "of TRF", "offset y,x"):
+        assert f"{column}:" in printed, column  # every terse column is explained on screen
     record = json.loads((out / "metrics.json").read_text())["layers"]["layer2"]
     assert record["position"] == "centre" and set(record["positions"]) == {
         "corner_top_left", "corner_top_right", "corner_bottom_left", "corner_bottom_right",

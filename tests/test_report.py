@@ -110,6 +110,8 @@ def test_html_report(logdir: Path, tmp_path: Path) -> None:
     # the other listed. Curves, training curves, 2 layers x 3 frames.
     assert len(images) == 1 + 1 + 2 * 3
     assert "The same ERF data are also in" in page
+    # 4 probes (steps 0, 2, 4, 6), 3 frames: the strip says which it left out
+    assert page.count("3 of 4 probes shown, evenly spaced (steps 0, 4, 6)") == 2  # 2 layers
     from PIL import Image
 
     for b64 in images:
@@ -185,6 +187,7 @@ def test_analyze_output_is_a_run(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     out = tmp_path / "logs" / "resnet18"
     args = ["analyze", "torchvision:resnet18", "--input-size", "32", "--samples", "1"]
+    args += ["--position", "corners"]  # also writes fields/<layer>.png
     assert main([*args, "--layers", "layer1", "layer2", "--out", str(out), "--quiet"]) == 0
     _file_run(tmp_path / "logs" / "trained", [5, 9, 13])
     runs = find_runs(tmp_path / "logs")
@@ -194,5 +197,40 @@ def test_analyze_output_is_a_run(tmp_path: Path) -> None:
     size = record["layers"]["layer2"]["metrics"]["erf_size"]
     assert analyzed.metrics["layer2"]["erf_size"] == [(0, size)]
     assert [s for s, _ in analyzed.frames["layer1"]] == [0]
+    assert analyzed.fields == {
+        layer: (out / "fields" / f"{layer}.png").read_bytes() for layer in ("layer1", "layer2")
+    }
     path, _ = build_report(tmp_path / "logs")
-    assert "erf-monitor analyze output" in path.read_text()
+    page = path.read_text()
+    assert "erf-monitor analyze output" in page
+    section = page[page.index("erf-monitor analyze output") :]
+    section = section[: section.index("</section>")]
+    # one probe: the layers side by side, no growth curves of one dot; the fields included
+    assert "ERF by layer" in section and "Growth over training" not in section
+    assert "ERF at several positions" in section and section.count("ERF field of layer") == 2
+
+
+def test_one_probe_is_drawn_against_layers_and_runs_not_steps(tmp_path: Path) -> None:
+    """An analyze run's plots put its layers (or, compared, the runs) on the x-axis, with the
+    values of metrics.json; not one dot at step 0 on an axis from -0.04 to 0.04."""
+    pytest.importorskip("torchvision")
+    from erf_monitor.cli.report import _comparison_figure, _layers_figure
+
+    args = ["analyze", "torchvision:resnet18", "--input-size", "32", "--samples", "1", "--quiet"]
+    for name, seed in (("a", "0"), ("b", "1")):
+        out = tmp_path / name
+        assert main([*args, "--layers", "layer1", "layer2", "--out", str(out), "--seed", seed]) == 0
+    runs = sorted(find_runs(tmp_path), key=lambda r: r.name)
+    record = json.loads((tmp_path / "a" / "metrics.json").read_text())["layers"]
+    axes = _layers_figure(runs[0], 0.05).axes
+    assert axes[0].get_title().startswith("ERF size")
+    for ax, metric in zip(axes, ("erf_size", "erf_trf_ratio", "coverage")):
+        assert ax.get_xlim() == (-0.5, 1.5)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["layer1", "layer2"]
+        line = ax.get_lines()[0]
+        assert list(line.get_xdata()) == [0, 1]
+        want = [record[layer]["metrics"][metric] for layer in ("layer1", "layer2")]
+        assert list(line.get_ydata()) == pytest.approx(want)
+    for ax in _comparison_figure("layer2", runs, 0.05).axes:
+        assert ax.get_xlim() == (-0.5, 1.5)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]

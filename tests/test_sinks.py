@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S
 from erf_monitor.core.imports import package_available, require
 from erf_monitor.measure.result import ERFResult
 from erf_monitor.sinks import (
@@ -214,7 +215,7 @@ def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
 
 
 # -- W&B (offline) --------------------------------------------------------------------------
-def _wandb_history(run_dir: Path, timeout: float = 15.0) -> list[dict[str, Any]]:
+def _wandb_history(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[dict[str, Any]]:
     """History rows of an offline run, from its ``run-*.wandb`` record log (LevelDB format).
 
     wandb-core sometimes writes the records shortly *after* ``run.finish()`` returns (seen with

@@ -54,6 +54,7 @@ __all__ = [
     "VariantResult",
     "brightness_dataset",
     "demo_model",
+    "epoch_plan",
     "growth",
     "run_demo",
     "tensorboard_command",
@@ -259,6 +260,22 @@ def _accuracy(model: nn.Module, data: BrightnessDataset) -> float:
     return right / len(data)
 
 
+def epoch_plan(steps: int, batches: int) -> tuple[int, int]:
+    """``(epochs, batches per epoch)`` for ``steps`` optimizer steps from a loader of ``batches``.
+
+    As few epochs as the loader allows, all of the same length, so that the progress bar ends
+    full ("200/200", not "200/256"; when ``epochs`` does not divide ``steps`` the last epoch
+    stops fewer than ``epochs`` batches short). A run of one epoch (the default: 200 of 256
+    batches) trains on exactly the batches it would without the limit.
+
+    Examples:
+        >>> epoch_plan(200, 256), epoch_plan(300, 256), epoch_plan(8, 8)
+        ((1, 200), (2, 150), (1, 8))
+    """
+    epochs = math.ceil(steps / batches)
+    return epochs, math.ceil(steps / epochs)
+
+
 def _train_variant(
     variant: str,
     *,
@@ -327,9 +344,11 @@ def _train_variant(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught, _quiet_lightning():
         warnings.simplefilter("always", ERFCoverageWarning)
+        epochs, per_epoch = epoch_plan(steps, len(loader))
         trainer = pl.Trainer(
             max_steps=steps,
-            max_epochs=math.ceil(steps / len(loader)),
+            max_epochs=epochs,
+            limit_train_batches=per_epoch,  # the progress bar ends at N/N, not 200/256
             accelerator="cpu",
             devices=1,
             logger=logger,

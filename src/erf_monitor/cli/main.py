@@ -191,12 +191,30 @@ def _result_record(r: ERFResult) -> dict[str, Any]:
     return rec
 
 
+#: What the positions table's columns mean, printed under it (docs/concepts.md defines them).
+POSITIONS_LEGEND = (
+    "unit: the output index; centre px: its input pixel; ERF: side of the 95%-mass square (px); "
+    "visible: that side as the image clips it; coverage: the square's share of the image; "
+    "of TRF: its share of the unit's clipped TRF; offset y,x: centroid minus centre pixel (px); "
+    "aniso.: widest over narrowest Gaussian width (1: round); dead: share of the TRF's pixels "
+    "with zero gradient (gridding); border_ratio: corner units' visible ERF size over the "
+    "centre's (0.5: corners reach as far as the centre, below: padding shrinks them). "
+    "Definitions: docs/concepts.md."
+)
+
+
 def positions_table(results: Mapping[str, ERFResult], *, title: str | None = None) -> Table:
     """A rich table of every probed position of every layer (``compute_erf(position=...)``)."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        caption=POSITIONS_LEGEND,
+        caption_justify="left",
+    )
     for col in ("layer", "position"):
         table.add_column(col, style="cyan" if col == "layer" else None, no_wrap=True)
     for col in ("unit", "centre px", "ERF", "visible", "coverage", "of TRF", "offset y,x",

@@ -10,8 +10,9 @@ Sources, found anywhere under the log directory:
   ``erf_maps/step_<N>.npz`` when the event files hold no images. The monitor's own run
   ``<log_dir>/erf`` is reported under ``<log_dir>``'s name, with the training curves of the
   event files next to it.
-* **``erf-monitor analyze --out`` folders**: ``metrics.json``, ``maps.npz`` and
-  ``heatmaps/<layer>.png``, one probe shown at step 0.
+* **``erf-monitor analyze --out`` folders**: ``metrics.json``, ``maps.npz``,
+  ``heatmaps/<layer>.png`` and ``fields/<layer>.png`` (``--position``): one probe, at step 0,
+  drawn against the layers instead of as growth curves.
 
 The page lists the runs (natural order: ``version_2`` before ``version_10``), then puts runs
 side by side (one plot per layer shared by several runs, one line per run, and their last
@@ -100,6 +101,12 @@ class Run:
     mtime: float = 0.0
     #: Where else the same ERF data were found (dropped by :func:`dedupe_runs`).
     duplicates: list[str] = field(default_factory=list)
+    #: ``{layer: png_bytes}``: ERF fields over several positions (``analyze --position``).
+    fields: dict[str, bytes] = field(default_factory=dict)
+
+    def single_probe(self) -> bool:
+        """Whether every metric has at most one step (an ``analyze`` folder): no growth."""
+        return all(len(s) <= 1 for metrics in self.metrics.values() for s in metrics.values())
 
     def thresholds(self) -> dict[str, float]:
         """``{layer: min_coverage}``: logged by the monitor, else quoted by an alert."""
@@ -399,6 +406,9 @@ def _read_analyze_run(folder: _Folder, directory: Path, name: str) -> Run | None
         png = directory / "heatmaps" / f"{safe_filename(layer)}.png"
         if folder.is_file(png):
             run.frames.setdefault(layer, []).append((0, folder.read_bytes(png)))
+        png = directory / "fields" / f"{safe_filename(layer)}.png"
+        if folder.is_file(png):
+            run.fields[layer] = folder.read_bytes(png)
     if not run.frames and folder.is_file(directory / "maps.npz"):
         for layer, a in _load_npz(folder, directory / "maps.npz").items():
             frame = _map_frame(a)
@@ -586,10 +596,49 @@ def growth_figure(run: Run, reference: float | None = None) -> bytes:
     return _figure_png(fig)
 
 
+def layers_figure(run: Run, reference: float | None = None) -> bytes:
+    """PNG for a run of one probe (an ``analyze`` folder): ERF size, ERF/TRF ratio and
+    coverage against the layers, in the run's order (deeper to the right), instead of growth
+    curves of one point each."""
+    return _figure_png(_layers_figure(run, reference))
+
+
+def _layers_figure(run: Run, reference: float | None) -> Any:
+    from matplotlib.figure import Figure
+
+    layers = list(run.metrics)
+    fig = Figure(figsize=(13.5, 3.9), layout="constrained")
+    axes = fig.subplots(1, 3)
+    thresholds = run.thresholds()
+    for ax, (metric, label) in zip(axes, _CURVES):
+        points = [(i, _derived(run.metrics[layer], metric)) for i, layer in enumerate(layers)]
+        xs = [i for i, s in points if s and math.isfinite(s[-1][1])]
+        ax.plot(xs, [points[i][1][-1][1] for i in xs], marker="o", ms=5, lw=1.2, color="C0")
+        if metric == "coverage":
+            checked = [i for i, layer in enumerate(layers) if layer in thresholds]
+            if checked:
+                ax.plot(checked, [thresholds[layers[i]] for i in checked], ls="", marker="_",
+                        ms=18, mew=2, color="C3", label="min_coverage")  # fmt: skip
+            else:
+                _reference_line(ax, reference)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="lower right")
+        _style(ax, metric, label)
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(len(layers)), [_mpl_text(n) for n in layers], rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(layers) - 0.5)
+    return fig
+
+
 def comparison_figure(layer: str, runs: list[Run], reference: float | None = None) -> bytes:
     """PNG: one layer's ERF size, coverage and ERF/TRF ratio over steps, one line per run
-    (runs without steps, e.g. ``analyze`` outputs, are single points); coverage shows each
-    run's threshold for the layer (dashed, the run's colour) or the grey reference."""
+    (when every run has one probe, e.g. ``analyze`` outputs, one point per run, side by
+    side); coverage shows each run's threshold for the layer (dashed, the run's colour) or
+    the grey reference."""
+    return _figure_png(_comparison_figure(layer, runs, reference))
+
+
+def _comparison_figure(layer: str, runs: list[Run], reference: float | None) -> Any:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13.5, 3.6), layout="constrained")
@@ -598,10 +647,15 @@ def comparison_figure(layer: str, runs: list[Run], reference: float | None = Non
     any_threshold = False
     # a reference line only when no run checks any layer (else this layer is just unchecked)
     reference = None if any(r.thresholds() for r in runs) else reference
+    # runs of one probe each (analyze folders): one point per run, side by side on the x-axis
+    by_run = all(r.single_probe() for r in runs)
     for ax, (metric, label) in zip(axes, curves):
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
-            _plot_series(ax, _derived(run.metrics[layer], metric), color, _mpl_text(run.name))
+            series = _derived(run.metrics[layer], metric)
+            if by_run:
+                series = [(i, v) for _, v in series]
+            _plot_series(ax, series, color, _mpl_text(run.name))
             threshold = run.thresholds().get(layer)
             if metric == "coverage" and threshold is not None:
                 any_threshold = True
@@ -609,9 +663,14 @@ def comparison_figure(layer: str, runs: list[Run], reference: float | None = Non
         if metric == "coverage" and not any_threshold:
             _reference_line(ax, reference)
         _style(ax, metric, label)
+        if by_run:
+            ax.set_xlabel("run")
+            ax.set_xticks(range(len(runs)), [_mpl_text(r.name) for r in runs], rotation=30,
+                          ha="right")  # fmt: skip
+            ax.set_xlim(-0.5, len(runs) - 0.5)
     fig.suptitle(f"layer {_mpl_text(layer)}", fontsize=11)
     _figure_legend(fig, axes, "run (dashed: min_coverage)" if any_threshold else "run")
-    return _figure_png(fig)
+    return fig
 
 
 def other_figure(run: Run, max_keys: int = 4) -> bytes | None:
@@ -727,30 +786,54 @@ def _run_section(run: Run, index: int, max_frames: int, reference: float | None)
             f"<td>{_first_last(cov, '.1%')}</td><td>{threshold}</td><td>{alert}</td></tr>"
         )
     out.append("</table>")
-    out.append("<h3>Growth over training</h3>")
-    if thresholds:
-        out.append('<p class="legend">Dashed: each checked layer\'s min_coverage.</p>')
-    elif reference is not None:
+    if run.single_probe():
+        out.append("<h3>ERF by layer</h3>")
         out.append(
-            f'<p class="legend">Grey dotted: reference coverage {reference:.0%} (this run '
-            "logged no min_coverage).</p>"
-        )
-    out.append(_img(growth_figure(run, reference), f"ERF growth curves of {run.name}", "plot"))
+            '<p class="legend">One probe, so no growth over training: the layers side by side, '
+            "in the order they were reported."
+            + (f" Grey dotted: reference coverage {reference:.0%}." if not thresholds and
+               reference is not None else "")
+            + "</p>"
+        )  # fmt: skip
+        out.append(_img(layers_figure(run, reference), f"ERF by layer of {run.name}", "plot"))
+    else:
+        out.append("<h3>Growth over training</h3>")
+        if thresholds:
+            out.append('<p class="legend">Dashed: each checked layer\'s min_coverage.</p>')
+        elif reference is not None:
+            out.append(
+                f'<p class="legend">Grey dotted: reference coverage {reference:.0%} (this run '
+                "logged no min_coverage).</p>"
+            )
+        out.append(_img(growth_figure(run, reference), f"ERF growth curves of {run.name}", "plot"))
     other = other_figure(run)
     if other is not None:
         out.append("<h3>Training curves</h3>")
         out.append(_img(other, f"training curves of {run.name}", "plot"))
     if run.frames:
-        out.append("<h3>Heatmaps over training</h3>")
+        out.append("<h3>Heatmaps</h3>" if run.single_probe() else "<h3>Heatmaps over training</h3>")
         for layer, frames in run.frames.items():
-            out.append(f'<h4>{e(layer or "<model>")}</h4><div class="strip">')
-            for i in _pick(len(frames), max_frames):
+            out.append(f"<h4>{e(layer or '<model>')}</h4>")
+            shown = _pick(len(frames), max_frames)
+            if len(shown) < len(frames):
+                out.append(
+                    f'<p class="legend">{len(shown)} of {len(frames)} probes shown, evenly '
+                    f"spaced (steps {', '.join(str(frames[i][0]) for i in shown)}); "
+                    "<code>erf-monitor report --frames N</code> shows up to N.</p>"
+                )
+            out.append('<div class="strip">')
+            for i in shown:
                 step, data = frames[i]
                 out.append(
                     f"<figure>{_img(data, f'{layer} step {step}')}"
                     f"<figcaption>step {step}</figcaption></figure>"
                 )
             out.append("</div>")
+    if run.fields:
+        out.append("<h3>ERF at several positions</h3>")
+        for layer, data in run.fields.items():
+            out.append(f"<h4>{e(layer or '<model>')}</h4>")
+            out.append(_img(data, f"ERF field of {layer}", "plot"))
     out.append("</section>")
     return "\n".join(out)
 

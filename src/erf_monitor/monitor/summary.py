@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -19,6 +19,22 @@ if TYPE_CHECKING:
 __all__ = ["print_summary", "summary_table"]
 
 History = Mapping[str, Mapping[int, Mapping[str, float]]]
+
+_COLUMNS: tuple[tuple[str, Literal["left", "right"], str | None], ...] = (
+    ("layer", "left", "cyan"),
+    ("TRF", "right", None),
+    ("ERF", "right", None),
+    ("ERF/TRF", "right", None),
+    ("coverage", "right", None),
+    ("alert", "left", None),
+)
+_MIN_LAYER_WIDTH = 8
+#: What the columns hold, under the table.
+CAPTION = (
+    "first → last probe. TRF, ERF: sides in px (TRF clipped to the input, ERF the 95%-mass "
+    "square); coverage: the square's share of the input; alert: the step it fired at "
+    "(min_coverage)."
+)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -64,6 +80,7 @@ def summary_table(
         >>> "41 → 97" in cap.get() and "3.0% → 19.0%" in cap.get()
         True
     """
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -73,13 +90,19 @@ def summary_table(
     if steps:
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} → {steps[-1]}"
         title = f"{title} ({span}, {len(steps)} probe{'s' if len(steps) > 1 else ''})"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("layer", style="cyan", no_wrap=True)
-    table.add_column("TRF", justify="right")
-    table.add_column("ERF size (px)", justify="right")
-    table.add_column("ERF/TRF", justify="right")
-    table.add_column("coverage", justify="right")
-    table.add_column("alert (min_coverage)")
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        caption=CAPTION,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    # One-word headers, each column at least as wide as its header: a narrow console wraps
+    # the cells (at " → ") and folds long layer names, it never cuts a header to "ERF…".
+    for header, justify, style in _COLUMNS:
+        min_width = None if header == "layer" else len(header)
+        table.add_column(header, justify=justify, style=style, min_width=min_width, overflow="fold")
     for layer, by_step in history.items():
         if not by_step:
             continue
@@ -115,8 +138,20 @@ def print_summary(
     if not any(history.values()):
         return
     from rich.console import Console
+    from rich.measure import Measurement
 
-    console = console or Console()
-    console.print(summary_table(history, alerts, thresholds))
+    table = summary_table(history, alerts, thresholds)
+    natural = Measurement.get(Console(), Console().options.update_width(10_000), table).maximum
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or a pipe: every row on one line
+            console = Console(width=max(console.width, natural))
+    excess = natural - console.width
+    if excess > 0:
+        # A long layer name folds onto more lines instead of squeezing the numbers: rich
+        # counts an unbreakable name as its column's minimum and would crop the table.
+        longest = max(len(layer or "<model>") for layer in history)
+        table.columns[0].max_width = max(_MIN_LAYER_WIDTH, longest - excess)
+    console.print(table)
     if alerts:
         console.print("Alerts: monitor.alerts == {layer: step it fired at}.", highlight=False)

@@ -813,7 +813,7 @@ def erf_figure(
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
     labels = {lab for ax in axes.flat for lab in ax.get_legend_handles_labels()[1]}
-    proxies = _legend_proxies(labels)
+    proxies = _legend_proxies(labels, cmap)
     if proxies:
         fig.legend(
             [h for h, _ in proxies],
@@ -822,20 +822,28 @@ def erf_figure(
             ncols=len(proxies),
             fontsize=8,
             frameon=False,
+            handlelength=3.0,  # swatches large enough to show the dashed outline
+            handleheight=1.6,
         )
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
 
 
-def _legend_proxies(labels: set[str]) -> list[tuple[Any, str]]:
-    """Legend swatches for the boxes drawn (the white square on a dark swatch)."""
+def _legend_proxies(labels: set[str], cmap: str = "inferno") -> list[tuple[Any, str]]:
+    """Legend swatches drawn as the boxes are (the white dashed square, the cyan box), on the
+    colour map's low end, the background the boxes sit on in the panels."""
+    import matplotlib
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    known = {
-        "TRF (clipped)": Patch(facecolor="0.15", edgecolor="cyan", lw=1.2),
-        "95% mass": Patch(facecolor="0.15", edgecolor="white", lw=1.2),
+    ground = matplotlib.colormaps[cmap](0.0)
+    # the dark ground reaches past the outline (a thick edge of its own colour), so that the
+    # white dashes show on it and not on the figure's white
+    back = Patch(facecolor=ground, edgecolor=ground, lw=5)
+    known: dict[str, Any] = {
+        "TRF (clipped)": (back, Patch(fill=False, edgecolor="cyan", lw=1.2)),
+        "95% mass": (back, Patch(fill=False, edgecolor="white", lw=1.2, ls="--")),
         "centre unit": Line2D([], [], ls="", marker="+", color="lime", ms=9, mew=1.5),
     }
     names = {"95% mass": "95%-mass square", "centre unit": "centre unit (off the image centre)"}
