@@ -51,10 +51,10 @@ class ERFMonitor(EngineView, _CallbackBase):
     centre-pixel ERF of ``layers`` is computed on a fixed probe batch and logged to every
     logger of the Trainer (TensorBoard, W&B, CSV, MLflow) under the same keys:
 
-    * ``erf/<layer>/<metric>`` scalars (``coverage``, ``erf_size``, ``erf_trf_ratio``,
-      ``trf_size``, ``area_t20`` ... ``area_t99``, ``sigma_y/x``, ``centroid_offset_y/x``,
-      ``gaussian_r2``, OpenERF's ``disc_mass_r5`` ... ``disc_mass_r80`` and
-      ``gauss_fit_amplitude/sigma_y/sigma_x/offset_y/offset_x/r2``) and ``erf/probe_time_s``;
+    * ``erf/<layer>/<metric>`` scalars: by default ``erf_size``, ``coverage``,
+      ``erf_trf_ratio``, ``area_t50``, ``sigma_y/x`` and ``centroid_offset_y/x`` (every other
+      metric of ``ERFResult.scalars()`` on request, ``metrics=``), a checked layer's
+      ``min_coverage``, and ``erf/probe_time_s``, in one ``log_metrics``-like call per probe;
     * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
     * with ``position`` other units than the centre: ``erf/<layer>/<position>/<metric>``, and
       for a set of positions ``erf/<layer>/border_ratio`` and the ``erf/<layer>/field`` image;
