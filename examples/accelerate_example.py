@@ -2,7 +2,8 @@
 
 The model and optimizer are the ``accelerator.prepare``'d ones; steps are counted on real
 optimizer steps only (gradient accumulation: 2 micro-batches per step), and the ERF curves
-go to the same TensorBoard run as ``accelerator.log``.
+go to a TensorBoard run of their own, ``<the tracker's log dir>/erf``, beside the loss that
+``accelerator.log`` writes (once per optimizer step).
 
 Run:  python examples/accelerate_example.py  [--out runs/accelerate]  then
       tensorboard --logdir runs/accelerate
@@ -50,7 +51,8 @@ def main(out: str = "runs/accelerate", steps: int = 40) -> em.Watcher:
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-        accelerator.log({"train/loss": loss.item()}, step=watcher.global_step)
+        if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
+            accelerator.log({"train/loss": loss.item()}, step=watcher.global_step)
     watcher.close()  # a last probe at the final step, then hooks removed
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -1,8 +1,8 @@
 """``ERFTrainerCallback`` in a Hugging Face ``Trainer``: one line in ``callbacks=[...]``.
 
 A small ConvNeXt built from a config (no download) trains on synthetic images; the callback
-probes its stages every 10 optimizer steps and logs through the Trainer's own TensorBoard
-writer, next to the loss.
+probes its stages every 10 optimizer steps and logs to a TensorBoard run of its own beside
+the Trainer's (``runs/<date>_<host>/erf``, next to the loss's run).
 
 Run:  python examples/transformers_example.py  [--out runs/hf]  then
       tensorboard --logdir runs/hf/runs

@@ -20,12 +20,18 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import erf_monitor as em
 from conftest import HANG_GUARD_S
 from erf_monitor.sinks import Sink
+from wandb_records import wandb_history
 
 pytest.importorskip("lightning")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 LAYERS = ["net.0", "net.3", "net.7"]
+#: What a 2-D layer logs by default (the README's numbers; the Lightning guide's table).
+DEFAULT_2D = {
+    "erf_size", "coverage", "erf_trf_ratio", "area_t50",
+    "sigma_y", "sigma_x", "centroid_offset_y", "centroid_offset_x",
+}  # fmt: skip
 N_DATA, SIZE = 48, 16
 
 
@@ -197,32 +203,64 @@ def test_tensorboard_keys_steps_images(pkg: str, tmp_path: Path) -> None:
     ea = events(logger)
     scalars, images = set(ea.Tags()["scalars"]), set(ea.Tags()["images"])
     for layer in LAYERS:
-        for metric in ("coverage", "erf_size", "erf_trf_ratio", "trf_size", "sigma_x"):
+        for metric in ("coverage", "erf_size", "erf_trf_ratio", "area_t50", "sigma_x"):
             steps = [e.step for e in ea.Scalars(f"erf/{layer}/{metric}")]
             assert steps == [0, 2, 4, 5], (layer, metric, steps)  # start, every 2, end
         assert f"erf/{layer}/heatmap" in images
         assert len(ea.Images(f"erf/{layer}/heatmap")) == 4
         value = ea.Scalars(f"erf/{layer}/coverage")[-1].value
         assert value == pytest.approx(cb.history[layer][5]["coverage"])
+        # The few numbers that matter, not ~40 per layer (the history keeps them all).
+        tags = {t.removeprefix(f"erf/{layer}/") for t in scalars if t.startswith(f"erf/{layer}/")}
+        assert tags == DEFAULT_2D and len(cb.history[layer][5]) > 30
     assert "erf/probe_time_s" in scalars
-    assert ea.Scalars("erf/net.7/trf_size")[0].value == 9.0  # 3 -> 5 (stride 2) -> 5 + 2*2
+    assert cb.history["net.7"][0]["trf_size"] == 9.0  # 3 -> 5 (stride 2) -> 5 + 2*2
     assert cb.layers == LAYERS and sorted(cb.history["net.0"]) == [0, 2, 4, 5]
 
 
+def test_metrics_option_all_and_names(tmp_path: Path) -> None:
+    logger = tb_logger("lightning.pytorch", tmp_path)
+    cb = quiet_monitor(layers=["net.7"], metrics="all", min_coverage=0.01)
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=2, logger=logger).fit(make_module())
+    scalars = set(events(logger).Tags()["scalars"])
+    assert scalars == {f"erf/net.7/{k}" for k in cb.history["net.7"][2]} | {
+        "erf/net.7/min_coverage",
+        "erf/probe_time_s",
+    }
+    calls: list[dict[str, float]] = []
+    cb2 = quiet_monitor(
+        layers=["net.7"], metrics=["gaussian_r2", "area_t*"],
+        sinks=[lambda step, scalars, images: calls.append(scalars)],
+    )  # fmt: skip
+    make_trainer("lightning.pytorch", tmp_path, [cb2], max_steps=2).fit(make_module())
+    assert set(calls[0]) == {
+        "erf/net.7/gaussian_r2", "erf/net.7/area_t20", "erf/net.7/area_t30",
+        "erf/net.7/area_t50", "erf/net.7/area_t99", "erf/probe_time_s",
+    }  # fmt: skip
+
+
 def test_csv_logger_files(tmp_path: Path) -> None:
+    import csv
+
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(str(tmp_path), name="csv")
-    trainer = make_trainer(
-        "lightning.pytorch", tmp_path, [quiet_monitor()], max_steps=4, logger=logger
-    )
+    cb = quiet_monitor()
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4, logger=logger)
     trainer.fit(make_module())
+    # Scalars where CSVLogger users look: columns of its own metrics.csv, as log_metrics puts
+    # them (one row per probe); heatmaps, raw maps and alerts beside it, in erf/.
+    with (Path(logger.log_dir) / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("erf/net.3/coverage")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert float(r["erf/net.3/coverage"]) == pytest.approx(
+            cb.history["net.3"][int(r["step"])]["coverage"]
+        )
+        assert r["erf/probe_time_s"] and r["erf/net.7/erf_size"]
     root = Path(logger.log_dir) / "erf"
-    rows = (root / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,key,value"
-    steps = sorted({int(r.split(",")[0]) for r in rows[1:] if ",erf/net.3/coverage," in r})
-    assert steps == [0, 2, 4]
-    npz = sorted(root.rglob("*.npz"))
+    assert not (root / "metrics.csv").exists()
+    npz = sorted((root / "erf_maps").glob("step_*.npz"))
     assert len(npz) == 3
     maps = np.load(npz[0], allow_pickle=False)
     assert set(maps.files) == {*LAYERS, "__mode__", "__definition__"}
@@ -251,6 +289,11 @@ def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(pngs) == 2  # steps 0 and 2
     assert all("erf/net.7/heatmap" in p.as_posix() for p in pngs)
     assert summary["erf/net.7/coverage"] == pytest.approx(cb.history["net.7"][2]["coverage"])
+    # One history row per probe, holding all of it (scalars, heatmap, probe time).
+    rows = [h for h in wandb_history(run_dir.parent) if any(k.startswith("erf/") for k in h)]
+    assert [(h["erf/step"], h["trainer/global_step"]) for h in rows] == [(0, 0), (2, 2)]
+    for h in rows:
+        assert {"erf/net.7/coverage", "erf/probe_time_s", "erf/net.7/heatmap/_type"} <= set(h)
 
 
 # ----------------------------------------------------------------------------- batches / forward
@@ -434,6 +477,125 @@ def test_checkpoint_resume(tmp_path: Path) -> None:
     assert sorted(cb2.history["net.0"]) == [0, 2, 4, 6, 8]  # no second probe at step 4
     for step in (0, 2, 4):
         assert cb2.history["net.0"][step] == cb1.history["net.0"][step]
+
+
+def test_resume_from_last_does_not_probe_the_checkpoint_step_again(tmp_path: Path) -> None:
+    """``fit(ckpt_path="last")``: the checkpoint is saved at the end of the epoch, before the
+    final probe of that fit; the resumed fit must not probe and log that step again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logged: list[int] = []
+
+    def run(max_steps: int, **fit: Any) -> em.ERFMonitor:
+        cb = quiet_monitor(
+            layers=["net.7"], every_n_steps=4,
+            sinks=[lambda step, scalars, images: logged.append(step)],
+        )  # fmt: skip
+        ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+        trainer = make_trainer(
+            "lightning.pytorch", tmp_path, [cb, ck], max_steps=max_steps,
+            enable_checkpointing=True,
+        )  # fmt: skip
+        trainer.fit(make_module(), **fit)
+        return cb
+
+    first = run(10)  # 6 batches an epoch: the last checkpoint is written at step 10
+    assert logged == [0, 4, 8, 10]
+    second = run(16, ckpt_path="last")
+    assert logged == [0, 4, 8, 10, 12, 16]  # step 10 logged once
+    assert sorted(second.history["net.7"]) == [0, 4, 8, 12, 16]  # the checkpoint's history
+    assert torch.equal(second.probe_batch, first.probe_batch)
+
+
+def test_reused_monitor_starts_afresh_for_a_new_trainer_and_model(tmp_path: Path) -> None:
+    calls: list[tuple[int, set[str]]] = []
+    cb = quiet_monitor(
+        layers=["net.7"], min_coverage=0.01,
+        sinks=[lambda step, scalars, images: calls.append((step, set(scalars)))],
+    )  # fmt: skip
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=6).fit(make_module())
+    first_batch = cb.probe_batch
+    assert sorted(cb.history["net.7"]) == [0, 2, 4, 6]
+    # One call per probe, with every scalar of it (thresholds and probe time included).
+    assert [step for step, _ in calls] == [0, 2, 4, 6]
+    assert all({"erf/net.7/min_coverage", "erf/probe_time_s"} <= keys for _, keys in calls)
+    assert all(len(keys) == len(DEFAULT_2D) + 2 for _, keys in calls)
+
+    calls.clear()
+    other = TensorDataset(torch.randn(16, 3, SIZE, SIZE) + 5, torch.randint(0, 4, (16,)))
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=3)
+    trainer.fit(make_module(), DataLoader(other, batch_size=8))
+    assert sorted(cb.history["net.7"]) == [0, 2, 3]  # the new run only
+    assert torch.equal(cb.probe_batch, other.tensors[0][:4])  # the new run's images
+    assert not torch.equal(cb.probe_batch, first_batch)
+    assert [step for step, _ in calls] == [0, 2, 3]
+
+
+def test_custom_logger_gets_scalars_and_images(tmp_path: Path) -> None:
+    """A Lightning Logger erf-monitor does not know: scalars through its log_metrics, images
+    through its log_image, as Lightning's own monitors do."""
+    from lightning.pytorch.loggers import Logger
+
+    class Recording(Logger):  # type: ignore[misc]
+        name, version = "recording", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.metrics: list[tuple[int | None, dict[str, float]]] = []
+            self.images: list[tuple[str, int, tuple[int, ...]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.metrics.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
+
+        def log_image(self, key: str, images: list[Any], step: int | None = None) -> None:
+            self.images.append((key, int(step or 0), tuple(np.asarray(images[0]).shape)))
+
+    logger = Recording()
+    cb = quiet_monitor(layers=["net.7"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4, logger=logger).fit(
+            make_module()
+        )
+    assert not [w for w in caught if "erf-monitor" in str(w.message)]  # no "no sink" warning
+    erf = [(step, m) for step, m in logger.metrics if "erf/net.7/coverage" in m]
+    assert [step for step, _ in erf] == [0, 2, 4]
+    assert erf[-1][1]["erf/net.7/coverage"] == pytest.approx(cb.history["net.7"][4]["coverage"])
+    assert [(k, s) for k, s, _ in logger.images] == [("erf/net.7/heatmap", s) for s in (0, 2, 4)]
+    assert logger.images[0][2][2] == 3  # (H, W, 3) RGB
+
+
+def test_manual_optimization_with_two_optimizers_counts_both(tmp_path: Path) -> None:
+    """Documented: global_step counts the steps of both optimizers (2 per batch)."""
+    import lightning.pytorch as L
+
+    class TwoOptimizers(L.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.net, self.head = make_net(), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.net(x).mean((2, 3)))
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            for opt in self.optimizers():
+                opt.zero_grad()
+                self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+                opt.step()
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [torch.optim.SGD(self.net.parameters()), torch.optim.SGD(self.head.parameters())]
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(*_data()), batch_size=8)
+
+    cb = quiet_monitor(layers=["net.7"], every_n_steps=5)
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=16)
+    trainer.fit(TwoOptimizers())
+    assert sorted(cb.history["net.7"]) == [0, 6, 10, 16]
 
 
 # ----------------------------------------------------------------------------- training setups

@@ -92,7 +92,12 @@ def test_demo_cli_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "large" in out and "coverage" in out
-    assert (tmp_path / "large" / "version_0" / "erf" / "metrics.csv").is_file()
+    # ERF scalars are columns of the CSVLogger's own metrics.csv; heatmaps and maps in erf/.
+    log_dir = tmp_path / "large" / "version_0"
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "erf/net.head/coverage" in header and "train/loss" in header
+    assert list((log_dir / "erf" / "heatmaps").rglob("step_*.png"))
+    assert list((log_dir / "erf" / "erf_maps").glob("step_*.npz"))
     assert main(["demo", "--fast", "--steps", "0", "--out", str(tmp_path)]) == 2
 
 

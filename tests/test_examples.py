@@ -59,9 +59,15 @@ def test_transformers_example(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_accelerate_example(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = run_example("accelerate_example.py", tmp_path, "--out", "acc", "--steps", "12")
     assert "layer 5: ERF" in out
     assert glob.glob(str(tmp_path / "acc" / "erf" / "events.out.tfevents.*"))
+    loss = EventAccumulator(str(tmp_path / "acc" / "erf"), size_guidance={"scalars": 0})
+    loss.Reload()  # the tracker's run: the loss once per optimizer step (2 micro-batches each)
+    assert [e.step for e in loss.Scalars("train/loss")] == list(range(1, 13))
+    assert glob.glob(str(tmp_path / "acc" / "erf" / "erf" / "events.out.tfevents.*"))  # ERF's
 
 
 @pytest.mark.slow

@@ -76,9 +76,17 @@ def test_fabric_loggers_get_the_probes(tmp_path: Path) -> None:
     for layer in LAYERS:
         assert [e.step for e in ea.Scalars(f"erf/{layer}/coverage")] == [0, 2, 4, 6]
         assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4, 6]
-    # The CSVLogger gets the files (under its log_dir/erf, beside Fabric's metrics.csv).
-    csv = next((tmp_path / "csv").rglob("erf/metrics.csv")).read_text().splitlines()
-    assert sorted({int(line.split(",")[0]) for line in csv[1:]}) == [0, 2, 4, 6]
+    # The CSVLogger: scalars in its own metrics.csv next to the loss (through log_metrics),
+    # heatmaps and raw maps in erf/ beside it.
+    import csv
+
+    (table,) = (tmp_path / "csv").rglob("metrics.csv")
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get(f"erf/{LAYERS[0]}/coverage")] == [0, 2, 4, 6]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert len(list((table.parent / "erf" / "heatmaps").rglob("step_*.png"))) == 4 * len(LAYERS)
+    assert len(list((table.parent / "erf" / "erf_maps").glob("step_*.npz"))) == 4
 
 
 def test_training_is_bit_for_bit_identical_with_the_watcher(tmp_path: Path) -> None:

@@ -297,7 +297,7 @@ def test_every_saved_result_records_its_mode(tmp_path: pytest.TempPathFactory) -
     event = ea.Tensors(texts[0])[0]
     text = event.tensor_proto.string_val[0].decode()
     assert "mode=replknet" in text and DEFINITIONS["replknet"] in text
-    with np.load(files / "maps" / "step_1.npz", allow_pickle=False) as maps:
+    with np.load(files / "erf_maps" / "step_1.npz", allow_pickle=False) as maps:
         assert str(maps["__mode__"]) == "replknet"
     assert (files / "events.log").read_text().count("mode=replknet") == 1
 

@@ -401,8 +401,9 @@ def test_watch_logs_every_position_to_tensorboard(tmp_path: Path) -> None:
     net = strided_net()
     writer = SummaryWriter(str(tmp_path))
     x = torch.randn(2, 3, 32, 32)
+    metrics = ["coverage", "erf_size", "border_ratio", "dead_fraction", "coverage_trf"]
     w = em.watch(net, layers=["4"], every_n_steps=1, probe_inputs=x, min_coverage=None,
-                 logger=writer, position="corners")  # fmt: skip
+                 logger=writer, position="corners", metrics=metrics)  # fmt: skip
     w.step()
     w.step()
     w.close()
@@ -413,6 +414,7 @@ def test_watch_logs_every_position_to_tensorboard(tmp_path: Path) -> None:
     tags = set(ea.Tags()["scalars"])
     for key in ("corner_top_left", "corner_bottom_right"):
         assert f"erf/4/{key}/coverage" in tags and f"erf/4/{key}/erf_size" in tags
+        assert f"erf/4/{key}/sigma_x" not in tags  # metrics= selects at every position
     assert {"erf/4/coverage", "erf/4/border_ratio", "erf/4/dead_fraction"} <= tags
     assert [e.step for e in ea.Scalars("erf/4/corner_top_left/coverage_trf")] == [1, 2]
     assert len(ea.Images("erf/4/field")) == 2 and len(ea.Images("erf/4/heatmap")) == 2
@@ -424,7 +426,7 @@ def test_watch_logs_every_position_to_tensorboard(tmp_path: Path) -> None:
 
 def test_wandb_keys_of_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
-    from test_sinks import _wandb_history
+    from wandb_records import wandb_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -438,7 +440,7 @@ def test_wandb_keys_of_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         run_dir = Path(run.dir).parent
     finally:
         wandb.finish()
-    rows = [h for h in _wandb_history(run_dir) if "erf/4/y0_x0/coverage" in h]
+    rows = [h for h in wandb_history(run_dir) if "erf/4/y0_x0/coverage" in h]
     assert rows and "erf/4/y50pct_x100pct/erf_size" in rows[0] and "erf/4/coverage" in rows[0]
     images = sorted((run_dir / "files" / "media" / "images").rglob("*.png"))
     assert any("field" in str(p) for p in images)

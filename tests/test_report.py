@@ -126,7 +126,7 @@ def test_maps_only_and_no_pickle(tmp_path: Path) -> None:
     for step in (0, 5):
         sink.log_scalars({"erf/a/coverage": 0.1 * (step + 1), "erf/a/erf_size": 3.0 + step}, step)
         sink.log_arrays("erf", {"a": np.random.default_rng(step).random((8, 8))}, step)
-    np.savez(tmp_path / "run" / "maps" / "step_9.npz", a=np.array([{"x": 1}], dtype=object))
+    np.savez(tmp_path / "run" / "erf_maps" / "step_9.npz", a=np.array([{"x": 1}], dtype=object))
     (run,) = find_runs(tmp_path)
     assert [s for s, _ in run.frames["a"]] == [0, 5]
     path, _ = build_report(tmp_path)

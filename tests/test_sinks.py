@@ -9,10 +9,8 @@ import csv
 import glob
 import io
 import json
-import struct
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from erf_monitor.sinks import (
     CSV_SUBDIR,
     CallableSink,
     FileSink,
+    LoggerSink,
     MLflowSink,
     MultiSink,
     Sink,
@@ -36,11 +35,14 @@ from erf_monitor.sinks import (
     WandbSink,
     as_sink,
     log_results,
+    pick_metrics,
     safe_filename,
     sinks_for_trainer,
 )
+from erf_monitor.sinks._metrics import METRIC_NAMES
 from erf_monitor.trf.types import TRF
 from erf_monitor.viz.render import render_heatmap
+from wandb_records import wandb_history
 
 LAYERS = ("layer1.0", "blocks/2")  # a dotted name and one that needs escaping in file names
 
@@ -81,8 +83,23 @@ def results() -> dict[str, ERFResult]:
     return {LAYERS[0]: _result(LAYERS[0], 24, 2.0, 5), LAYERS[1]: _result(LAYERS[1], 24, 4.0, 9)}
 
 
-def _expected_scalars(results: dict[str, ERFResult]) -> dict[str, float]:
-    return {f"erf/{n}/{k}": v for n, r in results.items() for k, v in r.scalars().items()}
+#: What a 2-D layer logs by default (the README's numbers; the Lightning guide's table).
+DEFAULT_2D = {
+    "erf_size", "coverage", "erf_trf_ratio", "area_t50",
+    "sigma_y", "sigma_x", "centroid_offset_y", "centroid_offset_x",
+}  # fmt: skip
+
+
+def _expected_scalars(
+    results: dict[str, ERFResult], names: set[str] | None = DEFAULT_2D
+) -> dict[str, float]:
+    """The scalars of ``results`` named ``names`` (all of them for ``None``)."""
+    return {
+        f"erf/{n}/{k}": v
+        for n, r in results.items()
+        for k, v in r.scalars().items()
+        if names is None or k in names
+    }
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -119,7 +136,7 @@ def test_file_sink_layout_and_content(tmp_path: Path, results: dict[str, ERFResu
         assert png.shape[:2] == render_heatmap(r).shape[:2] and _not_uniform(png)
     assert (tmp_path / "out" / "heatmaps" / "blocks%2F2").is_dir()  # escaped, not nested
 
-    with np.load(tmp_path / "out" / "maps" / "step_10.npz", allow_pickle=False) as npz:
+    with np.load(tmp_path / "out" / "erf_maps" / "step_10.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == sorted([*LAYERS, "__mode__", "__definition__"])
         assert str(npz["__mode__"]) == "luo"
         for name, r in results.items():
@@ -155,6 +172,47 @@ def test_file_sink_odd_names(tmp_path: Path) -> None:
     sink.log_image("erf/../../x/heatmap", image, 3)
     written = list(tmp_path.rglob("step_3.png"))
     assert len(written) == 1 and written[0].is_relative_to(tmp_path / "heatmaps")
+
+
+# -- which metrics are logged ----------------------------------------------------------------
+def test_pick_metrics_default_all_and_names(results: dict[str, ERFResult]) -> None:
+    everything = results[LAYERS[0]].scalars()
+    assert len(everything) > 30 and set(pick_metrics(everything)) == DEFAULT_2D
+    assert pick_metrics(everything, "all") == everything
+    picked = pick_metrics(everything, ["sigma", "area_t*", "gaussian_r2"])
+    assert set(picked) == {"sigma_y", "sigma_x", "gaussian_r2"} | {
+        f"area_t{t}" for t in (20, 30, 50, 99)
+    }  # a per-axis base name, a glob, a name; never sigma_major/minor
+    assert all(picked[k] == everything[k] for k in picked)
+    logged = log_results(Sink(), results, 1, metrics=["coverage"], extra={"erf/x": 2.0})
+    assert logged == {**{f"erf/{n}/coverage": results[n].coverage for n in LAYERS}, "erf/x": 2.0}
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_every_metric_of_scalars_has_a_name(ndim: int) -> None:
+    """The names users may ask for cover every key ``scalars()`` returns (1-, 2-, 3-D, with
+    a field of positions), and the default set is 8 keys per 2-D layer (<= 10 with a field)."""
+    import erf_monitor as em
+
+    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[ndim]
+    net = torch.nn.Sequential(conv(1, 2, 3, padding=1), torch.nn.ReLU(), conv(2, 2, 3, padding=1))
+    x = torch.randn(2, 1, *([9] * ndim))
+    r = em.compute_erf(net, x, ["2"], position="corners" if ndim == 2 else "centre")["2"]
+    keys = r.scalars()
+    assert pick_metrics(keys, list(METRIC_NAMES)) == keys
+    default = pick_metrics(keys)
+    assert len(default) == {1: 6, 2: 9, 3: 10}[ndim]  # 2-D: 8 + border_ratio (a field)
+
+
+def test_unknown_metric_names_fail_at_construction() -> None:
+    import erf_monitor as em
+
+    with pytest.raises(ValueError, match=r"'coverag' names no metric; valid names .*erf_size"):
+        em.MonitorOptions(metrics=["coverag"])
+    with pytest.raises(TypeError, match=r"metrics=\[name\]"):
+        em.MonitorOptions(metrics="coverage")  # type: ignore[arg-type]
+    assert em.MonitorOptions(metrics=["sigma", "area_t*"]).metrics == ("sigma", "area_t*")
+    assert em.MonitorOptions(metrics="all").metrics == "all"
 
 
 # -- TensorBoard ----------------------------------------------------------------------------
@@ -196,6 +254,48 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
         np.testing.assert_array_equal(npz[LAYERS[1]], results[LAYERS[1]].heatmap.numpy())
 
 
+def _layout(acc: Any) -> dict[str, dict[str, list[str]]]:
+    """The Custom Scalars layout of a run: ``{section: {card: [tag regex, ...]}}``."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = acc.Tensors("custom_scalars__config__")[-1:]
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    return {
+        c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart}
+        for c in layout.category
+    }
+
+
+@pytest.mark.skipif(not package_available("tensorboard"), reason="tensorboard not installed")
+def test_tensorboard_custom_scalars_one_card_per_layer(
+    tmp_path: Path, results: dict[str, ERFResult]
+) -> None:
+    import re
+
+    sink = TensorBoardSink(tmp_path / "tb")
+    log_results(sink, results, 5, extra={f"erf/{LAYERS[0]}/min_coverage": 0.1})
+    log_results(sink, results, 10)
+    acc = _accumulator(tmp_path / "tb")
+    tags = acc.Tags()["scalars"]
+    layout = _layout(acc)
+    assert list(layout) == [
+        "erf: coverage, ERF/TRF ratio and min_coverage",
+        "erf: ERF size, sigma and centroid offset (px)",
+    ]
+    wanted = [
+        {"coverage", "erf_trf_ratio", "min_coverage"},
+        {"erf_size", "sigma_y", "sigma_x", "centroid_offset_y", "centroid_offset_x"},
+    ]
+    for cards, metrics in zip(layout.values(), wanted):
+        assert list(cards) == list(LAYERS)  # one card per layer
+        for layer, (regex,) in cards.items():
+            drawn = {t for t in tags if re.match(regex, t)}
+            if layer != LAYERS[0]:
+                metrics = metrics - {"min_coverage"}  # logged for the first layer only
+            assert drawn == {f"erf/{layer}/{m}" for m in metrics}
+    assert len(acc.Tensors("custom_scalars__config__")) == 1  # written once: layers are known
+
+
 @pytest.mark.skipif(not package_available("tensorboard"), reason="tensorboard not installed")
 def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
@@ -215,51 +315,6 @@ def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
 
 
 # -- W&B (offline) --------------------------------------------------------------------------
-def _wandb_history(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[dict[str, Any]]:
-    """History rows of an offline run, from its ``run-*.wandb`` record log (LevelDB format).
-
-    wandb-core sometimes writes the records shortly *after* ``run.finish()`` returns (seen with
-    wandb 0.31: the file still holds only its 7-byte header), so wait for the exit record.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        rows, done = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
-        if done or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
-
-
-def _read_wandb_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending, records = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
-        if left < 7 or (length == 0 and kind == 0):
-            pos += left
-            continue
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            records.append(pending)
-    rows, done = [], False
-    for raw in records:
-        record = pb.Record()
-        record.ParseFromString(raw)
-        done = done or record.WhichOneof("record_type") == "exit"
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {
-                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                    for item in record.history.item
-                }
-            )
-    return rows, done
-
-
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     wandb = pytest.importorskip("wandb")
@@ -279,10 +334,11 @@ def test_wandb_sink_offline_run(
     sink = as_sink(run)
     assert isinstance(sink, WandbSink)
     log_results(sink, results, 5)
-    log_results(sink, results, 10)
+    log_results(sink, results, 10, flush=False)  # as a monitor does: its alerts come next
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run.alert may or may not work offline
         sink.alert("low coverage", "layer1.0 sees 2%", 10)
+    sink.flush()
     run_dir = Path(run.dir).parent
     run.finish()
 
@@ -295,17 +351,20 @@ def test_wandb_sink_offline_run(
     with np.load(run_dir / "files" / "erf_maps" / "step_10.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz[LAYERS[0]], results[LAYERS[0]].heatmap.numpy())
 
-    history = _wandb_history(run_dir)
+    history = wandb_history(run_dir)
     scalar_rows = [h for h in history if f"erf/{LAYERS[0]}/coverage" in h]
     assert [h["erf/step"] for h in scalar_rows] == [5, 10]
     expected = _expected_scalars(results)
     for key, value in expected.items():
         if np.isfinite(value):
             assert scalar_rows[-1][key] == pytest.approx(value)
-    steps = [h["_step"] for h in history if "_step" in h]
-    assert steps == sorted(steps)  # W&B's own step stays monotonic
-    assert any(h.get(f"erf/{LAYERS[1]}/heatmap/_type") == "image-file" for h in history)
-    assert any("alerts/low coverage/_type" in h for h in history)
+    # One history row per probe: scalars, heatmaps, the mode text and the alert together,
+    # so W&B's own step advances by one per probe (0 is the user's loss).
+    assert [h["_step"] for h in history] == [0, 1, 2]
+    assert [h.get("erf/step") for h in history] == [None, 5, 10]
+    for row in history[1:]:
+        assert all(row.get(f"erf/{n}/heatmap/_type") == "image-file" for n in LAYERS)
+    assert "erf/mode/_type" in history[1] and "alerts/low coverage/_type" in history[2]
 
 
 # -- fan-out, callables, factories -----------------------------------------------------------
@@ -423,12 +482,19 @@ def test_sinks_for_trainer(
         name = "custom"
         version = 0
 
-        def log_metrics(self, metrics: Any, step: Any = None) -> None: ...
+        def __init__(self) -> None:
+            super().__init__()
+            self.logged: list[tuple[Any, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            self.logged.append((step, dict(metrics)))
 
         def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
 
+    custom = Custom()
+
     trainer = pl.Trainer(
-        logger=[tb, csv_logger, wb, Custom()],
+        logger=[tb, csv_logger, wb, custom],
         default_root_dir=str(tmp_path),
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -436,15 +502,18 @@ def test_sinks_for_trainer(
         accelerator="cpu",
         devices=1,
     )
-    with pytest.warns(UserWarning, match="no sink for logger.*Custom"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every logger has a sink: no "no sink" warning
         sinks = sinks_for_trainer(trainer)
-    assert [type(s) for s in sinks] == [TensorBoardSink, FileSink, WandbSink]
-    tb_sink, file_sink, wandb_sink = sinks
+    assert [type(s) for s in sinks] == [TensorBoardSink, LoggerSink, WandbSink, LoggerSink]
+    tb_sink, csv_sink, wandb_sink, custom_sink = sinks
     assert isinstance(tb_sink, TensorBoardSink) and tb_sink.log_dir == Path(tb.log_dir) / "erf"
-    assert isinstance(file_sink, FileSink)
-    assert file_sink.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
+    assert isinstance(csv_sink, LoggerSink) and csv_sink.logger is csv_logger
+    assert csv_sink.files is not None
+    assert csv_sink.files.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
     assert isinstance(wandb_sink, WandbSink) and wandb_sink.run is wb.experiment
     assert wandb_sink.extra_step_keys == ("trainer/global_step",)
+    assert isinstance(custom_sink, LoggerSink) and custom_sink.files is None
 
     log_results(sinks, results, 7)
     for s in sinks:
@@ -452,13 +521,18 @@ def test_sinks_for_trainer(
     tb.experiment.flush()
     acc = _accumulator(Path(tb.log_dir) / "erf")
     assert acc.Scalars(f"erf/{LAYERS[0]}/coverage")[0].step == 7
-    assert (file_sink.directory / "metrics.csv").exists()
+    header = (Path(csv_logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert f"erf/{LAYERS[0]}/coverage" in header.split(",")
+    assert list((csv_sink.files.directory / "heatmaps").rglob("step_7.png"))
+    assert (csv_sink.files.directory / "erf_maps" / "step_7.npz").is_file()
+    assert [step for step, _ in custom.logged] == [7]
+    assert custom.logged[0][1] == pytest.approx(_expected_scalars(results))
     run_dir = Path(wb.experiment.dir).parent
     wb.experiment.finish()
     pngs = glob.glob(str(run_dir / "files" / "media" / "images" / "**" / "*.png"), recursive=True)
     listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert pngs, f"no PNG under {run_dir}: {listing}"
-    history = _wandb_history(run_dir)
+    history = wandb_history(run_dir)
     rows = [h for h in history if f"erf/{LAYERS[0]}/coverage" in h]
     assert rows, f"no ERF rows in {len(history)} history rows"
     assert rows[0]["trainer/global_step"] == 7 and rows[0]["erf/step"] == 7

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 import erf_monitor as em
+from wandb_records import wandb_history
 
 transformers = pytest.importorskip("transformers")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -139,6 +140,39 @@ def test_tensorboard_run_beside_the_trainers(tmp_path: Path) -> None:
     assert (runs[1] / "erf_maps").is_dir()  # raw maps next to the monitor's event file
 
 
+def test_tensorboard_logging_dir_and_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without access to TensorBoardCallback's writer (transformers documents none), the run
+    is found as that callback documents it: TENSORBOARD_LOGGING_DIR, else its default
+    directory; when there is none (the callback removed), the monitor creates it."""
+    from transformers.integrations import TensorBoardCallback
+
+    layer = CONVNEXT_LAYERS[0]
+    kw = {"every_n_steps": 2, "num_samples": 2, "min_coverage": None}
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    cb = em.ERFTrainerCallback([layer], **kw)  # type: ignore[arg-type]
+    train(convnext(), args(tmp_path / "a", report_to=["tensorboard"], max_steps=2), [cb])
+    assert "train/loss" in scalars(tmp_path / "tb").Tags()["scalars"]
+    assert [e.step for e in scalars(tmp_path / "tb" / "erf").Scalars(f"erf/{layer}/coverage")] == [
+        0,
+        2,
+    ]
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    cb = em.ERFTrainerCallback([layer], **kw)  # type: ignore[arg-type]
+    trainer = Trainer(
+        model=convnext(), args=args(tmp_path / "b", report_to=["tensorboard"], max_steps=2),
+        train_dataset=Images(), callbacks=[cb],
+    )  # fmt: skip
+    trainer.remove_callback(TensorBoardCallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.ERFProbeWarning)
+        trainer.train()
+    files = list((tmp_path / "b" / "runs").rglob("events.out.tfevents.*"))
+    assert len(files) == 1 and files[0].parent.name == "erf"  # runs/<date>_<host>/erf
+    assert [e.step for e in scalars(files[0].parent).Scalars(f"erf/{layer}/coverage")] == [0, 2]
+
+
 class StopInOnLog(TrainerCallback):  # type: ignore[misc]
     """Stops training from ``on_log`` (after the step's ``on_step_end``), like early stopping."""
 
@@ -223,28 +257,38 @@ def test_val_probe_inputs_is_refused() -> None:
         em.ERFTrainerCallback(probe_inputs="val")
 
 
-def test_checkpoint_resume_continues_the_curves(tmp_path: Path) -> None:
+def test_resume_from_a_moved_checkpoint_continues_the_curves(tmp_path: Path) -> None:
+    """The state travels in the checkpoint's trainer_state.json: resuming from a checkpoint
+    moved out of output_dir restores history and probe batch, and the curves are those of
+    the uninterrupted run (the checkpoint's step is not probed again)."""
+    import json
+    import shutil
+
     kw = {"every_n_steps": 2, "num_samples": 3, "min_coverage": None}
     full = em.ERFTrainerCallback(CONVNEXT_LAYERS, **kw)  # type: ignore[arg-type]
     train(convnext(), args(tmp_path / "full", max_steps=6), [full])
     first = em.ERFTrainerCallback(CONVNEXT_LAYERS, **kw)  # type: ignore[arg-type]
     out = tmp_path / "resumed"
     train(convnext(), args(out, max_steps=6, save_strategy="steps", save_steps=3), [first])
-    saved = torch.load(out / "checkpoint-3" / "erf_monitor.pt", weights_only=True)
-    assert sorted(saved["history"][CONVNEXT_LAYERS[0]]) == [0, 2]
-    resumed = em.ERFTrainerCallback(CONVNEXT_LAYERS, **kw)  # type: ignore[arg-type]
-    train(
-        convnext(),
-        args(out, max_steps=6, save_strategy="no"),
-        [resumed],
-        resume_from_checkpoint=str(out / "checkpoint-3"),
-    )
-    assert resumed.probe_batch is not None and full.probe_batch is not None
-    assert torch.equal(resumed.probe_batch, full.probe_batch)  # the same images after resume
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.move(str(out / "checkpoint-3"), str(moved))  # users move checkpoints
+    shutil.rmtree(out)
+    saved = json.loads((moved / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert sorted(saved["erf_monitor"]["history"][CONVNEXT_LAYERS[0]]) == ["0", "2"]
     layer = CONVNEXT_LAYERS[1]
-    assert sorted(resumed.history[layer]) == [0, 2, 3, 4, 6]  # restored, then continued
-    for step in (0, 2, 4, 6):  # HF resumes exactly on CPU: the same numbers as uninterrupted
-        assert resumed.history[layer][step] == pytest.approx(full.history[layer][step])
+    for restore_flag in (False, True):  # True: transformers' own restore of callbacks
+        resumed = em.ERFTrainerCallback(CONVNEXT_LAYERS, **kw)  # type: ignore[arg-type]
+        a = args(out, max_steps=6, restore_callback_states_from_checkpoint=restore_flag)
+        trainer = train(convnext(), a, [resumed], resume_from_checkpoint=str(moved))
+        assert resumed in trainer.callback_handler.callbacks  # never replaced by a copy
+        assert resumed.probe_batch is not None and full.probe_batch is not None
+        assert torch.equal(resumed.probe_batch, full.probe_batch)  # the same images
+        assert sorted(resumed.history[layer]) == [0, 2, 4, 6]  # restored, then continued
+        for step in (0, 2, 4, 6):  # HF resumes exactly on CPU: the numbers of the full run
+            assert resumed.history[layer][step] == pytest.approx(full.history[layer][step])
+    # A new train() with the same callback (no resume) is a run of its own.
+    train(convnext(), args(tmp_path / "again", max_steps=3), [resumed])
+    assert sorted(resumed.history[layer]) == [0, 2, 3]
 
 
 @pytest.mark.slow
@@ -267,6 +311,10 @@ def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
     assert np.asarray(Image.open(images[0])).shape[2] in (3, 4)
     assert (run_dir / "erf_maps").is_dir()
+    # One history row per probe (scalars and heatmap together), on the Trainer's x-axis.
+    rows = [h for h in wandb_history(run_dir.parent) if "erf/step" in h]
+    assert [(h["erf/step"], h["train/global_step"]) for h in rows] == [(0, 0), (2, 2), (4, 4)]
+    assert all(f"erf/{CONVNEXT_LAYERS[0]}/heatmap/_type" in h for h in rows)
 
 
 @pytest.mark.slow

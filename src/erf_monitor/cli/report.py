@@ -2,9 +2,12 @@
 
 Sources, found anywhere under the log directory:
 
-* **FileSink directories** (also ``<CSVLogger log_dir>/erf``): ``metrics.csv`` in long format
-  ``step,key,value``, ``heatmaps/<layer>/step_<N>.png``, ``maps/step_<N>.npz`` and
-  ``alerts.jsonl``; Lightning's own wide ``metrics.csv`` one level up adds training curves.
+* **FileSink directories**: ``metrics.csv`` in long format ``step,key,value``,
+  ``heatmaps/<layer>/step_<N>.png``, ``erf_maps/step_<N>.npz`` and ``alerts.jsonl``;
+  Lightning's own wide ``metrics.csv`` one level up adds training curves.
+* **Lightning ``CSVLogger`` directories**: the ERF columns (``erf/<layer>/<metric>``) of the
+  wide ``metrics.csv``, the other columns as training curves, and the monitor's heatmaps,
+  maps and alerts in ``erf/`` next to it.
 * **TensorBoard runs**: event files read with ``EventAccumulator`` (scalars
   ``<prefix>/<layer>/<metric>``, images ``<prefix>/<layer>/heatmap``, alert texts), plus
   ``erf_maps/step_<N>.npz`` when the event files hold no images. The monitor's own run
@@ -73,6 +76,7 @@ _CURVES = (
 )
 _THRESHOLD = re.compile(r"min_coverage=([0-9.]+)%")
 _TB_SUBDIR = "erf"  # sinks.TB_SUBDIR, without importing the sinks here
+_CSV_SUBDIR = "erf"  # sinks.CSV_SUBDIR
 
 
 class ReportError(Exception):
@@ -266,6 +270,14 @@ def _read_file_run(folder: _Folder, directory: Path, name: str) -> Run:
             except (KeyError, TypeError, ValueError):
                 continue
             _add(run.metrics, row.get("key") or "", step, value)
+    _read_files(folder, directory, run)
+    if directory != folder.root:  # Lightning's CSVLogger metrics.csv, one level up
+        _read_lightning_csv(folder, directory.parent / "metrics.csv", run)
+    return _sort(run)
+
+
+def _read_files(folder: _Folder, directory: Path, run: Run) -> None:
+    """Heatmaps (``heatmaps/``, else the raw maps of ``erf_maps/``) and ``alerts.jsonl``."""
     for layer_dir in folder.entries(directory / "heatmaps"):
         if not layer_dir.is_dir():
             continue
@@ -274,8 +286,9 @@ def _read_file_run(folder: _Folder, directory: Path, name: str) -> Run:
             png_step = _step_of(png)
             if png_step is not None and png.is_file():
                 run.frames.setdefault(layer, []).append((png_step, folder.read_bytes(png)))
-    if not run.frames:
-        _frames_from_npz(folder, directory / "maps", run)
+    for maps in ("erf_maps", "maps"):  # "maps": logs of erf-monitor before 0.2
+        if not run.frames:
+            _frames_from_npz(folder, directory / maps, run)
     alerts = directory / "alerts.jsonl"
     if folder.is_file(alerts):
         with folder.open(alerts) as f:
@@ -285,13 +298,23 @@ def _read_file_run(folder: _Folder, directory: Path, name: str) -> Run:
                     run.alerts.append((int(rec["step"]), str(rec["title"]), str(rec["text"])))
                 except (ValueError, KeyError, TypeError):
                     continue
-    if directory != folder.root:  # Lightning's CSVLogger metrics.csv, one level up
-        _read_lightning_csv(folder, directory.parent / "metrics.csv", run)
+
+
+def _read_csv_logger_run(folder: _Folder, directory: Path, name: str) -> Run | None:
+    """A Lightning ``CSVLogger``'s ``log_dir``: the ERF columns of its wide ``metrics.csv``
+    (the other columns are training curves), the monitor's files in its ``erf/``."""
+    run = Run(name=name, source="files", path=directory)
+    _read_lightning_csv(folder, directory / "metrics.csv", run, erf=True)
+    if not run.metrics:
+        return None
+    _touch(run, directory / "metrics.csv")
+    _read_files(folder, directory / _CSV_SUBDIR, run)
     return _sort(run)
 
 
-def _read_lightning_csv(folder: _Folder, path: Path, run: Run) -> None:
-    """Training curves from a Lightning ``CSVLogger`` ``metrics.csv`` (wide format)."""
+def _read_lightning_csv(folder: _Folder, path: Path, run: Run, *, erf: bool = False) -> None:
+    """Training curves from a Lightning ``CSVLogger`` ``metrics.csv`` (wide format); with
+    ``erf``, its ERF columns too (where the monitor logs through ``log_metrics``)."""
     if not folder.is_file(path):
         return
     with folder.open(path) as f:
@@ -304,12 +327,17 @@ def _read_lightning_csv(folder: _Folder, path: Path, run: Run) -> None:
             except (TypeError, ValueError):
                 continue
             for key, text in row.items():
-                if key in ("step", "epoch") or not text or _split_key(key or ""):
+                if key in ("step", "epoch") or not text or (key or "").endswith("probe_time_s"):
                     continue
                 try:
-                    run.other.setdefault(key, []).append((step, float(text)))
+                    value = float(text)
                 except ValueError:
                     continue
+                if _split_key(key or ""):
+                    if erf:
+                        _add(run.metrics, key, step, value)
+                else:
+                    run.other.setdefault(key, []).append((step, value))
 
 
 def _event_files(folder: _Folder, directory: Path) -> list[Path]:
@@ -458,6 +486,10 @@ def find_runs(logdir: str | PathLike[str]) -> list[Run]:
         label = root.resolve().name if rel == "." else rel
         if "metrics.csv" in files and _is_file_sink(folder, directory):
             runs.append(_read_file_run(folder, directory, label))
+        elif "metrics.csv" in files:
+            csv_run = _read_csv_logger_run(folder, directory, label)
+            if csv_run is not None:
+                runs.append(csv_run)
         if any("tfevents" in f for f in files):
             tb_label = label
             if directory.name == _TB_SUBDIR and directory != root:

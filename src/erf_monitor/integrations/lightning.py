@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
@@ -39,6 +41,8 @@ else:
 
 __all__ = ["ERFMonitor"]
 
+log = logging.getLogger("erf_monitor")
+
 
 class ERFMonitor(EngineView, _CallbackBase):
     """Measure the effective receptive field of chosen layers while a LightningModule trains.
@@ -47,10 +51,10 @@ class ERFMonitor(EngineView, _CallbackBase):
     centre-pixel ERF of ``layers`` is computed on a fixed probe batch and logged to every
     logger of the Trainer (TensorBoard, W&B, CSV, MLflow) under the same keys:
 
-    * ``erf/<layer>/<metric>`` scalars (``coverage``, ``erf_size``, ``erf_trf_ratio``,
-      ``trf_size``, ``area_t20`` ... ``area_t99``, ``sigma_y/x``, ``centroid_offset_y/x``,
-      ``gaussian_r2``, OpenERF's ``disc_mass_r5`` ... ``disc_mass_r80`` and
-      ``gauss_fit_amplitude/sigma_y/sigma_x/offset_y/offset_x/r2``) and ``erf/probe_time_s``;
+    * ``erf/<layer>/<metric>`` scalars: by default ``erf_size``, ``coverage``,
+      ``erf_trf_ratio``, ``area_t50``, ``sigma_y/x`` and ``centroid_offset_y/x`` (every other
+      metric of ``ERFResult.scalars()`` on request, ``metrics=``), a checked layer's
+      ``min_coverage``, and ``erf/probe_time_s``, in one ``log_metrics``-like call per probe;
     * ``erf/<layer>/heatmap`` images and the raw maps (``.npz`` for file-based loggers);
     * with ``position`` other units than the centre: ``erf/<layer>/<position>/<metric>``, and
       for a set of positions ``erf/<layer>/border_ratio`` and the ``erf/<layer>/field`` image;
@@ -60,8 +64,19 @@ class ERFMonitor(EngineView, _CallbackBase):
     :class:`~erf_monitor.MonitorOptions`, passed as ``options=`` and/or as keyword arguments
     of the same names (documented there once). Lightning specifics:
 
-    **Steps** are ``trainer.global_step`` (optimizer steps: with gradient accumulation the
-    probe runs after optimizer steps only, never on micro-batches).
+    **Steps** are ``trainer.global_step``: optimizer steps (with gradient accumulation the
+    probe runs after optimizer steps only, never on micro-batches), counted over all
+    optimizers. With manual optimization and two optimizers stepping every batch,
+    ``global_step`` advances by 2 per batch: the probe runs at the first step at or past each
+    multiple of ``every_n_steps`` (``every_n_steps=5``: steps 0, 6, 10, 16...), so choose an
+    even period there.
+
+    **One run per fit.** A ``fit`` with another Trainer or another model starts afresh (no
+    history, probe batch or alert state of the previous run; ``probe_inputs`` tensors are
+    kept), so one monitor object may serve several runs; ``fit`` again with the same Trainer
+    and model continues. ``fit(ckpt_path=...)`` restores the checkpoint's state (probe batch,
+    history, alerts) and goes on with the schedule: the checkpoint's own step is not probed
+    again.
 
     **Probe batch.** ``probe_inputs="val"`` takes the first ``num_samples`` items of the
     validation dataset in dataset order (collated with the loader's ``collate_fn``; the loader
@@ -118,6 +133,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._engine = MonitorEngine(MonitorOptions.build(options, kwargs, layers=layers))
         self._extra_sinks = sinks
         self._fit_started = False
+        self._run_of: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -136,6 +152,7 @@ class ERFMonitor(EngineView, _CallbackBase):
             return
         self._engine.check_layers(pl_module)
         self._fit_started = False
+        self._start_run(trainer, pl_module)
         if not trainer.is_global_zero:
             self._engine.set_sinks(())
             return
@@ -166,7 +183,8 @@ class ERFMonitor(EngineView, _CallbackBase):
                     engine.capture(batch)
             except Exception as exc:
                 engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
-        self._maybe_probe(trainer, pl_module, force=True)
+        # Resumed: the checkpoint's step was probed (or skipped) by the run that saved it.
+        self._maybe_probe(trainer, pl_module, force=not engine.resumed)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -201,6 +219,20 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._engine.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ internals
+    def _start_run(self, trainer: Any, pl_module: Any) -> None:
+        """Fresh state unless this fit continues the last one (same Trainer and model)."""
+        last = self._run_of
+        if last is not None and last[0]() is trainer and last[1]() is pl_module:
+            self._engine.resumed = False
+            return
+        if self._engine.history:
+            log.info(
+                "erf-monitor: a new run (another Trainer or model): the monitor starts afresh "
+                "(the previous run's history, probe batch and alerts are dropped)."
+            )
+        self._engine.start_run()
+        self._run_of = (weakref.ref(trainer), weakref.ref(pl_module))
+
     def _maybe_probe(self, trainer: Any, pl_module: Any, *, force: bool) -> None:
         engine = self._engine
         step = int(trainer.global_step)

@@ -6,14 +6,19 @@ Trainer's events onto it and finds where the Trainer reports to.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import inspect
 import logging
-import sys
+import os
+import socket
 import warnings
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from typing_extensions import Unpack
@@ -29,12 +34,15 @@ if TYPE_CHECKING or package_available("transformers"):
 else:
     _CallbackBase = object
 
-__all__ = ["STATE_FILE", "ERFTrainerCallback"]
+__all__ = ["STATE_KEY", "ERFTrainerCallback"]
 
 log = logging.getLogger("erf_monitor")
 
-#: File that :class:`ERFTrainerCallback` writes into each Trainer checkpoint directory.
-STATE_FILE = "erf_monitor.pt"
+#: Key of the monitor's state in ``TrainerState.stateful_callbacks``, which the Trainer
+#: writes into ``trainer_state.json`` of every checkpoint and reads back on resume. Not a
+#: class name, so that ``restore_callback_states_from_checkpoint=True`` never replaces the
+#: callback by a default-configured copy (transformers rebuilds callbacks from their class).
+STATE_KEY = "erf_monitor"
 
 
 def _pixel_values_forward(model: nn.Module, x: torch.Tensor) -> Any:
@@ -50,13 +58,17 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     of ``layers`` is computed on a fixed probe batch and logged with the same keys as
     :class:`~erf_monitor.ERFMonitor` (``erf/<layer>/coverage``, ``erf/<layer>/heatmap``...).
 
-    **Where it logs.** To whatever the Trainer reports to: ``report_to="tensorboard"`` (an
-    event file of the monitor's own in ``<the Trainer's TensorBoard run>/erf``, a run beside
-    the loss's; never the Trainer's writer, which a failed write would poison), ``"wandb"``
-    (the run of its ``WandbCallback``; records also carry ``train/global_step``) and
-    ``"mlflow"`` (the active
-    run of its ``MLflowCallback``). Without any of these (``report_to="none"``), to
-    ``<output_dir>/erf`` (CSV, PNG and ``.npz`` files). ``sinks=`` adds destinations.
+    **Where it logs.** To whatever ``args.report_to`` names: ``"tensorboard"`` (an event file
+    of the monitor's own in ``<the Trainer's TensorBoard run>/erf``, a run beside the loss's;
+    never the Trainer's writer, which a failed write would poison), ``"wandb"`` (the active
+    run, ``wandb.run``, which the ``WandbCallback`` started; records also carry
+    ``train/global_step``) and ``"mlflow"`` (``mlflow.active_run()``, the ``MLflowCallback``'s
+    run). Without any of these (``report_to="none"``), to ``<output_dir>/erf`` (CSV, PNG and
+    ``.npz`` files). ``sinks=`` adds destinations. transformers gives a callback no
+    documented access to the other callbacks or their writers, so the TensorBoard run is
+    found the way ``TensorBoardCallback`` documents it: ``TENSORBOARD_LOGGING_DIR`` if set,
+    else its default ``<output_dir>/runs/<date>_<host>`` (the directory of that name it
+    created moments before; if there is none, the monitor creates it).
 
     **Probe batch.** ``probe_inputs="train"`` takes the first ``num_samples`` images of the
     batch the training dataloader yields first, rebuilt from its sampler, dataset and
@@ -76,10 +88,13 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     ``on_insufficient="stop"`` sets ``control.should_training_stop`` (the Trainer stops after
     the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()``.
 
-    **Checkpoints.** At every checkpoint the monitor's state (probe batch, history, alert
-    state) is saved as ``erf_monitor.pt`` in the checkpoint directory; resuming with
-    ``trainer.train(resume_from_checkpoint=...)`` from a checkpoint under ``output_dir``
-    restores it, so the curves continue with the same probe images.
+    **Runs and checkpoints.** Every ``train()`` starts afresh (history, probe batch and alert
+    state of an earlier run are dropped). The monitor's state is kept in the Trainer's own
+    state (``state.stateful_callbacks["erf_monitor"]``, written into ``trainer_state.json``
+    of every checkpoint): ``trainer.train(resume_from_checkpoint=PATH)`` restores it from the
+    checkpoint the Trainer loads, wherever it lies, so the curves continue with the same
+    probe images; the resumed run follows the schedule (the checkpoint's own step is not
+    probed again).
 
     Args:
         layers: see :attr:`MonitorOptions.layers <erf_monitor.MonitorOptions>`.
@@ -115,10 +130,12 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             )
         self._engine = MonitorEngine(opts)
         self._extra_sinks = sinks
+        #: The probe batch and its JSON form (encoded once, not at every probe).
+        self._encoded_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Check the layers, connect the Trainer's writers, take the probe batch, probe."""
+        """Check the layers, start the run (or restore it), connect the sinks, probe."""
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             return
@@ -126,14 +143,13 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         engine.check_layers(model)  # a configuration error: raised before any step
         if engine.options.forward_fn is None:
             engine.forward_fn = _pixel_values_forward if _takes_pixel_values(model) else None
-        if state.global_step > 0 and engine.last_probe_step is None:
-            self._restore(args, state)
+        self._start_run(state)
         if _world_size() > 1:  # every rank must follow rank 0's schedule
             from erf_monitor.probe.distributed import broadcast_object
 
             engine.last_probe_step = broadcast_object(engine.last_probe_step)
         zero = state.is_world_process_zero
-        engine.set_sinks(self._sinks(args, _calling_handler()) if zero else ())
+        engine.set_sinks(self._sinks(args, state) if zero else ())
         if engine.needs_batch and (zero or engine.all_ranks_probe(model)):
             loader = kwargs.get("train_dataloader")
             try:
@@ -144,7 +160,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
                 engine.capture(peek_first_batch(loader))
             except Exception as exc:
                 engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
-        self._maybe_probe(state, control, model, force=True)
+        # Resumed: the checkpoint's step was probed (or not due) in the run that saved it.
+        self._maybe_probe(state, control, model, force=not engine.resumed)
+        self._keep_state(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Probe at multiples of ``every_n_steps``, and at the last step of training."""
@@ -170,19 +188,6 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             finally:
                 self._engine.set_sinks(())
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Save the monitor's state into the checkpoint directory just written."""
-        if not state.is_world_process_zero:
-            return
-        folder = _checkpoint_dir(args.output_dir, state.global_step)
-        if not folder.is_dir():
-            log.info("erf-monitor: no checkpoint directory %s; state not saved", folder)
-            return
-        try:
-            torch.save(self.state_dict(), folder / STATE_FILE)
-        except Exception as exc:
-            self._engine.report("save", f"saving the monitor's state failed: {exc}", exc)
-
     def state_dict(self) -> dict[str, Any]:
         """Probe batch, history and alert state (tensors and Python scalars only)."""
         return self._engine.state_dict()
@@ -205,33 +210,67 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         )  # fmt: skip
         if stop:
             control.should_training_stop = True
+        self._keep_state(state)
 
-    def _restore(self, args: Any, state: Any) -> None:
-        candidates = []
-        resume = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(resume, str) and resume:
-            candidates.append(Path(resume) / STATE_FILE)
-        candidates.append(_checkpoint_dir(args.output_dir, state.global_step) / STATE_FILE)
-        for path in candidates:
-            if path.is_file():
-                self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                log.info("erf-monitor: state restored from %s", path)
-                return
-        log.info(
-            "erf-monitor: resumed at step %d without saved monitor state (looked for %s); "
-            "a new probe batch is taken",
-            state.global_step,
-            ", ".join(map(str, candidates)),
-        )
+    def _start_run(self, state: Any) -> None:
+        """A fresh run, or, resuming, the state saved in the checkpoint the Trainer loaded."""
+        self._engine.start_run()
+        self._encoded_batch = None
+        if state.global_step == 0:
+            return
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if isinstance(saved, Mapping):
+            self._engine.load_state_dict(_decode_state(saved))
+            log.info("erf-monitor: state restored from the checkpoint (step %d)", state.global_step)
+        else:
+            log.info(
+                "erf-monitor: resumed at step %d from a checkpoint without monitor state; "
+                "a new probe batch is taken",
+                state.global_step,
+            )
 
-    def _sinks(self, args: Any, handler: Any) -> list[Sink]:
-        sinks = _reporting_sinks(args, handler)
+    def _keep_state(self, state: Any) -> None:
+        """Put the monitor's state into the Trainer's state, which every checkpoint saves."""
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if not state.is_world_process_zero or not isinstance(callbacks, dict):
+            return
+        engine_state = self._engine.state_dict()
+        batch = engine_state.pop("probe_batch")
+        cached = self._encoded_batch
+        if batch is not None and (cached is None or cached[0] is not batch):
+            cached = self._encoded_batch = (batch, _encode_tensor(batch))
+        callbacks[STATE_KEY] = {
+            **engine_state,
+            "probe_batch": None if batch is None or cached is None else cached[1],
+        }
+
+    def _sinks(self, args: Any, state: Any) -> list[Sink]:
+        sinks = _reporting_sinks(args, state)
         if not sinks:
             sinks = [FileSink(Path(args.output_dir) / "erf")]
         extra = self._extra_sinks
         if extra is not None:
             sinks += [as_sink(s) for s in (extra if isinstance(extra, (list, tuple)) else [extra])]
         return sinks
+
+
+def _encode_tensor(x: torch.Tensor) -> dict[str, Any]:
+    """A float32 tensor as JSON: its shape and its little-endian bytes, compressed."""
+    data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype="<f4").tobytes()
+    return {"shape": list(x.shape), "float32": base64.b64encode(zlib.compress(data)).decode()}
+
+
+def _decode_state(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine state that :meth:`ERFTrainerCallback._keep_state` stored (JSON: data only)."""
+    state = dict(saved)
+    batch = state.get("probe_batch")
+    if isinstance(batch, Mapping):
+        raw = zlib.decompress(base64.b64decode(batch["float32"]))
+        array = np.frombuffer(raw, dtype="<f4").reshape([int(n) for n in batch["shape"]])
+        state["probe_batch"] = torch.from_numpy(array.astype(np.float32))
+    else:
+        state["probe_batch"] = None
+    return state
 
 
 def _takes_pixel_values(model: nn.Module) -> bool:
@@ -247,71 +286,58 @@ def _world_size() -> int:
     return rank_and_world()[1]
 
 
-def _checkpoint_dir(output_dir: str, step: int) -> Path:
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+def _tensorboard_run(args: Any, state: Any) -> Path:
+    """The directory of the Trainer's TensorBoard run, as ``TensorBoardCallback`` documents it.
 
-    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{int(step)}"
-
-
-def _calling_handler() -> Any:
-    """The Trainer's ``CallbackHandler`` that is calling this callback's event, if any.
-
-    Callbacks are not given the Trainer or the other callbacks, but the Trainer's reporting
-    callbacks hold its writers and runs; the handler that calls us holds them all.
+    ``TENSORBOARD_LOGGING_DIR`` if set; for a hyper-parameter search trial
+    ``<output_dir>/runs/<date>_<host>/<trial>``; else ``<output_dir>/runs/<date>_<host>``
+    (``default_logdir()``), named by the second at which the callback's ``on_train_begin``
+    ran, moments before the monitor's: the newest such directory of the last few seconds.
     """
-    from transformers.trainer_callback import CallbackHandler
+    from transformers.integrations.integration_utils import default_logdir
 
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(6):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _trainer_tensorboard_sink(callback: Any, args: Any) -> TensorBoardSink:
-    """The monitor's own event file in ``<the Trainer's TensorBoard run>/erf``.
-
-    Never the ``TensorBoardCallback``'s writer itself (see :mod:`erf_monitor.sinks._tensorboard`:
-    a failed write would poison it), so it does not matter that the Trainer closes that writer
-    in ``on_train_end`` before a final probe: TensorBoard shows the ERF run beside the loss.
-    """
-    writer = getattr(callback, "tb_writer", None)
-    log_dir = getattr(writer, "log_dir", None) or getattr(args, "logging_dir", None)
-    run = Path(log_dir) if log_dir else Path(args.output_dir) / "runs"
-    return TensorBoardSink(run / TB_SUBDIR)
+    env = os.getenv("TENSORBOARD_LOGGING_DIR")
+    trial = state.trial_name if getattr(state, "is_hyper_param_search", False) else None
+    if env and trial is None:
+        return Path(os.path.expanduser(env))
+    runs = Path(args.output_dir) / Path(default_logdir()).parent
+    now = datetime.datetime.now()
+    names = [
+        (now - datetime.timedelta(seconds=s)).strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname()
+        for s in range(3)
+    ]
+    found = next((runs / n for n in names if (runs / n).is_dir()), runs / names[0])
+    return found / trial if trial is not None else found
 
 
-def _reporting_sinks(args: Any, handler: Any) -> list[Sink]:
-    """Sinks on the writers/runs of the Trainer's reporting callbacks (``report_to``)."""
-    from transformers.integrations import integration_utils as hf
+#: ``report_to`` integrations without ERF data: nothing to warn about.
+_NOT_TRACKERS = ("codecarbon",)
 
-    if handler is None:  # not called by a Trainer's CallbackHandler: nothing to reuse
-        return []
+
+def _reporting_sinks(args: Any, state: Any) -> list[Sink]:
+    """Sinks on what ``args.report_to`` names (TensorBoard, W&B, MLflow), found through
+    documented means only (see the class docstring)."""
     sinks: list[Sink] = []
     unsupported: list[str] = []
-    for cb in handler.callbacks:
-        if isinstance(cb, hf.TensorBoardCallback):
-            sinks.append(_trainer_tensorboard_sink(cb, args))
-        elif isinstance(cb, hf.WandbCallback):
+    for name in list(getattr(args, "report_to", None) or []):
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(_tensorboard_run(args, state) / TB_SUBDIR))
+        elif name == "wandb":
             sinks.append(WandbSink(None, extra_step_keys=("train/global_step",)))
-        elif isinstance(cb, hf.MLflowCallback):  # also DagsHubCallback
+        elif name in ("mlflow", "dagshub"):  # DagsHub logs through MLflow
             import mlflow
 
             run = mlflow.active_run()
             if run is None:
-                unsupported.append(f"{type(cb).__name__} (no active run)")
+                unsupported.append(f"{name} (no active run)")
             else:
                 client = mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri())
                 sinks.append(MLflowSink(client, run.info.run_id))
-        elif type(cb) in hf.INTEGRATION_TO_CALLBACK.values():
-            unsupported.append(type(cb).__name__)
+        elif name not in _NOT_TRACKERS:
+            unsupported.append(name)
     if unsupported:
         warnings.warn(
-            f"erf-monitor: no sink for the Trainer's {', '.join(unsupported)}; ERF data is not "
+            f"erf-monitor: no sink for report_to={', '.join(unsupported)}; ERF data is not "
             "sent there. Supported: tensorboard, wandb, mlflow (or pass sinks=).",
             UserWarning,
             stacklevel=3,

@@ -219,17 +219,24 @@ class MonitorEngine:
         self.summary = opts.summary
         self.token_layout: TokenLayoutArg = opts.token_layout
         self.position = opts.position
-        probe_inputs = opts.probe_inputs
+        self.start_run()
+        self.set_sinks(())
 
+    # ------------------------------------------------------------------ runs
+    def start_run(self) -> None:
+        """Start afresh, as for a new model or Trainer: no history, no probe batch (unless
+        ``probe_inputs`` is a tensor), no alert state, nothing cached about a model."""
         # -- state (checkpointed) ------------------------------------------------------------
         self.probe_batch: torch.Tensor | None = None
-        if isinstance(probe_inputs, torch.Tensor):
-            self.set_probe_batch(probe_inputs)
+        if isinstance(self.options.probe_inputs, torch.Tensor):
+            self.set_probe_batch(self.options.probe_inputs)
         self.history: dict[str, dict[int, dict[str, float]]] = {}
         self.probe_times: dict[int, float] = {}
         self.last_probe_step: int | None = None
         self.below: dict[str, int] = {}
         self.alerted: dict[str, int] = {}
+        #: True once :meth:`load_state_dict` restored a checkpoint's state into this run.
+        self.resumed = False
         # -- caches (not checkpointed) -------------------------------------------------------
         #: The probe plan (targets, TRFs, seed units, crop groups): built at the first probe.
         self.plan: ProbePlan | None = None
@@ -238,8 +245,8 @@ class MonitorEngine:
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
         self._noted: set[str] = set()
+        self._mode_logged = False
         self.latest: ERFResults | None = None
-        self.set_sinks(())
 
     # ------------------------------------------------------------------ configuration helpers
     def check_layers(self, model: nn.Module) -> None:
@@ -634,19 +641,21 @@ class MonitorEngine:
         for name, values in results.scalars().items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)
+        extra = {f"{self.prefix}/probe_time_s": float(seconds)}
+        # The thresholds too, so that reports draw them for every run, alert or not.
+        for name, threshold in self._thresholds.items():
+            extra[f"{self.prefix}/{name}/min_coverage"] = threshold
         try:
             from erf_monitor.sinks import log_results
 
+            # One log_scalars call and one flush per probe (after the alerts): a callable
+            # sink is called once, W&B gets one history row.
             log_results(
                 self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs,
-                mode_text=not self._mode_logged,
+                mode_text=not self._mode_logged, metrics=self.options.metrics, extra=extra,
+                flush=False,
             )  # fmt: skip
             self._mode_logged = True
-            extra = {f"{self.prefix}/probe_time_s": float(seconds)}
-            # The thresholds too, so that reports draw them for every run, alert or not.
-            for name, threshold in self._thresholds.items():
-                extra[f"{self.prefix}/{name}/min_coverage"] = threshold
-            self.sinks.log_scalars(extra, step)
         except Exception as exc:
             self.report("log", f"logging the ERF probe at step {step} failed: {exc}", exc)
         outcome.alerts = self._check_alerts(results, step)
@@ -762,6 +771,7 @@ class MonitorEngine:
         self.last_probe_step = None if last is None else int(last)
         self.below = {str(k): int(v) for k, v in state.get("below", {}).items()}
         self.alerted = {str(k): int(v) for k, v in state.get("alerted", {}).items()}
+        self.resumed = True
 
 
 class EngineView:

@@ -20,10 +20,12 @@ from typing_extensions import TypedDict
 
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.inputs.batch import InputKey
+from erf_monitor.sinks._metrics import DEFAULT_METRICS, MetricSelection, check_metrics
 from erf_monitor.targets.positions import PositionSpec, check_position
 from erf_monitor.targets.tokens import TokenLayoutArg, check_token_layout
 
 __all__ = [
+    "DEFAULT_METRICS",
     "DEFAULT_MIN_COVERAGE",
     "DistributedProbe",
     "LayerSpec",
@@ -139,6 +141,13 @@ class MonitorOptions:
             ``erf/layer4/corner_top_left/coverage``); with a set the centre's stay at
             ``<prefix>/<layer>/<metric>`` with ``border_ratio``, the field figure at
             ``<prefix>/<layer>/field``, and the coverage alert watches the centre unit.
+        metrics: which metrics are logged per layer: ``None`` (default) for the few that
+            matter, :data:`DEFAULT_METRICS` (``erf_size``, ``coverage``, ``erf_trf_ratio``,
+            ``area_t50``, ``sigma_y/x``, ``centroid_offset_y/x``; ``border_ratio`` with a
+            set of positions); ``"all"`` for every metric of ``ERFResult.scalars()``; or a
+            list of names (``["coverage", "gaussian_r2", "area_t*"]``; per-axis metrics by
+            their base name, ``"sigma"``). The monitor's ``history`` keeps every metric.
+            The table of keys is in the Lightning guide ("Logged keys").
 
     Examples:
         >>> import erf_monitor as em
@@ -172,6 +181,7 @@ class MonitorOptions:
     distributed_probe: DistributedProbe = "auto"
     summary: bool = True
     position: PositionSpec = "centre"
+    metrics: MetricSelection = None
 
     def __post_init__(self) -> None:
         # Normalise in place (frozen: through object.__setattr__) so that the engine can rely
@@ -238,6 +248,7 @@ class MonitorOptions:
         check_position(self.position)
         if isinstance(self.position, list):  # frozen options: keep it immutable
             put("position", tuple(self.position))
+        put("metrics", check_metrics(self.metrics))
 
     @property
     def source(self) -> str:
@@ -302,3 +313,4 @@ class MonitorKwargs(TypedDict, total=False):
     distributed_probe: DistributedProbe
     summary: bool
     position: PositionSpec
+    metrics: MetricSelection

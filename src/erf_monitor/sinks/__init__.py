@@ -1,7 +1,9 @@
 """Logging backends for ERF probes, behind one small interface (:class:`Sink`).
 
 Keys are the same on every backend: ``erf/<layer>/<metric>`` for scalars (the metrics of
-``ERFResult.scalars()``), ``erf/<layer>/heatmap`` for images; ``step`` is the training step.
+``ERFResult.scalars()`` that ``metrics=`` selects: :data:`DEFAULT_METRICS` unless asked),
+``erf/<layer>/heatmap`` for images; ``step`` is the training step. Raw maps are
+``.npz`` files in an ``erf_maps/`` folder wherever a backend keeps files.
 Units other than the centre (``position=``) add their key: ``erf/<layer>/<position>/<metric>``;
 a set of positions adds the field figure ``erf/<layer>/field``.
 Optional backends (TensorBoard, W&B, MLflow) are imported only when a sink is constructed.
@@ -18,6 +20,8 @@ from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._factory import CSV_SUBDIR, as_sink, sink_for_logger, sinks_for_trainer
 from erf_monitor.sinks._file import FileSink, arrays_relpath, safe_filename, save_npz
+from erf_monitor.sinks._lightning import LoggerSink
+from erf_monitor.sinks._metrics import DEFAULT_METRICS, pick_metrics
 from erf_monitor.sinks._mlflow import MLflowSink
 from erf_monitor.sinks._multi import MultiSink, log_results
 from erf_monitor.sinks._tensorboard import TB_SUBDIR, TensorBoardSink
@@ -25,10 +29,12 @@ from erf_monitor.sinks._wandb import WandbSink
 
 __all__ = [
     "CSV_SUBDIR",
+    "DEFAULT_METRICS",
     "TB_SUBDIR",
     "AccelerateSink",
     "CallableSink",
     "FileSink",
+    "LoggerSink",
     "MLflowSink",
     "MultiSink",
     "Sink",
@@ -37,6 +43,7 @@ __all__ = [
     "arrays_relpath",
     "as_sink",
     "log_results",
+    "pick_metrics",
     "safe_filename",
     "save_npz",
     "sink_for_logger",

@@ -3,8 +3,9 @@
 The monitor itself is :func:`~erf_monitor.watch` on the ``accelerator.prepare``'d model and
 optimizer (see the Accelerate guide); this module adds :class:`AccelerateSink`, which sends
 its data through the trackers that ``Accelerator(log_with=...)`` / ``init_trackers`` created,
-so ERF curves land in the same runs as ``accelerator.log``. ``watch(..., logger=accelerator)``
-wraps the accelerator in it.
+so ERF curves land next to what ``accelerator.log`` writes (the same W&B and MLflow runs;
+for TensorBoard a run of the monitor's own, ``<the tracker's log dir>/erf``).
+``watch(..., logger=accelerator)`` wraps the accelerator in it.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class _TrackerSink(Sink):
 class AccelerateSink(Sink):
     """Log to every tracker of an ``accelerate.Accelerator``, on the main process only.
 
-    Each tracker is written through its own writer or run, so ERF data lands next to what
-    ``accelerator.log`` writes:
+    Each tracker's own run is found, so ERF data lands next to what ``accelerator.log``
+    writes:
 
     * ``TensorBoardTracker``: :class:`~erf_monitor.sinks.TensorBoardSink` on its
-      ``SummaryWriter`` (scalars, heatmap images, texts; ``.npz`` maps in its directory);
+      ``SummaryWriter``'s log directory: an event file of the monitor's own in
+      ``<log dir>/erf`` (scalars, heatmap images, texts; ``.npz`` maps in ``erf_maps/``), the
+      writer itself never written to;
     * ``WandBTracker``: :class:`~erf_monitor.sinks.WandbSink` on its run;
     * ``MLflowTracker``: :class:`~erf_monitor.sinks.MLflowSink` on its active run;
     * any other tracker: scalars through ``tracker.log`` and images through

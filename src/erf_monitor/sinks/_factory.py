@@ -15,6 +15,7 @@ from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._callable import CallableSink
 from erf_monitor.sinks._file import FileSink
+from erf_monitor.sinks._lightning import LoggerSink
 from erf_monitor.sinks._mlflow import MLflowSink
 from erf_monitor.sinks._multi import MultiSink
 from erf_monitor.sinks._tensorboard import TensorBoardSink
@@ -22,8 +23,8 @@ from erf_monitor.sinks._wandb import WandbSink
 
 __all__ = ["CSV_SUBDIR", "as_sink", "sink_for_logger", "sinks_for_trainer"]
 
-#: Sub-directory of a ``CSVLogger``'s ``log_dir`` that the :class:`FileSink` writes to
-#: (Lightning rewrites its own ``metrics.csv`` in ``log_dir``; ours must not collide with it).
+#: Sub-directory of a ``CSVLogger``'s ``log_dir`` for the monitor's heatmaps, raw maps and
+#: alerts (its scalars go to the logger's own ``metrics.csv``).
 CSV_SUBDIR = "erf"
 
 # Packages whose logger classes we know. Matching walks the class's MRO by name and module,
@@ -50,16 +51,21 @@ def _lightning_logger_kind(obj: Any) -> str | None:
 
 
 def sink_for_logger(logger: Any) -> Sink | None:
-    """The sink for one Lightning logger (``lightning.pytorch`` or ``pytorch_lightning``).
+    """The sink for one Lightning logger (``lightning.pytorch``, ``lightning.fabric`` or
+    ``pytorch_lightning``).
 
     * ``TensorBoardLogger`` → :class:`TensorBoardSink` writing its own event file in
       ``<logger.log_dir>/erf`` (never into Lightning's ``SummaryWriter``: a failing disk
       must not break the logger's own writes)
     * ``WandbLogger`` → :class:`WandbSink` on ``logger.experiment`` (the run), also stamping
       ``trainer/global_step`` so ERF charts share Lightning's x-axis
-    * ``CSVLogger`` → :class:`FileSink` on ``<logger.log_dir>/erf`` (Lightning owns
-      ``<log_dir>/metrics.csv``)
+    * ``CSVLogger`` → :class:`~erf_monitor.sinks.LoggerSink`: scalars through
+      ``logger.log_metrics`` (columns of its ``<log_dir>/metrics.csv``), heatmaps, raw maps
+      and alerts as files in ``<log_dir>/erf/`` (``heatmaps/``, ``erf_maps/``, ``alerts.jsonl``)
     * ``MLFlowLogger`` → :class:`MLflowSink` on ``(logger.experiment, logger.run_id)``
+    * any other logger with a ``log_metrics`` (a custom ``Logger`` subclass, Comet,
+      Neptune...) → :class:`~erf_monitor.sinks.LoggerSink`: scalars through its
+      ``log_metrics``, images through its ``log_image`` if it has one
 
     Accessing ``logger.experiment`` creates the run/writer, as Lightning itself does at fit.
 
@@ -67,7 +73,8 @@ def sink_for_logger(logger: Any) -> Sink | None:
         logger: a Lightning logger.
 
     Returns:
-        The sink, or ``None`` for a logger type erf-monitor does not know.
+        The sink, or ``None`` for an object that is not a Lightning logger with
+        ``log_metrics``.
     """
     kind = _lightning_logger_kind(logger)
     if kind == "TensorBoardLogger":
@@ -76,16 +83,23 @@ def sink_for_logger(logger: Any) -> Sink | None:
         return WandbSink(logger.experiment, extra_step_keys=("trainer/global_step",))
     if kind == "CSVLogger":
         _ = logger.experiment  # created first: it warns about a non-empty log_dir otherwise
-        return FileSink(Path(logger.log_dir) / CSV_SUBDIR)
+        return LoggerSink(logger, FileSink(Path(logger.log_dir) / CSV_SUBDIR))
     if kind == "MLFlowLogger":
         return MLflowSink(logger.experiment, logger.run_id)
+    if (
+        kind is not None
+        and kind != "DummyLogger"
+        and callable(getattr(logger, "log_metrics", None))
+    ):
+        return LoggerSink(logger)
     return None
 
 
 def sinks_for_trainer(trainer: Any, *, rank_zero_only: bool = True) -> list[Sink]:
     """One sink per logger of a Lightning ``Trainer`` (see :func:`sink_for_logger`).
 
-    Loggers of unknown types are skipped with one warning naming them.
+    Objects that are not loggers erf-monitor can write to are skipped with one warning
+    naming them.
 
     Args:
         trainer: a ``lightning.pytorch.Trainer`` or ``pytorch_lightning.Trainer``.
@@ -111,8 +125,8 @@ def sinks_for_trainer(trainer: Any, *, rank_zero_only: bool = True) -> list[Sink
     if skipped:
         warn(
             f"erf-monitor: no sink for logger(s) {', '.join(skipped)}; ERF data is not sent "
-            "to them.\nSupported: TensorBoardLogger, WandbLogger, CSVLogger, MLFlowLogger "
-            "(or pass ERFMonitor(sinks=...)).",
+            "to them.\nSupported: Lightning loggers with log_metrics (TensorBoard, W&B, CSV and "
+            "MLflow get images and maps too), or pass ERFMonitor(sinks=...).",
             UserWarning,
         )
     return sinks

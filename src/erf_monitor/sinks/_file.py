@@ -14,9 +14,11 @@ import numpy as np
 
 from erf_monitor.sinks._base import Sink
 
-__all__ = ["FileSink", "arrays_relpath", "safe_filename", "save_npz"]
+__all__ = ["MAPS_DIR", "FileSink", "arrays_relpath", "safe_filename", "save_npz"]
 
 _MAX_NAME = 150
+#: The folder of raw ``.npz`` maps, under every backend that keeps files.
+MAPS_DIR = "erf_maps"
 
 
 def safe_filename(name: str) -> str:
@@ -106,9 +108,10 @@ class FileSink(Sink):
     * ``heatmaps/<layer>/step_<N>.png`` — heatmap images logged as ``<prefix>/<layer>/heatmap``
       (``<layer>`` escaped with :func:`safe_filename`); other image keys go to
       ``images/<key>/step_<N>.png``.
-    * ``maps/step_<N>.npz`` — raw maps logged under the ``"erf"`` key (one array per layer,
-      keyed by layer name; plain arrays, load with ``np.load(path, allow_pickle=False)``);
-      other keys go to ``maps/<key>/step_<N>.npz``.
+    * ``erf_maps/step_<N>.npz`` — raw maps logged under the ``"erf"`` key (one array per
+      layer, keyed by layer name; plain arrays, load with ``np.load(path,
+      allow_pickle=False)``); other keys go to ``erf_maps/<key>/step_<N>.npz``. The folder
+      has this name under every backend that keeps files (TensorBoard, W&B, MLflow).
     * ``events.log`` — text records, one line each: ``step<TAB>key<TAB>text``.
     * ``alerts.jsonl`` — one JSON object per alert: ``step``, ``title``, ``text``, ``time``.
 
@@ -164,8 +167,8 @@ class FileSink(Sink):
         save_png(image, self.image_path(key, step))
 
     def arrays_path(self, key: str, step: int) -> Path:
-        """Where :meth:`log_arrays` writes: ``maps/`` + :func:`arrays_relpath`."""
-        return self.directory / "maps" / arrays_relpath(key, step)
+        """Where :meth:`log_arrays` writes: ``erf_maps/`` + :func:`arrays_relpath`."""
+        return self.directory / MAPS_DIR / arrays_relpath(key, step)
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
         """Save the arrays with :func:`save_npz` (entry names = array names, e.g. layers)."""

@@ -73,10 +73,10 @@ class MLflowSink(Sink):
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
         """Upload ``step_<N>.npz`` (format: :func:`save_npz`) under the ``erf_maps`` artifacts."""
-        from erf_monitor.sinks._file import arrays_relpath, save_npz
+        from erf_monitor.sinks._file import MAPS_DIR, arrays_relpath, save_npz
 
         rel = arrays_relpath(key, step)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_npz(Path(tmp) / rel.name, arrays)
-            artifact_path = "/".join(("erf_maps", *rel.parent.parts))
+            artifact_path = "/".join((MAPS_DIR, *rel.parent.parts))
             self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -10,6 +10,7 @@ import numpy as np
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
+from erf_monitor.sinks._metrics import MetricSelection, pick_metrics
 
 if TYPE_CHECKING:
     from erf_monitor.measure.result import ERFResult
@@ -111,13 +112,17 @@ def log_results(
     images: bool = True,
     arrays: bool = True,
     mode_text: bool = True,
+    metrics: MetricSelection = None,
+    extra: Mapping[str, float] | None = None,
+    flush: bool = True,
 ) -> dict[str, float]:
     """Log one probe's results to every sink, never raising because of a sink.
 
     Sends, in this order and to every sink:
 
-    1. scalars ``<prefix>/<layer>/<metric>`` for each ``metric`` in ``result.scalars()``,
-       in one ``log_scalars`` call; a result at another unit than the centre (see
+    1. scalars ``<prefix>/<layer>/<metric>`` for each ``metric`` of ``result.scalars()``
+       that ``metrics`` selects (see :func:`~erf_monitor.sinks._metrics.pick_metrics`), and
+       ``extra``, in one ``log_scalars`` call; a result at another unit than the centre (see
        ``docs/guides/positions.md``) under ``<prefix>/<layer>/<position>/<metric>``, and
        every position of a layer's field likewise;
     2. with ``mode_text``, the mode and its exact definition as text, ``<prefix>/mode``
@@ -131,8 +136,10 @@ def log_results(
        other positions as ``<layer>/<position>``), plus the entries ``__mode__`` and
        ``__definition__`` (0-d string arrays);
 
-    then flushes. A sink that raises gets one warning (see :class:`MultiSink`); a layer
-    whose map cannot be rendered is warned about and skipped for images only.
+    then flushes (unless ``flush`` is false: a monitor adds its alerts to the same probe
+    first, so that a sink that sends one record per flush, W&B's, sends one per probe). A
+    sink that raises gets one warning (see :class:`MultiSink`); a layer whose map cannot be
+    rendered is warned about and skipped for images only.
 
     Args:
         sinks: one sink or several.
@@ -143,6 +150,11 @@ def log_results(
         images: log heatmap images.
         arrays: log raw maps.
         mode_text: log the mode's definition as text.
+        metrics: which metrics of each result: ``None`` (the default set), ``"all"`` or
+            names (``MonitorOptions.metrics``).
+        extra: further scalars logged with the probe's (a monitor's probe time and
+            thresholds), keys as given.
+        flush: flush the sinks at the end.
 
     Returns:
         The scalar dict that was logged.
@@ -158,8 +170,9 @@ def log_results(
     items = _items(results)
     scalars: dict[str, float] = {}
     for path, r in _flat(items):
-        for metric, value in r.scalars().items():
+        for metric, value in pick_metrics(r.scalars(), metrics).items():
             scalars[f"{prefix}/{path}/{metric}"] = float(value)
+    scalars.update({k: float(v) for k, v in (extra or {}).items()})
     if scalars:
         multi.log_scalars(scalars, step)
     modes = sorted({r.mode for _, r in items})
@@ -196,5 +209,6 @@ def log_results(
         if len(modes) == 1:
             maps.update(metadata(modes[0]))
         multi.log_arrays(prefix, maps, step)
-    multi.flush()
+    if flush:
+        multi.flush()
     return scalars

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping
@@ -36,6 +37,26 @@ __all__ = ["TB_SUBDIR", "TensorBoardSink"]
 #: Sub-directory of a ``SummaryWriter``'s log directory that the monitor's events go to.
 TB_SUBDIR = "erf"
 _COUNTER = itertools.count()
+
+#: TensorBoard's Custom Scalars tab: one section per group, one card per layer with these
+#: metrics (regular expressions over the metric name) drawn together.
+LAYOUT_GROUPS: tuple[tuple[str, str], ...] = (
+    ("coverage, ERF/TRF ratio and min_coverage", r"coverage|erf_trf_ratio|min_coverage"),
+    ("ERF size, sigma and centroid offset (px)", r"erf_size|sigma_\w|centroid_offset_\w"),
+)
+
+
+def custom_scalars_layout(heads: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """The Custom Scalars layout for the layers ``heads`` (``"erf/layer4"``...): for each
+    group of :data:`LAYOUT_GROUPS` a section ``"<prefix>: <group>"`` with one multiline card
+    per layer (the ``layout`` argument of ``SummaryWriter.add_custom_scalars``)."""
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for title, metrics in LAYOUT_GROUPS:
+        for head in heads:
+            prefix, _, layer = head.partition("/")
+            section = layout.setdefault(f"{prefix}: {title}", {})
+            section[layer] = ["Multiline", [f"^{re.escape(head)}/({metrics})$"]]
+    return layout
 
 
 class _EventFile:
@@ -91,7 +112,9 @@ class TensorBoardSink(Sink):
 
     Scalars are ``simple_value`` summaries, heatmaps PNG image summaries, texts and alerts
     text-plugin summaries (tags ``<key>/text_summary``), exactly what ``add_scalar``,
-    ``add_image`` and ``add_text`` would write. Raw maps are saved as
+    ``add_image`` and ``add_text`` would write. The Custom Scalars tab gets a layout (see
+    :func:`custom_scalars_layout`): per layer one card with coverage, ERF/TRF ratio and
+    ``min_coverage``, one with ERF size, sigma and centroid offset. Raw maps are saved as
     ``<run dir>/erf_maps/step_<N>.npz`` when ``save_arrays`` is true (TensorBoard ignores them).
     A writer-like object without a log directory is written to with its ``add_*`` methods.
 
@@ -130,6 +153,7 @@ class TensorBoardSink(Sink):
         self.run_dir = run_dir
         self._file = _EventFile(run_dir) if run_dir is not None else None
         self.save_arrays = save_arrays
+        self._heads: list[str] = []  # "<prefix>/<layer>" of the layers in the layout
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.run_dir!s})"
@@ -140,14 +164,22 @@ class TensorBoardSink(Sink):
         return self.run_dir
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        """One scalar summary per key."""
+        """One scalar summary per key; the Custom Scalars layout when new layers appear."""
+        heads = [k.removesuffix("/coverage") for k in scalars if k.endswith("/coverage")]
+        new = [h for h in heads if h not in self._heads]
+        self._heads.extend(new)
         if self._file is None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, float(value), global_step=int(step))
+            if new:
+                self.writer.add_custom_scalars(custom_scalars_layout(self._heads))
             return
-        from torch.utils.tensorboard.summary import scalar
+        from torch.utils.tensorboard.summary import custom_scalars, scalar
 
-        self._file.write([scalar(k, float(v)) for k, v in scalars.items()], step)
+        summaries = [scalar(k, float(v)) for k, v in scalars.items()]
+        if new:  # TensorBoard uses a run's latest layout
+            summaries.append(custom_scalars(custom_scalars_layout(self._heads)))
+        self._file.write(summaries, step)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """A PNG image summary (``(H, W, 3)`` uint8 RGB)."""
@@ -171,9 +203,9 @@ class TensorBoardSink(Sink):
         """Save ``<run dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
         if not self.save_arrays or self.run_dir is None:
             return
-        from erf_monitor.sinks._file import arrays_relpath, save_npz
+        from erf_monitor.sinks._file import MAPS_DIR, arrays_relpath, save_npz
 
-        save_npz(self.run_dir / "erf_maps" / arrays_relpath(key, step), arrays)
+        save_npz(self.run_dir / MAPS_DIR / arrays_relpath(key, step), arrays)
 
     def flush(self) -> None:
         """Nothing to do: every call is on disk when it returns (a writer is flushed)."""

@@ -26,11 +26,15 @@ class WandbSink(Sink):
     carries each key of ``extra_step_keys`` (``sinks_for_trainer`` passes
     ``"trainer/global_step"``, Lightning's x-axis, so the charts line up with the loss).
 
-    * scalars: ``run.log({step_key: step, **scalars})``
-    * images: ``run.log({key: wandb.Image(image), step_key: step})``
+    Everything logged for one step is collected and sent in **one** ``run.log`` call when
+    the sink is flushed (``log_results`` and the monitors flush once per probe) or when data
+    for another step arrives, so each probe is one row of the run's history:
+
+    * scalars: ``{step_key: step, **scalars}``
+    * images: ``{key: wandb.Image(image)}``
     * texts: a ``wandb.Table`` per key with columns ``step, text``, re-logged with all rows
-    * alerts: ``run.alert(title=..., text=...)``; if that fails (offline runs, old servers)
-      the alert is logged as text ``alerts/<title>`` instead
+    * alerts: ``run.alert(title=..., text=...)`` at once; if that fails (offline runs, old
+      servers) the alert is logged as text ``alerts/<title>`` instead
     * raw maps: ``<run.dir>/erf_maps/step_<N>.npz`` (uploaded with the run's files)
 
     Args:
@@ -55,6 +59,8 @@ class WandbSink(Sink):
         self.extra_step_keys = tuple(extra_step_keys)
         self._defined: set[str] = set()
         self._tables: dict[str, list[list[Any]]] = {}
+        self._step: int | None = None
+        self._pending: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         name = getattr(self._run, "name", None) if self._run is not None else "wandb.run"
@@ -86,24 +92,39 @@ class WandbSink(Sink):
                 self._defined.add(head)
 
     def _log(self, data: dict[str, Any], step: int) -> None:
+        if self._step is not None and self._step != int(step):
+            self.flush()
+        self._step = int(step)
+        self._pending.update(data)
+
+    def flush(self) -> None:
+        """Send what was collected for the current step as one ``run.log`` record."""
+        step, data = self._step, self._pending
+        self._step, self._pending = None, {}
+        if step is None or not data:
+            return
         self._define(list(data))
-        record = {self.step_key: int(step)}
-        record.update({k: int(step) for k in self.extra_step_keys})
+        record: dict[str, Any] = {self.step_key: step}
+        record.update({k: step for k in self.extra_step_keys})
         record.update(data)
         self.run.log(record)
 
+    def close(self) -> None:
+        """Send what is pending (the run stays open: it is the user's or the logger's)."""
+        self.flush()
+
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        """One ``run.log`` with all scalars and the step keys."""
+        """Add the scalars to the step's record."""
         self._log({k: float(v) for k, v in scalars.items()}, step)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        """``run.log({key: wandb.Image(image)})`` with the step keys."""
+        """Add ``wandb.Image(image)`` to the step's record."""
         import wandb
 
         self._log({key: wandb.Image(image, caption=f"step {int(step)}")}, step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        """Append a row to the key's ``wandb.Table`` and log the table."""
+        """Append a row to the key's ``wandb.Table`` and add the table to the step's record."""
         import wandb
 
         rows = self._tables.setdefault(key, [])
@@ -124,8 +145,8 @@ class WandbSink(Sink):
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
         """Save ``<run.dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
-        from erf_monitor.sinks._file import arrays_relpath, save_npz
+        from erf_monitor.sinks._file import MAPS_DIR, arrays_relpath, save_npz
 
         run_dir = getattr(self.run, "dir", None)
         if run_dir:
-            save_npz(Path(run_dir) / "erf_maps" / arrays_relpath(key, step), arrays)
+            save_npz(Path(run_dir) / MAPS_DIR / arrays_relpath(key, step), arrays)

@@ -1,0 +1,129 @@
+"""Which of a result's metrics are logged: a small default set per layer, the rest on request.
+
+``ERFResult.scalars()`` has about 40 metrics per layer; a dashboard with all of them buries
+the few that matter. :func:`pick_metrics` is the one place that chooses what a probe logs
+(``MonitorOptions.metrics``); the monitor's history keeps every metric either way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from erf_monitor.measure.metrics import OPENERF_RADII
+from erf_monitor.measure.result import AREA_THRESHOLDS
+
+__all__ = ["DEFAULT_METRICS", "METRIC_NAMES", "MetricSelection", "check_metrics", "pick_metrics"]
+
+#: ``None`` (the default set), ``"all"``, or metric names (globs allowed).
+MetricSelection = Sequence[str] | Literal["all"] | None
+
+#: Metrics with one value per spatial axis: ``sigma`` stands for ``sigma_y`` and ``sigma_x``.
+PER_AXIS: tuple[str, ...] = (
+    "sigma",
+    "centroid_offset",
+    "gauss_fit_sigma",
+    "gauss_fit_offset",
+    "gridding_period",
+)
+
+#: Every metric name ``ERFResult.scalars()`` may return (per-axis ones by their base name).
+METRIC_NAMES: tuple[str, ...] = (
+    "erf_size",
+    "coverage",
+    "erf_trf_ratio",
+    "trf_size",
+    "trf_size_clipped",
+    "trf_global",
+    "trf_data_dependent",
+    *(f"area_t{round(t * 100):02d}" for t in AREA_THRESHOLDS),
+    "gaussian_r2",
+    *(f"disc_mass_r{r}" for r in OPENERF_RADII),
+    "gauss_fit_amplitude",
+    "gauss_fit_r2",
+    "coverage_trf",
+    "erf_size_visible",
+    "sigma_major",
+    "sigma_minor",
+    "anisotropy",
+    "axis_angle",
+    "cross_score",
+    "dead_fraction",
+    "border_ratio",
+    *PER_AXIS,
+)
+
+#: Logged per layer unless ``metrics=`` says otherwise: the numbers the README and the
+#: concepts page explain (8 in 2-D; ``border_ratio`` only exists with a set of positions).
+DEFAULT_METRICS: tuple[str, ...] = (
+    "erf_size",
+    "coverage",
+    "erf_trf_ratio",
+    "area_t50",
+    "sigma",
+    "centroid_offset",
+    "border_ratio",
+)
+
+_AXIS = re.compile(r"[xyz]|d\d+")
+
+
+def _selects(name: str, key: str) -> bool:
+    """Whether the requested ``name`` (a metric, a per-axis base name or a glob) selects ``key``."""
+    if key == name or fnmatchcase(key, name):
+        return True
+    head, _, axis = key.rpartition("_")
+    return name in PER_AXIS and head == name and _AXIS.fullmatch(axis) is not None
+
+
+def check_metrics(metrics: MetricSelection) -> tuple[str, ...] | Literal["all"] | None:
+    """Validate a ``metrics=`` value; returns it normalised (a tuple of names).
+
+    Raises:
+        TypeError: for anything but ``None``, ``"all"`` or a sequence of strings.
+        ValueError: for a name (or glob) that selects no metric, listing the valid names.
+    """
+    if metrics is None or metrics == "all":
+        return metrics
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+        raise TypeError(
+            f"metrics must be a list of metric names or 'all', got {metrics!r} "
+            "(a single name: metrics=[name])"
+        )
+    names = tuple(metrics)
+    examples = [*METRIC_NAMES, *(f"{b}_{a}" for b in PER_AXIS for a in ("z", "y", "x"))]
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"metrics must be strings, got {name!r}")
+        if not any(_selects(name, key) for key in examples):
+            raise ValueError(
+                f"metrics: {name!r} names no metric; valid names (globs allowed, per-axis "
+                f"ones by their base name): {', '.join(METRIC_NAMES)}"
+            )
+    return names
+
+
+def pick_metrics(values: Mapping[str, float], metrics: MetricSelection = None) -> dict[str, float]:
+    """The entries of one result's ``scalars()`` that a probe logs.
+
+    Args:
+        values: ``{metric: value}`` of one result (``ERFResult.scalars()``).
+        metrics: ``None`` for :data:`DEFAULT_METRICS`, ``"all"``, or names: a metric
+            (``"gaussian_r2"``), a per-axis base name (``"sigma"``: ``sigma_y``,
+            ``sigma_x``) or a glob (``"area_t*"``).
+
+    Returns:
+        The selected entries, in the order of ``values``.
+
+    Examples:
+        >>> pick_metrics({"coverage": 0.5, "sigma_y": 2.0, "sigma_x": 3.0, "anisotropy": 1.5})
+        {'coverage': 0.5, 'sigma_y': 2.0, 'sigma_x': 3.0}
+        >>> pick_metrics({"area_t20": 0.1, "area_t50": 0.3, "coverage": 0.5}, ["area_t*"])
+        {'area_t20': 0.1, 'area_t50': 0.3}
+    """
+    if metrics == "all":
+        return dict(values)
+    names = DEFAULT_METRICS if metrics is None else tuple(metrics)
+    return {k: v for k, v in values.items() if any(_selects(n, k) for n in names)}
