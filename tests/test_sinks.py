@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HANG_GUARD_S
 from erf_monitor.core.imports import package_available, require
 from erf_monitor.measure.result import ERFResult
 from erf_monitor.sinks import (
