@@ -18,6 +18,7 @@ from erf_monitor.probe.compute import compute_erf
 from erf_monitor.targets.tokens import TokenLayout
 from erf_monitor.trf.analysis import theoretical_rf
 from erf_monitor.trf.types import TRF
+from erf_monitor.viz.grid import grid_figure
 
 if TYPE_CHECKING:
     from erf_monitor.integrations.lightning import ERFMonitor
@@ -40,6 +41,7 @@ __all__ = [
     "Watcher",
     "__version__",
     "compute_erf",
+    "grid_figure",
     "load_images",
     "theoretical_rf",
     "watch",

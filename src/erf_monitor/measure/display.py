@@ -58,6 +58,7 @@ class ERFField(Protocol):
     def items(self) -> ItemsView[str, ERFResult]: ...
     def figure(self, **kwargs: Any) -> Figure: ...
 
+
 __all__ = ["field_html", "field_png", "result_html", "result_png", "results_html"]
 
 #: Mass fractions of the area ratios shown (RepLKNet Table 10's thresholds).
@@ -112,24 +113,21 @@ def _metric_rows(r: ERFResult) -> list[tuple[str, str]]:
     return rows
 
 
-def _picture(r: ERFResult, min_size: int = 256) -> bytes | None:
-    """The annotated heatmap as PNG, ``None`` for maps that cannot be drawn (0-D, > 3-D)."""
+def _picture(r: ERFResult, min_size: int = 256) -> bytes:
+    """The annotated heatmap (1-D: a curve, 3-D: max-projections) as PNG."""
     from erf_monitor.viz.render import render_heatmap
 
-    if not 1 <= r.heatmap.dim() <= 3:
-        return None
     return png_bytes(render_heatmap(r, min_size=min_size))
 
 
-def result_png(r: ERFResult) -> bytes | None:
+def result_png(r: ERFResult) -> bytes:
     """:class:`ERFResult`'s ``_repr_png_``: its annotated heatmap."""
     return _picture(r)
 
 
 def result_html(r: ERFResult) -> str:
     """:class:`ERFResult`'s ``_repr_html_``: the annotated heatmap beside its metrics."""
-    png = _picture(r)
-    image = image_tag(png, f"ERF of {_name(r)}") if png is not None else ""
+    image = image_tag(_picture(r), f"ERF of {_name(r)}")
     table = table_html(None, _metric_rows(r))
     return (
         '<div style="display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start">'
@@ -165,11 +163,10 @@ _SUMMARY_HEADER = [
 def results_html(results: ERFResults, thumbnail: int = 200) -> str:
     """:class:`ERFResults`' ``_repr_html_``: every layer's heatmap in a row, then one table
     with a row per layer (and per position of a field)."""
-    images = []
-    for name, r in results.items():
-        png = _picture(r, min_size=thumbnail)
-        if png is not None:
-            images.append(image_tag(png, f"ERF of {name or '<model>'}"))
+    images = [
+        image_tag(_picture(r, min_size=thumbnail), f"ERF of {name or '<model>'}")
+        for name, r in results.items()
+    ]
     first = next(iter(results.values()), None)
     caption = None
     if first is not None:

@@ -397,7 +397,7 @@ class ERFResult:
 
         return result_html(self)
 
-    def _repr_png_(self) -> bytes | None:
+    def _repr_png_(self) -> bytes:
         from erf_monitor.measure.display import result_png
 
         return result_png(self)

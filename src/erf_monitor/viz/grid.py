@@ -143,8 +143,8 @@ def grid_figure(
         log_scale: log colour scale (three decades).
         cmap: matplotlib colormap name.
         boxes: outline each map's 95%-mass square (white, dashed).
-        annotate: write each map's ERF size (and its layer when columns are stages) in the
-            panel.
+        annotate: write each map's ERF size (and its layer when columns are stages) under
+            its panel.
         panel_size: width of a panel in inches.
         title: figure title.
 
@@ -226,10 +226,7 @@ def grid_figure(
                 text = [] if not by_column else [p.layer or "<model>"]
                 if p.erf_size is not None:
                     text.append(f"ERF {p.erf_size} px")
-                ax.text(
-                    0.03, 0.03, "\n".join(text), transform=ax.transAxes, fontsize=6,
-                    color="white", va="bottom", ha="left",
-                )  # fmt: skip
+                ax.set_xlabel(" · ".join(text), fontsize=7, labelpad=2)
     what = "ERF / its maximum" if scale == "peak" else "unit-mass ERF / column maximum"
     bar = fig.colorbar(
         ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap),
