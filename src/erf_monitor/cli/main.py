@@ -345,6 +345,12 @@ def _analyze_request(
     }
 
 
+def _label(spec: str) -> str:
+    """``path/to/nets.py:build`` -> ``nets.py:build``; other specs as they are."""
+    file, sep, factory = spec.rpartition(":")
+    return f"{Path(file).name}:{factory}" if sep and file.endswith(".py") else spec
+
+
 def _table_formats(text: str | None) -> list[str]:
     if not text:
         return []
@@ -372,7 +378,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--level must be in (0, 1), got {args.level}")
     tables = _table_formats(args.table)
     specs = list(args.model)
-    names = [n.strip() for n in args.names.split(",")] if args.names else specs
+    if args.names:
+        names = [n.strip() for n in args.names.split(",")]
+    else:  # a file spec is named by its file and factory, not its whole path
+        names = [_label(s) for s in specs] if len(specs) > 1 else specs
     if len(names) != len(specs):
         raise CLIError(f"--names has {len(names)} names for {len(specs)} models")
     if len(specs) > 1 and args.pretrained not in (None, "cache"):

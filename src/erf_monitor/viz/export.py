@@ -2,8 +2,8 @@
 
 PDF and SVG are vector files: text, boxes, axes and colour bars are vector paths; the maps
 themselves are embedded images (a heatmap is pixels). They are written without a creation
-date, so the same figure gives the same bytes (figures in a paper's repository do not change
-at every run).
+date and with fixed SVG ids, so the same figure gives the same bytes at every run (figures in
+a paper's repository do not change when they are made again).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def save_figure(fig: Figure, path: str | PathLike[str], dpi: int = 150) -> Path:
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {path.name!r}")
+    import matplotlib
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=fmt, dpi=dpi, metadata=_NO_DATE[fmt])
+    # SVG ids are salted with a random value unless a salt is given
+    with matplotlib.rc_context({"svg.hashsalt": "erf-monitor"}):
+        fig.savefig(path, format=fmt, dpi=dpi, metadata=_NO_DATE[fmt])
     return path
