@@ -643,7 +643,10 @@ def _write_batch(
     grid = {name: panels(folder, rec) for name, (folder, rec) in records.items()}
     grid = {name: p for name, p in grid.items() if p}
     if grid:
-        fig = grid_figure(grid, log_scale=args.log_scale, title=f"ERF maps — {first['input']}")
+        n = (first.get("input_shape") or [0])[0]
+        source = f"{n} noise images" if first["input"] == "noise" else first["input"]
+        title = f"ERF maps (mode {args.mode}, {source})"
+        fig = grid_figure(grid, log_scale=args.log_scale, title=title)
         written.insert(0, save_figure(fig, out / f"grid.{args.format}"))
     console.print(
         f"Batch of {len(records)} models: one folder per model in [bold]{out}[/]"
