@@ -273,7 +273,9 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     return values
 
 
-def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+def _load_images(
+    args: argparse.Namespace, model: Any, spec: str
+) -> tuple[torch.Tensor, str, dict[str, Any]]:
     from erf_monitor.cli.models import spec_preprocessing
     from erf_monitor.inputs.images import list_images, load_images, preprocessing_for
 
@@ -282,7 +284,7 @@ def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, st
         raise CLIError(f"--size must be N or HxW for images, got {args.size!r}")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if size is None and mean is None and std is None:
-        prep = spec_preprocessing(args.model, model)
+        prep = spec_preprocessing(spec, model)
     else:
         prep = preprocessing_for(model, size=size, mean=mean, std=std)
     try:
@@ -491,7 +493,7 @@ def _analyze_model(
         model = model.to(device)
         preprocessing: dict[str, Any] | None = None
         if args.images is not None:
-            x, source, preprocessing = _load_images(args, model)
+            x, source, preprocessing = _load_images(args, model, spec)
         else:
             x, source = _load_inputs(args, size)
         progress.update(task, completed=1, total=1)
