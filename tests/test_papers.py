@@ -299,3 +299,20 @@ def test_torchrun_two_processes_equal_one(models: Path, tmp_path: Path, extra: l
             "corner_top_left", "corner_top_right", "corner_bottom_left", "corner_bottom_right",
         }  # fmt: skip
     assert math.isfinite(two["layers"]["4"]["metrics"]["coverage"])
+
+
+@pytest.mark.slow
+def test_bench_sharded_runs(tmp_path: Path) -> None:
+    # The benchmark of the sharded probe (its --quick mode; nothing timed here). It checks the
+    # sharded maps against the single-process ones itself.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    script = ROOT / "benchmarks" / "bench_sharded.py"
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["medians_s"]) == {"1 proc, 1 thread", "1 proc, 2 threads", "2 procs"}
