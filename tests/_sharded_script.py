@@ -36,6 +36,34 @@ def inputs() -> torch.Tensor:
     return torch.randn(5, 2, 16, 16, generator=torch.Generator().manual_seed(3))  # 3 + 2
 
 
+class Gated(nn.Module):
+    """A 3x3 conv, plus a 7x7 one for the images whose mean is positive: the support of an
+    image's map depends on the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.small = nn.Conv2d(2, 4, 3, padding=1)
+        self.large = nn.Conv2d(2, 4, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (x.mean((1, 2, 3), keepdim=True) > 0).to(x.dtype)
+        return self.small(x) + gate * self.large(x)
+
+
+def gated_inputs() -> torch.Tensor:
+    """Rank 0's images (0-2) have negative means, rank 1's (3-4) positive ones."""
+    x = torch.randn(5, 2, 16, 16, generator=torch.Generator().manual_seed(4)).abs()
+    return torch.cat([-x[:3], x[3:]])
+
+
+def small_trf() -> Any:
+    """The TRF of the 3x3 path alone: too small for the images that open the 7x7 one."""
+    from erf_monitor import theoretical_rf
+
+    return theoretical_rf(nn.Sequential(Gated().small), (2, 16, 16), ["0"])["0"]
+
+
 def scenarios(rank: int) -> dict[str, Any]:
     model, x = make_model(), inputs()
     out: dict[str, Any] = {}
@@ -47,6 +75,10 @@ def scenarios(rank: int) -> dict[str, Any]:
     field = res["4"].field
     assert field is not None
     out["field"] = {k: (r.heatmap, r.per_sample) for k, r in field.items()}
+
+    net = nn.Sequential(Gated())
+    gated = compute_erf_sharded(net, gated_inputs(), ["0"], trf={"0": small_trf()})["0"]
+    out["gated"] = (gated.trf, gated.trf_issue, gated.heatmap)
 
     def fail_on_rank_1(m: nn.Module, t: torch.Tensor) -> Any:
         if dist.get_rank() == 1:

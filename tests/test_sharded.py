@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import erf_monitor as em
 
 SCRIPT = Path(__file__).with_name("_sharded_script.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from _sharded_script import inputs, make_model  # noqa: E402
+from _sharded_script import Gated, gated_inputs, inputs, make_model, small_trf  # noqa: E402
 
 
 def _free_port() -> int:
@@ -69,6 +70,23 @@ def test_failures_reach_every_rank(ranks: list[dict[str, Any]]) -> None:
         assert got["all_failed"] == "ValueError"  # the plain error where every rank failed
         assert "cannot be sharded" in got["train_mode"]
     assert "boom on rank 1" in ranks[1]["one_failed"]
+
+
+@pytest.mark.slow
+def test_a_trf_contradicted_on_one_rank_is_unknown_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    # Only rank 1's images reach outside the given (too small) TRF; one process sees it in
+    # the whole batch's map and reports the TRF unknown: so must every rank.
+    model, given = nn.Sequential(Gated()), {"0": small_trf()}
+    want = em.compute_erf(model, gated_inputs(), ["0"], trf=given)["0"]
+    assert want.trf is None and want.trf_issue is not None
+    alone = em.compute_erf(model, gated_inputs()[:3], ["0"], trf=given)["0"]
+    assert alone.trf is not None  # rank 0's own images do not contradict it
+    for got in ranks:
+        trf, issue, heat = got["gated"]
+        assert trf is None and "outside the clipped TRF" in issue
+        torch.testing.assert_close(heat, want.heatmap, rtol=1e-5, atol=1e-7)
 
 
 def test_one_process_is_compute_erf() -> None:

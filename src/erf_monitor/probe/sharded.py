@@ -13,7 +13,9 @@ rounding. Train-mode probes mix the samples of a batch and are refused.
 
 Every rank calls :func:`compute_erf_sharded` with the same arguments and gets the same
 results. A failure on any rank is reported on every rank (first a small all-reduce of
-failure flags, then the maps), so no rank waits forever for the others.
+failure flags, then the maps), so no rank waits forever for the others; a TRF that the ERF
+mass of any rank's images spills out of is reported unknown on every rank, as one process
+would report it for the whole batch.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def compute_erf_sharded(
     assert local is not None
     flat = local.flat()
     mode = next(iter(flat.values())).mode
+    # A TRF that any rank's images contradict is wrong for the whole batch (maps are >= 0)
+    spilled = torch.tensor([r.trf_issue is not None for r in flat.values()], dtype=torch.float64)
+    spilled = spilled.to(device)
+    dist.all_reduce(spilled)
     per_sample = [_per_sample(r)[:real] for r in flat.values()]
     gathered: list[torch.Tensor | None]
     if keep_per_sample:
@@ -101,8 +107,8 @@ def compute_erf_sharded(
         totals = list(stacked.cpu())
         gathered = [None] * len(totals)
     full = {
-        path: _rebuilt(r, finalise_map(t, n, mode), n, g)
-        for (path, r), t, g in zip(flat.items(), totals, gathered)
+        path: _rebuilt(r, finalise_map(t, n, mode), n, g, bool(s > 0))
+        for (path, r), t, g, s in zip(flat.items(), totals, gathered, spilled.cpu())
     }
     return ERFResults({name: _regrouped(r, name, full) for name, r in local.items()})
 
@@ -132,10 +138,16 @@ def _gather(
 
 
 def _rebuilt(
-    r: ERFResult, heat: torch.Tensor, n: int, per_sample: torch.Tensor | None
+    r: ERFResult, heat: torch.Tensor, n: int, per_sample: torch.Tensor | None, spilled: bool
 ) -> ERFResult:
     whole = r.with_heatmap(heat, n)
     whole.per_sample = per_sample
+    if spilled:  # the same on every rank, whichever ranks' images showed it
+        whole.trf = None
+        whole.trf_issue = (
+            "some of the ERF mass lies outside the clipped TRF: the TRF analysis is wrong for "
+            "this layer, so its TRF is reported unknown"
+        )
     return whole
 
 
