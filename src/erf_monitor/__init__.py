@@ -17,6 +17,7 @@ from erf_monitor.monitor.watch import Watcher, watch
 from erf_monitor.probe.compute import compute_erf, theoretical_rf
 from erf_monitor.targets.tokens import TokenLayout
 from erf_monitor.trf.types import TRF
+from erf_monitor.viz.grid import grid_figure
 
 if TYPE_CHECKING:
     from erf_monitor.integrations.lightning import ERFMonitor
@@ -39,6 +40,7 @@ __all__ = [
     "Watcher",
     "__version__",
     "compute_erf",
+    "grid_figure",
     "load_images",
     "theoretical_rf",
     "watch",

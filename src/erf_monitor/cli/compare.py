@@ -331,20 +331,26 @@ def _interval_record(ci: Interval) -> dict[str, Any]:
 
 
 def write_comparison(
-    comp: Comparison, out: str | Path, *, log_scale: bool = False, meta: Mapping[str, Any] = {}
+    comp: Comparison,
+    out: str | Path,
+    *,
+    log_scale: bool = False,
+    meta: Mapping[str, Any] = {},
+    fmt: str = "png",
 ) -> dict[str, Path]:
-    """Write ``compare.png``, ``compare.json`` and ``maps.npz`` (``<model>/<layer>`` arrays)
-    into ``out``; returns their paths."""
+    """Write ``compare.<fmt>`` (png, pdf or svg), ``compare.json`` and ``maps.npz``
+    (``<model>/<layer>`` arrays) into ``out``; returns their paths."""
     from erf_monitor.sinks import save_npz
+    from erf_monitor.viz.export import save_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "figure": out / "compare.png",
+        "figure": out / f"compare.{fmt}",
         "json": out / "compare.json",
         "maps": out / "maps.npz",
     }
-    comparison_figure(comp, log_scale=log_scale).savefig(paths["figure"], dpi=100)
+    save_figure(comparison_figure(comp, log_scale=log_scale), paths["figure"], dpi=100)
     record: dict[str, Any] = {
         **dict(meta),
         "models": comp.names,

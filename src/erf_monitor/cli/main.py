@@ -7,7 +7,6 @@ unknown layer, unreadable input file...), reported as one line on stderr without
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import textwrap
@@ -72,12 +71,12 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _console(stderr: bool = False) -> Console:
+def _console(stderr: bool = False, quiet: bool = False) -> Console:
     from rich.console import Console
 
-    console = Console(stderr=stderr)
+    console = Console(stderr=stderr, quiet=quiet)
     if not console.is_terminal:  # pipes and captured output: do not squeeze tables to 80 cols
-        console = Console(stderr=stderr, width=max(console.width, 120))
+        console = Console(stderr=stderr, quiet=quiet, width=max(console.width, 120))
     return console
 
 
@@ -243,9 +242,9 @@ def positions_table(results: Mapping[str, ERFResult], *, title: str | None = Non
 
 
 def _write_positions(
-    results: Mapping[str, ERFResult], out: Path, console: Console, title: str
+    results: Mapping[str, ERFResult], out: Path, console: Console, title: str, fmt: str = "png"
 ) -> None:
-    """The positions table, and each 2-D field's figure as ``fields/<layer>.png``."""
+    """The positions table, and each 2-D field's figure as ``fields/<layer>.<fmt>``."""
     if all(r.position == "centre" and r.field is None for r in results.values()):
         return
     console.print(positions_table(results, title=title))
@@ -253,9 +252,9 @@ def _write_positions(
 
     for name, r in results.items():
         if r.field is not None and r.heatmap.dim() == 2:
-            path = out / "fields" / f"{safe_filename(name)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            r.field.figure().savefig(path)
+            from erf_monitor.viz.export import save_figure
+
+            path = save_figure(r.field.figure(), out / "fields" / f"{safe_filename(name)}.{fmt}")
             console.print(f"ERF field of {name!r}: [bold]{path}[/]", highlight=False)
 
 
@@ -292,7 +291,9 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     return values
 
 
-def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+def _load_images(
+    args: argparse.Namespace, model: Any, spec: str
+) -> tuple[torch.Tensor, str, dict[str, Any]]:
     from erf_monitor.cli.models import spec_preprocessing
     from erf_monitor.inputs.images import list_images, load_images, preprocessing_for
 
@@ -301,7 +302,7 @@ def _load_images(args: argparse.Namespace, model: Any) -> tuple[torch.Tensor, st
         raise CLIError(f"--size must be N or HxW for images, got {args.size!r}")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if size is None and mean is None and std is None:
-        prep = spec_preprocessing(args.model, model)
+        prep = spec_preprocessing(spec, model)
     else:
         prep = preprocessing_for(model, size=size, mean=mean, std=std)
     try:
@@ -343,9 +344,44 @@ def _load_inputs(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[torch
     return x, str(path)
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def _analyze_request(
+    args: argparse.Namespace, spec: str, layers: str | list[str]
+) -> dict[str, Any]:
+    """The settings that decide a model's numbers (``--skip-existing`` compares them)."""
+    return {
+        "model": spec,
+        "weights": args.pretrained,
+        "input": args.input,
+        "images": args.images,
+        "preprocessing": [args.size, args.mean, args.std],
+        "input_size": args.input_size,
+        "channels": args.channels,
+        "samples": args.samples,
+        "layers": layers,
+        "mode": args.mode,
+        "position": args.position,
+        "seed": args.seed,
+        "bootstrap": [args.bootstrap, args.level] if args.bootstrap else None,
+    }
 
+
+def _label(spec: str) -> str:
+    """``path/to/nets.py:build`` -> ``nets.py:build``; other specs as they are."""
+    file, sep, factory = spec.rpartition(":")
+    return f"{Path(file).name}:{factory}" if sep and file.endswith(".py") else spec
+
+
+def _table_formats(text: str | None) -> list[str]:
+    if not text:
+        return []
+    formats = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in formats if t not in ("md", "latex")]
+    if bad or not formats:
+        raise CLIError(f"--table must be md, latex or md,latex, got {text!r}")
+    return list(dict.fromkeys(formats))
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
     size = _parse_size(args.input_size)
     layers = _layer_spec(args.layers)
     if args.samples < 1:
@@ -354,20 +390,106 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError("give either --images DIR or --input FILE, not both")
     if args.images is None and (args.size or args.mean or args.std):
         raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise CLIError(f"--bootstrap must be 0 (no intervals) or >= 2, got {args.bootstrap}")
+    if args.bootstrap and args.samples < 2:
+        raise CLIError(f"--bootstrap needs --samples >= 2 (resampled images), got {args.samples}")
+    if not 0.0 < args.level < 1.0:
+        raise CLIError(f"--level must be in (0, 1), got {args.level}")
+    tables = _table_formats(args.table)
+    specs = list(args.model)
+    if args.names:
+        names = [n.strip() for n in args.names.split(",")]
+    else:  # a file spec is named by its file and factory, not its whole path
+        names = [_label(s) for s in specs] if len(specs) > 1 else specs
+    if len(names) != len(specs):
+        raise CLIError(f"--names has {len(names)} names for {len(specs)} models")
+    if len(specs) > 1 and args.pretrained not in (None, "cache"):
+        raise CLIError(
+            "--pretrained=PATH loads one checkpoint; with several models use --pretrained "
+            "alone (each model's cached weights) or analyze them one at a time"
+        )
+
+    from erf_monitor.cli.batch import (
+        BatchError,
+        finished,
+        folder_names,
+        setup_distributed,
+        teardown_distributed,
+    )
+    from erf_monitor.probe.distributed import broadcast_object, rank_and_world
+    from erf_monitor.targets.positions import parse_position_text, request
+
+    try:
+        folders = folder_names(names)
+        position = parse_position_text(args.position)
+        request(position, len(size))
+    except BatchError as exc:
+        raise CLIError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--position: {_one_line(exc)}") from None
     out = Path(args.out)
-    err = _console(stderr=True)
-    console = _console()
+    started, device = setup_distributed(args.device)
+    try:
+        rank, _ = rank_and_world()
+        console = _console(quiet=rank != 0)
+        records: dict[str, tuple[Path, dict[str, Any]]] = {}
+        for name, spec in zip(names, specs):
+            folder = out / folders[name] if len(specs) > 1 else out
+            wanted = _analyze_request(args, spec, layers)
+            if args.skip_existing:
+                found, error = None, None
+                if rank == 0:  # rank 0 decides; every rank follows
+                    try:
+                        found = finished(folder, wanted)
+                    except BatchError as exc:
+                        error = str(exc)
+                found, error = broadcast_object((found, error))
+                if error is not None:
+                    raise CLIError(error)
+                if found is not None:
+                    console.print(
+                        f"{name}: finished in [bold]{folder}[/] with the same settings; skipped "
+                        "(--skip-existing).",
+                        highlight=False,
+                    )
+                    records[name] = (folder, found)
+                    continue
+            record = _analyze_model(
+                args, spec, name, folder, layers, size, position, device, wanted, tables
+            )
+            records[name] = (folder, record)
+        if len(specs) > 1 and rank == 0:
+            _write_batch(records, out, args, tables, console)
+    finally:
+        teardown_distributed(started)
+    return 0
+
+
+def _analyze_model(
+    args: argparse.Namespace,
+    spec: str,
+    name: str,
+    out: Path,
+    layers: str | list[str],
+    size: tuple[int, ...],
+    position: Any,
+    device: str,
+    wanted: dict[str, Any],
+    tables: list[str],
+) -> dict[str, Any]:
+    """Probe one model and write its folder (on rank 0); returns its ``metrics.json`` record."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from erf_monitor.probe.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    err = _console(stderr=True, quiet=rank != 0)
+    console = _console(quiet=rank != 0)
 
     import torch
 
     from erf_monitor.cli.models import ModelSpecError, load_model
-    from erf_monitor.targets.positions import parse_position_text, request
-
-    try:
-        position = parse_position_text(args.position)
-        request(position, len(size))
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"--position: {_one_line(exc)}") from None
 
     with Progress(
         SpinnerColumn(),
@@ -375,41 +497,44 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=args.quiet or not err.is_terminal,  # no spinner frames in logs and pipes
+        disable=args.quiet or not err.is_terminal or rank != 0,  # no spinner frames in logs
     ) as progress:
-        task = progress.add_task(f"building {args.model}", total=None)
+        task = progress.add_task(f"building {spec}", total=None)
         # Seeded initialisation without touching the caller's global RNG (main() may be
-        # called in-process, e.g. from tests).
+        # called in-process, e.g. from tests); the same weights on every rank.
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             try:
-                model = load_model(args.model, pretrained=args.pretrained)
+                model = load_model(spec, pretrained=args.pretrained)
             except ModelSpecError as exc:
                 raise CLIError(str(exc)) from None
-        model = model.to(args.device)
+        model = model.to(device)
         preprocessing: dict[str, Any] | None = None
         if args.images is not None:
-            x, source, preprocessing = _load_images(args, model)
+            x, source, preprocessing = _load_images(args, model, spec)
         else:
             x, source = _load_inputs(args, size)
         progress.update(task, completed=1, total=1)
 
-        from erf_monitor import compute_erf
+        from erf_monitor.probe.sharded import compute_erf_sharded
 
         what = "auto-picked layers" if layers == "auto" else f"{len(layers)} layer spec(s)"
+        shards = f" on {world} processes" if world > 1 else ""
         task = progress.add_task(
-            f"probing {what} on {x.shape[0]} x {'x'.join(str(s) for s in x.shape[1:])} {source}",
+            f"probing {what} on {x.shape[0]} x {'x'.join(str(s) for s in x.shape[1:])} "
+            f"{source}{shards}",
             total=None,
         )
         t0 = time.perf_counter()
         from erf_monitor.core.errors import ERFProbeError
 
+        kw: dict[str, Any] = {
+            "mode": args.mode, "chunk_size": args.chunk_size, "position": position,
+            "keep_per_sample": args.bootstrap > 0,
+        }  # fmt: skip
         try:
             try:
-                results = compute_erf(
-                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size,
-                    position=position,
-                )  # fmt: skip
+                results = compute_erf_sharded(model, x.to(device), layers, **kw)
             except (ValueError, TypeError, ERFProbeError):
                 raise
             except Exception as exc:  # the TRF analysis could not follow this model
@@ -418,47 +543,63 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     f"({type(exc).__name__}: {_one_line(exc)}); TRF columns and ratios are n/a.",
                     highlight=False,
                 )
-                results = compute_erf(
-                    model, x, layers, mode=args.mode, chunk_size=args.chunk_size, trf="skip",
-                    position=position,
-                )  # fmt: skip
+                results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
         except (ValueError, TypeError, ERFProbeError) as exc:
             raise CLIError(_one_line(exc)) from None
         seconds = time.perf_counter() - t0
         progress.update(task, completed=1, total=1)
 
+        from erf_monitor.core.modes import DEFINITIONS, metadata
+
+        record: dict[str, Any] = {
+            "name": name,
+            "model": spec,
+            "weights": "random init" if args.pretrained is None else args.pretrained,
+            "input": source,
+            "preprocessing": preprocessing,
+            "input_shape": list(x.shape),
+            "mode": args.mode,
+            "definition": DEFINITIONS[args.mode],
+            "seed": args.seed,
+            "world_size": world,
+            "probe_seconds": seconds,
+            "request": wanted,
+            "layers": {layer: _result_record(r) for layer, r in results.items()},
+        }
+        if rank != 0:  # rank 0 alone bootstraps and writes
+            return record
+        if args.bootstrap:
+            task = progress.add_task(
+                f"bootstrap: {args.bootstrap} resamples per layer", total=len(results)
+            )
+            record["bootstrap"] = {"n_boot": args.bootstrap, "level": args.level, "method": "bca"}
+            for layer, r in results.items():
+                record["layers"][layer]["intervals"] = _intervals(r, args)
+                progress.advance(task)
+
         from erf_monitor.sinks import safe_filename, save_npz
+        from erf_monitor.viz.export import save_figure
         from erf_monitor.viz.render import erf_figure, render_heatmap, save_png
 
         task = progress.add_task("writing heatmaps", total=len(results) + 1)
         out.mkdir(parents=True, exist_ok=True)
-        for name, r in results.items():
-            save_png(
-                render_heatmap(r, log_scale=args.log_scale),
-                out / "heatmaps" / f"{safe_filename(name)}.png",
-            )
+        for layer, r in results.items():
+            path = out / "heatmaps" / f"{safe_filename(layer)}.png"
+            save_png(render_heatmap(r, log_scale=args.log_scale), path)
+            if args.format != "png" and 1 <= r.heatmap.dim() <= 3:
+                save_figure(r.plot(log_scale=args.log_scale), path.with_suffix(f".{args.format}"))
             progress.advance(task)
-        fig = erf_figure(results, log_scale=args.log_scale, title=f"{args.model} ({source})")
-        fig.savefig(out / "erf_overview.png")
+        fig = erf_figure(results, log_scale=args.log_scale, title=f"{name} ({source})")
+        overview = save_figure(fig, out / f"erf_overview.{args.format}")
         progress.advance(task)
-
-    from erf_monitor.core.modes import DEFINITIONS, metadata
 
     maps = {path: r.heatmap.numpy() for path, r in results.flat().items()}
     save_npz(out / "maps.npz", {**maps, **metadata(args.mode)})
-    record = {
-        "model": args.model,
-        "weights": "random init" if args.pretrained is None else args.pretrained,
-        "input": source,
-        "preprocessing": preprocessing,
-        "input_shape": list(x.shape),
-        "mode": args.mode,
-        "definition": DEFINITIONS[args.mode],
-        "seed": args.seed,
-        "probe_seconds": seconds,
-        "layers": {name: _result_record(r) for name, r in results.items()},
-    }
-    (out / "metrics.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    written = []
+    if tables:
+        from erf_monitor.cli.tables import caption, rows_of, write_tables
+
+        written = write_tables(rows_of(name, record), out, tables, caption(record))
 
     if preprocessing is not None:
         console.print(
@@ -467,16 +608,72 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             f"std {preprocessing['std']}.",
             highlight=False,
         )
-    console.print(results_table(results, title=f"ERF of {args.model} — {source}, mode {args.mode}"))
-    _write_positions(results, out, console, f"ERF at position {args.position!r}")
+    console.print(results_table(results, title=f"ERF of {name} — {source}, mode {args.mode}"))
+    _write_positions(results, out, console, f"ERF at position {args.position!r}", args.format)
+    from erf_monitor.cli.batch import write_json
+
+    write_json(out / "metrics.json", record)  # last: a folder with metrics.json is finished
+    shards = f" on {world} processes" if world > 1 else ""
     console.print(
-        f"Probe: {seconds:.2f} s. Wrote [bold]{out / 'metrics.json'}[/], "
+        f"Probe: {seconds:.2f} s{shards}. Wrote [bold]{out / 'metrics.json'}[/], "
         f"[bold]{out / 'maps.npz'}[/] (np.load(..., allow_pickle=False)), "
-        f"[bold]{out / 'erf_overview.png'}[/] and {len(results)} heatmaps in "
-        f"[bold]{out / 'heatmaps'}[/].",
+        f"[bold]{overview}[/]"
+        + "".join(f", [bold]{p}[/]" for p in written)
+        + f" and {len(results)} heatmaps in [bold]{out / 'heatmaps'}[/].",
         highlight=False,
     )
-    return 0
+    return record
+
+
+#: The metrics whose bootstrap intervals ``analyze --bootstrap`` records (the table's).
+_INTERVAL_METRICS = ("area_t20", "area_t30", "area_t50", "area_t99", "erf_size", "coverage")
+
+
+def _intervals(r: ERFResult, args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
+    from erf_monitor.measure.bootstrap import bootstrap_metrics
+
+    cis = bootstrap_metrics(
+        r, list(_INTERVAL_METRICS), n_boot=args.bootstrap, level=args.level, seed=args.seed
+    )
+    return {
+        k: {"value": _json_float(ci.value), "low": _json_float(ci.low),
+            "high": _json_float(ci.high), "std": _json_float(ci.std)}
+        for k, ci in cis.items()
+    }  # fmt: skip
+
+
+def _write_batch(
+    records: Mapping[str, tuple[Path, dict[str, Any]]],
+    out: Path,
+    args: argparse.Namespace,
+    tables: list[str],
+    console: Console,
+) -> None:
+    """A batch's combined outputs: the models x layers grid figure and the combined table."""
+    from erf_monitor.cli.batch import panels
+    from erf_monitor.cli.tables import caption, rich_table, rows_of, write_tables
+    from erf_monitor.viz.export import save_figure
+    from erf_monitor.viz.grid import grid_figure
+
+    rows = [row for name, (_, rec) in records.items() for row in rows_of(name, rec)]
+    first = next(iter(records.values()))[1]
+    text = caption(first, models=len(records))
+    console.print(rich_table(rows, title=f"{len(records)} models — mode {args.mode}"))
+    written = write_tables(rows, out, tables, text) if tables else []
+    grid = {name: panels(folder, rec) for name, (folder, rec) in records.items()}
+    grid = {name: p for name, p in grid.items() if p}
+    if grid:
+        n = (first.get("input_shape") or [0])[0]
+        source = f"{n} noise images" if first["input"] == "noise" else first["input"]
+        title = f"ERF maps (mode {args.mode}, {source})"
+        fig = grid_figure(grid, log_scale=args.log_scale, title=title)
+        written.insert(0, save_figure(fig, out / f"grid.{args.format}"))
+    console.print(
+        f"Batch of {len(records)} models: one folder per model in [bold]{out}[/]"
+        + "".join(f", [bold]{p}[/]" for p in written)
+        + ".",
+        highlight=False,
+    )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -565,7 +762,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ERFProbeError) as exc:
         raise CLIError(_one_line(exc)) from None
     meta = {"specs": list(args.models), "input": source, "mode": args.mode, "seed": args.seed}
-    paths = write_comparison(comp, args.out, log_scale=args.log_scale, meta=meta)
+    paths = write_comparison(comp, args.out, log_scale=args.log_scale, meta=meta, fmt=args.format)
     console = _console()
     console.print(comparison_table(comp))
     console.print(
@@ -643,18 +840,34 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(func=_cmd_demo)
 
+    from erf_monitor.viz.export import FORMATS
+
     analyze = sub.add_parser(
         "analyze",
         help="ERF and TRF of a model's layers on noise or your images",
         description=_wrap(
             "Probe the centre-pixel ERF of chosen layers of a model (random init, or local "
             "pretrained weights) on noise, a .npy array or a folder of images; print a table, "
-            "write heatmaps (PNG), raw maps (maps.npz) and metrics.json."
+            "write heatmaps, an overview figure (--format png, pdf or svg), raw maps (maps.npz), "
+            "metrics.json and, with --table, RepLKNet-style tables. Several models: one folder "
+            "each, a combined table and a models x layers grid figure; --skip-existing resumes "
+            "an interrupted batch. Launched with 'torchrun --nproc_per_node N -m erf_monitor.cli "
+            "analyze ...', the probe images are sharded over the N processes (gloo on CPU, NCCL "
+            "with --device cuda) and rank 0 writes."
         ),
         epilog=_MODEL_HELP + "\n" + _MODE_HELP,
         formatter_class=_Formatter,
     )
-    analyze.add_argument("model", metavar="MODEL", nargs="?", help="see below")
+    analyze.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="*",
+        help="one or more models (see below); several write one folder per model in --out, "
+        "a combined table and a models x layers grid figure",
+    )
+    analyze.add_argument(
+        "--names", default=None, help="comma-separated model names (default: the specs)"
+    )
     analyze.add_argument(
         "--input-size", default="224", help="N or HxW (default: %(default)s)", metavar="SIZE"
     )
@@ -704,6 +917,35 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
     analyze.add_argument("--device", default="cpu", help="torch device")
     analyze.add_argument("--log-scale", action="store_true", help="log colour scale for images")
+    analyze.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="figure format: pdf and svg are vector files for papers (the annotated "
+        "heatmaps/<layer>.png are written too)",
+    )
+    analyze.add_argument(
+        "--table",
+        default=None,
+        metavar="md|latex",
+        help="write the RepLKNet-style table of area ratios a(t) at t = 20/30/50/99%%, ERF "
+        "size and coverage as table.md and/or table.tex (md,latex: both)",
+    )
+    analyze.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bootstrap intervals over the probe images (N resamples) in metrics.json and "
+        "the table; 0: none",
+    )
+    analyze.add_argument("--level", type=float, default=0.95, help="bootstrap interval coverage")
+    analyze.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip models whose folder already holds a finished run with the same settings "
+        "(resume an interrupted batch)",
+    )
     analyze.add_argument("--out", default="erf_analysis", help="output directory")
     analyze.add_argument("--quiet", action="store_true", help="no progress display")
     analyze.set_defaults(func=_cmd_analyze)
@@ -775,6 +1017,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
     compare.add_argument("--device", default="cpu", help="torch device")
     compare.add_argument("--log-scale", action="store_true", help="log colour scale")
+    compare.add_argument(
+        "--format", choices=FORMATS, default="png", help="figure format (pdf, svg: vector)"
+    )
     compare.add_argument("--out", default="erf_compare", help="output directory")
     compare.set_defaults(func=_cmd_compare)
     return parser
@@ -797,11 +1042,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    if args.command == "analyze" and args.model is None:
+    if args.command == "analyze" and not args.model:
         # "--pretrained MODEL" reads MODEL as the weights path: give it back.
         pre = args.pretrained
         if pre not in (None, "cache") and not Path(pre).is_file() and ":" in pre:
-            args.model, args.pretrained = pre, "cache"
+            args.model, args.pretrained = [pre], "cache"
         else:
             print("erf-monitor analyze: error: MODEL is required (see --help)", file=sys.stderr)
             return 2

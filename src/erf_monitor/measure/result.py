@@ -383,6 +383,25 @@ class ERFResult:
                 out["border_ratio"] = float(ratio)
         return out
 
+    # -- display ----------------------------------------------------------------------------
+    def plot(self, **kwargs: Any) -> Figure:
+        """This layer's map as a matplotlib figure (:func:`~erf_monitor.viz.render.erf_figure`:
+        TRF box, 95%-mass square, colour bar; keyword arguments are passed on), to adjust and
+        save (``fig.savefig("erf.pdf")``)."""
+        from erf_monitor.viz.render import erf_figure
+
+        return erf_figure([self], **kwargs)
+
+    def _repr_html_(self) -> str:
+        from erf_monitor.measure.display import result_html
+
+        return result_html(self)
+
+    def _repr_png_(self) -> bytes:
+        from erf_monitor.measure.display import result_png
+
+        return result_png(self)
+
     def __repr__(self) -> str:
         trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
         where = "" if self.position == "centre" else f" at {self.position} {self.output_index}"
@@ -424,6 +443,19 @@ class ERFResults(Mapping[str, ERFResult]):
             for x in r.field.values() if r.field is not None else (r,):
                 out[name if x.position == "centre" else f"{name}/{x.position}"] = x
         return out
+
+    def plot(self, **kwargs: Any) -> Figure:
+        """Every layer's map in one matplotlib figure, a panel per layer
+        (:func:`~erf_monitor.viz.render.erf_figure`; keyword arguments such as ``log_scale``,
+        ``ncols`` or ``title`` are passed on), to adjust and save."""
+        from erf_monitor.viz.render import erf_figure
+
+        return erf_figure(self, **kwargs)
+
+    def _repr_html_(self) -> str:
+        from erf_monitor.measure.display import results_html
+
+        return results_html(self)
 
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(r) for r in self._results.values())
@@ -507,3 +539,17 @@ class ERFField(Mapping[str, ERFResult]):
         from erf_monitor.viz.field import field_figure
 
         return field_figure(self, **kwargs)
+
+    def plot(self, **kwargs: Any) -> Figure:
+        """The field figure, like :meth:`figure` (the name the other results use)."""
+        return self.figure(**kwargs)
+
+    def _repr_html_(self) -> str:
+        from erf_monitor.measure.display import field_html
+
+        return field_html(self)
+
+    def _repr_png_(self) -> bytes | None:
+        from erf_monitor.measure.display import field_png
+
+        return field_png(self)
