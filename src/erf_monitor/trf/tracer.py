@@ -166,6 +166,7 @@ class ConcreteTracer(fx.Tracer):
         self.raw_outputs: dict[str, Any] = {}  # what the call returned (proxies in containers)
         self.leaf_paths: set[str] = set()
         self._running = 0  # > 0 while a value is computed (module calls then record nothing)
+        self._attr_names: dict[int, str] | None = None
 
     # -- proxies carry values
 
@@ -174,6 +175,18 @@ class ConcreteTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         return attr_val  # parameters are constants: what they compute is folded
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            # A parameter or buffer of the model: found by identity in one table (fx would
+            # search every named parameter and buffer, for every argument).
+            if self._attr_names is None:
+                named = [*self.root.named_parameters(), *self.root.named_buffers()]
+                self._attr_names = {id(t): name for name, t in named}
+            name = self._attr_names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def create_node(
         self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **kw: Any
