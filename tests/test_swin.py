@@ -427,3 +427,65 @@ def _pixels(m: nn.Module, x: torch.Tensor) -> Any:
 
 def _hf_block(out: Any, idx: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     return tokens_first(out, idx, grid)
+
+
+# ----------------------------------------------------------------------------- tracer
+
+
+class AddInPlace(nn.Module):
+    """``a.add_(b)`` and then ``a``: the later use must read the sum (b's wider field)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 5, padding=2)
+        self.out = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        a.add_(self.b(x))
+        return self.out(a).permute(0, 2, 3, 1)
+
+
+def test_in_place_ops_rebind_their_tensor() -> None:
+    done = check_model(nn.Sequential(AddInPlace()), (3, 11, 11), ["0"], [(None, None), (0, 0)])
+    assert [trf.clipped for *_, trf, _ in done] == [((3, 7), (3, 7)), ((0, 2), (0, 2))]
+
+
+class WritesInput(nn.Module):
+    """``y[:, :, 0] = x[:, :, -1]``: an assignment into a tensor (fx's proxies refuse it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y[:, :, 0] = x[:, :, -1]
+        return self.a(y)
+
+
+class WritesConstant(nn.Module):
+    """The input written into a tensor built from its shape: the tracer refuses it (the
+    constant would silently lose the dependence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape)
+        y[:, :, 1:] = x[:, :, :-1]
+        return self.a(y)
+
+
+def test_assignments_fall_back_to_the_numeric_method() -> None:
+    for net, why in ((WritesInput(), "item assignment"), (WritesConstant(), "in place")):
+        with pytest.raises(ValueError, match=why):
+            em.theoretical_rf(net, (3, 8, 8), ["a"], method="fx")
+    with pytest.warns(em.ERFProbeWarning, match="numeric"):  # a field at the border
+        trf = em.theoretical_rf(WritesInput(), (3, 8, 8), ["a"], position=(0, 0))["a"]
+    # Rows 0..1 of y are rows 7 and 1 of x (row 0 of x is overwritten, never read).
+    assert trf.method == "numeric" and trf.clipped == ((1, 7), (0, 1))
+    trf = em.theoretical_rf(WritesConstant(), (3, 8, 8), ["a"])["a"]  # inside: exact, quiet
+    assert trf.method == "numeric" and trf.clipped == ((2, 4), (3, 5))  # rows moved down by 1

@@ -230,7 +230,7 @@ class ConcreteTracer(fx.Tracer):
                 f"({_op_name_of(kind, target)}, in place)"
             )
         if target is operator.setitem:
-            raise fx.proxy.TraceError("the forward assigns into the input's values (x[...] = ...)")
+            raise fx.proxy.TraceError("the forward assigns into a tensor (x[...] = ...)")
         value = self._run(kind, target, self._concrete(args), self._concrete(kwargs))
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         self.values[proxy.node] = value
@@ -342,8 +342,8 @@ class ConcreteTracer(fx.Tracer):
 def _in_place(kind: str, target: Any) -> bool:
     """An op that changes its first argument (``x.add_(y)``, ``x += y``, ``torch.relu_``)."""
     name = str(target) if kind == "call_method" else getattr(target, "__name__", "")
-    if name.startswith("__i") and name.endswith("__"):
-        return True  # __iadd__ & co.
+    if name == "__setitem__" or (name.startswith("__i") and name.endswith("__")):
+        return True  # x[...] = v, __iadd__ & co.
     if kind == "call_function" and target in _IN_PLACE_OPERATORS:
         return True
     return name.endswith("_") and not name.startswith("_")
