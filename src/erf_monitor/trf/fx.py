@@ -1,20 +1,23 @@
-"""Analytic theoretical receptive fields: a backward index-box walk over a torch.fx graph.
+"""Analytic theoretical receptive fields: a backward index-set walk over a torch.fx graph.
 
-The model is traced symbolically (every module call, containers included, is recorded by path
-so that a requested layer's output node is known), shapes are propagated on a zeros input, and
-then, starting from the layer's output node, a *region* is walked backward to the input:
+The model is traced with concrete shapes (:mod:`erf_monitor.trf.tracer`: every module call,
+containers included, is recorded by path so that a requested layer's output node is known),
+and then, starting from the layer's output node, a *region*
+(:mod:`erf_monitor.trf.regions`) is walked backward to the input:
 
 * per tensor axis an unclipped inclusive interval ``[lo, hi]`` (indices as if every plane were
   infinite: padding never clips it), the exact set of in-bounds indices that can influence the
   seed (a boolean mask: the per-axis projection of the influencing set, so hulls of unions
   stay exact), a ``mixed`` flag (a global op needs the whole axis) and the effective stride
-  ("jump") accumulated along the path;
+  ("jump") accumulated along the path; where axes are tied (a window partition, masked
+  attention) the exact set over them (a joint);
 * fan-in (residual adds, concatenations, branches) takes the union of the regions.
 
 Each op kind has one rule in the tables at the bottom (``_MODULE_RULES``, ``_FUNCTION_RULES``,
 ``_METHOD_RULES``): a rule maps the region of an op's output to regions of its tensor inputs.
 An op without a rule raises :class:`Unsupported` (the caller falls back to the numeric method).
-To support a new op, add a rule there.
+To support a new op, add a rule there. Attention rules read which weights a constant mask
+switches off from :mod:`erf_monitor.trf.masks` (where the ``-100`` decision is documented).
 """
 
 from __future__ import annotations

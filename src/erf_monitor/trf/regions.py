@@ -117,10 +117,6 @@ class Region:
             return Region(axes, local)
         return joined(axes, dims, dense(self, dims) | dense(other, dims), local)
 
-    def product(self) -> Region:
-        """The same region without its joint (the product of the masks: a superset)."""
-        return Region(self.axes, self.local, self.data_dependent)
-
 
 def _int(v: int | None) -> int:
     if v is None:

@@ -22,6 +22,7 @@ Control flow that depends on the input's values cannot be traced (:class:`Unsupp
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import operator
 import types
@@ -91,7 +92,30 @@ _META_FUNCTIONS: frozenset[Any] = frozenset(
 
 
 class _Proxy(fx.Proxy):
-    """A proxy that answers size questions (``x.shape``, ``len(x)``) with concrete values."""
+    """A proxy that answers size questions (``x.shape``, ``len(x)``) with concrete values.
+
+    The tracer keeps a node's value while a proxy of it lives (like the forward it mirrors,
+    which frees a tensor nobody refers to any more).
+    """
+
+    @property
+    def node(self) -> fx.Node:
+        return self.__dict__["_node"]
+
+    @node.setter
+    def node(self, node: fx.Node) -> None:
+        old = self.__dict__.get("_node")
+        self.__dict__["_node"] = node
+        tracer = self.__dict__.get("tracer")
+        if isinstance(tracer, ConcreteTracer):
+            tracer.retain(node)
+            if old is not None:
+                tracer.release(old)
+
+    def __del__(self) -> None:
+        tracer, node = self.__dict__.get("tracer"), self.__dict__.get("_node")
+        if isinstance(tracer, ConcreteTracer) and node is not None:
+            tracer.release(node)
 
     def __getattr__(self, k: str) -> Any:
         value = self.tracer.values.get(self.node)  # type: ignore[attr-defined]
@@ -167,6 +191,18 @@ class ConcreteTracer(fx.Tracer):
         self.leaf_paths: set[str] = set()
         self._running = 0  # > 0 while a value is computed (module calls then record nothing)
         self._attr_names: dict[int, str] | None = None
+        self._refs: dict[fx.Node, int] = {}  # live proxies per node
+
+    def retain(self, node: fx.Node) -> None:
+        self._refs[node] = self._refs.get(node, 0) + 1
+
+    def release(self, node: fx.Node) -> None:
+        count = self._refs.get(node, 0) - 1
+        if count > 0:
+            self._refs[node] = count
+        else:  # no proxy of it is left: nothing can read its value any more
+            self._refs.pop(node, None)
+            self.values.pop(node, None)
 
     # -- proxies carry values
 
@@ -235,6 +271,8 @@ class ConcreteTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         self.values[proxy.node] = value
         _record_meta(proxy.node, value)
+        if target is getattr:
+            self.retain(proxy.node)  # an Attribute (``x.T``) keeps the node, not this proxy
         if in_place:
             # Later uses of the mutated proxy read the op's result (``x.add_(y)``, then ``x``).
             args[0].node = proxy.node
@@ -333,7 +371,8 @@ class ConcreteTracer(fx.Tracer):
         node = out.node if isinstance(out, fx.Proxy) else None
         for name in self.aliases.get(id(m), [canonical(path)]):
             self.outputs.setdefault(name, node)
-            self.raw_outputs.setdefault(name, out)
+            if name not in self.raw_outputs:
+                self.raw_outputs[name] = _as_nodes(out)  # structure only: no value kept alive
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(canonical(path))
         return out
@@ -360,6 +399,25 @@ def _op_name_of(kind: str, target: Any) -> str:
     if kind == "call_method":
         return f"Tensor.{target}"
     return getattr(target, "__name__", None) or str(target)
+
+
+def _as_nodes(out: Any) -> Any:
+    """``out`` with every proxy replaced by its node (containers keep their type if they can)."""
+    if isinstance(out, fx.Proxy):
+        return out.node
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_as_nodes(v) for v in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_as_nodes(v) for v in out)
+    if isinstance(out, dict):
+        try:
+            new = copy.copy(out)  # a ModelOutput stays one (selectors index it by position)
+            for key in list(out.keys()):
+                new[key] = _as_nodes(out[key])
+        except Exception:
+            return {key: _as_nodes(v) for key, v in out.items()}
+        return new
+    return out
 
 
 def _hashable_in(target: Any, table: frozenset[Any]) -> bool:
@@ -456,22 +514,15 @@ def trace_model(
     with preserved_buffers(root), torch.no_grad():
         try:
             root.eval()
-            tracer = ConcreteTracer(aliases, x, keep_function)
             try:
-                with contextlib.redirect_stderr(io.StringIO()):
-                    graph = tracer.trace(root)
-                for node in graph.nodes:
-                    # fx marks a wrapped call so that generated code registers it again
-                    # (globally, by name); the graph is never traced again.
-                    node.meta.pop("is_wrapped", None)
-                gm = fx.GraphModule(root, graph)
+                tracer, gm = _trace(root, aliases, x, keep_function)
             except Exception as exc:
                 why = _first_line(exc)
                 raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
         finally:
             for m, flag in flags:
                 m.training = flag
-    tracer.values.clear()  # activations of the zeros input: not needed any more
+    tracer.values.clear()  # values of the zeros input: not needed any more
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise Unsupported(f"traced graph has {len(placeholders)} inputs, expected 1")
@@ -484,8 +535,29 @@ def trace_model(
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _trace(
+    root: _Root,
+    aliases: dict[int, list[str]],
+    x: torch.Tensor,
+    keep_function: Callable[[Any], bool],
+) -> tuple[ConcreteTracer, fx.GraphModule]:
+    tracer = ConcreteTracer(aliases, x, keep_function)
+    with contextlib.redirect_stderr(io.StringIO()):
+        graph = tracer.trace(root)
+    for node in graph.nodes:
+        # fx marks a wrapped call so that generated code registers it again (globally, by
+        # name); the graph is never traced again.
+        node.meta.pop("is_wrapped", None)
+    return tracer, fx.GraphModule(root, graph)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    exc = _root_cause(exc)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
