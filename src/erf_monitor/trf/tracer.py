@@ -26,6 +26,7 @@ import copy
 import io
 import operator
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -510,8 +511,10 @@ def trace_model(
     x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     flags = [(m, m.training) for m in root.modules()]
     # Tracing runs the real modules: a buffer they change (a counter, a quantization
-    # observer) is put back, as the probe does.
-    with preserved_buffers(root), torch.no_grad():
+    # observer) is put back, as the probe does. What the model warns about on this extra
+    # forward of a zeros image, the probe's own forward shows where it belongs.
+    with preserved_buffers(root), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             root.eval()
             try:
