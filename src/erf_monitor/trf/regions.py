@@ -68,14 +68,24 @@ class Axis:
     def union(self, other: Axis) -> Axis:
         mixed = self.mixed or other.mixed
         jumps = [j for j in (self.jump, other.jump) if j is not None]
+        lo = hi = None
+        if not mixed:
+            # A wrapped interval is cyclic: the other one is taken whole turns away where that
+            # joins them more tightly ([-2, 0] and [11, 11] on 12 indices: [-2, 0]).
+            turns = (-1, 0, 1) if self.wrap or other.wrap else (0,)
+            n = self.mask.size
+            lo, hi = min(
+                (
+                    (min(_int(self.lo), _int(other.lo) + t * n),
+                     max(_int(self.hi), _int(other.hi) + t * n))
+                    for t in turns
+                ),
+                key=lambda span: (span[1] - span[0], span[0] < 0),
+            )  # fmt: skip
         return Axis(
-            None if mixed else min(_int(self.lo), _int(other.lo)),
-            None if mixed else max(_int(self.hi), _int(other.hi)),
-            self.mask | other.mask,
-            mixed,
-            max(jumps) if jumps else None,
+            lo, hi, self.mask | other.mask, mixed, max(jumps) if jumps else None,
             self.wrap or other.wrap,
-        )
+        )  # fmt: skip
 
 
 @dataclass
