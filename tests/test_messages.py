@@ -104,7 +104,7 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
             y = self.a(x)
             return y if bool(y.mean() > -1e9) else -y  # fx cannot trace this branch
 
-    class BadShape(nn.Module):  # traces, but shape propagation fails on the zeros input
+    class BadShape(nn.Module):  # indexing with a tensor: no fx rule
         def __init__(self) -> None:
             super().__init__()
             self.a = nn.Conv2d(3, 4, 3, padding=1)

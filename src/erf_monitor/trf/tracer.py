@@ -188,7 +188,7 @@ class ConcreteTracer(fx.Tracer):
         self.keep_function = keep_function
         self.values: dict[fx.Node, Any] = {}
         self.outputs: dict[str, fx.Node | None] = {}
-        self.raw_outputs: dict[str, Any] = {}  # what the call returned (proxies in containers)
+        self.raw_outputs: dict[str, Any] = {}  # what the call returned (nodes in containers)
         self.leaf_paths: set[str] = set()
         self._running = 0  # > 0 while a value is computed (module calls then record nothing)
         self._attr_names: dict[int, str] | None = None
