@@ -56,3 +56,10 @@ def test_bench_probe(tmp_path: Path) -> None:
 def test_bench_positions(tmp_path: Path) -> None:
     rows = run_benchmark("bench_positions.py", tmp_path)
     assert rows
+
+
+@pytest.mark.slow
+def test_bench_swin(tmp_path: Path) -> None:
+    cases = {row["case"]: row for row in run_benchmark("bench_swin.py", tmp_path)}
+    assert len(cases["trf"]["times_s"]["fx"]) == len(cases["probe"]["times_s"]["probe"]) == 1
+    assert set(cases["trf"]["fx"]) == {"features.1", "features.3", "features.5", "features.7"}

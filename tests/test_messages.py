@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
             y = self.a(x)
             return y if bool(y.mean() > -1e9) else -y  # fx cannot trace this branch
 
-    class BadShape(nn.Module):  # traces, but shape propagation fails on the zeros input
+    class BadShape(nn.Module):  # indexing with a tensor: no fx rule
         def __init__(self) -> None:
             super().__init__()
             self.a = nn.Conv2d(3, 4, 3, padding=1)
@@ -112,11 +113,33 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
             return self.a(x[:, :, torch.arange(x.shape[2])])
 
     for net in (DataDependent(), BadShape()):
-        with pytest.warns(em.ERFProbeWarning, match="falling back to the numeric method"):
+        # The field (3 x 3 inside the 8 x 8 input) is measured exactly: no warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.ERFProbeWarning)
             trf = em.theoretical_rf(net, (3, 8, 8), ["a"])
-        assert trf["a"].size == (3.0, 3.0)
+        assert trf["a"].size == (3.0, 3.0) and trf["a"].method == "numeric"
+        # At the border the numeric method cannot see on: the fallback warns.
+        with pytest.warns(em.ERFProbeWarning, match="falling back to the numeric method.*border"):
+            trf = em.theoretical_rf(net, (3, 8, 8), ["a"], position=(0, 0))
+        assert trf["a"].clipped == ((0, 1), (0, 1))
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_an_exact_numeric_fallback_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(torch.cumsum(x, dim=1))  # over channels: no fx rule, field 3 x 3
+
+    with caplog.at_level("INFO", logger="erf_monitor"), warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)
+        trf = em.theoretical_rf(Summed(), (3, 9, 9), ["a"])["a"]
+    assert trf.method == "numeric" and trf.clipped == ((3, 5), (3, 5))
+    assert "measured with the numeric method (no receptive-field rule for" in caplog.text
 
 
 def test_cli_forward_failure_is_one_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -547,8 +548,8 @@ def test_cnn_vs_vit_example_runs(tmp_path: Path) -> None:
     assert vit0["trf_global"] == 1 and got["history"]["CNN"][0]["trf_size"] == 19
 
 
-def test_runtime_slice_bounds_fall_back_to_numeric() -> None:
-    """``x[:, :, :h]`` with ``h`` read from a shape at run time: numeric TRF, not a crash."""
+def test_runtime_slice_bounds_are_traced() -> None:
+    """``x[:, :, :h]`` with ``h`` read from a shape at run time: the tracer knows the shape."""
 
     class Crop(nn.Module):
         def __init__(self) -> None:
@@ -560,9 +561,11 @@ def test_runtime_slice_bounds_fall_back_to_numeric() -> None:
             h, w = x.shape[2], x.shape[3]
             return self.out(self.conv(x)[:, :, :h, :w])
 
-    with pytest.warns(em.ERFProbeWarning, match="numeric"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)
         trf = em.theoretical_rf(Crop(), (1, 9, 9), ["out"])["out"]
-    assert trf.method == "numeric" and trf.size == (3.0, 3.0)
+    # Output (4, 4) of the padded 3x3 conv reads input rows and columns 4 - 2 .. 4 + 0.
+    assert trf.method == "fx" and trf.size == (3.0, 3.0) and trf.interval == ((2, 4), (2, 4))
 
 
 def test_timm_swin_with_channels_last_layout() -> None:
@@ -573,9 +576,11 @@ def test_timm_swin_with_channels_last_layout() -> None:
         embed_dim=16, depths=(2, 2), num_heads=(2, 2),
     )  # fmt: skip
     x = torch.randn(2, 3, 56, 56)
-    with pytest.warns(em.ERFProbeWarning, match="numeric"):  # timm slices x[:, :H, :W]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)  # traced: no numeric fallback
         res = em.compute_erf(model, x, layers=["layers.0.blocks.0"], token_layout=_CL)
     r = res["layers.0.blocks.0"]
+    assert r.trf is not None and r.trf.method == "fx"
     # 14 x 14 tokens of 4 px in 7 x 7 windows: the centre token (7, 7) is in window (1, 1),
     # tokens 7..13, pixels 28..55.
     assert r.output_shape == (14, 14) and r.trf is not None and not r.trf.is_global

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 import erf_monitor as em
+from erf_monitor.targets.auto import pick_layers
 from wandb_records import wandb_history
 
 transformers = pytest.importorskip("transformers")
@@ -83,9 +84,7 @@ def args(out: Path, **kw: Any) -> TrainingArguments:
 
 def train(model: Any, a: TrainingArguments, callbacks: list[Any], **kw: Any) -> Trainer:
     trainer = Trainer(model=model, args=a, train_dataset=Images(), callbacks=callbacks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", em.ERFProbeWarning)  # numeric TRF fallback notes
-        trainer.train(**kw)
+    trainer.train(**kw)
     return trainer
 
 
@@ -171,6 +170,77 @@ def test_tensorboard_logging_dir_and_the_fallback(
     files = list((tmp_path / "b" / "runs").rglob("events.out.tfevents.*"))
     assert len(files) == 1 and files[0].parent.name == "erf"  # runs/<date>_<host>/erf
     assert [e.step for e in scalars(files[0].parent).Scalars(f"erf/{layer}/coverage")] == [0, 2]
+
+
+def erf_warnings(records: list[warnings.WarningMessage]) -> list[str]:
+    """The erf-monitor warnings among ``records``."""
+    ours = (em.ERFProbeWarning, em.ERFCoverageWarning)
+    return [
+        f"{w.category.__name__}: {w.message}"
+        for w in records
+        if issubclass(w.category, ours) or str(w.message).startswith("erf-monitor")
+    ]
+
+
+@pytest.mark.parametrize("build", [vit, convnext], ids=["vit", "convnext"])
+def test_defaults_are_quiet_and_log_maps(build: Any, tmp_path: Path) -> None:
+    """``layers="auto"`` on Hugging Face models: traced exactly (no numeric-fallback warning
+    about ``torch.fx``), no other erf-monitor warning, and every picked layer's maps logged."""
+    cb = em.ERFTrainerCallback(every_n_steps=2, num_samples=3)
+    trainer = Trainer(
+        model=build(), args=args(tmp_path, report_to=["tensorboard"]), train_dataset=Images(),
+        callbacks=[cb],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.train()
+    found = erf_warnings(rec)
+    assert not found, found  # (ConvNeXt's first stage at init is probed in float64: exact)
+    layers = list(cb.history)
+    assert layers
+    runs = sorted(p.parent for p in (tmp_path / "runs").rglob("events.out.tfevents.*"))
+    ea = scalars(runs[-1])
+    for layer in layers:
+        assert cb.latest is not None and cb.latest[layer].trf is not None
+        assert cb.latest[layer].trf.method == "fx", layer
+        assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4, 5], layer
+        assert [e.step for e in ea.Scalars(f"erf/{layer}/coverage")] == [0, 2, 4, 5], layer
+
+
+def swin() -> Any:
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4,
+        num_labels=4,
+    )  # fmt: skip
+    return transformers.SwinForImageClassification(cfg)
+
+
+NAMED = {
+    "vit": ["vit.embeddings.patch_embeddings.projection", "vit.layers.0"],
+    "convnext": [*CONVNEXT_LAYERS, "convnext.encoder.stages.1"],
+    "swin": ["swin.embeddings.patch_embeddings.projection", "swin.encoder.layers.0.blocks.1[0]"],
+}
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext", "swin"])
+def test_hugging_face_models_are_traced_exactly(name: str) -> None:
+    """No numeric fallback: the tracer follows Hugging Face's forwards (size checks, output
+    dataclasses, the attention interface, Swin's windows), for auto and named layers."""
+    model = {"vit": vit, "convnext": convnext, "swin": swin}[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    pick = pick_layers(model, x, pixels)
+    for layers, layouts in ((pick.names, pick.layouts), (NAMED[name], None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.ERFProbeWarning)
+            trfs = em.theoretical_rf(
+                model, (3, 32, 32), layers, forward_fn=pixels, token_layout=layouts
+            )
+        assert [t.method for t in trfs.values()] == ["fx"] * len(layers), layers
+
+
+def pixels(m: Any, x: torch.Tensor) -> Any:
+    return m(pixel_values=x)
 
 
 class StopInOnLog(TrainerCallback):  # type: ignore[misc]

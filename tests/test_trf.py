@@ -419,23 +419,23 @@ def test_errors() -> None:
 
 
 def test_fallback_to_numeric_with_one_warning() -> None:
-    class Rolled(nn.Module):
+    class Summed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(1, 1, 3, padding=1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(torch.roll(x, 1, dims=2))
+            return self.conv(torch.cumsum(x, dim=2))  # no fx rule
 
-    with pytest.raises(ValueError, match="roll"):
-        theoretical_rf(Rolled(), (1, 8, 8), "conv", method="fx")
+    with pytest.raises(ValueError, match="cumsum"):
+        theoretical_rf(Summed(), (1, 8, 8), "conv", method="fx")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        t = theoretical_rf(Rolled(), (1, 8, 8), ["conv"])["conv"]
+        t = theoretical_rf(Summed(), (1, 8, 8), ["conv"])["conv"]
     msgs = [str(w.message) for w in rec if issubclass(w.category, ERFProbeWarning)]
-    assert len(msgs) == 1 and "roll" in msgs[0]
+    assert len(msgs) == 1 and "cumsum" in msgs[0]
     assert t.method == "numeric"
-    assert t.clipped == ((2, 4), (3, 5))  # rows shifted by the roll
+    assert t.clipped == ((0, 5), (3, 5))  # rows 3..5 of the running sum read rows 0..5
 
 
 def test_batch_shape_compile_forward_fn_and_state_untouched() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,6 +51,8 @@ from erf_monitor.trf.fx import (
 from erf_monitor.trf.types import TRF
 
 __all__ = ["theoretical_rf"]
+
+log = logging.getLogger("erf_monitor")
 
 ForwardFn = Callable[[nn.Module, Tensor], Any]
 _SPATIAL_MODULES = (
@@ -100,8 +103,11 @@ def theoretical_rf(
       global when the output has more than one unit along it and both the centre unit and
       the first unit see the whole input along it (so a finite TRF more than about twice the
       input also looks global), or when the output has no spatial dims.
-    * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"`` with a
-      one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason.
+    * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"``. The
+      fallback is logged at INFO level (logger ``"erf_monitor"``) when the numeric result is
+      exact: every field lies strictly inside the input. Otherwise (a field reaches the
+      border or covers the whole input, where the numeric method only estimates) it is a
+      one-time :class:`~erf_monitor.ERFProbeWarning` naming both reasons.
 
     A unit that samples the input at positions computed from the input (deformable
     convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, and
@@ -223,12 +229,50 @@ def theoretical_rfs(
                     f"The torch.fx receptive-field analysis cannot follow this model: {exc}. "
                     "Use method='numeric' (or 'auto')."
                 ) from None
-            warnings.warn(
-                f"theoretical_rf: falling back to the numeric method ({exc}).",
-                ERFProbeWarning,
-                stacklevel=_stacklevel,
-            )
-            return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
+            out = _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
+            doubt = numeric_doubt(out)
+            if doubt:
+                warnings.warn(
+                    f"theoretical_rf: falling back to the numeric method ({exc}); {doubt}.",
+                    ERFProbeWarning,
+                    stacklevel=_stacklevel,
+                )
+            else:
+                log.info(
+                    "theoretical_rf: measured with the numeric method (%s); every field lies "
+                    "inside the input, where that method is exact.",
+                    exc,
+                )
+            return out
+
+
+def numeric_doubt(trfs: Mapping[str, Mapping[str, TRF]]) -> str:
+    """Why the numeric method's TRFs cannot be vouched for ("" when they can).
+
+    The numeric method sees a field only inside the input. A field strictly inside it (not
+    touching the first or last index of any dim) is measured exactly: its interval, size and
+    clipped hull are those of the gradient support. A field that reaches the border may go on
+    beyond it (unclipped size and interval unknown, reported as clipped), and one that covers
+    the whole input is called global by a heuristic (a finite field more than about twice
+    the input looks the same). Outputs without spatial dims are global by definition, and a
+    data-dependent field is reported as such with its reason: both are certain.
+    """
+    for name, units in trfs.items():
+        for trf in units.values():
+            if trf.data_dependent or not trf.output_shape:
+                continue
+            for (lo, hi), n, glob in zip(trf.clipped, trf.input_shape, trf.global_dims):
+                if glob:
+                    return (
+                        f"layer {name!r} sees the whole input, which that method cannot tell "
+                        "from a finite field larger than the input"
+                    )
+                if lo <= 0 or hi >= n - 1:
+                    return (
+                        f"layer {name!r}'s field reaches the input's border, beyond which that "
+                        "method cannot see (its size and interval are reported clipped)"
+                    )
+    return ""
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -1,30 +1,32 @@
-"""Analytic theoretical receptive fields: a backward index-box walk over a torch.fx graph.
+"""Analytic theoretical receptive fields: a backward index-set walk over a torch.fx graph.
 
-The model is traced symbolically (every module call, containers included, is recorded by path
-so that a requested layer's output node is known), shapes are propagated on a zeros input, and
-then, starting from the layer's output node, a *region* is walked backward to the input:
+The model is traced with concrete shapes (:mod:`erf_monitor.trf.tracer`: every module call,
+containers included, is recorded by path so that a requested layer's output node is known),
+and then, starting from the layer's output node, a *region*
+(:mod:`erf_monitor.trf.regions`) is walked backward to the input:
 
 * per tensor axis an unclipped inclusive interval ``[lo, hi]`` (indices as if every plane were
   infinite: padding never clips it), the exact set of in-bounds indices that can influence the
   seed (a boolean mask: the per-axis projection of the influencing set, so hulls of unions
   stay exact), a ``mixed`` flag (a global op needs the whole axis) and the effective stride
-  ("jump") accumulated along the path;
+  ("jump") accumulated along the path; where axes are tied (a window partition, masked
+  attention) the exact set over them (a joint);
 * fan-in (residual adds, concatenations, branches) takes the union of the regions.
 
 Each op kind has one rule in the tables at the bottom (``_MODULE_RULES``, ``_FUNCTION_RULES``,
 ``_METHOD_RULES``): a rule maps the region of an op's output to regions of its tensor inputs.
 An op without a rule raises :class:`Unsupported` (the caller falls back to the numeric method).
-To support a new op, add a rule there.
+To support a new op, add a rule there. Attention rules read which weights a constant mask
+switches off from :mod:`erf_monitor.trf.masks` (where the ``-100`` decision is documented).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -33,9 +35,31 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
-from erf_monitor.core.buffers import preserved_buffers
+from erf_monitor.trf import tracer
+from erf_monitor.trf.masks import Masks
+from erf_monitor.trf.regions import (
+    Axis,
+    AxisMap,
+    Region,
+    broadcast_region,
+    carry_joint,
+    dense,
+    full_axis,
+    identity_map,
+    joined,
+    point_axis,
+    reshape_region,
+    roll_axis,
+    roll_taps,
+    table_axis,
+    transposed_axis,
+    window_axis,
+    window_taps,
+    with_joint,
+)
+from erf_monitor.trf.tracer import TracedModel, Unsupported, canonical
 
 __all__ = [
     "Axis",
@@ -48,252 +72,9 @@ __all__ = [
 ]
 
 Mask = npt.NDArray[np.bool_]
-_ROOT = "model"
-
-
-class Unsupported(Exception):
-    """The fx analysis cannot follow this model (tracing failed or an op has no rule)."""
-
-
-# ----------------------------------------------------------------------------- regions
-
-
-@dataclass
-class Axis:
-    """Region of one tensor axis (see the module docstring)."""
-
-    lo: int | None  # unclipped interval; None when ``mixed``
-    hi: int | None
-    mask: Mask  # in-bounds indices that can influence the seed
-    mixed: bool = False  # a global op needs this whole axis
-    jump: Fraction | None = Fraction(1)  # input pixels per unit along this axis (None: no map)
-    wrap: bool = False  # circular padding folded part of the interval onto the far side
-
-    def union(self, other: Axis) -> Axis:
-        mixed = self.mixed or other.mixed
-        jumps = [j for j in (self.jump, other.jump) if j is not None]
-        return Axis(
-            None if mixed else min(_int(self.lo), _int(other.lo)),
-            None if mixed else max(_int(self.hi), _int(other.hi)),
-            self.mask | other.mask,
-            mixed,
-            max(jumps) if jumps else None,
-            self.wrap or other.wrap,
-        )
-
-
-@dataclass
-class Region:
-    """Per-axis region of one tensor, plus whether every op so far was local.
-
-    ``data_dependent`` (set on the input's region by :func:`walk`) names an op on the way
-    that samples the input at positions computed from the input.
-    """
-
-    axes: list[Axis]
-    local: bool = True
-    data_dependent: str = ""
-
-    def union(self, other: Region) -> Region:
-        if len(self.axes) != len(other.axes):
-            raise Unsupported("regions of different rank met at one tensor")
-        return Region(
-            [a.union(b) for a, b in zip(self.axes, other.axes)], self.local and other.local
-        )
-
-
-def _int(v: int | None) -> int:
-    if v is None:
-        raise Unsupported("internal: unbounded interval on a non-mixed axis")
-    return v
-
-
-def full_axis(n: int, *, mixed: bool = True, jump: Fraction | None = None) -> Axis:
-    """An axis needed entirely (``mixed``: because a global op reads all of it)."""
-    if mixed:
-        return Axis(None, None, np.ones(n, dtype=bool), True, jump)
-    return Axis(0, n - 1, np.ones(n, dtype=bool), False, jump)
-
-
-def point_axis(n: int, i: int) -> Axis:
-    """Axis of size ``n`` where only index ``i`` is needed."""
-    mask = np.zeros(n, dtype=bool)
-    mask[i] = True
-    return Axis(i, i, mask, False, Fraction(1))
-
-
-def _mask_from(vals: npt.NDArray[np.int64], n: int) -> Mask:
-    mask = np.zeros(n, dtype=bool)
-    mask[vals] = True
-    return mask
-
-
-def _fold(vals: npt.NDArray[np.int64], n: int, mode: str) -> npt.NDArray[np.int64]:
-    """Map (possibly out-of-range) indices of a padded plane onto the real indices they read."""
-    if mode in ("zeros", "constant"):
-        return vals[(vals >= 0) & (vals < n)]
-    if mode == "replicate":
-        return np.clip(vals, 0, n - 1)
-    if mode == "circular":
-        return np.mod(vals, n)
-    if mode == "reflect":
-        if n == 1:
-            return np.zeros_like(vals)
-        period = 2 * (n - 1)
-        v = np.mod(np.abs(vals), period)
-        return np.where(v >= n, period - v, v)
-    raise Unsupported(f"padding mode {mode!r}")
-
-
-def _times(j: Fraction | None, s: Fraction | int) -> Fraction | None:
-    return None if j is None else j * s
-
-
-def window_axis(ax: Axis, n_in: int, k: int, s: int, p: int, d: int, mode: str = "zeros") -> Axis:
-    """Conv/pool geometry: output ``o`` reads inputs ``o*s - p + d*t`` for ``t < k``."""
-    idx = np.flatnonzero(ax.mask).astype(np.int64)
-    vals = (idx[:, None] * s - p + d * np.arange(k, dtype=np.int64)[None, :]).ravel()
-    mask = _mask_from(_fold(vals, n_in, mode), n_in)
-    if ax.mixed:
-        return Axis(None, None, mask, True, _times(ax.jump, s))
-    lo, hi = _int(ax.lo) * s - p, _int(ax.hi) * s - p + d * (k - 1)
-    wrap = ax.wrap or (mode == "circular" and bool(((vals < 0) | (vals >= n_in)).any()))
-    return Axis(lo, hi, mask, False, _times(ax.jump, s), wrap)
-
-
-def transposed_axis(ax: Axis, n_in: int, k: int, s: int, p: int, d: int) -> tuple[Axis, bool]:
-    """Transposed-conv geometry: output ``o`` receives input ``i`` iff ``o = i*s - p + d*t``.
-
-    Returns the axis and whether the unclipped set is non-empty.
-    """
-    taps = d * np.arange(k, dtype=np.int64)
-
-    def sources(outs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        num = (outs[:, None] + p - taps[None, :]).ravel()
-        return num[np.mod(num, s) == 0] // s
-
-    idx = np.flatnonzero(ax.mask).astype(np.int64)
-    src = sources(idx)
-    mask = _mask_from(src[(src >= 0) & (src < n_in)], n_in)
-    jump = None if ax.jump is None else ax.jump / s
-    if ax.mixed:
-        return Axis(None, None, mask, True, jump), True
-    lo, hi = _int(ax.lo), _int(ax.hi)
-    unclipped = sources(np.arange(lo, hi + 1, dtype=np.int64))
-    if unclipped.size == 0:
-        return Axis(0, -1, mask, False, jump, ax.wrap), False
-    return Axis(int(unclipped.min()), int(unclipped.max()), mask, False, jump, ax.wrap), True
-
-
-def table_axis(
-    ax: Axis, n_in: int, taps: Callable[[int], tuple[int, int]], jump: Fraction | None
-) -> Axis:
-    """Geometry given by a monotone per-output window ``taps(o) -> (first, last)`` (unclamped)."""
-    mask = np.zeros(n_in, dtype=bool)
-    for o in np.flatnonzero(ax.mask):
-        a, b = taps(int(o))
-        a, b = max(a, 0), min(b, n_in - 1)
-        if a <= b:
-            mask[a : b + 1] = True
-    new_jump = None if ax.jump is None or jump is None else ax.jump * jump
-    if ax.mixed:
-        return Axis(None, None, mask, True, new_jump)
-    return Axis(taps(_int(ax.lo))[0], taps(_int(ax.hi))[1], mask, False, new_jump, ax.wrap)
 
 
 # ----------------------------------------------------------------------------- tracing
-
-
-class _Root(nn.Module):
-    def __init__(
-        self, model: nn.Module, forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self._fn = forward_fn
-
-    def forward(self, x: torch.Tensor) -> Any:
-        if self._fn is None:
-            return self.model(x)
-        return self._fn(self.model, x)
-
-
-def _canonical(path: str) -> str:
-    parts = path.split(".")
-    if parts and parts[0] == _ROOT:
-        parts = parts[1:]
-    return ".".join(p for p in parts if p != "_orig_mod")
-
-
-class _Tracer(fx.Tracer):
-    """Records the output node of the first call of every module (containers included)."""
-
-    def __init__(self, aliases: dict[int, list[str]]) -> None:
-        super().__init__(autowrap_functions=_autowrap_functions())
-        self.aliases = aliases
-        self.outputs: dict[str, fx.Node | None] = {}
-        self.raw_outputs: dict[str, Any] = {}  # what the call returned (proxies in containers)
-        self.leaf_paths: set[str] = set()
-
-    def call_module(
-        self,
-        m: nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        inner = getattr(m, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and type(m).__name__ == "OptimizedModule":
-            # A torch.compile'd submodule: fx cannot trace dynamo frames, so trace the eager
-            # module it wraps (same canonical name, same function).
-            return self.call_module(inner, inner.forward, args, kwargs)
-        path = self.path_of_module(m)
-        out = super().call_module(m, forward, args, kwargs)
-        node = out.node if isinstance(out, fx.Proxy) else None
-        for name in self.aliases.get(id(m), [_canonical(path)]):
-            self.outputs.setdefault(name, node)
-            self.raw_outputs.setdefault(name, out)
-        if self.is_leaf_module(m, path):
-            self.leaf_paths.add(_canonical(path))
-        return out
-
-
-def _autowrap_functions() -> tuple[Callable[..., Any], ...]:
-    """Functions of optional packages recorded as one call instead of being traced into.
-
-    Only those already imported (a model that uses them has imported them).
-    """
-    import sys
-
-    found = []
-    for module, name in _AUTOWRAP:
-        fn = getattr(sys.modules.get(module), name, None)
-        if callable(fn):
-            found.append(fn)
-    return tuple(found)
-
-
-#: torchvision ops that fx cannot trace into (they branch on or assert about tensor values);
-#: ``torch.fx.wrap`` in torchvision covers only calls from torchvision's own modules.
-_AUTOWRAP = (
-    ("torchvision.ops.deform_conv", "deform_conv2d"),
-    ("torchvision.ops.roi_align", "roi_align"),
-    ("torchvision.ops.roi_pool", "roi_pool"),
-    ("torchvision.ops.ps_roi_align", "ps_roi_align"),
-    ("torchvision.ops.ps_roi_pool", "ps_roi_pool"),
-)
-
-
-@dataclass
-class TracedModel:
-    """A traced, shape-propagated model ready for :func:`walk`."""
-
-    gm: fx.GraphModule
-    placeholder: fx.Node
-    outputs: dict[str, fx.Node | None]  # canonical layer name -> output node of first call
-    leaf_paths: set[str]
-    dependent: set[fx.Node] = field(default_factory=set)  # nodes that depend on the input
-    raw_outputs: dict[str, Any] = field(default_factory=dict)  # for output selectors
 
 
 def trace_model(
@@ -301,69 +82,18 @@ def trace_model(
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     input_shape: Sequence[int],
 ) -> TracedModel:
-    """Trace ``model`` with fx and propagate shapes for a batch-1 zeros input.
-
-    The model is put in eval mode for tracing and shape propagation; every module's own
-    ``training`` flag is restored afterwards. Nothing else is changed (no gradients, no RNG).
-
-    Raises:
-        Unsupported: when symbolic tracing or shape propagation fails.
-    """
-    root = _Root(model, forward_fn)
-    aliases: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if name:
-            canon = _canonical(f"{_ROOT}.{name}")
-            names = aliases.setdefault(id(mod), [])
-            if canon not in names:
-                names.append(canon)
-    param: torch.Tensor | None = next(model.parameters(), None)
-    if param is None:
-        param = next(model.buffers(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    flags = [(m, m.training) for m in root.modules()]
-    # Tracing and shape propagation run the real modules: a buffer they change (a counter,
-    # a quantization observer) is put back, as the probe does.
-    with preserved_buffers(root):
-        try:
-            root.eval()
-            tracer = _Tracer(aliases)
-            try:
-                graph = tracer.trace(root)
-                gm = fx.GraphModule(root, graph)
-            except Exception as exc:
-                why = _first_line(exc)
-                raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
-            x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-            try:
-                # ShapeProp prints a traceback for a failing node: the fallback makes it noise.
-                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                    ShapeProp(gm).propagate(x)
-            except Exception as exc:
-                raise Unsupported(
-                    f"shape propagation on the traced graph failed ({_first_line(exc)})"
-                ) from exc
-        finally:
-            for m, flag in flags:
-                m.training = flag
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise Unsupported(f"traced graph has {len(placeholders)} inputs, expected 1")
-    dependent: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-    return TracedModel(
-        gm, placeholders[0], tracer.outputs, tracer.leaf_paths, dependent, tracer.raw_outputs
-    )
+    """Trace ``model`` with concrete shapes (:func:`erf_monitor.trf.tracer.trace_model`);
+    functions with a rule here stay one call."""
+    return tracer.trace_model(model, forward_fn, input_shape, keep_function=_has_function_rule)
 
 
-def _first_line(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+def _has_function_rule(fn: Any) -> bool:
+    try:
+        if fn in _FUNCTION_RULES:
+            return True
+    except TypeError:
+        return False
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}" in _NAMED_FUNCTION_RULES
 
 
 # ----------------------------------------------------------------------------- walk
@@ -385,6 +115,7 @@ class _Ctx:
         self.gm = traced.gm
         self.data_dependent: list[str] = []  # ops on the way that sample data-dependently
         self._values: dict[fx.Node, bool] = {}
+        self.masks: Masks = traced.memo.setdefault("masks", Masks(traced))
 
     def depends_on_values(self, n: Any) -> bool:
         """Whether node ``n`` is a tensor computed from the input's *values*: shapes read off
@@ -442,7 +173,7 @@ def describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     """A short name for an op (for messages)."""
     if node.op == "call_module" and gm is not None:
         cls = type(gm.get_submodule(str(node.target)))
-        return f"module {cls.__module__}.{cls.__qualname__} ({_canonical(str(node.target))})"
+        return f"module {cls.__module__}.{cls.__qualname__} ({canonical(str(node.target))})"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     target = node.target
@@ -474,6 +205,8 @@ def apply_rule(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         return []
     if rule is None:
         raise Unsupported(f"no receptive-field rule for {describe(node, ctx.gm)}")
+    # A rule that builds its regions from the per-axis masks alone drops the joint: the
+    # product of the masks is a superset of the set.
     return rule(ctx, node, reg)
 
 
@@ -501,23 +234,6 @@ def _norm_dim(d: int, ndim: int) -> int:
 def _leading(reg: Region, n: int) -> list[Axis]:
     """The first ``n`` axes of a region, unchanged (batch / leading axes)."""
     return [replace(a) for a in reg.axes[:n]]
-
-
-def broadcast_region(reg: Region, out_shape: Sequence[int], in_shape: Sequence[int]) -> Region:
-    """Region of an operand broadcast (right-aligned) to ``out_shape``."""
-    off = len(out_shape) - len(in_shape)
-    if off < 0:
-        raise Unsupported("operand has more dims than the result")
-    axes: list[Axis] = []
-    for k, n in enumerate(in_shape):
-        a = reg.axes[k + off]
-        if n == 1 and out_shape[k + off] != 1:
-            axes.append(Axis(0, 0, np.ones(1, dtype=bool), a.mixed, a.jump, a.wrap))
-            if a.mixed:
-                axes[-1].lo = axes[-1].hi = None
-        else:
-            axes.append(replace(a))
-    return Region(axes, reg.local)
 
 
 def _nodes_in(values: Iterable[Any]) -> list[Any]:
@@ -616,9 +332,11 @@ def _unary(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
 
 def _mix_axes(reg: Region, shape: Sequence[int], axes: Iterable[int]) -> Region:
     new = [replace(a) for a in reg.axes]
-    for k in axes:
+    mixed = set(axes)
+    for k in mixed:
         new[k] = full_axis(shape[k])
-    return Region(new, reg.local)
+    kept = identity_map([d for d in range(len(shape)) if d not in mixed], shape)
+    return with_joint(new, carry_joint(reg, kept), reg.local)
 
 
 def _conv_geometry(
@@ -648,21 +366,17 @@ def _conv_geometry(
         pad_t = _ntuple(padding, nd)
     lead = len(in_shape) - nd
     axes = _leading(reg, lead)
+    mapping = identity_map(range(lead - 1 if mix_channels else lead), in_shape)
     if mix_channels:
         axes[-1] = full_axis(in_shape[lead - 1])
+    out_shape = ctx.shape(node)
     for i in range(nd):
-        axes.append(
-            window_axis(
-                reg.axes[lead + i],
-                in_shape[lead + i],
-                int(kernel[i]),
-                int(stride_t[i]),
-                int(pad_t[i]),
-                int(dil_t[i]),
-                mode,
-            )
-        )
-    return [(x, Region(axes, reg.local and mode == "zeros"))]
+        d = lead + i
+        geometry = (int(kernel[i]), int(stride_t[i]), int(pad_t[i]), int(dil_t[i]))
+        axes.append(window_axis(reg.axes[d], in_shape[d], *geometry, mode))
+        if reg.joint is not None and d in reg.joint.dims:
+            mapping[d] = (d, window_taps(out_shape[d], in_shape[d], *geometry, mode), in_shape[d])
+    return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local and mode == "zeros"))]
 
 
 def _conv_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -917,14 +631,39 @@ def _pad(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     else:
         pads = list(_arg(node, 1, "pad"))
         mode = _arg(node, 2, "mode", "constant")
-    in_shape = ctx.shape(x)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node)
     nd = len(pads) // 2
     axes = [replace(a) for a in reg.axes]
+    mapping = identity_map(range(len(in_shape)), in_shape)
     for i in range(nd):
         k = len(in_shape) - 1 - i
         left = int(pads[2 * i])
         axes[k] = window_axis(reg.axes[k], in_shape[k], 1, 1, left, 1, mode)
-    return [(x, Region(axes, reg.local and mode == "constant"))]
+        taps = window_taps(out_shape[k], in_shape[k], 1, 1, left, 1, mode)
+        mapping[k] = (k, taps, in_shape[k])
+    local = reg.local and mode == "constant"
+    return [(x, with_joint(axes, carry_joint(reg, mapping), local))]
+
+
+def _roll(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
+    """``torch.roll``: a cyclic shift along each rolled axis (Swin's shifted windows)."""
+    x = _first_input(ctx, node)
+    shape = ctx.shape(x)
+    shifts = _ntuple(_arg(node, 1, "shifts"), 1)
+    dims = _arg(node, 2, "dims", None)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        raise Unsupported("torch.roll of the flattened tensor (no dims)")
+    dims = _ntuple(dims, 1)
+    if len(shifts) != len(dims) or any(isinstance(v, fx.Node) for v in (*shifts, *dims)):
+        raise Unsupported("torch.roll with shifts computed at run time")
+    axes = [replace(a) for a in reg.axes]
+    mapping = identity_map(range(len(shape)), shape)
+    for shift, dim in zip(shifts, dims):
+        d = _norm_dim(int(dim), len(shape))
+        axes[d] = roll_axis(axes[d], shape[d], int(shift))
+        mapping[d] = (d, roll_taps(shape[d], int(shift)), shape[d])
+    # A batch roll mixes samples; a spatial one moves pixels across the image.
+    return [(x, with_joint(axes, carry_joint(reg, mapping), False))]
 
 
 def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -943,6 +682,7 @@ def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     out_shape = shape_of(node)
     keep = out_shape is not None and len(out_shape) == len(in_shape)
     axes: list[Axis] = []
+    mapping: AxisMap = {}
     j = 0
     for k in range(len(in_shape)):
         if k in dims:
@@ -951,8 +691,9 @@ def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
                 j += 1
         else:
             axes.append(replace(reg.axes[j]))
+            mapping[k] = (j, None, in_shape[k])
             j += 1
-    return [(x, Region(axes, reg.local))]
+    return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local))]
 
 
 def _max_min(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -973,7 +714,18 @@ def _softmax(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         dim = _arg(node, 1, "dim", None)
     if dim is None:
         raise Unsupported("softmax without an explicit dim")
-    return [(x, _mix_axes(reg, shape, [_norm_dim(int(dim), len(shape))]))]
+    d = _norm_dim(int(dim), len(shape))
+    logits = ctx.masks.logits(x)
+    if logits is None or math.prod(shape) > _DENSE_BUDGET:
+        return [(x, _mix_axes(reg, shape, [d]))]
+    # Masked logits (see erf_monitor.trf.masks) do not move the row's weights: each row reads
+    # its live entries only.
+    full = logits.expand(shape)
+    live = ~(full & ~full.all(dim=d, keepdim=True))
+    rows = torch.from_numpy(dense(reg, [k for k in range(len(shape)) if k != d])).unsqueeze(d)
+    axes = [replace(a) for a in reg.axes]
+    axes[d] = full_axis(shape[d])
+    return [(x, joined(axes, range(len(shape)), (rows & live).numpy(), reg.local))]
 
 
 def _linear(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1014,42 +766,92 @@ def _channel_mix(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, _mix_axes(reg, shape, [1 if len(shape) > 1 else 0]))]
 
 
+#: Largest dense set (elements) an attention rule builds; beyond it, masks are ignored.
+_DENSE_BUDGET = 1 << 25
+
+
+def _attention_regions(
+    reg: Region, out_shape: Sequence[int], zero: torch.Tensor | None, n_keys: int
+) -> tuple[Region, Region]:
+    """Regions of ``w`` (..., M, K) and ``v`` (..., K, N) in ``out = w @ v`` (..., M, N) as
+    broadcast to the output's batch dims, from the output's region; ``zero``: entries of
+    ``w`` that a mask made zero (None: none known). A row reads the keys it has weight on."""
+    nb = len(out_shape) - 2
+    rows_dims = list(range(nb + 1))  # batch..., M
+    w_axes = [*(replace(a) for a in reg.axes[:-1]), full_axis(n_keys)]
+    v_axes = [*(replace(a) for a in reg.axes[:-2]), full_axis(n_keys), replace(reg.axes[-1])]
+    size = math.prod(out_shape[:-1]) * n_keys
+    if zero is None or size > _DENSE_BUDGET:
+        w = with_joint(w_axes, carry_joint(reg, identity_map(rows_dims, out_shape)), reg.local)
+        kept = identity_map([*range(nb), nb + 1], out_shape)
+        return w, with_joint(v_axes, carry_joint(reg, kept), reg.local)
+    rows = torch.from_numpy(dense(reg, rows_dims))
+    live = rows.unsqueeze(-1) & ~zero.expand(*out_shape[:-1], n_keys)
+    w = joined(w_axes, [*rows_dims, nb + 1], live.numpy(), reg.local)
+    keys = live.any(dim=nb)  # batch..., K
+    return w, joined(v_axes, [*range(nb), nb], keys.numpy(), reg.local)
+
+
+def _with_last(reg: Region, n: int) -> Region:
+    """``reg`` with its last axis replaced by a full one of size ``n`` (read entirely)."""
+    axes = [*(replace(a) for a in reg.axes[:-1]), full_axis(n)]
+    kept = identity_map(range(len(axes) - 1), [a.mask.size for a in axes])
+    return with_joint(axes, carry_joint(reg, kept), reg.local)
+
+
 def _matmul(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
     if b is None:
         b = _arg(node, 1, "mat2")
     out_shape = ctx.shape(node)
+    if len(out_shape) < 2 or any(ctx.is_tensor_input(t) and len(ctx.shape(t)) < 2 for t in (a, b)):
+        raise Unsupported("matmul with a 1-D operand")
+    sa, sb = shape_of(a), shape_of(b)
+    if sa is None and sb is None:
+        raise Unsupported("matmul without operand shapes")
+    n_inner = sa[-1] if sa is not None else sb[-2]  # type: ignore[index]
+    w, v = _attention_regions(reg, out_shape, ctx.masks.weights(a), n_inner)
     res: list[Contribution] = []
-    if ctx.is_tensor_input(a):
-        sa = ctx.shape(a)
-        if len(sa) < 2 or len(out_shape) < 2:
-            raise Unsupported("matmul with a 1-D operand")
-        r = broadcast_region(Region(reg.axes[:-1], reg.local), out_shape[:-1], sa[:-1])
-        res.append((a, Region([*r.axes, full_axis(sa[-1])], reg.local)))
-    if ctx.is_tensor_input(b):
-        sb = ctx.shape(b)
-        if len(sb) < 2 or len(out_shape) < 2:
-            raise Unsupported("matmul with a 1-D operand")
-        lead = Region(reg.axes[:-2], reg.local)
-        r = broadcast_region(lead, out_shape[:-2], sb[:-2])
-        res.append((b, Region([*r.axes, full_axis(sb[-2]), replace(reg.axes[-1])], reg.local)))
+    if ctx.is_tensor_input(a) and sa is not None:
+        res.append((a, broadcast_region(w, (*out_shape[:-1], n_inner), sa)))
+    if ctx.is_tensor_input(b) and sb is not None:
+        res.append((b, broadcast_region(v, (*out_shape[:-2], n_inner, out_shape[-1]), sb)))
     return res
 
 
 def _sdpa(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
     out_shape = ctx.shape(node)
+    n_keys = ctx.shape(k)[-2] if shape_of(k) is not None else ctx.shape(v)[-2]
+    zero = _sdpa_zero(ctx, node, (*out_shape[:-1], n_keys))
+    w, vals = _attention_regions(reg, out_shape, zero, n_keys)
     res: list[Contribution] = []
-    lead = Region(reg.axes[:-2], reg.local)
-    for t, keep_rows, keep_cols in ((q, True, False), (k, False, False), (v, False, True)):
+    for t, region, n_last in ((q, w, None), (k, vals, None), (v, vals, out_shape[-1])):
         if not ctx.is_tensor_input(t):
             continue
         s = ctx.shape(t)
-        r = broadcast_region(lead, out_shape[:-2], s[:-2])
-        rows = replace(reg.axes[-2]) if keep_rows else full_axis(s[-2])
-        cols = replace(reg.axes[-1]) if keep_cols else full_axis(s[-1])
-        res.append((t, Region([*r.axes, rows, cols], reg.local)))
+        # q's rows and k's keys read their whole feature axis; v's keeps the output's.
+        r = region if n_last is not None else _with_last(region, s[-1])
+        res.append((t, broadcast_region(r, (*out_shape[:-2], r.axes[-2].mask.size, s[-1]), s)))
     return res
+
+
+def _sdpa_zero(ctx: _Ctx, node: fx.Node, shape: Sequence[int]) -> torch.Tensor | None:
+    """The weights of ``scaled_dot_product_attention`` that its mask makes zero."""
+    mask = _arg(node, 3, "attn_mask", None)
+    zero: torch.Tensor | None = None
+    if isinstance(mask, fx.Node):
+        value = ctx.masks.constant(mask)
+        boolean = value is not None and value.dtype == torch.bool
+        zero = ~value if boolean and value is not None else ctx.masks.logits(mask)
+    if _arg(node, 5, "is_causal", False):
+        m, n = shape[-2], shape[-1]
+        causal = torch.ones(m, n, dtype=torch.bool).tril().logical_not()
+        zero = causal if zero is None else zero | causal
+    if zero is None:
+        return None
+    full = zero.expand(*shape)
+    return full & ~full.all(dim=-1, keepdim=True)
 
 
 def _everything_mixed(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1105,7 +907,7 @@ def _cat(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
             if ax.mixed:
                 part = Axis(None, None, mask, True, ax.jump)
             else:
-                lo, hi = max(_int(ax.lo), off), min(_int(ax.hi), off + n - 1)
+                lo, hi = max(_bound(ax.lo), off), min(_bound(ax.hi), off + n - 1)
                 if lo > hi and not mask.any():
                     off += n
                     continue
@@ -1113,9 +915,19 @@ def _cat(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
             axes = [replace(a) for a in reg.axes]
             axes[dim] = part
             local = reg.local and (n == out_shape[dim] or dim < 2)
-            res.append((t, Region(axes, local)))
+            o = np.arange(out_shape[dim], dtype=np.int64) - off
+            taps = np.where((o >= 0) & (o < n), o, -1)[:, None]
+            mapping = identity_map(range(len(out_shape)), out_shape)
+            mapping[dim] = (dim, taps, n)
+            res.append((t, with_joint(axes, carry_joint(reg, mapping), local)))
         off += n
     return res
+
+
+def _bound(v: int | None) -> int:
+    if v is None:
+        raise Unsupported("internal: unbounded interval on a non-mixed axis")
+    return v
 
 
 def _stack(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1128,81 +940,6 @@ def _stack(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
             axes = [replace(a) for k, a in enumerate(reg.axes) if k != dim]
             res.append((t, Region(axes, reg.local and dim < 2)))
     return res
-
-
-def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Split two shapes of equal numel into groups of axes with equal products."""
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) or j < len(b):
-        gi: list[int] = []
-        gj: list[int] = []
-        pa = pb = 1
-        if i < len(a):
-            gi.append(i)
-            pa *= a[i]
-            i += 1
-        if j < len(b):
-            gj.append(j)
-            pb *= b[j]
-            j += 1
-        while pa != pb:
-            if pa < pb and i < len(a):
-                gi.append(i)
-                pa *= a[i]
-                i += 1
-            elif j < len(b):
-                gj.append(j)
-                pb *= b[j]
-                j += 1
-            else:
-                raise Unsupported("reshape between shapes of different sizes")
-        groups.append((gi, gj))
-    return groups
-
-
-def reshape_region(reg: Region, in_shape: Sequence[int], out_shape: Sequence[int]) -> Region:
-    """Region of the input of a reshape (view/flatten/squeeze/...) from its output's."""
-    axes: list[Axis] = [full_axis(1)] * len(in_shape)
-    local = reg.local
-    for gi, gj in _reshape_groups(in_shape, out_shape):
-        big_i = [k for k in gi if in_shape[k] > 1]
-        big_j = [k for k in gj if out_shape[k] > 1]
-        if len(gi) == 1 and len(gj) == 1:
-            axes[gi[0]] = replace(reg.axes[gj[0]])
-            continue
-        if len(big_i) <= 1 and len(big_j) <= 1 and len(big_i) == len(big_j):
-            # only size-1 axes added/removed: the big axis maps one to one
-            for k in gi:
-                axes[k] = (
-                    replace(reg.axes[big_j[0]]) if big_i and k == big_i[0] else point_axis(1, 0)
-                )
-                if not big_i:
-                    axes[k].mixed = any(reg.axes[m].mixed for m in gj)
-                    if axes[k].mixed:
-                        axes[k].lo = axes[k].hi = None
-            continue
-        local = False
-        mixed = any(reg.axes[k].mixed for k in gj)
-        if all(reg.axes[k].mask.all() for k in gj):
-            masks = [np.ones(in_shape[k], dtype=bool) for k in gi]
-        else:
-            grids = np.meshgrid(*[np.flatnonzero(reg.axes[k].mask) for k in gj], indexing="ij")
-            flat = np.ravel_multi_index(
-                [g.ravel() for g in grids], [out_shape[k] for k in gj]
-            )  # fmt: skip
-            coords = np.unravel_index(flat, [in_shape[k] for k in gi])
-            masks = [_mask_from(c.astype(np.int64), in_shape[k]) for c, k in zip(coords, gi)]
-        for k, m in zip(gi, masks):
-            # A mixed axis that lands on part of an input axis (a Swin window merged back
-            # into its image axis) is a finite, in-bounds window there: not global.
-            if mixed and m.all():
-                axes[k] = Axis(None, None, m, True, None)
-            else:
-                nz = np.flatnonzero(m)
-                lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, -1)
-                axes[k] = Axis(lo, hi, m, False, None, any(reg.axes[j].wrap for j in gj))
-    return Region(axes, local)
 
 
 def _reshape(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1244,7 +981,8 @@ def _permute(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     axes: list[Axis] = [full_axis(1)] * ndim
     for k, src in enumerate(perm):
         axes[src] = replace(reg.axes[k])
-    return [(x, Region(axes, reg.local))]
+    mapping = {src: (k, None, axes[src].mask.size) for k, src in enumerate(perm)}
+    return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local))]
 
 
 def _expand(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1270,6 +1008,7 @@ def _index_region(
         idx = idx[:e] + [slice(None)] * (len(in_shape) - n_real) + idx[e + 1 :]
     idx += [slice(None)] * (len(in_shape) - sum(1 for i in idx if i is not None))
     axes: list[Axis] = []
+    mapping: AxisMap = {}
     j = 0  # output axis
     k = 0  # input axis
     local = reg.local
@@ -1284,6 +1023,8 @@ def _index_region(
         elif isinstance(i, slice):
             start, _stop, step = i.indices(n)
             ax = reg.axes[j]
+            taps = start + step * np.arange(ax.mask.size, dtype=np.int64)[:, None]
+            mapping[k] = (j, taps, n)
             if (start, step) == (0, 1):
                 new = replace(ax)
                 if new.mask.size != n:
@@ -1299,7 +1040,7 @@ def _index_region(
         else:
             raise Unsupported(f"index {i!r}")
         k += 1
-    return [(x, Region(axes, local))]
+    return [(x, with_joint(axes, carry_joint(reg, mapping), local))]
 
 
 def _getitem(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
@@ -1341,16 +1082,21 @@ def _getitem(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         default_dim = 0
         dim_pos = 2 if name in ("split", "chunk", "tensor_split") else 1
         d = _norm_dim(int(_arg(src, dim_pos, "dim", default_dim)), len(in_shape))
+        local = reg.local and d < 2
         if name == "unbind":
             axes = [replace(a) for a in reg.axes]
             axes.insert(d, point_axis(in_shape[d], index))
-            return [(x, Region(axes, reg.local and d < 2))]
+            shifted = {k: (k if k < d else k - 1, None, in_shape[k]) for k in range(len(in_shape))}
+            del shifted[d]
+            return [(x, with_joint(axes, carry_joint(reg, shifted), local))]
         sizes = [int(m.shape[d]) for m in meta]
         off = sum(sizes[:index])
         ax = reg.axes[d]
         axes = [replace(a) for a in reg.axes]
         axes[d] = window_axis(ax, in_shape[d], 1, 1, -off, 1)
-        return [(x, Region(axes, reg.local and d < 2))]
+        mapping = identity_map(range(len(in_shape)), in_shape)
+        mapping[d] = (d, off + np.arange(sizes[index], dtype=np.int64)[:, None], in_shape[d])
+        return [(x, with_joint(axes, carry_joint(reg, mapping), local))]
     raise Unsupported(f"output {index!r} of {describe(src, ctx.gm)}")
 
 
@@ -1517,6 +1263,8 @@ def _build_tables() -> None:
     _register_function(_interpolate_function, "interpolate", "upsample", namespaces=(F,))
     _register_function(_pixel_shuffle, "pixel_shuffle", "pixel_unshuffle", namespaces=(F, torch))
     _register_function(_pad, "pad", namespaces=(F,))
+    _register_function(_roll, "roll", namespaces=(torch,))
+    _register_method(_roll, "roll")
     _register_function(_reduction, *_REDUCTION_NAMES, namespaces=(torch,))
     _register_function(_softmax, "softmax", "log_softmax", "softmin", namespaces=(torch, F))
     _register_function(_linear, "linear", namespaces=(F, torch.nn.functional))
