@@ -69,10 +69,10 @@ from erf_monitor.targets.observe import StopForward
 from erf_monitor.targets.outputs import output_parts
 from erf_monitor.targets.tokens import TokenLayout, resolve_layout
 
-__all__ = ["AutoPick", "auto_layers", "pick_layers", "read_outputs"]
+__all__ = ["GRID_MODULES", "AutoPick", "auto_layers", "pick_layers", "read_outputs"]
 
 #: Outputs of these are ``(N, C, *S)`` by construction: their grids are the known grids.
-_GRID_MODULES: tuple[type[nn.Module], ...] = (
+GRID_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
@@ -273,7 +273,7 @@ class _Reader:
         if len(part.shape) != nd + 2:
             return None
         first, last = tuple(part.shape[2:]), tuple(part.shape[1:-1])
-        if isinstance(call.module, _GRID_MODULES):
+        if isinstance(call.module, GRID_MODULES):
             self.evidence.append((call.name, part.shape, (first, "first")))
             return first, "first"
         if _norms_last_dim(call.module, part.shape) and self.plausible(last):

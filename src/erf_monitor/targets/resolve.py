@@ -10,13 +10,14 @@ Layouts, first rule that applies:
 1. the user's ``token_layout`` for that layer;
 2. what ``layers="auto"`` read when it picked the layer;
 3. the output's shape: ``(N, K)`` is flat; ``(N, L, D)`` is a token sequence whose patch
-   grid :func:`~erf_monitor.targets.tokens.resolve_layout` infers; ``(N, a, b, c)`` is read
-   from a recorded forward exactly as ``layers="auto"`` reads every module output
-   (:mod:`erf_monitor.targets.auto`, rule 1): the module's kind (a convolution, pooling or
-   batch norm outputs ``(N, C, *S)``, a channel norm over the last dim ``(N, *S, C)``), the
-   tensors it was computed from, the maps made inside it, and which grid is plausible after
-   the grids before it. When that cannot tell (``(N, a, a, a)`` with no evidence), an error
-   names both readings and how to choose; an output on no plausible grid is ``(N, C, *S)``.
+   grid :func:`~erf_monitor.targets.tokens.resolve_layout` infers; ``(N, a, b, c)`` is
+   channels-first ``(N, C, *S)`` when its module is a convolution, pooling or batch norm, or
+   when only that reading's grid is the input downsampled (a channels-last map's grid always
+   is); otherwise it is read from a recorded forward exactly as ``layers="auto"`` reads every
+   module output (:mod:`erf_monitor.targets.auto`, rule 1): a channel norm over the last dim
+   is channels-last, a block keeps the layout of the maps made inside it or of its input,
+   and which grid is plausible after the grids before it. When that cannot tell
+   (``(N, a, a, a)`` with no evidence), an error names both readings and how to choose.
 
 So a Swin stage named by the user (``(N, 56, 56, 96)`` at 224 px) is read channels-last, as
 ``auto`` reads it, and never silently as 56 channels on a 56 x 96 grid.
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from erf_monitor.targets.auto import pick_layers, read_outputs
+from erf_monitor.targets.auto import GRID_MODULES, pick_layers, read_outputs
 from erf_monitor.targets.layers import (
     Selector,
     _module_table,
@@ -50,7 +51,7 @@ from erf_monitor.targets.tokens import (
     resolve_layout,
 )
 
-__all__ = ["Target", "resolve_targets"]
+__all__ = ["Target", "plausible_grid", "resolve_targets"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,39 @@ class Target:
         )
 
 
+#: The largest downsampling exponent (``S // 2**k``) and patch size a grid is read with.
+_MAX_LOG2_STRIDE = 8
+_MAX_PATCH = 64
+
+
+def plausible_grid(grid: Sequence[int], spatial: Sequence[int]) -> bool:
+    """Whether ``grid`` is the input grid ``spatial`` downsampled by one factor on every dim.
+
+    Examples:
+        >>> plausible_grid((56, 56), (224, 224)), plausible_grid((56, 96), (224, 224))
+        (True, False)
+        >>> plausible_grid((8, 8), (225, 225))  # 225 / 32, rounded up
+        True
+    """
+    if len(grid) != len(spatial) or any(g < 1 for g in grid):
+        return False
+    for k in range(_MAX_LOG2_STRIDE + 1):
+        f = 2**k
+        if all(g in (s // f, -(-s // f)) for g, s in zip(grid, spatial)):
+            return True
+    return any(all(g * p == s for g, s in zip(grid, spatial)) for p in range(3, _MAX_PATCH + 1))
+
+
+def _needs_evidence(module: nn.Module, shape: tuple[int, ...], spatial: tuple[int, ...]) -> bool:
+    """Whether an output's layout needs the recorded forward: only an ``(N, a, b, c)`` output
+    whose module is not channels-first by construction (a convolution, pooling, batch norm)
+    and whose channels-last reading is plausible (a channels-last map's grid is always a
+    downsampled input grid; when only the channels-first reading is one, that is it)."""
+    if len(shape) != len(spatial) + 2 or isinstance(module, GRID_MODULES):
+        return False
+    return plausible_grid(shape[1:-1], spatial) or not plausible_grid(shape[2:], spatial)
+
+
 def _ambiguous_error(spec: str, shape: tuple[int, ...]) -> ValueError:
     first, last = shape[2:], shape[1:-1]
     return ValueError(
@@ -138,9 +172,11 @@ def resolve_targets(
 ) -> list[Target]:
     """Resolve ``layers`` on ``model`` for inputs shaped like ``x`` (see the module docstring).
 
-    Runs the recorded forward of ``layers="auto"`` (no gradients, two samples; for named
-    layers it stops at the deepest one): it tells every target's shape and layout. The
-    caller puts the model in the mode it probes in.
+    For ``"auto"``, the recorded forward of the pick tells every shape and layout. For named
+    layers, one no-grad forward of ``x[:1]`` with hooks on the targets only (it stops at the
+    deepest) tells their shapes, and the recorded forward (two samples, stopped at the
+    deepest target) runs only when a layout needs its evidence. The caller puts the model in
+    the mode it probes in.
 
     Raises:
         ValueError: unknown layer (close matches listed), a layer the forward never reaches,
@@ -161,15 +197,6 @@ def resolve_targets(
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
     table = _module_table(net)
     located = {s: locate_layer(model, s, table) for s in specs}
-    if any(s not in shapes for s in specs):  # (``auto`` recorded them already)
-        recorded = read_outputs(net, x[:2], forward_fn, {path for path, _, _ in located.values()})
-        readings = {
-            s: recorded[path + format_selector(sel)]
-            for s, (path, _m, sel) in located.items()
-            if path + format_selector(sel) in recorded
-        }
-        shapes.update({s: shape for s, (shape, _read) in readings.items()})
-    unread = [s for s in specs if s not in shapes]
 
     def take(spec: str, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
@@ -181,10 +208,24 @@ def resolve_targets(
             )
         shapes[spec] = tuple(out.shape)
 
-    if unread:  # a deeper selector, or no tensor: the shape, or the error that says why
+    unread = {s: located[s][1:] for s in specs if s not in shapes}  # (auto recorded its own)
+    if unread:
         with torch.no_grad():
-            hooked_forward(net, forward_fn, x[:1],
-                           {s: located[s][1:] for s in unread}, take)  # fmt: skip
+            hooked_forward(net, forward_fn, x[:1], unread, take)
+    unsure = []
+    for s in specs:
+        if s in given or s in readings or len(shapes[s]) != len(spatial) + 2:
+            continue
+        if _needs_evidence(located[s][1], shapes[s], spatial):
+            unsure.append(s)
+        else:
+            readings[s] = (shapes[s], "first")
+    if unsure:  # the recorded forward, read as ``auto`` reads it
+        recorded = read_outputs(net, x[:2], forward_fn, {located[s][0] for s in unsure})
+        for s in unsure:
+            path, _module, selector = located[s]
+            _shape, reading = recorded.get(path + format_selector(selector), (shapes[s], None))
+            readings[s] = (shapes[s], reading)
     out = []
     for spec in specs:
         path, module, selector = located[spec]
