@@ -17,16 +17,15 @@ exactly, as the squared norm of ``h + w + 2`` residuals instead of ``H W``:
   pixels, ``h x w``) ``p = 0`` and the residual is ``G``: its squares sum to
   ``A^2 (|fy_out|^2 |fx|^2 + |fy_in|^2 |fx_out|^2)``, two residuals made of 1-D norms.
 * On the window, with ``Q`` the window of ``p``, ``q = Q fx`` and ``n = |fx|``:
-  ``|A fy fx^T - Q|^2 = |A n fy - q / n|^2 + (|Q|^2 - |q|^2 / n^2)``, and with the
-  eigen-decomposition ``Q^T Q = V diag(l) V^T`` (computed once per map) the last term is
-  ``sum_j b_j^2 (sum(l) - l_j)`` with ``b = V^T fx / n``: ``h`` residuals ``A n fy - q / n``
-  and ``w`` residuals ``b_j sqrt(sum(l) - l_j)``.
+  ``|A fy fx^T - Q|^2 = |A n fy - q / n|^2 + (|Q|^2 - |q|^2 / n^2)``, and the last term is
+  ``|R fx|^2 / n^2`` with ``R^T R = |Q|^2 I - Q^T Q`` (a positive semi-definite ``w x w``
+  matrix, factorised once per map by Cholesky): ``h`` residuals ``A n fy - q / n`` and ``w``
+  residuals ``R fx / n``.
 
 So an iteration costs three matrix-vector products with the window (microseconds to a few
 milliseconds) instead of evaluating and factorising an ``H W x 5`` Jacobian (a 247-px field:
-62,000 residuals; a 1024-px map with a global field: a million). The one-off
-eigen-decomposition costs ``O(h w^2 + w^3)``. The tilted model is not separable and is
-fitted on the whole map.
+62,000 residuals; a 1024-px map with a global field: a million). The one-off factorisation
+costs ``O(h w^2 + w^3)``. The tilted model is not separable and is fitted on the whole map.
 
 **Degenerate fits** are flagged (``degenerate`` set, ``converged=False``): a fitted sigma
 below :data:`MIN_SIGMA` (the Gaussian's +-1 sigma band is narrower than one pixel: its width
@@ -172,12 +171,16 @@ class _Separable:
         self.x0, self.x1 = max(int(cols[0]) - 2, 0), min(int(cols[-1]) + 3, w)
         self.q = x[self.y0 : self.y1, self.x0 : self.x1] / total  # p on the window
         self.squares = float((self.q * self.q).sum())  # sum p^2 over the map
-        # Q^T Q = V diag(lam) V^T; its small eigenvalues are exact to about eps * max(lam),
-        # the rounding of the sum of squares itself
-        lam, v = np.linalg.eigh(self.q.T @ self.q)
-        lam = np.maximum(lam, 0.0)
-        self.vt = np.ascontiguousarray(v.T)
-        self.weights = np.sqrt(np.maximum(lam.sum() - lam, 0.0))
+        # |Q|^2 - |Q f|^2 / |f|^2 = |R f|^2 / |f|^2 with R^T R = |Q|^2 I - Q^T Q (positive
+        # semi-definite): Cholesky, or the eigen-decomposition where that matrix is singular
+        gram = self.q.T @ self.q
+        m = np.trace(gram) * np.eye(gram.shape[0]) - gram
+        try:
+            self.r = np.linalg.cholesky(m).T
+        except np.linalg.LinAlgError:  # a rank-one window (an exactly separable map)
+            lam, v = np.linalg.eigh(gram)
+            lam = np.maximum(lam, 0.0)
+            self.r = np.sqrt(np.maximum(lam.sum() - lam, 0.0))[:, None] * v.T
         self.rows = np.arange(h, dtype=np.float64)
         self.cols = np.arange(w, dtype=np.float64)
         self.in_y = np.zeros(h, dtype=bool)
@@ -201,9 +204,8 @@ class _Separable:
         wy, wx = fy[self.in_y], fx[self.in_x]  # the factors on the window
         n = math.sqrt(float(wx @ wx))
         q = self.q @ wx
-        b = self.vt @ wx / n
+        r2 = self.r @ wx / n
         r1 = amp * n * wy - q / n
-        r2 = b * self.weights
         extra: list[tuple[float, list[float]]] = []
         if self.outside:  # A |fy_out| |fx| and A |fy_in| |fx_out|, with their gradients
             y_out, y_in = _norm(fy, gy_c, gy_u, ~self.in_y), _norm(fy, gy_c, gy_u, self.in_y)
@@ -223,7 +225,7 @@ class _Separable:
             dwx = wx * g[self.in_x]
             dn = float(wx @ dwx) / n
             out[:hq, k] = amp * dn * wy - (self.q @ dwx) / n + q * dn / (n * n)
-            out[hq : hq + r2.size, k] = (self.vt @ dwx / n - b * dn / n) * self.weights
+            out[hq : hq + r2.size, k] = self.r @ dwx / n - r2 * dn / n
         for row, (_, grad) in enumerate(extra):
             out[hq + r2.size + row] = grad
         return res, out
@@ -323,6 +325,7 @@ def fit_gaussian(
     rotated: bool = False,
     start: GaussianFit | None = None,
     check_unique: bool = True,
+    tol: float = 1e-12,
 ) -> GaussianFit:
     """Fit the model to a validated, non-negative 2-D float64 map ``x`` (not all zero),
     normalised here to ``p = x / sum(x)``.
@@ -333,6 +336,8 @@ def fit_gaussian(
         start: a fit to start from (the full map's fit for a bootstrap resample); default:
             the map's moments, the covariance floored at a quarter pixel² (a delta's scale).
         check_unique: restart from stretched widths to detect a second, equally good optimum.
+        tol: MINPACK's ``ftol``, ``xtol`` and ``gtol`` (the bootstrap's resamples, started at
+            the full map's optimum, use ``1e-9``: far below their own spread).
     """
     total = float(x.sum())
     problem: _Separable | _Dense = _Dense(x, total) if rotated else _Separable(x, total)
@@ -346,7 +351,7 @@ def fit_gaussian(
             theta0 = _theta_from((my + problem.y0, mx + problem.x0), cov, rotated)
         else:
             theta0 = _theta_from(*_moments(problem.p, rotated), rotated)
-    theta, cost, ok = _solve(problem, theta0)
+    theta, cost, ok = _solve(problem, theta0, tol)
     degenerate = None
     if min(_sigmas(theta, rotated)) < MIN_SIGMA:
         degenerate = "sub-pixel"  # not worth restarting: the widths are not measured at all

@@ -548,11 +548,12 @@ def fit_normalised(
     rotated: bool = False,
     start: GaussianFit | None = None,
     check_unique: bool = True,
+    tol: float = 1e-12,
 ) -> GaussianFit:
     """:func:`gaussian_fit` of a validated 2-D float64 array (normalised here)."""
     if not x.any():
         return nan_fit(rotated)
-    return fit_gaussian(x, rotated=rotated, start=start, check_unique=check_unique)
+    return fit_gaussian(x, rotated=rotated, start=start, check_unique=check_unique, tol=tol)
 
 
 def finalise_map(total: torch.Tensor, n: int, mode: Mode) -> torch.Tensor:
