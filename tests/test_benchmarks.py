@@ -54,3 +54,19 @@ def test_bench_probe(tmp_path: Path) -> None:
 def test_bench_positions(tmp_path: Path) -> None:
     rows = run_benchmark("bench_positions.py", tmp_path)
     assert rows
+
+
+@pytest.mark.slow
+def test_bench_metrics(tmp_path: Path) -> None:
+    report = run_benchmark("bench_metrics.py", tmp_path)
+    medians = report["medians"]["after"]
+    assert {"probe", "metrics", "metrics[openerf]", "train_step"} <= set(medians)
+    assert 0.0 < report["ratios"]["after"]["metrics / (maps + metrics)"] < 1.0
+
+
+@pytest.mark.slow
+def test_bench_compare(tmp_path: Path) -> None:
+    report = run_benchmark("bench_compare.py", tmp_path)
+    (run,) = report["runs"]["after"]
+    assert run["wall_s"] > 0 and set(run["parts_s"]) == {
+        "models and images", "probes", "bootstrap", "outputs"}  # fmt: skip

@@ -57,6 +57,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure.fit import GaussianFit
 from erf_monitor.measure.metrics import COVERAGE_MASS, finalise_map, gaussian_r2_batch
@@ -293,7 +294,7 @@ def _bootstrap(
         return full.copy(), full.copy(), np.zeros_like(full)
     from scipy import stats
 
-    with warnings.catch_warnings():  # degenerate BCa columns: handled below
+    with warnings.catch_warnings(), single_blas_thread():  # degenerate BCa: handled below
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         res = stats.bootstrap(
@@ -504,7 +505,7 @@ class _Batch:
             return _prof.disc_fractions(p)[:, k]
         if key == "gaussian_r2":
             mus, variances = _prof.moments(p)
-            return gaussian_r2_batch(self.maps, mus, variances)
+            return gaussian_r2_batch(self.maps, mus, variances)  # the maps: not windowed
         if key == "cross_score" and len(self.s.shape) == 2:
             return _prof.cross_score_2d(p)
         if key == "cross_score":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from erf_monitor.core.modes import Mode
+from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure.fit import GaussianFit, fit_gaussian, nan_fit
 from erf_monitor.measure.profiles import Geometry, Profiles
@@ -74,13 +75,15 @@ def _as_array(heatmap: MapLike, *, name: str = "heatmap") -> np.ndarray:
         raise ValueError(f"{name} must have at least one spatial dim, got a 0-d scalar")
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if not np.isfinite(x).all():
+    low, high = x.min(), x.max()
+    if not (low >= 0 and np.isfinite(high)):  # two reductions; NaN fails every comparison
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"{name} contains NaN or Inf values (shape {tuple(x.shape)}); an ERF map must "
+                "be finite"
+            )
         raise ValueError(
-            f"{name} contains NaN or Inf values (shape {tuple(x.shape)}); an ERF map must be finite"
-        )
-    if (x < 0).any():
-        raise ValueError(
-            f"{name} contains negative values (min {x.min():.6g}, shape "
+            f"{name} contains negative values (min {low:.6g}, shape "
             f"{tuple(x.shape)}); an ERF map must be non-negative"
         )
     return x
@@ -373,33 +376,46 @@ def gaussian_r2(heatmap: MapLike) -> float:
     return float(gaussian_r2_batch(x[None], mus, variances)[0])
 
 
-def gaussian_r2_batch(maps: np.ndarray, mus: np.ndarray, variances: np.ndarray) -> np.ndarray:
+def gaussian_r2_batch(
+    maps: np.ndarray,
+    mus: np.ndarray,
+    variances: np.ndarray,
+    window: Sequence[slice] | None = None,
+    full_shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """:func:`gaussian_r2` of a batch of validated maps ``(B, *S)`` with their moments
-    ``(B, nd)``."""
+    ``(B, nd)``; or of the part ``maps`` on ``window`` of maps of ``full_shape`` that are
+    zero elsewhere."""
     b, shape = maps.shape[0], maps.shape[1:]
+    starts = [0] * len(shape) if window is None else [w.start for w in window]
+    full = shape if full_shape is None else full_shape
     # The model is separable, g = outer product of one 1-D factor f_d per axis, so
-    # <E, g> contracts E with one factor at a time and <g, g> = prod_d |f_d|^2.
+    # <E, g> contracts E (zero outside the window) with one factor at a time, and
+    # <g, g> = prod_d |f_d|^2 over the whole map.
     inner = maps
     gg = np.ones(b)
     for d in reversed(range(len(shape))):
         s = shape[d]
-        idx = np.arange(s, dtype=np.float64)[None, :]
+        idx = np.arange(full[d], dtype=np.float64)[None, :]
         mu, var = mus[:, d : d + 1], variances[:, d : d + 1]
         with np.errstate(invalid="ignore", divide="ignore"):
             # var == 0: the sigma -> 0 limit at integer pixels (mu is an exact integer there)
             f = np.where(var == 0.0, (idx == mu) * 1.0, np.exp(-0.5 * (idx - mu) ** 2 / var))
-        inner = (inner.reshape(b, -1, s) @ f[:, :, None]).reshape((b, *shape[:d]))
         gg = gg * (f * f).sum(1)
+        f = np.ascontiguousarray(f[:, starts[d] : starts[d] + s])
+        inner = (inner.reshape(b, -1, s) @ f[:, :, None]).reshape((b, *shape[:d]))
     flat = maps.reshape(b, -1)
+    npix = math.prod(full)
     squares = np.einsum("bp,bp->b", flat, flat)
     # <g, g> > 0: the variance is at least the squared distance from mu to the nearest
     # integer, so g is at least exp(-1/2) per axis there. With the least-squares amplitude
     # A = <E, g> / <g, g>, sum (E - A g)^2 = sum E^2 - <E, g>^2 / <g, g>.
     with np.errstate(invalid="ignore", divide="ignore"):
         residual = np.maximum(squares - inner**2 / gg, 0.0)
-        spread = squares - flat.sum(1) ** 2 / flat.shape[1]
+        spread = squares - flat.sum(1) ** 2 / npix
         r2 = 1.0 - residual / spread
-    constant = flat.max(1) == flat.min(1)
+    high = flat.max(1)  # constant: equal values and, where zeros lie outside, all zero
+    constant = (high == flat.min(1)) & ((flat.shape[1] == npix) | (high == 0))
     return np.where(constant, math.nan, r2)
 
 
@@ -539,7 +555,8 @@ def gaussian_fit(
     x = _as_array(heatmap)
     if x.ndim != 2:
         raise ValueError(f"gaussian_fit needs a 2-D map, got shape {tuple(x.shape)}")
-    return fit_normalised(x, rotated=rotated, start=start, check_unique=check_unique)
+    with single_blas_thread():
+        return fit_normalised(x, rotated=rotated, start=start, check_unique=check_unique)
 
 
 def fit_normalised(

@@ -119,6 +119,7 @@ class Profiles:
     geometry: Geometry
     maps: np.ndarray | None  # (B, *S) float64; None for combined profiles
     parts: dict[str, Part] = field(default_factory=dict)
+    _cache: dict[str, object] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray:
         part = self._get(name)
@@ -137,42 +138,79 @@ class Profiles:
             self.parts[name] = self._compute(name, self.maps)
         return self.parts[name]
 
+    @property
+    def window(self) -> tuple[slice, ...]:
+        """The bounding box of the maps' non-zero pixels (all maps of the batch; the whole
+        map when all are zero): everything outside it is zero, so every sum but the
+        marginals runs on it alone, and costs the field's area, not the map's."""
+        if "window" not in self._cache:
+            cut = []
+            for m, s in zip(self.axes("marginals"), self.geometry.shape):
+                live = np.flatnonzero(m.any(0))
+                cut.append(slice(int(live[0]), int(live[-1]) + 1) if live.size else slice(0, s))
+            self._cache["window"] = tuple(cut)
+        return self._cache["window"]  # type: ignore[return-value]
+
+    @property
+    def windowed(self) -> np.ndarray:
+        """The maps on :attr:`window` ``(B, *w)``."""
+        assert self.maps is not None
+        index = (slice(None), *self.window)
+        return self.maps[index]
+
+    def _windowed_index(self, index: np.ndarray) -> np.ndarray:
+        """A per-pixel index map (flattened over the map) restricted to :attr:`window`."""
+        return np.ascontiguousarray(index.reshape(self.geometry.shape)[self.window]).reshape(-1)
+
     def _compute(self, name: str, maps: np.ndarray) -> Part:
         g = self.geometry
         b, nd = maps.shape[0], len(g.shape)
-        flat = maps.reshape(b, -1)
+        if name == "marginals":  # the one sum over the whole map: it finds the window
+            return tuple(_marginal(maps, d) for d in range(nd))
         if name == "total":
-            return flat.sum(1)
+            return self.axes("marginals")[0].sum(1)
+        view = self.windowed
+        flat = view.reshape(b, -1)
+        lows = [w.start for w in self.window]
         if name == "cube":
             index = _distance_index(tuple(g.shape), tuple(g.centre))
-            return _grouped_sum(flat, index, int(index.max()) + 1)
-        if name == "marginals":
-            return tuple(_marginal(maps, d) for d in range(nd))
+            return _grouped_sum(flat, self._windowed_index(index), int(index.max()) + 1)
         if name == "box_marginals":
             box = g.box if g.box is not None else tuple((0, s - 1) for s in g.shape)
-            cut = (slice(max(lo, 0), min(hi, s - 1) + 1) for (lo, hi), s in zip(box, g.shape))
-            window = (slice(None), *cut)
-            inside = maps[window]
-            return tuple(_marginal(inside, d) for d in range(nd))
+            margins = []
+            for d in range(nd):  # the window's marginal, inside the box of the other axes
+                inside = [
+                    slice(max(lo, w.start) - w.start, max(min(hi + 1, w.stop) - w.start, 0))
+                    if k != d
+                    else slice(None)
+                    for k, ((lo, hi), w) in enumerate(zip(box, self.window))
+                ]
+                cut = (slice(None), *inside)
+                m = np.zeros((b, g.shape[d]))
+                m[:, self.window[d]] = _marginal(view[cut], d)
+                lo, hi = max(box[d][0], 0), min(box[d][1], g.shape[d] - 1)
+                margins.append(m[:, lo : hi + 1])
+            return tuple(margins)
         if name == "cross":
             pairs = []
             for a in range(nd):
                 for c in range(a + 1, nd):
-                    others = tuple(1 + k for k in range(nd) if k not in (a, c))
-                    pair = maps.sum(axis=others) if others else maps
-                    da = np.arange(g.shape[a], dtype=np.float64) - g.centre[a]
-                    dc = np.arange(g.shape[c], dtype=np.float64) - g.centre[c]
+                    summed = tuple(1 + k for k in range(nd) if k not in (a, c))
+                    pair = view.sum(axis=summed) if summed else view
+                    da = np.arange(lows[a], lows[a] + view.shape[1 + a]) - float(g.centre[a])
+                    dc = np.arange(lows[c], lows[c] + view.shape[1 + c]) - float(g.centre[c])
                     pairs.append((pair @ dc) @ da)
             return np.stack(pairs, axis=1) if pairs else np.zeros((b, 0))
         if name == "disc":
             if not g.radii:
                 return np.zeros((b, 0))
             index = _disc_index(tuple(g.shape), tuple(g.disc_centre or g.centre), tuple(g.radii))
-            bins = _grouped_sum(flat, index, len(g.radii) + 1)[:, :-1].cumsum(1)
+            groups = len(g.radii) + 1
+            bins = _grouped_sum(flat, self._windowed_index(index), groups)[:, :-1].cumsum(1)
             order = np.argsort(np.asarray(g.radii, dtype=np.float64), kind="stable")
-            out = np.empty_like(bins)
-            out[:, order] = bins
-            return out
+            placed = np.empty_like(bins)
+            placed[:, order] = bins
+            return placed
         if name == "tails":
             if nd != 2:
                 raise ValueError("tails are defined for 2-D maps")

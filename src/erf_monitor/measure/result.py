@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from erf_monitor.core.modes import DEFINITIONS, Mode
+from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import metrics as _metrics
 from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure import shape as _shape
@@ -319,7 +320,9 @@ class ERFResult:
     def gaussian_r2(self) -> float:
         """R^2 of the moment-matched Gaussian: 1 means perfectly Gaussian."""
         mus, variances = self._moments
-        return float(_metrics.gaussian_r2_batch(self._array[None], mus, variances)[0])
+        p = self._profiles
+        r2 = _metrics.gaussian_r2_batch(p.windowed, mus, variances, p.window, p.geometry.shape)
+        return float(r2[0])
 
     @cached_property
     def _frame_centroid(self) -> tuple[float, ...]:
@@ -362,7 +365,16 @@ class ERFResult:
         """Fraction of the clipped TRF's pixels where the map is exactly zero (NaN without
         a TRF): dead pixels, e.g. the periodic holes that dilation leaves ("gridding")."""
         box = self._frame.box
-        return math.nan if box is None else _shape.dead_fraction(self._array, box)
+        if box is None:
+            return math.nan
+        # zeros inside the box: all of it but the non-zero pixels, which lie in the window
+        window = self._profiles.window
+        cut = tuple(
+            slice(max(lo, w.start), max(min(hi + 1, w.stop), max(lo, w.start)))
+            for (lo, hi), w in zip(box, window)
+        )
+        size = math.prod(max(hi - lo + 1, 0) for lo, hi in box)
+        return (size - int(np.count_nonzero(self._array[cut]))) / size if size else math.nan
 
     @cached_property
     def gridding_period(self) -> tuple[int, ...]:
@@ -427,7 +439,8 @@ class ERFResult:
         if rotated not in self._fits:
             if self._array.ndim != 2:
                 raise ValueError(f"gaussian_fit needs a 2-D map, got shape {self._array.shape}")
-            self._fits[rotated] = _metrics.fit_normalised(self._array, rotated=rotated)
+            with single_blas_thread():
+                self._fits[rotated] = _metrics.fit_normalised(self._array, rotated=rotated)
         return self._fits[rotated]
 
     def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
@@ -461,7 +474,8 @@ class ERFResult:
         else:
             patterns = select_metrics(names)
             wanted = [k for k in getters if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
-        out = {k: getters[k]() for k in wanted}
+        with single_blas_thread():
+            out = {k: getters[k]() for k in wanted}
         if "border_ratio" in out and math.isnan(out["border_ratio"]):
             del out["border_ratio"]
         return out
