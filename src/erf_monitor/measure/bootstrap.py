@@ -29,8 +29,8 @@ every metric at once (several maps too: :func:`paired_differences` and
   or a sum scaled to mass 1, of the per-image maps) a resample's sums are the count-weighted
   sums of the images' sums: one matrix product for all resamples;
 * the others (``gaussian_r2``, ``dead_fraction``, the Gaussian fit) are measured on the
-  resample's map, built by one matrix product for a batch of resamples; the fit starts from
-  the full map's fit;
+  resample's map, built by one matrix product for a batch of resamples; the fits start from
+  the full map's fit and run in threads;
 * in the ``"replknet"`` mode the log makes the map non-linear in the images: every resample's
   map is built and measured.
 
@@ -399,7 +399,6 @@ class _Resampler:
         missing = [k for k in self.keys if k not in getters]
         if missing:
             raise KeyError(f"layer {result.name!r} has no metric {missing[0]!r}")
-        self._start: GaussianFit | None = None
 
     def full(self) -> np.ndarray:
         """The metrics of the map of all images, as ``result.scalars()`` gives them."""

@@ -119,7 +119,7 @@ class Profiles:
     geometry: Geometry
     maps: np.ndarray | None  # (B, *S) float64; None for combined profiles
     parts: dict[str, Part] = field(default_factory=dict)
-    _cache: dict[str, object] = field(default_factory=dict, repr=False)
+    _window: tuple[slice, ...] | None = field(default=None, repr=False)
 
     def get(self, name: str) -> np.ndarray:
         part = self._get(name)
@@ -143,13 +143,13 @@ class Profiles:
         """The bounding box of the maps' non-zero pixels (all maps of the batch; the whole
         map when all are zero): everything outside it is zero, so every sum but the
         marginals runs on it alone, and costs the field's area, not the map's."""
-        if "window" not in self._cache:
+        if self._window is None:
             cut = []
             for m, s in zip(self.axes("marginals"), self.geometry.shape):
                 live = np.flatnonzero(m.any(0))
                 cut.append(slice(int(live[0]), int(live[-1]) + 1) if live.size else slice(0, s))
-            self._cache["window"] = tuple(cut)
-        return self._cache["window"]  # type: ignore[return-value]
+            self._window = tuple(cut)
+        return self._window
 
     @property
     def windowed(self) -> np.ndarray:

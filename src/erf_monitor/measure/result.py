@@ -570,10 +570,12 @@ class ERFResults(Mapping[str, ERFResult]):
     def __len__(self) -> int:
         return len(self._results)
 
-    def scalars(self) -> dict[str, dict[str, float]]:
-        """``{layer: result.scalars()}`` for every layer, plus ``{"<layer>/<position>": ...}``
-        for every position other than the centre (the logged keys' middle part)."""
-        return {path: r.scalars() for path, r in self.flat().items()}
+    def scalars(self, names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+        """``{layer: result.scalars(names)}`` for every layer, plus
+        ``{"<layer>/<position>": ...}`` for every position other than the centre (the logged
+        keys' middle part); ``names`` as :meth:`ERFResult.scalars`."""
+        names = None if names is None else list(names)
+        return {path: r.scalars(names) for path, r in self.flat().items()}
 
     def flat(self) -> dict[str, ERFResult]:
         """Every result by its key path: ``"<layer>"`` for the centre unit, else
