@@ -43,8 +43,8 @@ AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
 
 #: The keys of :meth:`ERFResult.scalars` by group (``*``: one key per axis or radius). What a
 #: group costs is in ``docs/concepts.md`` ("What each metric costs"): ``trf`` is free,
-#: ``extent``, ``moments`` and ``shape`` are a few passes over the map, ``openerf`` adds the
-#: Gaussian fit (least squares on the map's support), ``field`` the other positions' sizes.
+#: ``extent``, ``moments`` and ``shape`` are a few passes over the map's field, ``openerf``
+#: adds the Gaussian fit (least squares on the field), ``field`` the other positions' sizes.
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {
     "trf": ("trf_size", "trf_size_clipped", "trf_global", "trf_data_dependent"),
     "extent": (
