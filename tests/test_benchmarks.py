@@ -63,3 +63,18 @@ def test_bench_swin(tmp_path: Path) -> None:
     cases = {row["case"]: row for row in run_benchmark("bench_swin.py", tmp_path)}
     assert len(cases["trf"]["times_s"]["fx"]) == len(cases["probe"]["times_s"]["probe"]) == 1
     assert set(cases["trf"]["fx"]) == {"features.1", "features.3", "features.5", "features.7"}
+
+
+def test_bench_metrics(tmp_path: Path) -> None:
+    report = run_benchmark("bench_metrics.py", tmp_path)
+    medians = report["medians"]["after"]
+    assert {"probe", "metrics", "metrics[openerf]", "train_step"} <= set(medians)
+    assert 0.0 < report["ratios"]["after"]["metrics / (maps + metrics)"] < 1.0
+
+
+@pytest.mark.slow
+def test_bench_compare(tmp_path: Path) -> None:
+    report = run_benchmark("bench_compare.py", tmp_path)
+    (run,) = report["runs"]["after"]
+    assert run["wall_s"] > 0 and set(run["parts_s"]) == {
+        "models and images", "probes", "bootstrap", "outputs"}  # fmt: skip

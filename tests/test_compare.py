@@ -97,3 +97,99 @@ def test_checkpoints_are_weights_only(tmp_path: Path) -> None:
     with pytest.raises(CompareError, match="does not match"):
         load_state(_build(), other)
     assert main(["compare", "torchvision:resnet18", "--samples", "1"]) == 2
+
+
+def test_progress_is_shown_step_by_step_and_quiet_hides_it(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory, ckpt, out = setup
+    args = ["compare", f"{factory}:build", f"{factory}:build@{ckpt}", "--names", "a,b"]
+    opts = ["--layers", "2", "4", "--input-size", "25", "--channels", "1", "--samples", "6"]
+    opts += ["--bootstrap", "20", "--out", str(out)]
+    assert main([*args, *opts]) == 0
+    err = capsys.readouterr().err  # not a terminal: one line per finished step
+    steps = ["building a", "building b", "probing a", "probing b", "bootstrap 4"]
+    steps += ["bootstrap 2: 2 model(s), 20 resamples", "writing compare.png"]
+    for step in steps:
+        assert f"{step}" in err and "done in" in err, step
+    assert err.index("probing b") < err.index("bootstrap 2") < err.index("bootstrap 4")
+    assert main([*args, *opts, "--quiet"]) == 0
+    assert "done in" not in capsys.readouterr().err
+
+
+def test_pretrained_path_and_images_work_as_in_analyze(
+    tmp_path: Path, setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    _, ckpt, out = setup
+    # the "trained" weights as a plain state dict: --pretrained=PATH gives them to every
+    # MODEL without @CKPT, so both models below are the same network
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    plain = tmp_path / "narrow.pt"
+    torch.save({k.removeprefix("model."): v for k, v in state.items()}, plain)
+    rgb = tmp_path / "rgb.py"
+    rgb.write_text(FACTORY.replace("nn.Conv2d(1, 8", "nn.Conv2d(3, 8"))
+    images = tmp_path / "images"
+    images.mkdir()
+    gen = np.random.default_rng(0)
+    for i in range(5):
+        pixels = gen.integers(0, 255, (40, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    # the 3-channel twin of the checkpoint: the first layer's weights repeated per channel
+    rgb_state = {k: (v.repeat(1, 3, 1, 1) / 3 if k == "0.weight" else v)
+                 for k, v in torch.load(plain, weights_only=True).items()}  # fmt: skip
+    torch.save(rgb_state, plain)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in rgb_state.items()}}, ckpt)
+    args = ["compare", f"{rgb}:build", f"{rgb}:build@{ckpt}", "--names", "p,c"]
+    opts = ["--layers", "4", "--images", str(images), "--size", "33", "--mean", "0.5"]
+    opts += ["--std", "0.25", "--samples", "4", "--bootstrap", "20", "--out", str(out)]
+    assert main([*args, *opts, f"--pretrained={plain}"]) == 0
+    text = capsys.readouterr().out
+    assert "Images preprocessed by" in text and "33x33" in text
+    record = json.loads((out / "compare.json").read_text())
+    assert record["num_samples"] == 4 and record["weights"] == str(plain)
+    assert record["preprocessing"]["size"] == [33, 33]
+    layer = record["layers"]["4"]
+    assert layer["models"]["p"]["erf_size"]["value"] == 3  # --pretrained loaded the weights
+    diff = layer["differences_vs_p"]["c"]
+    assert diff["sigma_x"]["value"] == 0 and diff["sigma_x"]["low"] == diff["sigma_x"]["high"]
+    with np.load(out / "maps.npz", allow_pickle=False) as maps:
+        assert maps["p/4"].shape == (33, 33)
+    # --pretrained alone reads the local cache only: a one-line message, no download
+    assert main(["compare", "torchvision:resnet18", "--pretrained", "--samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained=PATH" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main([*args, *opts[:2], "--input", "x.npy", "--images", str(images)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_another_head_says_which_num_classes_to_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torchvision
+
+    ckpt = tmp_path / "resnet18@epoch=9.ckpt"  # Lightning's name: '@' inside the file name
+    tuned = torchvision.models.resnet18(num_classes=10)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in tuned.state_dict().items()}}, ckpt)
+    args = ["compare", "torchvision:resnet18", f"torchvision:resnet18@{ckpt}"]
+    opts = ["--layers", "layer1", "--input-size", "48", "--samples", "3", "--bootstrap", "10"]
+    opts += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*args, *opts]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "size mismatch" not in err
+    assert "fc.weight is 10x512 there but 1000x512 in the model" in err
+    assert "pass --num-classes 10" in err
+    assert main([*args, *opts, "--num-classes", "10"]) == 0
+    record = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert record["models"] == ["torchvision:resnet18", f"torchvision:resnet18@{ckpt}"]
+    assert main([*args, *opts, "--num-classes", "0"]) == 2
+    assert "--num-classes must be >= 1" in capsys.readouterr().err
+
+
+def test_help_advertises_only_options_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--pretrained", "--images", "--size", "--num-classes", "--quiet"):
+        assert option in text, option
+    assert "--pretrained=PATH" in text and "(--pretrained alone)" in text  # the epilog's words

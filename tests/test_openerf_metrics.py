@@ -165,3 +165,87 @@ def test_results_expose_and_log_openerf_metrics() -> None:
     assert s["gauss_fit_sigma_y"] == fit.sigma[0] and s["gauss_fit_r2"] == fit.r2
     assert s["gauss_fit_offset_x"] == pytest.approx(0.0, abs=1e-6)
     assert s["gauss_fit_amplitude"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_fit_of_a_small_field_in_a_large_map_is_the_whole_map_optimum() -> None:
+    """The fit runs on the map's support plus two residuals standing for every pixel outside
+    it: the optimum must be the one of the plain least-squares problem over all pixels."""
+    optimize = pytest.importorskip("scipy.optimize")
+    yy, xx = np.meshgrid(np.arange(90), np.arange(120), indexing="ij")
+    m = np.zeros((90, 120))
+    m[40:49, 50:61] = 1.0  # a box: the Gaussian's tails reach far beyond it
+    m[44, 55] = 3.0
+    p = m / m.sum()
+
+    def model(mesh: tuple[np.ndarray, np.ndarray], amp: float, yc: float, xc: float,
+              sy: float, sx: float) -> np.ndarray:  # fmt: skip
+        y, x = mesh
+        g = amp * np.exp(-((x - xc) ** 2 / (2 * sx**2) + (y - yc) ** 2 / (2 * sy**2)))
+        return (g / (2 * np.pi * sx * sy)).ravel()
+
+    popt, _ = optimize.curve_fit(
+        model, (yy, xx), p.ravel(), p0=[1.0, 44.0, 55.0, 3.0, 3.0], ftol=1e-15, xtol=1e-15,
+        gtol=1e-15, maxfev=20000,
+    )  # fmt: skip
+    residual = model((yy, xx), *popt) - p.ravel()
+    fit = gaussian_fit(m)
+    assert fit.converged and fit.degenerate is None
+    assert fit.amplitude == pytest.approx(popt[0], rel=1e-6)
+    assert fit.centre == pytest.approx((popt[1], popt[2]), abs=1e-6)
+    assert fit.sigma == pytest.approx((abs(popt[3]), abs(popt[4])), rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0 - residual.var() / p.var(), abs=1e-8)
+    # R² and the sum of squares over all pixels, at our parameters, computed densely
+    ours = model((yy, xx), fit.amplitude, *fit.centre, *fit.sigma) - p.ravel()
+    assert fit.r2 == pytest.approx(1.0 - ours.var() / p.var(), abs=1e-12)
+    assert (ours**2).sum() <= (residual**2).sum() * (1 + 1e-9)  # at least as good an optimum
+    # started from its own optimum (a bootstrap resample's warm start), it stays there
+    again = gaussian_fit(m, start=fit, check_unique=False)
+    assert again.sigma == pytest.approx(fit.sigma, rel=1e-6)
+
+
+def test_a_sub_pixel_gaussian_is_flagged_degenerate() -> None:
+    # sigma 0.3 px: the pixels next to the peak hold exp(-1/(2 * 0.09)) = 0.4% of it
+    m = gaussian_map((21, 21), (10.0, 10.0), np.diag([0.3**2, 0.3**2]))
+    fit = gaussian_fit(m)
+    assert fit.degenerate == "sub-pixel" and not fit.converged
+    wide = gaussian_fit(gaussian_map((21, 21), (10.0, 10.0), np.diag([1.2**2, 0.9**2])))
+    assert wide.degenerate is None and wide.converged  # a pixel-scale Gaussian is measured
+    assert wide.sigma == pytest.approx((1.2, 0.9), abs=1e-6)
+
+
+def test_a_symmetric_plus_has_two_equal_optima_and_is_flagged() -> None:
+    # A "+" of two thin Gaussian bars: the best axis-aligned Gaussian is one bar, and the
+    # other bar (its mirror image across the diagonal) fits exactly as well.
+    yy, xx = np.meshgrid(np.arange(61.0), np.arange(61.0), indexing="ij")
+    bar = lambda a, b: np.exp(-((a - 30) ** 2) / 2.0 - (b - 30) ** 2 / (2 * 15.0**2))  # noqa: E731
+    plus = np.maximum(bar(yy, xx), bar(xx, yy))
+    fit = gaussian_fit(plus)
+    assert fit.degenerate == "ambiguous" and not fit.converged
+    assert max(fit.sigma) > 5 * min(fit.sigma)  # one of the bars
+    mirrored = gaussian_fit(plus.T)
+    assert mirrored.r2 == pytest.approx(fit.r2, abs=1e-9)
+    # the same bars with one of them 10% longer: a unique optimum, the longer bar
+    longer = np.maximum(bar(yy, xx), np.exp(-((xx - 30) ** 2) / 2.0 - (yy - 30) ** 2 / 545.0))
+    unique = gaussian_fit(longer)
+    assert unique.degenerate is None and unique.converged
+    assert unique.sigma[0] > 5 * unique.sigma[1]  # the vertical (longer) bar
+
+
+def test_openerf_mode_centres_discs_on_the_middle_pixel() -> None:
+    """OpenERF sums its discs around ``(H // 2, W // 2)`` of the map; the other modes around
+    the seed unit's theoretical centre. Here they differ: a stride-2 layer on an even input
+    has its centre unit (output 8 of 16) centred on input pixel 16.5 -> 17, not 16."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 4, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1))  # fmt: skip
+    x = torch.randn(3, 1, 32, 32)
+    for mode, expected_centre in (("openerf", (16, 16)), ("luo", None)):
+        r = em.compute_erf(net, x, ["2"], mode=mode)["2"]
+        centre = expected_centre or r.centre_pixel
+        assert r.disc_centre == centre
+        m = r.heatmap.double().numpy()
+        want = disc_mass_by_loop(m, [5, 10, 20], centre)
+        s = r.scalars()
+        assert [s["disc_mass_r5"], s["disc_mass_r10"], s["disc_mass_r20"]] == pytest.approx(want)
+        assert list(r.disc_mass([5, 10, 20]).values()) == pytest.approx(want)
+    assert r.centre_pixel != (16, 16)  # the luo result: its own centre

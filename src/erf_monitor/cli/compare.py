@@ -17,26 +17,34 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from erf_monitor.measure.bootstrap import Interval, bootstrap_metrics, paired_differences
+from erf_monitor.cli.models import shape_mismatch
+from erf_monitor.measure.bootstrap import Interval, compare_intervals
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
     from erf_monitor.measure.result import ERFResults
 
 __all__ = [
     "Comparison",
+    "LineSteps",
+    "RichSteps",
+    "Steps",
     "compare_models",
     "comparison_figure",
     "comparison_table",
@@ -55,15 +63,76 @@ class CompareError(ValueError):
     """A checkpoint or model that cannot be compared (one line, no traceback in the CLI)."""
 
 
+class Steps(Protocol):
+    """Where :func:`compare_models` reports its steps (a progress display)."""
+
+    def start(self, what: str, total: int | None = None) -> None:
+        """A step begins (``total``: units of work, ``None``: unknown)."""
+
+    def advance(self, k: int) -> None:
+        """``k`` more units of the current step are done."""
+
+    def done(self) -> None:
+        """The current step is finished."""
+
+
+class RichSteps:
+    """:class:`Steps` on a ``rich`` progress display (a bar per step)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+        self.total = 1
+
+    def start(self, what: str, total: int | None = None) -> None:
+        self.task = self.progress.add_task(what, total=total)
+        self.total = total or 1
+
+    def advance(self, k: int) -> None:
+        self.progress.advance(self.task, k)
+
+    def done(self) -> None:
+        self.progress.update(self.task, total=self.total, completed=self.total)
+
+
+class LineSteps:
+    """:class:`Steps` as one line per finished step (logs, pipes, CI: no live display)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.what, self.t0 = console, "", 0.0
+
+    def start(self, what: str, total: int | None = None) -> None:
+        self.what, self.t0 = what, time.perf_counter()
+
+    def advance(self, k: int) -> None:
+        pass
+
+    def done(self) -> None:
+        seconds = time.perf_counter() - self.t0
+        self.console.print(f"{self.what}: done in {seconds:.1f} s", highlight=False, markup=False)
+
+
+_MODEL_FORM = re.compile(r"(torchvision|timm):[\w.\-]+|.+\.py:[A-Za-z_]\w*")
+
+
 def split_spec(text: str) -> tuple[str, str | None]:
     """``"torchvision:resnet18@run/last.ckpt"`` → ``("torchvision:resnet18", "run/last.ckpt")``.
+
+    The checkpoint starts after the first ``@`` that ends a model spec, so checkpoint names
+    may hold ``@`` themselves (Lightning's ``resnet18@epoch=9.ckpt``).
 
     Examples:
         >>> split_spec("timm:resnet18"), split_spec("m.py:build@w.pt")
         (('timm:resnet18', None), ('m.py:build', 'w.pt'))
+        >>> split_spec("torchvision:resnet18@runs/resnet18@epoch=9.ckpt")
+        ('torchvision:resnet18', 'runs/resnet18@epoch=9.ckpt')
     """
-    model, sep, ckpt = text.rpartition("@")
-    return (model, ckpt) if sep and model and ckpt else (text, None)
+    at = text.find("@")
+    while at > 0:
+        if _MODEL_FORM.fullmatch(text[:at]) and at + 1 < len(text):
+            return text[:at], text[at + 1 :]
+        at = text.find("@", at + 1)
+    return text, None
 
 
 def load_state(model: nn.Module, path: str | Path) -> None:
@@ -74,7 +143,9 @@ def load_state(model: nn.Module, path: str | Path) -> None:
     ``model`` match is stripped.
 
     Raises:
-        CompareError: unreadable file, or keys that do not match the model.
+        CompareError: unreadable file, keys that do not match the model, or tensors of other
+            shapes (a head trained on another number of classes: the message says which
+            ``--num-classes`` builds the model with that head).
     """
     path = Path(path)
     if not path.is_file():
@@ -94,7 +165,15 @@ def load_state(model: nn.Module, path: str | Path) -> None:
     for prefix in sorted(prefixes, key=len):
         picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if wanted <= set(picked):
-            model.load_state_dict({k: picked[k] for k in wanted}, strict=True)
+            chosen = {k: picked[k] for k in wanted}
+            mismatch = shape_mismatch(model, chosen, path)
+            if mismatch is not None:  # a raw "size mismatch" traceback otherwise
+                raise CompareError(mismatch)
+            try:
+                model.load_state_dict(chosen, strict=True)
+            except RuntimeError as exc:
+                text = " ".join(str(exc).split())
+                raise CompareError(f"cannot load {str(path)!r} into the model: {text}") from None
             return
     missing = sorted(wanted - set(state))[:3]
     raise CompareError(
@@ -118,6 +197,8 @@ class Comparison:
     n_boot: int = 0
     level: float = 0.95
     method: str = "bca"
+    #: Wall time of each step (``"probe <model>"``, ``"bootstrap <layer>"``), seconds.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def compare_models(
@@ -125,29 +206,36 @@ def compare_models(
     inputs: torch.Tensor,
     layers: str | Sequence[str],
     *,
-    mode: Literal["luo", "replknet"] = "luo",
+    mode: Literal["luo", "replknet", "openerf"] = "luo",
     n_boot: int = 500,
     level: float = 0.95,
     method: str = "bca",
     seed: int = 0,
     chunk_size: int | None = None,
+    progress: Steps | None = None,
 ) -> Comparison:
     """Probe every model on ``inputs`` and bootstrap every metric (see the module docstring).
+
+    Every layer's resamples are drawn once and measured on every model's map
+    (:func:`~erf_monitor.measure.bootstrap.compare_intervals`): the same images for the
+    intervals of each model and for the paired differences.
 
     Args:
         models: ``(name, model)`` pairs; the first is the reference of the differences.
         inputs: the probe batch ``(N, C, *S)``, the same for every model.
         layers: layer names or globs present in every model (or ``"auto"``, resolved on the
             first model).
-        mode: ``"luo"`` or ``"replknet"``.
+        mode: ``"luo"``, ``"replknet"`` or ``"openerf"``.
         n_boot: bootstrap resamples.
         level: nominal coverage of the intervals.
         method: ``"bca"`` or ``"percentile"``.
         seed: seed of the resampling (the same resamples for every model).
         chunk_size: probe chunk size.
+        progress: where to report each probe and bootstrap (:class:`RichSteps`,
+            :class:`LineSteps`).
 
     Returns:
-        The :class:`Comparison`.
+        The :class:`Comparison` (``seconds``: the time of each step).
     """
     from erf_monitor import compute_erf
 
@@ -157,8 +245,12 @@ def compare_models(
     if len(set(names)) != len(names):
         raise CompareError(f"model names must differ, got {names}")
     results: dict[str, ERFResults] = {}
+    seconds: dict[str, float] = {}
     spec: str | Sequence[str] = layers
     for name, model in models:
+        if progress is not None:
+            progress.start(f"probing {name}")
+        start = time.perf_counter()
         res = compute_erf(
             model,
             inputs,
@@ -167,6 +259,9 @@ def compare_models(
             chunk_size=chunk_size,
             keep_per_sample=True,
         )
+        seconds[f"probe {name}"] = time.perf_counter() - start
+        if progress is not None:
+            progress.done()
         results[name] = res
         spec = list(res)  # the next models are probed at exactly these layers
     first = names[0]
@@ -178,26 +273,29 @@ def compare_models(
         n_boot=n_boot,
         level=level,
         method=method,
+        seconds=seconds,
     )
-    for name in names:
-        comp.intervals[name] = {
-            layer: bootstrap_metrics(
-                results[name][layer], n_boot=n_boot, level=level, seed=seed, method=method
-            )
-            for layer in comp.layers
-        }
-        if name != first:
-            comp.differences[name] = {
-                layer: paired_differences(
-                    results[first][layer],
-                    results[name][layer],
-                    n_boot=n_boot,
-                    level=level,
-                    seed=seed,
-                    method=method,
-                )
-                for layer in comp.layers
-            }
+    for layer in comp.layers:
+        total = n_boot + comp.num_samples + 1  # resamples, leave-one-out maps, the full map
+        if progress is not None:
+            what = f"bootstrap {layer or '<model>'}: {len(names)} model(s), {n_boot} resamples"
+            progress.start(what, total)
+        start = time.perf_counter()
+        cis, diffs = compare_intervals(
+            [results[name][layer] for name in names],
+            n_boot=n_boot,
+            level=level,
+            seed=seed,
+            method=method,
+            on_batch=progress.advance if progress is not None else None,
+        )
+        seconds[f"bootstrap {layer}"] = time.perf_counter() - start
+        if progress is not None:
+            progress.done()
+        for name, ci in zip(names, cis):
+            comp.intervals.setdefault(name, {})[layer] = ci
+        for name, diff in zip(names[1:], diffs):
+            comp.differences.setdefault(name, {})[layer] = diff
     return comp
 
 

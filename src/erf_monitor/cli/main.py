@@ -505,7 +505,7 @@ def _analyze_model(
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             try:
-                model = load_model(spec, pretrained=args.pretrained)
+                model = load_model(spec, pretrained=args.pretrained, num_classes=args.num_classes)
             except ModelSpecError as exc:
                 raise CLIError(str(exc)) from None
         model = model.to(device)
@@ -703,9 +703,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- compare
 def _cmd_compare(args: argparse.Namespace) -> int:
     import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from erf_monitor.cli.compare import (
         CompareError,
+        LineSteps,
+        RichSteps,
+        Steps,
         compare_models,
         comparison_table,
         load_state,
@@ -721,52 +725,118 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise CLIError(f"--bootstrap must be >= 2, got {args.bootstrap}")
     if not 0.0 < args.level < 1.0:
         raise CLIError(f"--level must be in (0, 1), got {args.level}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.images is not None and args.input != "noise":
+        raise CLIError("give either --images DIR or --input FILE, not both")
+    if args.images is None and (args.size or args.mean or args.std):
+        raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
     names = [n.strip() for n in args.names.split(",")] if args.names else list(args.models)
     if len(names) != len(args.models):
         raise CLIError(f"--names has {len(names)} names for {len(args.models)} models")
     size = _parse_size(args.input_size)
-    x, source = _load_inputs(args, size)
-    models = []
     err = _console(stderr=True)
-    for name, spec in zip(names, args.models):
-        model_spec, ckpt = split_spec(spec)
-        with torch.random.fork_rng():  # the same initialisation for every spec, seeded
-            torch.manual_seed(args.seed)
-            try:
-                model = load_model(model_spec)
-            except ModelSpecError as exc:
-                raise CLIError(str(exc)) from None
-        if ckpt is not None:
-            try:
-                load_state(model, ckpt)
-            except CompareError as exc:
-                raise CLIError(str(exc)) from None
-        models.append((name, model.to(args.device).eval()))
-    err.print(
-        f"probing {len(models)} model(s) on {x.shape[0]} {source} image(s); "
-        f"{args.bootstrap} bootstrap resamples per layer and model...",
-        highlight=False,
-    )
-    try:
-        comp = compare_models(
-            models,
-            x.to(args.device),
-            _layer_spec(args.layers),
-            mode=args.mode,
-            n_boot=args.bootstrap,
-            level=args.level,
-            method=args.method,
-            seed=args.seed,
-            chunk_size=args.chunk_size,
+    live = err.is_terminal and not args.quiet
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not live,
+    ) as display:
+        steps: Steps | None = None
+        if live:
+            steps = RichSteps(display)
+        elif not args.quiet:  # logs and pipes: one line per finished step
+            steps = LineSteps(err)
+        models = []
+        for name, spec in zip(names, args.models):
+            model_spec, ckpt = split_spec(spec)
+            if steps is not None:
+                steps.start(f"building {name}")
+            with torch.random.fork_rng():  # the same initialisation for every spec, seeded
+                torch.manual_seed(args.seed)
+                try:
+                    model = load_model(
+                        model_spec,
+                        pretrained=args.pretrained if ckpt is None else None,
+                        num_classes=args.num_classes,
+                    )
+                except ModelSpecError as exc:
+                    raise CLIError(str(exc)) from None
+            if ckpt is not None:
+                try:
+                    load_state(model, ckpt)
+                except CompareError as exc:
+                    raise CLIError(str(exc)) from None
+            models.append((name, model.to(args.device).eval()))
+            if steps is not None:
+                steps.done()
+        preprocessing = None
+        if args.images is not None:  # preprocessed as the first model expects: the same
+            first = split_spec(args.models[0])[0]  # images for every model
+            x, source, preprocessing = _load_images(args, models[0][1], first)
+        else:
+            x, source = _load_inputs(args, size)
+        build_s = time.perf_counter() - t0
+        if not live and not args.quiet:
+            err.print(
+                f"probing {len(models)} model(s) on {x.shape[0]} {source} image(s); "
+                f"{args.bootstrap} bootstrap resamples per layer...",
+                highlight=False,
+            )
+        try:
+            comp = compare_models(
+                models,
+                x.to(args.device),
+                _layer_spec(args.layers),
+                mode=args.mode,
+                n_boot=args.bootstrap,
+                level=args.level,
+                method=args.method,
+                seed=args.seed,
+                chunk_size=args.chunk_size,
+                progress=steps,
+            )
+        except (ValueError, TypeError, ERFProbeError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        if steps is not None:
+            steps.start("writing compare.png, compare.json, maps.npz")
+        t1 = time.perf_counter()
+        meta = {
+            "specs": list(args.models),
+            "weights": "random init" if args.pretrained is None else args.pretrained,
+            "input": source,
+            "preprocessing": preprocessing,
+            "mode": args.mode,
+            "seed": args.seed,
+        }
+        paths = write_comparison(
+            comp, args.out, log_scale=args.log_scale, meta=meta, fmt=args.format
         )
-    except (ValueError, TypeError, ERFProbeError) as exc:
-        raise CLIError(_one_line(exc)) from None
-    meta = {"specs": list(args.models), "input": source, "mode": args.mode, "seed": args.seed}
-    paths = write_comparison(comp, args.out, log_scale=args.log_scale, meta=meta, fmt=args.format)
+        write_s = time.perf_counter() - t1
+        if steps is not None:
+            steps.done()
     console = _console()
+    if preprocessing is not None:
+        console.print(
+            f"Images preprocessed by {preprocessing['source']}: "
+            f"{'x'.join(map(str, preprocessing['size']))} px, mean {preprocessing['mean']}, "
+            f"std {preprocessing['std']}.",
+            highlight=False,
+        )
     console.print(comparison_table(comp))
+    probe_s = sum(v for k, v in comp.seconds.items() if k.startswith("probe "))
+    boot_s = sum(v for k, v in comp.seconds.items() if k.startswith("bootstrap "))
     console.print(
-        "Wrote " + ", ".join(f"[bold]{p}[/]" for p in paths.values()) + ".", highlight=False
+        f"Time: {time.perf_counter() - t0:.1f} s (models and images {build_s:.1f} s, probes "
+        f"{probe_s:.1f} s, bootstrap {boot_s:.1f} s, outputs {write_s:.1f} s). Wrote "
+        + ", ".join(f"[bold]{p}[/]" for p in paths.values())
+        + ".",
+        highlight=False,
     )
     return 0
 
@@ -913,6 +983,14 @@ def _parser() -> argparse.ArgumentParser:
         "index I,J (negative from the end), a fraction of the output plane 0.0,0.5, or several "
         "separated by ';'. Sets also write fields/<layer>.png (the ERF field)",
     )
+    analyze.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="build torchvision/timm models with an N-class head (for --pretrained=PATH "
+        "checkpoints fine-tuned on N classes)",
+    )
     analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
     analyze.add_argument("--device", default="cpu", help="torch device")
@@ -1007,6 +1085,33 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
     )
+    compare.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="a folder of images (searched recursively; the first --samples are used), "
+        "preprocessed as the first MODEL expects; the same images for every model",
+    )
+    compare.add_argument("--size", default=None, help="image size N or HxW (with --images)")
+    compare.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
+    compare.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
+    compare.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="cache",
+        default=None,
+        metavar="PATH",
+        help="weights of every MODEL given without @CKPT: alone, its pretrained weights from "
+        "the local torch.hub / Hugging Face cache (never downloaded); =PATH, a checkpoint file",
+    )
+    compare.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="build torchvision/timm models with an N-class head (for checkpoints fine-tuned "
+        "on N classes)",
+    )
     compare.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
     compare.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
     compare.add_argument("--level", type=float, default=0.95, help="interval coverage")
@@ -1021,6 +1126,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=FORMATS, default="png", help="figure format (pdf, svg: vector)"
     )
     compare.add_argument("--out", default="erf_compare", help="output directory")
+    compare.add_argument("--quiet", action="store_true", help="no progress display")
     compare.set_defaults(func=_cmd_compare)
     return parser
 

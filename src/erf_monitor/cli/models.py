@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,7 +34,13 @@ from torch import nn
 
 from erf_monitor.core.imports import package_available
 
-__all__ = ["ModelSpecError", "load_checkpoint", "load_model", "spec_preprocessing"]
+__all__ = [
+    "ModelSpecError",
+    "load_checkpoint",
+    "load_model",
+    "shape_mismatch",
+    "spec_preprocessing",
+]
 
 _PREFIXES = ("torchvision", "timm")
 
@@ -123,6 +130,40 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def shape_mismatch(
+    model: nn.Module, state: Mapping[str, Any], path: str | os.PathLike[str]
+) -> str | None:
+    """A one-line description of the first tensor whose shape differs between ``state`` and
+    ``model`` (``None``: no such tensor); when only the model's last layer differs (a
+    classifier trained on another number of classes), how to build it with that head.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 1000))
+        >>> other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10))
+        >>> print(shape_mismatch(net, other.state_dict(), "run.ckpt"))
+        'run.ckpt' does not fit the model: 2.weight is 10x8 there but 1000x8 in the model: \
+its head has 10 classes; pass --num-classes 10
+    """
+    own = model.state_dict()
+    bad = [  # in the model's order: the first one named is the first in the model
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not bad:
+        return None
+    key, theirs, ours = bad[0]
+    text = (
+        f"{str(path)!r} does not fit the model: {key} is {'x'.join(map(str, theirs)) or '()'} "
+        f"there but {'x'.join(map(str, ours)) or '()'} in the model"
+    )
+    with_params = [n for n, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    head = with_params[-1] if with_params else None
+    if head is not None and all(k.rpartition(".")[0] == head for k, _, _ in bad) and theirs:
+        text += f": its head has {theirs[0]} classes; pass --num-classes {theirs[0]}"
+    return text
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a checkpoint file's weights into ``model`` (data only: no code is run).
 
@@ -156,6 +197,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
             continue
         candidate = {k[len(prefix) :]: v for k, v in state.items()}
         if set(candidate) == expected:
+            mismatch = shape_mismatch(model, candidate, file)
+            if mismatch is not None:
+                raise ModelSpecError(mismatch)
             try:
                 model.load_state_dict(candidate)
             except RuntimeError as exc:
@@ -189,7 +233,7 @@ def spec_preprocessing(spec: str, model: nn.Module) -> Any:
     return preprocessing_for(model)
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(name: str, num_classes: int | None = None) -> nn.Module:
     if not package_available("torchvision"):
         raise ModelSpecError(
             "torchvision is not installed: pip install erf-monitor[vision] (or torchvision)"
@@ -202,17 +246,26 @@ def _torchvision(name: str) -> nn.Module:
             f"torchvision has no model {name!r}.{_close(name, available)} "
             "(all names: torchvision.models.list_models())"
         )
-    return tvm.get_model(name, weights=None)
+    if num_classes is None:
+        return tvm.get_model(name, weights=None)
+    try:
+        return tvm.get_model(name, weights=None, num_classes=num_classes)
+    except TypeError as exc:
+        raise ModelSpecError(
+            f"torchvision:{name} cannot be built with --num-classes {num_classes}: "
+            f"{_first_line(exc)}"
+        ) from None
 
 
-def _timm(name: str) -> nn.Module:
+def _timm(name: str, num_classes: int | None = None) -> nn.Module:
     if not package_available("timm"):
         raise ModelSpecError(f"timm:{name} needs timm, which is not installed: pip install timm")
     timm: Any = importlib.import_module("timm")
     available = list(timm.list_models())
     if name not in available:
         raise ModelSpecError(f"timm has no model {name!r}.{_close(name, available)}")
-    return timm.create_model(name, pretrained=False)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(name, pretrained=False, **extra)
 
 
 def _from_file(path_text: str, factory: str) -> nn.Module:
@@ -265,13 +318,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_model(spec: str, pretrained: str | None = None) -> nn.Module:
+def load_model(
+    spec: str, pretrained: str | None = None, num_classes: int | None = None
+) -> nn.Module:
     """Build the model named by ``spec`` (randomly initialised unless ``pretrained``; eval mode).
 
     Args:
         spec: ``torchvision:<name>``, ``timm:<name>`` or ``path/to/file.py:factory``.
         pretrained: ``None`` (random init), ``"cache"`` (the library's own pretrained weights,
             from the local download cache only) or a checkpoint file path.
+        num_classes: build torchvision and timm models with a head of this many classes
+            (to load a checkpoint fine-tuned on another number of classes).
 
     Returns:
         The model, in eval mode.
@@ -296,18 +353,28 @@ def load_model(spec: str, pretrained: str | None = None) -> nn.Module:
         )
     prefix, _, rest = spec.partition(":")
     model: nn.Module | None = None
+    if num_classes is not None and pretrained == "cache":
+        raise ModelSpecError(
+            "--num-classes cannot be combined with --pretrained alone (the pretrained weights "
+            "come with their own head); pass --pretrained=PATH to a checkpoint with that head"
+        )
     if prefix == "torchvision":
-        model = _torchvision(rest)
+        model = _torchvision(rest, num_classes)
         if pretrained == "cache":
             model = _torchvision_pretrained(rest)
     elif prefix == "timm":
-        model = _timm(rest)
+        model = _timm(rest, num_classes)
         if pretrained == "cache":
             model = _timm_pretrained(rest)
     else:
         # A file spec: split at the *last* colon (the path may contain one, e.g. C:\...).
         path_text, _, factory = spec.rpartition(":")
         if path_text.endswith(".py") or "/" in path_text or "\\" in path_text:
+            if num_classes is not None:
+                raise ModelSpecError(
+                    "--num-classes applies to torchvision: and timm: models; "
+                    f"{factory}() in {path_text!r} builds its own head"
+                )
             model = _from_file(path_text, factory)
             if pretrained == "cache":
                 raise ModelSpecError(

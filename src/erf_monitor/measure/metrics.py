@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from erf_monitor.core.modes import Mode
+from erf_monitor.core.threads import single_blas_thread
+from erf_monitor.measure import profiles as _prof
+from erf_monitor.measure.fit import GaussianFit, fit_gaussian, nan_fit
+from erf_monitor.measure.profiles import Geometry, Profiles
 
 __all__ = [
     "COVERAGE_MASS",
@@ -35,6 +38,7 @@ __all__ = [
     "disc_mass",
     "erf_size",
     "finalise_map",
+    "fit_normalised",
     "gaussian_fit",
     "gaussian_r2",
     "mass_extent",
@@ -52,34 +56,51 @@ MapLike = torch.Tensor | np.ndarray
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-def _as_float64(heatmap: MapLike, *, name: str = "heatmap") -> torch.Tensor:
-    """Detached float64 CPU copy of ``heatmap`` after checking shape, dtype and values."""
+def _as_array(heatmap: MapLike, *, name: str = "heatmap") -> np.ndarray:
+    """Float64 NumPy view or copy of ``heatmap`` (never written to) after checking shape,
+    dtype and values."""
     if isinstance(heatmap, np.ndarray):
         if heatmap.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be a real-valued array, got dtype {heatmap.dtype}")
-        x = torch.from_numpy(np.asarray(heatmap, dtype=np.float64))
+        x = np.asarray(heatmap, dtype=np.float64)
     elif isinstance(heatmap, torch.Tensor):
         if heatmap.is_complex():
             raise TypeError(f"{name} must be real-valued, got dtype {heatmap.dtype}")
-        x = heatmap.detach().to(device="cpu", dtype=torch.float64)
+        x = heatmap.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy.ndarray, got {type(heatmap).__name__}"
         )
-    if x.dim() == 0:
+    if x.ndim == 0:
         raise ValueError(f"{name} must have at least one spatial dim, got a 0-d scalar")
-    if x.numel() == 0:
+    if x.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if not bool(torch.isfinite(x).all()):
+    low, high = x.min(), x.max()
+    if not (low >= 0 and np.isfinite(high)):  # two reductions; NaN fails every comparison
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"{name} contains NaN or Inf values (shape {tuple(x.shape)}); an ERF map must "
+                "be finite"
+            )
         raise ValueError(
-            f"{name} contains NaN or Inf values (shape {tuple(x.shape)}); an ERF map must be finite"
-        )
-    if bool((x < 0).any()):
-        raise ValueError(
-            f"{name} contains negative values (min {x.min().item():.6g}, shape "
+            f"{name} contains negative values (min {low:.6g}, shape "
             f"{tuple(x.shape)}); an ERF map must be non-negative"
         )
     return x
+
+
+def _as_float64(heatmap: MapLike, *, name: str = "heatmap") -> torch.Tensor:
+    """:func:`_as_array` as a float64 CPU tensor."""
+    return torch.from_numpy(_as_array(heatmap, name=name))
+
+
+def _one(x: np.ndarray, centre: Sequence[int], **geometry: object) -> Profiles:
+    """The profiles of one validated map (a batch of one)."""
+    return Profiles(Geometry(tuple(x.shape), tuple(centre), **geometry), x[None])  # type: ignore[arg-type]
+
+
+def _middle(x: np.ndarray) -> tuple[int, ...]:
+    return tuple(s // 2 for s in x.shape)
 
 
 def _check_t(t: float) -> float:
@@ -117,30 +138,6 @@ def _check_centre(centre: Sequence[int], shape: tuple[int, ...]) -> tuple[int, .
 # --------------------------------------------------------------------------------------------
 # Mass extent
 # --------------------------------------------------------------------------------------------
-def _extent_radius(x: torch.Tensor, t: float, centre: tuple[int, ...]) -> int | None:
-    """Smallest radius ``i`` whose clipped centred cube holds more than ``t`` of the mass.
-
-    ``None`` for a zero map. Vectorised: every pixel belongs to the cube of radius ``i`` iff its
-    Chebyshev distance to ``centre`` is ``<= i``, so the cube masses are the cumulative sum of a
-    histogram of the map over that distance.
-    """
-    dist = torch.zeros((), dtype=torch.int64)
-    for d, (c, s) in enumerate(zip(centre, x.shape)):
-        view = [1] * x.dim()
-        view[d] = s
-        dist = torch.maximum(dist, (torch.arange(s) - c).abs().view(view))
-    dist = dist.expand(x.shape)
-    cube_mass = torch.bincount(dist.reshape(-1), weights=x.reshape(-1)).cumsum(0)
-    # The last radius is the first cube that covers the whole map.
-    total = cube_mass[-1]
-    if total.item() == 0.0:
-        return None
-    # cube_mass[-1] / total is exactly 1.0 > t, so a hit always exists; keep the covering
-    # radius as a fallback anyway.
-    hits = torch.nonzero(cube_mass / total > t)
-    return int(hits[0, 0]) if hits.numel() else cube_mass.numel() - 1
-
-
 def mass_extent(heatmap: MapLike, t: float, centre: Sequence[int]) -> int:
     """Side of the smallest centred cube holding more than fraction ``t`` of the mass.
 
@@ -174,11 +171,11 @@ def mass_extent(heatmap: MapLike, t: float, centre: Sequence[int]) -> int:
         >>> mass_extent(m, 0.5, (4, 4))
         5
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     t = _check_t(t)
     c = _check_centre(centre, tuple(x.shape))
-    i = _extent_radius(x, t, c)
-    return 0 if i is None else 2 * i + 1
+    i = int(_prof.extent_radius(_one(x, c), t)[0])
+    return 0 if i < 0 else 2 * i + 1
 
 
 def mass_extent_per_axis(heatmap: MapLike, t: float, centre: Sequence[int]) -> tuple[int, ...]:
@@ -205,14 +202,11 @@ def mass_extent_per_axis(heatmap: MapLike, t: float, centre: Sequence[int]) -> t
         >>> mass_extent_per_axis(m, 0.5, (2, 5))
         (1, 5)
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     t = _check_t(t)
     c = _check_centre(centre, tuple(x.shape))
-    out = []
-    for d in range(x.dim()):
-        i = _extent_radius(_marginal(x, d), t, (c[d],))
-        out.append(0 if i is None else 2 * i + 1)
-    return tuple(out)
+    radii = _prof.extent_radius_per_axis(_one(x, c), t)
+    return tuple(0 if int(i[0]) < 0 else 2 * int(i[0]) + 1 for i in radii)
 
 
 def area_ratio(heatmap: MapLike, t: float, centre: Sequence[int]) -> float:
@@ -241,16 +235,10 @@ def area_ratio(heatmap: MapLike, t: float, centre: Sequence[int]) -> float:
         >>> area_ratio(m, 0.9, (4, 4))  # the 3 x 3 box: 9 of 100 pixels
         0.09
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     t = _check_t(t)
     c = _check_centre(centre, tuple(x.shape))
-    i = _extent_radius(x, t, c)
-    if i is None:
-        return 0.0
-    volume = 1
-    for cd, s in zip(c, x.shape):
-        volume *= min(cd + i, s - 1) - max(cd - i, 0) + 1
-    return volume / x.numel()
+    return float(_prof.area_ratio(_one(x, c), t)[0])
 
 
 def erf_size(heatmap: MapLike, centre: Sequence[int]) -> int:
@@ -297,39 +285,6 @@ def coverage(heatmap: MapLike, centre: Sequence[int]) -> float:
 # --------------------------------------------------------------------------------------------
 # Moments and Gaussian fit
 # --------------------------------------------------------------------------------------------
-def _marginal(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Profile of axis ``d``: ``x`` summed over every other axis."""
-    others = [k for k in range(x.dim()) if k != d]
-    return x.sum(dim=others) if others else x
-
-
-def _moments(x: torch.Tensor) -> tuple[list[float], list[float]] | None:
-    """Per-axis centroid and variance of a validated float64 map; ``None`` for a zero map.
-
-    An axis whose marginal profile has a single non-zero entry is a delta along that axis:
-    its centroid is that index and its variance exactly 0 (the generic formula would leave
-    rounding noise of order 1e-30 there, which matters when dividing by sigma).
-    """
-    if not bool((x > 0).any()):
-        return None
-    mus: list[float] = []
-    variances: list[float] = []
-    for d in range(x.dim()):
-        p = _marginal(x, d)
-        nonzero = torch.nonzero(p > 0)
-        if nonzero.numel() == 1:
-            mus.append(float(nonzero[0, 0]))
-            variances.append(0.0)
-            continue
-        idx = torch.arange(p.numel(), dtype=torch.float64)
-        total = p.sum()
-        mu = (idx * p).sum() / total
-        var = ((idx - mu) ** 2 * p).sum() / total  # two-pass: about the centroid
-        mus.append(mu.item())
-        variances.append(max(var.item(), 0.0))
-    return mus, variances
-
-
 def centroid(heatmap: MapLike) -> tuple[float, ...]:
     """Mass-weighted mean pixel index per axis.
 
@@ -351,11 +306,9 @@ def centroid(heatmap: MapLike) -> tuple[float, ...]:
         >>> centroid(m)
         (1.0, 3.25)
     """
-    x = _as_float64(heatmap)
-    moments = _moments(x)
-    if moments is None:
-        return (math.nan,) * x.dim()
-    return tuple(moments[0])
+    x = _as_array(heatmap)
+    mus, _ = _prof.moments(_one(x, _middle(x)))
+    return tuple(float(m) for m in mus[0])
 
 
 def sigma(heatmap: MapLike) -> tuple[float, ...]:
@@ -380,11 +333,9 @@ def sigma(heatmap: MapLike) -> tuple[float, ...]:
         >>> sigma(torch.tensor([1.0, 0.0, 1.0]))  # mass at -1 and +1 around the centroid
         (1.0,)
     """
-    x = _as_float64(heatmap)
-    moments = _moments(x)
-    if moments is None:
-        return (math.nan,) * x.dim()
-    return tuple(math.sqrt(v) for v in moments[1])
+    x = _as_array(heatmap)
+    _, variances = _prof.moments(_one(x, _middle(x)))
+    return tuple(math.sqrt(v) for v in variances[0])
 
 
 def gaussian_r2(heatmap: MapLike) -> float:
@@ -420,31 +371,52 @@ def gaussian_r2(heatmap: MapLike) -> float:
         >>> gaussian_r2(torch.ones(5, 5))  # constant: undefined
         nan
     """
-    x = _as_float64(heatmap)
-    if bool(x.max() == x.min()):
-        return math.nan
-    moments = _moments(x)
-    if moments is None:  # pragma: no cover - a zero map is constant
-        return math.nan
-    mus, variances = moments
-    # The model is separable: g = outer product of one 1-D factor per axis.
-    g = torch.ones((), dtype=torch.float64)
-    for d, (mu, var) in enumerate(zip(mus, variances)):
-        idx = torch.arange(x.shape[d], dtype=torch.float64)
-        if var == 0.0:
-            factor = (idx == mu).to(torch.float64)  # mu is an exact integer here
-        else:
-            factor = torch.exp(-0.5 * (idx - mu) ** 2 / var)
-        view = [1] * x.dim()
-        view[d] = x.shape[d]
-        g = g * factor.view(view)
-    g = g.expand(x.shape)
+    x = _as_array(heatmap)
+    mus, variances = _prof.moments(_one(x, _middle(x)))
+    return float(gaussian_r2_batch(x[None], mus, variances)[0])
+
+
+def gaussian_r2_batch(
+    maps: np.ndarray,
+    mus: np.ndarray,
+    variances: np.ndarray,
+    window: Sequence[slice] | None = None,
+    full_shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """:func:`gaussian_r2` of a batch of validated maps ``(B, *S)`` with their moments
+    ``(B, nd)``; or of the part ``maps`` on ``window`` of maps of ``full_shape`` that are
+    zero elsewhere."""
+    b, shape = maps.shape[0], maps.shape[1:]
+    starts = [0] * len(shape) if window is None else [w.start for w in window]
+    full = shape if full_shape is None else full_shape
+    # The model is separable, g = outer product of one 1-D factor f_d per axis, so
+    # <E, g> contracts E (zero outside the window) with one factor at a time, and
+    # <g, g> = prod_d |f_d|^2 over the whole map.
+    inner = maps
+    gg = np.ones(b)
+    for d in reversed(range(len(shape))):
+        s = shape[d]
+        idx = np.arange(full[d], dtype=np.float64)[None, :]
+        mu, var = mus[:, d : d + 1], variances[:, d : d + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # var == 0: the sigma -> 0 limit at integer pixels (mu is an exact integer there)
+            f = np.where(var == 0.0, (idx == mu) * 1.0, np.exp(-0.5 * (idx - mu) ** 2 / var))
+        gg = gg * (f * f).sum(1)
+        f = np.ascontiguousarray(f[:, starts[d] : starts[d] + s])
+        inner = (inner.reshape(b, -1, s) @ f[:, :, None]).reshape((b, *shape[:d]))
+    flat = maps.reshape(b, -1)
+    npix = math.prod(full)
+    squares = np.einsum("bp,bp->b", flat, flat)
     # <g, g> > 0: the variance is at least the squared distance from mu to the nearest
-    # integer, so g is at least exp(-1/2) per axis there.
-    amplitude = (x * g).sum() / (g * g).sum()
-    residual = ((x - amplitude * g) ** 2).sum()
-    spread = ((x - x.mean()) ** 2).sum()
-    return float(1.0 - residual / spread)
+    # integer, so g is at least exp(-1/2) per axis there. With the least-squares amplitude
+    # A = <E, g> / <g, g>, sum (E - A g)^2 = sum E^2 - <E, g>^2 / <g, g>.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual = np.maximum(squares - inner**2 / gg, 0.0)
+        spread = squares - flat.sum(1) ** 2 / npix
+        r2 = 1.0 - residual / spread
+    high = flat.max(1)  # constant: equal values and, where zeros lie outside, all zero
+    constant = (high == flat.min(1)) & ((flat.shape[1] == npix) | (high == 0))
+    return np.where(constant, math.nan, r2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,104 +494,45 @@ def disc_mass(
         >>> disc_mass(torch.ones(5, 5), [0, 1, 1.5], (2, 2))  # 1, 5 and 9 of 25 pixels
         {0: 0.04, 1: 0.2, 1.5: 0.36}
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     c = _check_centre(centre, tuple(x.shape))
     rs = []
     for r in radii:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
             raise ValueError(f"radii must be finite numbers >= 0, got {r!r}")
         rs.append(r)
-    total = x.sum().item()
-    if total == 0.0:
-        return dict.fromkeys(rs, math.nan)
-    dist2 = torch.zeros((), dtype=torch.float64)
-    for d, (cd, s) in enumerate(zip(c, x.shape)):
-        view = [1] * x.dim()
-        view[d] = s
-        dist2 = dist2 + ((torch.arange(s, dtype=torch.float64) - cd) ** 2).view(view)
-    dist2 = dist2.expand(x.shape)
-    return {r: float(x[dist2 <= float(r) ** 2].sum().item() / total) for r in rs}
+    if not rs:
+        return {}
+    fractions = _prof.disc_fractions(_one(x, c, disc_centre=c, radii=tuple(rs)))[0]
+    return {r: float(f) for r, f in zip(rs, fractions)}
 
 
-@dataclass(frozen=True)
-class GaussianFit:
-    """A 2-D Gaussian fitted to an ERF map normalised to sum 1 (OpenERF's model).
-
-    ``G(y, x) = amplitude * N((y, x); centre, covariance)``, ``N`` the normalised bivariate
-    normal density, so ``amplitude`` is the share of the map's mass the Gaussian carries
-    (1 for a map that is exactly Gaussian and well inside the input).
-
-    Attributes:
-        amplitude: integral of the fitted Gaussian over the plane, in units of the map's mass.
-        centre: ``(y, x)`` in pixel indices (free: not tied to the theoretical centre).
-        sigma: ``(sigma_y, sigma_x)``, square roots of the covariance's diagonal, in pixels.
-        covariance: ``((s_yy, s_yx), (s_xy, s_xx))`` in pixels²; diagonal unless fitted with
-            ``rotated=True``.
-        r2: ``1 - Var(G - p) / Var(p)`` over all pixels (``p`` the normalised map): OpenERF's
-            R², which subtracts the residual's mean (1: a perfect fit).
-        rotated: whether the covariance was free to tilt (``False``: axis-aligned, as OpenERF).
-        converged: whether Levenberg-Marquardt met its tolerance within its iteration budget.
-    """
-
-    amplitude: float
-    centre: tuple[float, float]
-    sigma: tuple[float, float]
-    covariance: tuple[tuple[float, float], tuple[float, float]]
-    r2: float
-    rotated: bool = False
-    converged: bool = True
-
-
-def _gaussian_and_jacobian(
-    theta: np.ndarray, yy: np.ndarray, xx: np.ndarray, rotated: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Model values and their Jacobian for ``theta = (A, yc, xc, a, c[, b])``.
-
-    ``(a, b, c)`` is the precision matrix ``[[a, b], [b, c]]`` (inverse covariance), so that
-    ``G = A sqrt(ac - b^2) / (2 pi) exp(-(a dy^2 + 2 b dy dx + c dx^2) / 2)``.
-    """
-    amp, yc, xc, a, c = theta[:5]
-    b = theta[5] if rotated else 0.0
-    dy, dx = yy - yc, xx - xc
-    det = a * c - b * b
-    base = (
-        math.sqrt(det)
-        / (2 * math.pi)
-        * np.exp(-0.5 * (a * dy * dy + 2 * b * dy * dx + c * dx * dx))
-    )
-    g = amp * base
-    cols = [
-        base,
-        g * (a * dy + b * dx),
-        g * (b * dy + c * dx),
-        g * (c / (2 * det) - dy * dy / 2),
-        g * (a / (2 * det) - dx * dx / 2),
-    ]
-    if rotated:
-        cols.append(g * (-b / det - dy * dx))
-    return g, np.stack(cols, axis=1)
-
-
-def _valid(theta: np.ndarray, rotated: bool) -> bool:
-    amp, _, _, a, c = theta[:5]
-    b = theta[5] if rotated else 0.0
-    return bool(np.all(np.isfinite(theta))) and amp >= 0 and a > 0 and c > 0 and a * c - b * b > 0
-
-
-def gaussian_fit(heatmap: MapLike, *, rotated: bool = False) -> GaussianFit:
+def gaussian_fit(
+    heatmap: MapLike,
+    *,
+    rotated: bool = False,
+    start: GaussianFit | None = None,
+    check_unique: bool = True,
+) -> GaussianFit:
     """Least-squares fit of a free-centre 2-D Gaussian to the map normalised to sum 1.
 
     OpenERF's protocol (``openerf.fit.fit_2d_gaussian``): the model
     ``A exp(-((x - xc)^2 / (2 sx^2) + (y - yc)^2 / (2 sy^2))) / (2 pi sx sy)`` is fitted to
     ``p = E / sum(E)`` over every pixel by least squares with a free amplitude and centre, and
-    ``R² = 1 - Var(residual) / Var(p)``. Implemented here with Levenberg-Marquardt on the
-    precision-matrix form of the model (analytic Jacobian, float64), started from the map's
-    moments, so the result is the least-squares optimum nearest the moment estimate. With
-    ``rotated=True`` the covariance may also tilt (one more parameter, the correlation).
+    ``R² = 1 - Var(residual) / Var(p)``. Solved with ``scipy.optimize.least_squares``
+    (MINPACK's Levenberg-Marquardt, analytic Jacobian, float64) on the map's support plus two
+    residuals that stand exactly for every pixel outside it, started from the map's moments
+    (or from ``start``). With ``rotated=True`` the covariance may also tilt (one more
+    parameter, the correlation; fitted on the whole map). A fit whose sigma is below half a
+    pixel, whose amplitude is not positive, or that has a second equally good optimum (a
+    symmetric "+") is flagged ``degenerate`` and not ``converged``. See
+    :mod:`erf_monitor.measure.fit`.
 
     Args:
         heatmap: non-negative 2-D ERF map.
         rotated: also fit the covariance's off-diagonal term.
+        start: a fit to start from (e.g. the full map's fit for a bootstrap resample).
+        check_unique: restart from stretched widths to detect a second optimum as good.
 
     Returns:
         A :class:`GaussianFit`; every field NaN for a map that is zero everywhere, and NaN
@@ -636,74 +549,28 @@ def gaussian_fit(heatmap: MapLike, *, rotated: bool = False) -> GaussianFit:
         >>> fit = gaussian_fit(g)
         >>> [round(v, 4) for v in (*fit.centre, *fit.sigma, fit.amplitude, fit.r2)]
         [17.3, 26.0, 3.0, 5.0, 1.0, 1.0]
+        >>> fit.converged, fit.degenerate
+        (True, None)
     """
-    t = _as_float64(heatmap)
-    if t.dim() != 2:
-        raise ValueError(f"gaussian_fit needs a 2-D map, got shape {tuple(t.shape)}")
-    nan = math.nan
-    total = t.sum().item()
-    if total == 0.0:
-        return GaussianFit(nan, (nan, nan), (nan, nan), ((nan, nan), (nan, nan)), nan, rotated)
-    p = (t / total).numpy().ravel()
-    h, w = t.shape
-    grid = np.meshgrid(
-        np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij"
-    )
-    yy, xx = grid[0].ravel(), grid[1].ravel()
-    # Start from the moments (the covariance floored at a quarter pixel², a delta's scale).
-    my, mx = float((p * yy).sum()), float((p * xx).sum())
-    cyy = max(float((p * (yy - my) ** 2).sum()), 0.25)
-    cxx = max(float((p * (xx - mx) ** 2).sum()), 0.25)
-    cyx = float((p * (yy - my) * (xx - mx)).sum()) if rotated else 0.0
-    if cyy * cxx - cyx * cyx <= 0:
-        cyx = 0.0
-    det0 = cyy * cxx - cyx * cyx
-    theta = np.array([1.0, my, mx, cxx / det0, cyy / det0] + ([-cyx / det0] if rotated else []))
-    g, jac = _gaussian_and_jacobian(theta, yy, xx, rotated)
-    res = g - p
-    cost = float(res @ res)
-    lam, converged = 1e-3, False
-    for _ in range(200):
-        jtj = jac.T @ jac
-        grad = jac.T @ res
-        improved = False
-        for _ in range(30):  # raise the damping until a step lowers the cost
-            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-300), -grad)
-            cand = theta + step
-            if _valid(cand, rotated):
-                g_new, jac_new = _gaussian_and_jacobian(cand, yy, xx, rotated)
-                res_new = g_new - p
-                cost_new = float(res_new @ res_new)
-                if cost_new < cost:
-                    improved = True
-                    break
-            lam *= 10.0
-        if not improved:
-            converged = True  # no descent direction left: a (local) minimum
-            break
-        small = cost - cost_new <= 1e-12 * cost and np.all(
-            np.abs(step) <= 1e-9 * (np.abs(theta) + 1e-9)
-        )
-        theta, g, jac, res, cost = cand, g_new, jac_new, res_new, cost_new
-        lam = max(lam / 10.0, 1e-12)
-        if small:
-            converged = True
-            break
-    amp, yc, xc, a, c = (float(v) for v in theta[:5])
-    b = float(theta[5]) if rotated else 0.0
-    det = a * c - b * b
-    s_yy, s_xx, s_yx = c / det, a / det, -b / det
-    var_p = float(np.var(p))
-    r2 = nan if var_p == 0.0 else 1.0 - float(np.var(res)) / var_p
-    return GaussianFit(
-        amplitude=amp,
-        centre=(yc, xc),
-        sigma=(math.sqrt(s_yy), math.sqrt(s_xx)),
-        covariance=((s_yy, s_yx), (s_yx, s_xx)),
-        r2=r2,
-        rotated=rotated,
-        converged=converged,
-    )
+    x = _as_array(heatmap)
+    if x.ndim != 2:
+        raise ValueError(f"gaussian_fit needs a 2-D map, got shape {tuple(x.shape)}")
+    with single_blas_thread():
+        return fit_normalised(x, rotated=rotated, start=start, check_unique=check_unique)
+
+
+def fit_normalised(
+    x: np.ndarray,
+    *,
+    rotated: bool = False,
+    start: GaussianFit | None = None,
+    check_unique: bool = True,
+    tol: float = 1e-12,
+) -> GaussianFit:
+    """:func:`gaussian_fit` of a validated 2-D float64 array (normalised here)."""
+    if not x.any():
+        return nan_fit(rotated)
+    return fit_gaussian(x, rotated=rotated, start=start, check_unique=check_unique, tol=tol)
 
 
 def finalise_map(total: torch.Tensor, n: int, mode: Mode) -> torch.Tensor:

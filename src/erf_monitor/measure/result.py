@@ -5,27 +5,106 @@ seed units (:class:`ERFField`)."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from erf_monitor.core.modes import DEFINITIONS, Mode
+from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import metrics as _metrics
+from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure import shape as _shape
+from erf_monitor.measure.fit import GaussianFit
+from erf_monitor.measure.profiles import Geometry, Profiles
 from erf_monitor.trf.types import TRF, wrap_flags
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["AREA_THRESHOLDS", "ERFField", "ERFResult", "ERFResults", "Mode", "axis_names"]
+__all__ = [
+    "AREA_THRESHOLDS",
+    "METRIC_GROUPS",
+    "ERFField",
+    "ERFResult",
+    "ERFResults",
+    "Mode",
+    "axis_names",
+    "select_metrics",
+]
 
 #: Mass fractions at which area ratios are reported (RepLKNet Table 10 uses 20/30/50/99 %).
 AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
+
+#: The keys of :meth:`ERFResult.scalars` by group (``*``: one key per axis or radius). What a
+#: group costs is in ``docs/concepts.md`` ("What each metric costs"): ``trf`` is free,
+#: ``extent``, ``moments`` and ``shape`` are a few passes over the map's field, ``openerf``
+#: adds the Gaussian fit (least squares on the field), ``field`` the other positions' sizes.
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "trf": ("trf_size", "trf_size_clipped", "trf_global", "trf_data_dependent"),
+    "extent": (
+        "erf_size",
+        "erf_trf_ratio",
+        "coverage",
+        *(f"area_t{round(t * 100):02d}" for t in AREA_THRESHOLDS),
+        "coverage_trf",
+        "erf_size_visible",
+    ),
+    "moments": ("sigma_?", "centroid_offset_?", "gaussian_r2"),
+    "openerf": (
+        "disc_mass_r*",
+        "gauss_fit_amplitude",
+        "gauss_fit_sigma_?",
+        "gauss_fit_offset_?",
+        "gauss_fit_r2",
+    ),
+    "shape": (
+        "sigma_major",
+        "sigma_minor",
+        "anisotropy",
+        "axis_angle",
+        "cross_score",
+        "dead_fraction",
+        "gridding_period_?",
+    ),
+    "field": ("border_ratio",),
+}
+
+
+def select_metrics(names: Iterable[str]) -> list[str]:
+    """Expand group names (:data:`METRIC_GROUPS`) into key patterns and check every name.
+
+    A name is a group, a key of :meth:`ERFResult.scalars` or a shell pattern of keys
+    (``"disc_mass_r*"``). Keys that a result does not have (``axis_angle`` of a 3-D map, a
+    disc larger than the map) are left out by ``scalars`` without complaint.
+
+    Raises:
+        ValueError: a name that is neither a group nor a key (nor matches one).
+
+    Examples:
+        >>> select_metrics(["trf", "coverage"])[-1]
+        'coverage'
+    """
+    if isinstance(names, str):
+        names = [names]
+    patterns = [p for group in METRIC_GROUPS.values() for p in group]
+    out: list[str] = []
+    for name in names:
+        if name in METRIC_GROUPS:
+            out.extend(METRIC_GROUPS[name])
+        elif any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(p, name) for p in patterns):
+            out.append(name)
+        else:
+            raise ValueError(
+                f"unknown metric {name!r}: give a group ({', '.join(METRIC_GROUPS)}) or a key "
+                "of ERFResult.scalars() (e.g. 'coverage', 'sigma_x', 'disc_mass_r20')"
+            )
+    return out
 
 
 def axis_names(ndim: int) -> tuple[str, ...]:
@@ -101,8 +180,7 @@ class ERFResult:
     output_index: tuple[int, ...] = ()
     field: ERFField | None = dataclasses.field(default=None, repr=False)
     wrapped: tuple[bool, ...] = ()
-    _cache: dict[float, int] = dataclasses.field(default_factory=dict, repr=False)
-    _fits: dict[bool, _metrics.GaussianFit] = dataclasses.field(default_factory=dict, repr=False)
+    _fits: dict[bool, GaussianFit] = dataclasses.field(default_factory=dict, repr=False)
 
     @cached_property
     def _frame(self) -> _Frame:
@@ -146,23 +224,49 @@ class ERFResult:
             (p - sh) % n if sh else p for p, sh, n in zip(position, f.shift, self.heatmap.shape)
         )
 
+    @cached_property
+    def _array(self) -> np.ndarray:
+        """The frame's map as a validated float64 array (checked once for every metric)."""
+        return _metrics._as_array(self._frame.map)
+
+    @property
+    def disc_centre(self) -> tuple[int, ...]:
+        """The pixel on which :meth:`disc_mass` centres its discs: the input's middle pixel
+        ``S // 2`` (OpenERF's ``(H // 2, W // 2)``) for the centre unit in ``mode="openerf"``,
+        else :attr:`centre_pixel` (the seed unit's theoretical centre)."""
+        if self.mode == "openerf" and self.position == "centre":
+            return tuple(s // 2 for s in self.heatmap.shape)
+        return self.centre_pixel
+
+    @cached_property
+    def _geometry(self) -> Geometry:
+        """Where the metrics are measured, in the frame (the same for bootstrap resamples)."""
+        f = self._frame
+        shape = tuple(self.heatmap.shape)
+        disc = tuple((c + sh) % n for c, sh, n in zip(self.disc_centre, f.shift, shape))
+        size = max(shape)
+        radii = tuple(r for r in _metrics.OPENERF_RADII if r < size)
+        return Geometry(shape, f.centre_pixel, disc, radii, f.box)
+
+    @cached_property
+    def _profiles(self) -> Profiles:
+        """The map's linear summaries (:mod:`erf_monitor.measure.profiles`), computed on use."""
+        return Profiles(self._geometry, self._array[None])
+
     # -- mass-based metrics ---------------------------------------------------------------
     def mass_extent(self, t: float = _metrics.COVERAGE_MASS) -> int:
         """Side of the smallest centred square (odd side) holding more than fraction ``t``."""
-        if t not in self._cache:
-            f = self._frame
-            self._cache[t] = _metrics.mass_extent(f.map, t, f.centre_pixel)
-        return self._cache[t]
+        i = int(_prof.extent_radius(self._profiles, _metrics._check_t(t))[0])
+        return 0 if i < 0 else 2 * i + 1
 
     def mass_extent_per_axis(self, t: float = _metrics.COVERAGE_MASS) -> tuple[int, ...]:
         """Per-axis variant of :meth:`mass_extent` on the map's marginal profiles."""
-        f = self._frame
-        return _metrics.mass_extent_per_axis(f.map, t, f.centre_pixel)
+        radii = _prof.extent_radius_per_axis(self._profiles, _metrics._check_t(t))
+        return tuple(0 if int(i[0]) < 0 else 2 * int(i[0]) + 1 for i in radii)
 
     def area_ratio(self, t: float) -> float:
         """Fraction of the input area inside the ``t``-mass square."""
-        f = self._frame
-        return _metrics.area_ratio(f.map, t, f.centre_pixel)
+        return float(_prof.area_ratio(self._profiles, _metrics._check_t(t))[0])
 
     @property
     def erf_size(self) -> int:
@@ -190,10 +294,10 @@ class ERFResult:
         The image clips a border unit's field: this compares the ERF with what the unit can
         see at all, where :attr:`coverage` compares it with the whole input.
         """
-        f = self._frame
-        if f.box is None:
+        box = self._frame.box
+        if box is None:
             return math.nan
-        return _shape.coverage_within(f.map, _metrics.COVERAGE_MASS, f.centre_pixel, f.box)
+        return float(_prof.coverage_within(self._profiles, _metrics.COVERAGE_MASS, box)[0])
 
     @property
     def ratio(self) -> float:
@@ -204,18 +308,25 @@ class ERFResult:
 
     # -- shape metrics ----------------------------------------------------------------------
     @cached_property
+    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
+        return _prof.moments(self._profiles)
+
+    @cached_property
     def sigma(self) -> tuple[float, ...]:
         """Per-axis standard deviation (pixels) from second moments about the centroid."""
-        return _metrics.sigma(self._frame.map)
+        return tuple(math.sqrt(v) for v in self._moments[1][0])
 
     @cached_property
     def gaussian_r2(self) -> float:
         """R^2 of the moment-matched Gaussian: 1 means perfectly Gaussian."""
-        return _metrics.gaussian_r2(self._frame.map)
+        mus, variances = self._moments
+        p = self._profiles
+        r2 = _metrics.gaussian_r2_batch(p.windowed, mus, variances, p.window, p.geometry.shape)
+        return float(r2[0])
 
     @cached_property
     def _frame_centroid(self) -> tuple[float, ...]:
-        return _metrics.centroid(self._frame.map)
+        return tuple(float(m) for m in self._moments[0][0])
 
     @property
     def centroid(self) -> tuple[float, ...]:
@@ -227,7 +338,8 @@ class ERFResult:
         """``(widths, angle)``: standard deviations along the principal axes of the map
         (largest first, pixels) and, in 2-D, the major axis' angle in degrees from ``+x``
         (columns) towards ``+y`` (rows), in ``(-90, 90]``."""
-        return _shape.principal_axes(self._frame.map)
+        widths, angle = _prof.principal_axes(self._profiles)
+        return tuple(float(w) for w in widths[0]), float(angle[0])
 
     @property
     def anisotropy(self) -> float:
@@ -244,23 +356,31 @@ class ERFResult:
         """``1 - E(O) / E0(O)``: how much less mass lies off the centre row and column than
         the marginals imply; 1 for a "+" pattern, 0 for a separable map (Gaussian, box),
         < 0 when the axes are avoided (``docs/concepts.md``)."""
-        f = self._frame
-        return _shape.cross_score(f.map, f.centre_pixel)
+        if self.heatmap.dim() == 2:
+            return float(_prof.cross_score_2d(self._profiles)[0])
+        return _shape.cross_score_nd(self._array, self._frame.centre_pixel)
 
     @cached_property
     def dead_fraction(self) -> float:
         """Fraction of the clipped TRF's pixels where the map is exactly zero (NaN without
         a TRF): dead pixels, e.g. the periodic holes that dilation leaves ("gridding")."""
-        f = self._frame
-        return math.nan if f.box is None else _shape.dead_fraction(f.map, f.box)
+        box = self._frame.box
+        if box is None:
+            return math.nan
+        # zeros inside the box: all of it but the non-zero pixels, which lie in the window
+        window = self._profiles.window
+        cut = tuple(
+            slice(max(lo, w.start), max(min(hi + 1, w.stop), max(lo, w.start)))
+            for (lo, hi), w in zip(box, window)
+        )
+        size = math.prod(max(hi - lo + 1, 0) for lo, hi in box)
+        return (size - int(np.count_nonzero(self._array[cut]))) / size if size else math.nan
 
     @cached_property
     def gridding_period(self) -> tuple[int, ...]:
         """Per axis, the period of the non-zero rows/columns inside the clipped TRF (1: none;
         the whole map without a TRF)."""
-        f = self._frame
-        box = f.box if f.box is not None else tuple((0, s - 1) for s in self.heatmap.shape)
-        return _shape.gridding_period(f.map, box)
+        return tuple(int(q) for q in _prof.gridding_period(self._profiles)[0])
 
     @property
     def theoretical_centre(self) -> tuple[float, ...]:
@@ -287,16 +407,19 @@ class ERFResult:
         """Fraction of the mass within Euclidean distance ``r`` of the centre, per radius.
 
         OpenERF's radial cumulative mass (default radii are OpenERF's); the discs are centred
-        on :attr:`centre_pixel` unless ``centre`` is given (OpenERF uses ``(H // 2, W // 2)``).
-        See :func:`erf_monitor.measure.metrics.disc_mass`.
+        on :attr:`disc_centre` unless ``centre`` is given: OpenERF's ``(H // 2, W // 2)`` for
+        the centre unit in ``mode="openerf"``, the seed unit's theoretical centre pixel
+        (:attr:`centre_pixel`) otherwise. See :func:`erf_monitor.measure.metrics.disc_mass`.
         """
         f = self._frame
-        where = f.centre_pixel if centre is None else tuple(centre)
-        if centre is not None and any(f.shift):
-            where = tuple((c + sh) % n for c, sh, n in zip(where, f.shift, self.heatmap.shape))
-        return _metrics.disc_mass(f.map, radii, where)
+        where = self.disc_centre if centre is None else tuple(centre)
+        where = tuple((c + sh) % n for c, sh, n in zip(where, f.shift, self.heatmap.shape))
+        if tuple(radii) == self._geometry.radii and where == self._geometry.disc_centre:
+            fractions = _prof.disc_fractions(self._profiles)[0]
+            return {r: float(v) for r, v in zip(radii, fractions)}
+        return _metrics.disc_mass(self._array, radii, where)
 
-    def gaussian_fit(self, rotated: bool = False) -> _metrics.GaussianFit:
+    def gaussian_fit(self, rotated: bool = False) -> GaussianFit:
         """Free-centre 2-D Gaussian least-squares fit to the map normalised to sum 1 (OpenERF).
 
         ``rotated=False`` is OpenERF's axis-aligned model; ``True`` also fits the covariance's
@@ -312,9 +435,12 @@ class ERFResult:
         cy, cx = self._unframe(fit.centre)  # the fit is 2-D
         return dataclasses.replace(fit, centre=(cy, cx))
 
-    def _frame_fit(self, rotated: bool) -> _metrics.GaussianFit:
+    def _frame_fit(self, rotated: bool) -> GaussianFit:
         if rotated not in self._fits:
-            self._fits[rotated] = _metrics.gaussian_fit(self._frame.map, rotated=rotated)
+            if self._array.ndim != 2:
+                raise ValueError(f"gaussian_fit needs a 2-D map, got shape {self._array.shape}")
+            with single_blas_thread():
+                self._fits[rotated] = _metrics.fit_normalised(self._array, rotated=rotated)
         return self._fits[rotated]
 
     def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
@@ -327,60 +453,31 @@ class ERFResult:
             num_samples=self.num_samples if num_samples is None else num_samples,
             per_sample=None,
             field=None,
-            _cache={},
             _fits={},
         )
 
     # -- export -----------------------------------------------------------------------------
-    def scalars(self) -> dict[str, float]:
-        """Flat dict of the scalar metrics, as logged (keys are stable across backends)."""
-        names = axis_names(self.heatmap.dim())
-        out: dict[str, float] = {}
-        if self.trf is not None:
-            finite = [s for s in self.trf.size if math.isfinite(s)]
-            if finite and not self.trf.is_global:
-                out["trf_size"] = float(max(finite))
-            if not self.trf.data_dependent:  # data-dependent: no finite size at all
-                out["trf_size_clipped"] = float(max(self.trf.clipped_size))
-            out["trf_global"] = float(self.trf.is_global)
-            out["trf_data_dependent"] = float(self.trf.data_dependent)
-        out["erf_size"] = float(self.erf_size)
-        out["erf_trf_ratio"] = float(self.ratio)
-        out["coverage"] = float(self.coverage)
-        for t in AREA_THRESHOLDS:
-            out[f"area_t{round(t * 100):02d}"] = float(self.area_ratio(t))
-        for axis, s, off in zip(names, self.sigma, self.centroid_offset):
-            out[f"sigma_{axis}"] = float(s)
-            out[f"centroid_offset_{axis}"] = float(off)
-        out["gaussian_r2"] = float(self.gaussian_r2)
-        # OpenERF's metrics: disc masses at its radii that fit in the map, the Gaussian fit.
-        size = max(self.heatmap.shape)
-        radii = [r for r in _metrics.OPENERF_RADII if r < size]
-        for r, mass in self.disc_mass(radii).items():
-            out[f"disc_mass_r{r}"] = float(mass)
-        if self.heatmap.dim() == 2:
-            fit = self._frame_fit(False)
-            out["gauss_fit_amplitude"] = fit.amplitude
-            for axis, s, c, t in zip(names, fit.sigma, fit.centre, self._frame.centre):
-                out[f"gauss_fit_sigma_{axis}"] = s
-                out[f"gauss_fit_offset_{axis}"] = c - t
-            out["gauss_fit_r2"] = fit.r2
-        out["coverage_trf"] = float(self.coverage_trf)
-        out["erf_size_visible"] = float(self.visible_size)
-        widths, angle = self.principal_axes
-        out["sigma_major"], out["sigma_minor"] = float(widths[0]), float(widths[-1])
-        out["anisotropy"] = float(self.anisotropy)
-        if self.heatmap.dim() == 2:
-            out["axis_angle"] = float(angle)
-        if self.heatmap.dim() >= 2:
-            out["cross_score"] = float(self.cross_score)
-        out["dead_fraction"] = float(self.dead_fraction)
-        for axis, period in zip(names, self.gridding_period):
-            out[f"gridding_period_{axis}"] = float(period)
-        if self.field is not None:
-            ratio = self.field.border_ratio
-            if not math.isnan(ratio):
-                out["border_ratio"] = float(ratio)
+    def scalars(self, names: Iterable[str] | None = None) -> dict[str, float]:
+        """Flat dict of the scalar metrics, as logged (keys are stable across backends).
+
+        Args:
+            names: which metrics: keys, shell patterns of keys (``"disc_mass_r*"``) or group
+                names of :data:`METRIC_GROUPS` (``"extent"``, ``"openerf"``...); metrics not
+                asked for are not computed. ``None``: every metric.
+
+        Raises:
+            ValueError: a name that is neither a group nor a key.
+        """
+        getters = self._getters()
+        if names is None:
+            wanted = list(getters)
+        else:
+            patterns = select_metrics(names)
+            wanted = [k for k in getters if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+        with single_blas_thread():
+            out = {k: getters[k]() for k in wanted}
+        if "border_ratio" in out and math.isnan(out["border_ratio"]):
+            del out["border_ratio"]
         return out
 
     # -- display ----------------------------------------------------------------------------
@@ -401,6 +498,68 @@ class ERFResult:
         from erf_monitor.measure.display import result_png
 
         return result_png(self)
+
+    def _getters(self) -> dict[str, Callable[[], float]]:
+        """Every scalar's key and how to compute it (nothing is computed here)."""
+        nd = self.heatmap.dim()
+        names = axis_names(nd)
+        out: dict[str, Callable[[], float]] = {}
+        trf = self.trf
+        if trf is not None:
+            finite = [s for s in trf.size if math.isfinite(s)]
+            if finite and not trf.is_global:
+                out["trf_size"] = lambda: float(max(finite))
+            if not trf.data_dependent:  # data-dependent: no finite size at all
+                out["trf_size_clipped"] = lambda: float(max(trf.clipped_size))
+            out["trf_global"] = lambda: float(trf.is_global)
+            out["trf_data_dependent"] = lambda: float(trf.data_dependent)
+        out["erf_size"] = lambda: float(self.erf_size)
+        out["erf_trf_ratio"] = lambda: float(self.ratio)
+        out["coverage"] = lambda: float(self.coverage)
+        for t in AREA_THRESHOLDS:
+            out[f"area_t{round(t * 100):02d}"] = partial(self.area_ratio, t)
+        for i, axis in enumerate(names):
+            out[f"sigma_{axis}"] = partial(self._nth, "sigma", i)
+            out[f"centroid_offset_{axis}"] = partial(self._nth, "centroid_offset", i)
+        out["gaussian_r2"] = lambda: float(self.gaussian_r2)
+        # OpenERF's metrics: disc masses at its radii that fit in the map, the Gaussian fit.
+        for k, r in enumerate(self._geometry.radii):
+            out[f"disc_mass_r{r}"] = partial(self._disc, k)
+        if nd == 2:
+            out["gauss_fit_amplitude"] = partial(self._fit_value, "amplitude", 0)
+            for i, axis in enumerate(names):
+                out[f"gauss_fit_sigma_{axis}"] = partial(self._fit_value, "sigma", i)
+                out[f"gauss_fit_offset_{axis}"] = partial(self._fit_value, "offset", i)
+            out["gauss_fit_r2"] = partial(self._fit_value, "r2", 0)
+        out["coverage_trf"] = lambda: float(self.coverage_trf)
+        out["erf_size_visible"] = lambda: float(self.visible_size)
+        out["sigma_major"] = lambda: float(self.principal_axes[0][0])
+        out["sigma_minor"] = lambda: float(self.principal_axes[0][-1])
+        out["anisotropy"] = lambda: float(self.anisotropy)
+        if nd == 2:
+            out["axis_angle"] = lambda: float(self.principal_axes[1])
+        if nd >= 2:
+            out["cross_score"] = lambda: float(self.cross_score)
+        out["dead_fraction"] = lambda: float(self.dead_fraction)
+        for i, axis in enumerate(names):
+            out[f"gridding_period_{axis}"] = partial(self._nth, "gridding_period", i)
+        field = self.field
+        if field is not None:
+            out["border_ratio"] = lambda: float(field.border_ratio)
+        return out
+
+    def _nth(self, attr: str, i: int) -> float:
+        return float(getattr(self, attr)[i])
+
+    def _disc(self, k: int) -> float:
+        return float(_prof.disc_fractions(self._profiles)[0, k])
+
+    def _fit_value(self, what: str, i: int) -> float:
+        fit = self._frame_fit(False)
+        if what == "offset":
+            return fit.centre[i] - self._frame.centre[i]
+        value = getattr(fit, what)
+        return float(value[i] if isinstance(value, tuple) else value)
 
     def __repr__(self) -> str:
         trf = str(self.trf) if self.trf is not None else "TRF(unknown)"
@@ -430,10 +589,12 @@ class ERFResults(Mapping[str, ERFResult]):
     def __len__(self) -> int:
         return len(self._results)
 
-    def scalars(self) -> dict[str, dict[str, float]]:
-        """``{layer: result.scalars()}`` for every layer, plus ``{"<layer>/<position>": ...}``
-        for every position other than the centre (the logged keys' middle part)."""
-        return {path: r.scalars() for path, r in self.flat().items()}
+    def scalars(self, names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+        """``{layer: result.scalars(names)}`` for every layer, plus
+        ``{"<layer>/<position>": ...}`` for every position other than the centre (the logged
+        keys' middle part); ``names`` as :meth:`ERFResult.scalars`."""
+        names = None if names is None else list(names)
+        return {path: r.scalars(names) for path, r in self.flat().items()}
 
     def flat(self) -> dict[str, ERFResult]:
         """Every result by its key path: ``"<layer>"`` for the centre unit, else

@@ -36,9 +36,10 @@ import math
 from collections.abc import Sequence
 from functools import reduce
 
-import torch
+import numpy as np
 
-from erf_monitor.measure.metrics import MapLike, _as_float64, _check_centre, mass_extent
+from erf_monitor.measure import profiles as _prof
+from erf_monitor.measure.metrics import MapLike, _as_array, _check_centre, _middle, _one
 
 __all__ = [
     "coverage_within",
@@ -49,23 +50,6 @@ __all__ = [
 ]
 
 Box = Sequence[tuple[int, int]]
-
-
-def _covariance(x: torch.Tensor) -> torch.Tensor | None:
-    """The ``nd x nd`` covariance of a validated map over its pixel indices; ``None`` if zero."""
-    total = x.sum()
-    if float(total) == 0.0:
-        return None
-    nd = x.dim()
-    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in x.shape], indexing="ij")
-    p = x / total
-    mus = [float((g * p).sum()) for g in grids]
-    cov = torch.empty((nd, nd), dtype=torch.float64)
-    for a in range(nd):
-        for b in range(a, nd):
-            c = ((grids[a] - mus[a]) * (grids[b] - mus[b]) * p).sum()
-            cov[a, b] = cov[b, a] = c
-    return cov
 
 
 def principal_axes(heatmap: MapLike) -> tuple[tuple[float, ...], float]:
@@ -89,21 +73,9 @@ def principal_axes(heatmap: MapLike) -> tuple[tuple[float, ...], float]:
         >>> principal_axes(d)[1]
         45.0
     """
-    x = _as_float64(heatmap)
-    cov = _covariance(x)
-    if cov is None:
-        return (math.nan,) * x.dim(), math.nan
-    values = torch.linalg.eigvalsh(cov).flip(0)  # descending
-    # A degenerate axis (a line) is exactly 0, not rounding noise of order 1e-32.
-    values = torch.where(values > 1e-12 * values[0], values, torch.zeros_like(values))
-    widths = tuple(math.sqrt(float(v)) for v in values)
-    angle = math.nan
-    if x.dim() == 2:
-        c_yy, c_yx, c_xx = float(cov[0, 0]), float(cov[0, 1]), float(cov[1, 1])
-        angle = 0.5 * math.degrees(math.atan2(2 * c_yx, c_xx - c_yy))
-        if angle <= -90.0:  # atan2 of (-0.0, negative) is -180: the same axis as +90
-            angle += 180.0
-    return widths, angle
+    x = _as_array(heatmap)
+    widths, angle = _prof.principal_axes(_one(x, _middle(x)))
+    return tuple(float(w) for w in widths[0]), float(angle[0])
 
 
 def anisotropy(widths: Sequence[float]) -> float:
@@ -145,28 +117,35 @@ def cross_score(heatmap: MapLike, centre: Sequence[int]) -> float:
         >>> abs(cross_score(box, (3, 3))) < 1e-12
         True
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     c = _check_centre(centre, tuple(x.shape))
+    if x.ndim == 2:
+        return float(_prof.cross_score_2d(_one(x, c))[0])
+    return cross_score_nd(x, c)
+
+
+def cross_score_nd(x: np.ndarray, c: Sequence[int]) -> float:
+    """:func:`cross_score` of a validated map of any number of dims, pixel by pixel."""
     total = float(x.sum())
     if total == 0.0:
         return math.nan
     p = x / total
-    nd = x.dim()
-    beyond = torch.zeros(x.shape, dtype=torch.int64)
+    nd = x.ndim
+    beyond = np.zeros(x.shape, dtype=np.int64)
     marginals = []
     for d in range(nd):
-        others = [k for k in range(nd) if k != d]
-        profile = p.sum(dim=others) if others else p
-        dist = (torch.arange(x.shape[d]) - c[d]).abs()
+        others = tuple(k for k in range(nd) if k != d)
+        profile = p.sum(axis=others) if others else p
         # Mass at each distance from the centre, and the median distance h.
-        by_dist = torch.zeros(int(dist.max()) + 1, dtype=torch.float64).index_add_(0, dist, profile)
-        h = int(torch.nonzero(by_dist.cumsum(0) >= 0.5 - 1e-12)[0, 0])
+        by_dist = _prof.fold(profile[None], c[d])[0]
+        h = int(np.flatnonzero(by_dist.cumsum() >= 0.5 - 1e-12)[0])
         view = [1] * nd
         view[d] = x.shape[d]
-        beyond = beyond + (dist > h).view(view).to(torch.int64)
-        marginals.append(profile.view(view))
-    off = beyond.expand(x.shape) >= 2
-    separable = reduce(torch.mul, marginals).expand(x.shape)
+        dist = np.abs(np.arange(x.shape[d]) - c[d])
+        beyond = beyond + (dist > h).reshape(view).astype(np.int64)
+        marginals.append(profile.reshape(view))
+    off = np.broadcast_to(beyond, x.shape) >= 2
+    separable = np.broadcast_to(reduce(np.multiply, marginals), x.shape)
     expected = float(separable[off].sum())
     if expected <= 1e-12:
         return 0.0
@@ -190,11 +169,11 @@ def dead_fraction(heatmap: MapLike, box: Box) -> float:
         >>> dead_fraction(m, ((0, 4), (0, 4)))
         0.64
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     inside = x[_box_slices(box, tuple(x.shape))]
-    if inside.numel() == 0:
+    if inside.size == 0:
         return math.nan
-    return float((inside == 0).sum()) / inside.numel()
+    return float(np.count_nonzero(inside == 0)) / inside.size
 
 
 def gridding_period(heatmap: MapLike, box: Box) -> tuple[int, ...]:
@@ -214,21 +193,10 @@ def gridding_period(heatmap: MapLike, box: Box) -> tuple[int, ...]:
         >>> gridding_period(bands, ((0, 3), (0, 15)))
         (1, 8)
     """
-    x = _as_float64(heatmap)
-    inside = x[_box_slices(box, tuple(x.shape))]
-    out = []
-    for d in range(inside.dim()):
-        others = [k for k in range(inside.dim()) if k != d]
-        live = ((inside.sum(dim=others) if others else inside) > 0).tolist()
-        n = len(live)
-        period = 1
-        if not all(live):
-            for q in range(1, n // 2 + 1):
-                if all(live[i] == live[i + q] for i in range(n - q)):
-                    period = q
-                    break
-        out.append(period)
-    return tuple(out)
+    x = _as_array(heatmap)
+    _box_slices(box, tuple(x.shape))  # checks the box's dims
+    p = _one(x, _middle(x), box=tuple((int(lo), int(hi)) for lo, hi in box))
+    return tuple(int(q) for q in _prof.gridding_period(p)[0])
 
 
 def coverage_within(heatmap: MapLike, t: float, centre: Sequence[int], box: Box) -> float:
@@ -246,15 +214,7 @@ def coverage_within(heatmap: MapLike, t: float, centre: Sequence[int], box: Box)
         >>> coverage_within(m, 0.9, (1, 1), ((0, 5), (0, 5)))  # the 3 x 3 square of 6 x 6
         0.25
     """
-    x = _as_float64(heatmap)
+    x = _as_array(heatmap)
     c = _check_centre(centre, tuple(x.shape))
-    side = mass_extent(x, t, c)
-    if side == 0:
-        return 0.0
-    r = (side - 1) // 2
-    overlap, size = 1, 1
-    for cd, (lo, hi), s in zip(c, box, x.shape):
-        lo, hi = max(int(lo), 0), min(int(hi), s - 1)
-        size *= max(hi - lo + 1, 0)
-        overlap *= max(min(cd + r, hi) - max(cd - r, lo) + 1, 0)
-    return overlap / size if size else math.nan
+    box = tuple((int(lo), int(hi)) for lo, hi in box)
+    return float(_prof.coverage_within(_one(x, c), t, box)[0])
