@@ -371,7 +371,7 @@ def test_lightning_monitor_on_hugging_face_swin_with_selectors(tmp_path: Path) -
         trainer.fit(Module())
     assert sorted(cb.history) == sorted(layers)
     assert sorted(cb.history[layers[0]]) == [0, 2]
-    assert "gauss_fit_r2" in cb.history[layers[0]][2]
+    assert "erf_size" in cb.history[layers[0]][2] and "sigma_x" in cb.history[layers[0]][2]
     # The last stage does not merge patches: stage 0's blocks (8x8), then the encoder (4x4).
     assert auto.layers == [
         "model.swin.encoder.layers.0.blocks.0[0]",

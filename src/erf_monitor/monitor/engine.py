@@ -50,6 +50,7 @@ from erf_monitor.probe.compute import probe, probe_input
 from erf_monitor.probe.crop import CropOption
 from erf_monitor.probe.plan import ProbePlan, build_plan, probe_dtype
 from erf_monitor.sinks._base import Sink
+from erf_monitor.sinks._metrics import metric_patterns
 from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_compiled
 from erf_monitor.targets.tokens import TokenLayoutArg
 
@@ -71,6 +72,9 @@ log = logging.getLogger("erf_monitor")
 
 
 _STATE_VERSION = 1
+#: Metric groups every probe measures for the history (cheap: a few passes over the map's
+#: field), whatever ``metrics=`` logs.
+HISTORY_GROUPS: tuple[str, ...] = ("trf", "extent", "moments")
 _ENLARGE = "dilated convolutions, more or earlier striding/pooling, larger kernels or attention"
 
 
@@ -638,7 +642,12 @@ class MonitorEngine:
                 # unit's centre, so metrics stay comparable; no more cropping to it.
                 self._contradicted.add(name)
                 self.plan.distrust(name)
-        for name, values in results.scalars().items():
+        # Measured once, for the history and the sinks: what is logged, and the cheap
+        # numbers the summary and reports read (TRF, extents, moments); the Gaussian fit and
+        # the shape diagnostics only when asked for (MonitorOptions.metrics).
+        asked = metric_patterns(self.options.metrics)
+        measured = results.scalars(None if asked is None else [*HISTORY_GROUPS, *asked])
+        for name, values in measured.items():
             self.history.setdefault(name, {})[step] = dict(values)
         self.probe_times[step] = float(seconds)
         extra = {f"{self.prefix}/probe_time_s": float(seconds)}
@@ -653,7 +662,7 @@ class MonitorEngine:
             log_results(
                 self.sinks, results, step, prefix=self.prefix, render_kwargs=self.render_kwargs,
                 mode_text=not self._mode_logged, metrics=self.options.metrics, extra=extra,
-                flush=False,
+                flush=False, values=measured,
             )  # fmt: skip
             self._mode_logged = True
         except Exception as exc:

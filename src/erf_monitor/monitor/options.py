@@ -146,8 +146,10 @@ class MonitorOptions:
             ``area_t50``, ``sigma_y/x``, ``centroid_offset_y/x``; ``border_ratio`` with a
             set of positions); ``"all"`` for every metric of ``ERFResult.scalars()``; or a
             list of names (``["coverage", "gaussian_r2", "area_t*"]``; per-axis metrics by
-            their base name, ``"sigma"``). The monitor's ``history`` keeps every metric.
-            The table of keys is in the Lightning guide ("Logged keys").
+            their base name, ``"sigma"``). Metrics not logged are not computed, except the
+            cheap ones the monitor's ``history`` keeps for its summary and reports (TRF
+            sizes, extents and area ratios, moments). The table of keys is in the Lightning
+            guide ("Logged keys").
 
     Examples:
         >>> import erf_monitor as em

@@ -2,7 +2,8 @@
 
 ``ERFResult.scalars()`` has about 40 metrics per layer; a dashboard with all of them buries
 the few that matter. :func:`pick_metrics` is the one place that chooses what a probe logs
-(``MonitorOptions.metrics``); the monitor's history keeps every metric either way.
+(``MonitorOptions.metrics``); only what is logged is computed (plus the cheap numbers the
+monitor's history keeps).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Literal
 from erf_monitor.measure.metrics import OPENERF_RADII
 from erf_monitor.measure.result import AREA_THRESHOLDS
 
-__all__ = ["DEFAULT_METRICS", "METRIC_NAMES", "MetricSelection", "check_metrics", "pick_metrics"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "METRIC_NAMES",
+    "MetricSelection",
+    "check_metrics",
+    "metric_patterns",
+    "pick_metrics",
+]
 
 #: ``None`` (the default set), ``"all"``, or metric names (globs allowed).
 MetricSelection = Sequence[str] | Literal["all"] | None
@@ -127,3 +135,18 @@ def pick_metrics(values: Mapping[str, float], metrics: MetricSelection = None) -
         return dict(values)
     names = DEFAULT_METRICS if metrics is None else tuple(metrics)
     return {k: v for k, v in values.items() if any(_selects(n, k) for n in names)}
+
+
+def metric_patterns(metrics: MetricSelection = None) -> list[str] | None:
+    """The names to ask ``ERFResult.scalars(names)`` for, so that only the selected metrics
+    are computed (``None``: every one, for ``"all"``); per-axis base names become one pattern
+    per axis (``"sigma"``: ``"sigma_?"``).
+
+    Examples:
+        >>> metric_patterns(["sigma", "area_t*"])
+        ['sigma_?', 'area_t*']
+    """
+    if metrics == "all":
+        return None
+    names = DEFAULT_METRICS if metrics is None else tuple(metrics)
+    return [f"{n}_?" if n in PER_AXIS else n for n in names]

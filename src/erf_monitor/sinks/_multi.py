@@ -10,7 +10,7 @@ import numpy as np
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
-from erf_monitor.sinks._metrics import MetricSelection, pick_metrics
+from erf_monitor.sinks._metrics import MetricSelection, metric_patterns, pick_metrics
 
 if TYPE_CHECKING:
     from erf_monitor.measure.result import ERFResult
@@ -115,6 +115,7 @@ def log_results(
     metrics: MetricSelection = None,
     extra: Mapping[str, float] | None = None,
     flush: bool = True,
+    values: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """Log one probe's results to every sink, never raising because of a sink.
 
@@ -155,6 +156,9 @@ def log_results(
         extra: further scalars logged with the probe's (a monitor's probe time and
             thresholds), keys as given.
         flush: flush the sinks at the end.
+        values: the metrics already measured, ``{path: {metric: value}}`` as
+            ``ERFResults.scalars()`` returns them (a monitor measures once for its history
+            and its sinks); the selected ones must be among them.
 
     Returns:
         The scalar dict that was logged.
@@ -169,8 +173,12 @@ def log_results(
     )
     items = _items(results)
     scalars: dict[str, float] = {}
+    patterns = metric_patterns(metrics)
     for path, r in _flat(items):
-        for metric, value in pick_metrics(r.scalars(), metrics).items():
+        measured = values[path] if values is not None and path in values else None
+        if measured is None:
+            measured = r.scalars(patterns)  # only what is logged is computed
+        for metric, value in pick_metrics(measured, metrics).items():
             scalars[f"{prefix}/{path}/{metric}"] = float(value)
     scalars.update({k: float(v) for k, v in (extra or {}).items()})
     if scalars:
