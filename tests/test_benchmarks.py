@@ -78,3 +78,10 @@ def test_bench_compare(tmp_path: Path) -> None:
     (run,) = report["runs"]["after"]
     assert run["wall_s"] > 0 and set(run["parts_s"]) == {
         "models and images", "probes", "bootstrap", "outputs"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bench_call(tmp_path: Path) -> None:
+    report = run_benchmark("bench_call.py", tmp_path)
+    assert set(report["medians"]["after"]) == {"plain", "fresh", "cached"}
+    assert report["map_difference"]["after"] < 1e-4  # the probe's map is the plain loop's

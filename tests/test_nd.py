@@ -115,8 +115,9 @@ def test_watch_small_vit(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     layers = ["conv_proj", "encoder.layers.encoder_layer_1"]
     w = em.watch(
-        vit, layers=layers, every_n_steps=1, logger=str(tmp_path), probe_inputs=x, strict=True
-    )
+        vit, layers=layers, every_n_steps=1, logger=str(tmp_path), probe_inputs=x, strict=True,
+        metrics=["erf_size", "coverage", "trf_global"],
+    )  # fmt: skip
     with w:
         _train(vit, w, x, 2)
     files = _written(tmp_path)

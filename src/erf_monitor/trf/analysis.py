@@ -377,7 +377,9 @@ def _analytic(
     mode: str = "luo",
     units: UnitsFn | None = None,
 ) -> dict[str, dict[str, TRF]]:
-    traced = trace_model(net, forward_fn, (channels, *spatial))
+    table = _module_table(net)
+    modules = {locate_layer(net, name, table)[0] for name in names}
+    traced = trace_model(net, forward_fn, (channels, *spatial), stop_after=modules)
     layouts = layouts_for(token_layout, names)
     return {
         name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
@@ -81,10 +81,13 @@ def trace_model(
     model: nn.Module,
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     input_shape: Sequence[int],
+    stop_after: Collection[str] = (),
 ) -> TracedModel:
-    """Trace ``model`` with concrete shapes (:func:`erf_monitor.trf.tracer.trace_model`);
-    functions with a rule here stay one call."""
-    return tracer.trace_model(model, forward_fn, input_shape, keep_function=_has_function_rule)
+    """Trace ``model`` with concrete shapes (:func:`erf_monitor.trf.tracer.trace_model`, up
+    to the modules ``stop_after`` when given); functions with a rule here stay one call."""
+    return tracer.trace_model(
+        model, forward_fn, input_shape, keep_function=_has_function_rule, stop_after=stop_after
+    )
 
 
 def _has_function_rule(fn: Any) -> bool:

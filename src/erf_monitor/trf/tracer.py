@@ -27,7 +27,7 @@ import io
 import operator
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,11 @@ from erf_monitor.core.buffers import preserved_buffers
 __all__ = ["ROOT", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
 ROOT = "model"
+
+
+class _StopTrace(BaseException):
+    """Raised once every module of ``stop_after`` has returned (not an ``Exception``: a
+    model's own ``except Exception`` cannot swallow it)."""
 
 
 class Unsupported(Exception):
@@ -181,9 +186,11 @@ class ConcreteTracer(fx.Tracer):
         aliases: dict[int, list[str]],
         example: torch.Tensor,
         keep_function: Callable[[Any], bool],
+        stop_after: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(autowrap_functions=_autowrap_functions())
         self.aliases = aliases
+        self.stop_after = stop_after
         self.example = example
         self.keep_function = keep_function
         self.values: dict[fx.Node, Any] = {}
@@ -376,6 +383,8 @@ class ConcreteTracer(fx.Tracer):
                 self.raw_outputs[name] = _as_nodes(out)  # structure only: no value kept alive
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(canonical(path))
+        if self.stop_after and not self._running and self.stop_after <= self.outputs.keys():
+            raise _StopTrace  # every layer analysed has its node: nothing later is needed
         return out
 
 
@@ -485,8 +494,12 @@ def trace_model(
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     input_shape: Sequence[int],
     keep_function: Callable[[Any], bool] = lambda _fn: False,
+    stop_after: Collection[str] = (),
 ) -> TracedModel:
     """Trace ``model`` on a batch-1 zeros input of ``input_shape`` (see the module docstring).
+
+    ``stop_after``: module names (as the model names them); tracing stops once each has
+    returned, as the probe's forward does (the graph then ends there).
 
     The model is put in eval mode for tracing; every module's own ``training`` flag and every
     buffer are restored afterwards. Nothing else is changed (no gradients, no RNG).
@@ -518,7 +531,7 @@ def trace_model(
         try:
             root.eval()
             try:
-                tracer, gm = _trace(root, aliases, x, keep_function)
+                tracer, gm = _trace(root, aliases, x, keep_function, frozenset(stop_after))
             except Exception as exc:
                 why = _first_line(exc)
                 raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
@@ -543,10 +556,15 @@ def _trace(
     aliases: dict[int, list[str]],
     x: torch.Tensor,
     keep_function: Callable[[Any], bool],
+    stop_after: frozenset[str] = frozenset(),
 ) -> tuple[ConcreteTracer, fx.GraphModule]:
-    tracer = ConcreteTracer(aliases, x, keep_function)
+    tracer = ConcreteTracer(aliases, x, keep_function, stop_after)
     with contextlib.redirect_stderr(io.StringIO()):
-        graph = tracer.trace(root)
+        try:
+            graph = tracer.trace(root)
+        except _StopTrace:
+            graph = tracer.graph
+            graph.output(None)
     for node in graph.nodes:
         # fx marks a wrapped call so that generated code registers it again (globally, by
         # name); the graph is never traced again.
