@@ -14,6 +14,10 @@ written as JSON (``--json``).
   (numeric TRFs, the old fallback); ``probe_only`` is the probe with the TRFs given (the part
   no TRF method changes).
 
+Every timed call gets a model it has never seen (a copy made before the clock starts):
+``compute_erf`` and ``theoretical_rf`` keep the plans they build per model, so a second call
+on the same model would time no analysis at all.
+
 The TRFs of both methods are compared per stage (centre unit): the numeric method counts the
 ``exp(-100)``-sized gradients through Swin's masked logits as support (see
 ``erf_monitor/trf/masks.py`` for the decision), so they may differ where a field reaches a
@@ -23,6 +27,7 @@ shifted window split by the mask.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -55,14 +60,22 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[st
     return times
 
 
+def copies(model: torch.nn.Module, n: int) -> Callable[[], torch.nn.Module]:
+    """A supply of ``n`` fresh copies of ``model``, made now (not on the clock)."""
+    pool = [copy.deepcopy(model) for _ in range(n)]
+    return pool.pop
+
+
 def trf_case(size: int, repeats: int, numeric: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.swin_t().eval()
     shape = (3, size, size)
 
     def run(method: str) -> Callable[[], Any]:
+        fresh = copies(model, repeats + 2)
+
         def fn() -> Any:
-            return em.theoretical_rf(model, shape, TV_LAYERS, token_layout=CL, method=method)  # type: ignore[arg-type]
+            return em.theoretical_rf(fresh(), shape, TV_LAYERS, token_layout=CL, method=method)  # type: ignore[arg-type]
 
         return fn
 
@@ -96,17 +109,18 @@ def probe_case(size: int, samples: int, repeats: int, numeric: bool) -> dict[str
     shape = (3, size, size)
     trfs = em.theoretical_rf(model, shape, TIMM_LAYERS, token_layout=CL)
 
+    fresh, fresh_numeric = copies(model, repeats + 1), copies(model, repeats + 1)
+
     def probe() -> Any:
-        return em.compute_erf(model, x, TIMM_LAYERS, token_layout=CL)
+        return em.compute_erf(fresh(), x, TIMM_LAYERS, token_layout=CL)
 
     def probe_only() -> Any:
         return em.compute_erf(model, x, TIMM_LAYERS, token_layout=CL, trf=trfs)
 
     def probe_numeric() -> Any:
-        numeric_trfs = em.theoretical_rf(
-            model, shape, TIMM_LAYERS, token_layout=CL, method="numeric"
-        )
-        return em.compute_erf(model, x, TIMM_LAYERS, token_layout=CL, trf=numeric_trfs)
+        net = fresh_numeric()
+        numeric_trfs = em.theoretical_rf(net, shape, TIMM_LAYERS, token_layout=CL, method="numeric")
+        return em.compute_erf(net, x, TIMM_LAYERS, token_layout=CL, trf=numeric_trfs)
 
     variants = {"probe": probe, "probe_only": probe_only}
     if numeric:

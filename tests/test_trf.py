@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from erf_monitor import theoretical_rf
 from erf_monitor.core.errors import ERFProbeWarning
-from erf_monitor.trf.analysis import theoretical_rf
 
 
 @pytest.fixture(autouse=True, scope="module")

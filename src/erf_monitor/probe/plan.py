@@ -221,7 +221,15 @@ def _build(
 ) -> ProbePlan:
     spatial = tuple(example.shape[2:])
     input_shape = tuple(example.shape[1:])
-    targets = tuple(resolve_targets(model, layers, example[:2].detach(), forward_fn, token_layout))
+    analyse = trf == "auto" or trf == "fx"
+    traced = None
+    known: dict[str, tuple[int, ...]] = {}
+    if analyse and not (isinstance(layers, str) and layers == "auto"):
+        # Named layers: the trace the analysis walks tells their shapes too (no forward).
+        traced, known = _trace_first(net, input_shape, model, layers, forward_fn)
+    targets = tuple(
+        resolve_targets(model, layers, example[:2].detach(), forward_fn, token_layout, known)
+    )
     names = [t.spec for t in targets]
     layouts = {t.spec: t.token_layout for t in targets if t.token_layout is not None}
     units = {t.spec: req.indices(t.grid, mode, t.tokens, t.spec) for t in targets}
@@ -229,7 +237,7 @@ def _build(
     trfs: dict[str, dict[str, TRF]]
     if trf == "auto" or trf == "fx" or trf == "numeric":
         try:
-            trfs = _analyse(net, input_shape, names, req, forward_fn, layouts, mode, trf)
+            trfs = _analyse(net, input_shape, names, req, forward_fn, layouts, mode, trf, traced)
         except Exception as exc:
             if raise_trf_errors:
                 raise
@@ -280,13 +288,37 @@ def _analyse(
     layouts: Mapping[str, TokenLayout],
     mode: Mode,
     method: Literal["auto", "fx", "numeric"] = "auto",
+    traced: Any = None,
 ) -> dict[str, dict[str, TRF]]:
     from erf_monitor.trf.analysis import theoretical_rfs
 
     return theoretical_rfs(
         net, input_shape, names, req, method=method, forward_fn=forward_fn,
-        token_layout=layouts, mode=mode,
+        token_layout=layouts, mode=mode, traced=traced,
     )  # fmt: skip
+
+
+def _trace_first(
+    net: nn.Module,
+    input_shape: tuple[int, ...],
+    model: nn.Module,
+    layers: str | Sequence[str],
+    forward_fn: ForwardFn | None,
+) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The analysis' trace and the layers' output shapes read from it, or ``(None, {})``
+    when the layers or the trace fail here (the targets stage then says why, or the analysis
+    falls back as it would)."""
+    from erf_monitor.targets.layers import resolve_layers
+    from erf_monitor.trf.analysis import trace_layers, traced_shape
+    from erf_monitor.trf.fx import Unsupported
+
+    try:
+        specs = resolve_layers(model, layers)
+        traced = trace_layers(net, input_shape, specs, forward_fn)
+    except (Unsupported, ValueError, TypeError):
+        return None, {}
+    shapes = {s: traced_shape(traced, net, s) for s in specs}
+    return traced, {s: shape for s, shape in shapes.items() if shape is not None}
 
 
 def _geometry(

@@ -8,6 +8,7 @@ wrong; it is then reported unknown (``trf`` ``None``, ``trf_issue`` says why).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -24,6 +25,8 @@ from erf_monitor.targets.positions import PositionRequest
 from erf_monitor.trf.types import TRF, wrap_flags
 
 __all__ = ["build_results", "mass_outside", "proportional_centre"]
+
+log = logging.getLogger("erf_monitor")
 
 
 def build_results(plan: ProbePlan, maps: Maps, n: int, keep_per_sample: bool) -> ERFResults:
@@ -76,6 +79,13 @@ def build_results(plan: ProbePlan, maps: Maps, n: int, keep_per_sample: bool) ->
         if req.is_set:
             primary.field = ERFField(by_key, grid=req.grid)
         results[name] = primary
+    if maps.resolved - maps.constant:
+        log.info(
+            "erf-monitor: the seed of layer(s) %s cancels in %s (a channel sum after a "
+            "LayerNorm); probed again in float64 (docs/concepts.md, Precision).",
+            sorted(maps.resolved - maps.constant),
+            str(plan.dtype).replace("torch.", ""),
+        )
     # Layers whose TRF the map contradicts were just warned about: that is why.
     fell_back = [
         n

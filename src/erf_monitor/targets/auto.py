@@ -87,8 +87,6 @@ _GLOBAL_POOLS: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
-#: A channel sum counts as constant below this fraction of the channels' absolute sum.
-_DEGENERATE_RTOL = 1e-5
 
 Grid = tuple[int, ...]
 

@@ -25,7 +25,7 @@ So a Swin stage named by the user (``(N, 56, 56, 96)`` at 224 px) is read channe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,8 +169,12 @@ def resolve_targets(
     x: torch.Tensor,
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayoutArg = None,
+    known_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> list[Target]:
     """Resolve ``layers`` on ``model`` for inputs shaped like ``x`` (see the module docstring).
+
+    ``known_shapes``: output shapes (batch 1) of layer specs that the caller knows already
+    (e.g. from a trace): no forward is run for those.
 
     For ``"auto"``, the recorded forward of the pick tells every shape and layout. For named
     layers, one no-grad forward of ``x[:1]`` with hooks on the targets only (it stops at the
@@ -194,6 +198,7 @@ def resolve_targets(
         readings = {s: (shapes[s], "last" if s in given else "first") for s in specs}
     else:
         specs = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
+        shapes.update({s: tuple(v) for s, v in (known_shapes or {}).items() if s in specs})
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
     table = _module_table(net)
     located = {s: locate_layer(model, s, table) for s in specs}

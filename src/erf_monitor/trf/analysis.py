@@ -50,7 +50,7 @@ from erf_monitor.trf.fx import (
 )
 from erf_monitor.trf.types import TRF
 
-__all__ = ["theoretical_rf"]
+__all__ = ["theoretical_rfs", "trace_layers", "traced_shape"]
 
 log = logging.getLogger("erf_monitor")
 
@@ -60,124 +60,6 @@ _SPATIAL_MODULES = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
 )
-
-
-def theoretical_rf(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    layers: Sequence[str] | str,
-    *,
-    method: Literal["auto", "fx", "numeric"] = "auto",
-    forward_fn: ForwardFn | None = None,
-    token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
-    mode: str = "luo",
-    position: Any = "centre",
-) -> dict[str, TRF]:
-    """Theoretical receptive field of the centre unit (or another unit) of each layer.
-
-    For each layer the output of the module's *first* call in the forward is taken as
-    ``(N, C, *S')``; its centre unit sits at ``c' = S'_d // 2`` per spatial dim (for even sizes
-    the lower-right of the central units). Per spatial dim the result holds the unclipped
-    inclusive input interval the unit sees (as if the input plane were infinite), its size,
-    the effective stride (input pixels between neighbouring output units; fractional after
-    upsampling or transposed convolutions), the exact clipped hull of in-bounds input
-    indices that can influence the unit (padding accounted for layer by layer), and whether
-    a global operation (global pooling, squeeze-excitation gating, flatten + linear,
-    attention, normalisation over space) makes the dim global. Branches (residual adds,
-    concatenation) take the union over paths. Outputs with no spatial dims, ``(N, K)``, and
-    outputs whose rank does not match the input's (token sequences), are one unit: every
-    dim is global.
-
-    Methods:
-
-    * ``"fx"``: trace with :mod:`torch.fx` (the model in eval mode, shapes propagated on a
-      zeros input of batch 1 on the model's device; every module's ``training`` flag is
-      restored) and walk index boxes backward from the layer's output node. Exact.
-    * ``"numeric"``: gradient support of a structural surrogate (a float64 CPU deep copy with
-      positive weights, zero biases, neutral BatchNorm, max-pooling replaced by sum-pooling
-      of the same geometry and ReLU-like gates by identities), the union over 2 random positive
-      inputs.
-      It cannot see beyond the input: where the support touches the border the unclipped
-      interval is reported equal to the clipped one. Strides come from the support of the
-      neighbouring unit (``S_d / S'_d`` where it is clipped or absent). A dim is reported
-      global when the output has more than one unit along it and both the centre unit and
-      the first unit see the whole input along it (so a finite TRF more than about twice the
-      input also looks global), or when the output has no spatial dims.
-    * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"``. The
-      fallback is logged at INFO level (logger ``"erf_monitor"``) when the numeric result is
-      exact: every field lies strictly inside the input. Otherwise (a field reaches the
-      border or covers the whole input, where the numeric method only estimates) it is a
-      one-time :class:`~erf_monitor.ERFProbeWarning` naming both reasons.
-
-    A unit that samples the input at positions computed from the input (deformable
-    convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, and
-    for the numeric method also gathers and indexing with computed indices) has a
-    *data-dependent* field: ``data_dependent`` is true, every dim is global and ``reason``
-    names the op. Fixed sampling positions (a constant grid) are measured numerically.
-
-    In a global dim ``size`` is ``inf``, ``interval`` is ``(-inf, inf)``, ``clipped`` is the
-    hull of the input indices that can influence the unit (normally the whole input) and
-    ``centre`` is ``(c' + 0.5) * S_d / S'_d - 0.5``.
-
-    Args:
-        model: the model (``torch.compile`` wrappers are unwrapped; it is not modified).
-        input_shape: ``(C, *S)`` or ``(N, C, *S)`` with 1 to 3 spatial dims. A 4-tuple is read
-            as ``(N, C, H, W)`` when the model's first convolution/pooling is 2-D, and as
-            ``(C, D, H, W)`` when it is 3-D (likewise for other lengths).
-        layers: layer name(s) as in ``model.named_modules()`` (``_orig_mod.`` segments and a
-            wrapper's ``module.`` prefix optional), optionally with an output selector
-            (``"backbone['0']"``): the analysis starts from the selected part.
-        method: ``"auto"``, ``"fx"`` or ``"numeric"``.
-        forward_fn: how to call the model on an image batch, ``forward_fn(model, x)``;
-            default ``model(x)``.
-        token_layout: as in :func:`~erf_monitor.compute_erf`: token outputs ``(N, L, D)``
-            (inferred for ViTs) and channels-last outputs are put on their patch grid and the
-            walk starts at the centre patch token, so a patch embedding reports its kernel
-            and a layer after attention reports global (both methods).
-        mode: the ERF mode whose seed unit is analysed (see
-            :func:`~erf_monitor.compute_erf`); only ``"openerf"`` on token outputs with an
-            even grid seeds another unit than ``S' // 2`` (the upper-left central token).
-        position: the output unit analysed: ``"centre"`` (default), an index tuple such as
-            ``(0, -1)`` or a fraction tuple such as ``(0.0, 0.5)`` (one position; see
-            :func:`~erf_monitor.compute_erf`). The TRF's ``output_centre`` is that unit,
-            ``interval``/``clipped``/``centre`` are its field.
-
-    Every global random stream is left as it was (the numeric method runs the model).
-
-    Returns:
-        ``{layer: TRF}`` in the order of ``layers``.
-
-    Raises:
-        ValueError: unknown layer (close matches listed), a layer the forward never reaches,
-            an input shape without spatial dims, or (``method="fx"``) a model the analysis
-            cannot follow.
-
-    Examples:
-        >>> net = nn.Sequential(
-        ...     nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        ... )
-        >>> trf = theoretical_rf(net, (3, 32, 32), ["2"])["2"]
-        >>> trf.size, trf.stride, trf.interval
-        ((5.0, 5.0), (2.0, 2.0), ((14, 18), (14, 18)))
-        >>> str(trf)
-        'TRF(5 x 5, stride 2 x 2)'
-    """
-    from erf_monitor.targets.positions import request
-
-    net = unwrap_compiled(model)
-    _, spatial = parse_input_shape(net, input_shape)
-    req = request(position, len(spatial))
-    if req.is_set:
-        raise ValueError(
-            f"theoretical_rf takes one position, got the set {position!r}; compute_erf "
-            "reports the TRF of every position of a set (ERFResult.field)."
-        )
-    key = req.primary.key
-    out = theoretical_rfs(
-        model, input_shape, layers, req, method=method, forward_fn=forward_fn,
-        token_layout=token_layout, mode=mode, _stacklevel=3,
-    )  # fmt: skip
-    return {name: units[key] for name, units in out.items()}
 
 
 #: ``units(layer, output grid, token output) -> {key: output index}``: the units analysed.
@@ -194,13 +76,16 @@ def theoretical_rfs(
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
+    traced: TracedModel | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
-    """:func:`theoretical_rf` of several units per layer: ``{layer: {position key: TRF}}``.
+    """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
+    key: TRF}}`` (the analysis behind it; its docstring describes the methods).
 
     ``positions`` is a :class:`~erf_monitor.targets.positions.PositionRequest` (every probed
     position of it, the centre included for sets) or ``None`` (the centre unit only, key
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
+    ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already.
     """
     from erf_monitor.targets.positions import PositionRequest
 
@@ -222,7 +107,9 @@ def theoretical_rfs(
         if method == "numeric":
             return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
         try:
-            return _analytic(net, channels, spatial, names, forward_fn, token_layout, mode, units)
+            return _analytic(
+                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced
+            )
         except Unsupported as exc:
             if method == "fx":
                 raise ValueError(
@@ -376,15 +263,44 @@ def _analytic(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
     units: UnitsFn | None = None,
+    traced: TracedModel | None = None,
 ) -> dict[str, dict[str, TRF]]:
-    table = _module_table(net)
-    modules = {locate_layer(net, name, table)[0] for name in names}
-    traced = trace_model(net, forward_fn, (channels, *spatial), stop_after=modules)
+    if traced is None:
+        traced = trace_layers(net, (channels, *spatial), names, forward_fn)
     layouts = layouts_for(token_layout, names)
     return {
         name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units)
         for name in names
     }
+
+
+def trace_layers(
+    net: nn.Module,
+    input_shape: Sequence[int],
+    names: Sequence[str],
+    forward_fn: ForwardFn | None = None,
+) -> TracedModel:
+    """The fx trace the analysis walks, up to the last of the layers ``names``.
+
+    Raises:
+        Unsupported: the model cannot be traced.
+    """
+    table = _module_table(net)
+    modules = {locate_layer(net, name, table)[0] for name in names}
+    with preserved_rng(), eager_forwards(net):
+        return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
+
+
+def traced_shape(traced: TracedModel, net: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The shape (batch 1) of layer ``name``'s selected output in a trace (``None``: not a
+    single tensor there, or not reached)."""
+    key, _module, selector = locate_layer(net, name)
+    if traced.outputs.get(key) is None and not selector:
+        return None
+    try:
+        return shape_of(select_node(traced, key, selector, name))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _analytic_units(
