@@ -101,8 +101,8 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
             self.a = nn.Conv2d(3, 4, 3, padding=1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return y if bool(y.mean() > -1e9) else -y  # fx cannot trace this branch
+            x = x if bool(x.mean() > -1e9) else -x  # fx cannot trace this branch
+            return self.a(x)
 
     class BadShape(nn.Module):  # indexing with a tensor: no fx rule
         def __init__(self) -> None:
@@ -122,6 +122,18 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
         with pytest.warns(em.ERFProbeWarning, match="falling back to the numeric method.*border"):
             trf = em.theoretical_rf(net, (3, 8, 8), ["a"], position=(0, 0))
         assert trf["a"].clipped == ((0, 1), (0, 1))
+    # A branch fx cannot trace *after* the analysed layer is never reached: the trace stops
+    # once the layer has returned, so the field is traced.
+    class LateBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return y if bool(y.mean() > -1e9) else -y
+
+    assert em.theoretical_rf(LateBranch(), (3, 8, 8), ["a"])["a"].method == "fx"
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
 

@@ -337,7 +337,7 @@ def test_unknown_layer_lists_close_matches() -> None:
 def test_layer_not_reached() -> None:
     net = SmallNet()
     net.unused = nn.Conv2d(3, 3, 1)
-    with pytest.raises(ValueError, match="not called during the forward"):
+    with pytest.raises(ValueError, match="never called during the forward"):
         em.compute_erf(net, torch.randn(1, 3, 16, 16), layers=["unused"], trf="skip")
 
 

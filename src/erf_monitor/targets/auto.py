@@ -69,7 +69,7 @@ from erf_monitor.targets.observe import StopForward
 from erf_monitor.targets.outputs import output_parts
 from erf_monitor.targets.tokens import TokenLayout, resolve_layout
 
-__all__ = ["GRID_MODULES", "AutoPick", "auto_layers", "pick_layers", "read_outputs"]
+__all__ = ["GLOBAL_POOLS", "GRID_MODULES", "AutoPick", "auto_layers", "pick_layers", "read_outputs"]
 
 #: Outputs of these are ``(N, C, *S)`` by construction: their grids are the known grids.
 GRID_MODULES: tuple[type[nn.Module], ...] = (
@@ -83,7 +83,7 @@ GRID_MODULES: tuple[type[nn.Module], ...] = (
     nn.PixelShuffle,
     nn.PixelUnshuffle,
 )
-_GLOBAL_POOLS: tuple[type[nn.Module], ...] = (
+GLOBAL_POOLS: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
@@ -326,7 +326,7 @@ def _norms_last_dim(module: nn.Module, shape: tuple[int, ...]) -> bool:
 def _skipped(module: nn.Module) -> bool:
     """Global pools, and pass-through modules (the layer before them is the same map)."""
     cls = type(module).__name__
-    if isinstance(module, (*_GLOBAL_POOLS, nn.Identity, nn.modules.dropout._DropoutNd)):
+    if isinstance(module, (*GLOBAL_POOLS, nn.Identity, nn.modules.dropout._DropoutNd)):
         return True
     return any(k in cls for k in ("AdaptivePool", "GlobalPool", "DropPath", "StochasticDepth"))
 

@@ -39,7 +39,7 @@ def default_forward(model: nn.Module, x: torch.Tensor) -> Any:
 
 def not_reached_error(names: Sequence[str]) -> ValueError:
     return ValueError(
-        f"Layer(s) {list(names)} exist but were not called during the forward pass, so they "
+        f"Layer(s) {list(names)} exist but are never called during the forward pass, so they "
         "have no ERF on this input. Check forward_fn (how the model is called) and that the "
         "layer is used by forward()."
     )

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from erf_monitor.targets.auto import GRID_MODULES, pick_layers, read_outputs
+from erf_monitor.targets.auto import GLOBAL_POOLS, GRID_MODULES, pick_layers, read_outputs
 from erf_monitor.targets.layers import (
     Selector,
     _module_table,
@@ -127,7 +127,7 @@ def _needs_evidence(module: nn.Module, shape: tuple[int, ...], spatial: tuple[in
     whose module is not channels-first by construction (a convolution, pooling, batch norm)
     and whose channels-last reading is plausible (a channels-last map's grid is always a
     downsampled input grid; when only the channels-first reading is one, that is it)."""
-    if len(shape) != len(spatial) + 2 or isinstance(module, GRID_MODULES):
+    if len(shape) != len(spatial) + 2 or isinstance(module, GRID_MODULES + GLOBAL_POOLS):
         return False
     return plausible_grid(shape[1:-1], spatial) or not plausible_grid(shape[2:], spatial)
 
@@ -158,7 +158,7 @@ def _layout(
         return None
     if reading == "last":
         return ResolvedLayout(tuple(shape[1:-1]), 0, True)
-    if shape[1:-1] == shape[2:] and shape[1] == shape[-1]:
+    if shape[1:-1] == shape[2:] and shape[1] == shape[-1] > 1:  # (N, 1, 1, 1) reads alike
         raise _ambiguous_error(spec, shape)
     return None
 

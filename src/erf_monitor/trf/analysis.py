@@ -34,6 +34,7 @@ from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import _module_table, locate_layer, unwrap_compiled
+from erf_monitor.targets.observe import not_reached_error
 from erf_monitor.targets.outputs import needs_selector_error, select_output
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor.trf.fx import (
@@ -235,13 +236,6 @@ def _check_layers(net: nn.Module, layers: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _not_reached(name: str) -> ValueError:
-    return ValueError(
-        f"Layer {name!r} is never called in the model's forward on this input, so it has no "
-        "receptive field; pick a layer the forward uses (or pass forward_fn)."
-    )
-
-
 # ----------------------------------------------------------------------------- assembly
 
 
@@ -318,7 +312,7 @@ def _analytic_units(
         parts = key.split(".")
         if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):
             raise Unsupported(f"layer {name!r} lives inside a module fx treats as one op")
-        raise _not_reached(name)
+        raise not_reached_error([name])
     node = select_node(traced, key, selector, name)
     out_shape = shape_of(node)
     if node is None or out_shape is None:
@@ -678,7 +672,7 @@ def _capture(
             h.remove()
     for name in names:
         if name not in captured:
-            raise _not_reached(name)
+            raise not_reached_error([name])
         out = captured[name]
         if not isinstance(out, Tensor) or not out.is_floating_point():
             raise needs_selector_error(name, out)
