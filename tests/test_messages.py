@@ -122,6 +122,7 @@ def test_failed_fx_trace_prints_nothing_when_the_fallback_works(
         with pytest.warns(em.ERFProbeWarning, match="falling back to the numeric method.*border"):
             trf = em.theoretical_rf(net, (3, 8, 8), ["a"], position=(0, 0))
         assert trf["a"].clipped == ((0, 1), (0, 1))
+
     # A branch fx cannot trace *after* the analysed layer is never reached: the trace stops
     # once the layer has returned, so the field is traced.
     class LateBranch(nn.Module):
