@@ -7,11 +7,13 @@ import io
 import json
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -234,3 +236,106 @@ def test_one_probe_is_drawn_against_layers_and_runs_not_steps(tmp_path: Path) ->
     for ax in _comparison_figure("layer2", runs, 0.05).axes:
         assert ax.get_xlim() == (-0.5, 1.5)
         assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- the markup
+class _Page(HTMLParser):
+    """The page as a browser reads it: its tags, and its text (per innermost tag) and
+    attribute values with the character references decoded."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.texts: list[tuple[str, str]] = []
+        self.attrs: list[tuple[str, str, str]] = []
+        self._open: list[str] = []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attrs += [(tag, name, value) for name, value in attrs if value is not None]
+        if tag not in ("img", "meta"):  # void elements have no end tag
+            self._open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open and self._open.pop() != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        self.texts.append((self._open[-1] if self._open else "", data))
+
+
+XSS = "<script>alert(1)</script>"
+#: Every element the report uses; a name read from a file must never add one.
+TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "p", "code",
+        "table", "tr", "th", "td", "a", "section", "div", "b", "span", "img", "figure",
+        "figcaption"}  # fmt: skip
+
+
+def test_names_from_files_appear_only_escaped(tmp_path: Path) -> None:
+    """A run, a layer, an alert and a title named ``<script>alert(1)</script>`` are shown as
+    that text wherever the page names them (headings, tables, captions, alt texts, paths),
+    and never become markup."""
+    from erf_monitor.sinks import FileSink, safe_filename
+
+    logs = tmp_path / "logs"
+    heatmap = np.zeros((8, 8, 3), dtype=np.uint8)
+    evil = FileSink(logs / XSS)  # the folder "<script>alert(1)<" holding "script>"
+    other = FileSink(logs / "other")
+    for step in (0, 10):
+        evil.log_scalars({f"erf/{XSS}/coverage": 0.1, f"erf/{XSS}/min_coverage": 0.5}, step)
+        evil.log_image(f"erf/{XSS}/heatmap", heatmap, step)
+        other.log_scalars({f"erf/{XSS}/coverage": 0.2}, step)
+        other.log_image(f"erf/{XSS}/heatmap", heatmap, step)
+    evil.alert(f"erf_coverage/{XSS}", f"{XSS} covers 10%, below min_coverage=50.0%", 10)
+    analyzed = logs / "analyzed"  # an analyze folder, with its field figure
+    record = {"layers": {XSS: {"metrics": {"erf_size": 3.0, "coverage": 0.3}}}}
+    (analyzed / "fields").mkdir(parents=True)
+    (analyzed / "metrics.json").write_text(json.dumps(record))
+    Image.fromarray(heatmap).save(analyzed / "fields" / f"{safe_filename(XSS)}.png")
+
+    path, runs = build_report(logs, tmp_path / "report.html", title=XSS)
+    assert sorted(r.name for r in runs) == sorted([XSS, "other", "analyzed"])
+    page = path.read_text(encoding="utf-8")
+    assert "<script" not in page.lower()
+    parsed = _Page(page)
+    assert set(parsed.tags) <= TAGS
+    texts = parsed.texts
+    alts = [value for tag, name, value in parsed.attrs if tag == "img" and name == "alt"]
+    for where in ("title", "h1", "a", "h2", "h3"):  # page title, run list, run, comparison
+        assert (where, XSS) in texts, where
+    assert texts.count(("td", XSS)) == 3  # the layer's row in each run's table
+    assert texts.count(("h4", XSS)) == 3  # two heatmap strips, one field
+    assert ("code", str(logs / XSS)) in texts
+    assert ("b", f"step 10 · erf_coverage/{XSS}") in texts
+    assert ("div", f"\n{XSS} covers 10%, below min_coverage=50.0%") in texts
+    assert ("figcaption", f"{XSS} · step 10") in texts  # its last heatmap, compared
+    wanted = [f"ERF growth curves of {XSS}", f"{XSS} step 0", f"{XSS} step 10"]
+    wanted += [f"ERF field of {XSS}", f"{XSS}: runs compared", f"{XSS} {XSS} step 10"]
+    for alt in wanted:
+        assert alt in alts, alt
+    # every occurrence a reader sees is an escaped one in the source
+    seen = sum(t.count(XSS) for _, t in texts) + sum(v.count(XSS) for *_, v in parsed.attrs)
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == seen
+
+
+def test_run_tables_show_the_logged_values(tmp_path: Path) -> None:
+    """The tables' cells are the logged numbers: ERF size and coverage first → last, the
+    threshold, whether it was crossed, and the steps probed."""
+    _file_run(tmp_path / "checked", [5, 9, 13], threshold=0.1)
+    _file_run(tmp_path / "free", [4, 6])
+    path, _ = build_report(tmp_path)
+    parsed = _Page(path.read_text(encoding="utf-8"))
+    cells = [t for tag, t in parsed.texts if tag in ("td", "a", "span")]
+    # coverage = (size / 32)^2: 25/1024 = 2.44%, 169/1024 = 16.50%, 16/1024 = 1.56%, 36/1024 = 3.52%
+    checked = ["head", "3", "–", "5 → 13", "–", "2.4% → 16.5%", "10.0%", "none"]
+    free = ["head", "2", "–", "4 → 6", "–", "1.6% → 3.5%", "–", "not checked"]
+    assert _sublist(checked, cells) and _sublist(free, cells)
+    # the list of runs: name, source, layers, steps, alerts, duplicates
+    assert _sublist(["checked", "files", "1", "0–20", "0", "–"], cells)
+    assert _sublist(["free", "files", "1", "0–10", "0", "–"], cells)
+
+
+def _sublist(part: list[str], whole: list[str]) -> bool:
+    return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))

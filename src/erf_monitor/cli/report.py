@@ -28,9 +28,11 @@ shown once, listing where else the same data are.
 Everything read is data, and only data inside the log directory: every file is opened only
 if its real path (symbolic links resolved) lies inside the directory's real path, and no
 directory outside it is listed; ``.npz`` files are loaded with ``allow_pickle=False``, PNGs
-are copied as bytes, and every name (layers, runs, alert texts) is escaped with
-``html.escape``. Images are inlined as base64 PNG; the page needs no other file and no
-network.
+are copied as bytes. The page is drawn by the Jinja2 templates in ``cli/templates/``
+(``report.html.j2`` and the run and comparison sections it includes), which autoescape every
+value, so every name (layers, runs, paths, alert texts) appears escaped; this module only
+gathers the data they show. Images are inlined as base64 PNG; the page needs no other file
+and no network.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import base64
 import contextlib
 import csv
 import datetime as _dt
-import html
+import functools
 import io
 import json
 import math
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote
 
+import jinja2
 import numpy as np
 
 __all__ = ["ReportError", "Run", "build_report", "dedupe_runs", "find_runs", "render_html"]
@@ -730,40 +733,44 @@ def _pick(n: int, k: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- HTML
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
-max-width:1400px;padding:0 1rem;color:#222}
-h1{margin-bottom:.2rem} h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.5rem}
-.meta{color:#666;font-size:.9rem} code{background:#f3f3f3;padding:0 .25rem}
-table{border-collapse:collapse;font-size:.9rem;margin:.5rem 0}
-th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}
-th:first-child,td:first-child{text-align:left} th{background:#f6f6f6}
-.bad{color:#b00020;font-weight:600} .ok{color:#1b7f3b} .dim{color:#888}
-.alert{background:#fff4e5;border-left:4px solid #f0a020;padding:.4rem .8rem;margin:.4rem 0;
-font-size:.85rem;white-space:pre-wrap}
-.strip{display:flex;gap:.4rem;overflow-x:auto;padding-bottom:.3rem}
-.strip figure{margin:0;text-align:center;font-size:.75rem;color:#555}
-.strip img{width:300px;height:auto;display:block}
-img.plot{max-width:100%}
-.legend{font-size:.85rem;color:#444}
-"""
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The report's templates (``cli/templates/``); every value they print is escaped."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("erf_monitor.cli", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["fmt"] = _fmt
+    env.filters["first_last"] = _first_last
+    return env
 
 
-def _img(data: bytes, alt: str, cls: str = "") -> str:
-    b64 = base64.b64encode(data).decode("ascii")
-    cls_attr = f' class="{cls}"' if cls else ""
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"{cls_attr}>'
+def _fmt(value: float | None, spec: str) -> str:
+    """``format(value, spec)``, or ``–`` for no value."""
+    return "–" if value is None else format(value, spec)
 
 
-def _first_last(series: Series, fmt: str) -> str:
-    if not series:
+def _first_last(values: list[float], spec: str) -> str:
+    """``first → last`` of a series' values (the one value, or ``–`` for none)."""
+    if not values:
         return "–"
-    first, last = series[0][1], series[-1][1]
 
     def f(v: float) -> str:
-        return "n/a" if not math.isfinite(v) else format(v, fmt)
+        return "n/a" if not math.isfinite(v) else format(v, spec)
 
-    return f(last) if len(series) == 1 else f"{f(first)} → {f(last)}"
+    return f(values[-1]) if len(values) == 1 else f"{f(values[0])} → {f(values[-1])}"
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def _last(series: Series) -> float | None:
+    return series[-1][1] if series else None
 
 
 _SOURCES = {
@@ -773,101 +780,56 @@ _SOURCES = {
 }
 
 
-def _run_section(run: Run, index: int, max_frames: int, reference: float | None) -> str:
-    e = html.escape
-    out = [f'<section id="run-{index}">', f"<h2>{e(run.name)}</h2>"]
-    out.append(
-        f'<p class="meta">{_SOURCES.get(run.source, run.source)} in '
-        f"<code>{e(str(run.path))}</code></p>"
-    )
-    if run.duplicates:
-        out.append(
-            '<p class="meta">The same ERF data are also in: '
-            + ", ".join(f"<code>{e(d)}</code>" for d in run.duplicates)
-            + " (shown once).</p>"
-        )
-    alerted = {title.removeprefix("erf_coverage/"): step for step, title, _ in run.alerts}
+def _run_view(run: Run, index: int, max_frames: int, reference: float | None) -> dict[str, Any]:
+    """What ``run.html.j2`` shows of one run: plain values, figures as base64 PNG."""
     thresholds = run.thresholds()
-    for step, title, text in run.alerts:
-        out.append(f'<div class="alert"><b>step {step} · {e(title)}</b>\n{e(text)}</div>')
-    out.append(
-        "<table><tr><th>layer</th><th>probes</th><th>TRF (clipped)</th><th>ERF size (px)</th>"
-        "<th>ERF/TRF</th><th>coverage</th><th>min_coverage</th><th>alert</th></tr>"
-    )
+    alerted = {title.removeprefix("erf_coverage/"): step for step, title, _ in run.alerts}
+    rows = []
     for layer, metrics in run.metrics.items():
-        trf = metrics.get("trf_size_clipped", [])
-        global_ = metrics.get("trf_global", [])
-        dependent = metrics.get("trf_data_dependent", [])
-        trf_text = "–" if not trf else f"{trf[-1][1]:.0f}"
-        if dependent and dependent[-1][1] > 0:
-            trf_text = "data-dependent"
-        elif global_ and global_[-1][1] > 0:
-            trf_text += " (global)"
-        cov = metrics.get("coverage", [])
-        if layer in alerted:
-            alert = f'<span class="bad">step {alerted[layer]}</span>'
-        elif layer in thresholds:
-            alert = '<span class="ok">none</span>'
-        else:
-            alert = '<span class="dim">not checked</span>'
-        threshold = f"{thresholds[layer]:.1%}" if layer in thresholds else "–"
-        out.append(
-            f"<tr><td>{e(layer or '<model>')}</td><td>{len(cov)}</td><td>{trf_text}</td>"
-            f"<td>{_first_last(metrics.get('erf_size', []), '.0f')}</td>"
-            f"<td>{_first_last(metrics.get('erf_trf_ratio', []), '.2f')}</td>"
-            f"<td>{_first_last(cov, '.1%')}</td><td>{threshold}</td><td>{alert}</td></tr>"
+        rows.append(
+            {
+                "layer": layer,
+                "trf": _last(metrics.get("trf_size_clipped", [])),
+                "trf_global": (_last(metrics.get("trf_global", [])) or 0) > 0,
+                "trf_data_dependent": (_last(metrics.get("trf_data_dependent", [])) or 0) > 0,
+                **{
+                    metric: [v for _, v in metrics.get(metric, [])]
+                    for metric in ("erf_size", "erf_trf_ratio", "coverage")
+                },
+                "threshold": thresholds.get(layer),
+                "alerted": alerted.get(layer),
+            }
         )
-    out.append("</table>")
-    if run.single_probe():
-        out.append("<h3>ERF by layer</h3>")
-        out.append(
-            '<p class="legend">One probe, so no growth over training: the layers side by side, '
-            "in the order they were reported."
-            + (f" Grey dotted: reference coverage {reference:.0%}." if not thresholds and
-               reference is not None else "")
-            + "</p>"
-        )  # fmt: skip
-        out.append(_img(layers_figure(run, reference), f"ERF by layer of {run.name}", "plot"))
-    else:
-        out.append("<h3>Growth over training</h3>")
-        if thresholds:
-            out.append('<p class="legend">Dashed: each checked layer\'s min_coverage.</p>')
-        elif reference is not None:
-            out.append(
-                f'<p class="legend">Grey dotted: reference coverage {reference:.0%} (this run '
-                "logged no min_coverage).</p>"
-            )
-        out.append(_img(growth_figure(run, reference), f"ERF growth curves of {run.name}", "plot"))
-    other = other_figure(run)
-    if other is not None:
-        out.append("<h3>Training curves</h3>")
-        out.append(_img(other, f"training curves of {run.name}", "plot"))
-    if run.frames:
-        out.append("<h3>Heatmaps</h3>" if run.single_probe() else "<h3>Heatmaps over training</h3>")
-        for layer, frames in run.frames.items():
-            out.append(f"<h4>{e(layer or '<model>')}</h4>")
-            shown = _pick(len(frames), max_frames)
-            if len(shown) < len(frames):
-                out.append(
-                    f'<p class="legend">{len(shown)} of {len(frames)} probes shown, evenly '
-                    f"spaced (steps {', '.join(str(frames[i][0]) for i in shown)}); "
-                    "<code>erf-monitor report --frames N</code> shows up to N.</p>"
-                )
-            out.append('<div class="strip">')
-            for i in shown:
-                step, data = frames[i]
-                out.append(
-                    f"<figure>{_img(data, f'{layer} step {step}')}"
-                    f"<figcaption>step {step}</figcaption></figure>"
-                )
-            out.append("</div>")
-    if run.fields:
-        out.append("<h3>ERF at several positions</h3>")
-        for layer, data in run.fields.items():
-            out.append(f"<h4>{e(layer or '<model>')}</h4>")
-            out.append(_img(data, f"ERF field of {layer}", "plot"))
-    out.append("</section>")
-    return "\n".join(out)
+    single = run.single_probe()
+    plot = layers_figure(run, reference) if single else growth_figure(run, reference)
+    curves = other_figure(run)
+    frames = []
+    for layer, series in run.frames.items():
+        shown = [series[i] for i in _pick(len(series), max_frames)]
+        frames.append(
+            {
+                "layer": layer,
+                "total": len(series),
+                "shown": [{"step": step, "png": _b64(png)} for step, png in shown],
+            }
+        )
+    return {
+        "index": index,
+        "name": run.name,
+        "source": run.source,
+        "source_label": _SOURCES.get(run.source, run.source),
+        "path": str(run.path),
+        "duplicates": run.duplicates,
+        "steps": sorted({s for m in run.metrics.values() for sr in m.values() for s, _ in sr}),
+        "alerts": [{"step": s, "title": title, "text": text} for s, title, text in run.alerts],
+        "rows": rows,
+        "checked": bool(thresholds),
+        "single_probe": single,
+        "plot": _b64(plot),
+        "training_curves": None if curves is None else _b64(curves),
+        "frames": frames,
+        "fields": [{"layer": layer, "png": _b64(png)} for layer, png in run.fields.items()],
+    }
 
 
 def _shared_layers(runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -882,32 +844,19 @@ def _shared_layers(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     return sorted(shared, key=lambda item: not any(item[0] in r.thresholds() for r in item[1]))
 
 
-def _compare_section(runs: list[Run], reference: float | None) -> str:
-    shared = _shared_layers(runs)
-    if not shared:
-        return ""
-    e = html.escape
-    out = ['<section id="compare">', "<h2>Runs side by side</h2>"]
-    out.append(
-        '<p class="legend">One plot per layer that several runs report, one line per run; '
-        "below it each run's last heatmap of that layer.</p>"
-    )
-    for layer, rs in shared:
-        out.append(f"<h3>{e(layer or '<model>')}</h3>")
-        out.append(_img(comparison_figure(layer, rs, reference), f"{layer}: runs compared", "plot"))
-        strip = []
-        for run in rs:
-            frames = run.frames.get(layer)
-            if frames:
-                step, data = frames[-1]
-                strip.append(
-                    f"<figure>{_img(data, f'{run.name} {layer} step {step}')}"
-                    f"<figcaption>{e(run.name)} · step {step}</figcaption></figure>"
-                )
-        if strip:
-            out.append('<div class="strip">' + "".join(strip) + "</div>")
-    out.append("</section>")
-    return "\n".join(out)
+def _compare_view(runs: list[Run], reference: float | None) -> list[dict[str, Any]]:
+    """What ``compare.html.j2`` shows: per shared layer, the plot and each run's last heatmap."""
+    out = []
+    for layer, rs in _shared_layers(runs):
+        last = [(run.name, run.frames[layer][-1]) for run in rs if run.frames.get(layer)]
+        out.append(
+            {
+                "layer": layer,
+                "plot": _b64(comparison_figure(layer, rs, reference)),
+                "strip": [{"run": n, "step": s, "png": _b64(png)} for n, (s, png) in last],
+            }
+        )
+    return out
 
 
 def render_html(
@@ -922,36 +871,16 @@ def render_html(
     from erf_monitor import __version__
 
     runs = list(runs)
-    e = html.escape
-    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        f'<p class="meta">{len(runs)} run(s) from <code>{e(source)}</code> · generated {now} '
-        f"by erf-monitor {e(__version__)}. Metrics are defined in the erf-monitor docs "
-        "(concepts): ERF size = side of the centred square holding 95% of the ERF's mass; "
-        "coverage = that square's share of the input area.</p>",
-        "<table><tr><th>run</th><th>source</th><th>layers</th><th>steps</th>"
-        "<th>alerts</th><th>same data also in</th></tr>",
-    ]
-    for i, run in enumerate(runs):
-        steps = sorted({s for m in run.metrics.values() for sr in m.values() for s, _ in sr})
-        span = (
-            "–" if not steps else (f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else f"{steps[0]}")
-        )
-        parts.append(
-            f'<tr><td><a href="#run-{i}">{e(run.name)}</a></td><td>{e(run.source)}</td>'
-            f"<td>{len(run.metrics)}</td><td>{span}</td><td>{len(run.alerts)}</td>"
-            f"<td>{e(', '.join(run.duplicates)) or '–'}</td></tr>"
-        )
-    parts.append("</table>")
-    parts.append(_compare_section(runs, reference))
-    parts.extend(_run_section(run, i, max_frames, reference) for i, run in enumerate(runs))
-    parts.append("</body></html>")
-    return "\n".join(p for p in parts if p)
+    page = _templates().get_template("report.html.j2")
+    return page.render(
+        title=title,
+        source=source,
+        now=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+        reference=reference,
+        compare=_compare_view(runs, reference),
+        runs=[_run_view(run, i, max_frames, reference) for i, run in enumerate(runs)],
+    )
 
 
 def build_report(
