@@ -956,24 +956,11 @@ def _parser() -> argparse.ArgumentParser:
         help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or (H,W), "
         "loaded without pickle",
     )
-    analyze.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="a folder of images (searched recursively; the first --samples are used), "
-        "preprocessed as the model expects",
-    )
-    analyze.add_argument("--size", default=None, help="image size N or HxW (with --images)")
-    analyze.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
-    analyze.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
-    analyze.add_argument(
-        "--pretrained",
-        nargs="?",
-        const="cache",
-        default=None,
-        metavar="PATH",
-        help="load weights: alone, the model's pretrained weights from the local torch.hub / "
-        "Hugging Face cache (never downloaded); =PATH, a checkpoint file",
+    _add_model_inputs(
+        analyze,
+        images="preprocessed as the model expects",
+        weights="load weights: alone, the model's",
+        checkpoints="for --pretrained=PATH checkpoints fine-tuned on N classes",
     )
     analyze.add_argument(
         "--position",
@@ -982,14 +969,6 @@ def _parser() -> argparse.ArgumentParser:
         help="seed unit(s): centre (default), corners, edges, grid:K (a K x K grid), an output "
         "index I,J (negative from the end), a fraction of the output plane 0.0,0.5, or several "
         "separated by ';'. Sets also write fields/<layer>.png (the ERF field)",
-    )
-    analyze.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        metavar="N",
-        help="build torchvision/timm models with an N-class head (for --pretrained=PATH "
-        "checkpoints fine-tuned on N classes)",
     )
     analyze.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     analyze.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
@@ -1085,32 +1064,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
     )
-    compare.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="a folder of images (searched recursively; the first --samples are used), "
-        "preprocessed as the first MODEL expects; the same images for every model",
-    )
-    compare.add_argument("--size", default=None, help="image size N or HxW (with --images)")
-    compare.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
-    compare.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
-    compare.add_argument(
-        "--pretrained",
-        nargs="?",
-        const="cache",
-        default=None,
-        metavar="PATH",
-        help="weights of every MODEL given without @CKPT: alone, its pretrained weights from "
-        "the local torch.hub / Hugging Face cache (never downloaded); =PATH, a checkpoint file",
-    )
-    compare.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        metavar="N",
-        help="build torchvision/timm models with an N-class head (for checkpoints fine-tuned "
-        "on N classes)",
+    _add_model_inputs(
+        compare,
+        images="preprocessed as the first MODEL expects; the same images for every model",
+        weights="weights of every MODEL given without @CKPT: alone, its",
+        checkpoints="for checkpoints fine-tuned on N classes",
     )
     compare.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
     compare.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
@@ -1129,6 +1087,38 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress display")
     compare.set_defaults(func=_cmd_compare)
     return parser
+
+
+def _add_model_inputs(
+    parser: argparse.ArgumentParser, *, images: str, weights: str, checkpoints: str
+) -> None:
+    """The options ``analyze`` and ``compare`` share: real images and how they are
+    preprocessed, local weights and the head's size (the help texts name who they apply to)."""
+    parser.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help=f"a folder of images (searched recursively; the first --samples are used), {images}",
+    )
+    parser.add_argument("--size", default=None, help="image size N or HxW (with --images)")
+    parser.add_argument("--mean", default=None, help="per-channel mean, e.g. 0.5,0.5,0.5")
+    parser.add_argument("--std", default=None, help="per-channel std, e.g. 0.5,0.5,0.5")
+    parser.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="cache",
+        default=None,
+        metavar="PATH",
+        help=f"{weights} pretrained weights from the local torch.hub / Hugging Face cache "
+        "(never downloaded); =PATH, a checkpoint file",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"build torchvision/timm models with an N-class head ({checkpoints})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
