@@ -4,7 +4,8 @@ For each model of ``tests/zoo.py`` (random init, small inputs): ``compute_erf(..
 and ``theoretical_rf`` run; every map is finite, non-negative and of the input's shape; its
 support lies inside every finite TRF (checked here, index by index); the picks are the layers
 checked by eye below, never a LayerNorm, and in the order in which their modules finish in
-the forward (recorded here with hooks of our own). ``docs/scripts/make_zoo_table.py`` turns
+the forward (recorded here with hooks of our own). The same stages named explicitly (no
+layout given) give the same TRFs and maps. ``docs/scripts/make_zoo_table.py`` turns
 the same zoo into the table of ``docs/models.md``.
 """
 
@@ -161,3 +162,14 @@ def test_zoo_conformance(entry: Entry) -> None:
         assert bool(torch.isfinite(h).all()) and bool((h >= 0).all()), name
         assert r.trf is not None and r.trf is trfs[name], name
         assert support_inside_trf(h, r.trf) == [], name
+    # The same stages named explicitly, with no layout given, are read as "auto" reads them:
+    # the same layouts, TRFs and maps (issue 18: one resolver for every path).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if all(t.method == "fx" for t in trfs.values()):  # numeric TRFs: the slow detectors
+            named_trfs = em.theoretical_rf(model, tuple(x.shape[1:]), names)
+            assert named_trfs == trfs
+        named = em.compute_erf(model, x, names, trf=trfs)
+    assert list(named) == names
+    for name in names:
+        torch.testing.assert_close(named[name].heatmap, res[name].heatmap, rtol=1e-5, atol=1e-7)
