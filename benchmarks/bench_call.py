@@ -30,9 +30,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from _timing import interleaved
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -81,14 +82,7 @@ def _worker(model_name: str, layer: str, size: int, samples: int, repeats: int) 
     variants = {"plain": plain, "fresh": fresh, "cached": cached}
     fresh()  # warm-up (imports, allocator)
     plain()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    names = list(variants)
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved(variants, repeats)
     ref, got = plain(), cached()
     diff = float((ref - got).abs().max() / ref.abs().max())
     return {"times_s": times, "map_difference": diff}

@@ -34,10 +34,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from _timing import interleaved
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -97,16 +98,7 @@ def _worker(size: int, samples: int, repeats: int) -> dict[str, Any]:
         if monitor_names is not None:
             variants["metrics[monitor]"] = metrics(monitor_names)
     variants["train_step"] = train_step
-    for fn in variants.values():  # warm-up (imports, caches, allocator)
-        fn()
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved(variants, repeats, warmup=True)
     return {"times": times, "torch_threads": torch.get_num_threads()}
 
 

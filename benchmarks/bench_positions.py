@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torchvision
+from _timing import interleaved
 from torch import nn
 
 import erf_monitor as em
@@ -46,18 +47,6 @@ def setup(model_name: str, size: int, samples: int, seed: int = 0) -> tuple[nn.M
     model = getattr(torchvision.models, model_name)().eval()
     x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(seed))
     return model, x
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def count_backwards(fn: Callable[[], Any]) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torchvision
+from _timing import interleaved
 from torch import nn
 
 import erf_monitor as em
@@ -117,20 +118,9 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: bool
-) -> dict[str, list[float]]:
-    """Run every variant once per repeat, rotating the order; return all wall times."""
-    if warmup:
-        for fn in variants.values():
-            fn()
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(timed(variants[name], device))
-    return times
+def on(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """The timer of :func:`_timing.interleaved` for ``device`` (synchronised on CUDA)."""
+    return lambda fn: timed(fn, device)
 
 
 def median(ts: Sequence[float]) -> float:
@@ -323,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 fn()
         if "plain" in variants:
             plain_reference(model, x[:1], args.layers)
-        times = interleaved(variants, args.repeats, device, warmup=False)
+        times = interleaved(variants, args.repeats, timer=on(device))
         med = {k: median(v) for k, v in times.items()}
         mem: dict[str, float] = {}
         if not args.no_memory:
@@ -402,7 +392,10 @@ def scaling(args: argparse.Namespace, device: torch.device, console: Any) -> dic
     def run(x_: torch.Tensor, layers: Sequence[str], trfs_: Any) -> dict[str, float]:
         v = make_variants(model, x_, labels[: x_.shape[0]], trfs_, layers, plain=False)
         v.pop("probe_frozen")
-        return {k: median(ts) for k, ts in interleaved(v, args.repeats, device, True).items()}
+        return {
+            k: median(ts)
+            for k, ts in interleaved(v, args.repeats, warmup=True, timer=on(device)).items()
+        }
 
     for n in (1, 2, 4, 8, 16)[: 5 if x.shape[0] >= 16 else 4]:
         r = run(x[:n], args.layers, trfs)
@@ -417,7 +410,10 @@ def scaling(args: argparse.Namespace, device: torch.device, console: Any) -> dic
         m2, x2, l2, t2 = setup(args.model, size, min(args.samples, 4), args.layers, device)
         v = make_variants(m2, x2, l2, t2, args.layers, plain=False)
         v.pop("probe_frozen")
-        r = {k: median(ts) for k, ts in interleaved(v, args.repeats, device, True).items()}
+        r = {
+            k: median(ts)
+            for k, ts in interleaved(v, args.repeats, warmup=True, timer=on(device)).items()
+        }
         out[f"size={size} (4 samples)"] = r
         table.add_row("size (4 samples)", str(size), *(f"{r[k]:.3f}" for k in r))
     console.print(table)

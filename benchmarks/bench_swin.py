@@ -31,33 +31,18 @@ import copy
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torchvision
+from _timing import interleaved
 
 import erf_monitor as em
 
 CL = em.TokenLayout(channels_last=True)
 TV_LAYERS = ["features.1", "features.3", "features.5", "features.7"]
 TIMM_LAYERS = ["layers.0", "layers.1", "layers.2", "layers.3"]
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Each variant once per repeat, in a rotating order (after one untimed warm-up run)."""
-    names = list(variants)
-    for name in names:
-        variants[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def copies(model: torch.nn.Module, n: int) -> Callable[[], torch.nn.Module]:
@@ -82,7 +67,7 @@ def trf_case(size: int, repeats: int, numeric: bool) -> dict[str, Any]:
     variants = {"fx": run("fx")}
     if numeric:
         variants["numeric"] = run("numeric")
-    times = interleaved(variants, repeats)
+    times = interleaved(variants, repeats, warmup=True)
     fx = run("fx")()
     agree = {}
     if numeric:
@@ -125,7 +110,7 @@ def probe_case(size: int, samples: int, repeats: int, numeric: bool) -> dict[str
     variants = {"probe": probe, "probe_only": probe_only}
     if numeric:
         variants["probe_numeric"] = probe_numeric
-    times = interleaved(variants, repeats)
+    times = interleaved(variants, repeats, warmup=True)
     return {
         "case": "probe",
         "model": "timm swin_tiny_patch4_window7_224",
