@@ -59,7 +59,7 @@ from erf_monitor.trf.regions import (
     window_taps,
     with_joint,
 )
-from erf_monitor.trf.tracer import TracedModel, Unsupported, canonical
+from erf_monitor.trf.tracer import TracedGraph, TracedModel, Unsupported, canonical
 
 __all__ = [
     "Axis",
@@ -172,7 +172,7 @@ def walk(traced: TracedModel, target: fx.Node, seed: Region) -> Region | None:
     return result
 
 
-def describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+def describe(node: fx.Node, gm: TracedGraph | None = None) -> str:
     """A short name for an op (for messages)."""
     if node.op == "call_module" and gm is not None:
         cls = type(gm.get_submodule(str(node.target)))

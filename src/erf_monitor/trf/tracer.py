@@ -17,6 +17,12 @@ so every proxy carries its concrete value:
   still cannot be traced stays a single call.
 
 Control flow that depends on the input's values cannot be traced (:class:`Unsupported`).
+
+The values the input feeds are those of a zeros image: nothing but their shapes and dtypes
+is ever read (a decision on them is refused, and they are dropped after tracing). So the
+common leaf modules whose output shape is known without running them (linear, convolution,
+normalisation and activation layers: :func:`output_like`) return zeros of that shape instead
+of computing it, which takes the trace's batch-1 forward off a fresh call's cost.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers
 
-__all__ = ["ROOT", "TracedModel", "Unsupported", "canonical", "trace_model"]
+__all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
 ROOT = "model"
 
@@ -133,21 +139,16 @@ class _Proxy(fx.Proxy):
         return len(self.tracer.values[self.node])  # type: ignore[attr-defined]
 
 
-def _leaves(a: Any) -> Iterator[Any]:
-    if isinstance(a, (tuple, list)):
-        for v in a:
-            yield from _leaves(v)
-    elif isinstance(a, dict):
-        for v in a.values():
-            yield from _leaves(v)
-    elif isinstance(a, slice):
-        yield from _leaves((a.start, a.stop, a.step))
-    else:
-        yield a
-
-
 def _has_proxy(a: Any) -> bool:
-    return any(isinstance(v, fx.Proxy) for v in _leaves(a))
+    if isinstance(a, fx.Proxy):
+        return True
+    if isinstance(a, (tuple, list)):
+        return any(_has_proxy(v) for v in a)
+    if isinstance(a, dict):
+        return any(_has_proxy(v) for v in a.values())
+    if isinstance(a, slice):
+        return _has_proxy((a.start, a.stop, a.step))
+    return False
 
 
 def _record_meta(node: fx.Node, value: Any) -> None:
@@ -200,6 +201,7 @@ class ConcreteTracer(fx.Tracer):
         self._running = 0  # > 0 while a value is computed (module calls then record nothing)
         self._attr_names: dict[int, str] | None = None
         self._refs: dict[fx.Node, int] = {}  # live proxies per node
+        self._called: dict[str, nn.Module] = {}  # path -> module, of the modules called
 
     def retain(self, node: fx.Node) -> None:
         self._refs[node] = self._refs.get(node, 0) + 1
@@ -275,7 +277,7 @@ class ConcreteTracer(fx.Tracer):
             )
         if target is operator.setitem:
             raise fx.proxy.TraceError("the forward assigns into a tensor (x[...] = ...)")
-        value = self._run(kind, target, self._concrete(args), self._concrete(kwargs))
+        value = self._run(kind, target, self._concrete(args), self._concrete(kwargs), True)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         self.values[proxy.node] = value
         _record_meta(proxy.node, value)
@@ -307,14 +309,26 @@ class ConcreteTracer(fx.Tracer):
             return slice(self._concrete(a.start), self._concrete(a.stop), self._concrete(a.step))
         return a
 
-    def _run(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        of_input: bool = False,
+    ) -> Any:
         self._running += 1
         try:
             if kind == "call_function":
                 return target(*args, **kwargs)
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
-            return self.root.get_submodule(target)(*args, **kwargs)
+            module = self._called.get(target) or self.root.get_submodule(target)
+            if of_input:  # the input's own values: only their shapes are ever read
+                out = output_like(module, args, kwargs)
+                if out is not None:
+                    return out
+            return module(*args, **kwargs)
         finally:
             self._running -= 1
 
@@ -375,6 +389,7 @@ class ConcreteTracer(fx.Tracer):
             # module it wraps (same canonical name, same function).
             return self.call_module(inner, inner.forward, args, kwargs)
         path = self.path_of_module(m)
+        self._called[path] = m  # for _run: no second lookup of the module by its path
         out = super().call_module(m, forward, args, kwargs)
         node = out.node if isinstance(out, fx.Proxy) else None
         for name in self.aliases.get(id(m), [canonical(path)]):
@@ -386,6 +401,87 @@ class ConcreteTracer(fx.Tracer):
         if self.stop_after and not self._running and self.stop_after <= self.outputs.keys():
             raise _StopTrace  # every layer analysed has its node: nothing later is needed
         return out
+
+
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_NORMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 0, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+#: Leaf modules that return a tensor of their input's shape (exact types: a subclass may
+#: override ``forward``).
+_SAME_SHAPE: frozenset[type[nn.Module]] = frozenset(
+    [
+        nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ReLU, nn.ReLU6,
+        nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+        nn.ELU, nn.Mish, nn.Softplus,
+    ]
+)  # fmt: skip
+
+
+def output_like(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A tensor shaped like what ``module`` returns for ``args`` (zeros, or the input where
+    the shape is the same), or ``None``: run it.
+
+    Only for exact types whose output shape follows from the input's and when the call
+    cannot fail (channels, features and dtypes match, the output is not empty): otherwise the
+    real module runs and raises its own error.
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x, kind = args[0], type(module)
+    if x.layout != torch.strided or not x.is_floating_point() or x.ndim == 0:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None  # the real output's dtype is autocast's choice
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and (weight.dtype, weight.device) != (x.dtype, x.device):
+        return None
+    shape: tuple[int, ...] | None = None
+    if kind in _SAME_SHAPE:
+        shape = tuple(x.shape)
+    elif kind is nn.Linear:
+        if x.shape[-1] == module.in_features:
+            shape = (*x.shape[:-1], int(module.out_features))  # type: ignore[arg-type]
+    elif kind is nn.LayerNorm:
+        normalized = tuple(module.normalized_shape)  # type: ignore[arg-type]
+        if tuple(x.shape[x.ndim - len(normalized) :]) == normalized:
+            shape = tuple(x.shape)
+    elif kind is nn.GroupNorm:
+        if x.ndim >= 2 and x.shape[1] == module.num_channels:
+            shape = tuple(x.shape)
+    elif kind in _NORMS:
+        dims = _NORMS[kind]
+        ok_dims = x.ndim in (2, 3) if dims == 0 else x.ndim == dims
+        batch_stats = module.training or module.running_mean is None
+        if ok_dims and x.shape[1] == module.num_features and not batch_stats:
+            shape = tuple(x.shape)
+    elif kind in _CONVS:
+        shape = _conv_shape(module, x, _CONVS[kind])  # type: ignore[arg-type]
+    if shape is None or 0 in shape:
+        return None
+    # Its values are never read: the input itself where the shape is the same.
+    return x if shape == tuple(x.shape) else x.new_zeros(shape)
+
+
+def _conv_shape(m: nn.Conv1d, x: torch.Tensor, nd: int) -> tuple[int, ...] | None:
+    if x.ndim != nd + 2 or x.shape[1] != m.in_channels:
+        return None  # unbatched or wrong channels: the real call says what happens
+    sizes = []
+    for i in range(nd):
+        size, k, s, d = int(x.shape[2 + i]), m.kernel_size[i], m.stride[i], m.dilation[i]
+        if m.padding == "same":
+            p, side = 0, d * (k - 1) - d * (k - 1) // 2  # the larger side; the output keeps size
+        else:
+            p = 0 if m.padding == "valid" else int(m.padding[i])
+            side = p
+        if m.padding_mode != "zeros" and side >= size:
+            return None  # reflect / circular padding wider than the input: let torch say
+        if m.padding == "same":
+            sizes.append(size)
+            continue
+        span = size + 2 * p - d * (k - 1) - 1
+        if span < 0:
+            return None
+        sizes.append(span // s + 1)
+    return (int(x.shape[0]), int(m.out_channels), *sizes)
 
 
 def _in_place(kind: str, target: Any) -> bool:
@@ -469,11 +565,27 @@ _AUTOWRAP = (
 )
 
 
+class TracedGraph:
+    """The traced graph and the module its ``get_attr`` and ``call_module`` targets name: what
+    the walk reads of an ``fx.GraphModule``, without generating and compiling its code."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
+        self.root = root
+        self.graph = graph
+        self._modules: dict[str, nn.Module] = {}
+
+    def get_submodule(self, target: str) -> nn.Module:
+        module = self._modules.get(target)
+        if module is None:
+            module = self._modules[target] = self.root.get_submodule(target)
+        return module
+
+
 @dataclass
 class TracedModel:
     """A traced model with concrete shapes, ready for the receptive-field walk."""
 
-    gm: fx.GraphModule
+    gm: TracedGraph
     placeholder: fx.Node
     outputs: dict[str, fx.Node | None]  # canonical layer name -> output node of first call
     leaf_paths: set[str]
@@ -483,7 +595,7 @@ class TracedModel:
 
     def constant(self, node: fx.Node) -> Any:
         """The value of a ``get_attr`` node (a parameter, buffer or folded constant)."""
-        value: Any = self.gm
+        value: Any = self.gm.root
         for part in str(node.target).split("."):
             value = getattr(value, part)
         return value
@@ -557,7 +669,7 @@ def _trace(
     x: torch.Tensor,
     keep_function: Callable[[Any], bool],
     stop_after: frozenset[str] = frozenset(),
-) -> tuple[ConcreteTracer, fx.GraphModule]:
+) -> tuple[ConcreteTracer, TracedGraph]:
     tracer = ConcreteTracer(aliases, x, keep_function, stop_after)
     with contextlib.redirect_stderr(io.StringIO()):
         try:
@@ -569,7 +681,7 @@ def _trace(
         # fx marks a wrapped call so that generated code registers it again (globally, by
         # name); the graph is never traced again.
         node.meta.pop("is_wrapped", None)
-    return tracer, fx.GraphModule(root, graph)
+    return tracer, TracedGraph(root, graph)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
