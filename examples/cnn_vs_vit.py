@@ -169,8 +169,7 @@ def plot(
     from matplotlib.colors import LogNorm
 
     colours = {"CNN": "tab:blue", "ViT": "tab:orange"}
-    cmap = plt.get_cmap("inferno").copy()
-    cmap.set_bad("lightgrey")  # exactly zero: outside the TRF
+    cmap = plt.get_cmap("inferno").with_extremes(bad="lightgrey")  # 0: outside the TRF
     fig = plt.figure(figsize=(13, 6.2), constrained_layout=True)
     grid = fig.add_gridspec(2, 5)
     ax_size = fig.add_subplot(grid[0, 0:2])
