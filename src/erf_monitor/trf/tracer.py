@@ -21,8 +21,9 @@ Control flow that depends on the input's values cannot be traced (:class:`Unsupp
 The values the input feeds are those of a zeros image: nothing but their shapes and dtypes
 is ever read (a decision on them is refused, and they are dropped after tracing). So the
 common leaf modules whose output shape is known without running them (linear, convolution,
-normalisation and activation layers: :func:`output_like`) return zeros of that shape instead
-of computing it, which takes the trace's batch-1 forward off a fresh call's cost.
+normalisation and activation layers: :func:`output_like`) return a stand-in of that shape
+(zeros, or their input where the shape is unchanged) instead of computing it, which takes
+most of the trace's batch-1 forward off a fresh call's cost.
 """
 
 from __future__ import annotations
@@ -323,7 +324,9 @@ class ConcreteTracer(fx.Tracer):
                 return target(*args, **kwargs)
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
-            module = self._called.get(target) or self.root.get_submodule(target)
+            module = self._called.get(target)
+            if module is None:
+                module = self.root.get_submodule(target)
             if of_input:  # the input's own values: only their shapes are ever read
                 out = output_like(module, args, kwargs)
                 if out is not None:
@@ -467,17 +470,16 @@ def _conv_shape(m: nn.Conv1d, x: torch.Tensor, nd: int) -> tuple[int, ...] | Non
     sizes = []
     for i in range(nd):
         size, k, s, d = int(x.shape[2 + i]), m.kernel_size[i], m.stride[i], m.dilation[i]
-        if m.padding == "same":
-            p, side = 0, d * (k - 1) - d * (k - 1) // 2  # the larger side; the output keeps size
+        if m.padding == "same":  # the output keeps the size; the larger side is padded:
+            pad = d * (k - 1) - d * (k - 1) // 2
         else:
-            p = 0 if m.padding == "valid" else int(m.padding[i])
-            side = p
-        if m.padding_mode != "zeros" and side >= size:
-            return None  # reflect / circular padding wider than the input: let torch say
+            pad = 0 if m.padding == "valid" else int(m.padding[i])
+        if m.padding_mode != "zeros" and pad >= size:
+            return None  # reflect / circular padding as wide as the input: let torch say
         if m.padding == "same":
             sizes.append(size)
             continue
-        span = size + 2 * p - d * (k - 1) - 1
+        span = size + 2 * pad - d * (k - 1) - 1
         if span < 0:
             return None
         sizes.append(span // s + 1)
