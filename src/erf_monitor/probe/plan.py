@@ -184,7 +184,6 @@ def build_plan(
     trf: TRFOption = "auto",
     crop: CropOption = "auto",
     train_mode: bool = False,
-    dtype: torch.dtype | None = None,
     raise_trf_errors: bool = True,
 ) -> ProbePlan:
     """Build the plan of a probe of ``layers`` on inputs shaped like ``example``.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -199,11 +198,3 @@ def as_sink(obj: Any) -> Sink:
         "CSV/PNG/npz files, a function fn(step, scalars, images), a Lightning logger, an "
         "accelerate.Accelerator, an erf_monitor.sinks.Sink, or a list of these."
     )
-
-
-def _as_sinks(objs: Any) -> list[Sink]:  # pragma: no cover - convenience for integrations
-    if objs is None:
-        return []
-    if isinstance(objs, Sequence) and not isinstance(objs, (str, bytes)):
-        return [as_sink(o) for o in objs]
-    return [as_sink(objs)]

@@ -36,13 +36,10 @@ from torch import nn
 __all__ = [
     "Selector",
     "format_selector",
-    "get_module",
-    "layer_selector",
     "locate_layer",
     "parse_layer_spec",
     "resolve_layers",
     "spec_matches",
-    "unwrap_compiled",
     "unwrap_model",
 ]
 
@@ -77,10 +74,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = getattr(model, "module")  # noqa: B009 (typed as Tensor | Module)
         else:
             return model
-
-
-#: Older name, kept for the modules that import it.
-unwrap_compiled = unwrap_model
 
 
 def _canonical(name: str) -> str:
@@ -398,13 +391,3 @@ def locate_layer(
     if hit is None:
         raise _unknown_layer_error(name, list(table), _wrapper_of(model))
     return hit[0], table[hit[0]], hit[1]
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The module of layer spec ``name`` (``_orig_mod`` segments and selectors allowed)."""
-    return locate_layer(model, name)[1]
-
-
-def layer_selector(model: nn.Module, name: str) -> Selector:
-    """The output selector of layer spec ``name`` (``()`` when it takes the whole output)."""
-    return locate_layer(model, name)[2]

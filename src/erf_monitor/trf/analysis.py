@@ -33,7 +33,7 @@ from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.targets.layers import _module_table, locate_layer, unwrap_compiled
+from erf_monitor.targets.layers import _module_table, locate_layer, unwrap_model
 from erf_monitor.targets.observe import not_reached_error
 from erf_monitor.targets.outputs import needs_selector_error, select_output
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
@@ -94,7 +94,7 @@ def theoretical_rfs(
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
     check_not_meta(model)
-    net = unwrap_compiled(model)
+    net = unwrap_model(model)
     channels, spatial = parse_input_shape(net, input_shape)
     names = _check_layers(model, layers)
     req = positions if isinstance(positions, PositionRequest) else None
