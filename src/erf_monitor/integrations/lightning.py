@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
 
-from erf_monitor.core.imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
+from erf_monitor.core.imports import LIGHTNING_AVAILABLE, PL_AVAILABLE
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.monitor.engine import EngineView, MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
@@ -29,8 +29,8 @@ else:
     def _callback_bases() -> tuple[type, ...]:
         bases = []
         for available, module in (
-            (_LIGHTNING_AVAILABLE, "lightning.pytorch"),
-            (_PL_AVAILABLE, "pytorch_lightning"),
+            (LIGHTNING_AVAILABLE, "lightning.pytorch"),
+            (PL_AVAILABLE, "pytorch_lightning"),
         ):
             if available:
                 with contextlib.suppress(ImportError):  # a broken install counts as absent
@@ -123,7 +123,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         sinks: Any = None,
         **kwargs: Unpack[MonitorKwargs],
     ) -> None:
-        if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
+        if not (LIGHTNING_AVAILABLE or PL_AVAILABLE):
             raise ModuleNotFoundError(
                 "ERFMonitor needs Lightning: pip install erf-monitor[lightning] "
                 "(or use erf_monitor.watch() in a plain PyTorch loop)",

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from erf_monitor.core.imports import (
-    _LIGHTNING_AVAILABLE,
-    _PL_AVAILABLE,
+    LIGHTNING_AVAILABLE,
+    PL_AVAILABLE,
 )
 from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
@@ -39,7 +39,7 @@ _KNOWN_LOGGERS = ("TensorBoardLogger", "CSVLogger", "WandbLogger", "MLFlowLogger
 
 def _lightning_logger_kind(obj: Any) -> str | None:
     """Name of the Lightning logger class ``obj`` is an instance of, or ``None``."""
-    if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
+    if not (LIGHTNING_AVAILABLE or PL_AVAILABLE):
         return None
     for cls in type(obj).__mro__:
         if cls.__module__.startswith(_LIGHTNING_PACKAGES) and cls.__name__ in _KNOWN_LOGGERS:

@@ -61,8 +61,8 @@ from torch import nn
 from erf_monitor.core.hints import forward_error, is_own_error
 from erf_monitor.targets.layers import (
     Selector,
-    _module_table,
     format_selector,
+    module_table,
     unwrap_model,
 )
 from erf_monitor.targets.observe import StopForward
@@ -195,7 +195,7 @@ def _record(
 
     flags = {m: m.training for m in net.modules()}
     try:
-        for name, module in _module_table(net).items():
+        for name, module in module_table(net).items():
             handles.append(module.register_forward_hook(make_hook(name, module)))
         net.eval()
         with torch.no_grad(), contextlib.suppress(StopForward):

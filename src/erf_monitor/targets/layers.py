@@ -37,6 +37,7 @@ __all__ = [
     "Selector",
     "format_selector",
     "locate_layer",
+    "module_table",
     "parse_layer_spec",
     "resolve_layers",
     "spec_matches",
@@ -81,7 +82,8 @@ def _canonical(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != _COMPILED)
 
 
-def _module_table(model: nn.Module) -> dict[str, nn.Module]:
+def module_table(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of every named submodule, ``_orig_mod`` segments dropped."""
     table: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if name:
@@ -337,7 +339,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name, a glob, or 'auto'.")
-    table = _module_table(unwrap_model(model))
+    table = module_table(unwrap_model(model))
     names = list(table)
     out: list[str] = []
     for spec in specs:
@@ -379,14 +381,14 @@ def locate_layer(
     """``(module name, module, output selector)`` of one exact layer spec.
 
     The module name is the one in ``unwrap_model(model).named_modules()`` (without
-    ``_orig_mod``), whatever wrapper prefix the spec used. ``table`` (from ``_module_table``)
+    ``_orig_mod``), whatever wrapper prefix the spec used. ``table`` (from ``module_table``)
     saves rebuilding the name table when many names are located.
 
     Raises:
         ValueError: for a name that matches no module (close matches listed).
     """
     if table is None:
-        table = _module_table(unwrap_model(model))
+        table = module_table(unwrap_model(model))
     hit = _split(_canonical_spec(name), table)
     if hit is None:
         raise _unknown_layer_error(name, list(table), _wrapper_of(model))

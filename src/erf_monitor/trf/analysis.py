@@ -33,7 +33,7 @@ from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.targets.layers import _module_table, locate_layer, unwrap_model
+from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
 from erf_monitor.targets.observe import not_reached_error
 from erf_monitor.targets.outputs import needs_selector_error, select_output
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
@@ -279,7 +279,7 @@ def trace_layers(
     Raises:
         Unsupported: the model cannot be traced.
     """
-    table = _module_table(net)
+    table = module_table(net)
     modules = {locate_layer(net, name, table)[0] for name in names}
     with preserved_rng(), eager_forwards(net):
         return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
@@ -699,7 +699,7 @@ def _numeric(
 ) -> dict[str, dict[str, TRF]]:
     sur = _surrogate(net)
     layouts = layouts_for(token_layout, names)
-    table = _module_table(sur)
+    table = module_table(sur)
     fwd: ForwardFn = forward_fn or (lambda m, t: m(t))
     nd = len(spatial)
     gen = torch.Generator().manual_seed(1)
