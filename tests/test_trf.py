@@ -672,3 +672,21 @@ def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
     monkeypatch.setattr(trf_module._DataDependence, "__torch_dispatch__", refuse)
     trf = theoretical_rf(conv_stack(2, 3), (1, 16, 16), ["2"], method="numeric")["2"]
     assert trf.size == (5.0, 5.0) and not trf.data_dependent
+
+
+def test_no_op_is_given_two_rules() -> None:
+    # The rule tables are built at import, where a second, different rule for an op raises
+    # (before, 16 ops were listed as pointwise and unary, the later silently winning).
+    from erf_monitor.trf import fx
+
+    methods, functions = dict(fx._METHOD_RULES), dict(fx._FUNCTION_RULES)
+    try:
+        with pytest.raises(ValueError, match="two rules"):
+            fx._register_method(fx._pointwise, "dropout")
+        with pytest.raises(ValueError, match="two rules"):
+            fx._register_function(fx._pointwise, "dropout", namespaces=(F,))
+        fx._register_method(fx._unary, "dropout")  # the same rule again is no conflict
+    finally:
+        fx._METHOD_RULES.update(methods)
+        fx._FUNCTION_RULES.update(functions)
+    assert fx._METHOD_RULES["dropout"] is fx._FUNCTION_RULES[F.dropout] is fx._unary

@@ -1149,10 +1149,8 @@ _POINTWISE_NAMES = _words(
     rsqrt pow square reciprocal sign sin cos tanh sigmoid relu relu6 relu_ leaky_relu
     leaky_relu_ elu elu_ selu celu gelu silu mish hardswish hardsigmoid hardtanh hardtanh_
     softplus softsign tanhshrink logsigmoid threshold prelu rrelu clamp clamp_ clamp_min
-    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill dropout
-    dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout contiguous clone
-    detach float double half bfloat16 to type type_as add_ sub_ mul_ div_ sigmoid_ tanh_
-    exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
+    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill add_ sub_
+    mul_ div_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
     """
 )
 
@@ -1184,9 +1182,17 @@ _METHOD_RULES: dict[str, Rule] = {}
 _NAMED_FUNCTION_RULES: dict[str, Rule] = {}
 
 
+def _register(table: dict[Any, Rule], key: Any, rule: Rule) -> None:
+    """``table[key] = rule``; an op given another rule before is an error (no silent winner)."""
+    known = table.get(key)
+    if known is not None and known is not rule:
+        raise ValueError(f"{key!r} has two rules: {known!r} and {rule!r}")
+    table[key] = rule
+
+
 def _register_module(rule: Rule, *classes: type) -> None:
     for cls in classes:
-        _MODULE_RULES[cls] = rule
+        _register(_MODULE_RULES, cls, rule)
 
 
 def _register_function(rule: Rule, *names: str, namespaces: Sequence[Any] = ()) -> None:
@@ -1195,13 +1201,13 @@ def _register_function(rule: Rule, *names: str, namespaces: Sequence[Any] = ()) 
         for ns in spaces:
             fn = getattr(ns, name, None)
             if fn is not None and callable(fn):
-                with contextlib.suppress(TypeError):
-                    _FUNCTION_RULES[fn] = rule
+                with contextlib.suppress(TypeError):  # (an unhashable callable)
+                    _register(_FUNCTION_RULES, fn, rule)
 
 
 def _register_method(rule: Rule, *names: str) -> None:
     for name in names:
-        _METHOD_RULES[name] = rule
+        _register(_METHOD_RULES, name, rule)
 
 
 def _build_tables() -> None:
