@@ -34,7 +34,7 @@ from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
-from erf_monitor.targets.observe import not_reached_error
+from erf_monitor.targets.observe import ForwardFn, not_reached_error
 from erf_monitor.targets.outputs import needs_selector_error, select_output
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor.trf.fx import (
@@ -55,7 +55,6 @@ __all__ = ["theoretical_rfs", "trace_layers", "traced_shape"]
 
 log = logging.getLogger("erf_monitor")
 
-ForwardFn = Callable[[nn.Module, Tensor], Any]
 _SPATIAL_MODULES = (
     nn.modules.conv._ConvNd,
     nn.modules.pooling._MaxPoolNd,
