@@ -43,6 +43,7 @@ from erf_monitor.trf.fx import (
     TracedModel,
     Unsupported,
     full_axis,
+    ntuple,
     point_axis,
     select_node,
     shape_of,
@@ -496,10 +497,10 @@ class _SumPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         nd, p = self.nd, self.pool
-        k = _tuple(p.kernel_size, nd)
-        s = _tuple(p.stride or p.kernel_size, nd)
-        pad = _tuple(p.padding, nd)
-        dil = _tuple(p.dilation, nd)
+        k = ntuple(p.kernel_size, nd)
+        s = ntuple(p.stride or p.kernel_size, nd)
+        pad = ntuple(p.padding, nd)
+        dil = ntuple(p.dilation, nd)
         target = self.pool(x.detach()).shape[-nd:]
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         extra: list[int] = []
@@ -510,10 +511,6 @@ class _SumPool(nn.Module):
         c = x.shape[-nd - 1]
         weight = x.new_ones((c, 1, *k))
         return conv(F.pad(x, extra), weight, None, s, 0, dil, c)
-
-
-def _tuple(v: Any, nd: int) -> tuple[int, ...]:
-    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
