@@ -690,3 +690,19 @@ def test_no_op_is_given_two_rules() -> None:
         fx._METHOD_RULES.update(methods)
         fx._FUNCTION_RULES.update(functions)
     assert fx._METHOD_RULES["dropout"] is fx._FUNCTION_RULES[F.dropout] is fx._unary
+
+
+def test_trf_text_is_written_in_one_place() -> None:
+    # One dim 7 px wide (stride 2), the other global: what str(), the CLI's table and the
+    # pictures print.
+    from erf_monitor import TRF
+
+    trf = TRF(
+        size=(7.0, math.inf), stride=(2.0, 1.0), interval=((3, 9), (-math.inf, math.inf)),
+        clipped=((3, 9), (0, 15)), global_dims=(False, True), centre=(6.0, 7.5),
+        output_centre=(3, 0), output_shape=(8, 1), input_shape=(16, 16), method="fx",
+    )  # fmt: skip
+    assert str(trf) == "TRF(7 x global, stride 2 x 1)"
+    assert (trf.size_text(), trf.clipped_text(), trf.clipped_text("×")) == (
+        "7 x global", "7 x 16", "7×16",
+    )  # fmt: skip

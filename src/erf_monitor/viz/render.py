@@ -502,8 +502,8 @@ def _describe_trf(result: MapResult) -> str:
     if trf.is_global:
         return "TRF global"
     if any(result.wrapped):
-        return f"TRF {_fmt_size(trf.clipped_size)} px, wraps around the border"
-    return f"TRF (clipped) {_fmt_size(trf.clipped_size)} px"
+        return f"TRF {trf.clipped_text('×')} px, wraps around the border"
+    return f"TRF (clipped) {trf.clipped_text('×')} px"
 
 
 def _annotate(
@@ -677,10 +677,6 @@ def render_heatmap(
 
 
 # -- figures --------------------------------------------------------------------------------
-def _fmt_size(sizes: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in sizes)
-
-
 def _panel_title(result: MapResult) -> str:
     trf = result.trf
     if trf is None:
@@ -688,9 +684,9 @@ def _panel_title(result: MapResult) -> str:
     elif trf.data_dependent:
         trf_text = "TRF data-dependent"
     elif trf.is_global:
-        trf_text = f"TRF global ({_fmt_size(trf.clipped_size)})"
+        trf_text = f"TRF global ({trf.clipped_text('×')})"
     else:
-        trf_text = f"TRF {_fmt_size(trf.clipped_size)}"
+        trf_text = f"TRF {trf.clipped_text('×')}"
     ratio = result.ratio
     ratio_text = "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}"
     return (
