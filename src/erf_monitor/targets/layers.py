@@ -277,7 +277,7 @@ def _unknown_layer_error(name: str, names: Sequence[str], wrapper: str | None = 
     )
 
 
-def _glob_matches(spec: str, names: list[str], table: dict[str, nn.Module]) -> list[str]:
+def _glob_matches(spec: str, names: list[str]) -> list[str]:
     """Names matched by a glob ``spec`` (bracket selectors kept), ``[]`` if none."""
     try:
         path, selector = parse_layer_spec(spec)
@@ -359,7 +359,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
                 log.info("erf-monitor: layer %r is module %r inside %s", spec, key, where)
             matched = [given]  # as spelled: results are keyed the way they were asked for
         else:
-            matched = _glob_matches(spec, names, table)
+            matched = _glob_matches(spec, names)
         if not matched:
             if syntax_error is not None and any(q in spec for q in "'\""):
                 raise syntax_error

@@ -662,7 +662,7 @@ def _roll(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     mapping = identity_map(range(len(shape)), shape)
     for shift, dim in zip(shifts, dims):
         d = _norm_dim(int(dim), len(shape))
-        axes[d] = roll_axis(axes[d], shape[d], int(shift))
+        axes[d] = roll_axis(axes[d], int(shift))
         mapping[d] = (d, roll_taps(shape[d], int(shift)), shape[d])
     # A batch roll mixes samples; a spatial one moves pixels across the image.
     return [(x, with_joint(axes, carry_joint(reg, mapping), False))]
