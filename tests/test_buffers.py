@@ -119,3 +119,33 @@ def test_qat_training_is_bit_for_bit_identical_with_watch() -> None:
         return snapshot(net)
 
     assert_same(run(False), copy.deepcopy(run(True)))
+
+
+def test_auto_layers_trace_and_probe_leave_every_training_flag() -> None:
+    # ``"auto"`` reads the outputs in eval mode, the TRF trace runs in eval mode and the probe
+    # in its own mode: each puts back every module's flag, a frozen part's included.
+    from erf_monitor.targets.auto import pick_layers
+    from erf_monitor.trf.tracer import trace_model
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(), nn.ReLU(), nn.Conv2d(4, 4, 3)).train()
+    net[1].eval()
+    flags = [m.training for m in net.modules()]
+    x = torch.randn(2, 3, 12, 12)
+    for run in (
+        lambda: pick_layers(net, x),
+        lambda: trace_model(net, None, (3, 12, 12)),
+        lambda: em.compute_erf(net, x, "auto"),
+    ):
+        run()
+        assert [m.training for m in net.modules()] == flags == [True, True, False, True, True]
+
+
+def test_training_flags_are_put_back_when_the_block_raises() -> None:
+    from erf_monitor.core.buffers import preserved_training
+
+    net = nn.Sequential(nn.Dropout(), nn.Dropout().eval()).train()
+    net[1].eval()
+    with pytest.raises(RuntimeError), preserved_training(net):
+        net.eval()
+        raise RuntimeError
+    assert [m.training for m in net.modules()] == [True, True, False]

@@ -534,6 +534,21 @@ def test_reused_monitor_starts_afresh_for_a_new_trainer_and_model(tmp_path: Path
     assert [step for step, _ in calls] == [0, 2, 3]
 
 
+def test_reused_monitor_starts_afresh_for_a_new_trainer_of_the_same_model(tmp_path: Path) -> None:
+    cb = quiet_monitor(layers=["net.7"])
+    module = make_module()
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4).fit(module)
+    assert sorted(cb.history["net.7"]) == [0, 2, 4]
+    first_batch = cb.probe_batch
+    other = TensorDataset(torch.randn(16, 3, SIZE, SIZE) + 5, torch.randint(0, 4, (16,)))
+    make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=1).fit(
+        module, DataLoader(other, batch_size=8)
+    )
+    assert sorted(cb.history["net.7"]) == [0, 1]  # the new run only
+    assert torch.equal(cb.probe_batch, other.tensors[0][:4])  # the new Trainer's images
+    assert not torch.equal(cb.probe_batch, first_batch)
+
+
 def test_custom_logger_gets_scalars_and_images(tmp_path: Path) -> None:
     """A Lightning Logger erf-monitor does not know: scalars through its log_metrics, images
     through its log_image, as Lightning's own monitors do."""

@@ -4,7 +4,7 @@ Stages, lowest first: ``core`` (shared foundations), ``inputs``, ``targets``, ``
 ``measure``, ``probe``, ``sinks``, ``monitor``, ``integrations``, ``cli``, and the package root
 (the public surface). A module may import its own stage and the stages below it, never one
 above, whether at module level, inside a function or under ``TYPE_CHECKING``; and no imports
-run in a circle.
+run in a circle. A name imported from another folder is public there (no leading underscore).
 """
 
 from __future__ import annotations
@@ -115,3 +115,30 @@ def test_no_import_circles() -> None:
     # A subpackage's __init__ importing its own modules is not a circle of code.
     circles = [c for c in circles if not all(x.startswith(c[0]) for x in c)]
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def _subpackage(module: str) -> str:
+    """The folder a module lives in (``erf_monitor`` for the root's modules)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or parts[-1] in STAGES else parts[0]
+
+
+def test_no_module_imports_another_subpackages_private_name() -> None:
+    # A name used outside its folder is public there (no underscore); dunders are allowed.
+    found = []
+    for module, path in _modules().items():
+        pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], base]).rstrip(".")
+            if not base.startswith("erf_monitor") or _subpackage(base) == _subpackage(module):
+                continue
+            private = [
+                a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")
+            ]
+            found += [f"{module}:{node.lineno} imports {base}.{n}" for n in private]
+    assert not found, "\n".join(found)

@@ -672,3 +672,37 @@ def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
     monkeypatch.setattr(trf_module._DataDependence, "__torch_dispatch__", refuse)
     trf = theoretical_rf(conv_stack(2, 3), (1, 16, 16), ["2"], method="numeric")["2"]
     assert trf.size == (5.0, 5.0) and not trf.data_dependent
+
+
+def test_no_op_is_given_two_rules() -> None:
+    # The rule tables are built at import, where a second, different rule for an op raises
+    # (before, 16 ops were listed as pointwise and unary, the later silently winning).
+    from erf_monitor.trf import fx
+
+    methods, functions = dict(fx._METHOD_RULES), dict(fx._FUNCTION_RULES)
+    try:
+        with pytest.raises(ValueError, match="two rules"):
+            fx._register_method(fx._pointwise, "dropout")
+        with pytest.raises(ValueError, match="two rules"):
+            fx._register_function(fx._pointwise, "dropout", namespaces=(F,))
+        fx._register_method(fx._unary, "dropout")  # the same rule again is no conflict
+    finally:
+        fx._METHOD_RULES.update(methods)
+        fx._FUNCTION_RULES.update(functions)
+    assert fx._METHOD_RULES["dropout"] is fx._FUNCTION_RULES[F.dropout] is fx._unary
+
+
+def test_trf_text_is_written_in_one_place() -> None:
+    # One dim 7 px wide (stride 2), the other global: what str(), the CLI's table and the
+    # pictures print.
+    from erf_monitor import TRF
+
+    trf = TRF(
+        size=(7.0, math.inf), stride=(2.0, 1.0), interval=((3, 9), (-math.inf, math.inf)),
+        clipped=((3, 9), (0, 15)), global_dims=(False, True), centre=(6.0, 7.5),
+        output_centre=(3, 0), output_shape=(8, 1), input_shape=(16, 16), method="fx",
+    )  # fmt: skip
+    assert str(trf) == "TRF(7 x global, stride 2 x 1)"
+    assert (trf.size_text(), trf.clipped_text(), trf.clipped_text("×")) == (
+        "7 x global", "7 x 16", "7×16",
+    )  # fmt: skip

@@ -361,7 +361,7 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
     each model's unit-mass map to the first one's (red: more mass than the first model)."""
     from matplotlib.figure import Figure
 
-    from erf_monitor.viz.render import _add_box, _erf_interval, _trf_interval, normalize
+    from erf_monitor.viz.render import add_box, erf_interval, normalize, trf_interval
 
     n_models = len(comp.names)
     ncols = n_models + (n_models - 1)
@@ -380,11 +380,11 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
             ax = axes[row, col]
             r = comp.results[name][layer]
             ax.imshow(normalize(maps[name], log_scale), cmap="inferno", vmin=0, vmax=1)
-            rows, cols = _trf_interval(r, 0), _trf_interval(r, 1)
+            rows, cols = trf_interval(r, 0), trf_interval(r, 1)
             if rows is not None and cols is not None:
-                _add_box(ax, rows, cols, "cyan", lw=1.0)
+                add_box(ax, rows, cols, "cyan", lw=1.0)
             if maps[name].max() > 0:
-                _add_box(ax, _erf_interval(r, 0), _erf_interval(r, 1), "white", lw=1.0, ls="--")
+                add_box(ax, erf_interval(r, 0), erf_interval(r, 1), "white", lw=1.0, ls="--")
             cis = comp.intervals[name][layer]
             ax.set_title(
                 f"{name} · {layer or '<model>'}\nERF {_fmt(cis.get('erf_size'), '.0f')} px · "

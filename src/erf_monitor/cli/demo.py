@@ -543,9 +543,9 @@ def run_demo(
         raise DemoError(f"variant must be small, large or both, got {variant!r}")
     if logger not in ("tensorboard", "wandb", "csv"):
         raise DemoError(f"unknown logger {logger!r}; use tensorboard, wandb or csv")
-    from erf_monitor.core.imports import _LIGHTNING_AVAILABLE, package_available
+    from erf_monitor.core.imports import LIGHTNING_AVAILABLE, package_available
 
-    if not _LIGHTNING_AVAILABLE:
+    if not LIGHTNING_AVAILABLE:
         raise DemoError("the demo needs Lightning: pip install erf-monitor[lightning]")
     if logger == "tensorboard" and not package_available("tensorboard"):
         raise DemoError(

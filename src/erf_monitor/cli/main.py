@@ -90,12 +90,7 @@ def _trf_text(r: ERFResult) -> tuple[str, str]:
         return "?", "?"
     if trf.data_dependent:
         return "data-dependent", "-"
-    size = " x ".join(
-        "global" if g else (str(int(s)) if math.isfinite(s) else "inf")
-        for s, g in zip(trf.size, trf.global_dims)
-    )
-    clipped = " x ".join(str(c) for c in trf.clipped_size)
-    return size, clipped
+    return trf.size_text(), trf.clipped_text()
 
 
 def results_table(

@@ -5,7 +5,8 @@ quantization-aware training's ``FakeQuantize`` observers update their ranges (an
 scale) in *any* mode, and user modules count calls or keep running maxima. Any of them
 changed by a probe would change the user's training, so every buffer is restored: in place
 where a forward modified it (its values or its version counter changed), by object where a
-forward replaced it (``self.n = self.n + 1``).
+forward replaced it (``self.n = self.n + 1``). Every module's ``training`` flag is put back
+too (:func:`preserved_training`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers"]
+__all__ = ["preserved_buffers", "preserved_training"]
 
 
 @contextlib.contextmanager
@@ -46,3 +47,22 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                 # so an unchanged buffer keeps its version).
                 if copy is not None and (buf._version != version or not torch.equal(buf, copy)):
                     buf.copy_(copy)
+
+
+@contextlib.contextmanager
+def preserved_training(model: nn.Module) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit (``model.eval()`` inside is undone).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Dropout()).train()
+        >>> with preserved_training(net):
+        ...     _ = net.eval()
+        >>> net.training, net[0].training
+        (True, True)
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

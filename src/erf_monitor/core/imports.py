@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 
 __all__ = [
-    "_LIGHTNING_AVAILABLE",
-    "_MLFLOW_AVAILABLE",
-    "_PL_AVAILABLE",
-    "_TENSORBOARD_AVAILABLE",
-    "_WANDB_AVAILABLE",
+    "LIGHTNING_AVAILABLE",
+    "MLFLOW_AVAILABLE",
+    "PL_AVAILABLE",
+    "TENSORBOARD_AVAILABLE",
+    "WANDB_AVAILABLE",
     "package_available",
     "require",
 ]
@@ -41,11 +41,11 @@ def package_available(name: str) -> bool:
         return False
 
 
-_LIGHTNING_AVAILABLE: bool = package_available("lightning")
-_PL_AVAILABLE: bool = package_available("pytorch_lightning")
-_TENSORBOARD_AVAILABLE: bool = package_available("tensorboard")
-_WANDB_AVAILABLE: bool = package_available("wandb")
-_MLFLOW_AVAILABLE: bool = package_available("mlflow")
+LIGHTNING_AVAILABLE: bool = package_available("lightning")
+PL_AVAILABLE: bool = package_available("pytorch_lightning")
+TENSORBOARD_AVAILABLE: bool = package_available("tensorboard")
+WANDB_AVAILABLE: bool = package_available("wandb")
+MLFLOW_AVAILABLE: bool = package_available("mlflow")
 
 
 def require(package: str, extra: str | None = None, feature: str | None = None) -> None:

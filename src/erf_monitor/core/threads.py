@@ -4,8 +4,7 @@ The metrics' matrices are small (a field of a few hundred pixels a side) and eac
 fraction of a millisecond; OpenBLAS still splits them over its threads, whose workers
 busy-wait for each other. On a loaded machine that turns a 0.5 ms Cholesky into 100 ms or
 more (measured on 2 shared cores). Within :func:`single_blas_thread` NumPy's and SciPy's BLAS
-run on the calling thread (``threadpoolctl``, when installed; otherwise nothing changes);
-the bootstrap parallelises over resamples instead.
+run on the calling thread (``threadpoolctl``); the bootstrap parallelises over resamples instead.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-from erf_monitor.core.imports import package_available
 
 __all__ = ["single_blas_thread"]
 
@@ -28,9 +25,6 @@ def single_blas_thread() -> Iterator[None]:
     The limit is process-wide (BLAS has no per-thread setting): enter it on the thread that
     orchestrates the work, not inside worker threads.
     """
-    if not package_available("threadpoolctl"):
-        yield
-        return
     if not _CONTROLLER:
         import scipy.linalg  # noqa: F401  (load SciPy's BLAS so that it is found)
         from threadpoolctl import ThreadpoolController

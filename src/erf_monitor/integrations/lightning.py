@@ -14,14 +14,15 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from typing_extensions import Unpack
+from typing_extensions import Unpack, override
 
-from erf_monitor.core.imports import _LIGHTNING_AVAILABLE, _PL_AVAILABLE
+from erf_monitor.core.imports import LIGHTNING_AVAILABLE, PL_AVAILABLE
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.monitor.engine import EngineView, MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 
 if TYPE_CHECKING:
+    import lightning.pytorch as pl
     from lightning.pytorch import Callback as _CallbackBase
 
 else:
@@ -29,8 +30,8 @@ else:
     def _callback_bases() -> tuple[type, ...]:
         bases = []
         for available, module in (
-            (_LIGHTNING_AVAILABLE, "lightning.pytorch"),
-            (_PL_AVAILABLE, "pytorch_lightning"),
+            (LIGHTNING_AVAILABLE, "lightning.pytorch"),
+            (PL_AVAILABLE, "pytorch_lightning"),
         ):
             if available:
                 with contextlib.suppress(ImportError):  # a broken install counts as absent
@@ -123,7 +124,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         sinks: Any = None,
         **kwargs: Unpack[MonitorKwargs],
     ) -> None:
-        if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
+        if not (LIGHTNING_AVAILABLE or PL_AVAILABLE):
             raise ModuleNotFoundError(
                 "ERFMonitor needs Lightning: pip install erf-monitor[lightning] "
                 "(or use erf_monitor.watch() in a plain PyTorch loop)",
@@ -136,6 +137,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._run_of: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         """Identifies this callback's state in checkpoints (stable across runs)."""
         layers = self._engine.layers
@@ -146,7 +148,8 @@ class ERFMonitor(EngineView, _CallbackBase):
         )
 
     # ------------------------------------------------------------------ Trainer hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the layer names against the model and connect the Trainer's loggers."""
         if stage != "fit":
             return
@@ -165,8 +168,9 @@ class ERFMonitor(EngineView, _CallbackBase):
             sinks.extend(as_sink(s) for s in extra_list)
         self._engine.set_sinks(sinks)
 
+    @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Capture the probe batch from the first training batch; probe at fit start."""
         if self._fit_started:
@@ -186,18 +190,26 @@ class ERFMonitor(EngineView, _CallbackBase):
         # Resumed: the checkpoint's step was probed (or skipped) by the run that saved it.
         self._maybe_probe(trainer, pl_module, force=not engine.resumed)
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         """Probe when ``trainer.global_step`` reached a multiple of ``every_n_steps``."""
         self._maybe_probe(trainer, pl_module, force=False)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe once more at the end of fit (unless this step was just probed)."""
         if self._fit_started:
             self._maybe_probe(trainer, pl_module, force=True)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Flush and release the sinks (never the loggers themselves); print the summary."""
         if stage != "fit":
             return
@@ -210,10 +222,12 @@ class ERFMonitor(EngineView, _CallbackBase):
         finally:
             self._engine.set_sinks(())
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Probe batch, history and alert state (tensors and Python scalars only)."""
         return self._engine.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self._engine.load_state_dict(state_dict)

@@ -79,7 +79,7 @@ def _trf(r: ERFResult) -> str:
         return "unknown"
     if trf.data_dependent:
         return "data-dependent"
-    size = "×".join(str(int(s)) for s in trf.clipped_size)
+    size = trf.clipped_text("×")
     return f"global ({size})" if trf.is_global else size
 
 

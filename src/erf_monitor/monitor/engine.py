@@ -51,7 +51,7 @@ from erf_monitor.probe.crop import CropOption
 from erf_monitor.probe.plan import ProbePlan, build_plan, probe_dtype
 from erf_monitor.sinks._base import Sink
 from erf_monitor.sinks._metrics import metric_patterns
-from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_compiled
+from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_model
 from erf_monitor.targets.tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
     """The watched layer that runs last: the one whose subtree ends last in ``named_modules()``
     order (a container after its children); ``"stage[0]"``-style selectors count as their
     module. Ties keep the later name."""
-    order = [n for n, _ in unwrap_compiled(model).named_modules()]
+    order = [n for n, _ in unwrap_model(model).named_modules()]
 
     def end(name: str) -> tuple[int, int]:
         base = name.split("[", 1)[0]
@@ -258,7 +258,7 @@ class MonitorEngine:
         if self.layers != "auto":
             resolve_layers(model, self.layers)
         if isinstance(self.min_coverage, dict):
-            table = [n for n, _ in unwrap_compiled(model).named_modules() if n]
+            table = [n for n, _ in unwrap_model(model).named_modules() if n]
             for spec in self.min_coverage:
                 with contextlib.suppress(ValueError):
                     resolve_layers(model, [spec])  # also names with output selectors
@@ -339,7 +339,7 @@ class MonitorEngine:
     def _prepare(self, model: nn.Module, position: Any = None, crop: CropOption = "auto") -> None:
         """Build the probe plan (once per fit; again only when the probe batch changes)."""
         assert self.probe_batch is not None
-        net = unwrap_compiled(model)
+        net = unwrap_model(model)
         device, dtype = _model_device(net)
         example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
         plan = build_plan(
@@ -365,7 +365,7 @@ class MonitorEngine:
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        device, _ = _model_device(unwrap_compiled(model))
+        device, _ = _model_device(unwrap_model(model))
         with preserved_rng(device):
             x = probe_input(batch, device, self.plan.dtype)
             results = probe(self.plan, model, x, chunk_size=self.chunk_size,

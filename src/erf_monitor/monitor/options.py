@@ -10,17 +10,17 @@ built, so a wrong value fails at construction with the field's name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from typing_extensions import TypedDict
 
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.inputs.batch import InputKey
 from erf_monitor.sinks._metrics import DEFAULT_METRICS, MetricSelection, check_metrics
+from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionSpec, check_position
 from erf_monitor.targets.tokens import TokenLayoutArg, check_token_layout
 
@@ -43,7 +43,6 @@ LayerSpec = str | Sequence[str]
 OnInsufficient = Literal["warn", "raise", "stop"]
 ProbeInputs = Literal["train", "val", "noise"] | torch.Tensor
 MinCoverage = float | Mapping[str, float] | None
-ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
 DistributedProbe = bool | Literal["auto"]
 
 

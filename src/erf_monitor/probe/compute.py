@@ -7,7 +7,6 @@ and measure (:mod:`erf_monitor.probe.results`).
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -352,13 +351,3 @@ def theoretical_rf(
     reissue(caught)  # at the user's line
     key = req.primary.key
     return {name: units[key] for name, units in plan.trfs.items()}
-
-
-def timed_compute_erf(*args: Any, **kwargs: Any) -> tuple[ERFResults, float]:
-    """:func:`compute_erf` plus its wall time in seconds (CUDA synchronised when used)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    res = compute_erf(*args, **kwargs)
-    sync()
-    return res, time.perf_counter() - t0

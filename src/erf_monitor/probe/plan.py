@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from erf_monitor.core.buffers import preserved_buffers
+from erf_monitor.core.buffers import preserved_buffers, preserved_training
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.modes import Mode, seed_index
 from erf_monitor.core.rng import preserved_rng
@@ -151,7 +151,6 @@ def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Ite
     """Put the model in the probe's mode and restore *everything* it may touch afterwards:
     every module's ``training`` flag, every buffer, every random stream; autocast off,
     gradients on (also inside ``no_grad``/``inference_mode``), compiled submodules eager."""
-    flags = [(m, m.training) for m in model.modules()]
     with contextlib.ExitStack() as stack:
         # BatchNorm statistics in train mode, quantization observers and counters in any mode
         stack.enter_context(preserved_buffers(model))
@@ -164,12 +163,9 @@ def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Ite
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is not None:  # torch >= 2.6: compiled submodules run eagerly, no recompiles
             stack.enter_context(stance("force_eager"))
-        try:
-            model.train(train_mode)
-            yield
-        finally:
-            for m, flag in flags:
-                m.training = flag
+        stack.enter_context(preserved_training(model))
+        model.train(train_mode)
+        yield
 
 
 def build_plan(
@@ -184,7 +180,6 @@ def build_plan(
     trf: TRFOption = "auto",
     crop: CropOption = "auto",
     train_mode: bool = False,
-    dtype: torch.dtype | None = None,
     raise_trf_errors: bool = True,
 ) -> ProbePlan:
     """Build the plan of a probe of ``layers`` on inputs shaped like ``example``.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 from erf_monitor.core.imports import (
-    _LIGHTNING_AVAILABLE,
-    _PL_AVAILABLE,
+    LIGHTNING_AVAILABLE,
+    PL_AVAILABLE,
 )
 from erf_monitor.core.warn import warn
 from erf_monitor.sinks._base import Sink
@@ -40,7 +39,7 @@ _KNOWN_LOGGERS = ("TensorBoardLogger", "CSVLogger", "WandbLogger", "MLFlowLogger
 
 def _lightning_logger_kind(obj: Any) -> str | None:
     """Name of the Lightning logger class ``obj`` is an instance of, or ``None``."""
-    if not (_LIGHTNING_AVAILABLE or _PL_AVAILABLE):
+    if not (LIGHTNING_AVAILABLE or PL_AVAILABLE):
         return None
     for cls in type(obj).__mro__:
         if cls.__module__.startswith(_LIGHTNING_PACKAGES) and cls.__name__ in _KNOWN_LOGGERS:
@@ -199,11 +198,3 @@ def as_sink(obj: Any) -> Sink:
         "CSV/PNG/npz files, a function fn(step, scalars, images), a Lightning logger, an "
         "accelerate.Accelerator, an erf_monitor.sinks.Sink, or a list of these."
     )
-
-
-def _as_sinks(objs: Any) -> list[Sink]:  # pragma: no cover - convenience for integrations
-    if objs is None:
-        return []
-    if isinstance(objs, Sequence) and not isinstance(objs, (str, bytes)):
-        return [as_sink(o) for o in objs]
-    return [as_sink(objs)]

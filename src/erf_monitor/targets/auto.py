@@ -58,11 +58,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from erf_monitor.core.buffers import preserved_training
 from erf_monitor.core.hints import forward_error, is_own_error
 from erf_monitor.targets.layers import (
     Selector,
-    _module_table,
     format_selector,
+    module_table,
     unwrap_model,
 )
 from erf_monitor.targets.observe import StopForward
@@ -193,12 +194,11 @@ def _record(
 
         return hook
 
-    flags = {m: m.training for m in net.modules()}
     try:
-        for name, module in _module_table(net).items():
+        for name, module in module_table(net).items():
             handles.append(module.register_forward_hook(make_hook(name, module)))
-        net.eval()
-        with torch.no_grad(), contextlib.suppress(StopForward):
+        with preserved_training(net), torch.no_grad(), contextlib.suppress(StopForward):
+            net.eval()
             (forward_fn or (lambda m, t: m(t)))(net, x)
     except Exception as exc:
         if is_own_error(exc):
@@ -207,8 +207,6 @@ def _record(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     alive.clear()
     return sorted(calls.values(), key=lambda c: c.order)
 

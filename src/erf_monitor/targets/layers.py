@@ -36,13 +36,11 @@ from torch import nn
 __all__ = [
     "Selector",
     "format_selector",
-    "get_module",
-    "layer_selector",
     "locate_layer",
+    "module_table",
     "parse_layer_spec",
     "resolve_layers",
     "spec_matches",
-    "unwrap_compiled",
     "unwrap_model",
 ]
 
@@ -79,16 +77,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-#: Older name, kept for the modules that import it.
-unwrap_compiled = unwrap_model
-
-
 def _canonical(name: str) -> str:
     # torch.compile'd submodules appear as "net._orig_mod.layer1": users may omit that segment.
     return ".".join(p for p in name.split(".") if p != _COMPILED)
 
 
-def _module_table(model: nn.Module) -> dict[str, nn.Module]:
+def module_table(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of every named submodule, ``_orig_mod`` segments dropped."""
     table: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if name:
@@ -282,7 +277,7 @@ def _unknown_layer_error(name: str, names: Sequence[str], wrapper: str | None = 
     )
 
 
-def _glob_matches(spec: str, names: list[str], table: dict[str, nn.Module]) -> list[str]:
+def _glob_matches(spec: str, names: list[str]) -> list[str]:
     """Names matched by a glob ``spec`` (bracket selectors kept), ``[]`` if none."""
     try:
         path, selector = parse_layer_spec(spec)
@@ -344,7 +339,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name, a glob, or 'auto'.")
-    table = _module_table(unwrap_model(model))
+    table = module_table(unwrap_model(model))
     names = list(table)
     out: list[str] = []
     for spec in specs:
@@ -364,7 +359,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
                 log.info("erf-monitor: layer %r is module %r inside %s", spec, key, where)
             matched = [given]  # as spelled: results are keyed the way they were asked for
         else:
-            matched = _glob_matches(spec, names, table)
+            matched = _glob_matches(spec, names)
         if not matched:
             if syntax_error is not None and any(q in spec for q in "'\""):
                 raise syntax_error
@@ -386,25 +381,15 @@ def locate_layer(
     """``(module name, module, output selector)`` of one exact layer spec.
 
     The module name is the one in ``unwrap_model(model).named_modules()`` (without
-    ``_orig_mod``), whatever wrapper prefix the spec used. ``table`` (from ``_module_table``)
+    ``_orig_mod``), whatever wrapper prefix the spec used. ``table`` (from ``module_table``)
     saves rebuilding the name table when many names are located.
 
     Raises:
         ValueError: for a name that matches no module (close matches listed).
     """
     if table is None:
-        table = _module_table(unwrap_model(model))
+        table = module_table(unwrap_model(model))
     hit = _split(_canonical_spec(name), table)
     if hit is None:
         raise _unknown_layer_error(name, list(table), _wrapper_of(model))
     return hit[0], table[hit[0]], hit[1]
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The module of layer spec ``name`` (``_orig_mod`` segments and selectors allowed)."""
-    return locate_layer(model, name)[1]
-
-
-def layer_selector(model: nn.Module, name: str) -> Selector:
-    """The output selector of layer spec ``name`` (``()`` when it takes the whole output)."""
-    return locate_layer(model, name)[2]

@@ -35,9 +35,9 @@ from torch import nn
 from erf_monitor.targets.auto import GLOBAL_POOLS, GRID_MODULES, pick_layers, read_outputs
 from erf_monitor.targets.layers import (
     Selector,
-    _module_table,
     format_selector,
     locate_layer,
+    module_table,
     resolve_layers,
     unwrap_model,
 )
@@ -200,7 +200,7 @@ def resolve_targets(
         specs = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
         shapes.update({s: tuple(v) for s, v in (known_shapes or {}).items() if s in specs})
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
-    table = _module_table(net)
+    table = module_table(net)
     located = {s: locate_layer(model, s, table) for s in specs}
 
     def take(spec: str, out: Any) -> None:

@@ -33,8 +33,8 @@ from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.targets.layers import _module_table, locate_layer, unwrap_compiled
-from erf_monitor.targets.observe import not_reached_error
+from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
+from erf_monitor.targets.observe import ForwardFn, not_reached_error
 from erf_monitor.targets.outputs import needs_selector_error, select_output
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor.trf.fx import (
@@ -43,6 +43,7 @@ from erf_monitor.trf.fx import (
     TracedModel,
     Unsupported,
     full_axis,
+    ntuple,
     point_axis,
     select_node,
     shape_of,
@@ -55,7 +56,6 @@ __all__ = ["theoretical_rfs", "trace_layers", "traced_shape"]
 
 log = logging.getLogger("erf_monitor")
 
-ForwardFn = Callable[[nn.Module, Tensor], Any]
 _SPATIAL_MODULES = (
     nn.modules.conv._ConvNd,
     nn.modules.pooling._MaxPoolNd,
@@ -94,7 +94,7 @@ def theoretical_rfs(
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
     check_not_meta(model)
-    net = unwrap_compiled(model)
+    net = unwrap_model(model)
     channels, spatial = parse_input_shape(net, input_shape)
     names = _check_layers(model, layers)
     req = positions if isinstance(positions, PositionRequest) else None
@@ -279,7 +279,7 @@ def trace_layers(
     Raises:
         Unsupported: the model cannot be traced.
     """
-    table = _module_table(net)
+    table = module_table(net)
     modules = {locate_layer(net, name, table)[0] for name in names}
     with preserved_rng(), eager_forwards(net):
         return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
@@ -497,10 +497,10 @@ class _SumPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         nd, p = self.nd, self.pool
-        k = _tuple(p.kernel_size, nd)
-        s = _tuple(p.stride or p.kernel_size, nd)
-        pad = _tuple(p.padding, nd)
-        dil = _tuple(p.dilation, nd)
+        k = ntuple(p.kernel_size, nd)
+        s = ntuple(p.stride or p.kernel_size, nd)
+        pad = ntuple(p.padding, nd)
+        dil = ntuple(p.dilation, nd)
         target = self.pool(x.detach()).shape[-nd:]
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         extra: list[int] = []
@@ -511,10 +511,6 @@ class _SumPool(nn.Module):
         c = x.shape[-nd - 1]
         weight = x.new_ones((c, 1, *k))
         return conv(F.pad(x, extra), weight, None, s, 0, dil, c)
-
-
-def _tuple(v: Any, nd: int) -> tuple[int, ...]:
-    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
@@ -699,7 +695,7 @@ def _numeric(
 ) -> dict[str, dict[str, TRF]]:
     sur = _surrogate(net)
     layouts = layouts_for(token_layout, names)
-    table = _module_table(sur)
+    table = module_table(sur)
     fwd: ForwardFn = forward_fn or (lambda m, t: m(t))
     nd = len(spatial)
     gen = torch.Generator().manual_seed(1)

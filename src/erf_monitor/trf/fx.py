@@ -222,7 +222,8 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _ntuple(v: Any, n: int) -> tuple[Any, ...]:
+def ntuple(v: Any, n: int) -> tuple[Any, ...]:
+    """``v`` per dim: a sequence as it is (one value repeated ``n`` times), else ``(v,) * n``."""
     if isinstance(v, (list, tuple)):
         if len(v) == 1 and n > 1:
             return tuple(v) * n
@@ -357,7 +358,7 @@ def _conv_geometry(
 ) -> list[Contribution]:
     nd = len(kernel)
     in_shape = ctx.shape(x)
-    stride_t, dil_t = _ntuple(stride, nd), _ntuple(dilation, nd)
+    stride_t, dil_t = ntuple(stride, nd), ntuple(dilation, nd)
     if isinstance(padding, str):
         if padding == "valid":
             pad_t: tuple[int, ...] = (0,) * nd
@@ -366,7 +367,7 @@ def _conv_geometry(
         else:
             raise Unsupported(f"padding {padding!r}")
     else:
-        pad_t = _ntuple(padding, nd)
+        pad_t = ntuple(padding, nd)
     lead = len(in_shape) - nd
     axes = _leading(reg, lead)
     mapping = identity_map(range(lead - 1 if mix_channels else lead), in_shape)
@@ -412,7 +413,7 @@ def _transposed(
     lead = len(in_shape) - nd
     axes = _leading(reg, lead)
     axes[-1] = full_axis(in_shape[lead - 1])
-    st, pt, dt = _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd)
+    st, pt, dt = ntuple(stride, nd), ntuple(padding, nd), ntuple(dilation, nd)
     local = reg.local
     for i in range(nd):
         ax, nonempty = transposed_axis(
@@ -452,7 +453,7 @@ def _pool_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     if getattr(m, "return_indices", False):
         raise Unsupported("pooling with return_indices")
     nd = _spatial_rank(ctx, node)
-    kernel = _ntuple(m.kernel_size, nd)
+    kernel = ntuple(m.kernel_size, nd)
     stride = m.stride if m.stride else kernel
     return _conv_geometry(
         ctx, node, reg, x, kernel, stride, getattr(m, "padding", 0), getattr(m, "dilation", 1),
@@ -463,7 +464,7 @@ def _pool_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
 def _pool_function(nd: int, has_dilation: bool) -> Rule:
     def rule(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         x = _first_input(ctx, node)
-        kernel = _ntuple(_arg(node, 1, "kernel_size"), nd)
+        kernel = ntuple(_arg(node, 1, "kernel_size"), nd)
         stride = _arg(node, 2, "stride", None) or kernel
         dilation = _arg(node, 4, "dilation", 1) if has_dilation else 1
         if has_dilation and _arg(node, 6, "return_indices", False):
@@ -566,9 +567,7 @@ def _interpolate_common(
             n, o = in_shape[2 + i], out_shape[2 + i]
             mode_axes.append(table_axis(reg.axes[2 + i], n, _adaptive_taps(n, o), Fraction(n, o)))
         return [(x, Region(mode_axes, False))]
-    scales: tuple[Any, ...] = (
-        _ntuple(scale_factor, nd) if scale_factor is not None else (None,) * nd
-    )
+    scales: tuple[Any, ...] = ntuple(scale_factor, nd) if scale_factor is not None else (None,) * nd
     axes = _leading(reg, 2)
     for i in range(nd):
         sf = scales[i]
@@ -652,18 +651,18 @@ def _roll(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     """``torch.roll``: a cyclic shift along each rolled axis (Swin's shifted windows)."""
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
-    shifts = _ntuple(_arg(node, 1, "shifts"), 1)
+    shifts = ntuple(_arg(node, 1, "shifts"), 1)
     dims = _arg(node, 2, "dims", None)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         raise Unsupported("torch.roll of the flattened tensor (no dims)")
-    dims = _ntuple(dims, 1)
+    dims = ntuple(dims, 1)
     if len(shifts) != len(dims) or any(isinstance(v, fx.Node) for v in (*shifts, *dims)):
         raise Unsupported("torch.roll with shifts computed at run time")
     axes = [replace(a) for a in reg.axes]
     mapping = identity_map(range(len(shape)), shape)
     for shift, dim in zip(shifts, dims):
         d = _norm_dim(int(dim), len(shape))
-        axes[d] = roll_axis(axes[d], shape[d], int(shift))
+        axes[d] = roll_axis(axes[d], int(shift))
         mapping[d] = (d, roll_taps(shape[d], int(shift)), shape[d])
     # A batch roll mixes samples; a spatial one moves pixels across the image.
     return [(x, with_joint(axes, carry_joint(reg, mapping), False))]
@@ -680,7 +679,7 @@ def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     dims = (
         set(range(len(in_shape)))
         if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0)
-        else {_norm_dim(int(d), len(in_shape)) for d in _ntuple(dim, 1)}
+        else {_norm_dim(int(d), len(in_shape)) for d in ntuple(dim, 1)}
     )
     out_shape = shape_of(node)
     keep = out_shape is not None and len(out_shape) == len(in_shape)
@@ -744,7 +743,7 @@ def _layer_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
         ns = ctx.gm.get_submodule(str(node.target)).normalized_shape
     else:
         ns = _arg(node, 1, "normalized_shape")
-    k = len(_ntuple(ns, 1))
+    k = len(ntuple(ns, 1))
     return [(x, _mix_axes(reg, shape, range(len(shape) - k, len(shape))))]
 
 
@@ -966,8 +965,8 @@ def _permutation(ctx: _Ctx, node: fx.Node, ndim: int) -> list[int]:
         perm[a], perm[b] = perm[b], perm[a]
         return perm
     if name in ("movedim", "moveaxis"):
-        src = [_norm_dim(int(d), ndim) for d in _ntuple(_arg(node, 1, "source"), 1)]
-        dst = [_norm_dim(int(d), ndim) for d in _ntuple(_arg(node, 2, "destination"), 1)]
+        src = [_norm_dim(int(d), ndim) for d in ntuple(_arg(node, 1, "source"), 1)]
+        dst = [_norm_dim(int(d), ndim) for d in ntuple(_arg(node, 2, "destination"), 1)]
         order = [d for d in range(ndim) if d not in src]
         perm = [-1] * ndim
         for s, d in zip(src, dst):
@@ -1149,10 +1148,8 @@ _POINTWISE_NAMES = _words(
     rsqrt pow square reciprocal sign sin cos tanh sigmoid relu relu6 relu_ leaky_relu
     leaky_relu_ elu elu_ selu celu gelu silu mish hardswish hardsigmoid hardtanh hardtanh_
     softplus softsign tanhshrink logsigmoid threshold prelu rrelu clamp clamp_ clamp_min
-    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill dropout
-    dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout contiguous clone
-    detach float double half bfloat16 to type type_as add_ sub_ mul_ div_ sigmoid_ tanh_
-    exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
+    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill add_ sub_
+    mul_ div_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
     """
 )
 
@@ -1184,9 +1181,17 @@ _METHOD_RULES: dict[str, Rule] = {}
 _NAMED_FUNCTION_RULES: dict[str, Rule] = {}
 
 
+def _register(table: dict[Any, Rule], key: Any, rule: Rule) -> None:
+    """``table[key] = rule``; an op given another rule before is an error (no silent winner)."""
+    known = table.get(key)
+    if known is not None and known is not rule:
+        raise ValueError(f"{key!r} has two rules: {known!r} and {rule!r}")
+    table[key] = rule
+
+
 def _register_module(rule: Rule, *classes: type) -> None:
     for cls in classes:
-        _MODULE_RULES[cls] = rule
+        _register(_MODULE_RULES, cls, rule)
 
 
 def _register_function(rule: Rule, *names: str, namespaces: Sequence[Any] = ()) -> None:
@@ -1195,13 +1200,13 @@ def _register_function(rule: Rule, *names: str, namespaces: Sequence[Any] = ()) 
         for ns in spaces:
             fn = getattr(ns, name, None)
             if fn is not None and callable(fn):
-                with contextlib.suppress(TypeError):
-                    _FUNCTION_RULES[fn] = rule
+                with contextlib.suppress(TypeError):  # (an unhashable callable)
+                    _register(_FUNCTION_RULES, fn, rule)
 
 
 def _register_method(rule: Rule, *names: str) -> None:
     for name in names:
-        _METHOD_RULES[name] = rule
+        _register(_METHOD_RULES, name, rule)
 
 
 def _build_tables() -> None:

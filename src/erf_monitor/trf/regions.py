@@ -337,8 +337,8 @@ def roll_taps(n: int, shift: int) -> Taps:
     return np.mod(np.arange(n, dtype=np.int64) - shift, n)[:, None]
 
 
-def roll_axis(ax: Axis, n: int, shift: int) -> Axis:
-    """``torch.roll`` along one axis of size ``n``: a cyclic shift of the set (exact mask).
+def roll_axis(ax: Axis, shift: int) -> Axis:
+    """``torch.roll`` along one axis: a cyclic shift of the set (exact mask).
 
     A roll has no infinite plane: the interval becomes the :func:`cyclic_hull` of the
     shifted in-bounds set (flagged ``wrap`` when it runs over the end of the axis and on from

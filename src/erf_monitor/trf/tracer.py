@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from erf_monitor.core.buffers import preserved_buffers
+from erf_monitor.core.buffers import preserved_buffers, preserved_training
 
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
@@ -636,22 +636,22 @@ def trace_model(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-    flags = [(m, m.training) for m in root.modules()]
     # Tracing runs the real modules: a buffer they change (a counter, a quantization
     # observer) is put back, as the probe does. What the model warns about on this extra
     # forward of a zeros image, the probe's own forward shows where it belongs.
-    with preserved_buffers(root), torch.no_grad(), warnings.catch_warnings():
+    with (
+        preserved_buffers(root),
+        preserved_training(root),
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
+        root.eval()
         try:
-            root.eval()
-            try:
-                tracer, gm = _trace(root, aliases, x, keep_function, frozenset(stop_after))
-            except Exception as exc:
-                why = _first_line(exc)
-                raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
-        finally:
-            for m, flag in flags:
-                m.training = flag
+            tracer, gm = _trace(root, aliases, x, keep_function, frozenset(stop_after))
+        except Exception as exc:
+            why = _first_line(exc)
+            raise Unsupported(f"torch.fx could not trace the model ({why})") from exc
     tracer.values.clear()  # values of the zeros input: not needed any more
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -89,13 +89,21 @@ class TRF:
             for (s, e), z, n, w in zip(self.clipped, self.size, self.input_shape, wraps)
         )
 
+    def size_text(self, sep: str = " x ") -> str:
+        """:attr:`size` as text (``"5 x 5"``), ``"global"`` in a global dimension."""
+        return sep.join(
+            "global" if g else str(int(s)) if math.isfinite(s) else "inf"
+            for s, g in zip(self.size, self.global_dims)
+        )
+
+    def clipped_text(self, sep: str = " x ") -> str:
+        """:attr:`clipped_size` as text (``"5 x 5"``)."""
+        return sep.join(str(int(s)) for s in self.clipped_size)
+
     def __str__(self) -> str:
         if self.data_dependent:
             why = f": {self.reason}" if self.reason else ""
             return f"TRF(data-dependent{why})"
-        dims = " x ".join(
-            "global" if g else str(int(s)) if math.isfinite(s) else "inf"
-            for s, g in zip(self.size, self.global_dims)
-        )
         wraps = ", wraps around" if any(self.wrapped) else ""
-        return f"TRF({dims}, stride {' x '.join(f'{s:g}' for s in self.stride)}{wraps})"
+        stride = " x ".join(f"{s:g}" for s in self.stride)
+        return f"TRF({self.size_text()}, stride {stride}{wraps})"

@@ -22,15 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["field_figure", "render_field"]
 
 
-def _quadrant_cells(values: list[float]) -> np.ndarray:
-    """Cell edges around sorted unique centres (midpoints, half a step outside)."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 1:
-        return np.array([v[0] - 0.5, v[0] + 0.5])
-    mids = (v[1:] + v[:-1]) / 2
-    return np.concatenate([[v[0] - (mids[0] - v[0])], mids, [v[-1] + (v[-1] - mids[-1])]])
-
-
 def field_figure(
     field: FieldLike,
     *,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from erf_monitor.viz.render import LOG_DECADES, _add_box, _to_numpy
+from erf_monitor.viz.render import LOG_DECADES, _to_numpy, add_box
 from erf_monitor.viz.shapes import MapResult
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def grid_figure(
             if boxes and p.erf_size is not None and p.centre_pixel is not None and a.max() > 0:
                 half = int(p.erf_size) // 2
                 (cy, cx) = p.centre_pixel[:2]
-                _add_box(ax, (cy - half, cy + half), (cx - half, cx + half), "white", lw=0.8,
+                add_box(ax, (cy - half, cy + half), (cx - half, cx + half), "white", lw=0.8,
                          ls="--")  # fmt: skip
             ax.set_xlim(-0.5, a.shape[1] - 0.5)
             ax.set_ylim(a.shape[0] - 0.5, -0.5)

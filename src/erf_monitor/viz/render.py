@@ -39,12 +39,15 @@ __all__ = [
     "ERF_COLOR",
     "LOG_DECADES",
     "TRF_COLOR",
+    "add_box",
     "colorize",
     "erf_figure",
+    "erf_interval",
     "normalize",
     "render_heatmap",
     "render_map",
     "save_png",
+    "trf_interval",
 ]
 
 #: RGB colour of the clipped-TRF outline.
@@ -141,14 +144,15 @@ def colorize(
 
 
 # -- boxes ----------------------------------------------------------------------------------
-def _erf_interval(result: MapResult, dim: int) -> tuple[int, int]:
+def erf_interval(result: MapResult, dim: int) -> tuple[int, int]:
     """Inclusive input interval of the ERF square along ``dim`` (may exceed the input)."""
     half = int(result.erf_size) // 2
     c = int(result.centre_pixel[dim])
     return c - half, c + half
 
 
-def _trf_interval(result: MapResult, dim: int) -> tuple[int, int] | None:
+def trf_interval(result: MapResult, dim: int) -> tuple[int, int] | None:
+    """Inclusive input interval of the TRF box along ``dim`` (``None``: no finite box)."""
     if result.trf is None or result.trf.data_dependent:  # no finite box to draw
         return None
     if _wraps(result, dim):  # the unclipped interval, drawn in every period it reaches
@@ -239,12 +243,12 @@ def _render_2d(
     img = _upscale(colorize(a, cmap, log_scale), factor)
     t = thickness if thickness is not None else _thickness(max(img.shape[:2]))
     if draw_trf:
-        rows, cols = _trf_interval(result, dims[0]), _trf_interval(result, dims[1])
+        rows, cols = trf_interval(result, dims[0]), trf_interval(result, dims[1])
         if rows is not None and cols is not None:
             for r, c in _boxes(result, dims, rows, cols):
                 _draw_rect(img, r, c, factor, TRF_COLOR, t)
     if draw_extent and a.max() > 0:
-        square = (_erf_interval(result, dims[0]), _erf_interval(result, dims[1]))
+        square = (erf_interval(result, dims[0]), erf_interval(result, dims[1]))
         for r, c in _boxes(result, dims, *square):
             _draw_rect(img, r, c, factor, ERF_COLOR, t)
     return img
@@ -297,12 +301,12 @@ def _plot_1d(
     v = normalize(a, log_scale)
     x = np.arange(v.shape[0])
     line = matplotlib.colormaps[cmap](0.6)
-    if draw_trf and (trf := _trf_interval(result, 0)) is not None:
+    if draw_trf and (trf := trf_interval(result, 0)) is not None:
         ax.axvspan(trf[0] - 0.5, trf[1] + 0.5, color="tab:cyan", alpha=0.2, lw=0, label="TRF")
     ax.fill_between(x, v, color=line, alpha=0.35, lw=0)
     ax.plot(x, v, color=line, lw=1.5)
     if draw_extent and v.max() > 0:
-        lo, hi = _erf_interval(result, 0)
+        lo, hi = erf_interval(result, 0)
         ax.axvline(lo - 0.5, color="0.2", ls="--", lw=1, label="95% mass")
         ax.axvline(hi + 0.5, color="0.2", ls="--", lw=1)
     ax.set_xlim(-0.5, v.shape[0] - 0.5)
@@ -498,8 +502,8 @@ def _describe_trf(result: MapResult) -> str:
     if trf.is_global:
         return "TRF global"
     if any(result.wrapped):
-        return f"TRF {_fmt_size(trf.clipped_size)} px, wraps around the border"
-    return f"TRF (clipped) {_fmt_size(trf.clipped_size)} px"
+        return f"TRF {trf.clipped_text('×')} px, wraps around the border"
+    return f"TRF (clipped) {trf.clipped_text('×')} px"
 
 
 def _annotate(
@@ -673,10 +677,6 @@ def render_heatmap(
 
 
 # -- figures --------------------------------------------------------------------------------
-def _fmt_size(sizes: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in sizes)
-
-
 def _panel_title(result: MapResult) -> str:
     trf = result.trf
     if trf is None:
@@ -684,9 +684,9 @@ def _panel_title(result: MapResult) -> str:
     elif trf.data_dependent:
         trf_text = "TRF data-dependent"
     elif trf.is_global:
-        trf_text = f"TRF global ({_fmt_size(trf.clipped_size)})"
+        trf_text = f"TRF global ({trf.clipped_text('×')})"
     else:
-        trf_text = f"TRF {_fmt_size(trf.clipped_size)}"
+        trf_text = f"TRF {trf.clipped_text('×')}"
     ratio = result.ratio
     ratio_text = "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}"
     return (
@@ -703,7 +703,8 @@ def _as_list(results: Mapping[str, MapResult] | Sequence[MapResult]) -> list[Map
     return list(results)
 
 
-def _add_box(ax: Any, rows: tuple[int, int], cols: tuple[int, int], color: Any, **kw: Any) -> None:
+def add_box(ax: Any, rows: tuple[int, int], cols: tuple[int, int], color: Any, **kw: Any) -> None:
+    """Outline the pixels ``rows`` x ``cols`` (inclusive) on the matplotlib axes ``ax``."""
     from matplotlib.patches import Rectangle
 
     ax.add_patch(
@@ -789,14 +790,14 @@ def erf_figure(
                 vmax=1.0,
                 interpolation="nearest",
             )
-            trf = (_trf_interval(r, 0), _trf_interval(r, 1))
+            trf = (trf_interval(r, 0), trf_interval(r, 1))
             if trf[0] is not None and trf[1] is not None:
                 for rows, cols in _boxes(r, (0, 1), trf[0], trf[1]):
-                    _add_box(ax, rows, cols, "cyan", lw=1.2, label="TRF (clipped)")
+                    add_box(ax, rows, cols, "cyan", lw=1.2, label="TRF (clipped)")
             if a.max() > 0:
-                square = (_erf_interval(r, 0), _erf_interval(r, 1))
+                square = (erf_interval(r, 0), erf_interval(r, 1))
                 for rows, cols in _boxes(r, (0, 1), *square):
-                    _add_box(ax, rows, cols, "white", lw=1.2, ls="--", label="95% mass")
+                    add_box(ax, rows, cols, "white", lw=1.2, ls="--", label="95% mass")
             if _off_centre(r, a.shape):
                 cy, cx = r.centre_pixel
                 ax.plot([cx], [cy], "+", color="lime", ms=9, mew=1.5, label="centre unit")
