@@ -11,12 +11,16 @@ The probe images are standard Gaussian noise from a private generator seeded wit
 the same numbers for the same model, layer, size and seed, and no global RNG is touched. The
 probe plan (layers, TRFs, seed units) is cached per model by :func:`~erf_monitor.compute_erf`,
 so several budgets on one model pay for the TRF analysis once.
+
+For plain ``assert`` statements, :func:`measure_erf` returns the layer's numbers as floats
+whose ``repr`` (what pytest prints for a failed ``assert``) holds the bootstrap interval and
+the TRF: ``assert measure_erf(net, "layer4", input_size=224).coverage >= 0.5``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,9 +29,10 @@ from torch import nn
 from erf_monitor.core.modes import Mode
 
 if TYPE_CHECKING:
+    from erf_monitor.measure.bootstrap import Interval
     from erf_monitor.measure.result import ERFResult
 
-__all__ = ["assert_erf", "probe_noise"]
+__all__ = ["Measured", "MeasuredERF", "assert_erf", "measure_erf", "probe_noise"]
 
 #: ``(option, metric key, label, format, is a lower bound)`` of every bound.
 _BOUNDS = (
@@ -94,6 +99,101 @@ def _impossible(option: str, bound: float, r: ERFResult, best: float) -> str | N
     return None
 
 
+class Measured(float):
+    """A measured metric: a ``float`` whose ``repr`` adds its bootstrap interval and the
+    layer's TRF (computed when first shown: a passing ``assert`` costs no bootstrap)."""
+
+    _describe: Callable[[], str]
+
+    def __new__(cls, value: float, describe: Callable[[], str]) -> Measured:
+        obj = super().__new__(cls, value)
+        obj._describe = describe
+        return obj
+
+    def __repr__(self) -> str:
+        return f"{float(self):.4g} ({self._describe()})"
+
+    __str__ = __repr__
+
+
+class MeasuredERF:
+    """One layer's ERF on seeded noise, as :func:`measure_erf` returns it.
+
+    Attributes:
+        layer: the layer's name.
+        result: its :class:`~erf_monitor.ERFResult` (per-sample maps kept).
+        coverage: the 95%-mass square's share of the input (:class:`Measured`).
+        erf_size: the square's side in pixels (:class:`Measured`).
+        ratio: ERF size over the clipped TRF size (:class:`Measured`).
+    """
+
+    def __init__(self, layer: str, result: ERFResult, seed: int, n_boot: int, level: float):
+        self.layer, self.result = layer, result
+        self._seed, self._n_boot, self._level = seed, n_boot, level
+        self._intervals: dict[str, Interval] = {}
+        self.coverage = self._measured("coverage", ".1%")
+        self.erf_size = self._measured("erf_size", ".0f")
+        self.ratio = self._measured("erf_trf_ratio", ".2f")
+
+    def interval(self, key: str) -> Interval:
+        """The bootstrap interval of metric ``key`` (a key of ``result.scalars()``)."""
+        if key not in self._intervals:
+            from erf_monitor.measure.bootstrap import bootstrap_metrics
+
+            self._intervals.update(
+                bootstrap_metrics(self.result, [key], n_boot=self._n_boot, level=self._level,
+                                  seed=self._seed, method="percentile")
+            )  # fmt: skip
+        return self._intervals[key]
+
+    def _measured(self, key: str, spec: str) -> Measured:
+        def describe() -> str:
+            ci = self.interval(key)
+            trf, best = _trf_text(self.result)
+            limit = f", allows at most {best:.1%} coverage" if key == "coverage" else ""
+            return (
+                f"{key} of {self.layer!r}: {round(self._level * 100)}% bootstrap interval "
+                f"{ci.low:{spec}} to {ci.high:{spec}} over {self.result.num_samples} noise "
+                f"images; TRF {trf}{limit}"
+            )
+
+        return Measured(float(self.result.scalars([key])[key]), describe)
+
+
+def measure_erf(
+    model: nn.Module,
+    layer: str,
+    *,
+    input_size: int | Sequence[int],
+    samples: int = 8,
+    seed: int = 0,
+    mode: Mode = "luo",
+    channels: int | None = None,
+    n_boot: int = 200,
+    level: float = 0.95,
+) -> MeasuredERF:
+    """``layer``'s ERF on seeded noise (see :func:`assert_erf` for the arguments), for plain
+    ``assert`` statements: a failed one prints the value with its interval and the TRF.
+
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+        >>> erf = measure_erf(net, "1", input_size=16)
+        >>> erf.erf_size >= 3, erf.coverage < 0.5
+        (True, True)
+        >>> erf.coverage  # doctest: +ELLIPSIS
+        0.0... (coverage of '1': 95% bootstrap interval ... TRF 5x5 px (5x5 px inside the input), \
+allows at most 9.8% coverage)
+    """
+    from erf_monitor.probe.compute import compute_erf
+
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (the interval resamples them), got {samples}")
+    x = probe_noise(model, input_size, samples, seed, channels)
+    r = compute_erf(model, x, [layer], mode=mode, keep_per_sample=True)[layer]
+    return MeasuredERF(layer, r, seed, n_boot, level)
+
+
 def assert_erf(
     model: nn.Module,
     layer: str,
@@ -145,8 +245,6 @@ def assert_erf(
         ...
         AssertionError: ERF budget of layer '1' not met: coverage ... below min_coverage 50.0% ...
     """
-    from erf_monitor.probe.compute import compute_erf
-
     bounds = {
         "min_coverage": min_coverage,
         "max_coverage": max_coverage,
@@ -159,10 +257,11 @@ def assert_erf(
         )
     if min_coverage is not None and max_coverage is not None and min_coverage > max_coverage:
         raise ValueError(f"min_coverage {min_coverage} is above max_coverage {max_coverage}")
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 (the interval resamples them), got {samples}")
-    x = probe_noise(model, input_size, samples, seed, channels)
-    r = compute_erf(model, x, [layer], mode=mode, keep_per_sample=True)[layer]
+    erf = measure_erf(
+        model, layer, input_size=input_size, samples=samples, seed=seed, mode=mode,
+        channels=channels, n_boot=n_boot, level=level,
+    )  # fmt: skip
+    r = erf.result
     failed = []
     for option, key, label, spec, lower in _BOUNDS:
         bound = bounds[option]
@@ -173,16 +272,11 @@ def assert_erf(
             failed.append((option, key, label, spec, lower, bound))
     if not failed:
         return r
-    from erf_monitor.measure.bootstrap import bootstrap_metrics
-
-    cis = bootstrap_metrics(
-        r, [f[1] for f in failed], n_boot=n_boot, level=level, seed=seed, method="percentile"
-    )
     trf_text, best = _trf_text(r)
-    shape = "x".join(map(str, x.shape[2:]))
+    shape = "x".join(map(str, r.heatmap.shape))
     lines = []
     for option, key, label, spec, lower, bound in failed:
-        ci = cis[key]
+        ci = erf.interval(key)
         lines.append(
             f"ERF budget of layer {layer!r} not met: {label} {ci.value:{spec}} "
             f"({round(level * 100)}% bootstrap interval {ci.low:{spec}} to {ci.high:{spec}} "
