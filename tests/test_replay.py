@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -258,3 +259,62 @@ def test_checkpoints_are_data_and_named_by_step(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReplayError, match="no checkpoint found"):
         find_checkpoints([tmp_path / "empty"])
+
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_checkpoints(tmp_path: Path) -> None:
+    """Two processes probe the checkpoints between them; rank 0 writes the run a single
+    process writes (the same rows, values and alert)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import HANG_GUARD_S
+
+    (tmp_path / "model.py").write_text(MODEL_FILE)
+    g = torch.Generator().manual_seed(2)
+    namespace: dict[str, Any] = {}
+    exec(MODEL_FILE, namespace)  # the test's own copy of the architecture
+    net = namespace["make"]()
+    for step in (10, 20, 30):  # 3 checkpoints: 2 on rank 0, 1 on rank 1
+        sd = {k: torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+        torch.save(sd, tmp_path / f"step_{step}.pt")
+    common = ["step_30.pt", "step_10.pt", "step_20.pt", "--layers", "2", "--input-size", "20",
+              "--samples", "3", "--min-coverage", "0.9", "--quiet"]  # fmt: skip
+    src = str(Path(em.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "erf_monitor.cli", "replay", "model.py:make", *common, "--out", "two"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("3 probes") == 1  # rank 0's summary only
+    proc = subprocess.run(
+        [sys.executable, "-m", "erf_monitor.cli", "replay", "model.py:make", *common,
+         "--out", "one"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert sorted({s for s, _ in two}) == [10, 20, 30]
+    probe_time = [k for k in one if k[1].endswith("probe_time_s")]
+    assert {k: v for k, v in two.items() if k not in probe_time} == {
+        k: v for k, v in one.items() if k not in probe_time
+    }
+    for folder in ("one", "two"):
+        alerts = (tmp_path / folder / "alerts.jsonl").read_text().splitlines()
+        assert len(alerts) == 1 and '"step": 10' in alerts[0]

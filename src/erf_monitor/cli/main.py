@@ -879,45 +879,57 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             model = load_model(args.model, num_classes=args.num_classes)
         except ModelSpecError as exc:
             raise CLIError(str(exc)) from None
-    model = model.to(args.device)
     if args.images is not None:
         x, source, _ = _load_images(args, model, args.model)
     else:
         x, source = _load_inputs(args, _parse_size(args.input_size))
+    from erf_monitor.cli.batch import setup_distributed, teardown_distributed
+    from erf_monitor.probe.distributed import rank_and_world
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    err = _console(stderr=True)
-    live = err.is_terminal and not args.quiet
-    if not args.quiet:
-        err.print(
-            f"Replaying {len(checkpoints)} checkpoint(s) of {args.model} (steps "
-            f"{', '.join(str(c.step) for c in checkpoints)}) on {x.shape[0]} {source} image(s).",
-            highlight=False,
-            markup=False,
-        )
+    started, device = setup_distributed(args.device)  # torchrun: checkpoints shared
     try:
-        sinks, finish = logger_sinks(args.logger, out)
-    except (ReplayError, ModuleNotFoundError) as exc:
-        raise CLIError(_one_line(exc)) from None
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-        console=err, transient=True, disable=not live,
-    ) as display:  # fmt: skip
-        steps: Steps | None = RichSteps(display) if live else None
-        if not live and not args.quiet:
-            steps = LineSteps(err)
+        rank, world = rank_and_world()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        err = _console(stderr=True, quiet=rank != 0)
+        live = err.is_terminal and not args.quiet and rank == 0
+        if not args.quiet:
+            shards = f" on {world} processes" if world > 1 else ""
+            err.print(
+                f"Replaying {len(checkpoints)} checkpoint(s) of {args.model} (steps "
+                f"{', '.join(str(c.step) for c in checkpoints)}) on {x.shape[0]} {source} "
+                f"image(s){shards}.",
+                highlight=False,
+                markup=False,
+            )
         try:
-            run = replay(
-                model, [c.path for c in checkpoints], _layer_spec(args.layers),
-                inputs=x.to(args.device), out=out, logger=sinks or None,
-                skip_existing=args.skip_existing, progress=steps, mode=args.mode,
-                position=position, min_coverage=min_coverage, patience=args.patience,
-                chunk_size=args.chunk_size, seed=args.seed,
-            )  # fmt: skip
-        except (ReplayError, ValueError, TypeError, ERFProbeError) as exc:
+            sinks, finish = logger_sinks(args.logger, out) if rank == 0 else ([], lambda: None)
+        except (ReplayError, ModuleNotFoundError) as exc:
             raise CLIError(_one_line(exc)) from None
-        finally:
-            finish()
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err, transient=True, disable=not live,
+        ) as display:  # fmt: skip
+            steps: Steps | None = RichSteps(display) if live else None
+            if not live and not args.quiet and rank == 0:
+                steps = LineSteps(err)
+            try:
+                run = replay(
+                    model.to(device), [c.path for c in checkpoints], _layer_spec(args.layers),
+                    inputs=x.to(device), out=out, logger=sinks or None,
+                    skip_existing=args.skip_existing, progress=steps, mode=args.mode,
+                    position=position, min_coverage=min_coverage, patience=args.patience,
+                    chunk_size=args.chunk_size, seed=args.seed,
+                )  # fmt: skip
+            except (ReplayError, ValueError, TypeError, ERFProbeError) as exc:
+                raise CLIError(_one_line(exc)) from None
+            finally:
+                finish()
+    finally:
+        teardown_distributed(started)
+    if rank != 0:
+        return 0
     skipped = len(checkpoints) - len(run.probed)
     _console().print(
         f"Probed {len(run.probed)} checkpoint(s)"
@@ -1184,7 +1196,9 @@ def _parser() -> argparse.ArgumentParser:
             "global_step, else the last number in its name) and log what a live ERF monitor "
             "would have logged: metrics.csv, heatmaps, raw maps and alerts in --out (and "
             "--logger), then the summary table. 'erf-monitor report OUT' shows the growth "
-            "curves; --skip-existing resumes an interrupted replay."
+            "curves; --skip-existing resumes an interrupted replay. Launched with 'torchrun "
+            "--nproc_per_node N -m erf_monitor.cli replay ...', the checkpoints are shared "
+            "over the N processes and rank 0 writes."
         ),
         epilog=_MODEL_HELP + "\n" + _MODE_HELP,
         formatter_class=_Formatter,
@@ -1202,9 +1216,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_inputs(
         replay,
         images="preprocessed as MODEL expects; the same images for every checkpoint",
-        weights="not for replay (each CKPT holds the weights); elsewhere:",
+        weights="",
         checkpoints="for checkpoints trained on N classes",
     )
+    for action in replay._actions:  # each CKPT holds the weights: refused, not advertised
+        if action.dest == "pretrained":
+            action.help = argparse.SUPPRESS
     replay.add_argument("--position", default="centre", metavar="POS", help="seed unit(s)")
     replay.add_argument(
         "--min-coverage", default="0.05", help="coverage alert threshold of the deepest layer, "

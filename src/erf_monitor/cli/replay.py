@@ -20,6 +20,9 @@ A checkpoint's step is the ``global_step`` it stores (Lightning; Hugging Face's
 ``trainer_state.json``), else the last integer in its name (``step_300.pt``); checkpoints are
 probed in step order.
 
+Under ``torchrun`` (a process group is running) the checkpoints are shared: each process
+probes its share and rank 0 publishes every result in step order, alone writing.
+
 ``skip_existing`` resumes an interrupted replay: the engine's state (probe batch, history,
 alert state) is saved in the run folder after every probe (:data:`STATE_FILE`), and steps
 probed already are skipped.
@@ -44,6 +47,7 @@ from typing_extensions import Unpack
 from erf_monitor.cli.compare import CompareError, Steps, fit_state
 from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.probe.distributed import broadcast_object, rank_and_world
 
 __all__ = [
     "REPLAY_DEFAULTS",
@@ -384,42 +388,110 @@ def replay(
     request = _fingerprint(model, inputs, opts)
     folder = None if out is None else Path(out)
     state_path = None if folder is None else folder / STATE_FILE
-    if folder is not None and state_path is not None:
-        if skip_existing and state_path.is_file():
-            _resume(state_path, request, engine)
-        elif (folder / "metrics.csv").exists() or state_path.exists():
-            raise ReplayError(
-                f"{str(folder)!r} holds a run already; resume it (skip_existing=True, "
-                "--skip-existing) or write to another folder"
-            )
+    rank, world = rank_and_world()
+    error = None
+    if rank == 0 and folder is not None and state_path is not None:  # rank 0 decides
+        try:
+            if skip_existing and state_path.is_file():
+                _resume(state_path, request, engine)
+            elif (folder / "metrics.csv").exists() or state_path.exists():
+                raise ReplayError(
+                    f"{str(folder)!r} holds a run already; resume it (skip_existing=True, "
+                    "--skip-existing) or write to another folder"
+                )
+        except ReplayError as exc:
+            error = str(exc)
+    error, done = broadcast_object((error, sorted(engine.probe_times)))
+    if error is not None:
+        raise ReplayError(error)
+    todo = [ck for ck in found if ck.step not in done]  # the rest: probed by a resumed replay
     from erf_monitor.sinks import FileSink, Sink, as_sink
 
-    sinks: list[Sink] = [] if folder is None else [FileSink(folder)]
-    if logger is not None:
-        sinks += [as_sink(lg) for lg in (logger if isinstance(logger, (list, tuple)) else [logger])]
+    sinks: list[Sink] = []
+    if rank == 0:  # the process that logs
+        sinks = [] if folder is None else [FileSink(folder)]
+        if logger is not None:
+            loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+            sinks += [as_sink(lg) for lg in loggers]
     engine.set_sinks(sinks)
     run = Replay(checkpoints=found, out=folder)
     loader = load or _load_into
     try:
-        for ck in found:
-            if ck.step in engine.probe_times:
-                continue  # probed by the replay this one resumes
-            if progress is not None:
-                progress.start(f"step {ck.step}: {ck.path.name}")
-            loader(model, ck)
-            engine.probe(model, ck.step)
-            run.probed.append(ck.step)
-            if state_path is not None:
-                _save_state(state_path, request, engine)
-            if progress is not None:
-                progress.done()
-        engine.print_summary()
+        if world > 1:
+            _replay_shared(engine, model, todo, loader, run, progress, state_path, request)
+        else:
+            for ck in todo:
+                if progress is not None:
+                    progress.start(f"step {ck.step}: {ck.path.name}")
+                loader(model, ck)
+                engine.probe(model, ck.step)
+                run.probed.append(ck.step)
+                if state_path is not None:
+                    _save_state(state_path, request, engine)
+                if progress is not None:
+                    progress.done()
+        if rank == 0:
+            engine.print_summary()
     finally:
         engine.close()
     run.history = engine.history
     run.alerts = dict(engine.alerted)
     run.thresholds = dict(engine._thresholds)
     return run
+
+
+def _replay_shared(
+    engine: MonitorEngine,
+    model: nn.Module,
+    todo: list[Checkpoint],
+    loader: Callable[[nn.Module, Checkpoint], None],
+    run: Replay,
+    progress: Steps | None,
+    state_path: Path | None,
+    request: Mapping[str, Any],
+) -> None:
+    """Several processes (torchrun): rank ``r`` probes checkpoints ``r, r + world, ...``;
+    rank 0 gathers the results and publishes them in step order through ``engine`` (its
+    sinks, history and alert policy), as if it had probed them itself."""
+    import torch.distributed as dist
+
+    from erf_monitor.monitor.engine import ProbeOutcome
+
+    rank, world = rank_and_world()
+    # Probes only: no sinks, no alerts, no summary (rank 0's engine does those).
+    worker = MonitorEngine(
+        engine.options.replace(min_coverage=None, summary=False, distributed_probe=False)
+    )
+    mine: list[tuple[int, Any, float]] = []
+    error = None
+    try:
+        for ck in todo[rank::world]:
+            if progress is not None:
+                progress.start(f"step {ck.step}: {ck.path.name} (rank {rank} of {world})")
+            loader(model, ck)
+            outcome = worker.probe(model, ck.step)
+            mine.append((ck.step, outcome.results, outcome.seconds))
+            if progress is not None:
+                progress.done()
+    except Exception as exc:  # every rank must reach the gather below
+        error = f"rank {rank}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (mine, error))
+    errors = [e for _, e in gathered if e is not None]
+    if errors:
+        raise ReplayError("; ".join(errors))
+    if rank != 0:
+        run.probed = [step for step, _, _ in mine]
+        return
+    # The engine's own publishing path (sinks, history, alerts); its plan gives the alert
+    # thresholds of the resolved layers.
+    engine._prepare(model)
+    for step, results, seconds in sorted((x for m, _ in gathered for x in m), key=lambda x: x[0]):
+        engine.last_probe_step = step
+        engine._publish(ProbeOutcome(step), results, seconds)
+        run.probed.append(step)
+        if state_path is not None:
+            _save_state(state_path, request, engine)
 
 
 def _load_into(model: nn.Module, ck: Checkpoint) -> None:
