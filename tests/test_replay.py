@@ -318,3 +318,53 @@ def test_torchrun_shares_the_checkpoints(tmp_path: Path) -> None:
     for folder in ("one", "two"):
         alerts = (tmp_path / folder / "alerts.jsonl").read_text().splitlines()
         assert len(alerts) == 1 and '"step": 10' in alerts[0]
+
+
+def tiny_run(folder: Path) -> list[str]:
+    """model.py:make and three state dicts of it; the CLI arguments that replay them."""
+    (folder / "model.py").write_text(MODEL_FILE)
+    namespace: dict[str, Any] = {}
+    exec(MODEL_FILE, namespace)  # the test's own copy of the architecture
+    net = namespace["make"]()
+    g = torch.Generator().manual_seed(2)
+    for step in (10, 20, 30):
+        sd = {k: torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+        torch.save(sd, folder / f"step_{step}.pt")
+    return ["replay", "model.py:make", "step_10.pt", "step_20.pt", "step_30.pt", "--layers",
+            "2", "--input-size", "20", "--samples", "3", "--quiet"]  # fmt: skip
+
+
+def test_cli_wandb_and_mlflow_loggers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = tiny_run(tmp_path)
+    assert main([*argv, "--logger", "wandb", "--out", "wb"]) == 0  # the run is finished
+    (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    pngs = sorted((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert len(pngs) == 3  # one heatmap per checkpoint
+
+    assert main([*argv, "--logger", "mlflow", "--out", "ml"]) == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("erf-monitor").experiment_id])
+    (key,) = [k for k in run.data.metrics if "2" in k and k.endswith("/coverage")]
+    history = client.get_metric_history(run.info.run_id, key)
+    assert sorted(m.step for m in history) == [10, 20, 30]
+    assert run.info.status == "FINISHED"
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_run(tmp_path)
+    assert main([*argv, "--pretrained"]) == 2
+    assert "--pretrained is not used" in capsys.readouterr().err
+    assert main([*argv[:2], "nothing.pt", *argv[5:]]) == 2
+    assert "'nothing.pt' does not exist" in capsys.readouterr().err
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "step_40.pt")
+    assert main([*argv[:2], "step_40.pt", *argv[5:]]) == 2
+    err = capsys.readouterr().err
+    assert "step_40.pt" in err and "does not match the model" in err and "Traceback" not in err

@@ -1233,7 +1233,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("csv", "tensorboard", "wandb", "mlflow"),
         default="csv",
         help="also log to TensorBoard (OUT/erf), W&B (offline unless configured) or MLflow "
-        "(MLFLOW_TRACKING_URI, default OUT/mlruns); csv: the run folder only",
+        "(MLFLOW_TRACKING_URI, default sqlite:///OUT/mlflow.db); csv: the run folder only",
     )
     replay.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
     replay.add_argument("--chunk-size", type=int, default=None, help="samples per backward")

@@ -506,7 +506,7 @@ def logger_sinks(kind: str | None, out: Path) -> tuple[list[Any], Callable[[], N
     """The sinks of ``erf-monitor replay --logger`` (besides the run folder's file sink), and
     what ends their runs: ``tensorboard`` writes event files to ``out/erf``, ``wandb`` a run
     in ``out`` (offline unless W&B is configured), ``mlflow`` a run in ``MLFLOW_TRACKING_URI``
-    (default: ``out/mlruns``)."""
+    (default: the sqlite store ``out/mlflow.db``, artifacts in ``out/mlartifacts``)."""
     if kind in (None, "", "csv"):
         return [], lambda: None
     from erf_monitor.sinks import TB_SUBDIR, MLflowSink, TensorBoardSink, WandbSink
@@ -530,13 +530,16 @@ def logger_sinks(kind: str | None, out: Path) -> tuple[list[Any], Callable[[], N
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ReplayError("--logger mlflow needs mlflow: pip install mlflow") from None
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out.resolve() / "mlruns").as_uri()
+        local = out.resolve()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local / 'mlflow.db'}"
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name("erf-monitor")
         exp_id = (
             experiment.experiment_id
             if experiment is not None
-            else client.create_experiment("erf-monitor")
+            else client.create_experiment(
+                "erf-monitor", artifact_location=(local / "mlartifacts").as_uri()
+            )
         )
         mlrun = client.create_run(exp_id, run_name=out.resolve().name)
         run_id = mlrun.info.run_id
