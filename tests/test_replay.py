@@ -140,12 +140,16 @@ def test_huggingface_checkpoints(tmp_path: Path) -> None:
         learning_rate=1e-2, report_to="none", save_strategy="steps", save_steps=2,
         use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    Trainer(model=convnext(), args=args, train_dataset=Images()).train()
+    trainer = Trainer(model=convnext(), args=args, train_dataset=Images())
+    trainer.train()
+    trainer.save_model()  # the final weights in output_dir too, at step 6 like checkpoint-6
+    trainer.save_state()
 
     layers = [f"convnext.encoder.stages.{i}.layers.0.dwconv" for i in (0, 1)]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     out = tmp_path / "run"
-    run = em.replay(convnext(), tmp_path / "hf", layers, inputs=x, out=out, summary=False)
+    with pytest.warns(UserWarning, match=r"'.*hf' holds step 6 like .*checkpoint-6.*probed once"):
+        run = em.replay(convnext(), tmp_path / "hf", layers, inputs=x, out=out, summary=False)
     assert [(c.step, c.kind, c.path.name) for c in run.checkpoints] == [
         (s, "huggingface", f"checkpoint-{s}") for s in (2, 4, 6)
     ]  # optimizer.pt, rng_state.pth... inside them are not checkpoints of their own

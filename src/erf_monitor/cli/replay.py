@@ -197,11 +197,23 @@ def find_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Checkpoint
         path = Path(given).expanduser()
         if not path.exists():
             raise ReplayError(f"checkpoint {str(path)!r} does not exist")
-        if path.is_file() or _is_hf_folder(path):
+        if path.is_file():
             found.append(_checkpoint(path))
             continue
         folders = sorted(p for p in path.rglob("*") if _is_hf_folder(p))
         found += [_checkpoint(p) for p in folders]
+        if _is_hf_folder(path):  # a Trainer's output_dir: its final weights, checkpoint-N/ below
+            try:
+                found.append(_checkpoint(path))
+            except ReplayError:
+                if not folders:
+                    raise
+                warnings.warn(
+                    f"erf-monitor replay: skipped the weights in {str(path)!r} (no step known)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            folders.append(path)
         for file in sorted(path.rglob("*")):
             if (
                 file.is_file()
