@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 import erf_monitor as em
 from erf_monitor.cli.demo import brightness_dataset, demo_model
+from erf_monitor.cli.replay import Replay
 from erf_monitor.cli.report import build_report
 
 
@@ -48,7 +49,7 @@ class BrighterOrDarker(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def main(out: str = "runs/replay", steps: int = 120, open_report: bool = False) -> em.Replay:
+def main(out: str = "runs/replay", steps: int = 120, open_report: bool = False) -> Replay:
     L.seed_everything(0, verbose=False)
     data = DataLoader(brightness_dataset(steps * 32, seed=0), batch_size=32)
     every = max(1, steps // 4)  # four checkpoints

@@ -60,6 +60,7 @@ def check_against_compute_erf(
     assert not np.array_equal(seen[0], seen[-1])  # the checkpoints differ: so do their maps
 
 
+@pytest.mark.slow
 def test_lightning_checkpoints(tmp_path: Path) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -338,6 +339,7 @@ def tiny_run(folder: Path) -> list[str]:
             "2", "--input-size", "20", "--samples", "3", "--quiet"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_wandb_and_mlflow_loggers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 

@@ -282,7 +282,8 @@ def _tensors(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------- replay
 def _fingerprint(model: nn.Module, inputs: torch.Tensor, opts: MonitorOptions) -> dict[str, Any]:
     """What a resumed replay must share with the run it continues."""
-    digest = hashlib.sha1(inputs.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    data = inputs.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.sha1(data).hexdigest()
     return {
         "model": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -406,6 +407,12 @@ def replay(
         try:
             if skip_existing and state_path.is_file():
                 _resume(state_path, request, engine)
+            elif skip_existing and (folder / "metrics.csv").exists():
+                raise ReplayError(
+                    f"{str(folder)!r} holds a run that cannot be resumed (no {STATE_FILE}: not "
+                    "a replay, or one stopped before its first probe ended); delete it or "
+                    "write to another folder"
+                )
             elif (folder / "metrics.csv").exists() or state_path.exists():
                 raise ReplayError(
                     f"{str(folder)!r} holds a run already; resume it (skip_existing=True, "
@@ -436,8 +443,8 @@ def replay(
                 if progress is not None:
                     progress.start(f"step {ck.step}: {ck.path.name}")
                 loader(model, ck)
-                engine.probe(model, ck.step)
-                run.probed.append(ck.step)
+                if engine.probe(model, ck.step).results is not None:  # strict=False: skipped
+                    run.probed.append(ck.step)
                 if state_path is not None:
                     _save_state(state_path, request, engine)
                 if progress is not None:
@@ -482,7 +489,8 @@ def _replay_shared(
                 progress.start(f"step {ck.step}: {ck.path.name} (rank {rank} of {world})")
             loader(model, ck)
             outcome = worker.probe(model, ck.step)
-            mine.append((ck.step, outcome.results, outcome.seconds))
+            if outcome.results is not None:  # strict=False: a failed probe is skipped
+                mine.append((ck.step, outcome.results, outcome.seconds))
             if progress is not None:
                 progress.done()
     except Exception as exc:  # every rank must reach the gather below
