@@ -171,6 +171,8 @@ def _checkpoint(path: Path) -> Checkpoint:
         kind = "lightning" if path.suffix == ".ckpt" else "state_dict"
     if step is None:
         step = _last_int(path.stem if path.is_file() else path.name)
+    if step is None and path.is_file() and _is_hf_folder(path.parent):
+        step = _checkpoint(path.parent).step  # checkpoint-N/model.safetensors: its folder's
     if step is None:
         raise ReplayError(
             f"cannot tell the training step of {str(path)!r}: it stores no global_step and its "
