@@ -64,6 +64,19 @@ def test_theoretical_fields_and_initial_erf() -> None:
     assert MIN_COVERAGE > 71 * 71 / 128**2  # the small TRF cannot reach the threshold
 
 
+def test_the_small_variant_is_over_budget_by_design() -> None:
+    from erf_monitor.testing import assert_erf
+
+    # No training can meet the demo's threshold with 71 px of TRF: the budget says so.
+    small, large = demo_model("small"), demo_model("large")
+    with pytest.raises(AssertionError, match=r"the TRF allows at most 30\.8% coverage"):
+        assert_erf(small, HEAD, input_size=128, min_coverage=MIN_COVERAGE, samples=2)
+    # The large one can grow to it (its TRF covers the input), but starts at the stem's 7 px.
+    with pytest.raises(AssertionError, match="ERF size 7 ") as info:
+        assert_erf(large, HEAD, input_size=128, min_erf_size=64, samples=2)
+    assert "impossible" not in str(info.value)
+
+
 def test_demo_fast(tmp_path: Path) -> None:
     buf = io.StringIO()
     results = run_demo(

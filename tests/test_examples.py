@@ -96,3 +96,13 @@ def test_fsdp2_example(tmp_path: Path) -> None:
     assert proc.stdout.count("layer 2.0: ERF") == 1  # printed by rank 0 only
     assert "(probed at steps [0, 5, 6])" in proc.stdout
     assert (tmp_path / "fsdp" / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_replay_example(tmp_path: Path) -> None:
+    out = run_example("replay_example.py", tmp_path, "--out", "rp", "--steps", "8")
+    assert "layer head: ERF size (px) by step 2: " in out and ", 8: " in out
+    assert (tmp_path / "rp" / "erf" / "erf_report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "rp" / "erf" / "heatmaps" / "head").iterdir()) == [
+        f"step_{s}.png" for s in (2, 4, 6, 8)
+    ]

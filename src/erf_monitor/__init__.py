@@ -20,6 +20,7 @@ from erf_monitor.trf.types import TRF
 from erf_monitor.viz.grid import grid_figure
 
 if TYPE_CHECKING:
+    from erf_monitor.cli.replay import replay
     from erf_monitor.integrations.lightning import ERFMonitor
     from erf_monitor.integrations.transformers import ERFTrainerCallback
 
@@ -42,6 +43,7 @@ __all__ = [
     "compute_erf",
     "grid_figure",
     "load_images",
+    "replay",
     "theoretical_rf",
     "watch",
 ]
@@ -49,6 +51,7 @@ __all__ = [
 _LAZY = {
     "ERFMonitor": "erf_monitor.integrations.lightning",
     "ERFTrainerCallback": "erf_monitor.integrations.transformers",
+    "replay": "erf_monitor.cli.replay",
 }
 
 

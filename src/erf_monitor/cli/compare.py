@@ -48,6 +48,7 @@ __all__ = [
     "compare_models",
     "comparison_figure",
     "comparison_table",
+    "fit_state",
     "load_state",
     "split_spec",
     "write_comparison",
@@ -158,6 +159,16 @@ def load_state(model: nn.Module, path: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise CompareError(f"{str(path)!r} holds no state dict")
+    fit_state(model, state, path)
+
+
+def fit_state(model: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
+    """Load the tensors of ``state`` (read from ``path``) into ``model``, strictly: the
+    key prefix that makes every key of ``model`` match is stripped (see :func:`load_state`).
+
+    Raises:
+        CompareError: keys that do not match the model, or tensors of other shapes.
+    """
     wanted = set(model.state_dict())
     prefixes = {""} | {
         k[: -len(w)] for k in state for w in wanted if k.endswith(w) and k != w and k[: -len(w)]

@@ -1,4 +1,4 @@
-"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``report`` and ``compare``.
+"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``report``, ``compare``, ``replay``.
 
 ``main(argv)`` returns the exit code: 0 on success, 2 for a usage error (bad MODEL spec,
 unknown layer, unreadable input file...), reported as one line on stderr without a traceback.
@@ -836,6 +836,105 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- replay
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """``erf-monitor replay``: :func:`erf_monitor.cli.replay.replay` on a MODEL spec."""
+    import torch
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from erf_monitor.cli.compare import LineSteps, RichSteps, Steps
+    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.cli.replay import ReplayError, find_checkpoints, logger_sinks, replay
+    from erf_monitor.core.errors import ERFProbeError
+    from erf_monitor.targets.positions import parse_position_text
+
+    if args.pretrained is not None:
+        raise CLIError("replay loads the weights of each CKPT; --pretrained is not used")
+    if args.samples < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.images is not None and args.input != "noise":
+        raise CLIError("give either --images DIR or --input FILE, not both")
+    if args.images is None and (args.size or args.mean or args.std):
+        raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
+    cov = args.min_coverage.strip().lower()
+    try:
+        min_coverage = None if cov in ("none", "off", "0") else float(cov)
+    except ValueError:
+        raise CLIError(f"--min-coverage must be a fraction or none, got {cov!r}") from None
+    try:
+        position = parse_position_text(args.position)
+        checkpoints = find_checkpoints(args.checkpoints)
+    except ReplayError as exc:
+        raise CLIError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--position: {_one_line(exc)}") from None
+    with torch.random.fork_rng():  # seeded, without touching the caller's RNG
+        torch.manual_seed(args.seed)
+        try:
+            model = load_model(args.model, num_classes=args.num_classes)
+        except ModelSpecError as exc:
+            raise CLIError(str(exc)) from None
+    if args.images is not None:
+        x, source, _ = _load_images(args, model, args.model)
+    else:
+        x, source = _load_inputs(args, _parse_size(args.input_size))
+    from erf_monitor.cli.batch import setup_distributed, teardown_distributed
+    from erf_monitor.probe.distributed import rank_and_world
+
+    out = Path(args.out)
+    started, device = setup_distributed(args.device)  # torchrun: checkpoints shared
+    try:
+        rank, world = rank_and_world()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        err = _console(stderr=True, quiet=rank != 0)
+        live = err.is_terminal and not args.quiet and rank == 0
+        if not args.quiet:
+            shards = f" on {world} processes" if world > 1 else ""
+            err.print(
+                f"Replaying {len(checkpoints)} checkpoint(s) of {args.model} (steps "
+                f"{', '.join(str(c.step) for c in checkpoints)}) on {x.shape[0]} {source} "
+                f"image(s){shards}.",
+                highlight=False,
+                markup=False,
+            )
+        try:
+            sinks, finish = logger_sinks(args.logger, out) if rank == 0 else ([], lambda: None)
+        except (ReplayError, ModuleNotFoundError) as exc:
+            raise CLIError(_one_line(exc)) from None
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err, transient=True, disable=not live,
+        ) as display:  # fmt: skip
+            steps: Steps | None = RichSteps(display) if live else None
+            if not live and not args.quiet and rank == 0:
+                steps = LineSteps(err)
+            try:
+                run = replay(
+                    model.to(device), [c.path for c in checkpoints], _layer_spec(args.layers),
+                    inputs=x.to(device), out=out, logger=sinks or None,
+                    skip_existing=args.skip_existing, progress=steps, mode=args.mode,
+                    position=position, min_coverage=min_coverage, patience=args.patience,
+                    chunk_size=args.chunk_size, seed=args.seed,
+                )  # fmt: skip
+            except (ReplayError, ValueError, TypeError, ERFProbeError) as exc:
+                raise CLIError(_one_line(exc)) from None
+            finally:
+                finish()
+    finally:
+        teardown_distributed(started)
+    if rank != 0:
+        return 0
+    skipped = len(checkpoints) - len(run.probed)
+    _console().print(
+        f"Probed {len(run.probed)} checkpoint(s)"
+        + (f" ({skipped} done before, skipped)" if skipped else "")
+        + f"; the run is in [bold]{out}[/] (erf-monitor report {out}).",
+        highlight=False,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from erf_monitor.cli.demo import DemoError, run_demo
@@ -1081,6 +1180,65 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="erf_compare", help="output directory")
     compare.add_argument("--quiet", action="store_true", help="no progress display")
     compare.set_defaults(func=_cmd_compare)
+
+    replay = sub.add_parser(
+        "replay",
+        help="the ERF growth of a finished run, from its checkpoints",
+        description=_wrap(
+            "Load every checkpoint CKPT (files, or folders searched for Lightning .ckpt files, "
+            "Hugging Face checkpoint-N/ folders and .pt/.pth/.safetensors state dicts; read as "
+            "weights only) into MODEL, probe it on the same images at its training step (its "
+            "global_step, else the last number in its name) and log what a live ERF monitor "
+            "would have logged: metrics.csv, heatmaps, raw maps and alerts in --out (and "
+            "--logger), then the summary table. 'erf-monitor report OUT' shows the growth "
+            "curves; --skip-existing resumes an interrupted replay. Launched with 'torchrun "
+            "--nproc_per_node N -m erf_monitor.cli replay ...', the checkpoints are shared "
+            "over the N processes and rank 0 writes."
+        ),
+        epilog=_MODEL_HELP + "\n" + _MODE_HELP,
+        formatter_class=_Formatter,
+    )
+    replay.add_argument("model", metavar="MODEL", help="the architecture (see below)")
+    replay.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoint files/folders")
+    replay.add_argument("--layers", nargs="+", default=["auto"], help="layer names or globs")
+    replay.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
+    replay.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    replay.add_argument("--samples", type=int, default=8, help="probe batch size")
+    replay.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
+    replay.add_argument(
+        "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
+    )
+    _add_model_inputs(
+        replay,
+        images="preprocessed as MODEL expects; the same images for every checkpoint",
+        weights="",
+        checkpoints="for checkpoints trained on N classes",
+    )
+    for action in replay._actions:  # each CKPT holds the weights: refused, not advertised
+        if action.dest == "pretrained":
+            action.help = argparse.SUPPRESS
+    replay.add_argument("--position", default="centre", metavar="POS", help="seed unit(s)")
+    replay.add_argument(
+        "--min-coverage", default="0.05", help="coverage alert threshold of the deepest layer, "
+        "or none",
+    )  # fmt: skip
+    replay.add_argument("--patience", type=int, default=1, help="probes below before alerting")
+    replay.add_argument(
+        "--logger",
+        choices=("csv", "tensorboard", "wandb", "mlflow"),
+        default="csv",
+        help="also log to TensorBoard (OUT/erf), W&B (offline unless configured) or MLflow "
+        "(MLFLOW_TRACKING_URI, default sqlite:///OUT/mlflow.db); csv: the run folder only",
+    )
+    replay.add_argument("--seed", type=int, default=0, help="seeds model init and noise")
+    replay.add_argument("--chunk-size", type=int, default=None, help="samples per backward")
+    replay.add_argument("--device", default="cpu", help="torch device")
+    replay.add_argument(
+        "--skip-existing", action="store_true", help="resume: skip steps probed already in --out"
+    )
+    replay.add_argument("--out", default="erf_replay", help="run folder")
+    replay.add_argument("--quiet", action="store_true", help="no progress display")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 
