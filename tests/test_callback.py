@@ -482,6 +482,49 @@ def test_checkpoint_resume(tmp_path: Path) -> None:
         assert cb2.history["net.0"][step] == cb1.history["net.0"][step]
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ({"version": 2}, "newer erf-monitor: state version 2"),  # a later library's state
+        ({"last_probe_step": "four"}, "invalid literal for int()"),
+        ({"probe_batch": torch.zeros(3, dtype=torch.uint8)}, "not a floating-point image"),
+    ],
+)
+def test_resume_with_unreadable_monitor_state_finishes_training(
+    tmp_path: Path, damage: dict[str, Any], reason: str
+) -> None:
+    """State the monitor cannot read is one warning that says what was lost; the monitor
+    starts afresh at the resumed step and training resumes (``strict=True`` raises)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb1 = quiet_monitor()
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    trainer = make_trainer(
+        "lightning.pytorch", tmp_path, [cb1, ck], max_steps=4, enable_checkpointing=True
+    )
+    trainer.fit(make_module())
+    path = tmp_path / "ck" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["callbacks"][cb1.state_key].update(damage)
+    torch.save(ckpt, path)
+
+    cb2 = quiet_monitor()
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb2], max_steps=8)
+    with pytest.warns(em.ERFProbeWarning) as rec:
+        trainer.fit(make_module(), ckpt_path=str(path))
+    assert trainer.global_step == 8
+    (msg,) = [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    assert reason in msg and "ERF history and alert state are lost" in msg, msg
+    assert sorted(cb2.history["net.7"]) == [4, 6, 8]  # afresh: probed at the resumed step
+    assert cb2.probe_batch is not None
+
+    strict = quiet_monitor(strict=True)
+    with pytest.raises((ValueError, TypeError), match=reason.split(":")[0]):
+        make_trainer("lightning.pytorch", tmp_path, [strict], max_steps=8).fit(
+            make_module(), ckpt_path=str(path)
+        )
+
+
 def test_resume_from_last_does_not_probe_the_checkpoint_step_again(tmp_path: Path) -> None:
     """``fit(ckpt_path="last")``: the checkpoint is saved at the end of the epoch, before the
     final probe of that fit; the resumed fit must not probe and log that step again."""
