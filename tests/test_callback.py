@@ -452,6 +452,40 @@ def test_coverage_alert_raise(tmp_path: Path) -> None:
     assert trainer.global_step == 0
 
 
+class _BrokenSink(Sink):
+    def log_scalars(self, scalars: Any, step: int) -> None:
+        raise OSError("No space left on device")
+
+
+@pytest.mark.parametrize("broken", ["sink", "probe"])
+def test_failure_warnings_never_end_training_under_an_error_filter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    """``python -W error`` / ``filterwarnings = error``: a failing sink or probe is logged at
+    ERROR level (training continues, as the message says) instead of raised; strict=True
+    still raises."""
+    import logging
+
+    kw: dict[str, Any] = {"layers": ["net.7"]}
+    if broken == "sink":
+        kw["sinks"] = [_BrokenSink()]
+    else:  # a probe batch the model cannot take: 1 channel for a 3-channel model
+        kw["probe_inputs"] = torch.randn(2, 1, SIZE, SIZE)
+    cb = quiet_monitor(**kw)
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4)
+    with warnings.catch_warnings(), caplog.at_level(logging.ERROR, logger="erf_monitor"):
+        warnings.filterwarnings("error", category=UserWarning, message="erf-monitor")
+        trainer.fit(make_module())
+    assert trainer.global_step == 4
+    expected = "No space left on device" if broken == "sink" else "could not be set up"
+    assert expected in caplog.text and "logged instead" in caplog.text, caplog.text
+
+    strict = quiet_monitor(**kw, strict=True)
+    with warnings.catch_warnings(), pytest.raises(Exception, match=r"space left|channels"):
+        warnings.filterwarnings("error", category=UserWarning, message="erf-monitor")
+        make_trainer("lightning.pytorch", tmp_path, [strict], max_steps=4).fit(make_module())
+
+
 # ----------------------------------------------------------------------------- resume
 def test_checkpoint_resume(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint

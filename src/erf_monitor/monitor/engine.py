@@ -341,7 +341,11 @@ class MonitorEngine:
         assert self.probe_batch is not None
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
-        example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
+        batch = self.probe_batch
+        if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+            # Said of the real batch (its shape and samples), not of the 2-sample example.
+            probe_input(batch, torch.device("cpu"), batch.dtype)  # raises, naming them
+        example = probe_input(batch[:2], device, probe_dtype(None, dtype))
         plan = build_plan(
             model, example, self.layers, mode=self.mode,
             position=self.position if position is None else position,
@@ -704,7 +708,9 @@ class MonitorEngine:
             self.report("summary", f"the end-of-training summary could not be printed: {exc}", exc)
 
     def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
-        """Report a monitor failure: re-raise when ``strict``, else warn once per kind."""
+        """Report a monitor failure: re-raise when ``strict``, else warn once per kind (a
+        warning that the warnings filter would raise is logged instead, see
+        :mod:`erf_monitor.core.warn`)."""
         if self.strict and exc is not None:
             raise exc
         if kind in self._reported:
@@ -715,6 +721,7 @@ class MonitorEngine:
             f"erf-monitor: {message}.\nTraining continues; repeats go to the 'erf_monitor' "
             "logger (strict=True raises instead).",
             ERFProbeWarning,
+            failure=True,  # never raised, whatever the warnings filter: training goes on
         )
 
     def probe_and_act(
