@@ -272,8 +272,8 @@ def _decode_state(saved: Any) -> dict[str, Any]:
         raw = zlib.decompress(base64.b64decode(batch["float32"]))
         array = np.frombuffer(raw, dtype="<f4").reshape([int(n) for n in batch["shape"]])
         state["probe_batch"] = torch.from_numpy(array.astype(np.float32))
-    else:
-        state["probe_batch"] = None
+    elif batch is not None:
+        raise TypeError(f"the probe batch is a {type(batch).__name__}, not encoded bytes")
     return state
 
 
