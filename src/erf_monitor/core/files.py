@@ -21,6 +21,8 @@ from pathlib import Path
 
 __all__ = ["append_text", "replaced"]
 
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
 
 @contextlib.contextmanager
 def replaced(path: str | PathLike[str]) -> Iterator[Path]:
@@ -42,7 +44,7 @@ def replaced(path: str | PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -52,12 +54,17 @@ def replaced(path: str | PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    os.lseek(fd, offset, os.SEEK_SET)  # (os.pread is POSIX only)
+    return os.read(fd, size)
+
+
 def _whole_length(fd: int, size: int, chunk: int = 1 << 16) -> int:
     """The length of the file's content up to and including its last newline."""
     end = size
     while end > 0:
         start = max(0, end - chunk)
-        block = os.pread(fd, end - start, start)
+        block = _read_at(fd, end - start, start)
         cut = block.rfind(b"\n")
         if cut >= 0:
             return start + cut + 1
@@ -81,10 +88,10 @@ def append_text(path: str | PathLike[str], text: str, header: str = "") -> None:
         >>> log.read_text()
         'a,b\\n1,2\\n5,6\\n'
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _BINARY, 0o666)
     try:
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
+        if size and _read_at(fd, 1, size - 1) != b"\n":
             size = _whole_length(fd, size)
             os.ftruncate(fd, size)
         data = memoryview(((header if size == 0 else "") + text).encode("utf-8"))
