@@ -10,6 +10,9 @@ Before the monitor wrote its own event file, its (large) heatmap records went th
 Lightning's ``SummaryWriter``, whose writer thread kept the ``OSError`` and raised it again in
 ``TensorBoardLogger.finalize``: ``fit()`` failed at teardown. Without the monitor the same run
 ends normally; with it, it must too.
+
+The file sink under the same limit, set while a probe is being logged and lifted at the next:
+every file it leaves is whole (no torn CSV row, no empty PNG, no temporary file).
 """
 
 from __future__ import annotations
