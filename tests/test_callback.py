@@ -452,6 +452,40 @@ def test_coverage_alert_raise(tmp_path: Path) -> None:
     assert trainer.global_step == 0
 
 
+class _BrokenSink(Sink):
+    def log_scalars(self, scalars: Any, step: int) -> None:
+        raise OSError("No space left on device")
+
+
+@pytest.mark.parametrize("broken", ["sink", "probe"])
+def test_failure_warnings_never_end_training_under_an_error_filter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    """``python -W error`` / ``filterwarnings = error``: a failing sink or probe is logged at
+    ERROR level (training continues, as the message says) instead of raised; strict=True
+    still raises."""
+    import logging
+
+    kw: dict[str, Any] = {"layers": ["net.7"]}
+    if broken == "sink":
+        kw["sinks"] = [_BrokenSink()]
+    else:  # a probe batch the model cannot take: 1 channel for a 3-channel model
+        kw["probe_inputs"] = torch.randn(2, 1, SIZE, SIZE)
+    cb = quiet_monitor(**kw)
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb], max_steps=4)
+    with warnings.catch_warnings(), caplog.at_level(logging.ERROR, logger="erf_monitor"):
+        warnings.filterwarnings("error", category=UserWarning, message="erf-monitor")
+        trainer.fit(make_module())
+    assert trainer.global_step == 4
+    expected = "No space left on device" if broken == "sink" else "could not be set up"
+    assert expected in caplog.text and "logged instead" in caplog.text, caplog.text
+
+    strict = quiet_monitor(**kw, strict=True)
+    with warnings.catch_warnings(), pytest.raises(Exception, match=r"space left|channels"):
+        warnings.filterwarnings("error", category=UserWarning, message="erf-monitor")
+        make_trainer("lightning.pytorch", tmp_path, [strict], max_steps=4).fit(make_module())
+
+
 # ----------------------------------------------------------------------------- resume
 def test_checkpoint_resume(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -480,6 +514,49 @@ def test_checkpoint_resume(tmp_path: Path) -> None:
     assert sorted(cb2.history["net.0"]) == [0, 2, 4, 6, 8]  # no second probe at step 4
     for step in (0, 2, 4):
         assert cb2.history["net.0"][step] == cb1.history["net.0"][step]
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ({"version": 2}, "newer erf-monitor: state version 2"),  # a later library's state
+        ({"last_probe_step": "four"}, "invalid literal for int()"),
+        ({"probe_batch": torch.zeros(3, dtype=torch.uint8)}, "not a floating-point image"),
+    ],
+)
+def test_resume_with_unreadable_monitor_state_finishes_training(
+    tmp_path: Path, damage: dict[str, Any], reason: str
+) -> None:
+    """State the monitor cannot read is one warning that says what was lost; the monitor
+    starts afresh at the resumed step and training resumes (``strict=True`` raises)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb1 = quiet_monitor()
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    trainer = make_trainer(
+        "lightning.pytorch", tmp_path, [cb1, ck], max_steps=4, enable_checkpointing=True
+    )
+    trainer.fit(make_module())
+    path = tmp_path / "ck" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["callbacks"][cb1.state_key].update(damage)
+    torch.save(ckpt, path)
+
+    cb2 = quiet_monitor()
+    trainer = make_trainer("lightning.pytorch", tmp_path, [cb2], max_steps=8)
+    with pytest.warns(em.ERFProbeWarning) as rec:
+        trainer.fit(make_module(), ckpt_path=str(path))
+    assert trainer.global_step == 8
+    (msg,) = [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    assert reason in msg and "ERF history and alert state are lost" in msg, msg
+    assert sorted(cb2.history["net.7"]) == [4, 6, 8]  # afresh: probed at the resumed step
+    assert cb2.probe_batch is not None
+
+    strict = quiet_monitor(strict=True)
+    with pytest.raises((ValueError, TypeError), match=reason.split(":")[0]):
+        make_trainer("lightning.pytorch", tmp_path, [strict], max_steps=8).fit(
+            make_module(), ckpt_path=str(path)
+        )
 
 
 def test_resume_from_last_does_not_probe_the_checkpoint_step_again(tmp_path: Path) -> None:

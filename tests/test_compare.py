@@ -90,8 +90,9 @@ def test_checkpoints_are_weights_only(tmp_path: Path) -> None:
     load_state(_build(), plain)  # a plain state dict, no prefix
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": model.state_dict(), "fn": print}, evil)  # needs unpickling code
-    with pytest.raises(CompareError, match="cannot load"):
+    with pytest.raises(CompareError, match=r"refusing .* needs code to load \(print\)") as e:
         load_state(_build(), evil)
+    assert len(str(e.value).splitlines()) == 1
     other = tmp_path / "other.pt"
     torch.save(nn.Linear(2, 2).state_dict(), other)
     with pytest.raises(CompareError, match="does not match"):
@@ -193,3 +194,23 @@ def test_help_advertises_only_options_that_exist(capsys: pytest.CaptureFixture[s
     for option in ("--pretrained", "--images", "--size", "--num-classes", "--quiet"):
         assert option in text, option
     assert "--pretrained=PATH" in text and "(--pretrained alone)" in text  # the epilog's words
+
+
+def test_names_and_paths_are_printed_as_given_never_as_markup(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--names 'net[/]'`` (rich would read a closing tag) and ``--out 'exp[lr=0.1]'`` (a
+    tag that would vanish) are printed as typed, and the run succeeds."""
+    factory, ckpt, out = setup
+    out = out.parent / "exp[lr=0.1]"
+    args = ["compare", f"{factory}:build", f"{factory}:build@{ckpt}", "--names", "net[/],b[bold]"]
+    opts = ["--layers", "4", "--input-size", "17", "--channels", "1", "--samples", "4"]
+    assert main([*args, *opts, "--bootstrap", "10", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "net[/]" in text and "b[bold]" in text
+    assert f"{out / 'compare.json'}" in text.replace("\n", "")
+    assert (out / "compare.json").is_file()
+    analyzed = out.parent / "an[lr=0.1]"
+    opts = ["--input-size", "17", "--channels", "1", "--samples", "2", "--layers", "4"]
+    assert main(["analyze", f"{factory}:build", *opts, "--out", str(analyzed), "--quiet"]) == 0
+    assert f"{analyzed / 'metrics.json'}" in capsys.readouterr().out.replace("\n", "")

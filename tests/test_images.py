@@ -205,6 +205,48 @@ def test_cli_pretrained_from_torch_hub_cache_or_a_clear_message(
                                rtol=1e-5, atol=1e-9)  # fmt: skip
 
 
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_cli_pretrained_cache_pickle_runs_no_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pickle planted in the torch.hub cache (torchvision's file name for the weights) and
+    one planted in the Hugging Face cache (timm's): refused in one line, no code run."""
+    pytest.importorskip("torchvision.models")
+    timm = pytest.importorskip("timm")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    marker = tmp_path / "pwned"
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    target.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Payload(marker)}, target)
+    code, err = run(["torchvision:resnet18", "--pretrained", *NOISE], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "refusing" in err and "needs code to load (io.open)" in err
+    assert not marker.exists(), "a pickle in the torch.hub cache was executed"
+
+    repo = tmp_path / "hf" / "models--timm--resnet18.a1_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    torch.save({**state, "x": _Payload(marker)}, snapshot / "pytorch_model.bin")
+    code, err = run(["timm:resnet18", "--pretrained", *NOISE], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "refusing" in err and "pytorch_model.bin" in err
+    assert not marker.exists(), "a pickle in the Hugging Face cache was executed"
+
+
 def test_cli_pretrained_timm_from_hugging_face_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -213,3 +213,18 @@ def test_a_probe_dtype_the_model_does_not_take_says_what_dtype_does() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
     with pytest.raises(em.ERFProbeError, match=r"casts the inputs only.*model\.double\(\)"):
         em.compute_erf(net, torch.randn(2, 1, 8, 8), ["0"], dtype=torch.float64)
+
+
+def test_a_non_finite_probe_batch_is_described_as_it_is() -> None:
+    """The monitor's message names the real batch (its shape, the samples with NaN), not the
+    2-sample example its plan is built on."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1))
+    x = torch.randn(6, 1, 12, 12)
+    x[0, 0, 3, 3] = float("nan")
+    x[3, 0, 5, 5] = float("inf")
+    w = em.watch(net, ["2"], probe_inputs=x, every_n_steps=1, summary=False, min_coverage=None)
+    with pytest.warns(em.ERFProbeWarning) as rec:
+        w.step()
+    w.remove()
+    (msg,) = [str(r.message) for r in rec if issubclass(r.category, em.ERFProbeWarning)]
+    assert "shape (6, 1, 12, 12)" in msg and "sample(s) 0, 3)" in msg, msg

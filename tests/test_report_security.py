@@ -95,3 +95,34 @@ def test_report_never_reads_outside_its_folder(tmp_path: Path) -> None:
 
 def _file_run(path: Path, marker: float) -> None:
     FileSink(path).log_scalars({"erf/head/erf_size": marker, "erf/head/coverage": 0.2}, 0)
+
+
+def test_report_replaces_a_planted_link_never_writes_through_it(tmp_path: Path) -> None:
+    """``erf_report.html`` planted as a link to a file outside: the link is replaced by the
+    report, the file it pointed to is untouched."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    root = tmp_path / "logs"
+    _file_run(root / "run", marker=5.0)
+    (root / "erf_report.html").symlink_to(precious)
+    out, _ = build_report(root)
+    assert out == root / "erf_report.html" and not out.is_symlink()
+    assert precious.read_text() == "keep me"
+    assert "<html" in out.read_text().lower()
+    assert sorted(p.name for p in root.iterdir()) == ["erf_report.html", "run"]  # no temporary
+
+
+def test_report_skips_empty_and_truncated_images(tmp_path: Path) -> None:
+    """PNGs a failed write left behind (empty, cut short) are not embedded; whole ones are."""
+    from erf_monitor.viz.render import save_png
+
+    run = tmp_path / "run"
+    _file_run(run, marker=5.0)
+    layer = run / "heatmaps" / "head"
+    save_png(np.full((16, 16, 3), 200, dtype=np.uint8), layer / "step_2.png")
+    whole = (layer / "step_2.png").read_bytes()
+    (layer / "step_0.png").write_bytes(b"")
+    (layer / "step_1.png").write_bytes(whole[: len(whole) // 2])
+    out, runs = build_report(tmp_path)
+    assert [step for step, _ in runs[0].frames["head"]] == [2]
+    assert base64.b64encode(whole).decode() in out.read_text()

@@ -174,6 +174,33 @@ def test_file_sink_odd_names(tmp_path: Path) -> None:
 
 
 # -- which metrics are logged ----------------------------------------------------------------
+def test_file_sink_cuts_a_torn_last_row_before_appending(tmp_path: Path) -> None:
+    """A crash (or a full disk) in an earlier run left half a row: the next append starts on
+    a whole row instead of being glued onto it, in every appended file."""
+    sink = FileSink(tmp_path)
+    sink.log_scalars({"erf/a/sigma_x": 1.5}, 1)
+    with sink.metrics_path.open("a", newline="") as f:
+        f.write("2,erf/a/sigma_y,1")  # torn: the value was 12.0
+    (tmp_path / "alerts.jsonl").write_text('{"step": 1, "title": "a"')
+    sink.log_scalars({"erf/a/sigma_y": 17.0}, 3)
+    sink.alert("erf_coverage/a", "low", 3)
+    with sink.metrics_path.open(newline="") as f:
+        assert list(csv.reader(f)) == [
+            ["step", "key", "value"], ["1", "erf/a/sigma_x", "1.5"], ["3", "erf/a/sigma_y", "17.0"]
+        ]  # fmt: skip
+    (alert,) = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert alert["step"] == 3 and alert["text"] == "low"
+
+
+def test_file_sink_failed_image_and_array_writes_leave_no_file(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    with pytest.raises(TypeError):
+        sink.log_image("erf/a/heatmap", np.zeros((4, 4, 3), dtype=np.float32), 0)  # not uint8
+    with pytest.raises(TypeError, match="object array"):
+        sink.log_arrays("erf", {"a": np.zeros(3), "b": np.array([None], dtype=object)}, 0)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_pick_metrics_default_all_and_names(results: dict[str, ERFResult]) -> None:
     everything = results[LAYERS[0]].scalars()
     assert len(everything) > 30 and set(pick_metrics(everything)) == DEFAULT_2D

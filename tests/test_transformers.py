@@ -361,6 +361,36 @@ def test_resume_from_a_moved_checkpoint_continues_the_curves(tmp_path: Path) -> 
     assert sorted(resumed.history[layer]) == [0, 2, 3]
 
 
+def test_resume_with_unreadable_monitor_state_finishes_training(tmp_path: Path) -> None:
+    """Monitor state a newer library wrote, or damaged state, in trainer_state.json: one
+    warning that says what was lost, the monitor starts afresh, and training resumes."""
+    import json
+
+    kw = {"every_n_steps": 2, "num_samples": 2, "min_coverage": None}
+    out = tmp_path / "run"
+    first = em.ERFTrainerCallback(CONVNEXT_LAYERS[:1], **kw)  # type: ignore[arg-type]
+    train(convnext(), args(out, max_steps=3, save_strategy="steps", save_steps=3), [first])
+    state_file = out / "checkpoint-3" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    damages = {
+        "newer erf-monitor: state version 2": {"version": 2},
+        "error: Error -3 while decompressing": {"probe_batch": {"shape": [2], "float32": "AAAA"}},
+        "invalid literal for int()": {"history": {CONVNEXT_LAYERS[0]: {"two": {}}}},
+    }
+    for reason, damage in damages.items():
+        broken = json.loads(json.dumps(saved))
+        broken["stateful_callbacks"]["erf_monitor"].update(damage)
+        state_file.write_text(json.dumps(broken))
+        resumed = em.ERFTrainerCallback(CONVNEXT_LAYERS[:1], **kw)  # type: ignore[arg-type]
+        with pytest.warns(em.ERFProbeWarning) as rec:
+            trainer = train(convnext(), args(out, max_steps=5), [resumed],
+                            resume_from_checkpoint=str(state_file.parent))  # fmt: skip
+        assert trainer.state.global_step == 5
+        (msg,) = [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+        assert reason in msg and "ERF history and alert state are lost" in msg, msg
+        assert sorted(resumed.history[CONVNEXT_LAYERS[0]]) == [3, 4, 5]  # afresh from step 3
+
+
 @pytest.mark.slow
 def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")

@@ -199,6 +199,13 @@ def test_state_dict_roundtrip() -> None:
     assert sorted(w2.history["4"]) == [0, 1, 2, 3]
     w2.remove()
     assert no_hooks_left(net, opt)
+    w3 = em.watch(net, ["4"], every_n_steps=1, optimizer=opt, min_coverage=None)
+    with pytest.warns(em.ERFProbeWarning, match="state version 9, this one reads up to 1"):
+        w3.load_state_dict({**w.state_dict(), "version": 9})  # a newer library's state
+    assert w3.global_step == 0 and w3.history == {} and w3.probe_batch is None
+    train(net, opt, data(1))  # afresh: the first batch is captured and probed
+    assert sorted(w3.history["4"]) == [0, 1]
+    w3.remove()
 
 
 def test_bad_arguments() -> None:

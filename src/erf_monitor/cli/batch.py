@@ -60,9 +60,10 @@ def folder_names(names: Sequence[str]) -> dict[str, str]:
 def write_json(path: Path, record: Mapping[str, Any]) -> None:
     """Write ``record`` as JSON through a temporary file and a rename: the file is either
     absent or whole (an interrupted batch never leaves a half-written ``metrics.json``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    from erf_monitor.core.files import replaced
+
+    with replaced(path) as tmp:  # a failed write leaves no temporary file either
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def finished(folder: Path, request: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from erf_monitor.cli.models import shape_mismatch
+from erf_monitor.cli.models import ModelSpecError, read_weights, shape_mismatch
 from erf_monitor.measure.bootstrap import Interval, compare_intervals
 
 if TYPE_CHECKING:
@@ -149,12 +149,10 @@ def load_state(model: nn.Module, path: str | Path) -> None:
             ``--num-classes`` builds the model with that head).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CompareError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled code, corrupt files...
-        raise CompareError(f"cannot load {str(path)!r} as weights: {exc}") from None
+        state = read_weights(path)  # data only: pickled code is refused, in one line
+    except ModelSpecError as exc:
+        raise CompareError(str(exc)) from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

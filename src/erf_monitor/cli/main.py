@@ -80,6 +80,14 @@ def _console(stderr: bool = False, quiet: bool = False) -> Console:
     return console
 
 
+def _lit(value: object) -> str:
+    """``value`` as text that rich prints as given: names and paths are never markup
+    (``net[/]`` would end a style, ``exp[lr=0.1]`` would vanish)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def _fmt(value: float, spec: str = ".3f") -> str:
     return "n/a" if not math.isfinite(value) else format(value, spec)
 
@@ -250,7 +258,9 @@ def _write_positions(
             from erf_monitor.viz.export import save_figure
 
             path = save_figure(r.field.figure(), out / "fields" / f"{safe_filename(name)}.{fmt}")
-            console.print(f"ERF field of {name!r}: [bold]{path}[/]", highlight=False)
+            console.print(
+                f"ERF field of {_lit(repr(name))}: [bold]{_lit(path)}[/]", highlight=False
+            )
 
 
 # ---------------------------------------------------------------------------------- analyze
@@ -444,8 +454,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                     raise CLIError(error)
                 if found is not None:
                     console.print(
-                        f"{name}: finished in [bold]{folder}[/] with the same settings; skipped "
-                        "(--skip-existing).",
+                        f"{_lit(name)}: finished in [bold]{_lit(folder)}[/] with the same "
+                        "settings; skipped (--skip-existing).",
                         highlight=False,
                     )
                     records[name] = (folder, found)
@@ -535,7 +545,8 @@ def _analyze_model(
             except Exception as exc:  # the TRF analysis could not follow this model
                 err.print(
                     f"[yellow]warning[/]: the theoretical receptive field could not be analysed "
-                    f"({type(exc).__name__}: {_one_line(exc)}); TRF columns and ratios are n/a.",
+                    f"({type(exc).__name__}: {_lit(_one_line(exc))}); TRF columns and ratios are "
+                    "n/a.",
                     highlight=False,
                 )
                 results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
@@ -598,23 +609,24 @@ def _analyze_model(
 
     if preprocessing is not None:
         console.print(
-            f"Images preprocessed by {preprocessing['source']}: "
+            f"Images preprocessed by {_lit(preprocessing['source'])}: "
             f"{'x'.join(map(str, preprocessing['size']))} px, mean {preprocessing['mean']}, "
             f"std {preprocessing['std']}.",
             highlight=False,
         )
-    console.print(results_table(results, title=f"ERF of {name} — {source}, mode {args.mode}"))
+    title = f"ERF of {_lit(name)} — {_lit(source)}, mode {args.mode}"
+    console.print(results_table(results, title=title))
     _write_positions(results, out, console, f"ERF at position {args.position!r}", args.format)
     from erf_monitor.cli.batch import write_json
 
     write_json(out / "metrics.json", record)  # last: a folder with metrics.json is finished
     shards = f" on {world} processes" if world > 1 else ""
     console.print(
-        f"Probe: {seconds:.2f} s{shards}. Wrote [bold]{out / 'metrics.json'}[/], "
-        f"[bold]{out / 'maps.npz'}[/] (np.load(..., allow_pickle=False)), "
-        f"[bold]{overview}[/]"
-        + "".join(f", [bold]{p}[/]" for p in written)
-        + f" and {len(results)} heatmaps in [bold]{out / 'heatmaps'}[/].",
+        f"Probe: {seconds:.2f} s{shards}. Wrote [bold]{_lit(out / 'metrics.json')}[/], "
+        f"[bold]{_lit(out / 'maps.npz')}[/] (np.load(..., allow_pickle=False)), "
+        f"[bold]{_lit(overview)}[/]"
+        + "".join(f", [bold]{_lit(p)}[/]" for p in written)
+        + f" and {len(results)} heatmaps in [bold]{_lit(out / 'heatmaps')}[/].",
         highlight=False,
     )
     return record
@@ -664,8 +676,8 @@ def _write_batch(
         fig = grid_figure(grid, log_scale=args.log_scale, title=title)
         written.insert(0, save_figure(fig, out / f"grid.{args.format}"))
     console.print(
-        f"Batch of {len(records)} models: one folder per model in [bold]{out}[/]"
-        + "".join(f", [bold]{p}[/]" for p in written)
+        f"Batch of {len(records)} models: one folder per model in [bold]{_lit(out)}[/]"
+        + "".join(f", [bold]{_lit(p)}[/]" for p in written)
         + ".",
         highlight=False,
     )
@@ -688,7 +700,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     console = _console()
     console.print(
-        f"Report of {len(runs)} run(s) written to [bold]{path}[/] "
+        f"Report of {len(runs)} run(s) written to [bold]{_lit(path)}[/] "
         f"({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser).",
         highlight=False,
     )
@@ -779,7 +791,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         build_s = time.perf_counter() - t0
         if not live and not args.quiet:
             err.print(
-                f"probing {len(models)} model(s) on {x.shape[0]} {source} image(s); "
+                f"probing {len(models)} model(s) on {x.shape[0]} {_lit(source)} image(s); "
                 f"{args.bootstrap} bootstrap resamples per layer...",
                 highlight=False,
             )
@@ -818,7 +830,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     console = _console()
     if preprocessing is not None:
         console.print(
-            f"Images preprocessed by {preprocessing['source']}: "
+            f"Images preprocessed by {_lit(preprocessing['source'])}: "
             f"{'x'.join(map(str, preprocessing['size']))} px, mean {preprocessing['mean']}, "
             f"std {preprocessing['std']}.",
             highlight=False,
@@ -829,7 +841,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     console.print(
         f"Time: {time.perf_counter() - t0:.1f} s (models and images {build_s:.1f} s, probes "
         f"{probe_s:.1f} s, bootstrap {boot_s:.1f} s, outputs {write_s:.1f} s). Wrote "
-        + ", ".join(f"[bold]{p}[/]" for p in paths.values())
+        + ", ".join(f"[bold]{_lit(p)}[/]" for p in paths.values())
         + ".",
         highlight=False,
     )

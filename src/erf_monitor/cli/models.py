@@ -11,20 +11,25 @@ Three forms are accepted:
 Weights (``pretrained``) are only ever read from local files, never downloaded: ``"cache"``
 takes the copy that torchvision (``torch.hub`` cache) or timm (Hugging Face hub cache, or the
 ``torch.hub`` cache for older weights) keeps after a download elsewhere; a path loads a
-checkpoint file (``torch.load(weights_only=True)`` or ``.safetensors``; a ``state_dict`` /
-``model`` entry and ``model.``/``module.``/``_orig_mod.`` key prefixes are handled).
+checkpoint file (a ``state_dict`` / ``model`` entry and ``model.``/``module.``/``_orig_mod.``
+key prefixes are handled). Every weight file, the caches' included, is read as data only
+(:func:`read_weights`: ``.safetensors``, or ``torch.load(weights_only=True)``): a pickle that
+needs code to load is refused before anything else reads it.
 
 Every failure is a :class:`ModelSpecError` with a one-line message that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,6 +43,7 @@ __all__ = [
     "ModelSpecError",
     "load_checkpoint",
     "load_model",
+    "read_weights",
     "shape_mismatch",
     "spec_preprocessing",
 ]
@@ -85,9 +91,12 @@ def _torchvision_pretrained(name: str) -> nn.Module:
             f"(torchvision.models.get_model({name!r}, weights='DEFAULT')) or pass "
             "--pretrained=PATH to a checkpoint file"
         )
+    read_weights(cached)  # data only, or refused before torchvision reads it
     # The builder reads the cached file (torch.hub only downloads a missing file) and applies
-    # the model's own key fixes (e.g. DenseNet's old names).
-    return tvm.get_model(name, weights=weights)
+    # the model's own key fixes (e.g. DenseNet's old names) and settings (Inception's input
+    # transform); torch.hub would unpickle it with weights_only=False.
+    with weights_only_loads():
+        return tvm.get_model(name, weights=weights)
 
 
 def _timm_pretrained(name: str) -> nn.Module:
@@ -114,7 +123,61 @@ def _timm_pretrained(name: str) -> nn.Module:
             f"{_NO_DOWNLOAD}): download them once where there is internet "
             f"(timm.create_model({name!r}, pretrained=True)) or pass --pretrained=PATH"
         )
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found})
+    read_weights(Path(found))  # data only, or refused before timm reads it
+    with weights_only_loads():  # timm's own load of the file (older versions: pickle)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found})
+
+
+_FORCE_VARS = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside the block reads weights only, whatever its caller asks
+    (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which torch reads at each load since 2.4): a second
+    guard behind :func:`read_weights` for the files that torchvision and timm load
+    themselves."""
+    saved = {k: os.environ.pop(k, None) for k in _FORCE_VARS}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def read_weights(path: str | os.PathLike[str]) -> Any:
+    """The content of a weight file, read as data only: ``.safetensors`` with safetensors,
+    anything else with ``torch.load(weights_only=True)`` (tensors and plain containers).
+
+    Raises:
+        ModelSpecError: one line: a missing file, a pickle that needs code to load (refused:
+            loading it would run that code), or a file that is not readable as weights.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelSpecError(f"checkpoint {str(file)!r} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        needs = f" ({named.group(1)})" if named else ""
+        raise ModelSpecError(
+            f"refusing {str(file)!r}: it is a pickle that needs code to load{needs}, and "
+            "erf-monitor reads weights only (tensors and plain containers; or .safetensors)"
+        ) from None
+    except Exception as exc:
+        raise ModelSpecError(
+            f"cannot read checkpoint {str(file)!r} as weights only: {type(exc).__name__}: "
+            f"{_first_line(exc)}"
+        ) from None
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -176,21 +239,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         ModelSpecError: a missing or unreadable file, or weights that do not fit the model.
     """
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ModelSpecError(f"checkpoint {str(file)!r} does not exist")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(file), device="cpu")
-        else:
-            raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelSpecError(
-            f"cannot read checkpoint {str(file)!r} as weights only: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
-        ) from None
-    state = _state_dict_of(raw, file)
+    state = _state_dict_of(read_weights(file), file)
     expected = set(model.state_dict())
     for prefix in ("", "model.", "module.", "_orig_mod.", "net."):
         if prefix and not all(k.startswith(prefix) for k in state):

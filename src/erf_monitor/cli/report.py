@@ -28,11 +28,13 @@ shown once, listing where else the same data are.
 Everything read is data, and only data inside the log directory: every file is opened only
 if its real path (symbolic links resolved) lies inside the directory's real path, and no
 directory outside it is listed; ``.npz`` files are loaded with ``allow_pickle=False``, PNGs
-are copied as bytes. The page is drawn by the Jinja2 templates in ``cli/templates/``
-(``report.html.j2`` and the run and comparison sections it includes), which autoescape every
-value, so every name (layers, runs, paths, alert texts) appears escaped; this module only
-gathers the data they show. Images are inlined as base64 PNG; the page needs no other file
-and no network.
+are copied as bytes (an empty or unreadable one, left by a failed write, is skipped). The
+page is drawn by the Jinja2 templates in ``cli/templates/`` (``report.html.j2`` and the run
+and comparison sections it includes), which autoescape every value, so every name (layers,
+runs, paths, alert texts) appears escaped; this module only gathers the data they show.
+Images are inlined as base64 PNG; the page needs no other file and no network. The page is
+written to a temporary file in its folder and renamed into place: a symbolic link planted
+under its name is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -168,6 +170,19 @@ class _Folder:
             data: bytes = f.read()
         return data
 
+    def read_png(self, path: Path) -> bytes | None:
+        """The PNG's bytes; ``None`` for a file that is no readable image (empty, cut short
+        by a full disk, or not a PNG at all)."""
+        try:
+            data = self.read_bytes(path)
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                img.verify()  # every chunk's checksum, up to the end marker: cut short raises
+        except Exception:  # OSError, PIL's errors, a missing PIL: not an image to embed
+            return None
+        return data
+
 
 # ---------------------------------------------------------------------------------- parsing
 def _is_metric(name: str) -> bool:
@@ -268,6 +283,8 @@ def _read_file_run(folder: _Folder, directory: Path, name: str) -> Run:
     _touch(run, metrics_csv)
     with folder.open(metrics_csv) as f:
         for row in csv.DictReader(f):
+            if None in row:  # more fields than the header: rows glued together, skip
+                continue
             try:
                 step, value = int(row["step"]), float(row["value"])
             except (KeyError, TypeError, ValueError):
@@ -287,8 +304,9 @@ def _read_files(folder: _Folder, directory: Path, run: Run) -> None:
         layer = "" if layer_dir.name == "_root" else unquote(layer_dir.name)
         for png in folder.entries(layer_dir, "step_*.png"):
             png_step = _step_of(png)
-            if png_step is not None and png.is_file():
-                run.frames.setdefault(layer, []).append((png_step, folder.read_bytes(png)))
+            data = folder.read_png(png) if png_step is not None and png.is_file() else None
+            if png_step is not None and data is not None:
+                run.frames.setdefault(layer, []).append((png_step, data))
     for maps in ("erf_maps", "maps"):  # "maps": logs of erf-monitor before 0.2
         if not run.frames:
             _frames_from_npz(folder, directory / maps, run)
@@ -435,11 +453,13 @@ def _read_analyze_run(folder: _Folder, directory: Path, name: str) -> Run | None
 
     for layer in run.metrics:
         png = directory / "heatmaps" / f"{safe_filename(layer)}.png"
-        if folder.is_file(png):
-            run.frames.setdefault(layer, []).append((0, folder.read_bytes(png)))
+        data = folder.read_png(png) if folder.is_file(png) else None
+        if data is not None:
+            run.frames.setdefault(layer, []).append((0, data))
         png = directory / "fields" / f"{safe_filename(layer)}.png"
-        if folder.is_file(png):
-            run.fields[layer] = folder.read_bytes(png)
+        data = folder.read_png(png) if folder.is_file(png) else None
+        if data is not None:
+            run.fields[layer] = data
     if not run.frames and folder.is_file(directory / "maps.npz"):
         for layer, a in _load_npz(folder, directory / "maps.npz").items():
             frame = _map_frame(a)
@@ -934,6 +954,8 @@ def build_report(
         max_frames=max_frames,
         reference=reference_coverage,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    from erf_monitor.core.files import replaced
+
+    with replaced(path) as tmp:  # never through a link planted at ``path``; never half a page
+        tmp.write_text(page, encoding="utf-8")
     return path, runs

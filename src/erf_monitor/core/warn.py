@@ -11,6 +11,14 @@ Only ``warnings.warn`` with a stack level is used: ``warnings.warn_explicit(modu
 asks the frame's loader for source lines, and a ``__main__`` run by ``python -c``, from stdin
 or by ``exec`` has a loader that raises (``ImportError: '__main__' is not a built-in
 module``), which would end the user's training run at the first alert.
+
+A *failure* warning (``failure=True``: the monitor failed and says that training goes on)
+never raises: when the user's filters turn it into an error (``python -W error``, pytest's
+``filterwarnings = error``), raising it would end the training run that its own text promises
+goes on. It is logged on the ``erf_monitor`` logger at ``ERROR`` level instead (Python's last
+resort handler prints it on stderr when no logging is configured). ``strict=True`` is how to
+make a monitor failure end training. Other warnings (coverage alerts, diagnostics) follow the
+filters as any warning does.
 """
 
 from __future__ import annotations
@@ -65,10 +73,11 @@ def user_stacklevel() -> int | None:
     return None
 
 
-def warn(message: str | Warning, category: type[Warning]) -> None:
+def warn(message: str | Warning, category: type[Warning], *, failure: bool = False) -> None:
     """``warnings.warn`` at the user's call site (see the module docstring).
 
-    Never raises, except what the user's own warning filters ask for (``"error"``).
+    Never raises, except what the user's own warning filters ask for (``"error"``) and only
+    when ``failure`` is false: a failure warning turned into an error is logged instead.
     """
     try:
         level = user_stacklevel() or 1
@@ -77,7 +86,14 @@ def warn(message: str | Warning, category: type[Warning]) -> None:
     try:
         warnings.warn(message, category, stacklevel=level)
     except category:
-        raise  # the user's filters turned this warning into an error: their choice
+        if not failure:
+            raise  # the user's filters turned this warning into an error: their choice
+        _log.error(
+            "%s: %s\n(The warnings filter turns this warning into an error; a monitor "
+            "failure never ends training unless strict=True, so it is logged instead.)",
+            category.__name__,
+            message,
+        )
     except Exception as err:  # the warning machinery failed: say it on the log instead
         _log.warning("%s: %s (could not be issued: %s)", category.__name__, message, err)
 

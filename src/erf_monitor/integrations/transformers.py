@@ -219,9 +219,11 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         if state.global_step == 0:
             return
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if isinstance(saved, Mapping):
-            self._engine.load_state_dict(_decode_state(saved))
-            log.info("erf-monitor: state restored from the checkpoint (step %d)", state.global_step)
+        if saved is not None:  # unreadable state is reported and the monitor starts afresh
+            if self._engine.load_state_dict(saved, decode=_decode_state):
+                log.info(
+                    "erf-monitor: state restored from the checkpoint (step %d)", state.global_step
+                )
         else:
             log.info(
                 "erf-monitor: resumed at step %d from a checkpoint without monitor state; "
@@ -260,16 +262,18 @@ def _encode_tensor(x: torch.Tensor) -> dict[str, Any]:
     return {"shape": list(x.shape), "float32": base64.b64encode(zlib.compress(data)).decode()}
 
 
-def _decode_state(saved: Mapping[str, Any]) -> dict[str, Any]:
+def _decode_state(saved: Any) -> dict[str, Any]:
     """The engine state that :meth:`ERFTrainerCallback._keep_state` stored (JSON: data only)."""
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"a {type(saved).__name__}, not a mapping")
     state = dict(saved)
     batch = state.get("probe_batch")
     if isinstance(batch, Mapping):
         raw = zlib.decompress(base64.b64decode(batch["float32"]))
         array = np.frombuffer(raw, dtype="<f4").reshape([int(n) for n in batch["shape"]])
         state["probe_batch"] = torch.from_numpy(array.astype(np.float32))
-    else:
-        state["probe_batch"] = None
+    elif batch is not None:
+        raise TypeError(f"the probe batch is a {type(batch).__name__}, not encoded bytes")
     return state
 
 

@@ -341,7 +341,11 @@ class MonitorEngine:
         assert self.probe_batch is not None
         net = unwrap_model(model)
         device, dtype = _model_device(net)
-        example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
+        batch = self.probe_batch
+        if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+            # Said of the real batch (its shape and samples), not of the 2-sample example.
+            probe_input(batch, torch.device("cpu"), batch.dtype)  # raises, naming them
+        example = probe_input(batch[:2], device, probe_dtype(None, dtype))
         plan = build_plan(
             model, example, self.layers, mode=self.mode,
             position=self.position if position is None else position,
@@ -704,7 +708,9 @@ class MonitorEngine:
             self.report("summary", f"the end-of-training summary could not be printed: {exc}", exc)
 
     def report(self, kind: str, message: str, exc: BaseException | None = None) -> None:
-        """Report a monitor failure: re-raise when ``strict``, else warn once per kind."""
+        """Report a monitor failure: re-raise when ``strict``, else warn once per kind (a
+        warning that the warnings filter would raise is logged instead, see
+        :mod:`erf_monitor.core.warn`)."""
         if self.strict and exc is not None:
             raise exc
         if kind in self._reported:
@@ -715,6 +721,7 @@ class MonitorEngine:
             f"erf-monitor: {message}.\nTraining continues; repeats go to the 'erf_monitor' "
             "logger (strict=True raises instead).",
             ERFProbeWarning,
+            failure=True,  # never raised, whatever the warnings filter: training goes on
         )
 
     def probe_and_act(
@@ -762,25 +769,76 @@ class MonitorEngine:
             "alerted": dict(self.alerted),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        version = state.get("version", _STATE_VERSION)
-        if version > _STATE_VERSION:
-            raise ValueError(f"erf-monitor state version {version} is newer than this library.")
-        batch = state.get("probe_batch")
-        if batch is not None:
-            self.probe_batch = batch.detach().to("cpu", copy=True)
+    def load_state_dict(
+        self, state: Any, *, decode: Callable[[Any], Mapping[str, Any]] | None = None
+    ) -> bool:
+        """Restore what :meth:`state_dict` returned (after ``decode``, for a front-end that
+        stores it in another form).
+
+        State that cannot be read (written by a newer version of the library, or damaged) is
+        reported once, as any monitor failure (``strict=True`` raises), and the monitor starts
+        afresh: resuming a training run never fails because of the monitor.
+
+        Returns:
+            Whether the state was restored.
+        """
+        try:
+            restored = _read_state(decode(state) if decode is not None else state)
+        except Exception as exc:
+            self.start_run()
+            self.report(
+                "state",
+                "the monitor state saved in the checkpoint cannot be read "
+                f"({type(exc).__name__}: {_first_line(exc)}); its probe batch, ERF history and "
+                "alert state are lost, and the monitor starts afresh from this step",
+                exc,
+            )
+            return False
+        if restored["probe_batch"] is not None:
+            self.probe_batch = restored["probe_batch"]
             self.plan = None
-        self.history = {
+        self.history = restored["history"]
+        self.probe_times = restored["probe_times"]
+        self.last_probe_step = restored["last_probe_step"]
+        self.below = restored["below"]
+        self.alerted = restored["alerted"]
+        self.resumed = True
+        return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def _read_state(state: Any) -> dict[str, Any]:
+    """The engine attributes that ``state`` (what :meth:`MonitorEngine.state_dict` returned)
+    holds, converted and checked; raises for state this version cannot read."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a {type(state).__name__}, not a mapping")
+    version = int(state.get("version", _STATE_VERSION))
+    if version > _STATE_VERSION:
+        raise ValueError(
+            f"written by a newer erf-monitor: state version {version}, this one reads up to "
+            f"{_STATE_VERSION}"
+        )
+    batch = state.get("probe_batch")
+    if batch is not None:
+        if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.ndim < 3:
+            raise TypeError("the probe batch is not a floating-point image tensor")
+        batch = batch.detach().to("cpu", copy=True)
+    last = state.get("last_probe_step")
+    return {
+        "probe_batch": batch,
+        "history": {
             str(n): {int(s): {str(k): float(x) for k, x in v.items()} for s, v in h.items()}
             for n, h in state.get("history", {}).items()
-        }
-        self.probe_times = {int(s): float(t) for s, t in state.get("probe_times", {}).items()}
-        last = state.get("last_probe_step")
-        self.last_probe_step = None if last is None else int(last)
-        self.below = {str(k): int(v) for k, v in state.get("below", {}).items()}
-        self.alerted = {str(k): int(v) for k, v in state.get("alerted", {}).items()}
-        self.resumed = True
+        },
+        "probe_times": {int(s): float(t) for s, t in state.get("probe_times", {}).items()},
+        "last_probe_step": None if last is None else int(last),
+        "below": {str(k): int(v) for k, v in state.get("below", {}).items()},
+        "alerted": {str(k): int(v) for k, v in state.get("alerted", {}).items()},
+    }
 
 
 class EngineView:

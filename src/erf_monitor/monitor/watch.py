@@ -194,8 +194,8 @@ class Watcher(EngineView):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self._engine.load_state_dict(state_dict)
-        self.global_step = int(state_dict.get("global_step", self.global_step))
+        if self._engine.load_state_dict(state_dict):  # else: reported, the monitor starts afresh
+            self.global_step = int(state_dict.get("global_step", self.global_step))
         if self._engine.probe_batch is not None:
             self._remove_capture_hook()
 

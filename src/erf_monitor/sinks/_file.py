@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from erf_monitor.core.files import append_text, replaced
 from erf_monitor.sinks._base import Sink
 
 __all__ = ["MAPS_DIR", "FileSink", "arrays_relpath", "safe_filename", "save_npz"]
@@ -70,7 +72,8 @@ def save_npz(path: str | PathLike[str], arrays: Mapping[str, np.ndarray]) -> Pat
     The file is exactly what ``np.savez_compressed(path, **arrays)`` writes (entry
     ``<name>.npy`` per array), but built entry by entry so that any name works (even
     ``"file"``, which ``savez`` would take as its own argument); object arrays are refused.
-    It is written to a temporary name and renamed, so readers never see half a file.
+    It is written to a temporary name and renamed, so readers never see half a file, and a
+    failed write leaves no file behind (see :func:`~erf_monitor.core.files.replaced`).
 
     Args:
         path: destination (parent directories are created).
@@ -85,16 +88,16 @@ def save_npz(path: str | PathLike[str], arrays: Mapping[str, np.ndarray]) -> Pat
     import zipfile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with (
+        replaced(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+    ):
         for name, value in arrays.items():
             a = np.asarray(value)
             if a.dtype.hasobject:
                 raise TypeError(f"save_npz: {name!r} is an object array; only plain arrays")
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, a, allow_pickle=False)
-    tmp.replace(path)
     return path
 
 
@@ -116,6 +119,9 @@ class FileSink(Sink):
     * ``alerts.jsonl`` — one JSON object per alert: ``step``, ``title``, ``text``, ``time``.
 
     Files are opened per call and closed right away, so nothing is lost if training crashes.
+    Every file is whole or absent, also when the disk fills up: rows and lines are appended
+    whole (a torn last row is cut off before the next append), images and arrays are written
+    to a temporary file and renamed (see :mod:`erf_monitor.core.files`).
 
     Args:
         directory: output directory (created if missing).
@@ -142,14 +148,11 @@ class FileSink(Sink):
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         """Append one ``step,key,value`` row per scalar to ``metrics.csv``."""
-        path = self.metrics_path
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "key", "value"])
-            for key, value in scalars.items():
-                writer.writerow([int(step), key, repr(float(value))])
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        for key, value in scalars.items():
+            writer.writerow([int(step), key, repr(float(value))])
+        append_text(self.metrics_path, rows.getvalue(), header="step,key,value\r\n")
 
     def image_path(self, key: str, step: int) -> Path:
         """Where :meth:`log_image` writes ``key`` at ``step``."""
@@ -164,7 +167,8 @@ class FileSink(Sink):
         """Save the image as PNG (see the class docstring for the path)."""
         from erf_monitor.viz.render import save_png
 
-        save_png(image, self.image_path(key, step))
+        with replaced(self.image_path(key, step)) as tmp:
+            save_png(image, tmp)
 
     def arrays_path(self, key: str, step: int) -> Path:
         """Where :meth:`log_arrays` writes: ``erf_maps/`` + :func:`arrays_relpath`."""
@@ -177,12 +181,10 @@ class FileSink(Sink):
     def log_text(self, key: str, text: str, step: int) -> None:
         """Append ``step<TAB>key<TAB>text`` to ``events.log`` (newlines escaped)."""
         line = f"{int(step)}\t{key}\t{text}".replace("\r", "\\r").replace("\n", "\\n")
-        with (self.directory / "events.log").open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_text(self.directory / "events.log", line + "\n")
 
     def alert(self, title: str, text: str, step: int) -> None:
         """Append the alert to ``alerts.jsonl`` and to ``events.log``."""
         record = {"step": int(step), "title": title, "text": text, "time": time.time()}
-        with (self.directory / "alerts.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.directory / "alerts.jsonl", json.dumps(record) + "\n")
         self.log_text(f"alerts/{title}", text, step)

@@ -49,6 +49,7 @@ class MultiSink(Sink):
                     f"erf-monitor: {sink!r}.{method} failed with {type(err).__name__}: {err}.\n"
                     "That data is lost; the other sinks and training continue (reported once).",
                     UserWarning,
+                    failure=True,
                 )
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
@@ -197,6 +198,7 @@ def log_results(
                     f"erf-monitor: could not render the ERF map of layer {name!r} "
                     f"({type(err).__name__}: {err}); its image is skipped",
                     UserWarning,
+                    failure=True,
                 )
                 continue
             multi.log_image(f"{prefix}/{_path(name, r)}/heatmap", image, step)
@@ -211,6 +213,7 @@ def log_results(
                         f"erf-monitor: could not draw the ERF field of layer {name!r} "
                         f"({type(err).__name__}: {err}); its image is skipped",
                         ERFProbeWarning,
+                        failure=True,
                     )
     if arrays and items:
         maps = {path: r.heatmap.detach().cpu().float().numpy() for path, r in _flat(items)}
