@@ -246,6 +246,7 @@ class MonitorEngine:
         self.plan: ProbePlan | None = None
         self._thresholds: dict[str, float] = {}
         self._disabled: str | None = None
+        self._awaiting_batch = False  # a probe was due before a probe batch was captured
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
         self._noted: set[str] = set()
@@ -292,15 +293,30 @@ class MonitorEngine:
             )
         self.plan = None
 
-    def capture(self, batch: Any) -> None:
-        """Take the probe batch from a training batch (or its shape, for ``"noise"``)."""
+    def capture(self, batch: Any) -> bool:
+        """Take the probe batch from a training batch (or its shape, for ``"noise"``).
+
+        Returns:
+            ``False`` when the images to take hold NaN or Inf values: the batch is not taken
+            (said once), so that a later batch is (no ERF of such images means anything).
+        """
         x = find_image(batch, self.input_key)
         if self.source == "noise":
             gen = torch.Generator().manual_seed(self.seed)
             shape = (self.num_samples, *x.shape[1:])
             self.set_probe_batch(torch.randn(shape, generator=gen))
-        else:
-            self.set_probe_batch(x)
+            return True
+        self.set_probe_batch(x)
+        assert self.probe_batch is not None
+        if bool(torch.isfinite(self.probe_batch).all()):
+            return True
+        self.probe_batch = None
+        self.report(
+            "nonfinite",
+            f"a training batch holds NaN or Inf values in its first {self.num_samples} images; "
+            "the probe batch is taken from a later batch",
+        )
+        return False
 
     def capture_from_loader(self, loader: Any) -> None:
         """Take the probe batch from ``loader``'s first ``num_samples`` items (dataset order).
@@ -318,17 +334,24 @@ class MonitorEngine:
         if loader is None:
             raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
         self.set_probe_batch(find_image(first_items(loader, self.num_samples), self.input_key))
+        if self.probe_batch is not None and not bool(torch.isfinite(self.probe_batch).all()):
+            self.probe_batch = None
+            raise ValueError(f"the first {self.num_samples} validation images hold NaN or Inf")
 
     # ------------------------------------------------------------------ schedule
     def should_probe(self, step: int, force: bool = False) -> bool:
         """Whether to probe at ``step``: a multiple of ``every_n_steps`` was reached (or crossed,
         when one batch advances several steps) since the last probe; ``force`` probes at any step
-        not probed yet (fit start and end). Never twice at the same step."""
+        not probed yet (fit start and end). Never twice at the same step. On a single process,
+        a probe skipped because no probe batch had been captured yet (a first batch with NaN
+        values) is made up at the first step once there is one."""
         last = self.last_probe_step
         if last is None:
             return force or step % self.every_n_steps == 0
         if step == last:
             return False
+        if self._awaiting_batch and self.probe_batch is not None and dist_.rank_and_world()[1] == 1:
+            return True  # a probe was skipped for want of a batch: probe now that there is one
         return force or step // self.every_n_steps > last // self.every_n_steps
 
     def mark(self, step: int) -> None:
@@ -466,6 +489,7 @@ class MonitorEngine:
         outcome = ProbeOutcome(step)
         if self._disabled is not None:
             return outcome
+        self._awaiting_batch = self.probe_batch is None
         if self.probe_batch is None:
             log.debug("erf-monitor: no probe batch yet at step %d; probe skipped", step)
             return outcome

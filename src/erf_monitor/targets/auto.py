@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from erf_monitor.core.hints import forward_error, is_own_error
+from erf_monitor.core.probing import probing, this_thread_only
 from erf_monitor.targets.layers import (
     Selector,
     _module_table,
@@ -196,9 +197,9 @@ def _record(
     flags = {m: m.training for m in net.modules()}
     try:
         for name, module in _module_table(net).items():
-            handles.append(module.register_forward_hook(make_hook(name, module)))
+            handles.append(module.register_forward_hook(this_thread_only(make_hook(name, module))))
         net.eval()
-        with torch.no_grad(), contextlib.suppress(StopForward):
+        with torch.no_grad(), probing(), contextlib.suppress(StopForward):
             (forward_fn or (lambda m, t: m(t)))(net, x)
     except Exception as exc:
         if is_own_error(exc):

@@ -1,0 +1,344 @@
+"""Probes never run inside the user's code: step boundaries, several monitors, other threads.
+
+The user's own forward hooks fire during a probe's forward (they are part of the model);
+``em.is_probing()`` tells them apart. Several watchers and ``compute_erf`` calls share a
+model; a thread doing inference beside a probe is never touched by the probe's hooks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import erf_monitor as em
+from conftest import HANG_GUARD_S
+
+
+def make_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 0
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Conv2d(8, 8, 3, padding=1),  # 4: TRF 5x5
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def data(n_batches: int, nan_first: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    out = [
+        (torch.randn(6, 3, 12, 12, generator=g), torch.randint(0, 4, (6,), generator=g))
+        for _ in range(n_batches)
+    ]
+    if nan_first:
+        out[0][0][0, 1, 5, 5] = float("nan")  # one pixel
+    return out
+
+
+def test_is_probing_is_public_and_false_outside_probes() -> None:
+    assert "is_probing" in em.__all__
+    assert em.is_probing() is False
+    seen: list[bool] = []
+    net = make_net()
+    net[0].register_forward_hook(lambda *_: seen.append(em.is_probing()))
+    net.eval()
+    net(torch.randn(1, 3, 12, 12))
+    em.compute_erf(net, torch.randn(2, 3, 12, 12), ["4"])
+    assert seen[0] is False and len(seen) > 1 and all(seen[1:])
+    assert em.is_probing() is False
+
+
+# ----------------------------------------------------------------------------- step boundaries
+def _train_collecting(watched: bool, skip_probes: bool) -> tuple[dict, list[bool]]:
+    """The issue's loop: a forward hook collects activations for a loss term."""
+    net = make_net(1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    acts: list[torch.Tensor] = []
+    probing: list[bool] = []
+
+    def collect(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        probing.append(em.is_probing())
+        if skip_probes and em.is_probing():
+            return
+        acts.append(out)
+
+    net[2].register_forward_hook(collect)
+    torch.manual_seed(3)
+    w = em.watch(net, ["4"], every_n_steps=1, optimizer=opt, min_coverage=None) if watched else None
+    net.train()
+    for x, y in data(4):
+        acts.clear()
+        opt.zero_grad()
+        out = net(x)
+        loss = F.cross_entropy(out, y) + 0.1 * acts[0].pow(2).mean()
+        loss.backward()
+        opt.step()
+    if w is not None:
+        assert sorted(w.history["4"]) == [0, 1, 2, 3, 4]
+        w.remove()
+    return net.state_dict(), probing
+
+
+@pytest.mark.parametrize("skip_probes", [False, True])
+def test_activation_collecting_hook_trains_bit_for_bit(skip_probes: bool) -> None:
+    plain, calls = _train_collecting(False, skip_probes)
+    watched, watched_calls = _train_collecting(True, skip_probes)
+    for k in plain:
+        assert torch.equal(plain[k], watched[k]), k
+    assert calls == [False] * 4
+    # The user's hook fires in the probes too (5 probes, at least one forward each), and only
+    # there does is_probing() say so.
+    assert watched_calls.count(False) == 4 and watched_calls.count(True) >= 5
+
+
+def test_the_first_probe_runs_at_the_optimizer_step_not_in_the_forward() -> None:
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    w = em.watch(net, ["4"], every_n_steps=10, optimizer=opt, num_samples=2, min_coverage=None)
+    (x, y), *_ = data(1)
+    F.cross_entropy(net(x), y).backward()
+    assert w.history == {} and torch.equal(w.probe_batch, x[:2])  # captured, not probed
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt.step()
+    assert sorted(w.history["4"]) == [0]
+    # Step 0 saw the parameters before the update: the same map as a probe of them now.
+    net.load_state_dict(before)
+    again = em.compute_erf(net, x[:2], ["4"])
+    assert w.latest is not None
+    assert torch.allclose(w.latest["4"].heatmap, again["4"].heatmap, atol=1e-6)
+    w.remove()
+
+
+def test_without_an_optimizer_the_first_probe_is_at_the_first_step() -> None:
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    w = em.watch(net, ["4"], every_n_steps=2, min_coverage=None)
+    for x, y in data(4):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        w.step()
+    assert sorted(w.history["4"]) == [1, 2, 4]  # no boundary before the first update
+    w.remove()
+
+
+# ----------------------------------------------------------------------------- several monitors
+def test_two_watchers_on_one_model_each_probe_on_schedule() -> None:
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    batches = data(6)
+    a = em.watch(net, ["4"], every_n_steps=2, optimizer=opt, num_samples=3, min_coverage=None)
+    b = em.watch(net, ["0", "4"], every_n_steps=3, optimizer=opt, num_samples=2, min_coverage=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)  # nothing fails, silently or not
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    assert sorted(a.history["4"]) == [0, 2, 4, 6]
+    assert sorted(b.history["0"]) == sorted(b.history["4"]) == [0, 3, 6]
+    assert torch.equal(a.probe_batch, batches[0][0][:3])
+    assert torch.equal(b.probe_batch, batches[0][0][:2])
+    assert a.history["4"][0]["trf_size"] == b.history["4"][0]["trf_size"] == 5.0
+    a.remove()
+    b.remove()
+    assert not net._forward_pre_hooks and not net._forward_hooks
+
+
+def test_a_watcher_beside_compute_erf_captures_and_probes() -> None:
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    batches = data(4)
+    w = em.watch(net, ["4"], every_n_steps=2, optimizer=opt, num_samples=3, min_coverage=None)
+    other = torch.randn(2, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)
+        # Before the first training forward: compute_erf traces and runs the model (the
+        # watcher's capture hook fires there, on fx proxies and on the probe's input).
+        first = em.compute_erf(net, other, ["0", "4"])
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            if i == 1:
+                em.compute_erf(net, other, ["4"])  # between steps
+    assert first["4"].trf is not None and first["4"].trf.size == (5.0, 5.0)
+    assert torch.equal(w.probe_batch, batches[0][0][:3])  # the training batch, not `other`
+    assert sorted(w.history["4"]) == [0, 2, 4]
+    w.remove()
+
+
+# ----------------------------------------------------------------------------- threads
+class _Server:
+    """An inference thread: runs ``net`` on the batches it is sent, in eval mode and no_grad,
+    and replies with the output or the exception it met (as a serving thread would)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self.requests: queue.Queue[torch.Tensor | None] = queue.Queue()
+        self.replies: queue.Queue[Any] = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while (x := self.requests.get()) is not None:
+            try:
+                with torch.no_grad():
+                    self.replies.put(self.net(x))
+            except BaseException as exc:  # StopForward is a BaseException
+                self.replies.put(exc)
+
+    def infer(self, x: torch.Tensor) -> Any:
+        self.requests.put(x)
+        return self.replies.get(timeout=HANG_GUARD_S)
+
+    def stop(self) -> None:
+        self.requests.put(None)
+        self.thread.join(HANG_GUARD_S)
+
+
+def _pausing_probes(net: nn.Module, server: _Server, x: torch.Tensor) -> list[tuple[Any, dict]]:
+    """A hook on a container (it fires in the TRF trace too) and on a leaf: each time it fires
+    inside a probe, another thread runs a whole forward of the model, with every hook of the
+    probe registered. Returns the other thread's outputs and the weights they ran with."""
+    served: list[tuple[Any, dict]] = []
+
+    def pause(*_: Any) -> None:
+        if em.is_probing():  # in this thread only: the server's forwards run this hook too
+            weights = {k: v.clone() for k, v in net.state_dict().items()}
+            served.append((server.infer(x), weights))
+
+    net.register_forward_pre_hook(pause)  # fires in the TRF trace (a container)
+    net[1].register_forward_hook(pause)  # fires in the probe's own forwards
+    return served
+
+
+def _check_served(served: list[tuple[Any, dict]], x: torch.Tensor) -> None:
+    assert served
+    for out, weights in served:
+        assert isinstance(out, torch.Tensor), out  # not an exception
+        ref = make_net()
+        ref.load_state_dict(weights)
+        with torch.no_grad():
+            expected = ref.eval()(x)  # the probe holds the model in eval mode meanwhile
+        assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_an_inference_thread_beside_compute_erf_is_untouched() -> None:
+    x, probe = torch.randn(2, 3, 12, 12), torch.randn(3, 3, 12, 12)
+    alone = em.compute_erf(make_net(), probe, ["0", "4"])
+    net = make_net()
+    server = _Server(net)
+    served = _pausing_probes(net, server, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)  # e.g. a TRF analysis gone wrong
+        res = em.compute_erf(net, probe, ["0", "4"])
+    server.stop()
+    _check_served(served, x)
+    for name in ("0", "4"):
+        assert res[name].trf == alone[name].trf
+        assert torch.equal(res[name].heatmap, alone[name].heatmap)
+
+
+def test_an_inference_thread_beside_a_probing_watcher_sees_no_exception() -> None:
+    def run(serve: bool) -> tuple[em.Watcher, list[tuple[Any, dict]], dict]:
+        net = make_net(2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x = torch.randn(2, 3, 12, 12)
+        server = _Server(net) if serve else None
+        served = _pausing_probes(net, server, x) if server is not None else []
+        w = em.watch(net, ["0", "4"], every_n_steps=1, optimizer=opt, min_coverage=None)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.ERFProbeWarning)
+            net.train()
+            for xb, yb in data(3):
+                opt.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                opt.step()
+        w.remove()
+        if server is not None:
+            server.stop()
+            _check_served(served, x)
+        return w, served, net.state_dict()
+
+    (quiet, _, plain), (busy, served, trained) = run(False), run(True)
+    assert len(served) >= 4  # 4 probes, each paused at least once
+    assert busy.history == quiet.history  # every probe on schedule, the same numbers
+    for k in plain:
+        assert torch.equal(plain[k], trained[k]), k
+
+
+def test_many_threads_running_forwards_during_probes() -> None:
+    # The hostile version: free-running threads, no pauses. The assertions do not depend on
+    # how the threads interleave: whatever ran when, nothing may fail anywhere.
+    net = make_net()
+    net.eval()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    forwards = [0]
+
+    def serve() -> None:
+        x = torch.randn(2, 3, 12, 12)
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    assert net(x).shape == (2, 4)
+                forwards[0] += 1
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.ERFProbeWarning)
+            for i in range(4):
+                res = em.compute_erf(net, torch.randn(2, 3, 12 + 2 * i, 12), ["0", "4"])
+                assert res["4"].trf is not None and res["4"].trf.size == (5.0, 5.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(HANG_GUARD_S)
+    assert not errors, errors
+    assert forwards[0] > 0
+
+
+# ----------------------------------------------------------------------------- NaN first batch
+class _Clean(nn.Module):
+    """Models that mask invalid pixels themselves train on batches with NaN values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(x)
+
+
+def test_a_nan_first_batch_is_passed_over_for_the_next() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(_Clean(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    batches = data(5, nan_first=True)
+    w = em.watch(net, ["3"], every_n_steps=2, optimizer=opt, num_samples=4, min_coverage=None)
+    with pytest.warns(em.ERFProbeWarning, match="NaN or Inf") as record:
+        for x, _ in batches:
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    assert len(record) == 1, [str(r.message) for r in record]
+    assert torch.equal(w.probe_batch, batches[1][0][:4])
+    assert sorted(w.history["3"]) == [1, 2, 4]  # at the first boundary after the capture
+    w.remove()
+    assert not net._forward_pre_hooks
