@@ -342,3 +342,84 @@ def test_a_nan_first_batch_is_passed_over_for_the_next() -> None:
     assert sorted(w.history["3"]) == [1, 2, 4]  # at the first boundary after the capture
     w.remove()
     assert not net._forward_pre_hooks
+
+
+# ----------------------------------------------------------------------------- Lightning
+def _lightning_module(net: nn.Module, batches: list[torch.Tensor], watch: bool) -> Any:
+    L = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader
+
+    class Module(L.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.watcher: em.Watcher | None = None
+
+        def on_fit_start(self) -> None:
+            if watch:  # a watch() of its own beside the Trainer's ERFMonitor
+                self.watcher = em.watch(self.net, ["3"], every_n_steps=2, num_samples=2,
+                                        min_coverage=None, summary=False)  # fmt: skip
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
+            return self(batch).pow(2).mean()
+
+        def on_train_batch_end(self, *_: Any) -> None:
+            if self.watcher is not None:
+                self.watcher.step()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(batches, batch_size=None)  # the batches, in order
+
+    return Module()
+
+
+def _fit(module: Any, monitor: em.ERFMonitor, tmp_path: Any) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+        callbacks=[monitor],
+    )  # fmt: skip
+    trainer.fit(module)
+
+
+def _clean_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_Clean(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+
+def test_lightning_takes_the_batch_after_a_nan_first_batch(tmp_path: Any) -> None:
+    batches = [x for x, _ in data(4, nan_first=True)]
+    monitor = em.ERFMonitor(["net.3"], every_n_steps=2, num_samples=4, min_coverage=None,
+                            summary=False)  # fmt: skip
+    with pytest.warns(em.ERFProbeWarning, match="NaN or Inf") as record:
+        _fit(_lightning_module(_clean_net(), batches, watch=False), monitor, tmp_path)
+    ours = [str(r.message) for r in record if issubclass(r.category, em.ERFProbeWarning)]
+    assert len(ours) == 1, ours
+    assert torch.equal(monitor.probe_batch, batches[1][:4])
+    assert sorted(monitor.history["net.3"]) == [1, 2, 4]  # the next step boundary, then on
+
+
+def test_lightning_monitor_and_a_watcher_on_one_model_both_probe(tmp_path: Any) -> None:
+    batches = [x for x, _ in data(4)]
+    module = _lightning_module(_clean_net(), batches, watch=True)
+    monitor = em.ERFMonitor(["net.3"], every_n_steps=2, num_samples=3, min_coverage=None,
+                            summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ERFProbeWarning)
+        _fit(module, monitor, tmp_path)
+    watcher = module.watcher
+    assert sorted(monitor.history["net.3"]) == [0, 2, 4]
+    # The monitor's fit-start probe traced and ran the model before the first training
+    # forward: the watcher still took the training batch, and probes from its first step()
+    # (no optimizer: no boundary before the first update).
+    assert torch.equal(watcher.probe_batch, batches[0][:2])
+    assert sorted(watcher.history["3"]) == [1, 2, 4]
+    assert watcher.history["3"][2]["trf_size"] == monitor.history["net.3"][2]["trf_size"] == 5.0
+    watcher.remove()
