@@ -423,3 +423,46 @@ def test_lightning_monitor_and_a_watcher_on_one_model_both_probe(tmp_path: Any) 
     assert sorted(watcher.history["3"]) == [1, 2, 4]
     assert watcher.history["3"][2]["trf_size"] == monitor.history["net.3"][2]["trf_size"] == 5.0
     watcher.remove()
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches in a known order (no sampler): the first one has a NaN pixel."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __iter__(self) -> Any:
+        return iter({"pixel_values": x, "labels": torch.tensor(0)} for x in self.images)
+
+
+class _HFNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _clean_net()
+
+    def forward(self, pixel_values: torch.Tensor, labels: Any = None) -> dict[str, torch.Tensor]:
+        return {"loss": self.net(pixel_values).pow(2).mean()}
+
+
+def test_hf_trainer_takes_the_batch_after_a_nan_first_batch(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    images = torch.cat([x[:4] for x, _ in data(4, nan_first=True)])  # batches of 4, in order
+    cb = em.ERFTrainerCallback(["net.3"], every_n_steps=2, num_samples=4, min_coverage=None,
+                               summary=False)  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=_HFNet(), args=args, train_dataset=_Stream(images), callbacks=[cb]
+    )
+    with pytest.warns(em.ERFProbeWarning, match="NaN or Inf") as record:
+        trainer.train()
+    ours = [str(r.message) for r in record if issubclass(r.category, em.ERFProbeWarning)]
+    assert len(ours) == 1, ours
+    assert torch.equal(cb.probe_batch, images[4:8])  # the second batch
+    # Copied in step 2's forward (the first batch, at step 1, still had the NaN): probed at
+    # that step's end, then on schedule.
+    assert sorted(cb.history["net.3"]) == [2, 4]
+    assert not trainer.model._forward_pre_hooks

@@ -22,8 +22,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def is_probing() -> bool:
-    """True while erf-monitor runs the model in this thread (a probe's forwards and
-    backwards, the TRF trace, the layer-shape check); False in the user's own forwards.
+    """True while erf-monitor runs the model in this thread (a probe's forwards, the TRF
+    trace, the layer-shape check); False in the user's own forwards and in other threads.
 
     Use it in your own forward hooks to skip work meant for training steps, e.g. collecting
     activations for a loss term.

@@ -159,7 +159,7 @@ def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Ite
         stack.enter_context(preserved_rng(device))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(probing())  # em.is_probing() in the user's hooks, also in backward
+        stack.enter_context(probing())  # em.is_probing() in the user's hooks
         for dev_type in {"cpu", device.type}:
             if dev_type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=dev_type, enabled=False))
