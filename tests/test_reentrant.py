@@ -318,6 +318,47 @@ def test_many_threads_running_forwards_during_probes() -> None:
     assert forwards[0] > 0
 
 
+def test_probes_of_two_threads_take_turns() -> None:
+    # Each probe saves and restores the module flags and buffers. Thread B's probe starting
+    # inside thread A's would save A's eval-mode flags and restore them last: the model would
+    # be left in eval mode. B waits for A instead.
+    net = make_net()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 12, 12)
+    b_inside, a_done = threading.Event(), threading.Event()
+    main, started, results, errors = threading.get_ident(), [], [], []
+
+    def run_b() -> None:
+        try:
+            results.append(em.compute_erf(net, x, ["4"]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    b = threading.Thread(target=run_b, daemon=True)
+
+    def pause(*_: Any) -> None:
+        if not em.is_probing():
+            return
+        if threading.get_ident() == main:
+            if not started:
+                started.append(b.start())
+                b_inside.wait(timeout=2)  # B may not get inside: it must wait for A's end
+        else:
+            b_inside.set()
+            a_done.wait(HANG_GUARD_S)
+
+    net[1].register_forward_hook(pause)
+    res_a = em.compute_erf(net, x, ["4"])
+    a_done.set()
+    b.join(HANG_GUARD_S)
+    assert not errors, errors
+    assert all(m.training for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(results[0]["4"].heatmap, res_a["4"].heatmap)
+
+
 # ----------------------------------------------------------------------------- NaN first batch
 class _Clean(nn.Module):
     """Models that mask invalid pixels themselves train on batches with NaN values."""

@@ -4,7 +4,8 @@ A probe (and the TRF trace, and the shape check before it) runs the user's model
 user's own hooks fire during it; :func:`is_probing` tells them apart. The flag is per thread:
 another thread's forwards, running at the same time, are never a probe's. erf-monitor's own
 hooks on the user's model act only in the thread that registered them
-(:func:`this_thread_only`), so another thread's forward passes through them untouched.
+(:func:`this_thread_only`), so another thread's forward passes through them untouched. Probes
+of several threads run one after the other (:func:`probing` holds a process-wide lock).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any, TypeVar
 __all__ = ["is_probing", "probing", "this_thread_only"]
 
 _local = threading.local()
+#: One probe at a time in a process: module flags, buffers and random streams are shared by
+#: all threads, and each probe saves and restores them (two at once would restore each
+#: other's saved state). Re-entrant: a probe's own steps nest.
+_LOCK = threading.RLock()
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -38,12 +43,14 @@ def is_probing() -> bool:
 
 @contextmanager
 def probing() -> Iterator[None]:
-    """Mark this thread's forwards inside the block as erf-monitor's own (nestable)."""
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    """Mark this thread's forwards inside the block as erf-monitor's own (nestable); probes of
+    other threads wait until the block ends. Enter it before saving any model state."""
+    with _LOCK:
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _local.depth -= 1
 
 
 def this_thread_only(hook: _F) -> _F:

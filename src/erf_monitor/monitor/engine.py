@@ -36,6 +36,7 @@ from torch import nn
 from erf_monitor.core import warn as _warn
 from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
 from erf_monitor.core.modes import Mode
+from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.inputs.batch import find_image
 from erf_monitor.monitor.options import (
@@ -365,12 +366,13 @@ class MonitorEngine:
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
         example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
-        plan = build_plan(
-            model, example, self.layers, mode=self.mode,
-            position=self.position if position is None else position,
-            token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
-            raise_trf_errors=False,
-        )  # fmt: skip
+        with probing():  # one probe (or plan) at a time: they save and restore model state
+            plan = build_plan(
+                model, example, self.layers, mode=self.mode,
+                position=self.position if position is None else position,
+                token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
+                raise_trf_errors=False,
+            )  # fmt: skip
         self.plan = plan
         self._thresholds = self._resolve_thresholds(net, plan.names)
         if plan.trf_error is not None:
@@ -389,7 +391,7 @@ class MonitorEngine:
         sync()
         t0 = time.perf_counter()
         device, _ = _model_device(unwrap_compiled(model))
-        with preserved_rng(device):
+        with probing(), preserved_rng(device):  # (probing first: one probe at a time)
             x = probe_input(batch, device, self.plan.dtype)
             results = probe(self.plan, model, x, chunk_size=self.chunk_size,
                             keep_per_sample=keep_per_sample)  # fmt: skip
