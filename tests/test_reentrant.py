@@ -507,3 +507,48 @@ def test_hf_trainer_takes_the_batch_after_a_nan_first_batch(tmp_path: Any) -> No
     # that step's end, then on schedule.
     assert sorted(cb.history["net.3"]) == [2, 4]
     assert not trainer.model._forward_pre_hooks
+
+
+def test_lightning_activation_collecting_hook_trains_bit_for_bit(tmp_path: Any) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader
+
+    batches = [x for x, _ in data(4)]
+
+    class Module(L.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net(1)
+            self.acts: list[torch.Tensor] = []
+            self.net[2].register_forward_hook(lambda _m, _i, out: self.acts.append(out))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
+            self.acts.clear()
+            out = self(batch)  # the hook pattern of the issue, without is_probing()
+            return out.pow(2).mean() + 0.1 * self.acts[0].pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(batches, batch_size=None)
+
+    def fit(monitor: em.ERFMonitor | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = Module()
+        trainer = L.Trainer(
+            max_steps=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=str(tmp_path), callbacks=[] if monitor is None else [monitor],
+        )  # fmt: skip
+        trainer.fit(module)
+        return module.state_dict()
+
+    monitor = em.ERFMonitor(["net.4"], every_n_steps=1, min_coverage=None, summary=False)
+    plain, watched = fit(None), fit(monitor)
+    assert sorted(monitor.history["net.4"]) == [0, 1, 2, 3, 4]
+    for k in plain:
+        assert torch.equal(plain[k], watched[k]), k
