@@ -7,6 +7,7 @@ model; a thread doing inference beside a probe is never touched by the probe's h
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import warnings
@@ -364,23 +365,27 @@ class _Clean(nn.Module):
     """Models that mask invalid pixels themselves train on batches with NaN values."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nan_to_num(x)
+        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def test_a_nan_first_batch_is_passed_over_for_the_next() -> None:
+def test_a_nan_first_batch_is_passed_over_for_the_next(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(_Clean(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    batches = data(5, nan_first=True)
+    batches = data(6, nan_first=True)
+    batches[1][0][3, 0, 0, 0] = float("inf")  # the second one too (in the 4 images taken)
+    batches[2][0][4, 0, 0, 0] = float("nan")  # (not among the 4 images taken)
     w = em.watch(net, ["3"], every_n_steps=2, optimizer=opt, num_samples=4, min_coverage=None)
+    caplog.set_level("INFO", logger="erf_monitor")
     with pytest.warns(em.ERFProbeWarning, match="NaN or Inf") as record:
         for x, _ in batches:
             opt.zero_grad()
             net(x).pow(2).mean().backward()
             opt.step()
-    assert len(record) == 1, [str(r.message) for r in record]
-    assert torch.equal(w.probe_batch, batches[1][0][:4])
-    assert sorted(w.history["3"]) == [1, 2, 4]  # at the first boundary after the capture
+    assert len(record) == 1, [str(r.message) for r in record]  # said once, not per batch
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert torch.equal(w.probe_batch, batches[2][0][:4])
+    assert sorted(w.history["3"]) == [2, 4, 6]  # at the first boundary after the capture
     w.remove()
     assert not net._forward_pre_hooks
 

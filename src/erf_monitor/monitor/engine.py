@@ -312,11 +312,14 @@ class MonitorEngine:
         if bool(torch.isfinite(self.probe_batch).all()):
             return True
         self.probe_batch = None
-        self.report(
-            "nonfinite",
+        message = (
             f"a training batch holds NaN or Inf values in its first {self.num_samples} images; "
-            "the probe batch is taken from a later batch",
+            "the probe batch is taken from a later batch"
         )
+        if "nonfinite" in self._reported:  # said once: not again at every batch
+            log.debug("erf-monitor: %s", message)
+        else:
+            self.report("nonfinite", message)
         return False
 
     def capture_from_loader(self, loader: Any) -> None:
@@ -343,16 +346,16 @@ class MonitorEngine:
     def should_probe(self, step: int, force: bool = False) -> bool:
         """Whether to probe at ``step``: a multiple of ``every_n_steps`` was reached (or crossed,
         when one batch advances several steps) since the last probe; ``force`` probes at any step
-        not probed yet (fit start and end). Never twice at the same step. On a single process,
-        a probe skipped because no probe batch had been captured yet (a first batch with NaN
-        values) is made up at the first step once there is one."""
+        not probed yet (fit start and end). Never twice at the same step, except that on a
+        single process a probe skipped because no probe batch had been captured yet (a first
+        batch with NaN values) is made up as soon as there is one."""
+        if self._awaiting_batch and self.probe_batch is not None and dist_.rank_and_world()[1] == 1:
+            return True  # a probe was skipped for want of a batch: made up now that there is one
         last = self.last_probe_step
         if last is None:
             return force or step % self.every_n_steps == 0
         if step == last:
             return False
-        if self._awaiting_batch and self.probe_batch is not None and dist_.rank_and_world()[1] == 1:
-            return True  # a probe was skipped for want of a batch: probe now that there is one
         return force or step // self.every_n_steps > last // self.every_n_steps
 
     def mark(self, step: int) -> None:
