@@ -32,7 +32,6 @@ from torch import nn
 from erf_monitor.core.buffers import preserved_buffers
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.modes import Mode, seed_index
-from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.probe.crop import CropOption, Group, Index, plan_groups
 from erf_monitor.targets.layers import unwrap_model
@@ -159,7 +158,6 @@ def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Ite
         stack.enter_context(preserved_rng(device))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(probing())  # em.is_probing() in the user's hooks
         for dev_type in {"cpu", device.type}:
             if dev_type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=dev_type, enabled=False))
