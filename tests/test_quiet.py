@@ -168,7 +168,8 @@ def test_warning_points_at_the_users_line_and_is_short(caplog: pytest.LogCapture
     caplog.set_level(logging.INFO, logger="erf_monitor")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        net(x).mean().backward()  # the first forward probes step 0: the alert fires here
+        net(x).mean().backward()
+        opt.step()  # the first optimizer step probes step 0: the alert fires here
         line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
     w.remove()
     alerts = [r for r in record if issubclass(r.category, em.ERFCoverageWarning)]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 #: A net whose 5 px field covers < 1% of a 64 px input: the first probe alerts. The line
-#: marked ALERT is where the user's forward runs, so where the warning must point.
+#: marked ALERT is where the user's optimizer step (the probe) runs, so where the warning must
+#: point.
 WATCH = textwrap.dedent(
     """\
     import torch, warnings
@@ -30,8 +31,8 @@ WATCH = textwrap.dedent(
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     w = em.watch(net, layers=["2"], optimizer=opt, every_n_steps=1, summary=False,
                  min_coverage=0.05)
-    net(torch.randn(2, 3, 64, 64)).mean().backward()  # ALERT
-    opt.step()
+    net(torch.randn(2, 3, 64, 64)).mean().backward()
+    opt.step()  # ALERT (the first probe runs at the optimizer step)
     w.remove()
     print("TRAINING WENT ON")
     """

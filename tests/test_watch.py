@@ -70,7 +70,7 @@ def test_optimizer_hook_counts_steps_and_captures_first_batch(tmp_path: Path) ->
     )
     train(net, opt, batches)
     assert w.global_step == 5
-    assert sorted(w.history["4"]) == [0, 2, 4]  # step 0 probed before the first forward
+    assert sorted(w.history["4"]) == [0, 2, 4]  # step 0 probed before the first update
     assert w.probe_batch is not None and torch.equal(w.probe_batch, batches[0][0][:4])
     w.close()  # final probe at step 5, then cleanup
     assert sorted(w.history["4"]) == [0, 2, 4, 5]

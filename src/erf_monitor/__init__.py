@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.core.probing import is_probing
 from erf_monitor.inputs.images import load_images
 from erf_monitor.measure.result import ERFField, ERFResult, ERFResults
 from erf_monitor.monitor.options import MonitorOptions
@@ -42,6 +43,7 @@ __all__ = [
     "__version__",
     "compute_erf",
     "grid_figure",
+    "is_probing",
     "load_images",
     "replay",
     "theoretical_rf",

@@ -134,6 +134,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._engine = MonitorEngine(MonitorOptions.build(options, kwargs, layers=layers))
         self._extra_sinks = sinks
         self._fit_started = False
+        self._capturing = False
         self._run_of: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
 
     @property
@@ -155,6 +156,7 @@ class ERFMonitor(EngineView, _CallbackBase):
             return
         self._engine.check_layers(pl_module)
         self._fit_started = False
+        self._capturing = False  # still looking for a batch without NaN or Inf values
         self._start_run(trainer, pl_module)
         if not trainer.is_global_zero:
             self._engine.set_sinks(())
@@ -172,11 +174,13 @@ class ERFMonitor(EngineView, _CallbackBase):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Capture the probe batch from the first training batch; probe at fit start."""
-        if self._fit_started:
+        """Capture the probe batch from the first training batch (the next one while a
+        batch holds NaN or Inf values); probe at fit start."""
+        engine = self._engine
+        first = not self._fit_started
+        if not first and not self._capturing:
             return
         self._fit_started = True
-        engine = self._engine
         if trainer.is_global_zero and engine.probe_batch is None:
             try:
                 if engine.source == "val":
@@ -184,11 +188,15 @@ class ERFMonitor(EngineView, _CallbackBase):
                         loader = _val_loader(trainer)
                     engine.capture_from_loader(loader)
                 elif engine.needs_batch:
-                    engine.capture(batch)
+                    self._capturing = not engine.capture(batch)
             except Exception as exc:
+                self._capturing = False
                 engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
-        # Resumed: the checkpoint's step was probed (or skipped) by the run that saved it.
-        self._maybe_probe(trainer, pl_module, force=not engine.resumed)
+        if first:
+            # Resumed: the checkpoint's step was probed (or skipped) by the run that saved it.
+            self._maybe_probe(trainer, pl_module, force=not engine.resumed)
+        else:  # the fit-start probe had no batch (NaN values): made up now, if it is due
+            self._maybe_probe(trainer, pl_module, force=False)
 
     @override
     def on_train_batch_end(

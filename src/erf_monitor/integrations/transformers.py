@@ -24,6 +24,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from erf_monitor.core.imports import package_available
+from erf_monitor.monitor.capture import BatchCapture
 from erf_monitor.monitor.engine import EngineView, MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor.sinks import FileSink, MLflowSink, Sink, TensorBoardSink, WandbSink, as_sink
@@ -130,6 +131,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             )
         self._engine = MonitorEngine(opts)
         self._extra_sinks = sinks
+        self._capture: BatchCapture | None = None  # looking for a batch without NaN or Inf
         #: The probe batch and its JSON form (encoded once, not at every probe).
         self._encoded_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
 
@@ -141,6 +143,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             return
         engine = self._engine
         engine.check_layers(model)  # a configuration error: raised before any step
+        self._end_capture(done_only=False)  # (of an earlier train() that failed)
         if engine.options.forward_fn is None:
             engine.forward_fn = _pixel_values_forward if _takes_pixel_values(model) else None
         self._start_run(state)
@@ -157,7 +160,10 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
                     raise ValueError("the Trainer passed no train_dataloader")
                 from erf_monitor.inputs.first_batch import peek_first_batch
 
-                engine.capture(peek_first_batch(loader))
+                if not engine.capture(peek_first_batch(loader)):
+                    # NaN or Inf values: a later batch, copied where it flows past the
+                    # model; the probe then runs at the next step's end.
+                    self._capture = BatchCapture(engine, model)
             except Exception as exc:
                 engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
         # Resumed: the checkpoint's step was probed (or not due) in the run that saved it.
@@ -166,6 +172,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Probe at multiples of ``every_n_steps``, and at the last step of training."""
+        self._end_capture(done_only=True)
         model = kwargs.get("model")
         if isinstance(model, nn.Module):
             # The Trainer's own flow callback has already decided whether this step is the
@@ -175,6 +182,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Probe the final model unless its step was probed, then release the sinks."""
         model = kwargs.get("model")
+        self._end_capture(done_only=False)
         try:
             if isinstance(model, nn.Module):
                 self._maybe_probe(state, control, model, force=True)
@@ -197,6 +205,13 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         self._engine.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ internals
+    def _end_capture(self, *, done_only: bool) -> None:
+        """Remove the capture hook (at a step boundary, never inside a forward)."""
+        capture = self._capture
+        if capture is not None and (capture.done or not done_only):
+            capture.remove()
+            self._capture = None
+
     def _maybe_probe(self, state: Any, control: Any, model: nn.Module, *, force: bool) -> None:
         engine = self._engine
         step = int(state.global_step)

@@ -36,6 +36,7 @@ from torch import nn
 from erf_monitor.core import warn as _warn
 from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
 from erf_monitor.core.modes import Mode
+from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.inputs.batch import find_image
 from erf_monitor.monitor.options import (
@@ -246,6 +247,7 @@ class MonitorEngine:
         self.plan: ProbePlan | None = None
         self._thresholds: dict[str, float] = {}
         self._disabled: str | None = None
+        self._awaiting_batch = False  # a probe was due before a probe batch was captured
         self._reported: set[str] = set()
         self._contradicted: set[str] = set()
         self._noted: set[str] = set()
@@ -292,15 +294,33 @@ class MonitorEngine:
             )
         self.plan = None
 
-    def capture(self, batch: Any) -> None:
-        """Take the probe batch from a training batch (or its shape, for ``"noise"``)."""
+    def capture(self, batch: Any) -> bool:
+        """Take the probe batch from a training batch (or its shape, for ``"noise"``).
+
+        Returns:
+            ``False`` when the images to take hold NaN or Inf values: the batch is not taken
+            (said once), so that a later batch is (no ERF of such images means anything).
+        """
         x = find_image(batch, self.input_key)
         if self.source == "noise":
             gen = torch.Generator().manual_seed(self.seed)
             shape = (self.num_samples, *x.shape[1:])
             self.set_probe_batch(torch.randn(shape, generator=gen))
+            return True
+        self.set_probe_batch(x)
+        assert self.probe_batch is not None
+        if bool(torch.isfinite(self.probe_batch).all()):
+            return True
+        self.probe_batch = None
+        message = (
+            f"a training batch holds NaN or Inf values in its first {self.num_samples} images; "
+            "the probe batch is taken from a later batch"
+        )
+        if "nonfinite" in self._reported:  # said once: not again at every batch
+            log.debug("erf-monitor: %s", message)
         else:
-            self.set_probe_batch(x)
+            self.report("nonfinite", message)
+        return False
 
     def capture_from_loader(self, loader: Any) -> None:
         """Take the probe batch from ``loader``'s first ``num_samples`` items (dataset order).
@@ -318,12 +338,19 @@ class MonitorEngine:
         if loader is None:
             raise ValueError("probe_inputs='val' but the trainer has no validation dataloader.")
         self.set_probe_batch(find_image(first_items(loader, self.num_samples), self.input_key))
+        if self.probe_batch is not None and not bool(torch.isfinite(self.probe_batch).all()):
+            self.probe_batch = None
+            raise ValueError(f"the first {self.num_samples} validation images hold NaN or Inf")
 
     # ------------------------------------------------------------------ schedule
     def should_probe(self, step: int, force: bool = False) -> bool:
         """Whether to probe at ``step``: a multiple of ``every_n_steps`` was reached (or crossed,
         when one batch advances several steps) since the last probe; ``force`` probes at any step
-        not probed yet (fit start and end). Never twice at the same step."""
+        not probed yet (fit start and end). Never twice at the same step, except that on a
+        single process a probe skipped because no probe batch had been captured yet (a first
+        batch with NaN values) is made up as soon as there is one."""
+        if self._awaiting_batch and self.probe_batch is not None and dist_.rank_and_world()[1] == 1:
+            return True  # a probe was skipped for want of a batch: made up now that there is one
         last = self.last_probe_step
         if last is None:
             return force or step % self.every_n_steps == 0
@@ -346,12 +373,13 @@ class MonitorEngine:
             # Said of the real batch (its shape and samples), not of the 2-sample example.
             probe_input(batch, torch.device("cpu"), batch.dtype)  # raises, naming them
         example = probe_input(batch[:2], device, probe_dtype(None, dtype))
-        plan = build_plan(
-            model, example, self.layers, mode=self.mode,
-            position=self.position if position is None else position,
-            token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
-            raise_trf_errors=False,
-        )  # fmt: skip
+        with probing():  # one probe (or plan) at a time: they save and restore model state
+            plan = build_plan(
+                model, example, self.layers, mode=self.mode,
+                position=self.position if position is None else position,
+                token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
+                raise_trf_errors=False,
+            )  # fmt: skip
         self.plan = plan
         self._thresholds = self._resolve_thresholds(net, plan.names)
         if plan.trf_error is not None:
@@ -370,7 +398,7 @@ class MonitorEngine:
         sync()
         t0 = time.perf_counter()
         device, _ = _model_device(unwrap_model(model))
-        with preserved_rng(device):
+        with probing(), preserved_rng(device):  # (probing first: one probe at a time)
             x = probe_input(batch, device, self.plan.dtype)
             results = probe(self.plan, model, x, chunk_size=self.chunk_size,
                             keep_per_sample=keep_per_sample)  # fmt: skip
@@ -470,6 +498,7 @@ class MonitorEngine:
         outcome = ProbeOutcome(step)
         if self._disabled is not None:
             return outcome
+        self._awaiting_batch = self.probe_batch is None
         if self.probe_batch is None:
             log.debug("erf-monitor: no probe batch yet at step %d; probe skipped", step)
             return outcome

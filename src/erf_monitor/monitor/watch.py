@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
+from erf_monitor.monitor.capture import BatchCapture
 from erf_monitor.monitor.engine import EngineView, MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 
@@ -30,8 +31,23 @@ class Watcher(EngineView):
     Create it with :func:`watch`. Steps are counted by the optimizer's step hook when an
     optimizer is given (the loop stays unchanged), otherwise by calling :meth:`step` after
     each optimizer step. With ``probe_inputs="train"`` the probe batch is the first
-    ``num_samples`` images of the first batch the model is called with (captured by a one-shot
-    forward pre-hook, which also runs the step-0 probe before that first forward).
+    ``num_samples`` images of the first batch the model is called with (a detached copy taken
+    by a forward pre-hook; a batch with NaN or Inf values is passed over for the next one).
+
+    **When it probes.** Only at step boundaries, never inside a forward call of yours: the
+    first probe (step 0, on the parameters not updated yet) just before the first optimizer
+    step after the batch was captured, then after optimizer steps. Without an optimizer the
+    watcher sees no boundary before the first update: its first probe runs at the first
+    :meth:`step` and is recorded at step 1 (call :meth:`probe` before your first optimizer
+    step for a step-0 probe). A closure-driven step (``LBFGS``) runs the forward inside
+    ``optimizer.step``: the first probe then also comes at step 1. Your own forward hooks
+    fire during a probe's forward; :func:`erf_monitor.is_probing` tells the two apart.
+
+    **Threads.** The probe runs in the thread that steps the optimizer (or calls
+    :meth:`step`); its hooks act only there, so other threads' forwards of the model (an
+    evaluation or serving thread) are untouched. Module flags (``training``), buffers and the
+    random streams are process-wide: a probe puts them back afterwards, so another thread
+    must not *train* the model while a probe runs (see the plain-PyTorch guide, "Threads").
 
     Everything else (keys, coverage alert, failure policy) is as in
     :class:`~erf_monitor.ERFMonitor`; ``on_insufficient="stop"`` sets :attr:`should_stop`,
@@ -78,8 +94,8 @@ class Watcher(EngineView):
         self.global_step = 0
         self.should_stop = False
         self._handles: list[RemovableHandle] = []
-        self._capture_handle: RemovableHandle | None = None
-        self._first_probe_pending = False
+        self._capture: BatchCapture | None = None
+        self._first_probe_done = False  # (the first probe follows the capture of the batch)
         if logger is not None:
             from erf_monitor.sinks import as_sink
 
@@ -90,9 +106,7 @@ class Watcher(EngineView):
             self._handles.append(inner.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(inner.register_step_post_hook(self._on_optimizer_step))
         if self._engine.needs_batch:
-            self._capture_handle = model.register_forward_pre_hook(
-                self._on_first_forward, with_kwargs=True
-            )
+            self._capture = BatchCapture(self._engine, model)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> ERFResults | None:
@@ -102,6 +116,8 @@ class Watcher(EngineView):
             The probe's results when this step probed, else ``None``.
         """
         self.global_step += 1
+        if self._first_probe_due():  # no optimizer: the first boundary after the capture
+            return self.probe()
         if self._engine.should_probe(self.global_step):
             return self._probe()
         return None
@@ -125,34 +141,37 @@ class Watcher(EngineView):
         return outcome.results
 
     def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
-        if self._first_probe_pending:  # the step-0 probe, on the parameters not yet updated
-            self._first_probe_pending = False
+        if self._first_probe_due():  # step 0: the parameters are not updated yet
             self.probe()
 
     def _on_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         self.step()
 
-    def _on_first_forward(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
-        self._remove_capture_hook()
-        batch = args[0] if len(args) == 1 else (args if args else kwargs)
-        try:
-            self._engine.capture(batch)
-        except Exception as exc:
-            self._engine.report("capture", f"the probe batch could not be captured: {exc}", exc)
-            return
+    def _first_probe_due(self) -> bool:
+        """At a step boundary: whether the first probe is due (the batch was just captured).
+
+        When every rank probes together (FSDP2...) all ranks must decide alike, so there the
+        first forward each rank saw decides, whether or not its batch was taken (the probe
+        uses rank 0's batch, and is skipped on every rank while rank 0 has none).
+        """
+        capture = self._capture
+        if capture is None:
+            return False
+        if capture.done:
+            capture.remove()  # here, never inside a forward (see BatchCapture)
+        if self._first_probe_done:
+            return False
         if self._engine.all_ranks_probe(self.model):
-            # Every rank probes together (FSDP2...): never inside a forward, whose sharded
-            # modules are half-way through gathering their parameters. Probe just before the
-            # first optimizer step instead (still step 0: nothing was updated yet).
-            self._first_probe_pending = True
-            return
-        self.probe()
+            due = capture.seen
+        else:
+            due = self._engine.probe_batch is not None
+        self._first_probe_done = due
+        return due
 
     # ------------------------------------------------------------------ lifecycle
     def _remove_capture_hook(self) -> None:
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
+        if self._capture is not None:
+            self._capture.remove()
 
     def remove(self) -> None:
         """Remove every hook this watcher registered and release its sinks (idempotent)."""
@@ -196,6 +215,7 @@ class Watcher(EngineView):
         """Restore what :meth:`state_dict` saved."""
         if self._engine.load_state_dict(state_dict):  # else: reported, the monitor starts afresh
             self.global_step = int(state_dict.get("global_step", self.global_step))
+            self._first_probe_done = True  # resumed: the schedule goes on
         if self._engine.probe_batch is not None:
             self._remove_capture_hook()
 

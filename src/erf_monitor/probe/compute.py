@@ -16,6 +16,7 @@ from torch import nn
 
 from erf_monitor.core.hints import check_not_meta
 from erf_monitor.core.modes import Mode, check_mode
+from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.core.warn import reissue
 from erf_monitor.measure.result import ERFResults
@@ -88,7 +89,7 @@ def probe(
 ) -> ERFResults:
     """Probe ``x`` (from :func:`probe_input`) with a plan built for ``model``: run, measure."""
     net = unwrap_model(model)
-    with probe_state(net, plan.train_mode, x.device):
+    with probing(), probe_state(net, plan.train_mode, x.device):
         maps = run_plan(plan, net, x, chunk_size=chunk_size, keep_per_sample=keep_per_sample)
     return build_results(plan, maps, x.shape[0], keep_per_sample)
 
@@ -213,7 +214,7 @@ def compute_erf(
     net = unwrap_model(model)
     device, param_dtype = model_device_dtype(net)
     device = inputs.device if device is None else device
-    with preserved_rng(device):
+    with probing(), preserved_rng(device):  # (probing first: one probe at a time)
         x = probe_input(inputs[:num_samples], device, probe_dtype(dtype, param_dtype))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -342,7 +343,7 @@ def theoretical_rf(
     device, param_dtype = model_device_dtype(net)
     dtype = probe_dtype(None, param_dtype)
     example = torch.zeros((1, channels, *spatial), device=device, dtype=dtype)
-    with preserved_rng(example.device), warnings.catch_warnings(record=True) as caught:
+    with probing(), preserved_rng(example.device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = cached_plan(
             model, example, layers=layers, mode=mode, position=position,

@@ -60,6 +60,7 @@ from torch import nn
 
 from erf_monitor.core.buffers import preserved_training
 from erf_monitor.core.hints import forward_error, is_own_error
+from erf_monitor.core.probing import probing, this_thread_only
 from erf_monitor.targets.layers import (
     Selector,
     format_selector,
@@ -196,8 +197,8 @@ def _record(
 
     try:
         for name, module in module_table(net).items():
-            handles.append(module.register_forward_hook(make_hook(name, module)))
-        with preserved_training(net), torch.no_grad(), contextlib.suppress(StopForward):
+            handles.append(module.register_forward_hook(this_thread_only(make_hook(name, module))))
+        with probing(), preserved_training(net), torch.no_grad(), contextlib.suppress(StopForward):
             net.eval()
             (forward_fn or (lambda m, t: m(t)))(net, x)
     except Exception as exc:

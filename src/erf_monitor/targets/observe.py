@@ -4,7 +4,8 @@ The targets stage observes output shapes with it and the probe captures its seed
 it. Each target's *first* output (with its output selector applied) is handed to ``take``
 inside the hook, before anything later in the forward can modify it in place; once every
 target has produced its output the forward is aborted (nothing deeper runs). Hooks are
-always removed, also when the model raises.
+always removed, also when the model raises, and act only in the calling thread; the forward
+runs with :func:`~erf_monitor.core.probing.is_probing` true.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from erf_monitor.core.errors import ERFProbeError
 from erf_monitor.core.hints import forward_error, is_own_error
+from erf_monitor.core.probing import probing, this_thread_only
 from erf_monitor.targets.layers import Selector
 from erf_monitor.targets.outputs import select_output
 
@@ -86,8 +88,12 @@ def hooked_forward(
 
     try:
         for spec, (module, selector) in located.items():
-            handles.append(module.register_forward_hook(make_hook(spec, selector)))
-        with contextlib.suppress(StopForward):
+            # Only this thread's forward: another thread running the model meanwhile is
+            # neither read nor stopped.
+            handles.append(
+                module.register_forward_hook(this_thread_only(make_hook(spec, selector)))
+            )
+        with probing(), contextlib.suppress(StopForward):
             (forward_fn or default_forward)(net, x.clone())
     except ERFProbeError:
         raise

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor.core.modes import check_mode, seed_index
+from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
 from erf_monitor.targets.observe import ForwardFn, not_reached_error
@@ -683,6 +684,7 @@ def _capture(
     return captured
 
 
+@probing()  # the surrogate is a copy of the model, with the user's hooks
 def _numeric(
     net: nn.Module,
     channels: int,

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import io
 import operator
+import threading
 import types
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -43,6 +44,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
+from erf_monitor.core.probing import probing
 
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
@@ -203,6 +205,9 @@ class ConcreteTracer(fx.Tracer):
         self._attr_names: dict[int, str] | None = None
         self._refs: dict[fx.Node, int] = {}  # live proxies per node
         self._called: dict[str, nn.Module] = {}  # path -> module, of the modules called
+        # fx patches nn.Module.__call__ for every thread while it traces: only this thread's
+        # module calls are traced (another thread running the model meanwhile is not).
+        self._thread = threading.get_ident()
 
     def retain(self, node: fx.Node) -> None:
         self._refs[node] = self._refs.get(node, 0) + 1
@@ -380,6 +385,8 @@ class ConcreteTracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
         if not _has_proxy((args, kwargs)):
             # A constant computation (or a value being run): no node of the input.
             if not self._running:
@@ -640,6 +647,7 @@ def trace_model(
     # observer) is put back, as the probe does. What the model warns about on this extra
     # forward of a zeros image, the probe's own forward shows where it belongs.
     with (
+        probing(),  # first: one probe (or trace) at a time, before any state is saved
         preserved_buffers(root),
         preserved_training(root),
         torch.no_grad(),
