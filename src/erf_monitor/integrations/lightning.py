@@ -196,6 +196,8 @@ class ERFMonitor(EngineView, _CallbackBase):
         """Probe once more at the end of fit (unless this step was just probed)."""
         if self._fit_started:
             self._maybe_probe(trainer, pl_module, force=True)
+            if trainer.is_global_zero:
+                self._engine.end()  # the alert policy's final decision
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Flush and release the sinks (never the loggers themselves); print the summary."""

@@ -170,6 +170,7 @@ class Watcher(EngineView):
         table (unless ``summary=False``), then :meth:`remove`."""
         try:
             self.probe()
+            self._engine.end()  # the alert policy's final decision
             self._engine.print_summary()
         finally:
             self.remove()
