@@ -39,6 +39,7 @@ from erf_monitor.sinks import (
     sinks_for_trainer,
 )
 from erf_monitor.sinks._metrics import METRIC_NAMES
+from erf_monitor.sinks._tensorboard import key_from_tag, tb_tag
 from erf_monitor.trf.types import TRF
 from erf_monitor.viz.render import render_heatmap
 from wandb_records import wandb_history
@@ -232,7 +233,7 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
     sink.close()
 
     acc = _accumulator(tmp_path / "tb")
-    expected = _expected_scalars(results)
+    expected = {tb_tag(k): v for k, v in _expected_scalars(results).items()}
     assert set(expected) <= set(acc.Tags()["scalars"])
     for key, value in expected.items():
         events = acc.Scalars(key)
@@ -240,7 +241,7 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
         if np.isfinite(value):
             assert events[-1].value == pytest.approx(value, rel=1e-6, abs=1e-7)
     for name, r in results.items():
-        images = acc.Images(f"erf/{name}/heatmap")
+        images = acc.Images(f"erf/heatmap/{name}")  # metric first (tb_tag)
         assert [e.step for e in images] == [5, 10]
         img = _decode_png(images[-1].encoded_image_string)
         rendered = render_heatmap(r, step=10)  # titled with the layer and the step
@@ -291,7 +292,7 @@ def test_tensorboard_custom_scalars_one_card_per_layer(
             drawn = {t for t in tags if re.match(regex, t)}
             if layer != LAYERS[0]:
                 metrics = metrics - {"min_coverage"}  # logged for the first layer only
-            assert drawn == {f"erf/{layer}/{m}" for m in metrics}
+            assert drawn == {tb_tag(f"erf/{layer}/{m}") for m in metrics}
     assert len(acc.Tensors("custom_scalars__config__")) == 1  # written once: layers are known
 
 
@@ -307,8 +308,8 @@ def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
     writer.add_scalar("after", 1.0, 2)  # still open
     writer.close()
     ours, theirs = _accumulator(tmp_path / "erf"), _accumulator(tmp_path)
-    assert ours.Scalars("erf/a/coverage")[0].value == 0.5 and ours.Tags()["scalars"] == [
-        "erf/a/coverage"
+    assert ours.Scalars("erf/1_coverage/a")[0].value == 0.5 and ours.Tags()["scalars"] == [
+        "erf/1_coverage/a"
     ]
     assert theirs.Tags()["scalars"] == ["after"]  # the monitor never wrote to the user's writer
 
@@ -535,3 +536,19 @@ def test_sinks_for_trainer(
     rows = [h for h in history if f"erf/{LAYERS[0]}/coverage" in h]
     assert rows, f"no ERF rows in {len(history)} history rows"
     assert rows[0]["trainer/global_step"] == 7 and rows[0]["erf/step"] == 7
+
+
+def test_tensorboard_tags_put_growth_first_and_read_back() -> None:
+    keys = [
+        f"erf/{layer}/{m}"
+        for layer in ("0", "1", "layer1.0")
+        for m in ("area_t50", "centroid_offset_x", "erf_trf_ratio", "erf_size", "coverage")
+    ]
+    tags = sorted(tb_tag(k) for k in [*keys, "erf/probe_time_s", "erf/0/min_coverage"])
+    assert tags[:9] == [
+        f"erf/{m}/{layer}"
+        for m in ("1_coverage", "2_erf_size", "3_erf_trf_ratio")
+        for layer in ("layer1.0", "layer_0", "layer_1")
+    ]
+    assert {key_from_tag(t) for t in tags} == {*keys, "erf/probe_time_s", "erf/0/min_coverage"}
+    assert key_from_tag("erf/layer4/coverage") == "erf/layer4/coverage"  # an older run's tag

@@ -32,17 +32,80 @@ import numpy as np
 from erf_monitor.core.imports import require
 from erf_monitor.sinks._base import Sink
 
-__all__ = ["TB_SUBDIR", "TensorBoardSink"]
+__all__ = ["TB_SUBDIR", "TensorBoardSink", "key_from_tag", "tb_tag"]
 
 #: Sub-directory of a ``SummaryWriter``'s log directory that the monitor's events go to.
 TB_SUBDIR = "erf"
 _COUNTER = itertools.count()
 
+#: TensorBoard's Time Series view sorts a group's cards by tag: the growth metrics are
+#: numbered so that every layer's coverage comes first, then ERF size, then ERF/TRF.
+RANKED: dict[str, str] = {
+    "coverage": "1_coverage",
+    "erf_size": "2_erf_size",
+    "erf_trf_ratio": "3_erf_trf_ratio",
+}
+_UNRANKED = {v: k for k, v in RANKED.items()}
+#: Names of the last key part that are not metrics of ``ERFResult.scalars()``.
+_OTHER_LEAVES = ("heatmap", "field", "min_coverage")
+#: A layer named by Sequential indices only (``"1"``, ``"1.0"``): shown as ``layer_1``.
+_INDEX = re.compile(r"\d+(\.\d+)*")
+_SHOWN_INDEX = re.compile(r"layer_(\d+(\.\d+)*)")
+
+
+def _is_leaf(name: str) -> bool:
+    from erf_monitor.sinks._metrics import check_metrics
+
+    if name in _OTHER_LEAVES or name in _UNRANKED:
+        return True
+    try:
+        check_metrics([name])
+    except ValueError:
+        return False
+    return "*" not in name and "?" not in name
+
+
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a logged key: ``<prefix>/<layer>[/<position>]/<metric>`` becomes
+    ``<prefix>/<metric>/<layer>[/<position>]``, with ``1_coverage``, ``2_erf_size`` and
+    ``3_erf_trf_ratio`` numbered to sort first and Sequential indices shown as ``layer_<i>``;
+    other keys (``erf/probe_time_s``, ``erf/mode``, ``alerts/...``) are kept.
+
+    Examples:
+        >>> tb_tag("erf/layer4/coverage"), tb_tag("erf/1/erf_size")
+        ('erf/1_coverage/layer4', 'erf/2_erf_size/layer_1')
+        >>> tb_tag("erf/layer4/corner_top_left/sigma_x"), tb_tag("erf/probe_time_s")
+        ('erf/sigma_x/layer4/corner_top_left', 'erf/probe_time_s')
+    """
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] == "alerts" or not _is_leaf(parts[-1]):
+        return key
+    prefix, layer, rest, leaf = parts[0], parts[1], parts[2:-1], parts[-1]
+    shown = f"layer_{layer}" if _INDEX.fullmatch(layer) else layer
+    return "/".join([prefix, RANKED.get(leaf, leaf), shown, *rest])
+
+
+def key_from_tag(tag: str) -> str:
+    """The logged key of a TensorBoard tag (the inverse of :func:`tb_tag`); a tag written
+    before tags were reordered (``erf/<layer>/<metric>``) is returned as it is.
+
+    Examples:
+        >>> key_from_tag("erf/1_coverage/layer_1"), key_from_tag("erf/layer4/coverage")
+        ('erf/1/coverage', 'erf/layer4/coverage')
+    """
+    parts = tag.split("/")
+    if len(parts) < 3 or parts[0] == "alerts" or _is_leaf(parts[-1]) or not _is_leaf(parts[1]):
+        return tag
+    prefix, leaf, layer, rest = parts[0], parts[1], parts[2], parts[3:]
+    index = _SHOWN_INDEX.fullmatch(layer)
+    return "/".join([prefix, index.group(1) if index else layer, *rest, _UNRANKED.get(leaf, leaf)])
+
+
 #: TensorBoard's Custom Scalars tab: one section per group, one card per layer with these
-#: metrics (regular expressions over the metric name) drawn together.
+#: metrics (regular expressions over the tag's metric part) drawn together.
 LAYOUT_GROUPS: tuple[tuple[str, str], ...] = (
-    ("coverage, ERF/TRF ratio and min_coverage", r"coverage|erf_trf_ratio|min_coverage"),
-    ("ERF size, sigma and centroid offset (px)", r"erf_size|sigma_\w|centroid_offset_\w"),
+    ("coverage, ERF/TRF ratio and min_coverage", r"1_coverage|3_erf_trf_ratio|min_coverage"),
+    ("ERF size, sigma and centroid offset (px)", r"2_erf_size|sigma_\w|centroid_offset_\w"),
 )
 
 
@@ -53,9 +116,13 @@ def custom_scalars_layout(heads: list[str]) -> dict[str, dict[str, list[Any]]]:
     layout: dict[str, dict[str, list[Any]]] = {}
     for title, metrics in LAYOUT_GROUPS:
         for head in heads:
-            prefix, _, layer = head.partition("/")
+            prefix = head.partition("/")[0]
+            shown = tb_tag(f"{head}/coverage").split("/", 2)[2]
             section = layout.setdefault(f"{prefix}: {title}", {})
-            section[layer] = ["Multiline", [f"^{re.escape(head)}/({metrics})$"]]
+            section[shown] = [
+                "Multiline",
+                [f"^{re.escape(prefix)}/({metrics})/{re.escape(shown)}$"],
+            ]
     return layout
 
 
@@ -170,19 +237,20 @@ class TensorBoardSink(Sink):
         self._heads.extend(new)
         if self._file is None:
             for key, value in scalars.items():
-                self.writer.add_scalar(key, float(value), global_step=int(step))
+                self.writer.add_scalar(tb_tag(key), float(value), global_step=int(step))
             if new:
                 self.writer.add_custom_scalars(custom_scalars_layout(self._heads))
             return
         from torch.utils.tensorboard.summary import custom_scalars, scalar
 
-        summaries = [scalar(k, float(v)) for k, v in scalars.items()]
+        summaries = [scalar(tb_tag(k), float(v)) for k, v in scalars.items()]
         if new:  # TensorBoard uses a run's latest layout
             summaries.append(custom_scalars(custom_scalars_layout(self._heads)))
         self._file.write(summaries, step)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """A PNG image summary (``(H, W, 3)`` uint8 RGB)."""
+        key = tb_tag(key)
         if self._file is None:
             self.writer.add_image(key, image, global_step=int(step), dataformats="HWC")
             return
