@@ -296,7 +296,7 @@ def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert summary["erf/net.7/coverage"] == pytest.approx(cb.history["net.7"][2]["coverage"])
     # One history row per probe, holding all of it (scalars, heatmap, probe time).
     rows = [h for h in wandb_history(run_dir.parent) if any(k.startswith("erf/") for k in h)]
-    assert [(h["erf/step"], h["trainer/global_step"]) for h in rows] == [(0, 0), (2, 2)]
+    assert [h["erf/step"] for h in rows] == [0, 2]  # trainer/global_step: test_dashboards
     for h in rows:
         assert {"erf/net.7/coverage", "erf/probe_time_s", "erf/net.7/heatmap/_type"} <= set(h)
 

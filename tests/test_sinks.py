@@ -42,7 +42,7 @@ from erf_monitor.sinks._metrics import METRIC_NAMES
 from erf_monitor.sinks._tensorboard import key_from_tag, tb_tag
 from erf_monitor.trf.types import TRF
 from erf_monitor.viz.render import render_heatmap
-from wandb_records import wandb_history
+from wandb_records import wandb_alerts, wandb_history
 
 LAYERS = ("layer1.0", "blocks/2")  # a dotted name and one that needs escaping in file names
 
@@ -336,7 +336,7 @@ def test_wandb_sink_offline_run(
     log_results(sink, results, 5)
     log_results(sink, results, 10, flush=False)  # as a monitor does: its alerts come next
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # run.alert may or may not work offline
+        warnings.simplefilter("error")  # run.alert works offline: no fallback
         sink.alert("low coverage", "layer1.0 sees 2%", 10)
     sink.flush()
     run_dir = Path(run.dir).parent
@@ -364,7 +364,10 @@ def test_wandb_sink_offline_run(
     assert [h.get("erf/step") for h in history] == [None, 5, 10]
     for row in history[1:]:
         assert all(row.get(f"erf/{n}/heatmap/_type") == "image-file" for n in LAYERS)
-    assert "erf/mode/_type" in history[1] and "alerts/low coverage/_type" in history[2]
+    assert "erf/mode/_type" in history[1]
+    # The alert is one run.alert at WARN, not also a table in the history.
+    assert not any(k.startswith("alerts/") for h in history for k in h)
+    assert wandb_alerts(run_dir) == [("low coverage", "[step 10] layer1.0 sees 2%", "WARN")]
 
 
 # -- fan-out, callables, factories -----------------------------------------------------------
@@ -512,7 +515,7 @@ def test_sinks_for_trainer(
     assert csv_sink.files is not None
     assert csv_sink.files.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
     assert isinstance(wandb_sink, WandbSink) and wandb_sink.run is wb.experiment
-    assert wandb_sink.extra_step_keys == ("trainer/global_step",)
+    assert wandb_sink.extra_step_keys == ()  # Lightning's axis would go back (test_dashboards)
     assert isinstance(custom_sink, LoggerSink) and custom_sink.files is None
 
     log_results(sinks, results, 7)
@@ -520,7 +523,7 @@ def test_sinks_for_trainer(
         s.close()
     tb.experiment.flush()
     acc = _accumulator(Path(tb.log_dir) / "erf")
-    assert acc.Scalars(f"erf/{LAYERS[0]}/coverage")[0].step == 7
+    assert acc.Scalars(tb_tag(f"erf/{LAYERS[0]}/coverage"))[0].step == 7
     header = (Path(csv_logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert f"erf/{LAYERS[0]}/coverage" in header.split(",")
     assert list((csv_sink.files.directory / "heatmaps").rglob("step_7.png"))
@@ -535,7 +538,7 @@ def test_sinks_for_trainer(
     history = wandb_history(run_dir)
     rows = [h for h in history if f"erf/{LAYERS[0]}/coverage" in h]
     assert rows, f"no ERF rows in {len(history)} history rows"
-    assert rows[0]["trainer/global_step"] == 7 and rows[0]["erf/step"] == 7
+    assert rows[0]["erf/step"] == 7
 
 
 def test_tensorboard_tags_put_growth_first_and_read_back() -> None:
