@@ -137,12 +137,8 @@ class WandbSink(Sink):
     def alert(self, title: str, text: str, step: int) -> None:
         """``run.alert`` at level WARN; the alert is logged as text (with a warning) only when
         ``run.alert`` fails."""
-        import wandb
-
         try:
-            self.run.alert(
-                title=title, text=f"[step {int(step)}] {text}", level=wandb.AlertLevel.WARN
-            )
+            self.run.alert(title=title, text=f"[step {int(step)}] {text}", level="WARN")
         except Exception as err:  # no alerts on this run/server: keep the alert as text
             warnings.warn(
                 f"WandbSink: run.alert failed ({type(err).__name__}: {err}); "
