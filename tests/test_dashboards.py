@@ -105,3 +105,28 @@ def test_wandb_one_alert_at_warn_and_a_monotonic_step(
     steps = [h["trainer/global_step"] for h in history if "trainer/global_step" in h]
     assert len(steps) >= 6 and steps == sorted(steps), steps
     assert [h["erf/step"] for h in history if "erf/step" in h] == [0, 2, 4, 6]
+
+
+def test_report_shows_the_trf_of_tensorboard_and_csv_runs(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from erf_monitor.cli.report import build_report
+
+    loggers = [TensorBoardLogger(str(tmp_path / "tb")), CSVLogger(str(tmp_path / "csv"))]
+    cb = em.ERFMonitor(layers=["net.0", "net.2"], every_n_steps=2, num_samples=2, summary=False)
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=[cb], logger=loggers, log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_Module(), DataLoader(TensorDataset(x), batch_size=2))
+    page, runs = build_report(tmp_path, tmp_path / "report.html", dedupe=False)
+    assert sorted(r.source for r in runs) == ["files", "tensorboard"]
+    for run in runs:
+        for layer, trf in (("net.0", 3.0), ("net.2", 5.0)):
+            assert cb.history[layer][2]["trf_size_clipped"] == trf
+            assert run.metrics[layer]["trf_size_clipped"] == [(0, trf), (2, trf)], run.source
+    html = page.read_text()
+    assert html.count("<td>3</td>") == 2 and html.count("<td>5</td>") == 2  # both runs

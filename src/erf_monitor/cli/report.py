@@ -200,7 +200,24 @@ def _sort(run: Run) -> Run:
     for key, series in run.other.items():
         run.other[key] = sorted(dict(series).items())
     run.alerts = sorted(set(run.alerts), key=lambda a: a[0])
+    for metrics in run.metrics.values():
+        _derive_trf(metrics)
     return run
+
+
+def _derive_trf(metrics: dict[str, Series]) -> None:
+    """The clipped TRF size of a layer whose run did not log it (TensorBoard and CSV runs log
+    the default metrics only): ``erf_trf_ratio`` is ``erf_size`` over it, probe by probe."""
+    if metrics.get("trf_size_clipped"):
+        return
+    ratios = dict(metrics.get("erf_trf_ratio", []))
+    derived = [
+        (step, float(round(size / ratios[step])))
+        for step, size in metrics.get("erf_size", [])
+        if step in ratios and math.isfinite(ratios[step]) and ratios[step] > 0
+    ]
+    if derived:
+        metrics["trf_size_clipped"] = derived
 
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.(png|npz)$")
