@@ -51,7 +51,11 @@ def test_tensorboard_cards_start_with_every_layers_coverage(tmp_path: Path) -> N
         "erf/3_erf_trf_ratio/layer_2",
     ]
     assert all(not t.startswith(("erf/0/", "erf/2/")) for t in tags)  # no bare indices
-    assert sorted(ea.Tags()["images"]) == ["erf/heatmap/layer_0", "erf/heatmap/layer_2"]
+    # first of all cards: the growth chart, every probe of every layer, unsmoothed
+    assert sorted(ea.Tags()["images"]) == [
+        "erf/0_growth", "erf/heatmap/layer_0", "erf/heatmap/layer_2"
+    ]  # fmt: skip
+    assert [i.step for i in ea.Images("erf/0_growth")] == [0, 1]
     values = [e.value for e in ea.Scalars("erf/1_coverage/layer_2")]
     assert values == pytest.approx([w.history["2"][s]["coverage"] for s in (0, 1)])
 
