@@ -42,7 +42,7 @@ from erf_monitor.sinks._metrics import METRIC_NAMES
 from erf_monitor.sinks._tensorboard import key_from_tag, tb_tag
 from erf_monitor.trf.types import TRF
 from erf_monitor.viz.render import render_heatmap
-from wandb_records import wandb_alerts, wandb_history
+from wandb_records import wandb_alerts, wandb_history, wandb_summary
 
 LAYERS = ("layer1.0", "blocks/2")  # a dotted name and one that needs escaping in file names
 
@@ -358,13 +358,14 @@ def test_wandb_sink_offline_run(
     for key, value in expected.items():
         if np.isfinite(value):
             assert scalar_rows[-1][key] == pytest.approx(value)
-    # One history row per probe: scalars, heatmaps, the mode text and the alert together,
+    # One history row per probe (scalars and heatmaps together; the alert is a run.alert),
     # so W&B's own step advances by one per probe (0 is the user's loss).
     assert [h["_step"] for h in history] == [0, 1, 2]
     assert [h.get("erf/step") for h in history] == [None, 5, 10]
     for row in history[1:]:
         assert all(row.get(f"erf/{n}/heatmap/_type") == "image-file" for n in LAYERS)
-    assert "erf/mode/_type" in history[1]
+    assert not any(k.startswith("erf/mode") for h in history for k in h)  # no table to chart
+    assert wandb_summary(run_dir)["erf/mode"].startswith("mode=luo")
     # The alert is one run.alert at WARN, not also a table in the history.
     assert not any(k.startswith("alerts/") for h in history for k in h)
     assert wandb_alerts(run_dir) == [("low coverage", "[step 10] layer1.0 sees 2%", "WARN")]

@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import HANG_GUARD_S
 
-__all__ = ["wandb_alerts", "wandb_history"]
+__all__ = ["wandb_alerts", "wandb_history", "wandb_summary"]
 
 
 def wandb_history(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[dict[str, Any]]:
@@ -28,18 +28,25 @@ def wandb_alerts(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[tuple[str
     return _wait(run_dir, timeout)[1]
 
 
-def _wait(run_dir: Path, timeout: float) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+def wandb_summary(run_dir: Path, timeout: float = HANG_GUARD_S) -> dict[str, Any]:
+    """The run's summary as its summary records left it (``run.summary[key] = ...``)."""
+    return _wait(run_dir, timeout)[2]
+
+
+def _wait(
+    run_dir: Path, timeout: float
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]], dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        rows, done, alerts = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
+        rows, done, alerts, summary = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
         if done or time.monotonic() > deadline:
-            return rows, alerts
+            return rows, alerts, summary
         time.sleep(0.1)
 
 
 def _read_wandb_log(
     path: Path,
-) -> tuple[list[dict[str, Any]], bool, list[tuple[str, str, str]]]:
+) -> tuple[list[dict[str, Any]], bool, list[tuple[str, str, str]], dict[str, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -55,11 +62,14 @@ def _read_wandb_log(
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             records.append(pending)
-    rows, done, alerts = [], False, []
+    rows, done, alerts, summary = [], False, [], {}
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
         done = done or record.WhichOneof("record_type") == "exit"
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         if record.WhichOneof("record_type") == "alert":
             alerts.append((record.alert.title, record.alert.text, record.alert.level))
         if record.WhichOneof("record_type") == "history":
@@ -69,4 +79,4 @@ def _read_wandb_log(
                     for item in record.history.item
                 }
             )
-    return rows, done, alerts
+    return rows, done, alerts, summary

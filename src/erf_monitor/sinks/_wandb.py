@@ -34,7 +34,7 @@ class WandbSink(Sink):
 
     * scalars: ``{step_key: step, **scalars}``
     * images: ``{key: wandb.Image(image)}``
-    * texts: a ``wandb.Table`` per key with columns ``step, text``, re-logged with all rows
+    * texts (the mode's definition): ``run.summary[key]``, never a table in the history
     * alerts: ``run.alert(title=..., text=..., level=WARN)`` at once, nothing else; only if
       that fails (old servers, a run without alerts) is the alert logged as text
       ``alerts/<title>`` (a table) instead
@@ -127,6 +127,11 @@ class WandbSink(Sink):
         self._log({key: wandb.Image(image, caption=f"step {int(step)}")}, step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
+        """Set ``run.summary[key]`` to the text (the mode's definition...): a table in the
+        history would be charted by its row and column counts (``wandb leet``)."""
+        self.run.summary[key] = text
+
+    def _log_table(self, key: str, text: str, step: int) -> None:
         """Append a row to the key's ``wandb.Table`` and add the table to the step's record."""
         import wandb
 
@@ -145,7 +150,7 @@ class WandbSink(Sink):
                 f"logging it as text 'alerts/{title}' instead",
                 stacklevel=2,
             )
-            self.log_text(f"alerts/{title}", text, step)
+            self._log_table(f"alerts/{title}", text, step)
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
         """Save ``<run.dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
