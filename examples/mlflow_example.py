@@ -32,12 +32,16 @@ def main(out: str = "runs/mlflow", steps: int = 30) -> em.ERFMonitor:
     )  # fmt: skip
     monitor = em.ERFMonitor(layers=["backbone.2", "backbone.7"], every_n_steps=10, num_samples=8)
     trainer = pl.Trainer(
-        max_steps=steps, logger=logger, callbacks=[monitor], enable_checkpointing=False,
+        # log_every_n_steps: Lightning's default (50) would log no loss in a run this short
+        max_steps=steps, logger=logger, callbacks=[monitor], log_every_n_steps=1,
+        enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(LitCNN(), DataLoader(data, batch_size=32, shuffle=True))
     # Read the run back with MLflow's own client.
     client = mlflow.MlflowClient(tracking_uri=uri)
+    loss = client.get_metric_history(logger.run_id, "train/loss")
+    print(f"train/loss: {len(loss)} values, {loss[0].value:.3f} -> {loss[-1].value:.3f}")
     for layer in monitor.layers or []:
         history = client.get_metric_history(logger.run_id, f"erf/{layer}/coverage")
         print(f"{layer}: coverage " + ", ".join(f"{m.step}: {m.value:.1%}" for m in history))

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from erf_monitor.integrations.accelerate import AccelerateSink  # noqa: E402
 from erf_monitor.sinks import as_sink, log_results  # noqa: E402
+from erf_monitor.sinks._tensorboard import tb_tag  # noqa: E402
 
 LAYERS = ["1", "4"]
 
@@ -85,12 +86,12 @@ def test_tensorboard_tracker_gets_scalars_and_images(tmp_path: Path) -> None:
     ea = EventAccumulator(str(runs[1]), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     for layer in LAYERS:
-        coverage = ea.Scalars(f"erf/{layer}/coverage")
+        coverage = ea.Scalars(tb_tag(f"erf/{layer}/coverage"))
         assert [e.step for e in coverage] == [0, 2, 4]
         assert [e.value for e in coverage] == pytest.approx(
             [watcher.history[layer][s]["coverage"] for s in (0, 2, 4)]
         )
-        assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4]
+        assert [i.step for i in ea.Images(tb_tag(f"erf/{layer}/heatmap"))] == [0, 2, 4]
 
 
 def test_training_is_bit_for_bit_identical_with_the_watcher(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ if not torch.distributed.is_available():  # pragma: no cover
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from erf_monitor.sinks._tensorboard import tb_tag
+
 SCRIPT = textwrap.dedent(
     """
     import sys, warnings
@@ -128,8 +130,8 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert len(ours) == 1  # the monitor's events, written once (by rank 0)
     ea = EventAccumulator(str(ours[0].parent), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
-    assert [e.step for e in ea.Scalars("erf/net.3/coverage")] == [0, 2, 4]
-    assert len(ea.Images("erf/net.0/heatmap")) == 3
+    assert [e.step for e in ea.Scalars(tb_tag("erf/net.3/coverage"))] == [0, 2, 4]
+    assert len(ea.Images(tb_tag("erf/net.0/heatmap"))) == 3
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HANG_GUARD_S
+from erf_monitor.sinks._tensorboard import tb_tag
 
 pytest.importorskip("lightning.pytorch")
 pytest.importorskip("tensorboard")
@@ -127,8 +128,8 @@ def test_failing_disk_never_fails_fit(tmp_path: Path) -> None:
 
     ours = EventAccumulator(str(tmp_path / "logs" / "fsize" / "version_1" / "erf"))
     ours.Reload()
-    assert [e.step for e in ours.Scalars("erf/net.2/coverage")] == [0]
-    assert [e.step for e in ours.Images("erf/net.2/heatmap")] == [0]
+    assert [e.step for e in ours.Scalars(tb_tag("erf/net.2/coverage"))] == [0]
+    assert [e.step for e in ours.Images(tb_tag("erf/net.2/heatmap"))] == [0]
 
 
 FILE_SINK_SCRIPT = textwrap.dedent(

@@ -82,6 +82,7 @@ def test_mlflow_example(tmp_path: Path) -> None:
     out = run_example("mlflow_example.py", tmp_path, "--out", "ml", "--steps", "12")
     assert "backbone.7: coverage 0: " in out and ", 10: " in out and ", 12: " in out
     assert "erf_maps" in out
+    assert "train/loss: 12 values" in out  # one per step, not none (log_every_n_steps=50)
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ fabric_mod = pytest.importorskip("lightning.fabric")
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from erf_monitor.sinks._tensorboard import tb_tag  # noqa: E402
+
 LAYERS = ["0", "3"]
 
 
@@ -74,8 +76,8 @@ def test_fabric_loggers_get_the_probes(tmp_path: Path) -> None:
     ea = EventAccumulator(str(runs[1]), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     for layer in LAYERS:
-        assert [e.step for e in ea.Scalars(f"erf/{layer}/coverage")] == [0, 2, 4, 6]
-        assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4, 6]
+        assert [e.step for e in ea.Scalars(tb_tag(f"erf/{layer}/coverage"))] == [0, 2, 4, 6]
+        assert [i.step for i in ea.Images(tb_tag(f"erf/{layer}/heatmap"))] == [0, 2, 4, 6]
     # The CSVLogger: scalars in its own metrics.csv next to the loss (through log_metrics),
     # heatmaps and raw maps in erf/ beside it.
     import csv

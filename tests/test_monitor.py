@@ -232,13 +232,15 @@ def residual_net() -> nn.Module:
 
 def test_alert_patience_reset_and_once_per_layer(tmp_path: Path) -> None:
     net = residual_net()
-    eng = MonitorEngine(layers=["2", "4"], num_samples=2, min_coverage={"4": 0.7}, patience=2)
+    eng = MonitorEngine(
+        layers=["2", "4"], num_samples=2, min_coverage={"4": 0.7}, patience=2, alert_warmup=0
+    )
     eng.set_sinks([FileSink(tmp_path)])
     eng.set_probe_batch(batch())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert eng.probe(net, 0).alerts == []  # 1 of 2
-    eng.below["4"] = 0  # as if a probe had been above the threshold
+    eng.history["4"][0]["coverage"] = 1.0  # as if that probe had been above the threshold
     assert eng.probe(net, 1).alerts == []
     with pytest.warns(em.ERFCoverageWarning) as rec:
         alerts = eng.probe(net, 2).alerts

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from erf_monitor.cli import main
+from erf_monitor.cli.tables import tex_number
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, K = 33, 5
@@ -92,6 +93,21 @@ def expected_cells(n: int) -> list[str]:
     return [*cells, str(m), f"{100 * cov:.2f}"]
 
 
+def expected_tex_cells(n: int) -> list[str]:
+    """The LaTeX table rounds to 3 significant digits (tex_number's doctests: the rule)."""
+    a = box_stack_map(n)
+    cells = [
+        f"{100 * extent(a, t)[1]:.{sig3(100 * extent(a, t)[1])}f}" for t in (0.2, 0.3, 0.5, 0.99)
+    ]
+    m, cov = extent(a, 0.95)
+    return [*cells, str(m), f"{100 * cov:.{sig3(100 * cov)}f}"]
+
+
+def sig3(x: float) -> int:
+    """Decimal places of 3 significant digits."""
+    return max(0, 2 - math.floor(math.log10(abs(x))))
+
+
 def md_rows(text: str) -> list[list[str]]:
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines[2:]]
@@ -135,14 +151,14 @@ def test_batch_writes_folders_tables_and_a_grid(models: Path, tmp_path: Path) ->
         assert row[2:] == expected_cells(int(row[1].strip("`")) + 1)
     tex = (out / "table.tex").read_text()
     assert tex.startswith("% ERF area ratios") and r"\begin{tabular}{llrrrrrr}" in tex
-    assert tex.rstrip().endswith(r"\end{tabular}")
+    assert tex.rstrip().endswith(r"\end{tabular}}")  # closes the group of \arraystretch
     rows = tex_rows(tex)
     assert [r[:2] for r in rows] == [
         [r"box\_2", r"\texttt{0}"], ["", r"\texttt{1}"],
         [r"box|3 \& 50\%", r"\texttt{0}"], ["", r"\texttt{1}"],
     ]  # fmt: skip
     for row in rows:
-        assert row[2:] == expected_cells(int(row[1][len(r"\texttt{") : -1]) + 1)
+        assert row[2:] == expected_tex_cells(int(row[1][len(r"\texttt{") : -1]) + 1)
 
 
 def test_single_model_table_in_its_folder(models: Path, tmp_path: Path) -> None:
@@ -150,7 +166,7 @@ def test_single_model_table_in_its_folder(models: Path, tmp_path: Path) -> None:
     argv = ["analyze", f"{models}:three", *COMMON, "--layers", "2", "--table", "latex"]
     assert main([*argv, "--format", "pdf", "--out", str(out)]) == 0
     (row,) = tex_rows((out / "table.tex").read_text())
-    assert row[2:] == expected_cells(3)
+    assert row[2:] == expected_tex_cells(3)
     assert (out / "erf_overview.pdf").read_bytes().startswith(b"%PDF-")
     assert not (out / "table.md").exists() and not (out / "grid.pdf").exists()
 
@@ -182,8 +198,7 @@ def test_bootstrap_intervals_reach_the_tables(models: Path, tmp_path: Path) -> N
     lo, hi = cis["coverage"].low * 100, cis["coverage"].high * 100
     assert md[-1] == f"{100 * r.coverage:.2f} ({lo:.2f}–{hi:.2f})"
     (tex,) = tex_rows((out / "table.tex").read_text())
-    up, down = hi - 100 * r.coverage, 100 * r.coverage - lo
-    assert tex[-1] == f"${100 * r.coverage:.2f}^{{+{up:.2f}}}_{{-{down:.2f}}}$"
+    assert tex[-1] == tex_number(100 * r.coverage, lo, hi)  # significant digits only
     assert "95% BCa bootstrap" in (out / "table.md").read_text()
 
 

@@ -21,6 +21,7 @@ from torch import nn
 import erf_monitor as em
 from erf_monitor.probe import seeds as _seeds
 from erf_monitor.probe.crop import plan_groups
+from erf_monitor.sinks._tensorboard import key_from_tag, tb_tag
 from erf_monitor.targets.positions import parse_position_text, request
 from erf_monitor.trf.analysis import theoretical_rfs
 from references import one_layer_reference
@@ -411,13 +412,15 @@ def test_watch_logs_every_position_to_tensorboard(tmp_path: Path) -> None:
     # The monitor's own run, in erf/ of the writer's directory.
     ea = EventAccumulator(str(tmp_path / "erf"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
-    tags = set(ea.Tags()["scalars"])
+    tags = {key_from_tag(t) for t in ea.Tags()["scalars"]}
     for key in ("corner_top_left", "corner_bottom_right"):
         assert f"erf/4/{key}/coverage" in tags and f"erf/4/{key}/erf_size" in tags
         assert f"erf/4/{key}/sigma_x" not in tags  # metrics= selects at every position
     assert {"erf/4/coverage", "erf/4/border_ratio", "erf/4/dead_fraction"} <= tags
-    assert [e.step for e in ea.Scalars("erf/4/corner_top_left/coverage_trf")] == [1, 2]
-    assert len(ea.Images("erf/4/field")) == 2 and len(ea.Images("erf/4/heatmap")) == 2
+    assert [e.step for e in ea.Scalars(tb_tag("erf/4/corner_top_left/coverage_trf"))] == [1, 2]
+    assert (
+        len(ea.Images(tb_tag("erf/4/field"))) == 2 and len(ea.Images(tb_tag("erf/4/heatmap"))) == 2
+    )
     history = w.history
     assert "4/corner_top_left" in history and history["4"][1]["border_ratio"] > 0
     latest = w.latest

@@ -39,9 +39,10 @@ from erf_monitor.sinks import (
     sinks_for_trainer,
 )
 from erf_monitor.sinks._metrics import METRIC_NAMES
+from erf_monitor.sinks._tensorboard import key_from_tag, tb_tag
 from erf_monitor.trf.types import TRF
 from erf_monitor.viz.render import render_heatmap
-from wandb_records import wandb_history
+from wandb_records import wandb_alerts, wandb_history, wandb_summary
 
 LAYERS = ("layer1.0", "blocks/2")  # a dotted name and one that needs escaping in file names
 
@@ -259,7 +260,7 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
     sink.close()
 
     acc = _accumulator(tmp_path / "tb")
-    expected = _expected_scalars(results)
+    expected = {tb_tag(k): v for k, v in _expected_scalars(results).items()}
     assert set(expected) <= set(acc.Tags()["scalars"])
     for key, value in expected.items():
         events = acc.Scalars(key)
@@ -267,7 +268,7 @@ def test_tensorboard_sink_event_file(tmp_path: Path, results: dict[str, ERFResul
         if np.isfinite(value):
             assert events[-1].value == pytest.approx(value, rel=1e-6, abs=1e-7)
     for name, r in results.items():
-        images = acc.Images(f"erf/{name}/heatmap")
+        images = acc.Images(f"erf/heatmap/{name}")  # metric first (tb_tag)
         assert [e.step for e in images] == [5, 10]
         img = _decode_png(images[-1].encoded_image_string)
         rendered = render_heatmap(r, step=10)  # titled with the layer and the step
@@ -318,7 +319,7 @@ def test_tensorboard_custom_scalars_one_card_per_layer(
             drawn = {t for t in tags if re.match(regex, t)}
             if layer != LAYERS[0]:
                 metrics = metrics - {"min_coverage"}  # logged for the first layer only
-            assert drawn == {f"erf/{layer}/{m}" for m in metrics}
+            assert drawn == {tb_tag(f"erf/{layer}/{m}") for m in metrics}
     assert len(acc.Tensors("custom_scalars__config__")) == 1  # written once: layers are known
 
 
@@ -334,8 +335,8 @@ def test_tensorboard_sink_never_touches_user_writer(tmp_path: Path) -> None:
     writer.add_scalar("after", 1.0, 2)  # still open
     writer.close()
     ours, theirs = _accumulator(tmp_path / "erf"), _accumulator(tmp_path)
-    assert ours.Scalars("erf/a/coverage")[0].value == 0.5 and ours.Tags()["scalars"] == [
-        "erf/a/coverage"
+    assert ours.Scalars("erf/1_coverage/a")[0].value == 0.5 and ours.Tags()["scalars"] == [
+        "erf/1_coverage/a"
     ]
     assert theirs.Tags()["scalars"] == ["after"]  # the monitor never wrote to the user's writer
 
@@ -362,7 +363,7 @@ def test_wandb_sink_offline_run(
     log_results(sink, results, 5)
     log_results(sink, results, 10, flush=False)  # as a monitor does: its alerts come next
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # run.alert may or may not work offline
+        warnings.simplefilter("error")  # run.alert works offline: no fallback
         sink.alert("low coverage", "layer1.0 sees 2%", 10)
     sink.flush()
     run_dir = Path(run.dir).parent
@@ -384,13 +385,17 @@ def test_wandb_sink_offline_run(
     for key, value in expected.items():
         if np.isfinite(value):
             assert scalar_rows[-1][key] == pytest.approx(value)
-    # One history row per probe: scalars, heatmaps, the mode text and the alert together,
+    # One history row per probe (scalars and heatmaps together; the alert is a run.alert),
     # so W&B's own step advances by one per probe (0 is the user's loss).
     assert [h["_step"] for h in history] == [0, 1, 2]
     assert [h.get("erf/step") for h in history] == [None, 5, 10]
     for row in history[1:]:
         assert all(row.get(f"erf/{n}/heatmap/_type") == "image-file" for n in LAYERS)
-    assert "erf/mode/_type" in history[1] and "alerts/low coverage/_type" in history[2]
+    assert not any(k.startswith("erf/mode") for h in history for k in h)  # no table to chart
+    assert wandb_summary(run_dir)["erf/mode"].startswith("mode=luo")
+    # The alert is one run.alert at WARN, not also a table in the history.
+    assert not any(k.startswith("alerts/") for h in history for k in h)
+    assert wandb_alerts(run_dir) == [("low coverage", "[step 10] layer1.0 sees 2%", "WARN")]
 
 
 # -- fan-out, callables, factories -----------------------------------------------------------
@@ -538,7 +543,7 @@ def test_sinks_for_trainer(
     assert csv_sink.files is not None
     assert csv_sink.files.directory == Path(csv_logger.log_dir) / CSV_SUBDIR
     assert isinstance(wandb_sink, WandbSink) and wandb_sink.run is wb.experiment
-    assert wandb_sink.extra_step_keys == ("trainer/global_step",)
+    assert wandb_sink.extra_step_keys == ()  # Lightning's axis would go back (test_dashboards)
     assert isinstance(custom_sink, LoggerSink) and custom_sink.files is None
 
     log_results(sinks, results, 7)
@@ -546,7 +551,7 @@ def test_sinks_for_trainer(
         s.close()
     tb.experiment.flush()
     acc = _accumulator(Path(tb.log_dir) / "erf")
-    assert acc.Scalars(f"erf/{LAYERS[0]}/coverage")[0].step == 7
+    assert acc.Scalars(tb_tag(f"erf/{LAYERS[0]}/coverage"))[0].step == 7
     header = (Path(csv_logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert f"erf/{LAYERS[0]}/coverage" in header.split(",")
     assert list((csv_sink.files.directory / "heatmaps").rglob("step_7.png"))
@@ -561,4 +566,20 @@ def test_sinks_for_trainer(
     history = wandb_history(run_dir)
     rows = [h for h in history if f"erf/{LAYERS[0]}/coverage" in h]
     assert rows, f"no ERF rows in {len(history)} history rows"
-    assert rows[0]["trainer/global_step"] == 7 and rows[0]["erf/step"] == 7
+    assert rows[0]["erf/step"] == 7
+
+
+def test_tensorboard_tags_put_growth_first_and_read_back() -> None:
+    keys = [
+        f"erf/{layer}/{m}"
+        for layer in ("0", "1", "layer1.0")
+        for m in ("area_t50", "centroid_offset_x", "erf_trf_ratio", "erf_size", "coverage")
+    ]
+    tags = sorted(tb_tag(k) for k in [*keys, "erf/probe_time_s", "erf/0/min_coverage"])
+    assert tags[:9] == [
+        f"erf/{m}/{layer}"
+        for m in ("1_coverage", "2_erf_size", "3_erf_trf_ratio")
+        for layer in ("layer1.0", "layer_0", "layer_1")
+    ]
+    assert {key_from_tag(t) for t in tags} == {*keys, "erf/probe_time_s", "erf/0/min_coverage"}
+    assert key_from_tag("erf/layer4/coverage") == "erf/layer4/coverage"  # an older run's tag

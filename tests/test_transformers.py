@@ -27,6 +27,8 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
 )
 
+from erf_monitor.sinks._tensorboard import tb_tag  # noqa: E402
+
 CONVNEXT_LAYERS = [f"convnext.encoder.stages.{i}.layers.0.dwconv" for i in (0, 1)]
 VIT_LAYERS = ["vit.embeddings.patch_embeddings.projection"]
 
@@ -118,12 +120,12 @@ def test_tensorboard_run_beside_the_trainers(tmp_path: Path) -> None:
     assert "train/loss" in scalars(runs[0]).Tags()["scalars"]
     ea = scalars(runs[1])
     for layer in CONVNEXT_LAYERS:
-        steps = [e.step for e in ea.Scalars(f"erf/{layer}/coverage")]
+        steps = [e.step for e in ea.Scalars(tb_tag(f"erf/{layer}/coverage"))]
         assert steps == [0, 2, 4, 5]  # train begin, every 2 optimizer steps, the end
-        images = ea.Images(f"erf/{layer}/heatmap")
+        images = ea.Images(tb_tag(f"erf/{layer}/heatmap"))
         assert [i.step for i in images] == [0, 2, 4, 5]
         assert images[0].width > 0 and images[0].height > 0  # annotated: frame, legend, bar
-        logged = [e.value for e in ea.Scalars(f"erf/{layer}/coverage")]
+        logged = [e.value for e in ea.Scalars(tb_tag(f"erf/{layer}/coverage"))]
         assert logged == pytest.approx([cb.history[layer][s]["coverage"] for s in (0, 2, 4, 5)])
     # The probe batch is the first 3 images the model was trained on, and the logged
     # numbers are those of an independent probe of the final model on them.
@@ -153,10 +155,8 @@ def test_tensorboard_logging_dir_and_the_fallback(
     cb = em.ERFTrainerCallback([layer], **kw)  # type: ignore[arg-type]
     train(convnext(), args(tmp_path / "a", report_to=["tensorboard"], max_steps=2), [cb])
     assert "train/loss" in scalars(tmp_path / "tb").Tags()["scalars"]
-    assert [e.step for e in scalars(tmp_path / "tb" / "erf").Scalars(f"erf/{layer}/coverage")] == [
-        0,
-        2,
-    ]
+    ours = scalars(tmp_path / "tb" / "erf")
+    assert [e.step for e in ours.Scalars(tb_tag(f"erf/{layer}/coverage"))] == [0, 2]
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
     cb = em.ERFTrainerCallback([layer], **kw)  # type: ignore[arg-type]
     trainer = Trainer(
@@ -169,7 +169,8 @@ def test_tensorboard_logging_dir_and_the_fallback(
         trainer.train()
     files = list((tmp_path / "b" / "runs").rglob("events.out.tfevents.*"))
     assert len(files) == 1 and files[0].parent.name == "erf"  # runs/<date>_<host>/erf
-    assert [e.step for e in scalars(files[0].parent).Scalars(f"erf/{layer}/coverage")] == [0, 2]
+    ours = scalars(files[0].parent)
+    assert [e.step for e in ours.Scalars(tb_tag(f"erf/{layer}/coverage"))] == [0, 2]
 
 
 def erf_warnings(records: list[warnings.WarningMessage]) -> list[str]:
@@ -203,8 +204,8 @@ def test_defaults_are_quiet_and_log_maps(build: Any, tmp_path: Path) -> None:
     for layer in layers:
         assert cb.latest is not None and cb.latest[layer].trf is not None
         assert cb.latest[layer].trf.method == "fx", layer
-        assert [i.step for i in ea.Images(f"erf/{layer}/heatmap")] == [0, 2, 4, 5], layer
-        assert [e.step for e in ea.Scalars(f"erf/{layer}/coverage")] == [0, 2, 4, 5], layer
+        assert [i.step for i in ea.Images(tb_tag(f"erf/{layer}/heatmap"))] == [0, 2, 4, 5], layer
+        assert [e.step for e in ea.Scalars(tb_tag(f"erf/{layer}/coverage"))] == [0, 2, 4, 5], layer
 
 
 def swin() -> Any:
@@ -263,8 +264,8 @@ def test_final_probe_after_the_trainer_closed_its_writer(tmp_path: Path) -> None
     files = list((tmp_path / "runs").rglob("erf/events.out.tfevents.*"))
     assert len(files) == 1  # ours, beside the Trainer's closed run: the final probe is in it
     ea = scalars(files[0].parent)
-    assert [e.step for e in ea.Scalars(f"erf/{CONVNEXT_LAYERS[0]}/coverage")] == [0, 2, 3]
-    assert [i.step for i in ea.Images(f"erf/{CONVNEXT_LAYERS[0]}/heatmap")] == [0, 2, 3]
+    assert [e.step for e in ea.Scalars(tb_tag(f"erf/{CONVNEXT_LAYERS[0]}/coverage"))] == [0, 2, 3]
+    assert [i.step for i in ea.Images(tb_tag(f"erf/{CONVNEXT_LAYERS[0]}/heatmap"))] == [0, 2, 3]
 
 
 def test_training_is_bit_for_bit_identical_with_the_callback(tmp_path: Path) -> None:

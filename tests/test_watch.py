@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import erf_monitor as em
+from erf_monitor.sinks._tensorboard import tb_tag
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -161,8 +162,8 @@ def test_summary_writer_and_stop(tmp_path: Path) -> None:
     writer.close()
     ea = EventAccumulator(str(tmp_path / "erf"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
-    assert [e.step for e in ea.Scalars("erf/4/coverage")] == [0, 2]
-    assert len(ea.Images("erf/4/heatmap")) == 2
+    assert [e.step for e in ea.Scalars(tb_tag("erf/4/coverage"))] == [0, 2]
+    assert len(ea.Images(tb_tag("erf/4/heatmap"))) == 2
 
 
 def test_raise_on_insufficient_from_step() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import HANG_GUARD_S
 
-__all__ = ["wandb_history"]
+__all__ = ["wandb_alerts", "wandb_history", "wandb_summary"]
 
 
 def wandb_history(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[dict[str, Any]]:
@@ -20,15 +20,33 @@ def wandb_history(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[dict[str
     wandb 0.31: the file still holds only its 7-byte header), so wait for the exit record
     (a hang guard, never a speed limit).
     """
+    return _wait(run_dir, timeout)[0]
+
+
+def wandb_alerts(run_dir: Path, timeout: float = HANG_GUARD_S) -> list[tuple[str, str, str]]:
+    """``run.alert`` records of an offline run: ``(title, text, level)``, level ``"WARN"``..."""
+    return _wait(run_dir, timeout)[1]
+
+
+def wandb_summary(run_dir: Path, timeout: float = HANG_GUARD_S) -> dict[str, Any]:
+    """The run's summary as its summary records left it (``run.summary[key] = ...``)."""
+    return _wait(run_dir, timeout)[2]
+
+
+def _wait(
+    run_dir: Path, timeout: float
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]], dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        rows, done = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
+        rows, done, alerts, summary = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
         if done or time.monotonic() > deadline:
-            return rows
+            return rows, alerts, summary
         time.sleep(0.1)
 
 
-def _read_wandb_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
+def _read_wandb_log(
+    path: Path,
+) -> tuple[list[dict[str, Any]], bool, list[tuple[str, str, str]], dict[str, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -44,11 +62,16 @@ def _read_wandb_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             records.append(pending)
-    rows, done = [], False
+    rows, done, alerts, summary = [], False, [], {}
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
         done = done or record.WhichOneof("record_type") == "exit"
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if record.WhichOneof("record_type") == "alert":
+            alerts.append((record.alert.title, record.alert.text, record.alert.level))
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {
@@ -56,4 +79,4 @@ def _read_wandb_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
                     for item in record.history.item
                 }
             )
-    return rows, done
+    return rows, done, alerts, summary

@@ -493,7 +493,8 @@ def _summary(results: list[VariantResult], out: Path, logger_kind: str, console:
             f"Open them with:  [bold]{escape(tensorboard_command(out))}[/]", highlight=False
         )
         console.print(
-            "  (SCALARS: erf/<layer>/coverage ...; IMAGES: erf/<layer>/heatmap; "
+            "  (TIME SERIES opens on erf/0_growth, then erf/1_coverage/<layer> ...; "
+            "IMAGES: erf/heatmap/<layer>; "
             "--samples_per_plugin images=1000 keeps every probe, not just the last 10 per tag)"
         )
     elif logger_kind == "wandb":

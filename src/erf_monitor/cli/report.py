@@ -215,7 +215,24 @@ def _sort(run: Run) -> Run:
     for key, series in run.other.items():
         run.other[key] = sorted(dict(series).items())
     run.alerts = sorted(set(run.alerts), key=lambda a: a[0])
+    for metrics in run.metrics.values():
+        _derive_trf(metrics)
     return run
+
+
+def _derive_trf(metrics: dict[str, Series]) -> None:
+    """The clipped TRF size of a layer whose run did not log it (TensorBoard and CSV runs log
+    the default metrics only): ``erf_trf_ratio`` is ``erf_size`` over it, probe by probe."""
+    if metrics.get("trf_size_clipped"):
+        return
+    ratios = dict(metrics.get("erf_trf_ratio", []))
+    derived = [
+        (step, float(round(size / ratios[step])))
+        for step, size in metrics.get("erf_size", [])
+        if step in ratios and math.isfinite(ratios[step]) and ratios[step] > 0
+    ]
+    if derived:
+        metrics["trf_size_clipped"] = derived
 
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.(png|npz)$")
@@ -379,10 +396,20 @@ def _accumulators(folder: _Folder, directory: Path) -> Iterator[Any]:
         yield path, acc
 
 
+def key_from_tag(tag: str) -> str:
+    from erf_monitor.sinks._tensorboard import key_from_tag as logged_key
+
+    return logged_key(tag)
+
+
 def _read_other_scalars(folder: _Folder, directory: Path, run: Run) -> None:
     for _, acc in _accumulators(folder, directory):
         for tag in acc.Tags().get("scalars", []):
-            if _split_key(tag) is None and not tag.endswith("probe_time_s") and tag != "epoch":
+            if (
+                _split_key(key_from_tag(tag)) is None
+                and not tag.endswith("probe_time_s")
+                and tag != "epoch"
+            ):
                 run.other.setdefault(tag, []).extend(
                     (int(ev.step), float(ev.value)) for ev in acc.Scalars(tag)
                 )
@@ -395,15 +422,16 @@ def _read_tensorboard_run(folder: _Folder, directory: Path, name: str) -> Run | 
         tags = acc.Tags()
         for tag in tags.get("scalars", []):
             events = acc.Scalars(tag)
-            if _split_key(tag) is not None:
+            key = key_from_tag(tag)  # the monitor's tags put the metric first
+            if _split_key(key) is not None:
                 for ev in events:
-                    _add(run.metrics, tag, int(ev.step), float(ev.value))
+                    _add(run.metrics, key, int(ev.step), float(ev.value))
             elif not tag.endswith("probe_time_s") and tag != "epoch":
                 run.other.setdefault(tag, []).extend(
                     (int(ev.step), float(ev.value)) for ev in events
                 )
         for tag in tags.get("images", []):
-            parts = tag.split("/")
+            parts = key_from_tag(tag).split("/")
             if len(parts) >= 3 and parts[-1] == "heatmap":
                 layer = "/".join(parts[1:-1])
                 for img in acc.Images(tag):

@@ -5,7 +5,9 @@ Table 10's thresholds: the share of the input area inside the smallest centred s
 holds fraction t of the ERF's mass), the ERF size m(0.95) in pixels and the coverage a(0.95).
 Ratios are percentages. With bootstrap intervals, each value carries its interval: ``0.52
 (0.48–0.57)`` in Markdown, ``$0.52^{+0.05}_{-0.04}$`` in LaTeX (BCa intervals are not
-symmetric, so both ends are given).
+symmetric, so both ends are given). The LaTeX table rounds to significant digits (values to 3,
+an interval's larger side to 2 and the value to the same place; an interval that rounds to
+zero is left out) and spaces its rows (``\arraystretch``) so that the scripts do not touch.
 
 Tables are built from the records that ``analyze`` writes (``metrics.json``), so a table of a
 resumed batch (``--skip-existing``) is the table of an uninterrupted one.
@@ -31,6 +33,7 @@ __all__ = [
     "markdown_table",
     "rich_table",
     "rows_of",
+    "tex_number",
     "write_tables",
 ]
 
@@ -135,23 +138,53 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
+def _decimals(x: float, digits: int) -> int:
+    """Decimal places that show ``x`` with ``digits`` significant digits (at most 4)."""
+    if x == 0 or not math.isfinite(x):
+        return 0
+    return min(4, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
+
+
+def _plain(x: float, places: int) -> str:
+    return "0" if round(x, places) == 0 else f"{x:.{places}f}"
+
+
+def tex_number(
+    value: float, low: float = math.nan, high: float = math.nan, *, px: bool = False
+) -> str:
+    r"""A LaTeX cell rounded to significant digits: the value to 3, or, with an interval,
+    its larger side to 2 and the value to the same place; pixels are whole numbers.
+
+    Examples:
+        >>> tex_number(11.2857), tex_number(0.1534), tex_number(95.37, 95.37, 95.37)
+        ('11.3', '0.153', '95.4')
+        >>> tex_number(45.14, 41.04, 45.14), tex_number(31.0, 29.0, 31.0, px=True)
+        ('$45.1^{+0}_{-4.1}$', '$31^{+0}_{-2}$')
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{value:.0f}" if px else f"{value:.{_decimals(value, 3)}f}"
+    up, down = max(high - value, 0.0), max(value - low, 0.0)
+    places = 0 if px else _decimals(max(up, down), 2)
+    if round(up, places) == 0 and round(down, places) == 0:
+        return tex_number(value, px=px)  # no interval worth printing: the value alone
+    return f"${value:.{places}f}^{{+{_plain(up, places)}}}_{{-{_plain(down, places)}}}$"
+
+
 def _tex_cell(row: Row, key: str) -> str:
     v = row.values.get(key, math.nan)
     if not math.isfinite(v):
         return "n/a"
-    spec = _spec(key)
-    value = _scaled(key, v)
     lo, hi = row.intervals.get(key, (math.nan, math.nan))
-    if math.isfinite(lo) and math.isfinite(hi):
-        up, down = _scaled(key, hi) - value, value - _scaled(key, lo)
-        return f"${value:{spec}}^{{+{max(up, 0.0):{spec}}}}_{{-{max(down, 0.0):{spec}}}}$"
-    return format(value, spec)
+    low, high = _scaled(key, lo), _scaled(key, hi)
+    return tex_number(_scaled(key, v), low, high, px=key == "erf_size")
 
 
 def latex_table(rows: Sequence[Row], caption: str = "") -> str:
     """A LaTeX ``tabular`` (no package needed: ``\\hline`` rules), the caption as ``%``
     comments above it; a model's name is written on its first row only."""
     lines = [f"% {line}" for line in textwrap.wrap(caption, 96)]
+    # Room between the rows (interval scripts) and the columns; local to the table.
+    lines.append(r"{\renewcommand{\arraystretch}{1.35}\setlength{\tabcolsep}{7pt}")
     lines.append(r"\begin{tabular}{ll" + "r" * len(COLUMNS) + "}")
     lines.append(r"\hline")
     lines.append(" & ".join(["Model", "Layer", *[h for _, _, h, _ in COLUMNS]]) + r" \\")
@@ -165,7 +198,7 @@ def latex_table(rows: Sequence[Row], caption: str = "") -> str:
         lines.append(" & ".join([name, layer, *[_tex_cell(row, k) for k, *_ in COLUMNS]]) + r" \\")
         previous = row.model
     lines.append(r"\hline")
-    lines.append(r"\end{tabular}")
+    lines.append(r"\end{tabular}}")
     return "\n".join(lines) + "\n"
 
 

@@ -215,6 +215,8 @@ class ERFMonitor(EngineView, _CallbackBase):
         """Probe once more at the end of fit (unless this step was just probed)."""
         if self._fit_started:
             self._maybe_probe(trainer, pl_module, force=True)
+            if trainer.is_global_zero:
+                self._engine.end()  # the alert policy's final decision
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

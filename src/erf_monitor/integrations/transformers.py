@@ -187,6 +187,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
             if isinstance(model, nn.Module):
                 self._maybe_probe(state, control, model, force=True)
             if state.is_world_process_zero:
+                self._engine.end()  # the alert policy's final decision
                 self._engine.print_summary()
         finally:
             try:

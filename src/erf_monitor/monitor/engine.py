@@ -5,16 +5,10 @@ caches layer names and TRFs, decides *when* to probe, runs the probe, logs to si
 history, runs the coverage-alert state machine, and turns failures into warnings. The two
 integrations only decide *where* the model, the steps and the sinks come from.
 
-Coverage alert semantics (documented in ``ERFMonitor``):
-
-* A layer is *checked* if it has a threshold: a float ``min_coverage`` checks only the deepest
-  watched layer (early stages cannot be expected to cover the image); a mapping
-  ``{name or glob: threshold}`` checks exactly the layers it names. ``None`` disables the alert.
-* A checked layer's coverage (``a(0.95)``) "stays below" the threshold when it is below it at
-  ``patience`` consecutive probes (default 1: the first probe below fires), or at once when
-  its clipped TRF is smaller than the threshold (no training can help then). A probe at or
-  above the threshold resets the count. Each layer alerts at most once per monitor, also
-  across checkpoint/resume (the alert state is in ``state_dict``).
+The coverage alert's policy and state live in :mod:`erf_monitor.monitor.alerts`; the engine
+resolves which layers are checked against which threshold (a float ``min_coverage`` checks
+only the deepest watched layer, a mapping exactly the layers it names, ``None`` none), asks
+the policy after every probe, and once more at the end of training (:meth:`MonitorEngine.end`).
 """
 
 from __future__ import annotations
@@ -39,6 +33,7 @@ from erf_monitor.core.modes import Mode
 from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.inputs.batch import find_image
+from erf_monitor.monitor.alerts import AlertPolicy, CoverageAlerts
 from erf_monitor.monitor.options import (
     DEFAULT_MIN_COVERAGE,
     MinCoverage,
@@ -56,7 +51,7 @@ from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_mode
 from erf_monitor.targets.tokens import TokenLayoutArg
 
 if TYPE_CHECKING:
-    from erf_monitor.measure.result import ERFResult, ERFResults
+    from erf_monitor.measure.result import ERFResults
     from erf_monitor.trf.types import TRF
 
 __all__ = [
@@ -76,7 +71,6 @@ _STATE_VERSION = 1
 #: Metric groups every probe measures for the history (cheap: a few passes over the map's
 #: field), whatever ``metrics=`` logs.
 HISTORY_GROUPS: tuple[str, ...] = ("trf", "extent", "moments")
-_ENLARGE = "dilated convolutions, more or earlier striding/pooling, larger kernels or attention"
 
 
 def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -108,37 +102,6 @@ def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
         if end(name) >= end(best):
             best = name
     return best
-
-
-def _unreachable(r: ERFResult, threshold: float) -> bool:
-    """Whether the layer's clipped TRF covers less of the input than ``threshold``."""
-    if r.trf is None or r.trf.is_global:
-        return False
-    return math.prod(r.trf.clipped_size) / math.prod(r.heatmap.shape) < threshold
-
-
-def _alert_message(name: str, r: ERFResult, step: int, threshold: float, probes: int) -> str:
-    """Two lines: what was measured against what, and what to do about it."""
-    spatial = tuple(r.heatmap.shape)
-    times = f" for {probes} consecutive probes" if probes > 1 else ""
-    head = (
-        f"erf-monitor: at step {step} the ERF of layer {name!r} covers only {r.coverage:.2%} of "
-        f"the {_fmt_shape(spatial)} input (95%-mass square {r.erf_size} px), below "
-        f"min_coverage={threshold:.2%}{times}."
-    )
-    if r.trf is None:
-        return f"{head}\nTry {_ENLARGE}; or watch a deeper layer or lower min_coverage."
-    best = 1.0 if r.trf.is_global else math.prod(r.trf.clipped_size) / math.prod(spatial)
-    trf = "global" if r.trf.is_global else f"{_fmt_shape(r.trf.clipped_size)} px"
-    if best < threshold:
-        return (
-            f"{head}\nIts TRF ({trf}) allows at most {best:.1%}: only an architecture change "
-            f"helps ({_ENLARGE}); or watch a deeper layer or lower min_coverage."
-        )
-    return (
-        f"{head}\nIts TRF ({trf}) allows {best:.0%}: train longer, or enlarge the ERF "
-        f"({_ENLARGE}); or watch a deeper layer or lower min_coverage."
-    )
 
 
 class _Recorder(Sink):
@@ -238,8 +201,7 @@ class MonitorEngine:
         self.history: dict[str, dict[int, dict[str, float]]] = {}
         self.probe_times: dict[int, float] = {}
         self.last_probe_step: int | None = None
-        self.below: dict[str, int] = {}
-        self.alerted: dict[str, int] = {}
+        self._alerts = CoverageAlerts(AlertPolicy(self.patience, self.options.alert_warmup))
         #: True once :meth:`load_state_dict` restored a checkpoint's state into this run.
         self.resumed = False
         # -- caches (not checkpointed) -------------------------------------------------------
@@ -704,24 +666,45 @@ class MonitorEngine:
         self.sinks.flush()
         self._raise_sink_errors()
 
-    def _check_alerts(self, results: ERFResults, step: int) -> list[str]:
-        fired: list[str] = []
-        for name, threshold in self._thresholds.items():
-            if name not in results or name in self.alerted:
-                continue
-            r = results[name]
-            coverage = r.coverage
-            if coverage >= threshold:
-                self.below[name] = 0
-                continue
-            self.below[name] = self.below.get(name, 0) + 1
-            if self.below[name] < self.patience and not _unreachable(r, threshold):
-                continue  # waiting is pointless when the TRF itself is too small
-            self.alerted[name] = step
-            msg = _alert_message(name, r, step, threshold, self.below[name])
-            fired.append(msg)
-            _warn.warn(msg, ERFCoverageWarning)
-            self.sinks.alert(f"erf_coverage/{name}", msg, step)
+    def _check_alerts(self, results: ERFResults, step: int, final: bool = False) -> list[str]:
+        return self._alerts.check(
+            results, step, self.history, self._thresholds, self.sinks, final=final
+        )
+
+    @property
+    def below(self) -> dict[str, int]:
+        """Per checked layer, its consecutive probes below the threshold (checkpointed)."""
+        return self._alerts.below
+
+    @below.setter
+    def below(self, value: dict[str, int]) -> None:
+        self._alerts.below = value
+
+    @property
+    def alerted(self) -> dict[str, int]:
+        """``{layer: step}`` of the alerts fired (checkpointed)."""
+        return self._alerts.alerted
+
+    @alerted.setter
+    def alerted(self, value: dict[str, int]) -> None:
+        self._alerts.alerted = value
+
+    def end(self) -> list[str]:
+        """The alert policy's final decision, after the final probe (at the end of training,
+        on the process that logs): alert every checked layer still below its threshold at
+        its latest probe. A warning and an alert in every sink; nothing to stop any more."""
+        latest = self.latest
+        if latest is None or not self.history:
+            return []
+        step = max(max(h) for h in self.history.values() if h)
+        try:
+            fired = self._check_alerts(latest, step, final=True)
+        except Exception as exc:
+            self.report("alert", f"the end-of-training alert check failed: {exc}", exc)
+            return []
+        if fired:
+            self.sinks.flush()
+            self._raise_sink_errors()
         return fired
 
     def print_summary(self) -> None:

@@ -19,6 +19,7 @@ from typing_extensions import TypedDict
 
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.inputs.batch import InputKey
+from erf_monitor.monitor.alerts import DEFAULT_PATIENCE, DEFAULT_WARMUP_STEPS
 from erf_monitor.sinks._metrics import DEFAULT_METRICS, MetricSelection, check_metrics
 from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionSpec, check_position
@@ -72,12 +73,23 @@ class MonitorOptions:
     built (``ValueError``/``TypeError`` naming the field).
 
     **Coverage alert.** ``coverage`` is the fraction of the input area inside the square that
-    holds 95% of the ERF's mass. A checked layer whose coverage is below its threshold at
-    ``patience`` consecutive probes (or at once, if its clipped TRF alone is smaller than
-    the threshold: no training can fix that) triggers, once per layer, an
-    :class:`~erf_monitor.ERFCoverageWarning` (two lines: the numbers, then what to try,
-    reported at your ``trainer.fit(...)`` / ``optimizer.step()`` line), an alert in every
-    sink, and ``on_insufficient``; ``alerts`` then maps the layer to that step. A float
+    holds 95% of the ERF's mass. An ERF at initialisation is small and training grows it, so a
+    checked layer below its threshold is judged by what training can still do (see
+    :class:`~erf_monitor.monitor.alerts.AlertPolicy`):
+
+    * its clipped TRF alone covers less than the threshold: no training can fix that, the
+      alert fires at once (at the first probe);
+    * otherwise it fires during training only once the ERF has had its chance: ``patience``
+      consecutive probes below the threshold, at or after step ``alert_warmup``, and a trend
+      over those probes that does not reach the threshold within as many steps again as were
+      trained so far;
+    * and always at the end of training (after the final probe) if the last probe is still
+      below the threshold.
+
+    An alert (once per layer) is an :class:`~erf_monitor.ERFCoverageWarning` (two lines: the
+    numbers, then what to try, reported at your ``trainer.fit(...)`` / ``optimizer.step()``
+    line), an alert in every sink, and, during training, ``on_insufficient``; ``alerts`` then
+    maps the layer to that step. A float
     ``min_coverage`` checks only the **deepest watched layer** (the one that runs last; early
     stages never cover the image, so they are watched, not judged); a mapping
     ``{name or glob: threshold}`` checks exactly the layers it names; ``None`` turns alerts
@@ -85,7 +97,8 @@ class MonitorOptions:
     224x224 input) is deliberately low: healthy backbones exceed it by far at their last
     stage, so it fires only when a layer really sees just a small patch. When a checked
     layer's theoretical receptive field is smaller than the input, that is logged once as
-    information (logger ``"erf_monitor"``), not warned about.
+    information (logger ``"erf_monitor"``), not warned about. ``patience=1, alert_warmup=0``
+    alerts at the first probe below the threshold.
 
     **Probe batch.** ``"train"`` keeps the first ``num_samples`` images of the first training
     batch (a detached CPU copy, never the training tensor itself); ``"val"`` the first
@@ -107,11 +120,14 @@ class MonitorOptions:
             at the end of training).
         num_samples: probe batch size (the ERF map is the mean over these samples).
         min_coverage: alert threshold(s), see above; ``None`` disables alerts.
-        patience: consecutive probes below the threshold before the alert fires (ERFs grow
-            during training: a patience of a few probes lets a layer that starts small grow).
+        patience: consecutive probes below the threshold (the step-0 probe included) before
+            an alert during training; a TRF that is too small alerts at once.
+        alert_warmup: no alert during training before this optimizer step (default 1000),
+            unless the TRF is too small; the end of training always decides.
         on_insufficient: ``"warn"`` (warning and logged alert only), ``"stop"`` (ask the
             loop to stop: ``trainer.should_stop``, ``Watcher.should_stop``...) or ``"raise"``
-            (raise the :class:`~erf_monitor.ERFCoverageWarning`).
+            (raise the :class:`~erf_monitor.ERFCoverageWarning`); an alert at the end of
+            training is a warning and a logged alert only (the run is over).
         probe_inputs: ``"train"``, ``"val"``, ``"noise"`` or a tensor ``(N, C, *spatial)``.
         input_key: where the image is in a batch (dict key, tuple index or
             ``fn(batch) -> tensor``); default: found automatically.
@@ -167,7 +183,8 @@ class MonitorOptions:
     every_n_steps: int = 500
     num_samples: int = 8
     min_coverage: MinCoverage = DEFAULT_MIN_COVERAGE
-    patience: int = 1
+    patience: int = DEFAULT_PATIENCE
+    alert_warmup: int = DEFAULT_WARMUP_STEPS
     on_insufficient: OnInsufficient = "warn"
     probe_inputs: ProbeInputs = "train"
     input_key: InputKey = None
@@ -202,6 +219,7 @@ class MonitorOptions:
         _check_int("every_n_steps", self.every_n_steps)
         _check_int("num_samples", self.num_samples)
         _check_int("patience", self.patience)
+        _check_int("alert_warmup", self.alert_warmup, minimum=0)
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size)
         cov = self.min_coverage
@@ -300,6 +318,7 @@ class MonitorKwargs(TypedDict, total=False):
     num_samples: int
     min_coverage: MinCoverage
     patience: int
+    alert_warmup: int
     on_insufficient: OnInsufficient
     probe_inputs: ProbeInputs
     input_key: InputKey

@@ -185,10 +185,12 @@ class Watcher(EngineView):
             self._engine.set_sinks(())
 
     def close(self) -> None:
-        """Probe once more at the current step (the end of training), print the summary
-        table (unless ``summary=False``), then :meth:`remove`."""
+        """Probe once more at the current step (the end of training), make the coverage
+        alert's final decision, print the summary table (unless ``summary=False``), then
+        :meth:`remove`."""
         try:
             self.probe()
+            self._engine.end()  # the alert policy's final decision
             self._engine.print_summary()
         finally:
             self.remove()

@@ -56,8 +56,9 @@ def sink_for_logger(logger: Any) -> Sink | None:
     * ``TensorBoardLogger`` → :class:`TensorBoardSink` writing its own event file in
       ``<logger.log_dir>/erf`` (never into Lightning's ``SummaryWriter``: a failing disk
       must not break the logger's own writes)
-    * ``WandbLogger`` → :class:`WandbSink` on ``logger.experiment`` (the run), also stamping
-      ``trainer/global_step`` so ERF charts share Lightning's x-axis
+    * ``WandbLogger`` → :class:`WandbSink` on ``logger.experiment`` (the run); its records
+      carry no ``trainer/global_step`` of their own: a probe at step ``k`` is logged before
+      Lightning's record of batch ``k - 1``, so stamping ``k`` made that axis go back
     * ``CSVLogger`` → :class:`~erf_monitor.sinks.LoggerSink`: scalars through
       ``logger.log_metrics`` (columns of its ``<log_dir>/metrics.csv``), heatmaps, raw maps
       and alerts as files in ``<log_dir>/erf/`` (``heatmaps/``, ``erf_maps/``, ``alerts.jsonl``)
@@ -79,7 +80,7 @@ def sink_for_logger(logger: Any) -> Sink | None:
     if kind == "TensorBoardLogger":
         return TensorBoardSink(logger.experiment)
     if kind == "WandbLogger":
-        return WandbSink(logger.experiment, extra_step_keys=("trainer/global_step",))
+        return WandbSink(logger.experiment)
     if kind == "CSVLogger":
         _ = logger.experiment  # created first: it warns about a non-empty log_dir otherwise
         return LoggerSink(logger, FileSink(Path(logger.log_dir) / CSV_SUBDIR))

@@ -32,17 +32,80 @@ import numpy as np
 from erf_monitor.core.imports import require
 from erf_monitor.sinks._base import Sink
 
-__all__ = ["TB_SUBDIR", "TensorBoardSink"]
+__all__ = ["TB_SUBDIR", "TensorBoardSink", "key_from_tag", "tb_tag"]
 
 #: Sub-directory of a ``SummaryWriter``'s log directory that the monitor's events go to.
 TB_SUBDIR = "erf"
 _COUNTER = itertools.count()
 
+#: TensorBoard's Time Series view sorts a group's cards by tag: the growth metrics are
+#: numbered so that every layer's coverage comes first, then ERF size, then ERF/TRF.
+RANKED: dict[str, str] = {
+    "coverage": "1_coverage",
+    "erf_size": "2_erf_size",
+    "erf_trf_ratio": "3_erf_trf_ratio",
+}
+_UNRANKED = {v: k for k, v in RANKED.items()}
+#: Names of the last key part that are not metrics of ``ERFResult.scalars()``.
+_OTHER_LEAVES = ("heatmap", "field", "min_coverage")
+#: A layer named by Sequential indices only (``"1"``, ``"1.0"``): shown as ``layer_1``.
+_INDEX = re.compile(r"\d+(\.\d+)*")
+_SHOWN_INDEX = re.compile(r"layer_(\d+(\.\d+)*)")
+
+
+def _is_leaf(name: str) -> bool:
+    from erf_monitor.sinks._metrics import check_metrics
+
+    if name in _OTHER_LEAVES or name in _UNRANKED:
+        return True
+    try:
+        check_metrics([name])
+    except ValueError:
+        return False
+    return "*" not in name and "?" not in name
+
+
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a logged key: ``<prefix>/<layer>[/<position>]/<metric>`` becomes
+    ``<prefix>/<metric>/<layer>[/<position>]``, with ``1_coverage``, ``2_erf_size`` and
+    ``3_erf_trf_ratio`` numbered to sort first and Sequential indices shown as ``layer_<i>``;
+    other keys (``erf/probe_time_s``, ``erf/mode``, ``alerts/...``) are kept.
+
+    Examples:
+        >>> tb_tag("erf/layer4/coverage"), tb_tag("erf/1/erf_size")
+        ('erf/1_coverage/layer4', 'erf/2_erf_size/layer_1')
+        >>> tb_tag("erf/layer4/corner_top_left/sigma_x"), tb_tag("erf/probe_time_s")
+        ('erf/sigma_x/layer4/corner_top_left', 'erf/probe_time_s')
+    """
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] == "alerts" or not _is_leaf(parts[-1]):
+        return key
+    prefix, layer, rest, leaf = parts[0], parts[1], parts[2:-1], parts[-1]
+    shown = f"layer_{layer}" if _INDEX.fullmatch(layer) else layer
+    return "/".join([prefix, RANKED.get(leaf, leaf), shown, *rest])
+
+
+def key_from_tag(tag: str) -> str:
+    """The logged key of a TensorBoard tag (the inverse of :func:`tb_tag`); a tag written
+    before tags were reordered (``erf/<layer>/<metric>``) is returned as it is.
+
+    Examples:
+        >>> key_from_tag("erf/1_coverage/layer_1"), key_from_tag("erf/layer4/coverage")
+        ('erf/1/coverage', 'erf/layer4/coverage')
+    """
+    parts = tag.split("/")
+    if len(parts) < 3 or parts[0] == "alerts" or _is_leaf(parts[-1]) or not _is_leaf(parts[1]):
+        return tag
+    prefix, leaf, layer, rest = parts[0], parts[1], parts[2], parts[3:]
+    index = _SHOWN_INDEX.fullmatch(layer)
+    return "/".join([prefix, index.group(1) if index else layer, *rest, _UNRANKED.get(leaf, leaf)])
+
+
 #: TensorBoard's Custom Scalars tab: one section per group, one card per layer with these
-#: metrics (regular expressions over the metric name) drawn together.
+#: metrics (regular expressions over the tag's metric part) drawn together.
 LAYOUT_GROUPS: tuple[tuple[str, str], ...] = (
-    ("coverage, ERF/TRF ratio and min_coverage", r"coverage|erf_trf_ratio|min_coverage"),
-    ("ERF size, sigma and centroid offset (px)", r"erf_size|sigma_\w|centroid_offset_\w"),
+    ("coverage, ERF/TRF ratio and min_coverage", r"1_coverage|3_erf_trf_ratio|min_coverage"),
+    ("ERF size, sigma and centroid offset (px)", r"2_erf_size|sigma_\w|centroid_offset_\w"),
 )
 
 
@@ -53,10 +116,48 @@ def custom_scalars_layout(heads: list[str]) -> dict[str, dict[str, list[Any]]]:
     layout: dict[str, dict[str, list[Any]]] = {}
     for title, metrics in LAYOUT_GROUPS:
         for head in heads:
-            prefix, _, layer = head.partition("/")
+            prefix = head.partition("/")[0]
+            shown = tb_tag(f"{head}/coverage").split("/", 2)[2]
             section = layout.setdefault(f"{prefix}: {title}", {})
-            section[layer] = ["Multiline", [f"^{re.escape(head)}/({metrics})$"]]
+            section[shown] = [
+                "Multiline",
+                [f"^{re.escape(prefix)}/({metrics})/{re.escape(shown)}$"],
+            ]
     return layout
+
+
+#: Tag of the growth chart: sorts before every metric card of the group.
+GROWTH_TAG = "0_growth"
+
+
+def growth_image(
+    series: Mapping[str, Mapping[int, float]], bounds: Mapping[str, float]
+) -> np.ndarray:
+    """Every layer's coverage over the steps in one chart, ``(H, W, 3)`` uint8: one colour and
+    a legend entry per layer, each checked layer's ``min_coverage`` dashed in its colour.
+    Drawn from the values as logged, so no smoothing bends a jump and step 0 stays on it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for i, (layer, points) in enumerate(series.items()):
+        steps = sorted(points)
+        colour = f"C{i % 10}"
+        ax.plot(steps, [points[s] for s in steps], "o-", ms=3, color=colour, label=layer)
+        if layer in bounds:
+            ax.axhline(bounds[layer], color=colour, ls="--", lw=1, label=f"{layer}: min_coverage")
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("step")
+    ax.set_ylabel("coverage")
+    ax.set_title("ERF coverage per layer (as logged, unsmoothed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3].copy()
 
 
 class _EventFile:
@@ -112,7 +213,11 @@ class TensorBoardSink(Sink):
 
     Scalars are ``simple_value`` summaries, heatmaps PNG image summaries, texts and alerts
     text-plugin summaries (tags ``<key>/text_summary``), exactly what ``add_scalar``,
-    ``add_image`` and ``add_text`` would write. The Custom Scalars tab gets a layout (see
+    ``add_image`` and ``add_text`` would write. Tags put the metric first so that TensorBoard's
+    Time Series view (cards sorted by tag) opens on growth: ``erf/0_growth`` (a chart of every
+    layer's coverage as logged, one colour and legend entry each, the thresholds dashed; no
+    smoothing bends it), then every layer's ``1_coverage``, ``2_erf_size`` and
+    ``3_erf_trf_ratio`` (see :func:`tb_tag`). The Custom Scalars tab gets a layout (see
     :func:`custom_scalars_layout`): per layer one card with coverage, ERF/TRF ratio and
     ``min_coverage``, one with ERF size, sigma and centroid offset. Raw maps are saved as
     ``<run dir>/erf_maps/step_<N>.npz`` when ``save_arrays`` is true (TensorBoard ignores them).
@@ -154,6 +259,9 @@ class TensorBoardSink(Sink):
         self._file = _EventFile(run_dir) if run_dir is not None else None
         self.save_arrays = save_arrays
         self._heads: list[str] = []  # "<prefix>/<layer>" of the layers in the layout
+        # {prefix: {layer: {step: coverage}}} and {prefix: {layer: min_coverage}}: the chart
+        self._growth: dict[str, dict[str, dict[int, float]]] = {}
+        self._bounds: dict[str, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.run_dir!s})"
@@ -168,21 +276,47 @@ class TensorBoardSink(Sink):
         heads = [k.removesuffix("/coverage") for k in scalars if k.endswith("/coverage")]
         new = [h for h in heads if h not in self._heads]
         self._heads.extend(new)
+        charts = self._growth_charts(scalars, step)
         if self._file is None:
             for key, value in scalars.items():
-                self.writer.add_scalar(key, float(value), global_step=int(step))
+                self.writer.add_scalar(tb_tag(key), float(value), global_step=int(step))
             if new:
                 self.writer.add_custom_scalars(custom_scalars_layout(self._heads))
+            for tag, image in charts.items():
+                self.writer.add_image(tag, image, global_step=int(step), dataformats="HWC")
             return
         from torch.utils.tensorboard.summary import custom_scalars, scalar
+        from torch.utils.tensorboard.summary import image as image_summary
 
-        summaries = [scalar(k, float(v)) for k, v in scalars.items()]
+        summaries = [scalar(tb_tag(k), float(v)) for k, v in scalars.items()]
         if new:  # TensorBoard uses a run's latest layout
             summaries.append(custom_scalars(custom_scalars_layout(self._heads)))
+        summaries += [image_summary(t, im, dataformats="HWC") for t, im in charts.items()]
         self._file.write(summaries, step)
+
+    def _growth_charts(self, scalars: Mapping[str, float], step: int) -> dict[str, np.ndarray]:
+        """``{"<prefix>/0_growth": image}`` for every prefix whose coverage this call logs."""
+        changed = set()
+        for key, value in scalars.items():
+            parts = key.split("/")
+            if len(parts) != 3:  # centre units only
+                continue
+            shown = tb_tag(key).split("/")[2]  # the layer as its cards name it
+            if parts[2] == "coverage":
+                self._growth.setdefault(parts[0], {}).setdefault(shown, {})[step] = float(value)
+                changed.add(parts[0])
+            elif parts[2] == "min_coverage":
+                self._bounds.setdefault(parts[0], {})[shown] = float(value)
+        return {
+            f"{prefix}/{GROWTH_TAG}": growth_image(
+                self._growth[prefix], self._bounds.get(prefix, {})
+            )
+            for prefix in sorted(changed)
+        }
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """A PNG image summary (``(H, W, 3)`` uint8 RGB)."""
+        key = tb_tag(key)
         if self._file is None:
             self.writer.add_image(key, image, global_step=int(step), dataformats="HWC")
             return

@@ -23,8 +23,10 @@ class WandbSink(Sink):
     carries the probe's step under ``step_key`` (default ``"erf/step"``), declared once with
     ``run.define_metric("erf/*", step_metric="erf/step")`` for every top-level key prefix it
     logs, so the W&B UI plots ERF curves against the training step. The same record also
-    carries each key of ``extra_step_keys`` (``sinks_for_trainer`` passes
-    ``"trainer/global_step"``, Lightning's x-axis, so the charts line up with the loss).
+    carries each key of ``extra_step_keys`` (the Hugging Face callback passes
+    ``"train/global_step"``); only for an axis that never goes back: Lightning's
+    ``trainer/global_step`` is not stamped, its record of batch ``k - 1`` comes after a probe
+    at step ``k``.
 
     Everything logged for one step is collected and sent in **one** ``run.log`` call when
     the sink is flushed (``log_results`` and the monitors flush once per probe) or when data
@@ -32,9 +34,10 @@ class WandbSink(Sink):
 
     * scalars: ``{step_key: step, **scalars}``
     * images: ``{key: wandb.Image(image)}``
-    * texts: a ``wandb.Table`` per key with columns ``step, text``, re-logged with all rows
-    * alerts: ``run.alert(title=..., text=...)`` at once; if that fails (offline runs, old
-      servers) the alert is logged as text ``alerts/<title>`` instead
+    * texts (the mode's definition): ``run.summary[key]``, never a table in the history
+    * alerts: ``run.alert(title=..., text=..., level=WARN)`` at once, nothing else; only if
+      that fails (old servers, a run without alerts) is the alert logged as text
+      ``alerts/<title>`` (a table) instead
     * raw maps: ``<run.dir>/erf_maps/step_<N>.npz`` (uploaded with the run's files)
 
     Args:
@@ -124,6 +127,11 @@ class WandbSink(Sink):
         self._log({key: wandb.Image(image, caption=f"step {int(step)}")}, step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
+        """Set ``run.summary[key]`` to the text (the mode's definition...): a table in the
+        history would be charted by its row and column counts (``wandb leet``)."""
+        self.run.summary[key] = text
+
+    def _log_table(self, key: str, text: str, step: int) -> None:
         """Append a row to the key's ``wandb.Table`` and add the table to the step's record."""
         import wandb
 
@@ -132,16 +140,17 @@ class WandbSink(Sink):
         self._log({key: wandb.Table(columns=["step", "text"], data=[list(r) for r in rows])}, step)
 
     def alert(self, title: str, text: str, step: int) -> None:
-        """``run.alert``; falls back to text (with a warning) when alerts are unavailable."""
+        """``run.alert`` at level WARN; the alert is logged as text (with a warning) only when
+        ``run.alert`` fails."""
         try:
-            self.run.alert(title=title, text=f"[step {int(step)}] {text}")
-        except Exception as err:  # offline mode, no network, ...: keep the alert as text
+            self.run.alert(title=title, text=f"[step {int(step)}] {text}", level="WARN")
+        except Exception as err:  # no alerts on this run/server: keep the alert as text
             warnings.warn(
                 f"WandbSink: run.alert failed ({type(err).__name__}: {err}); "
                 f"logging it as text 'alerts/{title}' instead",
                 stacklevel=2,
             )
-        self.log_text(f"alerts/{title}", text, step)
+            self._log_table(f"alerts/{title}", text, step)
 
     def log_arrays(self, key: str, arrays: Mapping[str, np.ndarray], step: int) -> None:
         """Save ``<run.dir>/erf_maps/step_<N>.npz`` (format: :func:`save_npz`)."""
