@@ -452,6 +452,7 @@ def replay(
                 if progress is not None:
                     progress.done()
         if rank == 0:
+            engine.end()  # the alert policy's end-of-training decision, as a live monitor's
             engine.print_summary()
     finally:
         engine.close()
