@@ -147,7 +147,34 @@ def results_table(
             cov_text,
             ", ".join(_fmt(s, ".1f") for s in r.sigma),
         )
+    if any(math.isfinite(r.ratio) and r.ratio > 1 for r in results.values()):
+        table.caption = RATIO_NOTE
+        table.caption_justify = "left"
     return table
+
+
+#: Under a table with an ERF/TRF ratio above 1 (docs/concepts.md defines both sizes).
+RATIO_NOTE = (
+    "ERF/TRF above 1: the 95%-mass square has an odd side centred on the unit's centre pixel, "
+    "so when the TRF is only a few pixels or cut by the image edge that square reaches past "
+    "it (e.g. 5 px over a 4 px clipped TRF): the input is too small to tell the two apart."
+)
+
+
+def _print_warnings(caught: Sequence[Any], err: Console) -> None:
+    """The probe's own warnings as one ``warning:`` line each; others issued again as they were."""
+    import warnings
+
+    from rich.markup import escape
+
+    from erf_monitor.core.errors import ERFProbeWarning
+
+    for w in caught:
+        if issubclass(w.category, ERFProbeWarning):
+            text = " ".join(str(w.message).split())
+            err.print(f"[yellow]warning[/]: {escape(text)}", highlight=False)
+        else:
+            warnings.warn(w.message, w.category, stacklevel=2)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -532,20 +559,28 @@ def _analyze_model(
             "mode": args.mode, "chunk_size": args.chunk_size, "position": position,
             "keep_per_sample": args.bootstrap > 0,
         }  # fmt: skip
-        try:
+        import warnings
+
+        from erf_monitor.core.errors import ERFProbeWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ERFProbeWarning)
             try:
-                results = compute_erf_sharded(model, x.to(device), layers, **kw)
-            except (ValueError, TypeError, ERFProbeError):
-                raise
-            except Exception as exc:  # the TRF analysis could not follow this model
-                err.print(
-                    f"[yellow]warning[/]: the theoretical receptive field could not be analysed "
-                    f"({type(exc).__name__}: {_one_line(exc)}); TRF columns and ratios are n/a.",
-                    highlight=False,
-                )
-                results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
-        except (ValueError, TypeError, ERFProbeError) as exc:
-            raise CLIError(_one_line(exc)) from None
+                try:
+                    results = compute_erf_sharded(model, x.to(device), layers, **kw)
+                except (ValueError, TypeError, ERFProbeError):
+                    raise
+                except Exception as exc:  # the TRF analysis could not follow this model
+                    err.print(
+                        f"[yellow]warning[/]: the theoretical receptive field could not be "
+                        f"analysed ({type(exc).__name__}: {_one_line(exc)}); TRF columns and "
+                        "ratios are n/a.",
+                        highlight=False,
+                    )
+                    results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
+            except (ValueError, TypeError, ERFProbeError) as exc:
+                raise CLIError(_one_line(exc)) from None
+        _print_warnings(caught, err)
         seconds = time.perf_counter() - t0
         progress.update(task, completed=1, total=1)
 

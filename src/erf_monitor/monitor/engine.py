@@ -34,7 +34,12 @@ import torch
 from torch import nn
 
 from erf_monitor.core import warn as _warn
-from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.core.errors import (
+    ERFCoverageWarning,
+    ERFInputWarning,
+    ERFProbeError,
+    ERFProbeWarning,
+)
 from erf_monitor.core.modes import Mode
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.inputs.batch import find_image
@@ -342,12 +347,15 @@ class MonitorEngine:
         net = unwrap_compiled(model)
         device, dtype = _model_device(net)
         example = probe_input(self.probe_batch[:2], device, probe_dtype(None, dtype))
-        plan = build_plan(
-            model, example, self.layers, mode=self.mode,
-            position=self.position if position is None else position,
-            token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
-            raise_trf_errors=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            if self.strict:  # an input too small for a layer is a setup error then
+                warnings.simplefilter("error", ERFInputWarning)
+            plan = build_plan(
+                model, example, self.layers, mode=self.mode,
+                position=self.position if position is None else position,
+                token_layout=self.token_layout, forward_fn=self.forward_fn, crop=crop,
+                raise_trf_errors=False,
+            )  # fmt: skip
         self.plan = plan
         self._thresholds = self._resolve_thresholds(net, plan.names)
         if plan.trf_error is not None:
