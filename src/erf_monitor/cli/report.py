@@ -567,19 +567,20 @@ _SHAPE_CURVES = (
 )
 
 
-#: Per curve: hollow markers of shrinking size and line styles that differ, so that a curve
-#: drawn over an identical one leaves it visible (around its markers, between its dashes).
+#: Per curve: other hollow markers, and lines and markers thinner and smaller than the
+#: curves drawn before, so that a curve drawn over an identical one leaves it visible as a
+#: border (dashes stay for thresholds, dots for the reference line).
 _MARKERS = ("o", "s", "^", "D", "v", "P")
-_LINES = ("-", "--", "-.", ":")
 
 
 def _plot_series(ax: Any, series: Series, color: str, label: str, index: int = 0) -> None:
     series = [(s, v) for s, v in series if math.isfinite(v)]
     if series:
         steps, values = zip(*series)
-        ax.plot(steps, values, color=color, label=label, lw=1.5,
-                ls=_LINES[index % len(_LINES)], marker=_MARKERS[index % len(_MARKERS)],
-                ms=max(3.0, 7.0 - 1.0 * (index % 5)), mfc="none", mew=1.2)  # fmt: skip
+        k = index % 4
+        ax.plot(steps, values, color=color, label=label, lw=3.2 - 0.7 * k,
+                marker=_MARKERS[index % len(_MARKERS)], ms=8.5 - 1.5 * k, mfc="none",
+                mew=1.2)  # fmt: skip
 
 
 def _same_as(curves: dict[str, Any]) -> dict[str, str]:

@@ -258,6 +258,8 @@ def grid_figure(
     bar.ax.tick_params(labelsize=7)
     modes = [p.mode for layers in panels.values() for p in layers.values()]
     caption = colour_caption(modes, log_scale) + " Axes: input pixels."
+    if by_column:
+        caption += " Columns: the layers' output grid (its size as a fraction of the input's)."
     if scale == "mass":
         caption += " Each column on one scale: unit-mass maps over the column's maximum."
     caption = textwrap.fill(caption, int(17 * (panel_size * ncols + 1.6)))
