@@ -365,3 +365,14 @@ def test_erf_figure_caption_names_colour_and_mode() -> None:
     assert "Mode luo" in caption
     labels = [t.get_text() for t in legend.get_texts()]
     assert labels == ["TRF (clipped)", "95%-mass square"]
+
+
+def test_square_wider_than_the_image_is_said_in_the_legend() -> None:
+    from erf_monitor.viz.render import _square_label
+
+    # an odd 5 px square around pixel (2, 2) of a 4 x 4 map: its edges lie outside the image
+    r = _result(torch.ones(4, 4), ((0, 3), (0, 3)), (2, 2))
+    assert r.erf_size == 5
+    assert _square_label(r, (4, 4)) == "95%-mass square, side 5 px, wider than the image"
+    assert _square_label(r, (5, 5)) == "95%-mass square, side 5 px"
+    assert render_heatmap(r).shape[2] == 3

@@ -658,6 +658,14 @@ def colour_caption(modes: Sequence[str] = (), log_scale: bool = False) -> str:
     return text + "".join(f" {w[0].upper()}{w[1:]}." for w in words)
 
 
+def _square_label(result: MapResult, shape: Sequence[int]) -> str:
+    """The 95%-mass square's legend entry; said when its edges fall outside the map."""
+    label = f"95%-mass square, side {result.erf_size} px"
+    if any(int(result.erf_size) > n for n in shape):
+        label += ", wider than the image"
+    return label
+
+
 def render_heatmap(
     result: MapResult,
     *,
@@ -731,7 +739,7 @@ def render_heatmap(
     if draw_trf and result.trf is not None and not dependent:
         boxes.append((TRF_COLOR, "box", _describe_trf(result)))
     if draw_extent and a.max() > 0:
-        boxes.append((ERF_COLOR, "dashed", f"95%-mass square, side {result.erf_size} px"))
+        boxes.append((ERF_COLOR, "dashed", _square_label(result, a.shape)))
     note = None
     if a.ndim == 2 and _off_centre(result, a.shape):
         core = core.copy()
