@@ -437,6 +437,15 @@ def pick_layers(
                 return True  # the first layer of a block that changes the grid
         return False
 
+    def in_map(call: _Call) -> bool:
+        """Whether a module around ``call`` outputs a map with more than one unit."""
+        parts = call.name.split(".")
+        return any(
+            any(d > 1 for g in grids(outs[anc]) for d in g)
+            for anc in (".".join(parts[:i]) for i in range(1, len(parts)))
+            if anc in outs
+        )
+
     # A LayerNorm's output (and any view of it) has a constant channel sum by construction.
     normed = {p.storage for c in calls if _norm_like(c.module) for p in c.out_parts}
     best: dict[Grid, tuple[tuple[int, int, int], str, str]] = {}
@@ -450,7 +459,8 @@ def pick_layers(
                 continue  # (nested parts, e.g. an RPN head's per-level lists, are never picked)
             grid, layout = read
             if all(g == 1 for g in grid):
-                ones.add(call.name + format_selector(part.selector))
+                if not in_map(call):  # not a squeeze-excitation inside a block, say
+                    ones.add(call.name + format_selector(part.selector))
                 continue
             if part.storage in normed or in_transition(call, grid):
                 continue
