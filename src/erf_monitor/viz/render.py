@@ -646,13 +646,15 @@ MODE_WORDS: dict[str, str] = {
 }
 
 
-def colour_caption(modes: Sequence[str] = (), log_scale: bool = False) -> str:
+def colour_caption(
+    modes: Sequence[str] = (), log_scale: bool = False, unit: str = "the layer's centre unit"
+) -> str:
     """One line for a figure: what colour means and what the mode is, for someone who has
-    never heard of an ERF."""
+    never heard of an ERF (``unit``: whose ERF the maps are)."""
     scale = "log scale, 3 decades" if log_scale else "linear scale"
     text = (
-        "Colour: how much each input pixel moves the layer's centre unit (its effective "
-        f"receptive field, ERF), relative to the strongest ({scale})."
+        f"Colour: how much each input pixel moves {unit} (its effective receptive field, "
+        f"ERF), relative to the strongest ({scale})."
     )
     words = [MODE_WORDS[m] for m in dict.fromkeys(modes) if m in MODE_WORDS]
     return text + "".join(f" {w[0].upper()}{w[1:]}." for w in words)
