@@ -100,6 +100,12 @@ def test_demo_fast(tmp_path: Path) -> None:
     assert "Accuracy" in text and "7 → " in text  # first -> last probe
     assert (tmp_path / "erf_report.html").is_file()
     assert len(list(tmp_path.glob("*/version_0/erf/events.out.tfevents*"))) == 2
+    # the heatmaps also as PNG files a user can open, next to the event files
+    for res in results:
+        assert res.png_dir == tmp_path / res.variant / "version_0" / "heatmaps"
+        pngs = sorted(res.png_dir.glob("net.head/step_*.png"))
+        assert [p.name for p in pngs] == [f"step_{s}.png" for s in sorted(res.history[head])]
+        assert str(res.png_dir) in " ".join(text.split())
 
 
 def test_demo_cli_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

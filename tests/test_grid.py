@@ -124,3 +124,17 @@ def test_unknown_format(tmp_path: Path) -> None:
     fig = grid_figure({"m": {"l": Panel(gaussian(9, 1.0))}})
     with pytest.raises(ValueError, match="png, pdf, svg"):
         save_figure(fig, tmp_path / "grid.eps")
+
+
+def test_grid_explains_itself_legend_caption_mode_and_pixel_axes() -> None:
+    p = Panel(gaussian(33, 3.0), layer="a", output_shape=(4, 4), erf_size=9,
+              centre_pixel=(16, 16), mode="luo")  # fmt: skip
+    fig = grid_figure({"m": {"a": p}})
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["square holding 95% of the ERF's mass"]
+    caption = " ".join(legend.get_title().get_text().split())
+    assert caption.startswith("Colour: how much each input pixel moves the layer's centre unit")
+    assert "Mode luo: mean |gradient| over the probe images" in caption
+    assert "Axes: input pixels" in caption
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [0, 20] and list(ax.get_yticks()) == [0, 20]

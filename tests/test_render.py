@@ -133,7 +133,11 @@ def test_boxes_at_known_pixels_without_upscaling() -> None:
     erf = _is(img, ERF_COLOR)
     rows, cols = np.nonzero(erf)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 12, 10, 14)
-    assert erf[8, 10:15].all() and erf[12, 10:15].all() and erf[8:13, 10].all()
+    # dashed (3 px dashes from each edge's start, corners always drawn), so that a TRF box
+    # on the same pixels stays visible between the dashes
+    dashed = [True, True, True, False, True]
+    assert erf[8, 10:15].tolist() == dashed and erf[12, 10:15].tolist() == dashed
+    assert erf[8:13, 10].tolist() == dashed and erf[8:13, 14].tolist() == dashed
     assert not erf[9:12, 11:14].any()  # outline only
 
 
@@ -168,7 +172,8 @@ def test_erf_box_partly_outside_draws_only_visible_edges() -> None:
     half = r.erf_size // 2
     assert half >= 2
     assert not erf[0, :].all()  # no fake edge along the image border
-    assert erf[1 + half, : 2 + half].all() and erf[: 2 + half, 1 + half].all()
+    bottom, right = erf[1 + half, : 2 + half], erf[: 2 + half, 1 + half]  # dashed edges
+    assert bottom.mean() >= 0.4 and right.mean() >= 0.4 and erf[1 + half, 1 + half]
 
 
 def test_zero_map_renders_bottom_colour_and_trf_only() -> None:
@@ -210,7 +215,7 @@ def test_annotated_picture_frames_the_exact_map() -> None:
     bare = render_map(r)
     img = render_heatmap(r, step=7)
     y, x = _find(img, bare)  # the map itself is unchanged (centre unit at the image centre)
-    assert y > 30 and x < 20  # below a title, left-aligned
+    assert y > 30 and x < 40  # below a title, left-aligned after the pixel axis labels
     # right of the map: a colour bar running from the colormap's top to its bottom colour
     bar = img[y : y + bare.shape[0], x + bare.shape[1] + 10]
     top, bottom = colorize(np.array([[1.0, 0.0]]))[0]
@@ -332,3 +337,42 @@ def test_save_png_roundtrip(tmp_path) -> None:
     np.testing.assert_array_equal(np.round(back[..., :3] * 255).astype(np.uint8), img)
     with pytest.raises(TypeError, match="uint8"):
         save_png(img.astype(np.float32), tmp_path / "bad.png")
+
+
+def test_coinciding_boxes_both_visible_and_pixel_axes() -> None:
+    # the TRF box and the 95%-mass square on the same pixels: the dashed square leaves the
+    # TRF box's colour between its dashes (it used to hide it)
+    shape, centre = (20, 20), (10, 10)
+    r = _result(_block_map(shape, centre, 2), ((8, 12), (8, 12)), centre)
+    assert r.erf_size == 5
+    img = render_map(r, min_size=0)
+    edge = img[8, 8:13]
+    assert _is(edge[None], TRF_COLOR).any() and _is(edge[None], ERF_COLOR).any()
+    pic = render_heatmap(r, step=3)
+    bare = render_map(r)
+    y, x = _find(pic, bare)
+    assert x > 12  # room for the y tick labels left of the map
+    below = pic[y + bare.shape[0] : y + bare.shape[0] + 14, x : x + bare.shape[1]]
+    assert (below.astype(int).sum(-1) > 300).any()  # x tick labels under the map
+
+
+def test_erf_figure_caption_names_colour_and_mode() -> None:
+    r = _result(_gauss((24, 24), 2.0), ((4, 19), (4, 19)), (12, 12))
+    fig = erf_figure([r])
+    (legend,) = fig.legends
+    caption = " ".join(legend.get_title().get_text().split())
+    assert caption.startswith("Colour: how much each input pixel moves")
+    assert "Mode luo" in caption
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["TRF (clipped)", "95%-mass square"]
+
+
+def test_square_wider_than_the_image_is_said_in_the_legend() -> None:
+    from erf_monitor.viz.render import _square_label
+
+    # an odd 5 px square around pixel (2, 2) of a 4 x 4 map: its edges lie outside the image
+    r = _result(torch.ones(4, 4), ((0, 3), (0, 3)), (2, 2))
+    assert r.erf_size == 5
+    assert _square_label(r, (4, 4)) == "95%-mass square, side 5 px, wider than the image"
+    assert _square_label(r, (5, 5)) == "95%-mass square, side 5 px"
+    assert render_heatmap(r).shape[2] == 3

@@ -185,6 +185,24 @@ def test_reruns_are_shown_once(tmp_path: Path) -> None:
     assert len(every) == 3
 
 
+def test_identical_curves_stay_visible_and_filmstrips_wrap(tmp_path: Path) -> None:
+    from erf_monitor.cli.report import _comparison_figure
+
+    _file_run(tmp_path / "a", [5, 9, 13])
+    _file_run(tmp_path / "b", [5, 9, 13])  # the same curve, kept with --keep-duplicates
+    path, runs = build_report(tmp_path, dedupe=False)
+    fig = _comparison_figure("head", runs, 0.05)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()][:2] == ["a", "b (same as a)"]
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() in ("a", "b (same as a)")]
+    # the curve drawn second does not cover the first: a thinner line, smaller hollow markers
+    assert lines[0].get_linewidth() > lines[1].get_linewidth()
+    assert lines[0].get_markersize() > lines[1].get_markersize()
+    assert lines[1].get_markerfacecolor() == "none"
+    page = path.read_text()
+    assert ".strip{display:flex;flex-wrap:wrap" in page and "overflow-x" not in page
+
+
 def test_analyze_output_is_a_run(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     out = tmp_path / "logs" / "resnet18"

@@ -111,7 +111,10 @@ def test_a_wrapping_square_is_drawn_in_its_pieces_without_the_cut_edges() -> Non
     img = render_map(r, draw_trf=False, min_size=0)
     assert img.shape[:2] == (32, 40)
     edge = (img == np.array(ERF_COLOR, dtype=img.dtype)).all(-1)
-    assert edge[6, 0:7].all() and edge[26, 0:7].all()  # bottom / top edges of the pieces
-    assert edge[0:7, 6].all() and edge[0:7, 34].all()  # right / left edges
+    # the square is dashed (3 px dashes counted from its own corner at -6, the far corner
+    # drawn): pixels 0..6 of each edge piece are on, on, on, off, off, off, on
+    dashed = [True, True, True, False, False, False, True]
+    assert edge[6, 0:7].tolist() == dashed and edge[26, 0:7].tolist() == dashed  # bottom / top
+    assert edge[0:7, 6].tolist() == dashed and edge[0:7, 34].tolist() == dashed  # right / left
     assert not edge[0, 1:6].any() and not edge[1:6, 0].any()  # the border cuts: no edge
     assert not edge[7:26, :].any()  # nothing between the pieces

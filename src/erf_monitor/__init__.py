@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.core.errors import (
+    ERFCoverageWarning,
+    ERFInputWarning,
+    ERFProbeError,
+    ERFProbeWarning,
+)
 from erf_monitor.core.probing import is_probing
 from erf_monitor.inputs.images import load_images
 from erf_monitor.measure.result import ERFField, ERFResult, ERFResults
@@ -31,6 +36,7 @@ __all__ = [
     "TRF",
     "ERFCoverageWarning",
     "ERFField",
+    "ERFInputWarning",
     "ERFMonitor",
     "ERFProbeError",
     "ERFProbeWarning",

@@ -113,6 +113,7 @@ def panels(folder: Path, record: Mapping[str, Any]) -> dict[str, Any]:
                 output_shape=tuple(rec.get("output_shape", ())),
                 erf_size=None if size is None else int(size),
                 centre_pixel=tuple(rec.get("centre_pixel", ())) or None,
+                mode=str(record.get("mode", "")),
             )
     return out
 

@@ -370,7 +370,13 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
     each model's unit-mass map to the first one's (red: more mass than the first model)."""
     from matplotlib.figure import Figure
 
-    from erf_monitor.viz.render import add_box, erf_interval, normalize, trf_interval
+    from erf_monitor.viz.render import (
+        add_box,
+        colour_caption,
+        erf_interval,
+        normalize,
+        trf_interval,
+    )
 
     n_models = len(comp.names)
     ncols = n_models + (n_models - 1)
@@ -390,18 +396,18 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
             r = comp.results[name][layer]
             ax.imshow(normalize(maps[name], log_scale), cmap="inferno", vmin=0, vmax=1)
             rows, cols = trf_interval(r, 0), trf_interval(r, 1)
-            if rows is not None and cols is not None:
-                add_box(ax, rows, cols, "cyan", lw=1.0)
+            if rows is not None and cols is not None:  # over the frame, where it lies there
+                add_box(ax, rows, cols, "cyan", lw=1.0, zorder=3, clip_on=False)
             if maps[name].max() > 0:
-                add_box(ax, erf_interval(r, 0), erf_interval(r, 1), "white", lw=1.0, ls="--")
+                add_box(ax, erf_interval(r, 0), erf_interval(r, 1), "white", lw=1.0, ls="--",
+                         zorder=4)  # fmt: skip
             cis = comp.intervals[name][layer]
             ax.set_title(
                 f"{name} · {layer or '<model>'}\nERF {_fmt(cis.get('erf_size'), '.0f')} px · "
                 f"cov {_fmt(cis.get('coverage'), '.1%')}",
                 fontsize=8,
             )
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _pixel_ticks(ax, maps[name].shape)
         ref = _unit_mass(maps[first])
         for k, name in enumerate(comp.names[1:]):
             ax = axes[row, n_models + k]
@@ -416,18 +422,28 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
                 im = ax.imshow(diff, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             d = comp.differences[name][layer].get("erf_size")
             ax.set_title(f"{name} − {first} (mass share)\nΔ ERF {_fmt(d, '+.0f')} px", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _pixel_ticks(ax, diff.shape)
             fig.colorbar(im, ax=ax, shrink=0.75).ax.tick_params(labelsize=6)
     scale = "log" if log_scale else "linear"
+    modes = [str(getattr(r, "mode", "")) for res in comp.results.values() for r in res.values()]
     text = (
         f"ERF maps ({scale} colour, each normalised to its maximum; cyan: TRF, white dashed: "
         f"95%-mass square) and differences of the unit-mass maps (red: more mass than "
         f"{first}). ± : half of the {round(comp.level * 100)}% bootstrap interval over "
-        f"{comp.num_samples} probe images."
+        f"{comp.num_samples} probe images. "
+        + colour_caption(modes, log_scale)
+        + " Axes: input pixels."
     )
     fig.suptitle(textwrap.fill(text, max(60, int(ncols * panel * 14))), fontsize=9)
     return fig
+
+
+def _pixel_ticks(ax: Any, shape: tuple[int, ...]) -> None:
+    from erf_monitor.viz.render import _nice_ticks
+
+    ax.set_xticks(_nice_ticks(shape[1], 3))
+    ax.set_yticks(_nice_ticks(shape[0], 3))
+    ax.tick_params(labelsize=6, length=2, pad=1)
 
 
 def _interval_record(ci: Interval) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``report``, ``compare``, ``replay``.
+"""The ``erf-monitor`` command line: ``demo``, ``analyze``, ``layers``, ``report``, ``compare``,
+``replay``.
 
 ``main(argv)`` returns the exit code: 0 on success, 2 for a usage error (bad MODEL spec,
 unknown layer, unreadable input file...), reported as one line on stderr without a traceback.
@@ -68,6 +69,71 @@ def _wrap(text: str) -> str:
 
 class CLIError(Exception):
     """A usage error: printed as one line on stderr, exit code 2."""
+
+
+def _close_option(word: str, parser: argparse.ArgumentParser) -> str | None:
+    """The option of ``parser`` closest to a mistyped ``word`` (``--input_size`` ->
+    ``--input-size``), or ``None``."""
+    import difflib
+
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    flag = word.split("=", 1)[0]
+    close = difflib.get_close_matches(flag.replace("_", "-").lower(), options, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end with a close match where there is one: ``invalid choice: 'analyse'``
+    -> "did you mean 'analyze'?"."""
+
+    def error(self, message: str) -> Any:  # argparse's own signature returns NoReturn
+        import difflib
+        import re
+
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found.group(2))
+            close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
+def _unknown_options(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """One line for options ``parser`` does not know, with the closest known one."""
+    bad = [w for w in extras if w.startswith("-")] or list(extras)
+    text = f"unrecognized argument{'s' if len(bad) > 1 else ''}: {' '.join(bad)}"
+    close = _close_option(bad[0], parser) if bad[0].startswith("--") else None
+    return text + (f" (did you mean {close}?)" if close else "")
+
+
+def _check_device(text: str) -> str:
+    """``--device`` checked before anything is loaded: a device torch knows, and that this
+    machine has; the error says which ones it has."""
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        available += ["cuda"] + [f"cuda:{i}" for i in range(n)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    have = ", ".join(available)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {text!r} is not a torch device; available here: {have}") from None
+    if dev.type == "cpu" or text in available:
+        return text
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA"
+            if torch.version.cuda is None
+            else "torch finds no NVIDIA GPU or driver here"
+        )
+        raise CLIError(f"--device {text}: {why}; use --device cpu (available here: {have})")
+    raise CLIError(f"--device {text} is not available on this machine; available here: {have}")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -150,11 +216,51 @@ def results_table(
             cov_text,
             ", ".join(_fmt(s, ".1f") for s in r.sigma),
         )
+    if any(math.isfinite(r.ratio) and r.ratio > 1 for r in results.values()):
+        table.caption = RATIO_NOTE
+        table.caption_justify = "left"
     return table
+
+
+#: Under a table with an ERF/TRF ratio above 1 (docs/concepts.md defines both sizes).
+RATIO_NOTE = (
+    "ERF/TRF above 1: the 95%-mass square has an odd side centred on the unit's centre pixel, "
+    "so when the TRF is only a few pixels or cut by the image edge that square reaches past "
+    "it (e.g. 5 px over a 4 px clipped TRF): the input is too small to tell the two apart."
+)
+
+
+def _print_warnings(caught: Sequence[Any], err: Console) -> None:
+    """The probe's own warnings as one ``warning:`` line each; others issued again as they were."""
+    import warnings
+
+    from rich.markup import escape
+
+    from erf_monitor.core.errors import ERFProbeWarning
+
+    for w in caught:
+        if issubclass(w.category, ERFProbeWarning):
+            text = " ".join(str(w.message).split())
+            err.print(f"[yellow]warning[/]: {escape(text)}", highlight=False)
+        else:
+            warnings.warn(w.message, w.category, stacklevel=2)
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _short_error(exc: BaseException, spec: str) -> str:
+    """One short line; an unknown layer's close matches, and the full list behind a hint."""
+    from erf_monitor.targets.layers import UnknownLayerError
+
+    if isinstance(exc, UnknownLayerError):
+        close = f" (did you mean {', '.join(map(repr, exc.close[:3]))}?)" if exc.close else ""
+        every = ", ".join(exc.names)
+        if len(every) <= 60:  # a small model: its layers fit on the line
+            return f"unknown layer {exc.layer!r}{close}; its layers: {every}"
+        return f"unknown layer {exc.layer!r}{close}; list the layers: erf-monitor layers {spec}"
+    return _one_line(exc)
 
 
 def _json_float(v: float) -> float | None:
@@ -388,6 +494,7 @@ def _table_formats(text: str | None) -> list[str]:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     size = _parse_size(args.input_size)
+    _check_device(args.device)
     layers = _layer_spec(args.layers)
     if args.samples < 1:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
@@ -537,21 +644,28 @@ def _analyze_model(
             "mode": args.mode, "chunk_size": args.chunk_size, "position": position,
             "keep_per_sample": args.bootstrap > 0,
         }  # fmt: skip
-        try:
+        import warnings
+
+        from erf_monitor.core.errors import ERFProbeWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ERFProbeWarning)
             try:
-                results = compute_erf_sharded(model, x.to(device), layers, **kw)
-            except (ValueError, TypeError, ERFProbeError):
-                raise
-            except Exception as exc:  # the TRF analysis could not follow this model
-                err.print(
-                    f"[yellow]warning[/]: the theoretical receptive field could not be analysed "
-                    f"({type(exc).__name__}: {_lit(_one_line(exc))}); TRF columns and ratios are "
-                    "n/a.",
-                    highlight=False,
-                )
-                results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
-        except (ValueError, TypeError, ERFProbeError) as exc:
-            raise CLIError(_one_line(exc)) from None
+                try:
+                    results = compute_erf_sharded(model, x.to(device), layers, **kw)
+                except (ValueError, TypeError, ERFProbeError):
+                    raise
+                except Exception as exc:  # the TRF analysis could not follow this model
+                    err.print(
+                        f"[yellow]warning[/]: the theoretical receptive field could not be "
+                        f"analysed ({type(exc).__name__}: {_lit(_one_line(exc))}); TRF columns and "
+                        "ratios are n/a.",
+                        highlight=False,
+                    )
+                    results = compute_erf_sharded(model, x.to(device), layers, trf="skip", **kw)
+            except (ValueError, TypeError, ERFProbeError) as exc:
+                raise CLIError(_short_error(exc, spec)) from None
+        _print_warnings(caught, err)
         seconds = time.perf_counter() - t0
         progress.update(task, completed=1, total=1)
 
@@ -683,6 +797,66 @@ def _write_batch(
     )
 
 
+# ---------------------------------------------------------------------------------- layers
+def _cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+    from rich.markup import escape
+    from rich.table import Table
+
+    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.targets.auto import pick_layers
+
+    size = _parse_size(args.input_size)
+    _check_device(args.device)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            model = load_model(args.model, num_classes=None).to(args.device).eval()
+        except ModelSpecError as exc:
+            raise CLIError(str(exc)) from None
+    x = torch.zeros(2, args.channels, *size, device=args.device)
+    shapes: dict[str, str] = {}
+
+    def hook(name: str) -> Any:
+        def record(_m: Any, _inp: Any, out: Any) -> None:
+            if name not in shapes:  # the first call, the one a probe measures
+                ok = isinstance(out, torch.Tensor)
+                shapes[name] = "x".join(map(str, out.shape[1:])) if ok else type(out).__name__
+
+        return record
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in named]
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # the model's own error, e.g. an input size it cannot take
+        raise CLIError(f"the model failed on a {'x'.join(map(str, size))} input: "
+                       f"{type(exc).__name__}: {_one_line(exc)}") from None  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        auto = set(pick_layers(model, x).names)
+    except ValueError:
+        auto = set()
+    table = Table(
+        title=f"Layers of {args.model} on a {'x'.join(map(str, size))} input",
+        title_justify="left",
+        header_style="bold",
+        caption="output: shape without the batch dim (not run: the forward never called it); "
+        "auto: what --layers auto picks (one per resolution stage).",
+        caption_justify="left",
+    )
+    for col in ("layer", "type", "output", "auto"):
+        table.add_column(col, style="cyan" if col == "layer" else None, no_wrap=col != "type")
+    for name, module in named:
+        table.add_row(escape(name), type(module).__name__, shapes.get(name, "not run"),
+                      "yes" if name in auto else "")  # fmt: skip
+    _console().print(table)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
     from erf_monitor.cli.report import ReportError, build_report
@@ -726,6 +900,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from erf_monitor.cli.models import ModelSpecError, load_model
     from erf_monitor.core.errors import ERFProbeError
 
+    _check_device(args.device)
     if args.samples < 2:
         raise CLIError(f"--samples must be >= 2 for intervals, got {args.samples}")
     if args.bootstrap < 2:
@@ -809,7 +984,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 progress=steps,
             )
         except (ValueError, TypeError, ERFProbeError) as exc:
-            raise CLIError(_one_line(exc)) from None
+            raise CLIError(_short_error(exc, split_spec(args.models[0])[0])) from None
         if steps is not None:
             steps.start("writing compare.png, compare.json, maps.npz")
         t1 = time.perf_counter()
@@ -972,7 +1147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     from erf_monitor import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="erf-monitor",
         description="Measure and watch the effective receptive field (ERF) of vision models.",
         formatter_class=_Formatter,
@@ -982,15 +1157,16 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, ~1 min)",
+        help="train a small-RF and a large-RF CNN on a task that needs a large ERF (CPU, minutes)",
         description=_wrap(
             "Train two small CNNs on a synthetic task (brighter or darker? a faint shift of "
             "every pixel of 128x128 noise) read out at the centre unit, which must average over "
             "a large region around the centre: the 'large' variant (dilated residual blocks) "
-            "grows its ERF from 7 to ~115 px and learns the task; the 'small' one (no "
-            "dilation, TRF 71 px) cannot cover enough of the image and gets the coverage "
-            "alert. ERFMonitor logs to TensorBoard, W&B or CSV files; a table and an HTML "
-            "report follow."
+            "grows its ERF from 7 to 115-117 px (seed 0, 200 steps; the torch build moves the "
+            "last digits) and learns the task; the "
+            "'small' one (no dilation, TRF 71 px) cannot cover enough of the image and gets "
+            "the coverage alert. ERFMonitor logs to TensorBoard, W&B or CSV files and writes "
+            "every heatmap as a PNG file; a table and an HTML report follow."
         ),
         formatter_class=_Formatter,
     )
@@ -1112,6 +1288,22 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default="erf_analysis", help="output directory")
     analyze.add_argument("--quiet", action="store_true", help="no progress display")
     analyze.set_defaults(func=_cmd_analyze)
+
+    layers = sub.add_parser(
+        "layers",
+        help="list a model's layer names with their output shapes",
+        description=_wrap(
+            "Every named module of MODEL (the names --layers takes), its type, its output "
+            "shape on a zero input of --input-size, and which ones --layers auto picks."
+        ),
+        epilog=_MODEL_HELP,
+        formatter_class=_Formatter,
+    )
+    layers.add_argument("model", metavar="MODEL", help="see below")
+    layers.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
+    layers.add_argument("--channels", type=int, default=3, help="input channels")
+    layers.add_argument("--device", default="cpu", help="torch device")
+    layers.set_defaults(func=_cmd_layers)
 
     report = sub.add_parser(
         "report",
@@ -1286,6 +1478,11 @@ def _add_model_inputs(
     )
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``erf-monitor`` command line.
 
@@ -1297,11 +1494,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args, extras = parser.parse_known_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # --help, --version, argparse usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "func", None) is None:
         parser.print_help()
+        return 2
+    if extras:  # the subcommand's usage, not the top level's, and the closest option
+        sub = _subparser(parser, args.command)
+        sub.print_usage(sys.stderr)
+        message = _unknown_options(sub, extras)
+        print(f"erf-monitor {args.command}: error: {message}", file=sys.stderr)
         return 2
     if args.command == "analyze" and not args.model:
         # "--pretrained MODEL" reads MODEL as the weights path: give it back.

@@ -615,11 +615,33 @@ _SHAPE_CURVES = (
 )
 
 
-def _plot_series(ax: Any, series: Series, color: str, label: str) -> None:
+#: Per curve: other hollow markers, and lines and markers thinner and smaller than the
+#: curves drawn before, so that a curve drawn over an identical one leaves it visible as a
+#: border (dashes stay for thresholds, dots for the reference line).
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _plot_series(ax: Any, series: Series, color: str, label: str, index: int = 0) -> None:
     series = [(s, v) for s, v in series if math.isfinite(v)]
     if series:
         steps, values = zip(*series)
-        ax.plot(steps, values, marker="o", ms=3, lw=1.5, color=color, label=label)
+        k = index % 4
+        ax.plot(steps, values, color=color, label=label, lw=3.2 - 0.7 * k,
+                marker=_MARKERS[index % len(_MARKERS)], ms=8.5 - 1.5 * k, mfc="none",
+                mew=1.2)  # fmt: skip
+
+
+def _same_as(curves: dict[str, Any]) -> dict[str, str]:
+    """``{name: earlier name}`` for curves equal to an earlier one (said in the legend)."""
+    seen: dict[Any, str] = {}
+    same = {}
+    for name, curve in curves.items():
+        key = repr(curve)
+        if key in seen:
+            same[name] = seen[key]
+        else:
+            seen[key] = name
+    return same
 
 
 def _reference_line(ax: Any, reference: float | None) -> None:
@@ -666,10 +688,14 @@ def growth_figure(run: Run, reference: float | None = None) -> bytes:
     fig = Figure(figsize=(13.5, 7.0), layout="constrained")
     axes = fig.subplots(2, 3)
     thresholds = run.thresholds()
+    same = _same_as(run.metrics)
     for ax, (metric, label) in zip(axes.flat, _CURVES + _SHAPE_CURVES):
         for i, (layer, metrics) in enumerate(run.metrics.items()):
             color = f"C{i % 10}"
-            _plot_series(ax, _derived(metrics, metric), color, _mpl_text(layer))
+            name = _mpl_text(layer)
+            if layer in same:
+                name += f" (same as {_mpl_text(same[layer])})"
+            _plot_series(ax, _derived(metrics, metric), color, name, i)
             if metric == "coverage" and layer in thresholds:
                 ax.axhline(thresholds[layer], color=color, ls="--", lw=1)
         if metric == "coverage" and not thresholds:
@@ -732,13 +758,17 @@ def _comparison_figure(layer: str, runs: list[Run], reference: float | None) -> 
     reference = None if any(r.thresholds() for r in runs) else reference
     # runs of one probe each (analyze folders): one point per run, side by side on the x-axis
     by_run = all(r.single_probe() for r in runs)
+    same = {} if by_run else _same_as({r.name: r.metrics[layer] for r in runs})
     for ax, (metric, label) in zip(axes, curves):
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
             series = _derived(run.metrics[layer], metric)
             if by_run:
                 series = [(i, v) for _, v in series]
-            _plot_series(ax, series, color, _mpl_text(run.name))
+            name = _mpl_text(run.name)
+            if run.name in same:
+                name += f" (same as {_mpl_text(same[run.name])})"
+            _plot_series(ax, series, color, name, i)
             threshold = run.thresholds().get(layer)
             if metric == "coverage" and threshold is not None:
                 any_threshold = True

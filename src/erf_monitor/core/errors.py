@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ERFCoverageWarning", "ERFProbeError", "ERFProbeWarning"]
+__all__ = ["ERFCoverageWarning", "ERFInputWarning", "ERFProbeError", "ERFProbeWarning"]
 
 
 class ERFProbeError(RuntimeError):
@@ -19,3 +19,8 @@ class ERFProbeWarning(UserWarning):
 
 class ERFCoverageWarning(UserWarning):
     """A watched layer's ERF covers less of the input than ``min_coverage``."""
+
+
+class ERFInputWarning(ERFProbeWarning):
+    """The probe input is too small for a layer asked for (its output has one unit along a
+    dim), or ``layers="auto"`` dropped stages for that reason. ``strict`` monitors raise it."""

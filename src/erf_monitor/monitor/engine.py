@@ -28,7 +28,12 @@ import torch
 from torch import nn
 
 from erf_monitor.core import warn as _warn
-from erf_monitor.core.errors import ERFCoverageWarning, ERFProbeError, ERFProbeWarning
+from erf_monitor.core.errors import (
+    ERFCoverageWarning,
+    ERFInputWarning,
+    ERFProbeError,
+    ERFProbeWarning,
+)
 from erf_monitor.core.modes import Mode
 from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
@@ -335,7 +340,10 @@ class MonitorEngine:
             # Said of the real batch (its shape and samples), not of the 2-sample example.
             probe_input(batch, torch.device("cpu"), batch.dtype)  # raises, naming them
         example = probe_input(batch[:2], device, probe_dtype(None, dtype))
-        with probing():  # one probe (or plan) at a time: they save and restore model state
+        # One probe (or plan) at a time: they save and restore model state.
+        with probing(), warnings.catch_warnings():
+            if self.strict:  # an input too small for a layer is a setup error then
+                warnings.simplefilter("error", ERFInputWarning)
             plan = build_plan(
                 model, example, self.layers, mode=self.mode,
                 position=self.position if position is None else position,

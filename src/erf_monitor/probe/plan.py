@@ -38,6 +38,7 @@ from erf_monitor.targets.layers import unwrap_model
 from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionRequest, PositionSpec, request
 from erf_monitor.targets.resolve import Target, resolve_targets
+from erf_monitor.targets.small import check_grids
 from erf_monitor.targets.tokens import TokenLayout, TokenLayoutArg
 from erf_monitor.trf.types import TRF
 
@@ -250,6 +251,8 @@ def _build(
         if incomplete:  # positions without a given TRF: centres from the geometry
             more = _geometry(net, input_shape, incomplete, forward_fn, layouts, mode, req)
             geometry = {n: {**more.get(n, {}), **trfs[n]} for n in names}
+    glob = {n: next(iter(g.values())).global_dims for n, g in geometry.items() if g}
+    check_grids(net, targets, example, forward_fn, glob)  # one-unit outputs: warn
     if train_mode and trfs and any(isinstance(m, _BATCH_COUPLED) for m in net.modules()):
         trfs = {n: {k: _batch_coupled(t) for k, t in units_.items()} for n, units_ in trfs.items()}
     unit_trfs = {n: {tuple(t.output_centre): t for t in trfs.get(n, {}).values()} for n in names}

@@ -107,6 +107,8 @@ class AutoPick:
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
     #: The shape of each pick (batch size 1), as recorded: no second forward needs it.
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Outputs left out because their grid is all ones (a stage too deep for a small input).
+    ones: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -434,10 +436,20 @@ def pick_layers(
                 return True  # the first layer of a block that changes the grid
         return False
 
+    def in_map(call: _Call) -> bool:
+        """Whether a module around ``call`` outputs a map with more than one unit."""
+        parts = call.name.split(".")
+        return any(
+            any(d > 1 for g in grids(outs[anc]) for d in g)
+            for anc in (".".join(parts[:i]) for i in range(1, len(parts)))
+            if anc in outs
+        )
+
     # A LayerNorm's output (and any view of it) has a constant channel sum by construction.
     normed = {p.storage for c in calls if _norm_like(c.module) for p in c.out_parts}
     best: dict[Grid, tuple[tuple[int, int, int], str, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    ones: set[str] = set()
     for call in calls:
         if call.calls > 1 or _norm_like(call.module) or _skipped(call.module):
             continue
@@ -446,6 +458,8 @@ def pick_layers(
                 continue  # (nested parts, e.g. an RPN head's per-level lists, are never picked)
             grid, layout = read
             if all(g == 1 for g in grid):
+                if not in_map(call):  # not a squeeze-excitation inside a block, say
+                    ones.add(call.name + format_selector(part.selector))
                 continue
             if part.storage in normed or in_transition(call, grid):
                 continue
@@ -463,7 +477,7 @@ def pick_layers(
     chosen = sorted(best.values(), key=lambda v: (v[0][0], -v[0][2]))
     names = [name for _, name, _ in chosen]
     layouts = {name: TokenLayout(channels_last=True) for _, name, lay in chosen if lay == "last"}
-    return AutoPick(names, layouts, {n: shapes[n] for n in names})
+    return AutoPick(names, layouts, {n: shapes[n] for n in names}, ones)
 
 
 def auto_layers(

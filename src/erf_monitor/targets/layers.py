@@ -35,6 +35,7 @@ from torch import nn
 
 __all__ = [
     "Selector",
+    "UnknownLayerError",
     "format_selector",
     "locate_layer",
     "module_table",
@@ -261,6 +262,19 @@ def _wrapper_of(model: nn.Module) -> str | None:
         return type(model).__name__ if _is_wrapper(model) else None
 
 
+class UnknownLayerError(ValueError):
+    """A layer name that matches no module; ``layer``, ``close`` (its close matches) and
+    ``names`` (every layer) let the command line say it in one short line."""
+
+    def __init__(
+        self, message: str, layer: str, close: Sequence[str], names: Sequence[str]
+    ) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.close = list(close)
+        self.names = list(names)
+
+
 def _unknown_layer_error(name: str, names: Sequence[str], wrapper: str | None = None) -> ValueError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -271,9 +285,12 @@ def _unknown_layer_error(name: str, names: Sequence[str], wrapper: str | None = 
             f"the named_modules() of the module inside {wrapper} (with or without its "
             "'module.' prefix of DataParallel/DDP)"
         )
-    return ValueError(
+    return UnknownLayerError(
         f"Unknown layer {name!r}.{hint} Layers are named as in {where}, optionally followed "
-        f"by an output selector such as [0] or ['key']: {shown}"
+        f"by an output selector such as [0] or ['key']: {shown}",
+        name,
+        close,
+        names,
     )
 
 

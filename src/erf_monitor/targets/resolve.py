@@ -43,6 +43,7 @@ from erf_monitor.targets.layers import (
 )
 from erf_monitor.targets.observe import ForwardFn, hooked_forward
 from erf_monitor.targets.outputs import needs_selector_error
+from erf_monitor.targets.small import note_dropped
 from erf_monitor.targets.tokens import (
     ResolvedLayout,
     TokenLayout,
@@ -201,6 +202,8 @@ def resolve_targets(
         shapes.update({s: tuple(v) for s, v in (known_shapes or {}).items() if s in specs})
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
     table = module_table(net)
+    if isinstance(layers, str) and layers == "auto":
+        note_dropped(net, pick, x, forward_fn, table)  # stages a small input left out
     located = {s: locate_layer(model, s, table) for s in specs}
 
     def take(spec: str, out: Any) -> None:

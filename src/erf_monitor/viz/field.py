@@ -10,10 +10,12 @@ Matplotlib is imported only when a figure is drawn.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from erf_monitor.viz.render import colour_caption
 from erf_monitor.viz.shapes import FieldLike, MapResult
 
 if TYPE_CHECKING:
@@ -123,6 +125,8 @@ def field_figure(
     ratio = field.border_ratio
     ratio_text = "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
     fig.suptitle(title or f"ERF field of {first.name!r} ({first.mode}): border_ratio {ratio_text}")
+    caption = colour_caption([first.mode], unit="each probed unit")  # for newcomers
+    fig.supxlabel(textwrap.fill(f"Right: c{caption[1:]}", 150), fontsize=8)
     return fig
 
 

@@ -17,13 +17,21 @@ erf-monitor (:func:`~erf_monitor.viz.render.normalize`).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from erf_monitor.viz.render import LOG_DECADES, _to_numpy, add_box
+from erf_monitor.viz.render import (
+    LOG_DECADES,
+    _legend_proxies,
+    _nice_ticks,
+    _to_numpy,
+    add_box,
+    colour_caption,
+)
 from erf_monitor.viz.shapes import MapResult
 
 if TYPE_CHECKING:
@@ -44,6 +52,7 @@ class Panel:
         output_shape: the layer's output grid (the column key with ``columns="grid"``).
         erf_size: side of the 95%-mass square (px), ``None``: no square drawn.
         centre_pixel: where the square is centred.
+        mode: the ERF convention, named in the caption.
     """
 
     heatmap: np.ndarray
@@ -51,6 +60,8 @@ class Panel:
     output_shape: tuple[int, ...] = ()
     erf_size: int | None = None
     centre_pixel: tuple[int, ...] | None = None
+    #: the ERF convention (named in the figure's caption; ``""``: not known).
+    mode: str = ""
 
     @classmethod
     def of(cls, result: MapResult) -> Panel:
@@ -61,6 +72,7 @@ class Panel:
             output_shape=tuple(int(s) for s in result.output_shape),
             erf_size=int(result.erf_size),
             centre_pixel=tuple(int(c) for c in result.centre_pixel),
+            mode=str(getattr(result, "mode", "")),
         )
 
 
@@ -191,11 +203,13 @@ def grid_figure(
     )
     axes = fig.subplots(nrows, ncols, squeeze=False)
     colormap = matplotlib.colormaps[cmap]
+    squares = False
     for i, (model, layers) in enumerate(panels.items()):
         for j, label in enumerate(labels):
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.tick_params(labelsize=6, length=2, pad=1)
             if i == 0:
                 ax.set_title(label, fontsize=9)
             if j == 0:
@@ -220,8 +234,11 @@ def grid_figure(
                 (cy, cx) = p.centre_pixel[:2]
                 add_box(ax, (cy - half, cy + half), (cx - half, cx + half), "white", lw=0.8,
                          ls="--")  # fmt: skip
+                squares = True
             ax.set_xlim(-0.5, a.shape[1] - 0.5)
             ax.set_ylim(a.shape[0] - 0.5, -0.5)
+            ax.set_xticks(_nice_ticks(a.shape[1], 3))  # input pixels
+            ax.set_yticks(_nice_ticks(a.shape[0], 3))
             if annotate:
                 text = [] if not by_column else [p.layer or "<model>"]
                 if p.erf_size is not None:
@@ -239,6 +256,20 @@ def grid_figure(
         bar.set_ticks([float(_log(t)) for t in ticks], labels=["1", "0.1", "0.01", "0.001", "0"])
     bar.set_label(what + (" (log)" if log_scale else ""), fontsize=8)
     bar.ax.tick_params(labelsize=7)
+    modes = [p.mode for layers in panels.values() for p in layers.values()]
+    caption = colour_caption(modes, log_scale) + " Axes: input pixels."
+    if by_column:
+        caption += " Columns: the layers' output grid (its size as a fraction of the input's)."
+    if scale == "mass":
+        caption += " Each column on one scale: unit-mass maps over the column's maximum."
+    caption = textwrap.fill(caption, int(17 * (panel_size * ncols + 1.6)))
+    if squares:  # the caption heads the legend: one block under the panels
+        handles = _legend_proxies({"95% mass"}, cmap)
+        fig.legend([h for h, _ in handles], ["square holding 95% of the ERF's mass"],
+                   loc="outside lower center", fontsize=7, frameon=False, handlelength=3.0,
+                   handleheight=1.6, title=caption, title_fontsize=7)  # fmt: skip
+    else:
+        fig.supxlabel(caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -18,6 +18,7 @@ Conventions used by every function here:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from os import PathLike
@@ -41,6 +42,7 @@ __all__ = [
     "TRF_COLOR",
     "add_box",
     "colorize",
+    "colour_caption",
     "erf_figure",
     "erf_interval",
     "normalize",
@@ -191,11 +193,14 @@ def _draw_rect(
     factor: int,
     color: tuple[int, int, int],
     thickness: int,
+    dash: int = 0,
 ) -> None:
     """Outline the input-pixel rectangle ``rows x cols`` (inclusive) on an upscaled image.
 
     The outline lies on the rectangle's own border pixels (inside it). Edges outside the
-    image are skipped; the visible parts of the other edges are still drawn.
+    image are skipped; the visible parts of the other edges are still drawn. ``dash > 0``
+    draws dashes of that many pixels (corners always drawn), so that a box drawn over
+    another on the same pixels leaves both colours visible.
     """
     h, w = img.shape[:2]
     y0, y1 = rows[0] * factor, (rows[1] + 1) * factor - 1
@@ -205,14 +210,23 @@ def _draw_rect(
     t = max(1, min(thickness, y1 - y0 + 1, x1 - x0 + 1))
     cy0, cy1 = max(y0, 0), min(y1, h - 1)
     cx0, cx1 = max(x0, 0), min(x1, w - 1)
+
+    def on(start: int, lo: int, hi: int, end: int) -> np.ndarray:
+        idx = np.arange(lo, hi + 1)
+        if dash <= 0:
+            return np.ones(idx.shape, dtype=bool)
+        dashes = ((idx - start) // dash) % 2 == 0
+        return dashes | (idx >= end - t + 1) | (idx < start + t)  # and the corners
+
+    xs, ys = on(x0, cx0, cx1, x1), on(y0, cy0, cy1, y1)
     if y0 >= 0:  # top
-        img[y0 : y0 + t, cx0 : cx1 + 1] = color
+        img[y0 : y0 + t, cx0 : cx1 + 1][:, xs] = color
     if y1 < h:  # bottom
-        img[y1 - t + 1 : y1 + 1, cx0 : cx1 + 1] = color
+        img[y1 - t + 1 : y1 + 1, cx0 : cx1 + 1][:, xs] = color
     if x0 >= 0:  # left
-        img[cy0 : cy1 + 1, x0 : x0 + t] = color
+        img[cy0 : cy1 + 1, x0 : x0 + t][ys] = color
     if x1 < w:  # right
-        img[cy0 : cy1 + 1, x1 - t + 1 : x1 + 1] = color
+        img[cy0 : cy1 + 1, x1 - t + 1 : x1 + 1][ys] = color
 
 
 def _upscale(img: np.ndarray, factor: int) -> np.ndarray:
@@ -227,6 +241,10 @@ def _factor(shape: Sequence[int], min_size: int) -> int:
 
 def _thickness(rendered_size: int) -> int:
     return 2 if rendered_size >= 256 else 1
+
+
+def _dash(thickness: int) -> int:
+    return 3 * thickness
 
 
 def _render_2d(
@@ -249,8 +267,8 @@ def _render_2d(
                 _draw_rect(img, r, c, factor, TRF_COLOR, t)
     if draw_extent and a.max() > 0:
         square = (erf_interval(result, dims[0]), erf_interval(result, dims[1]))
-        for r, c in _boxes(result, dims, *square):
-            _draw_rect(img, r, c, factor, ERF_COLOR, t)
+        for r, c in _boxes(result, dims, *square):  # dashed: a TRF box beneath stays seen
+            _draw_rect(img, r, c, factor, ERF_COLOR, t, dash=_dash(t))
     return img
 
 
@@ -506,6 +524,28 @@ def _describe_trf(result: MapResult) -> str:
     return f"TRF (clipped) {trf.clipped_text('×')} px"
 
 
+def _nice_ticks(n: int, most: int = 5) -> list[int]:
+    """Input-pixel ticks ``0, step, ...`` (step 1, 2, 5 x 10^k) with at most ``most`` of them."""
+    step = next(
+        s for k in range(12) for s in (10**k, 2 * 10**k, 5 * 10**k) if math.ceil(n / s) <= most
+    )
+    return list(range(0, max(n, 1), step))
+
+
+def _wrap_text(text: str, font: Any, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels."""
+    from PIL import Image, ImageDraw
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and probe.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def _annotate(
     core: np.ndarray,
     result: MapResult,
@@ -516,10 +556,14 @@ def _annotate(
     boxes: Sequence[tuple[tuple[int, int, int], str, str]],
     note: str | None = None,
     metrics: Mapping[str, float] | None = None,
+    axes: tuple[Sequence[int], int] | None = None,
 ) -> np.ndarray:
-    """Frame ``core`` with a title (layer, step), metrics, a colour bar and a legend.
+    """Frame ``core`` with a title (layer, step), metrics, pixel axes, a colour bar, a legend
+    and a caption (``note``, wrapped).
 
-    ``boxes`` are legend entries ``(colour, kind, label)`` with kind ``"box"`` or ``"cross"``.
+    ``boxes`` are legend entries ``(colour, kind, label)`` with kind ``"box"``, ``"dashed"``
+    or ``"cross"``; ``axes`` is the map's input shape ``(H, W)`` and its upscaling factor
+    (``None``: no axes, e.g. tiled 3-D projections).
     Drawn with PIL (a few milliseconds), not matplotlib: this runs at every probe.
     """
     from PIL import Image, ImageDraw
@@ -528,10 +572,16 @@ def _annotate(
     title_f, text_f, small_f = _font(15, bold=True), _font(12), _font(11)
     subtitle = _metrics_line(result, metrics)
     title = (result.name or "<model>") + ("" if step is None else f" · step {int(step)}")
-    bar_w, label_w = 12, 44
-    width = max(_PAD + w + 10 + bar_w + 4 + label_w + _PAD, 300)
-    # legend entries wrap onto as many lines as the width needs
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    yticks = _nice_ticks(int(axes[0][0])) if axes else []
+    xticks = _nice_ticks(int(axes[0][1])) if axes else []
+    axis_w = int(max((probe.textlength(str(t), font=small_f) for t in yticks), default=0))
+    axis_w = axis_w + 6 if axes else 0  # labels, then a 3 px tick mark
+    axis_h = 16 if axes else 0
+    left = _PAD + axis_w
+    bar_w, label_w = 12, 44
+    width = max(left + w + 10 + bar_w + 4 + label_w + _PAD, 300)
+    # legend entries wrap onto as many lines as the width needs
     entries = [(c, k, lab, 22 + probe.textlength(lab, font=small_f)) for c, k, lab in boxes]
     lines: list[list[tuple[tuple[int, int, int], str, str, float]]] = [[]]
     x = 0.0
@@ -542,16 +592,27 @@ def _annotate(
         lines[-1].append(entry)
         x += entry[3] + 14
     lines = [line for line in lines if line]
+    notes = _wrap_text(note, small_f, width - 2 * _PAD) if note else []
     top = _PAD + 20 + 17 + 6
-    legend_y = top + h + 8
-    height = legend_y + 17 * len(lines) + (17 if note else 0) + _PAD
+    legend_y = top + h + axis_h + 8
+    height = legend_y + 17 * len(lines) + 15 * len(notes) + _PAD
     canvas = Image.new("RGB", (int(width), int(height)), _BG)
-    canvas.paste(Image.fromarray(np.ascontiguousarray(core)), (_PAD, top))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(core)), (left, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((_PAD, _PAD), title, font=title_f, fill=_FG)
     draw.text((_PAD, _PAD + 20), subtitle, font=text_f, fill=_DIM)
+    if axes:  # ticks at pixel centres, labelled in input pixels
+        f = axes[1]
+        for t in yticks:
+            y = top + t * f + f // 2
+            draw.line([(left - 3, y), (left - 1, y)], fill=_DIM)
+            draw.text((left - 5, y), str(t), font=small_f, fill=_DIM, anchor="rm")
+        for t in xticks:
+            x = left + t * f + f // 2
+            draw.line([(x, top + h), (x, top + h + 2)], fill=_DIM)
+            draw.text((x, top + h + 3), str(t), font=small_f, fill=_DIM, anchor="mt")
     bar, ticks = _colorbar(h, cmap, log_scale)
-    bx = _PAD + w + 10
+    bx = left + w + 10
     canvas.paste(Image.fromarray(np.repeat(bar[:, None, :], bar_w, axis=1)), (bx, top))
     for frac, label in ticks:
         y = top + round(frac * (h - 1))
@@ -563,14 +624,52 @@ def _annotate(
             if kind == "cross":
                 draw.line([(x + 2, y + 7), (x + 14, y + 7)], fill=color, width=2)
                 draw.line([(x + 8, y + 1), (x + 8, y + 13)], fill=color, width=2)
+            elif kind == "dashed":  # the dashed square as the map shows it
+                for a, b in ((x, x + 4), (x + 7, x + 10), (x + 13, x + 16)):
+                    draw.line([(a, y + 2), (b, y + 2)], fill=color, width=2)
+                    draw.line([(a, y + 12), (b, y + 12)], fill=color, width=2)
+                draw.line([(x, y + 2), (x, y + 12)], fill=color, width=2)
+                draw.line([(x + 16, y + 2), (x + 16, y + 12)], fill=color, width=2)
             else:
                 draw.rectangle([(x, y + 2), (x + 16, y + 12)], outline=color, width=2)
             draw.text((x + 22, y + 7), label, font=small_f, fill=_FG, anchor="lm")
             x += span + 14
         y += 17
-    if note:
-        draw.text((_PAD, y + 7), note, font=small_f, fill=_DIM, anchor="lm")
+    for text in notes:
+        draw.text((_PAD, y + 7), text, font=small_f, fill=_DIM, anchor="lm")
+        y += 15
     return np.asarray(canvas)
+
+
+#: What each mode's map is, in words (captions; the exact formulas: ``core.modes.DEFINITIONS``).
+MODE_WORDS: dict[str, str] = {
+    "luo": "mode luo: mean |gradient| over the probe images (Luo et al.)",
+    "replknet": "mode replknet: positive gradients, mean over the probe images, then "
+    "log10(1 + x) as RepLKNet plots it",
+    "openerf": "mode openerf: clamped channel-mean gradient, total mass 1 (OpenERF)",
+}
+
+
+def colour_caption(
+    modes: Sequence[str] = (), log_scale: bool = False, unit: str = "the layer's centre unit"
+) -> str:
+    """One line for a figure: what colour means and what the mode is, for someone who has
+    never heard of an ERF (``unit``: whose ERF the maps are)."""
+    scale = "log scale, 3 decades" if log_scale else "linear scale"
+    text = (
+        f"Colour: how much each input pixel moves {unit} (its effective receptive field, "
+        f"ERF), relative to the strongest ({scale})."
+    )
+    words = [MODE_WORDS[m] for m in dict.fromkeys(modes) if m in MODE_WORDS]
+    return text + "".join(f" {w[0].upper()}{w[1:]}." for w in words)
+
+
+def _square_label(result: MapResult, shape: Sequence[int]) -> str:
+    """The 95%-mass square's legend entry; said when its edges fall outside the map."""
+    label = f"95%-mass square, side {result.erf_size} px"
+    if any(int(result.erf_size) > n for n in shape):
+        label += ", wider than the image"
+    return label
 
 
 def render_heatmap(
@@ -646,7 +745,7 @@ def render_heatmap(
     if draw_trf and result.trf is not None and not dependent:
         boxes.append((TRF_COLOR, "box", _describe_trf(result)))
     if draw_extent and a.max() > 0:
-        boxes.append((ERF_COLOR, "box", f"95%-mass square, side {result.erf_size} px"))
+        boxes.append((ERF_COLOR, "dashed", _square_label(result, a.shape)))
     note = None
     if a.ndim == 2 and _off_centre(result, a.shape):
         core = core.copy()
@@ -662,8 +761,11 @@ def render_heatmap(
         note = "max-projections: yx | zx | zy"
     if dependent:  # said whatever draw_trf is: there is no box to draw or leave out
         note = "TRF data-dependent, no box" + (f" · {note}" if note else "")
-    scale = "log scale, 3 decades" if log_scale else "linear scale"
-    note = f"colour: ERF / max ({scale})" + (f" · {note}" if note else "")
+    mode = getattr(result, "mode", None)
+    caption = colour_caption([mode] if mode else [], log_scale)
+    if a.ndim == 2:
+        caption += " Axes: input pixels."
+    note = caption + (f" {note[0].upper()}{note[1:]}." if note else "")
     return _annotate(
         core,
         result,
@@ -673,6 +775,7 @@ def render_heatmap(
         boxes=boxes,
         note=note,
         metrics=metrics,
+        axes=(a.shape, _factor(a.shape, min_size)) if a.ndim == 2 else None,
     )
 
 
@@ -792,12 +895,13 @@ def erf_figure(
             )
             trf = (trf_interval(r, 0), trf_interval(r, 1))
             if trf[0] is not None and trf[1] is not None:
-                for rows, cols in _boxes(r, (0, 1), trf[0], trf[1]):
-                    add_box(ax, rows, cols, "cyan", lw=1.2, label="TRF (clipped)")
+                for rows, cols in _boxes(r, (0, 1), trf[0], trf[1]):  # over the frame too
+                    add_box(ax, rows, cols, "cyan", lw=1.2, label="TRF (clipped)",
+                             zorder=3, clip_on=False)  # fmt: skip
             if a.max() > 0:
                 square = (erf_interval(r, 0), erf_interval(r, 1))
                 for rows, cols in _boxes(r, (0, 1), *square):
-                    add_box(ax, rows, cols, "white", lw=1.2, ls="--", label="95% mass")
+                    add_box(ax, rows, cols, "white", lw=1.2, ls="--", label="95% mass", zorder=4)
             if _off_centre(r, a.shape):
                 cy, cx = r.centre_pixel
                 ax.plot([cx], [cy], "+", color="lime", ms=9, mew=1.5, label="centre unit")
@@ -815,7 +919,10 @@ def erf_figure(
         ax.set_axis_off()
     labels = {lab for ax in axes.flat for lab in ax.get_legend_handles_labels()[1]}
     proxies = _legend_proxies(labels, cmap)
-    if proxies:
+    modes = [str(getattr(r, "mode", "")) for r in items]
+    caption = colour_caption(modes, log_scale) + " Axes: input pixels."
+    caption = textwrap.fill(caption, int(16 * panel_size * ncols * 1.15))
+    if proxies:  # the caption heads the legend: one block under the panels
         fig.legend(
             [h for h, _ in proxies],
             [lab for _, lab in proxies],
@@ -825,7 +932,11 @@ def erf_figure(
             frameon=False,
             handlelength=3.0,  # swatches large enough to show the dashed outline
             handleheight=1.6,
+            title=caption,
+            title_fontsize=7,
         )
+    else:
+        fig.supxlabel(caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
