@@ -40,10 +40,13 @@ $(DEMO_STAMP): $(TORCH_STAMP) pyproject.toml constraints/ci.txt
 		-e ".[lightning,tensorboard]"
 	touch $(DEMO_STAMP)
 
-$(STAMP): $(TORCH_STAMP) pyproject.toml constraints/ci.txt
+# the whole pinned stack (CI, make test): PyPI's pinned torch directly, no CPU-index attempt
+$(STAMP): pyproject.toml constraints/ci.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints/ci.txt torch torchvision
 	$(BIN)/python -m pip install --quiet -c constraints/ci.txt -e ".[all,dev]"
-	touch $(STAMP) $(DEMO_STAMP)
+	touch $(TORCH_STAMP) $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
