@@ -133,10 +133,13 @@ class ProbePlan:
 
 
 def probe_dtype(requested: torch.dtype | None, param_dtype: torch.dtype) -> torch.dtype:
-    """The probe's dtype: the one asked for, else the parameters' (float64 and half models
-    included), float32 for models without floating-point parameters."""
+    """The probe's dtype: the one asked for, else the parameters' (float64 models included),
+    float32 for half-precision models (probed with float32 copies of their weights: half
+    arithmetic leaves maps several percent off) and for models without floating parameters."""
     if requested is not None:
         return requested
+    if param_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
     return param_dtype if param_dtype.is_floating_point else torch.float32
 
 
@@ -227,9 +230,12 @@ def _build(
     if analyse and not (isinstance(layers, str) and layers == "auto"):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
         traced, known = _trace_first(net, input_shape, model, layers, forward_fn)
-    targets = tuple(
-        resolve_targets(model, layers, example[:2].detach(), forward_fn, token_layout, known)
-    )
+    # The forward that reads the layers' outputs runs the model as it is: a half model on a
+    # half example (only shapes are read; the probe computes in ``example``'s dtype).
+    _, native = model_device_dtype(net)
+    first = example[:2].detach()
+    first = first.to(native) if native in (torch.float16, torch.bfloat16) else first
+    targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known))
     names = [t.spec for t in targets]
     layouts = {t.spec: t.token_layout for t in targets if t.token_layout is not None}
     units = {t.spec: req.indices(t.grid, mode, t.tokens, t.spec) for t in targets}

@@ -20,7 +20,9 @@ normalised map — cancels in float32: its gradient is rounding noise. Such a la
 again in float64 (double copies of the parameters and buffers through
 ``torch.func.functional_call``; the model itself is not touched), where the cancellation
 leaves the true map. Only a seed that is constant in float64 as well (a bare LayerNorm
-output: its ERF is zero by construction) is warned about.
+output: its ERF is zero by construction) is warned about. A float16 or bfloat16 model is
+probed in float32 by default, the same way (float32 copies of its half weights): half
+arithmetic leaves its maps several percent off.
 """
 
 from __future__ import annotations
@@ -374,19 +376,29 @@ class _Call(nn.Module):
         return self.fwd(self.net, x)
 
 
-def _float64_forward(net: nn.Module, fwd: ForwardFn) -> ForwardFn:
-    """``fwd`` run with float64 copies of every floating parameter and buffer of ``net``
-    (``torch.func.functional_call``: the model's own tensors are never replaced or cast)."""
+#: Dtypes whose parameters a float32 or float64 probe computes with in its own dtype.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _cast_forward(net: nn.Module, fwd: ForwardFn, dtype: torch.dtype, half_only: bool) -> ForwardFn:
+    """``fwd`` run with copies of the floating parameters and buffers of ``net`` in ``dtype``
+    (all of them, or only the half-precision ones) through ``torch.func.functional_call``:
+    the model's own tensors are never replaced or cast."""
     call = _Call(net, fwd)
     state = {
-        name: t.detach().double() if t.is_floating_point() else t
+        name: t.detach().to(dtype)
         for name, t in [*call.named_parameters(), *call.named_buffers()]
+        if t.is_floating_point() and (t.dtype in _HALF or not half_only)
     }
 
     def forward(_net: nn.Module, x: torch.Tensor) -> Any:
         return torch.func.functional_call(call, state, (x,))
 
     return forward
+
+
+def _has_half(net: nn.Module) -> bool:
+    return any(t.dtype in _HALF for t in [*net.parameters(), *net.buffers()])
 
 
 def run_plan(
@@ -403,6 +415,9 @@ def run_plan(
     The caller holds the model in the probe's state (:func:`~erf_monitor.probe.plan.probe_state`).
     """
     fwd = plan.forward_fn or default_forward
+    if x_all.dtype not in _HALF and _has_half(model):
+        # A half model probed in float32 (the default): float32 copies of its half weights.
+        fwd = _cast_forward(model, fwd, x_all.dtype, half_only=True)
     step = chunk_size or default_chunk(x_all.shape[0], plan.spatial, x_all.device)
     maps = Maps()
     degenerate: set[str] = set()
@@ -418,7 +433,7 @@ def run_plan(
     for name in degenerate:
         maps.drop(name)
     groups = _without_layers(plan.groups, set(plan.names) - degenerate)
-    fwd64 = _float64_forward(model, fwd)
+    fwd64 = _cast_forward(model, plan.forward_fn or default_forward, torch.float64, False)
     x64 = x_all.double()
     constant: set[str] = set()
     _run_groups(plan, model, fwd64, x64, groups, step, maps, keep_per_sample, constant,
