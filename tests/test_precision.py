@@ -9,6 +9,7 @@ time, plain autograd (``tests/references.py``), never the probe.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -84,3 +85,64 @@ def test_a_monitor_probes_a_half_model_in_float32() -> None:
     assert res is not None
     expected = one_layer_reference(copy.deepcopy(net).double(), x.double(), "2")
     assert relative_error(res["2"].heatmap, expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------- constant seeds
+
+
+def _convnext_with_uniform_norm_bias() -> torch.nn.Module:
+    # Bias-only fine-tuning or a custom init: every LayerNorm has a uniform weight and a
+    # non-zero bias, so the channel sum of a stage's output is a constant 96 * 0.1 = 9.6 plus
+    # the blocks' 1e-6-scaled branches: far from zero, and float32 rounding noise again.
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.convnext_tiny().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.constant_(m.bias, 0.1)
+    return net
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_a_constant_non_zero_seed_is_probed_in_float64(chunk_size: int | None) -> None:
+    net = _convnext_with_uniform_norm_bias()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = em.compute_erf(net, x, ["features.1"], chunk_size=chunk_size)
+    assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    expected = one_layer_reference(copy.deepcopy(net).double(), x.double(), "features.1")
+    assert relative_error(res["features.1"].heatmap, expected) < 0.01  # was 2.5x its max
+
+
+def test_the_same_image_twice_is_not_a_constant_seed() -> None:
+    # Two copies of one image: the seed is the same twice, which says nothing about inputs.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Conv2d(8, 8, 3))
+    x = torch.randn(1, 3, 12, 12).expand(2, -1, -1, -1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = em.compute_erf(net, x, ["2"])
+    assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    expected = one_layer_reference(copy.deepcopy(net).double(), x.double(), "2")
+    assert relative_error(res["2"].heatmap, expected) < 1e-5
+
+
+def test_a_seed_constant_in_float64_too_is_warned_about() -> None:
+    # A bare LayerNorm over the channels with a non-zero bias: its channel sum is 8 * 0.5
+    # for every input, so the ERF is zero by construction.
+    class Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = torch.nn.LayerNorm(8)
+            torch.nn.init.constant_(self.norm.bias, 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        em.compute_erf(torch.nn.Sequential(Norm()), torch.randn(2, 3, 16, 16), ["0"])
+    text = [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    assert any("constant" in m and "float64" in m for m in text), text

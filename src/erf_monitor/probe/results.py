@@ -71,7 +71,8 @@ def build_results(plan: ProbePlan, maps: Maps, n: int, keep_per_sample: bool) ->
                 output_index=idx,
                 wrapped=tuple(wrapped),
             )
-        if name in maps.constant:
+        # (an exactly zero map is no rounding noise: dead ReLUs before a bias, said below)
+        if name in maps.constant and len(zero) < len(keyed):
             _warn_constant(name)
             zero = []  # said above, and why
         _warn_layer(name, zero, issues, estimated, keyed, req, name in maps.detached)

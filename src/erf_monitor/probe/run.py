@@ -16,7 +16,9 @@ that cannot be reproduced exactly are probed again on the full input
 
 **Precision.** A seed that is (nearly) constant over inputs — the channel sum right after a
 LayerNorm, as in a ConvNeXt stage at initialisation whose blocks add ``1e-6 * f(x)`` to a
-normalised map — cancels in float32: its gradient is rounding noise. Such a layer is probed
+normalised map — cancels in float32: its gradient is rounding noise. It is recognised by a
+channel sum near zero in every sample, or (a LayerNorm with a non-zero bias) one that varies
+by no more than ``_RESOLVE_RTOL`` of its scale over different inputs. Such a layer is probed
 again in float64 (double copies of the parameters and buffers through
 ``torch.func.functional_call``; the model itself is not touched), where the cancellation
 leaves the true map. Only a seed that is constant in float64 as well (a bare LayerNorm
@@ -82,6 +84,7 @@ class Maps:
         rejected: layers whose cropped forward failed (e.g. a ViT with a fixed image size).
         constant: layers whose seed is constant even in float64 (zero map by construction).
         resolved: layers probed again in float64 (degenerate float32 seed).
+        spreads: per layer, how its seed's channel sum varied over the samples so far.
     """
 
     sums: dict[tuple[str, Index], torch.Tensor] = field(default_factory=dict)
@@ -92,6 +95,7 @@ class Maps:
     rejected: list[str] = field(default_factory=list)
     constant: set[str] = field(default_factory=set)
     resolved: set[str] = field(default_factory=set)
+    spreads: dict[str, _Spread] = field(default_factory=dict)
 
     def add(self, name: str, index: Index, maps: torch.Tensor, keep: bool) -> None:
         key = (name, index)
@@ -104,6 +108,7 @@ class Maps:
         for key in [k for k in self.sums if k[0] == name]:
             del self.sums[key]
             self.per_sample.pop(key, None)
+        self.spreads.pop(name, None)
 
 
 def is_degenerate(unit: torch.Tensor, rtol: float) -> bool:
@@ -121,6 +126,43 @@ def is_degenerate(unit: torch.Tensor, rtol: float) -> bool:
         u = unit.detach().double()
         seed, scale = u.sum(1).abs(), u.abs().sum(1)
         return bool((scale > 0).all()) and bool((seed <= rtol * scale).all())
+
+
+@dataclass
+class _Spread:
+    """The range of a seed's channel sum over the samples seen so far, the largest sum of its
+    absolute values, the first sample's input window, and whether two different inputs
+    were seen (two copies of one image say nothing about how the seed varies)."""
+
+    low: float
+    high: float
+    scale: float
+    first: torch.Tensor
+    varied: bool
+
+    def constant(self, rtol: float) -> bool:
+        return self.varied and self.high - self.low <= rtol * self.scale
+
+
+def _constant_over_samples(
+    spreads: dict[str, _Spread], name: str, unit: torch.Tensor, x: torch.Tensor, rtol: float
+) -> bool:
+    """Whether the channel sum of ``name``'s seed unit ``(N, K)`` has varied by at most
+    ``rtol`` times the sum of its absolute values over different input windows ``x`` (this
+    chunk's and the earlier ones'): a constant seed cancels in float32 like a zero one."""
+    if unit.dim() != 2 or unit.shape[1] < 2:
+        return False
+    with torch.no_grad():
+        u = unit.detach().double()
+        seed, scale = u.sum(1), float(u.abs().sum(1).max())
+        xs = x.detach()
+        s = spreads.get(name)
+        if s is None or s.first.shape != xs.shape[1:]:
+            s = spreads[name] = _Spread(math.inf, -math.inf, 0.0, xs[0].clone(), False)
+        s.low, s.high = min(s.low, float(seed.min())), max(s.high, float(seed.max()))
+        s.scale = max(s.scale, scale)
+        s.varied = s.varied or bool((xs != s.first).any())
+        return s.constant(rtol)
 
 
 def _seed_unit(y: torch.Tensor, index: Index) -> torch.Tensor:
@@ -231,8 +273,10 @@ def _probe_group(
     live = [n for n in names if captured[n]]
     if resolve_rtol is not None:
         for n in live:
-            if _degenerate_mode(plan.mode) and is_degenerate(
-                next(iter(captured[n].values())), resolve_rtol
+            unit = next(iter(captured[n].values()))
+            if _degenerate_mode(plan.mode) and (
+                is_degenerate(unit, resolve_rtol)
+                or _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol)
             ):
                 degenerate.add(n)
         live = [n for n in live if n not in degenerate]
