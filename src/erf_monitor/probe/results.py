@@ -71,8 +71,9 @@ def build_results(plan: ProbePlan, maps: Maps, n: int, keep_per_sample: bool) ->
                 output_index=idx,
                 wrapped=tuple(wrapped),
             )
-        # (an exactly zero map is no rounding noise: dead ReLUs before a bias, said below)
-        if name in maps.constant and len(zero) < len(keyed):
+        # (a non-zero constant seed with an exactly zero map: dead ReLUs before a bias, said
+        # below; a LayerNorm's zero sum is said here, whatever its map)
+        if name in maps.constant and (len(zero) < len(keyed) or name not in maps.steady):
             _warn_constant(name)
             zero = []  # said above, and why
         _warn_layer(name, zero, issues, estimated, keyed, req, name in maps.detached)

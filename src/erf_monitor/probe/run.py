@@ -85,6 +85,8 @@ class Maps:
         constant: layers whose seed is constant even in float64 (zero map by construction).
         resolved: layers probed again in float64 (degenerate float32 seed).
         spreads: per layer, how its seed's channel sum varied over the samples so far.
+        steady: layers found degenerate only by a non-zero constant channel sum (dead ReLUs
+            before a bias give one too, with an exactly zero map).
     """
 
     sums: dict[tuple[str, Index], torch.Tensor] = field(default_factory=dict)
@@ -96,6 +98,7 @@ class Maps:
     constant: set[str] = field(default_factory=set)
     resolved: set[str] = field(default_factory=set)
     spreads: dict[str, _Spread] = field(default_factory=dict)
+    steady: set[str] = field(default_factory=set)
 
     def add(self, name: str, index: Index, maps: torch.Tensor, keep: bool) -> None:
         key = (name, index)
@@ -274,11 +277,13 @@ def _probe_group(
     if resolve_rtol is not None:
         for n in live:
             unit = next(iter(captured[n].values()))
-            if _degenerate_mode(plan.mode) and (
-                is_degenerate(unit, resolve_rtol)
-                or _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol)
-            ):
+            if not _degenerate_mode(plan.mode):
+                continue
+            if is_degenerate(unit, resolve_rtol):
                 degenerate.add(n)
+            elif _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol):
+                degenerate.add(n)
+                maps.steady.add(n)
         live = [n for n in live if n not in degenerate]
     # The group's last backward frees the graph (nothing may keep it alive afterwards).
     last_name = live[-1] if live else None

@@ -357,7 +357,8 @@ def _analytic_units(
         if region.data_dependent:
             trf = data_dependent_trf(spatial, out_spatial, centre_idx, region.data_dependent, "fx")
         else:
-            trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx)
+            pitch = tokens.patch if tokens is not None else None
+            trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx, pitch)
         done[centre_idx] = replace(trf, tokens=tokens is not None)
     return {k: done[idx] for k, idx in wanted.items()}
 
@@ -368,7 +369,12 @@ def _assemble(
     spatial: tuple[int, ...],
     out_spatial: tuple[int, ...],
     centre_idx: tuple[int, ...],
+    pitch: tuple[int, ...] | None = None,
 ) -> TRF:
+    """The TRF of the walk's input ``axes``. A dim whose walk lost the step between units
+    (through a token sequence's flattening) takes the patch size ``pitch`` where it is known
+    (a patch grid need not cover the input: 14 px patches leave 12 of 96 px out), else
+    ``S / S'``."""
     size: list[float] = []
     stride: list[float] = []
     interval: list[tuple[float, float]] = []
@@ -381,12 +387,15 @@ def _assemble(
         is_global = ax.mixed or not out_spatial
         glob.append(is_global)
         clipped.append(_hull(ax.mask))
-        jump = ax.jump if ax.jump is not None else Fraction(spatial[d], s_out)
+        step = Fraction(spatial[d], s_out) if pitch is None else Fraction(pitch[d])
+        jump = ax.jump if ax.jump is not None else step
         stride.append(float(jump))
         if is_global or ax.lo is None or ax.hi is None:
             size.append(math.inf)
             interval.append((-math.inf, math.inf))
-            centre.append(_global_centre(c, spatial[d], s_out))
+            # (with a pitch: the centre of the unit's own patch, (c + 1/2) pitch - 1/2)
+            s_in = spatial[d] if pitch is None else pitch[d] * s_out
+            centre.append(_global_centre(c, s_in, s_out))
         else:
             size.append(float(ax.hi - ax.lo + 1))
             interval.append((ax.lo, ax.hi))
