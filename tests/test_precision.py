@@ -146,3 +146,53 @@ def test_a_seed_constant_in_float64_too_is_warned_about() -> None:
         em.compute_erf(torch.nn.Sequential(Norm()), torch.randn(2, 3, 16, 16), ["0"])
     text = [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
     assert any("constant" in m and "float64" in m for m in text), text
+
+
+# ----------------------------------------------------------------------------- masked logits
+
+
+def test_float64_swin_t_keeps_its_exact_corner_trfs() -> None:
+    # Swin's -100-masked logits are no dependence (docs/guides/vit.md); a float64 gradient
+    # still reaches through them at the exp(-100) level (5e-44 of the mass), which the
+    # consistency check took for a wrong TRF.
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.swin_t().double().eval()
+    x = torch.randn(2, 3, 112, 112, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = em.compute_erf(net, x, ["features.1"], position="corners")
+    assert not [str(w.message) for w in rec if issubclass(w.category, em.ERFProbeWarning)]
+    field = res["features.1"].field
+    assert field is not None
+    corner = field["corner_top_left"]
+    # stage 1: 4 px patches, 7 x 7 windows; the corner token's shifted window is split by the
+    # mask, so it reads its own plain window only: pixels 0..27.
+    assert corner.trf is not None and corner.trf.clipped == ((0, 27), (0, 27))
+    # The map itself, written plainly (channels-last output, token (0, 0), one image at a
+    # time): all but an exp(-100)-sized part of it inside the TRF.
+    total = torch.zeros(112, 112, dtype=torch.float64)
+    for n in range(2):
+        xi = x[n : n + 1].clone().requires_grad_(True)
+        y = net.features[1](net.features[0](xi))
+        (g,) = torch.autograd.grad(y[0, 0, 0, :].sum(), xi)
+        total += g[0].abs().sum(0) / 2
+    assert relative_error(corner.heatmap, total) < 1e-6
+    assert 0 < float(total[28:, :].sum() + total[:28, 28:].sum()) < 1e-40 * float(total.sum())
+
+
+def test_masked_trfs_still_reject_real_spills() -> None:
+    from erf_monitor.probe.results import _checked_trf
+    from erf_monitor.trf.types import TRF
+
+    trf = TRF(
+        size=(4.0, 4.0), stride=(1.0, 1.0), interval=((0, 3), (0, 3)), clipped=((0, 3), (0, 3)),
+        global_dims=(False, False), centre=(1.5, 1.5), output_centre=(0, 0),
+        output_shape=(8, 8), input_shape=(8, 8), method="fx", masked=True,
+    )  # fmt: skip
+    heat = torch.zeros(8, 8, dtype=torch.float64)
+    heat[:4, :4] = 1.0
+    heat[7, 7] = 1e-43 * 16  # exp(-100)-sized: the rule
+    assert _checked_trf(trf, heat) == (trf, None)
+    heat[7, 7] = 1e-9 * 16  # a real dependence the walk missed
+    assert _checked_trf(trf, heat)[0] is None

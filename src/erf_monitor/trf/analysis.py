@@ -359,7 +359,7 @@ def _analytic_units(
         else:
             pitch = tokens.patch if tokens is not None else None
             trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx, pitch)
-        done[centre_idx] = replace(trf, tokens=tokens is not None)
+        done[centre_idx] = replace(trf, tokens=tokens is not None, masked=region.masked)
     return {k: done[idx] for k, idx in wanted.items()}
 
 
