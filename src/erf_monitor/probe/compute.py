@@ -160,8 +160,11 @@ def compute_erf(
             ``"auto"`` crops where the window is clearly smaller than the input and shares
             windows between layers (and between the positions of a layer) where that is
             cheaper; ``True`` crops every layer and position that can be cropped, each to
-            its own window; ``False`` never crops. Layers with a global, non-local or
-            unknown TRF (``trf="skip"``), and ``train_mode``, always use the full input.
+            its own window; ``False`` never crops. In a model that pads from its input's
+            size (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``) a window
+            keeps the input's size modulo the stride, so that it is padded the same way.
+            Layers with a global, non-local or unknown TRF (``trf="skip"``), and
+            ``train_mode``, always use the full input.
         token_layout: how token outputs map onto the patch grid: one
             :class:`~erf_monitor.TokenLayout` for every layer with a token output, or
             ``{layer or glob: TokenLayout}``. Token sequences ``(N, L, D)`` of

@@ -96,6 +96,8 @@ class ProbePlan:
     unit_trfs: dict[str, dict[Index, TRF]] = field(default_factory=dict)
     #: The (unwrapped) model the plan was built for, weakly: its targets are that model's.
     model: weakref.ref[nn.Module] | None = None
+    #: The model pads from its input's size: crops keep that size modulo the stride.
+    sized_padding: bool = False
 
     def built_for(self, model: nn.Module) -> bool:
         """Whether the plan's targets are modules of ``model`` (another instance needs its
@@ -124,7 +126,8 @@ class ProbePlan:
         self.trfs[name] = {k: replace(t, local=False) for k, t in self.trfs.get(name, {}).items()}
         self.unit_trfs[name] = {tuple(t.output_centre): t for t in self.trfs[name].values()}
         seeds = {n: list(dict.fromkeys(self.units[n].values())) for n in self.names}
-        self.groups = plan_groups(seeds, self.unit_trfs, self.spatial, self.crop, self.train_mode)
+        self.groups = plan_groups(seeds, self.unit_trfs, self.spatial, self.crop, self.train_mode,
+                                  self.sized_padding)  # fmt: skip
 
     def primary_trfs(self) -> dict[str, TRF | None]:
         """``{layer: TRF of its primary seed unit}`` (``None`` where unknown)."""
@@ -141,6 +144,13 @@ def probe_dtype(requested: torch.dtype | None, param_dtype: torch.dtype) -> torc
     if param_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return param_dtype if param_dtype.is_floating_point else torch.float32
+
+
+def pads_from_size(net: nn.Module) -> bool:
+    """Whether ``net`` has modules that pad from their input's size, TensorFlow's "SAME" way
+    (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``; the traced graph holds
+    their paddings as numbers, so the analysis cannot tell)."""
+    return any(type(m).__name__.endswith("Same") for m in net.modules())
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
@@ -265,7 +275,8 @@ def _build(
         trfs = {n: {k: _batch_coupled(t) for k, t in units_.items()} for n, units_ in trfs.items()}
     unit_trfs = {n: {tuple(t.output_centre): t for t in trfs.get(n, {}).values()} for n in names}
     seeds = {n: list(dict.fromkeys(units[n].values())) for n in names}
-    groups = plan_groups(seeds, unit_trfs, spatial, crop, train_mode)
+    sized = pads_from_size(net)
+    groups = plan_groups(seeds, unit_trfs, spatial, crop, train_mode, sized)
     return ProbePlan(
         targets=targets,
         input_shape=input_shape,
@@ -282,6 +293,7 @@ def _build(
         trf_error=trf_error,
         unit_trfs=unit_trfs,
         model=weakref.ref(net),
+        sized_padding=sized,
     )
 
 
