@@ -85,3 +85,10 @@ def test_bench_call(tmp_path: Path) -> None:
     report = run_benchmark("bench_call.py", tmp_path)
     assert set(report["medians"]["after"]) == {"plain", "fresh", "cached"}
     assert report["map_difference"]["after"] < 1e-4  # the probe's map is the plain loop's
+
+
+@pytest.mark.slow
+def test_bench_loop_trace(tmp_path: Path) -> None:
+    report = run_benchmark("bench_loop_trace.py", tmp_path)
+    (row,) = report["rows"]
+    assert row["method"] == "numeric" and row["tokens"] == 324  # the loop stops the trace

@@ -323,9 +323,9 @@ def _trace_first(
     layers: str | Sequence[str],
     forward_fn: ForwardFn | None,
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    """The analysis' trace and the layers' output shapes read from it, or ``(None, {})``
-    when the layers or the trace fail here (the targets stage then says why, or the analysis
-    falls back as it would)."""
+    """The analysis' trace and the layers' output shapes read from it; ``(None, {})`` when
+    the layers fail here (the targets stage then says why), ``(Unsupported, {})`` when the
+    trace does (the analysis falls back as it would, without tracing again)."""
     from erf_monitor.targets.layers import resolve_layers
     from erf_monitor.trf.analysis import trace_layers, traced_shape
     from erf_monitor.trf.fx import Unsupported
@@ -333,7 +333,9 @@ def _trace_first(
     try:
         specs = resolve_layers(model, layers)
         traced = trace_layers(net, input_shape, specs, forward_fn)
-    except (Unsupported, ValueError, TypeError):
+    except Unsupported as exc:
+        return exc, {}
+    except (ValueError, TypeError):
         return None, {}
     shapes = {s: traced_shape(traced, net, s) for s in specs}
     return traced, {s: shape for s, shape in shapes.items() if shape is not None}

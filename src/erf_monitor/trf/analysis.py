@@ -77,7 +77,7 @@ def theoretical_rfs(
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
-    traced: TracedModel | None = None,
+    traced: TracedModel | Unsupported | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
@@ -86,7 +86,8 @@ def theoretical_rfs(
     ``positions`` is a :class:`~erf_monitor.targets.positions.PositionRequest` (every probed
     position of it, the centre included for sets) or ``None`` (the centre unit only, key
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
-    ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already.
+    ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already
+    (or why it failed: the analysis then goes on as if it had failed here).
     """
     from erf_monitor.targets.positions import PositionRequest
 
@@ -257,8 +258,10 @@ def _analytic(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
     units: UnitsFn | None = None,
-    traced: TracedModel | None = None,
+    traced: TracedModel | Unsupported | None = None,
 ) -> dict[str, dict[str, TRF]]:
+    if isinstance(traced, Unsupported):
+        raise traced  # the caller's trace failed already: not twice
     if traced is None:
         traced = trace_layers(net, (channels, *spatial), names, forward_fn)
     layouts = layouts_for(token_layout, names)
