@@ -17,10 +17,6 @@ so every proxy carries its concrete value:
   still cannot be traced stays a single call.
 
 Control flow that depends on the input's values cannot be traced (:class:`Unsupported`).
-Nor is a Python loop over the input's elements (a selective scan written as a loop over
-tokens) unrolled: once one op of one module has been recorded ``MAX_REPEATS`` times, the
-trace stops (:class:`Unsupported`, naming the op): unrolling costs far more than a forward
-(0.5 ms an op), and the numeric method measures such a model in a few forwards.
 
 The values the input feeds are those of a zeros image: nothing but their shapes and dtypes
 is ever read (a decision on them is refused, and they are dropped after tracing). So the
@@ -51,10 +47,6 @@ from erf_monitor.core.buffers import preserved_buffers
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
 ROOT = "model"
-
-#: How often one op of one module may be recorded before the trace gives up (a loop over the
-#: input's elements); blocks apply an op a few times, a loop over tokens hundreds.
-MAX_REPEATS = 256
 
 
 class _StopTrace(BaseException):
@@ -211,7 +203,6 @@ class ConcreteTracer(fx.Tracer):
         self._attr_names: dict[int, str] | None = None
         self._refs: dict[fx.Node, int] = {}  # live proxies per node
         self._called: dict[str, nn.Module] = {}  # path -> module, of the modules called
-        self._repeats: dict[tuple[str, str], int] = {}  # (module, op) -> nodes recorded
 
     def retain(self, node: fx.Node) -> None:
         self._refs[node] = self._refs.get(node, 0) + 1
@@ -287,7 +278,6 @@ class ConcreteTracer(fx.Tracer):
             )
         if target is operator.setitem:
             raise fx.proxy.TraceError("the forward assigns into a tensor (x[...] = ...)")
-        self._count(kind, target)
         value = self._run(kind, target, self._concrete(args), self._concrete(kwargs), True)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         self.values[proxy.node] = value
@@ -298,17 +288,6 @@ class ConcreteTracer(fx.Tracer):
             # Later uses of the mutated proxy read the op's result (``x.add_(y)``, then ``x``).
             args[0].node = proxy.node
         return proxy
-
-    def _count(self, kind: str, target: Any) -> None:
-        """Refuse a loop over the input's elements (see ``MAX_REPEATS``)."""
-        key = (self.scope.module_path, _op_name_of(kind, target))
-        count = self._repeats[key] = self._repeats.get(key, 0) + 1
-        if count > MAX_REPEATS:
-            where = f"module {canonical(key[0])!r}" if canonical(key[0]) else "the model"
-            raise fx.proxy.TraceError(
-                f"{key[1]} ran more than {MAX_REPEATS} times in {where}: a Python loop over "
-                "the input's elements (a scan over tokens?), which the trace would unroll"
-            )
 
     def _reads_values(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: Any) -> bool:
         meta_only = (kind == "call_method" and target in _META_METHODS) or (
