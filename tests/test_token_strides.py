@@ -75,3 +75,15 @@ def test_the_ambiguity_error_proposes_only_the_models_patch() -> None:
     layout = em.TokenLayout(grid=(7, 7), prefix_tokens=1, suffix_tokens=1)
     trf = em.theoretical_rf(net, (3, 105, 105), ["encoder.layer.0[0]"], token_layout=layout)
     assert trf["encoder.layer.0[0]"].stride == (14.0, 14.0)
+
+
+@pytest.mark.parametrize("px", [96, 105])
+def test_the_numeric_method_reports_the_patch_stride_too(px: int) -> None:
+    net = _dinov2()
+    c = (px // 14) // 2
+    names = ["embeddings.patch_embeddings", "encoder.layer.0"]
+    trfs = em.theoretical_rf(net, (3, px, px), names, method="numeric")
+    embed, block = trfs[names[0]], trfs[names[1]]
+    assert embed.clipped == ((14 * c, 14 * c + 13),) * 2 and embed.stride == (14.0, 14.0)
+    assert block.is_global and block.stride == (14.0, 14.0)  # was 16 / 15
+    assert block.centre == (14 * c + 6.5,) * 2

@@ -636,7 +636,7 @@ def _capture(
     fwd: ForwardFn,
     x: Tensor,
     layouts: Mapping[str, TokenLayout] | None = None,
-    info: dict[str, tuple[bool, str]] | None = None,
+    info: dict[str, tuple[bool, str, tuple[int, ...] | None]] | None = None,
     track: bool = True,
 ) -> dict[str, Tensor]:
     """Run the surrogate on ``x``; the first output of each layer (hooks always removed).
@@ -695,7 +695,8 @@ def _capture(
             if tokens is not None:
                 captured[name] = tokens_to_spatial(out, tokens)
         if info is not None:
-            info[name] = (tokens is not None, reasons.get(name, ""))
+            patch = tokens.patch if tokens is not None else None
+            info[name] = (tokens is not None, reasons.get(name, ""), patch)
     return captured
 
 
@@ -719,7 +720,7 @@ def _numeric(
     def rand(n: int) -> Tensor:
         return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
 
-    info: dict[str, tuple[bool, str]] = {}
+    info: dict[str, tuple[bool, str, tuple[int, ...] | None]] = {}
     x = rand(1)
     with torch.no_grad():
         try:
@@ -768,9 +769,11 @@ def _numeric(
         for name in probed
         if "first" in units_of[name]
         and any(
-            _hull(m) == (0, n - 1) and s_out > 1
+            _hull(m) == (0, min(n, p * s_out) - 1) and s_out > 1
             for i in range(len(seeds[name]))
-            for m, n, s_out in zip(supports[name][f"{i}:centre"], spatial, shapes[name][2:])
+            for m, n, s_out, p in zip(
+                supports[name][f"{i}:centre"], spatial, shapes[name][2:], info[name][2] or spatial
+            )
         )
     ]
     _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
@@ -788,7 +791,7 @@ def _numeric(
                 }
                 if "first" in supports[name]:
                     sup["first"] = supports[name]["first"]
-                trf = _numeric_trf(sup, spatial, grids[name], idx)
+                trf = _numeric_trf(sup, spatial, grids[name], idx, info[name][2])
             by_index[idx] = replace(trf, tokens=info[name][0])
         out[name] = {key: by_index[idx] for key, idx in wanted[name].items()}
     return out
@@ -913,7 +916,10 @@ def _numeric_trf(
     spatial: tuple[int, ...],
     out_spatial: tuple[int, ...],
     centre_idx: tuple[int, ...],
+    pitch: tuple[int, ...] | None = None,
 ) -> TRF:
+    """The TRF read off gradient supports (see ``_numeric_units``); ``pitch``: a token
+    grid's patch size, its stride where the neighbour's support does not tell."""
     nd = len(spatial)
     size: list[float] = []
     stride: list[float] = []
@@ -927,13 +933,14 @@ def _numeric_trf(
         c = centre_idx[d] if out_spatial else 0
         lo, hi = _hull(sup["centre"][d])
         clipped.append((lo, hi))
-        whole = lo == 0 and hi == n - 1
+        s_in = n if pitch is None else pitch[d] * s_out  # (a patch grid may leave pixels out)
+        seen = (0, min(n, s_in) - 1)  # every pixel a unit can see
         first = sup.get("first")
         is_global = not out_spatial or (
-            s_out > 1 and whole and first is not None and _hull(first[d]) == (0, n - 1)
+            s_out > 1 and (lo, hi) == seen and first is not None and _hull(first[d]) == seen
         )
         glob.append(is_global)
-        jump: float = s_out and n / s_out
+        jump: float = (s_out and n / s_out) if pitch is None else float(pitch[d])
         nxt, prv = sup.get(f"next{d}"), sup.get(f"prev{d}")
         # The unit and its neighbour, the lower index first (a unit at the end: its previous).
         pair = (
@@ -954,12 +961,12 @@ def _numeric_trf(
         if is_global or hi < lo:
             size.append(math.inf if is_global else 0.0)
             interval.append((-math.inf, math.inf) if is_global else (lo, hi))
-            centre.append(_global_centre(c, n, s_out))
+            centre.append(_global_centre(c, s_in, s_out))
         else:
             size.append(float(hi - lo + 1))
             interval.append((lo, hi))
             touches = lo == 0 or hi == n - 1
-            centre.append(_global_centre(c, n, s_out) if touches else (lo + hi) / 2)
+            centre.append(_global_centre(c, s_in, s_out) if touches else (lo + hi) / 2)
     return TRF(
         size=tuple(size),
         stride=tuple(stride),
