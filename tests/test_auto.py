@@ -102,3 +102,58 @@ def test_shared_modules_and_heads_are_not_picked() -> None:
 def test_auto_refuses_models_without_maps() -> None:
     with pytest.raises(ValueError, match="name the layers explicitly"):
         pick_layers(nn.Sequential(nn.Flatten(), nn.Linear(48, 4)), torch.randn(1, 3, 4, 4))
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm that holds its activation (and an Identity)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class _ConvNormAct(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn = _NormAct(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class _Down(nn.Module):
+    """A RegNet bottleneck: conv on the old grid, stride-2 conv, a shortcut, relu(sum)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = _ConvNormAct(cin, cout)
+        self.conv2 = _ConvNormAct(cout, cout, stride=2)
+        self.downsample = nn.Conv2d(cin, cout, 1, stride=2)
+        self.act3 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act3(self.conv2(self.conv1(x)) + self.downsample(x))
+
+
+@pytest.mark.parametrize("px", [32, 48])
+def test_block_entry_layers_with_a_norm_that_holds_its_activation_are_skipped(px: int) -> None:
+    # Rule 3: conv1 runs on the old grid inside a block that changes it; at 48 px the
+    # stage output is (N, 12, 12, 12), a cube that only the block's own convolution tells.
+    net = nn.Sequential(_ConvNormAct(3, 8, stride=2), _Down(8, 12), _Down(12, 16))
+    assert pick_layers(net, torch.randn(2, 3, px, px)).names == ["0", "1", "2"]
+
+
+def test_timm_regnet_and_mobilevit_follow_rule_3() -> None:
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 96, 96)
+    regnet = timm.create_model("regnetx_002", pretrained=False)
+    # (was ['stem', 's2.b1.conv1', 's2', 's3', 's4'] at 96 px, s1.b1.conv1 ... at 64 px)
+    assert pick_layers(regnet, x).names == ["stem", "s1", "s2", "s3", "s4"]
+    mobilevit = timm.create_model("mobilevit_xxs", pretrained=False)
+    names = ["stages.0", "stages.1", "stages.2", "stages.3", "final_conv"]
+    assert pick_layers(mobilevit, x).names == names

@@ -85,3 +85,11 @@ def test_bench_call(tmp_path: Path) -> None:
     report = run_benchmark("bench_call.py", tmp_path)
     assert set(report["medians"]["after"]) == {"plain", "fresh", "cached"}
     assert report["map_difference"]["after"] < 1e-4  # the probe's map is the plain loop's
+
+
+@pytest.mark.slow
+def test_bench_loop_trace(tmp_path: Path) -> None:
+    report = run_benchmark("bench_loop_trace.py", tmp_path)
+    (row,) = report["rows"]
+    assert row["method"] == "fx" and row["tokens"] == 64
+    assert set(row["median_cpu_s"]) == {"forward", "trf", "trf_numeric", "probe"}

@@ -267,7 +267,7 @@ def test_non_finite_inputs_are_refused(bad: float) -> None:
     # float16 probes: a finite float32 value that overflows the probe dtype is refused too.
     big = torch.full((1, 3, 8, 8), 1e6)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        em.compute_erf(net.half(), big, ["2"], trf="skip", crop=False)
+        em.compute_erf(net.half(), big, ["2"], trf="skip", crop=False, dtype=torch.float16)
 
 
 def test_monitor_warns_once_and_skips_probes_of_a_non_finite_batch() -> None:

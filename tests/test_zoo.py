@@ -81,6 +81,10 @@ EXPECTED: dict[str, list[str]] = {
     "vit_tiny_patch16_224": ["blocks"],
     "swin_tiny_patch4_window7_224": ["layers.0", "layers.1", "layers.2", "layers"],
     "timm:efficientnet_b0": ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"],
+    # (was s1.b1.conv1 ... on the old grids: a ConvNormAct whose BatchNormAct2d holds its
+    # activation was not taken for a layer, and 24 channels on a 24 x 24 grid hid s1)
+    "regnetx_002": ["stem", "s1", "s2", "s3", "s4"],
+    "mobilevit_xxs": ["stages.0", "stages.1", "stages.2", "stages.3", "final_conv"],
     "ViTForImageClassification": ["vit.layers.1"],
     "ConvNextForImageClassification": [
         "convnext.encoder.stages.0", "convnext.encoder.stages.1", "convnext.encoder.stages.2",

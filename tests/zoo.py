@@ -208,6 +208,8 @@ ZOO: list[Entry] = [
         note="img_size=64",
     ),
     Entry("efficientnet_b0", "timm", _timm("efficientnet_b0")),
+    Entry("regnetx_002", "timm", _timm("regnetx_002")),
+    Entry("mobilevit_xxs", "timm", _timm("mobilevit_xxs")),
     # Hugging Face transformers, small configurations
     Entry("ViTForImageClassification", "transformers", _hf("vit"), note="2 layers, width 48"),
     Entry(

@@ -139,12 +139,14 @@ def compute_erf(
             ``model(x)``); for models whose ``forward`` does not take the image directly.
         train_mode: probe in train mode. Then BatchNorm mixes samples (maps are no longer
             per-sample) and dropout is active; buffers and RNG are still restored.
-        dtype: dtype of the probe inputs; default the parameters' dtype (float32, float64
-            or half; float32 for a model without floating-point parameters). The model is not
-            cast: a float64 probe needs a float64 model. Autocast is disabled during the
-            probe. A layer whose seed cancels in float32 (a channel sum after a LayerNorm, e.g.
-            a ConvNeXt stage at initialisation) is probed again in float64 on its own, so that
-            its map is exact (docs/concepts.md, "Precision").
+        dtype: dtype of the probe; default the parameters' dtype (float32 or float64),
+            float32 for a float16 or bfloat16 model (probed with float32 copies of its
+            weights, so that its maps are exact; ``dtype=torch.bfloat16`` probes in the
+            model's own arithmetic) and for a model without floating-point parameters. The
+            model is not cast: a float64 probe needs a float64 model. Autocast is disabled
+            during the probe. A layer whose seed cancels in float32 (a channel sum after a
+            LayerNorm, e.g. a ConvNeXt stage at initialisation) is probed again in float64 on
+            its own, so that its map is exact (docs/concepts.md, "Precision").
         keep_per_sample: also return the per-sample maps ``(N, *S)`` (before the mode's
             normalisation over samples).
         trf: precomputed TRFs per layer (from :func:`theoretical_rf` with the same ``mode``,
@@ -158,8 +160,11 @@ def compute_erf(
             ``"auto"`` crops where the window is clearly smaller than the input and shares
             windows between layers (and between the positions of a layer) where that is
             cheaper; ``True`` crops every layer and position that can be cropped, each to
-            its own window; ``False`` never crops. Layers with a global, non-local or
-            unknown TRF (``trf="skip"``), and ``train_mode``, always use the full input.
+            its own window; ``False`` never crops. In a model that pads from its input's
+            size (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``) a window
+            keeps the input's size modulo the stride, so that it is padded the same way.
+            Layers with a global, non-local or unknown TRF (``trf="skip"``), and
+            ``train_mode``, always use the full input.
         token_layout: how token outputs map onto the patch grid: one
             :class:`~erf_monitor.TokenLayout` for every layer with a token output, or
             ``{layer or glob: TokenLayout}``. Token sequences ``(N, L, D)`` of

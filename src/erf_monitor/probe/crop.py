@@ -5,6 +5,10 @@ the way is local and shift-equivariant with integer strides (``TRF.local``) the 
 computed on a crop of the input that contains the clipped TRF, starts at a multiple of the
 layer's effective stride and keeps the zero padding of the real borders, is *exactly* the
 unit of the full computation (it sits at ``index - start // stride`` of the cropped output).
+In a model that pads from the size of its input (TensorFlow's "SAME", timm's ``Conv2dSame``:
+the left padding depends on the size's parity), a window that stops before the input's end
+also has the input's size modulo the stride, so that the crop is padded as the input is,
+layer by layer (``sized_padding``).
 Layers are grouped by window (a layer joins a larger window when that is cheaper than a
 forward of its own); a layer's seed units run on one window around all of them or each on
 its own, whichever :func:`_cost` says is cheaper. Windows keep a one-pixel margin outside the
@@ -115,8 +119,11 @@ def integer_strides(trf: TRF) -> tuple[int, ...] | None:
     return tuple(strides)
 
 
-def crop_window(trf: TRF | None, spatial: tuple[int, ...]) -> Window | None:
-    """The stride-aligned window (with margin) that reproduces the layer's centre unit exactly.
+def crop_window(
+    trf: TRF | None, spatial: tuple[int, ...], sized_padding: bool = False
+) -> Window | None:
+    """The stride-aligned window (with margin) that reproduces the layer's centre unit exactly
+    (``sized_padding``: its size is the input's modulo the stride; see the module docstring).
 
     ``None`` when the layer must run on the full input: no TRF, not local, global, a TRF for
     another input shape, non-integer strides, or a window as large as the input.
@@ -137,18 +144,24 @@ def crop_window(trf: TRF | None, spatial: tuple[int, ...]) -> Window | None:
         # and the output grid that depends on it, stay as they are.
         a = 0 if u_lo < 0 else max(int(lo) - _CROP_MARGIN, 0)
         start.append(a - a % s)
-        stop.append(size if u_hi > size - 1 else min(int(hi) + 1 + _CROP_MARGIN, size))
+        b = size if u_hi > size - 1 else min(int(hi) + 1 + _CROP_MARGIN, size)
+        stop.append(b + (size - b) % s if sized_padding else b)
     window = Window(tuple(start), tuple(stop))
     if window.shape == spatial:
         return None
     return window
 
 
-def _aligned(window: Window | None, trf: TRF | None) -> bool:
+def _aligned(window: Window | None, trf: TRF | None, sized_padding: bool = False) -> bool:
     if window is None:
         return True
     strides = None if trf is None else integer_strides(trf)
-    return strides is not None and all(a % s == 0 for a, s in zip(window.start, strides))
+    if strides is None or trf is None:
+        return False
+    return all(
+        a % s == 0 and (not sized_padding or (n - b) % s == 0)
+        for a, b, s, n in zip(window.start, window.stop, strides, trf.input_shape)
+    )
 
 
 #: The planner's cost of a forward on a window of ``A`` pixels is ``A ** _PIXEL_EXPONENT`` plus
@@ -194,7 +207,7 @@ def _union(windows: Sequence[Window], spatial: tuple[int, ...]) -> Window | None
 
 
 def _layer_items(
-    units: Mapping[Index, TRF], spatial: tuple[int, ...], crop: CropOption
+    units: Mapping[Index, TRF], spatial: tuple[int, ...], crop: CropOption, sized: bool = False
 ) -> list[tuple[Window | None, list[Index]]]:
     """How one layer's seed units are cropped: ``[(window, units)]``.
 
@@ -205,7 +218,7 @@ def _layer_items(
     total = math.prod(spatial)
     windows: dict[Index, Window | None] = {}
     for idx, trf in units.items():
-        w = crop_window(trf, spatial)
+        w = crop_window(trf, spatial, sized)
         if w is not None and crop == "auto" and w.area > _CROP_MAX_FRACTION * total:
             w = None
         windows[idx] = w
@@ -233,11 +246,13 @@ def plan_groups(
     spatial: tuple[int, ...],
     crop: CropOption,
     train_mode: bool,
+    sized_padding: bool = False,
 ) -> list[Group]:
     """Group seed units by input window; the full-input group (if any) comes last.
 
     ``units[layer]`` lists the layer's seed units (in layer order), ``trfs[layer]`` maps a
-    unit to its TRF; a unit without one is probed on the full input.
+    unit to its TRF; a unit without one is probed on the full input. ``sized_padding``: the
+    model pads from its input's size (see the module docstring).
     """
     names = list(units)
     by_index = {name: dict(trfs.get(name) or {}) for name in names}
@@ -254,7 +269,8 @@ def plan_groups(
         if unknown:
             items.append((name, None, unknown))
         if known:
-            items += [(name, w, idxs) for w, idxs in _layer_items(known, spatial, crop)]
+            layer_items = _layer_items(known, spatial, crop, sized_padding)
+            items += [(name, w, idxs) for w, idxs in layer_items]
     full = Group(None, [])
     groups: list[Group] = []
 
@@ -274,7 +290,7 @@ def plan_groups(
             g_area = area(gw)
             if gw is not None and not gw.contains(w):
                 continue
-            if not _aligned(gw, layer_trf):
+            if not _aligned(gw, layer_trf, sized_padding):
                 continue
             same = gw == w
             if not same and (crop is True or w.area < _CROP_MERGE_FRACTION * g_area):

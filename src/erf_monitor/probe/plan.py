@@ -97,6 +97,8 @@ class ProbePlan:
     unit_trfs: dict[str, dict[Index, TRF]] = field(default_factory=dict)
     #: The (unwrapped) model the plan was built for, weakly: its targets are that model's.
     model: weakref.ref[nn.Module] | None = None
+    #: The model pads from its input's size: crops keep that size modulo the stride.
+    sized_padding: bool = False
 
     def built_for(self, model: nn.Module) -> bool:
         """Whether the plan's targets are modules of ``model`` (another instance needs its
@@ -125,7 +127,8 @@ class ProbePlan:
         self.trfs[name] = {k: replace(t, local=False) for k, t in self.trfs.get(name, {}).items()}
         self.unit_trfs[name] = {tuple(t.output_centre): t for t in self.trfs[name].values()}
         seeds = {n: list(dict.fromkeys(self.units[n].values())) for n in self.names}
-        self.groups = plan_groups(seeds, self.unit_trfs, self.spatial, self.crop, self.train_mode)
+        self.groups = plan_groups(seeds, self.unit_trfs, self.spatial, self.crop, self.train_mode,
+                                  self.sized_padding)  # fmt: skip
 
     def primary_trfs(self) -> dict[str, TRF | None]:
         """``{layer: TRF of its primary seed unit}`` (``None`` where unknown)."""
@@ -134,11 +137,21 @@ class ProbePlan:
 
 
 def probe_dtype(requested: torch.dtype | None, param_dtype: torch.dtype) -> torch.dtype:
-    """The probe's dtype: the one asked for, else the parameters' (float64 and half models
-    included), float32 for models without floating-point parameters."""
+    """The probe's dtype: the one asked for, else the parameters' (float64 models included),
+    float32 for half-precision models (probed with float32 copies of their weights: half
+    arithmetic leaves maps several percent off) and for models without floating parameters."""
     if requested is not None:
         return requested
+    if param_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
     return param_dtype if param_dtype.is_floating_point else torch.float32
+
+
+def pads_from_size(net: nn.Module) -> bool:
+    """Whether ``net`` has modules that pad from their input's size, TensorFlow's "SAME" way
+    (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``; the traced graph holds
+    their paddings as numbers, so the analysis cannot tell)."""
+    return any(type(m).__name__.endswith("Same") for m in net.modules())
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
@@ -223,9 +236,12 @@ def _build(
     if analyse and not (isinstance(layers, str) and layers == "auto"):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
         traced, known = _trace_first(net, input_shape, model, layers, forward_fn)
-    targets = tuple(
-        resolve_targets(model, layers, example[:2].detach(), forward_fn, token_layout, known)
-    )
+    # The forward that reads the layers' outputs runs the model as it is: a half model on a
+    # half example (only shapes are read; the probe computes in ``example``'s dtype).
+    _, native = model_device_dtype(net)
+    first = example[:2].detach()
+    first = first.to(native) if native in (torch.float16, torch.bfloat16) else first
+    targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known))
     names = [t.spec for t in targets]
     layouts = {t.spec: t.token_layout for t in targets if t.token_layout is not None}
     units = {t.spec: req.indices(t.grid, mode, t.tokens, t.spec) for t in targets}
@@ -257,7 +273,8 @@ def _build(
         trfs = {n: {k: _batch_coupled(t) for k, t in units_.items()} for n, units_ in trfs.items()}
     unit_trfs = {n: {tuple(t.output_centre): t for t in trfs.get(n, {}).values()} for n in names}
     seeds = {n: list(dict.fromkeys(units[n].values())) for n in names}
-    groups = plan_groups(seeds, unit_trfs, spatial, crop, train_mode)
+    sized = pads_from_size(net)
+    groups = plan_groups(seeds, unit_trfs, spatial, crop, train_mode, sized)
     return ProbePlan(
         targets=targets,
         input_shape=input_shape,
@@ -274,6 +291,7 @@ def _build(
         trf_error=trf_error,
         unit_trfs=unit_trfs,
         model=weakref.ref(net),
+        sized_padding=sized,
     )
 
 
@@ -303,9 +321,9 @@ def _trace_first(
     layers: str | Sequence[str],
     forward_fn: ForwardFn | None,
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    """The analysis' trace and the layers' output shapes read from it, or ``(None, {})``
-    when the layers or the trace fail here (the targets stage then says why, or the analysis
-    falls back as it would)."""
+    """The analysis' trace and the layers' output shapes read from it; ``(None, {})`` when
+    the layers fail here (the targets stage then says why), ``(Unsupported, {})`` when the
+    trace does (the analysis falls back as it would, without tracing again)."""
     from erf_monitor.targets.layers import resolve_layers
     from erf_monitor.trf.analysis import trace_layers, traced_shape
     from erf_monitor.trf.fx import Unsupported
@@ -313,7 +331,9 @@ def _trace_first(
     try:
         specs = resolve_layers(model, layers)
         traced = trace_layers(net, input_shape, specs, forward_fn)
-    except (Unsupported, ValueError, TypeError):
+    except Unsupported as exc:
+        return exc, {}
+    except (ValueError, TypeError):
         return None, {}
     shapes = {s: traced_shape(traced, net, s) for s in specs}
     return traced, {s: shape for s, shape in shapes.items() if shape is not None}

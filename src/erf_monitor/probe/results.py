@@ -22,6 +22,7 @@ from erf_monitor.probe.crop import Index
 from erf_monitor.probe.plan import ProbePlan
 from erf_monitor.probe.run import Maps
 from erf_monitor.targets.positions import PositionRequest
+from erf_monitor.trf.masks import MASKED
 from erf_monitor.trf.types import TRF, wrap_flags
 
 __all__ = ["build_results", "mass_outside", "proportional_centre"]
@@ -71,7 +72,9 @@ def build_results(plan: ProbePlan, maps: Maps, n: int, keep_per_sample: bool) ->
                 output_index=idx,
                 wrapped=tuple(wrapped),
             )
-        if name in maps.constant:
+        # (a non-zero constant seed with an exactly zero map: dead ReLUs before a bias, said
+        # below; a LayerNorm's zero sum is said here, whatever its map)
+        if name in maps.constant and (len(zero) < len(keyed) or name not in maps.steady):
             _warn_constant(name)
             zero = []  # said above, and why
         _warn_layer(name, zero, issues, estimated, keyed, req, name in maps.detached)
@@ -219,12 +222,19 @@ def _unit_centre(
     return proportional_centre(index, grid, spatial), bool(grid)
 
 
+#: Mass outside a TRF that leaves out masked attention logits (``TRF.masked``) that the
+#: masked-logit rule excuses: a masked key's weight is ``exp(-100)`` times an unmasked one's
+#: of equal score; half that exponent leaves room for scores 50 apart.
+MASKED_SPILL = math.exp(MASKED / 2)
+
+
 def _checked_trf(trf: TRF | None, total: torch.Tensor) -> tuple[TRF | None, str | None]:
-    """The consistency check: a finite TRF that the map has mass outside of is wrong."""
+    """The consistency check: a finite TRF that the map has mass outside of is wrong (but
+    for the ``exp(-100)``-sized gradients through masked logits, which are no dependence)."""
     if trf is None or trf.is_global or tuple(trf.input_shape) != tuple(total.shape):
         return trf, None
     spill = mass_outside(total, trf)
-    if spill == 0.0:
+    if spill == 0.0 or (trf.masked and spill <= MASKED_SPILL):
         return trf, None
     issue = (
         f"{spill:.3g} of the ERF mass lies outside the clipped TRF {trf.clipped} ({trf}): the "

@@ -16,11 +16,15 @@ that cannot be reproduced exactly are probed again on the full input
 
 **Precision.** A seed that is (nearly) constant over inputs — the channel sum right after a
 LayerNorm, as in a ConvNeXt stage at initialisation whose blocks add ``1e-6 * f(x)`` to a
-normalised map — cancels in float32: its gradient is rounding noise. Such a layer is probed
+normalised map — cancels in float32: its gradient is rounding noise. It is recognised by a
+channel sum near zero in every sample, or (a LayerNorm with a non-zero bias) one that varies
+by no more than ``_RESOLVE_RTOL`` of its scale over different inputs. Such a layer is probed
 again in float64 (double copies of the parameters and buffers through
 ``torch.func.functional_call``; the model itself is not touched), where the cancellation
 leaves the true map. Only a seed that is constant in float64 as well (a bare LayerNorm
-output: its ERF is zero by construction) is warned about.
+output: its ERF is zero by construction) is warned about. A float16 or bfloat16 model is
+probed in float32 by default, the same way (float32 copies of its half weights): half
+arithmetic leaves its maps several percent off.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ class Maps:
         rejected: layers whose cropped forward failed (e.g. a ViT with a fixed image size).
         constant: layers whose seed is constant even in float64 (zero map by construction).
         resolved: layers probed again in float64 (degenerate float32 seed).
+        spreads: per layer, how its seed's channel sum varied over the samples so far.
+        steady: layers found degenerate only by a non-zero constant channel sum (dead ReLUs
+            before a bias give one too, with an exactly zero map).
     """
 
     sums: dict[tuple[str, Index], torch.Tensor] = field(default_factory=dict)
@@ -90,6 +97,8 @@ class Maps:
     rejected: list[str] = field(default_factory=list)
     constant: set[str] = field(default_factory=set)
     resolved: set[str] = field(default_factory=set)
+    spreads: dict[str, _Spread] = field(default_factory=dict)
+    steady: set[str] = field(default_factory=set)
 
     def add(self, name: str, index: Index, maps: torch.Tensor, keep: bool) -> None:
         key = (name, index)
@@ -102,6 +111,7 @@ class Maps:
         for key in [k for k in self.sums if k[0] == name]:
             del self.sums[key]
             self.per_sample.pop(key, None)
+        self.spreads.pop(name, None)
 
 
 def is_degenerate(unit: torch.Tensor, rtol: float) -> bool:
@@ -119,6 +129,43 @@ def is_degenerate(unit: torch.Tensor, rtol: float) -> bool:
         u = unit.detach().double()
         seed, scale = u.sum(1).abs(), u.abs().sum(1)
         return bool((scale > 0).all()) and bool((seed <= rtol * scale).all())
+
+
+@dataclass
+class _Spread:
+    """The range of a seed's channel sum over the samples seen so far, the largest sum of its
+    absolute values, the first sample's input window, and whether two different inputs
+    were seen (two copies of one image say nothing about how the seed varies)."""
+
+    low: float
+    high: float
+    scale: float
+    first: torch.Tensor
+    varied: bool
+
+    def constant(self, rtol: float) -> bool:
+        return self.varied and self.high - self.low <= rtol * self.scale
+
+
+def _constant_over_samples(
+    spreads: dict[str, _Spread], name: str, unit: torch.Tensor, x: torch.Tensor, rtol: float
+) -> bool:
+    """Whether the channel sum of ``name``'s seed unit ``(N, K)`` has varied by at most
+    ``rtol`` times the sum of its absolute values over different input windows ``x`` (this
+    chunk's and the earlier ones'): a constant seed cancels in float32 like a zero one."""
+    if unit.dim() != 2 or unit.shape[1] < 2:
+        return False
+    with torch.no_grad():
+        u = unit.detach().double()
+        seed, scale = u.sum(1), float(u.abs().sum(1).max())
+        xs = x.detach()
+        s = spreads.get(name)
+        if s is None or s.first.shape != xs.shape[1:]:
+            s = spreads[name] = _Spread(math.inf, -math.inf, 0.0, xs[0].clone(), False)
+        s.low, s.high = min(s.low, float(seed.min())), max(s.high, float(seed.max()))
+        s.scale = max(s.scale, scale)
+        s.varied = s.varied or bool((xs != s.first).any())
+        return s.constant(rtol)
 
 
 def _seed_unit(y: torch.Tensor, index: Index) -> torch.Tensor:
@@ -229,10 +276,14 @@ def _probe_group(
     live = [n for n in names if captured[n]]
     if resolve_rtol is not None:
         for n in live:
-            if _degenerate_mode(plan.mode) and is_degenerate(
-                next(iter(captured[n].values())), resolve_rtol
-            ):
+            unit = next(iter(captured[n].values()))
+            if not _degenerate_mode(plan.mode):
+                continue
+            if is_degenerate(unit, resolve_rtol):
                 degenerate.add(n)
+            elif _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol):
+                degenerate.add(n)
+                maps.steady.add(n)
         live = [n for n in live if n not in degenerate]
     # The group's last backward frees the graph (nothing may keep it alive afterwards).
     last_name = live[-1] if live else None
@@ -374,19 +425,29 @@ class _Call(nn.Module):
         return self.fwd(self.net, x)
 
 
-def _float64_forward(net: nn.Module, fwd: ForwardFn) -> ForwardFn:
-    """``fwd`` run with float64 copies of every floating parameter and buffer of ``net``
-    (``torch.func.functional_call``: the model's own tensors are never replaced or cast)."""
+#: Dtypes whose parameters a float32 or float64 probe computes with in its own dtype.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _cast_forward(net: nn.Module, fwd: ForwardFn, dtype: torch.dtype, half_only: bool) -> ForwardFn:
+    """``fwd`` run with copies of the floating parameters and buffers of ``net`` in ``dtype``
+    (all of them, or only the half-precision ones) through ``torch.func.functional_call``:
+    the model's own tensors are never replaced or cast."""
     call = _Call(net, fwd)
     state = {
-        name: t.detach().double() if t.is_floating_point() else t
+        name: t.detach().to(dtype)
         for name, t in [*call.named_parameters(), *call.named_buffers()]
+        if t.is_floating_point() and (t.dtype in _HALF or not half_only)
     }
 
     def forward(_net: nn.Module, x: torch.Tensor) -> Any:
         return torch.func.functional_call(call, state, (x,))
 
     return forward
+
+
+def _has_half(net: nn.Module) -> bool:
+    return any(t.dtype in _HALF for t in [*net.parameters(), *net.buffers()])
 
 
 def run_plan(
@@ -403,6 +464,9 @@ def run_plan(
     The caller holds the model in the probe's state (:func:`~erf_monitor.probe.plan.probe_state`).
     """
     fwd = plan.forward_fn or default_forward
+    if x_all.dtype not in _HALF and _has_half(model):
+        # A half model probed in float32 (the default): float32 copies of its half weights.
+        fwd = _cast_forward(model, fwd, x_all.dtype, half_only=True)
     step = chunk_size or default_chunk(x_all.shape[0], plan.spatial, x_all.device)
     maps = Maps()
     degenerate: set[str] = set()
@@ -418,7 +482,7 @@ def run_plan(
     for name in degenerate:
         maps.drop(name)
     groups = _without_layers(plan.groups, set(plan.names) - degenerate)
-    fwd64 = _float64_forward(model, fwd)
+    fwd64 = _cast_forward(model, plan.forward_fn or default_forward, torch.float64, False)
     x64 = x_all.double()
     constant: set[str] = set()
     _run_groups(plan, model, fwd64, x64, groups, step, maps, keep_per_sample, constant,

@@ -35,13 +35,15 @@ call that the probe measures):
    called more than once (a head shared over FPN levels, a ReLU reused inside a block: "first
    call" would be arbitrary there).
 3. **Stage outputs, not parts of transitions or heads.** A *layer* (a module with at most one
-   level of children, e.g. a conv or a conv-norm-activation) on grid ``G`` inside a block that
-   takes ``G`` in and gives another grid out (a stride-2 block's expansion conv, a DenseNet
-   transition's 1x1 conv) is skipped (a *block* works on two grids besides 1x1 pools; a
-   sub-network, on more, is not one), and so is anything inside a *head*, a block that takes
-   maps in and gives no map out (an SSD head's per-level convolutions). Plain
-   ``Sequential``/``ModuleList`` containers only chain their children and are not such blocks;
-   neither is a module that takes the model's input (the whole network, wrapped).
+   level of children, e.g. a conv or a conv-norm-activation, whose children may hold
+   parameter-free leaves: timm's ``ConvNormAct`` with its ``BatchNormAct2d``) on grid ``G``
+   inside a block that takes ``G`` in and gives another grid out (a stride-2 block's
+   expansion conv, a DenseNet transition's 1x1 conv) is skipped (a *block* works on two grids
+   besides 1x1 pools; a sub-network, on more, is not one), and so is anything inside a
+   *head*, a block that takes maps in and gives no map out (an SSD head's per-level
+   convolutions). Plain ``Sequential``/``ModuleList`` containers only chain their children
+   and are not such blocks; neither is a module that takes the model's input (the whole
+   network, wrapped).
 4. **One per grid, depth order.** For each grid the part that finished last wins (forward hooks
    of containers fire after their children, so the outermost module of the stage); among parts
    of one output a ``(N, C, *S)`` map beats a token or channels-last reading. The picks are
@@ -255,17 +257,23 @@ class _Reader:
 
     def output(self, part: _Part, call: _Call) -> Reading:
         read = self._output(part, call)
-        self.by_tensor.setdefault(part.tid, read)
+        if read is not None or part.tid not in self.by_tensor:
+            self.by_tensor[part.tid] = read
         if read is not None:
             self.current = read[0]
             self.seen.add(read[0])
         return read
 
     def _output(self, part: _Part, call: _Call) -> Reading:
-        if part.tid in self.by_tensor:
+        # A tensor an inner module could not read (an activation of a sum whose channels
+        # equal its side, 24 x 24 x 24) may be read by the block that returns it.
+        if self.by_tensor.get(part.tid) is not None:
             return self.by_tensor[part.tid]
         if not part.batch_ok:
             return None
+        for p in call.in_parts:
+            if p.tid == part.tid:  # its input passed through (Identity, an in-place ReLU)
+                return self.input(p)
         nd = self.nd
         if part.tokens is not None:
             return part.tokens, "tokens"
@@ -336,8 +344,14 @@ _PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _is_layer(module: nn.Module) -> bool:
-    """At most one level of children (a conv, or a conv-norm-activation ``Sequential``)."""
-    return all(not any(True for _ in c.children()) for c in module.children())
+    """At most one level of children (a conv, or a conv-norm-activation ``Sequential``), not
+    counting the parameter-free leaves of a child (timm's ``BatchNormAct2d`` holds its
+    activation and an ``Identity``: its ``ConvNormAct`` is still one layer)."""
+    return all(
+        not any(True for _ in g.children()) and not any(True for _ in g.parameters())
+        for c in module.children()
+        for g in c.children()
+    )
 
 
 def _read(

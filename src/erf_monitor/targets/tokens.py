@@ -14,11 +14,16 @@ How the layout is found, first match wins:
 2. a model that says how: a torchvision ``VisionTransformer`` (``patch_size``, ``class_token``)
    or a timm-style model (``patch_embed.patch_size``, ``num_prefix_tokens``), also when it is
    wrapped (the first submodule carrying these attributes is used), when it explains ``L``
-   exactly;
-3. the shapes: a patch size ``p`` dividing every input dim, and ``P + Q`` in ``0..8`` extra
-   tokens with ``L - P - Q == prod(S_d // p)``. Exactly one candidate is used; several raise
-   a ``ValueError`` that lists them and asks for a ``TokenLayout``. Shapes cannot tell
-   leading from trailing tokens, so any extra token makes the layout ambiguous.
+   exactly: the grid ``S_d // p`` (a patch convolution floors: Dinov2's 14 px patches cut
+   96 px into 6, leaving 12 px out), or ``ceil(S_d / p)`` (an embedding that pads);
+3. the shapes: a patch size ``p`` dividing every input dim (only the model's own patch size
+   when it has one), and ``P + Q`` in ``0..8`` extra tokens with
+   ``L - P - Q == prod(S_d // p)``. Exactly one candidate is used; several raise a
+   ``ValueError`` that lists them and asks for a ``TokenLayout``. Shapes cannot tell leading
+   from trailing tokens, so any extra token makes the layout ambiguous.
+
+A resolved layout keeps the patch size where it is known (the model's, or the one the shapes
+imply): the tokens' stride, also at input sizes the patch does not divide.
 
 Channels-last outputs have the rank of a conv-like output and are never guessed: pass
 ``TokenLayout(channels_last=True)`` for those layers.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,12 +96,14 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class ResolvedLayout:
-    """A layout with every field known for one output shape."""
+    """A layout with every field known for one output shape (``patch``: the patch size per
+    dim where known, the tokens' stride in input pixels)."""
 
     grid: tuple[int, ...]
     prefix_tokens: int
     channels_last: bool
     suffix_tokens: int = 0
+    patch: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 #: What ``compute_erf(..., token_layout=...)`` accepts.
@@ -207,8 +214,16 @@ def _model_hints(model: nn.Module | None, nd: int) -> list[tuple[tuple[int, ...]
     return hints
 
 
-#: A candidate layout: ``(grid, prefix tokens, suffix tokens)``.
-_Candidate = tuple[tuple[int, ...], int, int]
+#: A candidate layout: ``(grid, prefix tokens, suffix tokens, patch size)``.
+_Candidate = tuple[tuple[int, ...], int, int, tuple[int, ...]]
+
+
+def _patch_grids(patch: tuple[int, ...], spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The grids a patch embedding of ``patch`` makes of ``spatial``: floored (a strided
+    convolution), then ceiled (an embedding that pads), the same one once."""
+    floor = tuple(s // p for s, p in zip(spatial, patch))
+    ceil = tuple(-(-s // p) for s, p in zip(spatial, patch))
+    return [g for g in dict.fromkeys([floor, ceil]) if all(g)]
 
 
 def _splits(extra: int, prefix: int | None, suffix: int | None) -> list[tuple[int, int]]:
@@ -223,26 +238,34 @@ def _splits(extra: int, prefix: int | None, suffix: int | None) -> list[tuple[in
 
 
 def _shape_candidates(
-    length: int, spatial: tuple[int, ...], prefix: int | None, suffix: int | None
+    length: int,
+    spatial: tuple[int, ...],
+    prefix: int | None,
+    suffix: int | None,
+    patches: Sequence[tuple[int, ...]] = (),
 ) -> list[_Candidate]:
-    """Layouts with one patch size dividing every input dim exactly."""
+    """Layouts of the model's patch sizes ``patches`` (their grids), or, for a model that
+    has none, of one patch size dividing every input dim exactly."""
+    grids = [(g, patch) for patch in patches for g in _patch_grids(patch, spatial)]
+    if not grids:
+        sizes = [p for p in range(1, min(spatial) + 1) if not any(s % p for s in spatial)]
+        grids = [(tuple(s // p for s in spatial), (p,) * len(spatial)) for p in sizes]
     out = []
-    for p in range(1, min(spatial) + 1):
-        if any(s % p for s in spatial):
-            continue
-        grid = tuple(s // p for s in spatial)
+    for grid, patch in grids:
         extra = length - math.prod(grid)
         if extra > MAX_PREFIX_TOKENS and prefix is None and suffix is None:
             continue
-        out += [(grid, q, r) for q, r in _splits(extra, prefix, suffix)]
+        out += [(grid, q, r, patch) for q, r in _splits(extra, prefix, suffix)]
     return out
 
 
 def _describe(cands: list[_Candidate]) -> str:
-    def one(grid: tuple[int, ...], q: int, r: int) -> str:
+    def one(grid: tuple[int, ...], q: int, r: int, patch: tuple[int, ...]) -> str:
         extra = [f"{q} prefix"] if q or not r else []
         extra += [f"{r} suffix"] if r else []
-        return f"grid {'x'.join(map(str, grid))} with {' + '.join(extra)} token(s)"
+        size = patch[0] if len(set(patch)) == 1 else "x".join(map(str, patch))
+        of = f" (patch {size})" if patch else ""
+        return f"grid {'x'.join(map(str, grid))} with {' + '.join(extra)} token(s){of}"
 
     return ", ".join(one(*c) for c in cands)
 
@@ -294,12 +317,18 @@ def resolve_layout(
     length = shape[1]
     prefix = None if layout is None else layout.prefix_tokens
     suffix = None if layout is None else layout.suffix_tokens
+    hints = _model_hints(model, nd)
     cands: list[_Candidate]
     if layout is not None and layout.grid is not None:
         grid = tuple(layout.grid)
         if len(grid) != nd:
             raise ValueError(f"Layer {name!r}: TokenLayout.grid {grid} needs {nd} entries.")
-        cands = [(grid, q, r) for q, r in _splits(length - math.prod(grid), prefix, suffix)]
+        # The patch: the model's, if its grid is this one; else the one dividing the input.
+        patch = next((p for p, _ in hints if grid in _patch_grids(p, input_spatial)), None)
+        if patch is None and all(s % g == 0 for s, g in zip(input_spatial, grid)):
+            patch = tuple(s // g for s, g in zip(input_spatial, grid))
+        splits = _splits(length - math.prod(grid), prefix, suffix)
+        cands = [(grid, q, r, patch or ()) for q, r in splits]
         if not cands:
             given = [f"{v} {w} token(s)" for v, w in ((prefix, "prefix"), (suffix, "suffix"))]
             known = [g for g, v in zip(given, (prefix, suffix)) if v is not None]
@@ -309,20 +338,21 @@ def resolve_layout(
                 + "."
             )
     else:
-        for patch, hint_prefix in _model_hints(model, nd):
-            if any(s % p for s, p in zip(input_spatial, patch)):
-                continue
-            grid = tuple(s // p for s, p in zip(input_spatial, patch))
-            q = prefix if prefix is not None else hint_prefix
-            extra = length - math.prod(grid)
-            if q is None and (suffix is not None or extra == 0):
-                q = 0
-            if q is not None and (suffix or 0) + q == extra:
-                return ResolvedLayout(grid, q, False, suffix or 0)
-        cands = _shape_candidates(length, input_spatial, prefix, suffix)
+        for patch, hint_prefix in hints:
+            for grid in _patch_grids(patch, input_spatial):
+                q = prefix if prefix is not None else hint_prefix
+                extra = length - math.prod(grid)
+                if q is None and (suffix is not None or extra == 0):
+                    q = 0
+                if q is not None and (suffix or 0) + q == extra:
+                    return ResolvedLayout(grid, q, False, suffix or 0, patch)
+        patches = list(dict.fromkeys(p for p, _ in hints))
+        # (a patch size of the model that explains no layout is another part's: ignored)
+        cands = _shape_candidates(length, input_spatial, prefix, suffix, patches)
+        cands = cands or _shape_candidates(length, input_spatial, prefix, suffix)
     if len(cands) == 1:
-        grid, q, r = cands[0]
-        return ResolvedLayout(grid, q, False, r)
+        grid, q, r, patch = cands[0]
+        return ResolvedLayout(grid, q, False, r, patch or None)
     what = (
         f"is ambiguous ({_describe(cands)})"
         if cands

@@ -78,7 +78,7 @@ def theoretical_rfs(
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
-    traced: TracedModel | None = None,
+    traced: TracedModel | Unsupported | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
@@ -87,7 +87,8 @@ def theoretical_rfs(
     ``positions`` is a :class:`~erf_monitor.targets.positions.PositionRequest` (every probed
     position of it, the centre included for sets) or ``None`` (the centre unit only, key
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
-    ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already.
+    ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already
+    (or why it failed: the analysis then goes on as if it had failed here).
     """
     from erf_monitor.targets.positions import PositionRequest
 
@@ -258,8 +259,10 @@ def _analytic(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
     units: UnitsFn | None = None,
-    traced: TracedModel | None = None,
+    traced: TracedModel | Unsupported | None = None,
 ) -> dict[str, dict[str, TRF]]:
+    if isinstance(traced, Unsupported):
+        raise traced  # the caller's trace failed already: not twice
     if traced is None:
         traced = trace_layers(net, (channels, *spatial), names, forward_fn)
     layouts = layouts_for(token_layout, names)
@@ -358,8 +361,9 @@ def _analytic_units(
         if region.data_dependent:
             trf = data_dependent_trf(spatial, out_spatial, centre_idx, region.data_dependent, "fx")
         else:
-            trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx)
-        done[centre_idx] = replace(trf, tokens=tokens is not None)
+            pitch = tokens.patch if tokens is not None else None
+            trf = _assemble(region.axes[2:], region.local, spatial, out_spatial, centre_idx, pitch)
+        done[centre_idx] = replace(trf, tokens=tokens is not None, masked=region.masked)
     return {k: done[idx] for k, idx in wanted.items()}
 
 
@@ -369,7 +373,12 @@ def _assemble(
     spatial: tuple[int, ...],
     out_spatial: tuple[int, ...],
     centre_idx: tuple[int, ...],
+    pitch: tuple[int, ...] | None = None,
 ) -> TRF:
+    """The TRF of the walk's input ``axes``. A dim whose walk lost the step between units
+    (through a token sequence's flattening) takes the patch size ``pitch`` where it is known
+    (a patch grid need not cover the input: 14 px patches leave 12 of 96 px out), else
+    ``S / S'``."""
     size: list[float] = []
     stride: list[float] = []
     interval: list[tuple[float, float]] = []
@@ -382,12 +391,15 @@ def _assemble(
         is_global = ax.mixed or not out_spatial
         glob.append(is_global)
         clipped.append(_hull(ax.mask))
-        jump = ax.jump if ax.jump is not None else Fraction(spatial[d], s_out)
+        step = Fraction(spatial[d], s_out) if pitch is None else Fraction(pitch[d])
+        jump = ax.jump if ax.jump is not None else step
         stride.append(float(jump))
         if is_global or ax.lo is None or ax.hi is None:
             size.append(math.inf)
             interval.append((-math.inf, math.inf))
-            centre.append(_global_centre(c, spatial[d], s_out))
+            # (with a pitch: the centre of the unit's own patch, (c + 1/2) pitch - 1/2)
+            s_in = spatial[d] if pitch is None else pitch[d] * s_out
+            centre.append(_global_centre(c, s_in, s_out))
         else:
             size.append(float(ax.hi - ax.lo + 1))
             interval.append((ax.lo, ax.hi))
@@ -621,7 +633,7 @@ def _capture(
     fwd: ForwardFn,
     x: Tensor,
     layouts: Mapping[str, TokenLayout] | None = None,
-    info: dict[str, tuple[bool, str]] | None = None,
+    info: dict[str, tuple[bool, str, tuple[int, ...] | None]] | None = None,
     track: bool = True,
 ) -> dict[str, Tensor]:
     """Run the surrogate on ``x``; the first output of each layer (hooks always removed).
@@ -680,7 +692,8 @@ def _capture(
             if tokens is not None:
                 captured[name] = tokens_to_spatial(out, tokens)
         if info is not None:
-            info[name] = (tokens is not None, reasons.get(name, ""))
+            patch = tokens.patch if tokens is not None else None
+            info[name] = (tokens is not None, reasons.get(name, ""), patch)
     return captured
 
 
@@ -705,7 +718,7 @@ def _numeric(
     def rand(n: int) -> Tensor:
         return torch.rand((n, channels, *spatial), generator=gen, dtype=torch.float64) + 0.5
 
-    info: dict[str, tuple[bool, str]] = {}
+    info: dict[str, tuple[bool, str, tuple[int, ...] | None]] = {}
     x = rand(1)
     with torch.no_grad():
         try:
@@ -754,9 +767,11 @@ def _numeric(
         for name in probed
         if "first" in units_of[name]
         and any(
-            _hull(m) == (0, n - 1) and s_out > 1
+            _hull(m) == (0, min(n, p * s_out) - 1) and s_out > 1
             for i in range(len(seeds[name]))
-            for m, n, s_out in zip(supports[name][f"{i}:centre"], spatial, shapes[name][2:])
+            for m, n, s_out, p in zip(
+                supports[name][f"{i}:centre"], spatial, shapes[name][2:], info[name][2] or spatial
+            )
         )
     ]
     _run_jobs(sur, table, probed, fwd, rand, jobs, supports, nd, spatial, layouts, chunk)
@@ -774,7 +789,7 @@ def _numeric(
                 }
                 if "first" in supports[name]:
                     sup["first"] = supports[name]["first"]
-                trf = _numeric_trf(sup, spatial, grids[name], idx)
+                trf = _numeric_trf(sup, spatial, grids[name], idx, info[name][2])
             by_index[idx] = replace(trf, tokens=info[name][0])
         out[name] = {key: by_index[idx] for key, idx in wanted[name].items()}
     return out
@@ -899,7 +914,10 @@ def _numeric_trf(
     spatial: tuple[int, ...],
     out_spatial: tuple[int, ...],
     centre_idx: tuple[int, ...],
+    pitch: tuple[int, ...] | None = None,
 ) -> TRF:
+    """The TRF read off gradient supports (see ``_numeric_units``); ``pitch``: a token
+    grid's patch size, its stride where the neighbour's support does not tell."""
     nd = len(spatial)
     size: list[float] = []
     stride: list[float] = []
@@ -913,13 +931,14 @@ def _numeric_trf(
         c = centre_idx[d] if out_spatial else 0
         lo, hi = _hull(sup["centre"][d])
         clipped.append((lo, hi))
-        whole = lo == 0 and hi == n - 1
+        s_in = n if pitch is None else pitch[d] * s_out  # (a patch grid may leave pixels out)
+        seen = (0, min(n, s_in) - 1)  # every pixel a unit can see
         first = sup.get("first")
         is_global = not out_spatial or (
-            s_out > 1 and whole and first is not None and _hull(first[d]) == (0, n - 1)
+            s_out > 1 and (lo, hi) == seen and first is not None and _hull(first[d]) == seen
         )
         glob.append(is_global)
-        jump: float = s_out and n / s_out
+        jump: float = (s_out and n / s_out) if pitch is None else float(pitch[d])
         nxt, prv = sup.get(f"next{d}"), sup.get(f"prev{d}")
         # The unit and its neighbour, the lower index first (a unit at the end: its previous).
         pair = (
@@ -940,12 +959,12 @@ def _numeric_trf(
         if is_global or hi < lo:
             size.append(math.inf if is_global else 0.0)
             interval.append((-math.inf, math.inf) if is_global else (lo, hi))
-            centre.append(_global_centre(c, n, s_out))
+            centre.append(_global_centre(c, s_in, s_out))
         else:
             size.append(float(hi - lo + 1))
             interval.append((lo, hi))
             touches = lo == 0 or hi == n - 1
-            centre.append(_global_centre(c, n, s_out) if touches else (lo + hi) / 2)
+            centre.append(_global_centre(c, s_in, s_out) if touches else (lo + hi) / 2)
     return TRF(
         size=tuple(size),
         stride=tuple(stride),

@@ -117,6 +117,7 @@ class _Ctx:
         self.traced = traced
         self.gm = traced.gm
         self.data_dependent: list[str] = []  # ops on the way that sample data-dependently
+        self.masked = False  # a constant mask switched attention weights off on the way
         self._values: dict[fx.Node, bool] = {}
         self.masks: Masks = traced.memo.setdefault("masks", Masks(traced))
 
@@ -169,6 +170,8 @@ def walk(traced: TracedModel, target: fx.Node, seed: Region) -> Region | None:
             regions[inp] = r if prev is None else prev.union(r)
     if result is not None and ctx.data_dependent:
         result.data_dependent = ctx.data_dependent[0]
+    if result is not None:
+        result.masked = ctx.masked
     return result
 
 
@@ -720,6 +723,7 @@ def _softmax(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     logits = ctx.masks.logits(x)
     if logits is None or math.prod(shape) > _DENSE_BUDGET:
         return [(x, _mix_axes(reg, shape, [d]))]
+    ctx.masked = ctx.masked or bool(logits.any())
     # Masked logits (see erf_monitor.trf.masks) do not move the row's weights: each row reads
     # its live entries only.
     full = logits.expand(shape)
@@ -812,7 +816,9 @@ def _matmul(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     if sa is None and sb is None:
         raise Unsupported("matmul without operand shapes")
     n_inner = sa[-1] if sa is not None else sb[-2]  # type: ignore[index]
-    w, v = _attention_regions(reg, out_shape, ctx.masks.weights(a), n_inner)
+    zero = ctx.masks.weights(a)
+    ctx.masked = ctx.masked or (zero is not None and bool(zero.any()))
+    w, v = _attention_regions(reg, out_shape, zero, n_inner)
     res: list[Contribution] = []
     if ctx.is_tensor_input(a) and sa is not None:
         res.append((a, broadcast_region(w, (*out_shape[:-1], n_inner), sa)))
@@ -826,6 +832,7 @@ def _sdpa(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     out_shape = ctx.shape(node)
     n_keys = ctx.shape(k)[-2] if shape_of(k) is not None else ctx.shape(v)[-2]
     zero = _sdpa_zero(ctx, node, (*out_shape[:-1], n_keys))
+    ctx.masked = ctx.masked or (zero is not None and bool(zero.any()))
     w, vals = _attention_regions(reg, out_shape, zero, n_keys)
     res: list[Contribution] = []
     for t, region, n_last in ((q, w, None), (k, vals, None), (v, vals, out_shape[-1])):

@@ -101,13 +101,15 @@ class Region:
     """Per-axis region of one tensor, plus whether every op so far was local.
 
     ``data_dependent`` (set on the input's region by the walk) names an op on the way
-    that samples the input at positions computed from the input. ``joint``: see the module
-    docstring.
+    that samples the input at positions computed from the input; ``masked`` (likewise) says
+    that attention weights a constant mask switched off were left out on the way
+    (:mod:`erf_monitor.trf.masks`). ``joint``: see the module docstring.
     """
 
     axes: list[Axis]
     local: bool = True
     data_dependent: str = ""
+    masked: bool = False
     joint: Joint | None = None
 
     def union(self, other: Region) -> Region:

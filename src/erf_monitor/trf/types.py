@@ -56,6 +56,9 @@ class TRF:
             the input's far side (the field wraps around the border: the network lives on a
             torus there, and ``clipped`` is then the hull of both parts); ``()`` when not
             analysed.
+        masked: the field leaves out attention logits that a constant mask shifts by
+            ``-100`` or more (Swin's shifted windows): by the documented rule no dependence,
+            though a gradient reaches through them at the ``exp(-100)`` level.
     """
 
     size: tuple[float, ...]
@@ -73,6 +76,7 @@ class TRF:
     reason: str = ""
     tokens: bool = False
     wrapped: tuple[bool, ...] = ()
+    masked: bool = False
 
     @property
     def is_global(self) -> bool:
