@@ -264,6 +264,59 @@ def test_cropped_equals_uncropped_at_every_position_of_a_grid(mode: str) -> None
                 assert fb[key].centre_pixel == fa[key].centre_pixel
 
 
+def wide_net() -> nn.Sequential:
+    """Layer "2": small fields (5 px, stride 2); layer "4": a dilated conv whose field spans
+    the whole input (probed on the full input)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=48, dilation=48),
+    )
+
+
+def test_a_layer_rides_the_forward_of_a_deeper_layer_on_the_full_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 25.5: layer "2"'s 3 x 3 grid units, alone cheaper as nine small crops than on one
+    window around them all, are probed from layer "4"'s full-input forward (which runs
+    anyway): one packed backward there, no forward of their own."""
+    net = wide_net()
+    shape = (3, 160, 160)
+    layers = ["2", "4"]
+    trfs = theoretical_rfs(net, shape, layers, request("grid:3", 2))
+    by_index = {n: {t.output_centre: t for t in u.values()} for n, u in trfs.items()}
+    units = {n: list(by_index[n]) for n in layers}
+    (group,) = plan_groups(units, by_index, shape[1:], "auto", False)
+    assert group.window is None and group.layers == layers
+    assert sorted(group.units["2"]) == sorted(units["2"])
+    # Without layer "4", layer "2" keeps its nine crops (one forward each).
+    alone = plan_groups({"2": units["2"]}, by_index, shape[1:], "auto", False)
+    assert len(alone) == 9 and all(g.window is not None for g in alone)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+    real = _seeds.class_grads
+
+    def counting(values: list[torch.Tensor], *args: object) -> list[torch.Tensor | None]:
+        calls.append(len(values))
+        return real(values, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_seeds, "class_grads", counting)
+    res = quiet_probe(net, x, layers, position="grid:3")
+    assert calls[0] == 1  # layer "2": all nine units in one backward
+    monkeypatch.setattr(_seeds, "class_grads", real)
+    field = res["2"].field
+    assert field is not None
+    for key, r in field.items():
+        ref = one_layer_reference(net, x, "2", r.output_index)
+        torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-7, msg=key)
+        single = quiet_probe(net, x, ["2"], position=r.output_index)["2"]
+        scale = float(single.heatmap.abs().max())
+        torch.testing.assert_close(r.heatmap, single.heatmap, rtol=0, atol=1e-6 * scale)
+
+
 def test_disjoint_units_share_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     net = strided_net()
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))

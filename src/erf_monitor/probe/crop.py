@@ -289,9 +289,51 @@ def plan_groups(
     out = [g for g in groups if g.layers]
     if full.layers:
         out.append(full)
+    if crop == "auto":
+        for name in names:
+            out = _ride_along(out, name, by_index[name], total)
     for g in out:
         g.layers.sort(key=rank.__getitem__)
     return out
+
+
+def _ride_along(
+    groups: list[Group], name: str, trfs: Mapping[Index, TRF], total: int
+) -> list[Group]:
+    """The groups with ``name``'s own groups (whose forward runs for ``name`` alone) merged
+    into the group of other layers that holds all their windows, when the extra backwards
+    there cost less than those forwards and backwards (:func:`_cost`): that group's forward
+    runs anyway and serves every unit whose window it contains (issue 25.5: a shallow layer's
+    small crops beside a deeper layer probed on the full input)."""
+    own = [g for g in groups if g.layers == [name]]
+    if not own or not trfs:
+        return groups
+    moved = [i for g in own for i in g.units.get(name, [])]
+
+    def area(w: Window | None) -> int:
+        return total if w is None else w.area
+
+    def backwards(idxs: list[Index], pack: bool) -> int:
+        boxes = unit_boxes({i: trfs.get(i) for i in idxs}) if pack else None
+        return len(seeds.pack_units(idxs, boxes))
+
+    alone = sum(_cost(area(g.window), backwards(g.units.get(name, []), g.pack)) for g in own)
+    best: tuple[float, Group] | None = None
+    for g in groups:
+        if any(g is o for o in own) or not _aligned(g.window, next(iter(trfs.values()))):
+            continue
+        gw = g.window
+        if gw is not None and not all(o.window and gw.contains(o.window) for o in own):
+            continue
+        have = g.units.get(name, [])
+        extra = backwards(have + moved, g.pack) - backwards(have, g.pack)
+        cost = float(area(gw)) ** _PIXEL_EXPONENT * _BACKWARD_COST * extra
+        if cost < alone and (best is None or cost < best[0]):
+            best = (cost, g)
+    if best is None:
+        return groups
+    best[1].add(name, moved)
+    return [g for g in groups if not any(g is o for o in own)]
 
 
 def without_cropping(
