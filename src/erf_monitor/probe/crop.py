@@ -16,7 +16,7 @@ the full input. Units whose TRF is global, not local or unknown, and every unit 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +48,13 @@ _CROP_MAX_FRACTION = 0.9
 #: extra backward ``F B (b - a)`` (forward cost ``F`` per pixel to the layer, backward ``B F``
 #: with ``B`` about 1), so sharing pays from ``a / b`` about 1/2 on.
 _CROP_MERGE_FRACTION = 0.5
+
+
+def _merge_fraction(backwards: int) -> float:
+    """:data:`_CROP_MERGE_FRACTION` for units that need ``backwards`` backward passes: each
+    of them runs on the larger window once joined (``n B b`` against ``F (1 + n B) a``), so
+    joining pays only from ``a / b`` about ``n / (n + 1)`` on (``1/2`` for one)."""
+    return 1 - (1 - _CROP_MERGE_FRACTION) / max(backwards, 1)
 
 
 #: Pixels kept outside the TRF on every cropped side; the gradient there must be exactly zero.
@@ -224,7 +231,47 @@ def _layer_items(
     separate = sum(_cost(w.area, 1) for w, _ in own)
     if full:
         separate += _cost(total, backwards(full))
+    if len(units) <= _CLUSTER_MAX_UNITS:
+        clusters = _clusters(split, backwards, spatial)
+        if _items_cost(clusters, backwards, total) < min(shared, separate):
+            return clusters
     return [(shared_window, list(units))] if shared <= separate else split
+
+
+#: Units of one layer clustered greedily (:func:`_clusters`) up to this many (O(n^3) steps).
+_CLUSTER_MAX_UNITS = 50
+
+Items = list[tuple[Window | None, list[Index]]]
+
+
+def _items_cost(items: Items, backwards: Callable[[list[Index]], int], total: int) -> float:
+    return sum(_cost(total if w is None else w.area, backwards(idxs)) for w, idxs in items)
+
+
+def _clusters(
+    items: Items, backwards: Callable[[list[Index]], int], spatial: tuple[int, ...]
+) -> Items:
+    """Units sharing forwards on the windows around them: starting from ``items``, merge the
+    two whose merged window (one forward, a backward per packed class) saves most by
+    :func:`_cost`, until no merge saves (issue 25.5: overlapping fields of a grid)."""
+    total = math.prod(spatial)
+    out = list(items)
+    cost = [_items_cost([item], backwards, total) for item in out]
+    while True:
+        best: tuple[float, int, int, Window | None, float] | None = None
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                (wa, ua), (wb, ub) = out[i], out[j]
+                w = None if wa is None or wb is None else _union([wa, wb], spatial)
+                merged = _items_cost([(w, ua + ub)], backwards, total)
+                gain = cost[i] + cost[j] - merged
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, i, j, w, merged)
+        if best is None:
+            return out
+        _, i, j, w, merged = best
+        out[i], cost[i] = (w, out[i][1] + out[j][1]), merged
+        del out[j], cost[j]
 
 
 def plan_groups(
@@ -266,6 +313,7 @@ def plan_groups(
             full.add(name, idxs)
             continue
         layer_trf = next(iter(by_index[name].values()))
+        n_back = len(seeds.pack_units(idxs, unit_boxes({i: by_index[name].get(i) for i in idxs})))
         candidates = [full] if full.layers else []
         candidates += groups
         best: Group | None = None
@@ -277,7 +325,7 @@ def plan_groups(
             if not _aligned(gw, layer_trf):
                 continue
             same = gw == w
-            if not same and (crop is True or w.area < _CROP_MERGE_FRACTION * g_area):
+            if not same and (crop is True or w.area < _merge_fraction(n_back) * g_area):
                 continue
             if best is None or g_area < area(best.window):
                 best = g
