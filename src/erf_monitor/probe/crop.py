@@ -6,10 +6,12 @@ computed on a crop of the input that contains the clipped TRF, starts at a multi
 layer's effective stride and keeps the zero padding of the real borders, is *exactly* the
 unit of the full computation (it sits at ``index - start // stride`` of the cropped output).
 Layers are grouped by window (a layer joins a larger window when that is cheaper than a
-forward of its own); a layer's seed units run on one window around all of them or each on
-its own, whichever :func:`_cost` says is cheaper. Windows keep a one-pixel margin outside the
-TRF: a non-zero gradient there would mean the TRF was wrong, and the layer is then probed on
-the full input. Units whose TRF is global, not local or unknown, and every unit in
+forward of its own); a layer's seed units run on one window around all of them, each on its
+own, or in clusters that share a forward on the window around them, whichever :func:`_cost`
+says is cheaper, and a layer's own windows are dropped for a group of other layers whose
+forward runs anyway when their extra backwards there cost less. Windows keep a one-pixel
+margin outside the TRF: a non-zero gradient there would mean the TRF was wrong, and the layer
+is then probed on the full input. Units whose TRF is global, not local or unknown, and every unit in
 ``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
 """
 
