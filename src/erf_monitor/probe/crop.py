@@ -11,8 +11,8 @@ own, or in clusters that share a forward on the window around them, whichever :f
 says is cheaper, and a layer's own windows are dropped for a group of other layers whose
 forward runs anyway when their extra backwards there cost less. Windows keep a one-pixel
 margin outside the TRF: a non-zero gradient there would mean the TRF was wrong, and the layer
-is then probed on the full input. Units whose TRF is global, not local or unknown, and every unit in
-``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
+is then probed on the full input. Units whose TRF is global, not local or unknown, and every
+unit in ``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
 """
 
 from __future__ import annotations
@@ -354,7 +354,8 @@ def _ride_along(
     into the group of other layers that holds all their windows, when the extra backwards
     there cost less than those forwards and backwards (:func:`_cost`): that group's forward
     runs anyway and serves every unit whose window it contains (issue 25.5: a shallow layer's
-    small crops beside a deeper layer probed on the full input)."""
+    small crops beside a deeper layer probed on the full input). As in the join of
+    :func:`plan_groups`, a forward made deeper by ``name`` is not counted."""
     own = [g for g in groups if g.layers == [name]]
     if not own or not trfs:
         return groups
