@@ -1,24 +1,23 @@
 """A k x k grid of seed positions in one probe vs k^2 separate single-position probes.
 
-Run ``python benchmarks/bench_positions.py`` (``--quick`` for a smoke run). Both variants
-compute the same maps (checked at the end of the run) on the same probe images; they run
-interleaved, once per repeat in a rotating order, and the ratio of their medians is
-printed, so load from other processes hits both alike. Variants:
+Run ``python benchmarks/bench_positions.py`` (``--quick`` for a smoke run; ``--threads 1`` on
+a shared machine). Both variants compute the same maps (checked at the end of the run) on the
+same probe images; they run interleaved, once per repeat in a rotating order, and the ratios
+of their medians are printed, in process CPU time (fair on a shared machine) and wall time.
+Variants:
 
-* ``grid``: ``compute_erf(..., position="grid:k")``: one forward per layer (or crop window)
-  for all k^2 units (+ the centre), units with disjoint TRFs sharing one backward.
+* ``grid``: ``compute_erf(..., position="grid:k")``: one plan for all k^2 units (+ the
+  centre) of every layer, units sharing forwards and (with disjoint TRFs) backwards.
 * ``separate``: k^2 calls ``compute_erf(..., position=(i, j))`` per layer, one per grid unit
   (each with the default cropping, like a centre-pixel probe at another unit).
 
-Both are timed with their TRFs given (the probe alone); the ratio with the TRF analysis
-included (what fresh ``compute_erf`` calls cost) is printed after the table. The maps agree
-up to float32 rounding: cropped convolutions sum in another order, which can flip a few ReLUs
-of near-zero pre-activations of a random-init model (the same comparison in float64 is
-exact). "backwards" counts input-only backward passes (per packed class and sample chunk).
-
-TRFs are precomputed once for both (as the monitor caches them); the one-off analysis of
-all units in one trace (``theoretical_rfs``) vs one ``theoretical_rf`` call per unit is
-timed separately (``analysis_*``).
+Each is timed twice: ``fresh``, as the first calls on a model (the plan cache is emptied before
+every call: layers resolved and TRFs analysed each time), and ``cached``, with every call's
+plan built beforehand (the cache is enlarged for the run so that all k^2 x layers separate
+plans stay in it). The maps agree up to float32 rounding: cropped convolutions sum in another
+order, which can flip a few ReLUs of near-zero pre-activations of a random-init model (the
+same comparison in float64 is exact). "backwards" counts input-only backward passes (per
+packed class and sample chunk).
 """
 
 from __future__ import annotations
@@ -37,9 +36,9 @@ from _timing import interleaved
 from torch import nn
 
 import erf_monitor as em
+from erf_monitor.probe import plan as _plan
 from erf_monitor.probe import seeds as _seeds
 from erf_monitor.targets.positions import request
-from erf_monitor.trf.analysis import theoretical_rfs
 
 
 def setup(model_name: str, size: int, samples: int, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -71,62 +70,94 @@ def run_case(
     model_name: str, size: int, layers: Sequence[str], k: int, samples: int, repeats: int
 ) -> dict[str, Any]:
     model, x = setup(model_name, size, samples)
-    shape = tuple(x.shape[1:])
+    res = em.compute_erf(model, x, list(layers), position=f"grid:{k}")
     req = request(f"grid:{k}", 2)
-    t0 = time.perf_counter()
-    units = theoretical_rfs(model, shape, layers, req)
-    analysis_grid = time.perf_counter() - t0
-    grid_trfs = {name: tuple(u.values()) for name, u in units.items()}
-    indices = [{name: units[name][p.key].output_centre for name in layers} for p in req.positions]
     # One separate probe per grid unit; a unit index differs per layer, so each call probes
-    # one layer at one unit (k^2 x layers calls), each with that unit's TRF.
-    calls = [
-        (name, idx[name], units[name][p.key])
-        for p, idx in zip(req.positions, indices)
-        for name in layers
-    ]
-    t0 = time.perf_counter()
-    for name, index, _ in calls[: len(layers)]:  # one unit's analysis, times k^2 below
-        em.theoretical_rf(model, shape, [name], position=index)
-    analysis_separate = (time.perf_counter() - t0) * len(req.positions)
+    # one layer at one unit (k^2 x layers calls).
+    calls = []
+    for p in req.positions:
+        for name in layers:
+            field = res[name].field
+            assert field is not None
+            calls.append((name, field[p.key].output_index))
 
     def grid() -> Any:
-        return em.compute_erf(model, x, list(layers), position=f"grid:{k}", trf=grid_trfs)
+        return em.compute_erf(model, x, list(layers), position=f"grid:{k}")
 
     def separate() -> list[Any]:
-        return [
-            em.compute_erf(model, x, [name], position=index, trf={name: trf})
-            for name, index, trf in calls
-        ]
+        return [em.compute_erf(model, x, [name], position=index) for name, index in calls]
 
-    times = interleaved({"grid": grid, "separate": separate}, repeats)
-    # The same maps either way.
-    res, alone = grid(), separate()
+    def fresh(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            real = em.compute_erf
+
+            def first_call(*args: Any, **kwargs: Any) -> Any:
+                _plan._cache.clear()  # as on a model never seen: the plan is built again
+                return real(*args, **kwargs)
+
+            em.compute_erf = first_call  # type: ignore[assignment]
+            try:
+                return fn()
+            finally:
+                em.compute_erf = real  # type: ignore[assignment]
+
+        return run
+
+    variants = {
+        "grid fresh": fresh(grid),
+        "separate fresh": fresh(separate),
+        "grid cached": grid,
+        "separate cached": separate,
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+
+    def cpu_timed(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            t0 = time.process_time()
+            out = fn()
+            cpu[name].append(time.process_time() - t0)
+            return out
+
+        return run
+
+    keep = _plan._PLANS_PER_MODEL
+    _plan._PLANS_PER_MODEL = len(calls) + 8  # every separate plan stays cached
+    try:
+        grid(), separate()  # the cached variants' plans
+        wall = interleaved({n: cpu_timed(n, fn) for n, fn in variants.items()}, repeats)
+        # The same maps either way.
+        res, alone = grid(), separate()
+        n_back = {"grid": count_backwards(grid), "separate": count_backwards(separate)}
+    finally:
+        _plan._PLANS_PER_MODEL = keep
     worst = 0.0
-    for (name, index, _), single in zip(calls, alone):
+    for (name, index), single in zip(calls, alone):
         field = res[name].field
         assert field is not None
-        r = field.at(index)
-        a, b = r.heatmap.double(), single[name].heatmap.double()
+        a, b = field.at(index).heatmap.double(), single[name].heatmap.double()
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
-    n_back = {"grid": count_backwards(grid), "separate": count_backwards(separate)}
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    total_grid = med["grid"] + analysis_grid
-    total_separate = med["separate"] + analysis_separate
+    med = {
+        clock: {name: statistics.median(ts) for name, ts in times.items()}
+        for clock, times in (("cpu", cpu), ("wall", wall))
+    }
+    ratios = {
+        f"{clock} {plans}": med[clock][f"separate {plans}"] / med[clock][f"grid {plans}"]
+        for clock in ("cpu", "wall")
+        for plans in ("fresh", "cached")
+    }
     return {
         "model": model_name,
         "size": size,
         "layers": list(layers),
         "k": k,
         "samples": samples,
-        "times": times,
+        "threads": torch.get_num_threads(),
+        "cpu_s": cpu,
+        "wall_s": wall,
         "median": med,
-        "ratio": med["separate"] / med["grid"],
-        "ratio_with_analysis": total_separate / total_grid,
+        "ratio": ratios,
         "backwards": n_back,
         "units": len(calls),
-        "analysis_grid_s": analysis_grid,
-        "analysis_separate_s": analysis_separate,
         "max_rel_diff": worst,
         "border_ratio": {name: res[name].field.border_ratio for name in layers},  # type: ignore[union-attr]
     }
@@ -157,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=120)
     console.print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
@@ -166,37 +197,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     for size, layers in cases:
         rows.append(run_case(args.model, size, layers, args.k, args.samples, args.repeats))
     table = Table(title=f"{args.model}: {args.k}x{args.k} grid vs separate probes (CPU)")
-    for col in (
-        "size",
-        "layers",
-        "variant",
-        "median s",
-        "repeats s",
-        "backwards",
-        "separate / grid",
-    ):
+    for col in ("size", "layers", "plans", "variant", "CPU s", "wall s", "backwards",
+                "separate / grid CPU", "wall"):  # fmt: skip
         table.add_column(col, justify="right")
     for row in rows:
-        for variant in ("grid", "separate"):
-            table.add_row(
-                str(row["size"]),
-                ", ".join(row["layers"]),
-                variant,
-                f"{row['median'][variant]:.2f}",
-                " ".join(f"{t:.2f}" for t in row["times"][variant]),
-                str(row["backwards"][variant]),
-                f"{row['ratio']:.2f}" if variant == "grid" else "",
-            )
+        for plans in ("fresh", "cached"):
+            for variant in ("grid", "separate"):
+                name = f"{variant} {plans}"
+                table.add_row(
+                    str(row["size"]),
+                    ", ".join(row["layers"]),
+                    plans,
+                    variant,
+                    f"{row['median']['cpu'][name]:.2f}",
+                    f"{row['median']['wall'][name]:.2f}",
+                    str(row["backwards"][variant]),
+                    f"{row['ratio'][f'cpu {plans}']:.2f}" if variant == "grid" else "",
+                    f"{row['ratio'][f'wall {plans}']:.2f}" if variant == "grid" else "",
+                )
     console.print(table)
     for row in rows:
         console.print(
-            f"{row['size']} px, {', '.join(row['layers'])}: TRF analysis of all "
-            f"{row['units']} units "
-            f"{row['analysis_grid_s']:.2f} s in one trace vs about "
-            f"{row['analysis_separate_s']:.1f} s one unit at a time (with it: separate / grid "
-            f"{row['ratio_with_analysis']:.2f}); max relative difference "
-            f"between the maps {row['max_rel_diff']:.1e}; border_ratio "
-            + ", ".join(f"{k} {v:.2f}" for k, v in row["border_ratio"].items())
+            f"{row['size']} px, {', '.join(row['layers'])}: {row['units']} separate calls; "
+            f"max relative difference between the maps {row['max_rel_diff']:.1e}; "
+            "border_ratio " + ", ".join(f"{k} {v:.2f}" for k, v in row["border_ratio"].items())
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

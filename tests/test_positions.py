@@ -265,6 +265,96 @@ def test_cropped_equals_uncropped_at_every_position_of_a_grid(mode: str) -> None
                 assert fb[key].centre_pixel == fa[key].centre_pixel
 
 
+def wide_net() -> nn.Sequential:
+    """Layer "2": small fields (5 px, stride 2); layer "4": a dilated conv whose field spans
+    the whole input (probed on the full input)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=48, dilation=48),
+    )
+
+
+def test_a_layer_rides_the_forward_of_a_deeper_layer_on_the_full_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 25.5: layer "2"'s 3 x 3 grid units, alone cheaper as nine small crops than on one
+    window around them all, are probed from layer "4"'s full-input forward (which runs
+    anyway): one packed backward there, no forward of their own."""
+    net = wide_net()
+    shape = (3, 160, 160)
+    layers = ["2", "4"]
+    trfs = theoretical_rfs(net, shape, layers, request("grid:3", 2))
+    by_index = {n: {t.output_centre: t for t in u.values()} for n, u in trfs.items()}
+    units = {n: list(by_index[n]) for n in layers}
+    groups = plan_groups(units, by_index, shape[1:], "auto", False)
+    (full,) = [g for g in groups if g.window is None]
+    assert full.layers == layers and sorted(full.units["2"]) == sorted(units["2"])
+    assert not any(g.layers == ["2"] for g in groups)
+    # Without layer "4", layer "2" keeps its nine crops (one forward each).
+    alone = plan_groups({"2": units["2"]}, by_index, shape[1:], "auto", False)
+    assert len(alone) == 9 and all(g.window is not None for g in alone)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+    real = _seeds.class_grads
+
+    def counting(values: list[torch.Tensor], *args: object) -> list[torch.Tensor | None]:
+        calls.append(len(values))
+        return real(values, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_seeds, "class_grads", counting)
+    quiet_probe(net, x, ["4"], position="grid:3")
+    deeper = sum(calls)
+    calls.clear()
+    res = quiet_probe(net, x, layers, position="grid:3")
+    assert sum(calls) == deeper + 1  # layer "2": all nine units in one backward
+    monkeypatch.setattr(_seeds, "class_grads", real)
+    field = res["2"].field
+    assert field is not None
+    for key, r in field.items():
+        ref = one_layer_reference(net, x, "2", r.output_index)
+        torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-7, msg=key)
+        single = quiet_probe(net, x, ["2"], position=r.output_index)["2"]
+        scale = float(single.heatmap.abs().max())
+        torch.testing.assert_close(r.heatmap, single.heatmap, rtol=0, atol=1e-6 * scale)
+
+
+def test_overlapping_units_share_forwards_on_the_windows_around_them() -> None:
+    """Issue 25.5: units of a 3 x 3 grid whose fields overlap (each 229 px on a 224 px
+    input) run neither each on its own crop nor all on the full input: neighbours share one
+    forward on the window around them (one backward each), where the cost model says so."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=28, dilation=28),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=28, dilation=28),
+    )
+    shape = (3, 224, 224)
+    trfs = theoretical_rfs(net, shape, ["6"], request("grid:3", 2))
+    by_index = {t.output_centre: t for t in trfs["6"].values()}
+    groups = plan_groups({"6": list(by_index)}, {"6": by_index}, shape[1:], "auto", False)
+    shared = [g for g in groups if g.window is not None and len(g.units["6"]) > 1]
+    assert shared and len(groups) > 1
+    assert sorted(i for g in groups for i in g.units["6"]) == sorted(by_index)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(8))
+    res = quiet_probe(net, x, ["6"], position="grid:3")
+    plain = quiet_probe(net, x, ["6"], position="grid:3", crop=False)
+    field, whole = res["6"].field, plain["6"].field
+    assert field is not None and whole is not None
+    for key, r in field.items():
+        scale = float(whole[key].heatmap.abs().max())
+        torch.testing.assert_close(r.heatmap, whole[key].heatmap, rtol=0, atol=1e-6 * scale)
+        ref = one_layer_reference(net, x, "6", r.output_index)
+        torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_disjoint_units_share_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     net = strided_net()
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))

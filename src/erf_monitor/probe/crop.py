@@ -10,17 +10,19 @@ the left padding depends on the size's parity), a window that stops before the i
 also has the input's size modulo the stride, so that the crop is padded as the input is,
 layer by layer (``sized_padding``).
 Layers are grouped by window (a layer joins a larger window when that is cheaper than a
-forward of its own); a layer's seed units run on one window around all of them or each on
-its own, whichever :func:`_cost` says is cheaper. Windows keep a one-pixel margin outside the
-TRF: a non-zero gradient there would mean the TRF was wrong, and the layer is then probed on
-the full input. Units whose TRF is global, not local or unknown, and every unit in
-``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
+forward of its own); a layer's seed units run on one window around all of them, each on its
+own, or in clusters that share a forward on the window around them, whichever :func:`_cost`
+says is cheaper, and a layer's own windows are dropped for a group of other layers whose
+forward runs anyway when their extra backwards there cost less. Windows keep a one-pixel
+margin outside the TRF: a non-zero gradient there would mean the TRF was wrong, and the layer
+is then probed on the full input. Units whose TRF is global, not local or unknown, and every
+unit in ``train_mode`` (BatchNorm statistics would see the crop), run on the full input.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +56,13 @@ _CROP_MAX_FRACTION = 0.9
 _CROP_MERGE_FRACTION = 0.5
 
 
+def _merge_fraction(backwards: int) -> float:
+    """:data:`_CROP_MERGE_FRACTION` for units that need ``backwards`` backward passes: each
+    of them runs on the larger window once joined (``n B b`` against ``F (1 + n B) a``), so
+    joining pays only from ``a / b`` about ``n / (n + 1)`` on (``1/2`` for one)."""
+    return 1 - (1 - _CROP_MERGE_FRACTION) / max(backwards, 1)
+
+
 #: Pixels kept outside the TRF on every cropped side; the gradient there must be exactly zero.
 _CROP_MARGIN = 1
 
@@ -79,6 +88,11 @@ class Window:
     @property
     def slices(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def overlaps(self, other: Window) -> bool:
+        return all(
+            a < d and c < b for a, b, c, d in zip(self.start, self.stop, other.start, other.stop)
+        )
 
     def contains(self, other: Window) -> bool:
         return all(
@@ -237,7 +251,51 @@ def _layer_items(
     separate = sum(_cost(w.area, 1) for w, _ in own)
     if full:
         separate += _cost(total, backwards(full))
+    if len(units) <= _CLUSTER_MAX_UNITS:
+        clusters = _clusters(split, backwards, spatial)
+        if _items_cost(clusters, backwards, total) < min(shared, separate):
+            return clusters
     return [(shared_window, list(units))] if shared <= separate else split
+
+
+#: Units of one layer clustered greedily (:func:`_clusters`) up to this many (O(n^3) steps).
+_CLUSTER_MAX_UNITS = 50
+
+Items = list[tuple[Window | None, list[Index]]]
+
+
+def _items_cost(items: Items, backwards: Callable[[list[Index]], int], total: int) -> float:
+    return sum(_cost(total if w is None else w.area, backwards(idxs)) for w, idxs in items)
+
+
+def _clusters(
+    items: Items, backwards: Callable[[list[Index]], int], spatial: tuple[int, ...]
+) -> Items:
+    """Units sharing forwards on the windows around them: starting from ``items``, merge the
+    two with overlapping windows whose merged window (one forward, a backward per packed
+    class) saves most by :func:`_cost`, until no merge saves (issue 25.5: overlapping fields
+    of a grid). Disjoint windows are not merged: their forwards share no pixel, and merging
+    small crops for the overhead alone measured slower (resnet50 ``layer1`` at 640 px)."""
+    total = math.prod(spatial)
+    out = list(items)
+    cost = [_items_cost([item], backwards, total) for item in out]
+    while True:
+        best: tuple[float, int, int, Window | None, float] | None = None
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                (wa, ua), (wb, ub) = out[i], out[j]
+                if wa is not None and wb is not None and not wa.overlaps(wb):
+                    continue
+                w = None if wa is None or wb is None else _union([wa, wb], spatial)
+                merged = _items_cost([(w, ua + ub)], backwards, total)
+                gain = cost[i] + cost[j] - merged
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, i, j, w, merged)
+        if best is None:
+            return out
+        _, i, j, w, merged = best
+        out[i], cost[i] = (w, out[i][1] + out[j][1]), merged
+        del out[j], cost[j]
 
 
 def plan_groups(
@@ -282,6 +340,7 @@ def plan_groups(
             full.add(name, idxs)
             continue
         layer_trf = next(iter(by_index[name].values()))
+        n_back = len(seeds.pack_units(idxs, unit_boxes({i: by_index[name].get(i) for i in idxs})))
         candidates = [full] if full.layers else []
         candidates += groups
         best: Group | None = None
@@ -293,7 +352,7 @@ def plan_groups(
             if not _aligned(gw, layer_trf, sized_padding):
                 continue
             same = gw == w
-            if not same and (crop is True or w.area < _CROP_MERGE_FRACTION * g_area):
+            if not same and (crop is True or w.area < _merge_fraction(n_back) * g_area):
                 continue
             if best is None or g_area < area(best.window):
                 best = g
@@ -305,9 +364,52 @@ def plan_groups(
     out = [g for g in groups if g.layers]
     if full.layers:
         out.append(full)
+    if crop == "auto":
+        for name in names:
+            out = _ride_along(out, name, by_index[name], total)
     for g in out:
         g.layers.sort(key=rank.__getitem__)
     return out
+
+
+def _ride_along(
+    groups: list[Group], name: str, trfs: Mapping[Index, TRF], total: int
+) -> list[Group]:
+    """The groups with ``name``'s own groups (whose forward runs for ``name`` alone) merged
+    into the group of other layers that holds all their windows, when the extra backwards
+    there cost less than those forwards and backwards (:func:`_cost`): that group's forward
+    runs anyway and serves every unit whose window it contains (issue 25.5: a shallow layer's
+    small crops beside a deeper layer probed on the full input). As in the join of
+    :func:`plan_groups`, a forward made deeper by ``name`` is not counted."""
+    own = [g for g in groups if g.layers == [name]]
+    if not own or not trfs:
+        return groups
+    moved = [i for g in own for i in g.units.get(name, [])]
+
+    def area(w: Window | None) -> int:
+        return total if w is None else w.area
+
+    def backwards(idxs: list[Index], pack: bool) -> int:
+        boxes = unit_boxes({i: trfs.get(i) for i in idxs}) if pack else None
+        return len(seeds.pack_units(idxs, boxes))
+
+    alone = sum(_cost(area(g.window), backwards(g.units.get(name, []), g.pack)) for g in own)
+    best: tuple[float, Group] | None = None
+    for g in groups:
+        if any(g is o for o in own) or not _aligned(g.window, next(iter(trfs.values()))):
+            continue
+        gw = g.window
+        if gw is not None and not all(o.window and gw.contains(o.window) for o in own):
+            continue
+        have = g.units.get(name, [])
+        extra = backwards(have + moved, g.pack) - backwards(have, g.pack)
+        cost = float(area(gw)) ** _PIXEL_EXPONENT * _BACKWARD_COST * extra
+        if cost < alone and (best is None or cost < best[0]):
+            best = (cost, g)
+    if best is None:
+        return groups
+    best[1].add(name, moved)
+    return [g for g in groups if not any(g is o for o in own)]
 
 
 def without_cropping(
