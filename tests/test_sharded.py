@@ -67,7 +67,8 @@ def test_fields_and_per_sample_maps_are_gathered_in_order(ranks: list[dict[str, 
 def test_failures_reach_every_rank(ranks: list[dict[str, Any]]) -> None:
     for got in ranks:
         assert "failed on rank(s) [1]" in got["one_failed"]
-        assert got["all_failed"] == "ValueError"  # the plain error where every rank failed
+        # The plain error where every rank failed: the unknown layer's own (a ValueError).
+        assert got["all_failed"] == "UnknownLayerError"
         assert "cannot be sharded" in got["train_mode"]
     assert "boom on rank 1" in ranks[1]["one_failed"]
 

@@ -439,10 +439,10 @@ def comparison_figure(comp: Comparison, *, log_scale: bool = False, panel: float
 
 
 def _pixel_ticks(ax: Any, shape: tuple[int, ...]) -> None:
-    from erf_monitor.viz.render import _nice_ticks
+    from erf_monitor.viz.render import nice_ticks
 
-    ax.set_xticks(_nice_ticks(shape[1], 3))
-    ax.set_yticks(_nice_ticks(shape[0], 3))
+    ax.set_xticks(nice_ticks(shape[1], 3))
+    ax.set_yticks(nice_ticks(shape[0], 3))
     ax.tick_params(labelsize=6, length=2, pad=1)
 
 

@@ -27,10 +27,10 @@ import numpy as np
 from erf_monitor.viz.render import (
     LOG_DECADES,
     _legend_proxies,
-    _nice_ticks,
     _to_numpy,
     add_box,
     colour_caption,
+    nice_ticks,
 )
 from erf_monitor.viz.shapes import MapResult
 
@@ -237,8 +237,8 @@ def grid_figure(
                 squares = True
             ax.set_xlim(-0.5, a.shape[1] - 0.5)
             ax.set_ylim(a.shape[0] - 0.5, -0.5)
-            ax.set_xticks(_nice_ticks(a.shape[1], 3))  # input pixels
-            ax.set_yticks(_nice_ticks(a.shape[0], 3))
+            ax.set_xticks(nice_ticks(a.shape[1], 3))  # input pixels
+            ax.set_yticks(nice_ticks(a.shape[0], 3))
             if annotate:
                 text = [] if not by_column else [p.layer or "<model>"]
                 if p.erf_size is not None:

@@ -45,6 +45,7 @@ __all__ = [
     "colour_caption",
     "erf_figure",
     "erf_interval",
+    "nice_ticks",
     "normalize",
     "render_heatmap",
     "render_map",
@@ -524,7 +525,7 @@ def _describe_trf(result: MapResult) -> str:
     return f"TRF (clipped) {trf.clipped_text('×')} px"
 
 
-def _nice_ticks(n: int, most: int = 5) -> list[int]:
+def nice_ticks(n: int, most: int = 5) -> list[int]:
     """Input-pixel ticks ``0, step, ...`` (step 1, 2, 5 x 10^k) with at most ``most`` of them."""
     step = next(
         s for k in range(12) for s in (10**k, 2 * 10**k, 5 * 10**k) if math.ceil(n / s) <= most
@@ -573,8 +574,8 @@ def _annotate(
     subtitle = _metrics_line(result, metrics)
     title = (result.name or "<model>") + ("" if step is None else f" · step {int(step)}")
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    yticks = _nice_ticks(int(axes[0][0])) if axes else []
-    xticks = _nice_ticks(int(axes[0][1])) if axes else []
+    yticks = nice_ticks(int(axes[0][0])) if axes else []
+    xticks = nice_ticks(int(axes[0][1])) if axes else []
     axis_w = int(max((probe.textlength(str(t), font=small_f) for t in yticks), default=0))
     axis_w = axis_w + 6 if axes else 0  # labels, then a 3 px tick mark
     axis_h = 16 if axes else 0
