@@ -149,9 +149,10 @@ def weights_only_loads() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def read_weights(path: str | os.PathLike[str]) -> Any:
+def read_weights(path: str | os.PathLike[str], mmap: bool = False) -> Any:
     """The content of a weight file, read as data only: ``.safetensors`` with safetensors,
-    anything else with ``torch.load(weights_only=True)`` (tensors and plain containers).
+    anything else with ``torch.load(weights_only=True)`` (tensors and plain containers),
+    memory-mapped with ``mmap`` where the file's format allows it.
 
     Raises:
         ModelSpecError: one line: a missing file, a pickle that needs code to load (refused:
@@ -165,7 +166,12 @@ def read_weights(path: str | os.PathLike[str]) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(file), device="cpu")
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         needs = f" ({named.group(1)})" if named else ""
@@ -180,17 +186,24 @@ def read_weights(path: str | os.PathLike[str]) -> Any:
         ) from None
 
 
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def state_dict_of(obj: Any, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the state dict that a checkpoint's content ``obj`` holds: ``obj`` itself
+    or its ``state_dict`` / ``model_state_dict`` / ``model`` / ``module`` entry (Lightning and
+    training-script checkpoints), without non-tensor entries.
+
+    Raises:
+        ModelSpecError: one line: ``obj`` holds no tensors under any of those keys.
+    """
     for key in ("state_dict", "model_state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelSpecError(
             f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors, "
             "possibly under 'state_dict' or 'model')"
         )
-    return obj
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def shape_mismatch(
@@ -239,7 +252,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         ModelSpecError: a missing or unreadable file, or weights that do not fit the model.
     """
     file = Path(path).expanduser()
-    state = _state_dict_of(read_weights(file), file)
+    state = state_dict_of(read_weights(file), file)
     expected = set(model.state_dict())
     for prefix in ("", "model.", "module.", "_orig_mod.", "net."):
         if prefix and not all(k.startswith(prefix) for k in state):

@@ -45,6 +45,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from erf_monitor.cli.compare import CompareError, Steps, fit_state
+from erf_monitor.cli.models import ModelSpecError, read_weights, state_dict_of
 from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
 from erf_monitor.probe.distributed import broadcast_object, rank_and_world
@@ -129,21 +130,9 @@ def _is_hf_folder(path: Path) -> bool:
 def _load(path: Path, mmap: bool = False) -> Any:
     """A file's content as data: safetensors, or ``torch.load(weights_only=True)``."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as exc:  # pickled code, corrupt or foreign files
-        text = " ".join(str(exc).split())[:300]
-        raise ReplayError(
-            f"cannot read {str(path)!r} as weights only ({type(exc).__name__}: {text})"
-        ) from None
+        return read_weights(path, mmap=mmap)
+    except ModelSpecError as exc:  # pickled code, corrupt or foreign files: one line
+        raise ReplayError(str(exc)) from None
 
 
 def _stored_step(obj: Any) -> int | None:
@@ -269,16 +258,10 @@ def read_state(ck: Checkpoint) -> Mapping[str, torch.Tensor]:
 
 
 def _tensors(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
-    for key in ("state_dict", "model_state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ReplayError(
-            f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors, "
-            "possibly under 'state_dict' or 'model')"
-        )
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    try:
+        return state_dict_of(obj, path)
+    except ModelSpecError as exc:
+        raise ReplayError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- replay
@@ -505,16 +488,21 @@ def _replay_shared(
         raise ReplayError("; ".join(errors))
     if rank != 0:
         run.probed = [step for step, _, _ in mine]
+        dist.barrier()  # the ranks end together: none leaves while rank 0 still publishes
         return
-    # The engine's own publishing path (sinks, history, alerts); its plan gives the alert
-    # thresholds of the resolved layers.
-    engine._prepare(model)
-    for step, results, seconds in sorted((x for m, _ in gathered for x in m), key=lambda x: x[0]):
-        engine.last_probe_step = step
-        engine._publish(ProbeOutcome(step), results, seconds)
-        run.probed.append(step)
-        if state_path is not None:
-            _save_state(state_path, request, engine)
+    try:
+        # The engine's own publishing path (sinks, history, alerts); its plan gives the alert
+        # thresholds of the resolved layers.
+        engine._prepare(model)
+        everything = sorted((x for m, _ in gathered for x in m), key=lambda x: x[0])
+        for step, results, seconds in everything:
+            engine.last_probe_step = step
+            engine._publish(ProbeOutcome(step), results, seconds)
+            run.probed.append(step)
+            if state_path is not None:
+                _save_state(state_path, request, engine)
+    finally:
+        dist.barrier()
 
 
 def _load_into(model: nn.Module, ck: Checkpoint) -> None:
