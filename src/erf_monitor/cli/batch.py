@@ -24,6 +24,7 @@ __all__ = [
     "finished",
     "folder_names",
     "panels",
+    "settings_diff",
     "setup_distributed",
     "teardown_distributed",
     "write_json",
@@ -32,6 +33,15 @@ __all__ = [
 
 class BatchError(ValueError):
     """A batch that cannot go on as asked (one line, no traceback in the CLI)."""
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``"key old -> new, ..."`` for every setting that differs (sorted by key)."""
+    return ", ".join(
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    )
 
 
 def folder_names(names: Sequence[str]) -> dict[str, str]:
@@ -82,12 +92,7 @@ def finished(folder: Path, request: Mapping[str, Any]) -> dict[str, Any] | None:
         return None  # unreadable: not finished, measured again
     before = record.get("request") if isinstance(record, dict) else None
     if before != dict(request):
-        old = before if isinstance(before, dict) else {}
-        diff = ", ".join(
-            f"{k} {old.get(k)!r} -> {request.get(k)!r}"
-            for k in sorted(set(old) | set(request))
-            if old.get(k) != request.get(k)
-        )
+        diff = settings_diff(before if isinstance(before, dict) else {}, request)
         raise BatchError(
             f"--skip-existing: {str(folder)!r} holds a run made with other settings ({diff}); "
             "delete that folder or write to another --out"

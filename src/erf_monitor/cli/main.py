@@ -492,16 +492,21 @@ def _table_formats(text: str | None) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    size = _parse_size(args.input_size)
-    _check_device(args.device)
-    layers = _layer_spec(args.layers)
+def _check_probe_inputs(args: argparse.Namespace) -> None:
+    """The checks of the options of :func:`_add_probe_options` and ``--images``."""
     if args.samples < 1:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     if args.images is not None and args.input != "noise":
         raise CLIError("give either --images DIR or --input FILE, not both")
     if args.images is None and (args.size or args.mean or args.std):
         raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    size = _parse_size(args.input_size)
+    _check_device(args.device)
+    layers = _layer_spec(args.layers)
+    _check_probe_inputs(args)
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise CLIError(f"--bootstrap must be 0 (no intervals) or >= 2, got {args.bootstrap}")
     if args.bootstrap and args.samples < 2:
@@ -1037,12 +1042,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     if args.pretrained is not None:
         raise CLIError("replay loads the weights of each CKPT; --pretrained is not used")
-    if args.samples < 1:
-        raise CLIError(f"--samples must be >= 1, got {args.samples}")
-    if args.images is not None and args.input != "noise":
-        raise CLIError("give either --images DIR or --input FILE, not both")
-    if args.images is None and (args.size or args.mean or args.std):
-        raise CLIError("--size/--mean/--std preprocess --images; for noise use --input-size")
+    _check_probe_inputs(args)
     cov = args.min_coverage.strip().lower()
     try:
         min_coverage = None if cov in ("none", "off", "0") else float(cov)
@@ -1144,6 +1144,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+def _add_probe_options(
+    parser: argparse.ArgumentParser,
+    *,
+    samples: int,
+    samples_help: str = "probe batch size",
+    layers_help: str = "layer names or globs",
+    size_help: str = "N or HxW",
+    input_help: str = "noise (seeded) or a .npy file, loaded without pickle",
+) -> None:
+    """The options that say what is probed, shared by analyze, compare and replay."""
+    parser.add_argument("--layers", nargs="+", default=["auto"], help=layers_help)
+    parser.add_argument("--input-size", default="224", help=size_help, metavar="SIZE")
+    parser.add_argument("--channels", type=int, default=3, help="input channels for noise")
+    parser.add_argument("--samples", type=int, default=samples, help=samples_help)
+    parser.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
+    parser.add_argument("--input", default="noise", help=input_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     from erf_monitor import __version__
 
@@ -1220,23 +1238,14 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--names", default=None, help="comma-separated model names (default: the specs)"
     )
-    analyze.add_argument(
-        "--input-size", default="224", help="N or HxW (default: %(default)s)", metavar="SIZE"
-    )
-    analyze.add_argument("--channels", type=int, default=3, help="input channels for noise")
-    analyze.add_argument(
-        "--layers",
-        nargs="+",
-        default=["auto"],
-        help="layer names or globs (quote them: 'layer*'), or auto (one per resolution stage)",
-    )
-    analyze.add_argument("--samples", type=int, default=8, help="probe batch size")
-    analyze.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
-    analyze.add_argument(
-        "--input",
-        default="noise",
-        help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or (H,W), "
-        "loaded without pickle",
+    _add_probe_options(
+        analyze,
+        samples=8,
+        layers_help="layer names or globs (quote them: 'layer*'), or auto (one per resolution "
+        "stage)",
+        size_help="N or HxW (default: %(default)s)",
+        input_help="noise (standard Gaussian, seeded) or a .npy file (N,C,H,W), (C,H,W) or "
+        "(H,W), loaded without pickle",
     )
     _add_model_inputs(
         analyze,
@@ -1355,20 +1364,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("models", metavar="MODEL", nargs="+", help="see below")
     compare.add_argument("--names", default=None, help="comma-separated names (default: the specs)")
-    compare.add_argument("--layers", nargs="+", default=["auto"], help="layer names or globs")
-    compare.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
-    compare.add_argument("--channels", type=int, default=3, help="input channels for noise")
-    compare.add_argument("--samples", type=int, default=32, help="probe images")
-    compare.add_argument(
-        "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
-    )
+    _add_probe_options(compare, samples=32, samples_help="probe images")
     _add_model_inputs(
         compare,
         images="preprocessed as the first MODEL expects; the same images for every model",
         weights="weights of every MODEL given without @CKPT: alone, its",
         checkpoints="for checkpoints fine-tuned on N classes",
     )
-    compare.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
     compare.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
     compare.add_argument("--level", type=float, default=0.95, help="interval coverage")
     compare.add_argument(
@@ -1404,14 +1406,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("model", metavar="MODEL", help="the architecture (see below)")
     replay.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoint files/folders")
-    replay.add_argument("--layers", nargs="+", default=["auto"], help="layer names or globs")
-    replay.add_argument("--input-size", default="224", help="N or HxW", metavar="SIZE")
-    replay.add_argument("--channels", type=int, default=3, help="input channels for noise")
-    replay.add_argument("--samples", type=int, default=8, help="probe batch size")
-    replay.add_argument("--mode", choices=MODES, default="luo", help="ERF convention (MODE below)")
-    replay.add_argument(
-        "--input", default="noise", help="noise (seeded) or a .npy file, loaded without pickle"
-    )
+    _add_probe_options(replay, samples=8)
     _add_model_inputs(
         replay,
         images="preprocessed as MODEL expects; the same images for every checkpoint",

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
+from erf_monitor.cli.batch import settings_diff
 from erf_monitor.cli.compare import CompareError, Steps, fit_state
 from erf_monitor.cli.models import ModelSpecError, read_weights, state_dict_of
 from erf_monitor.monitor.engine import MonitorEngine
@@ -293,11 +294,7 @@ def _resume(path: Path, request: Mapping[str, Any], engine: MonitorEngine) -> No
     state = _load(path)
     before = json.loads(state.get("request", "{}")) if isinstance(state, Mapping) else {}
     if before != dict(request):
-        diff = ", ".join(
-            f"{k} {before.get(k)!r} -> {request.get(k)!r}"
-            for k in sorted(set(before) | set(request))
-            if before.get(k) != request.get(k)
-        )
+        diff = settings_diff(before, request)
         raise ReplayError(
             f"skip_existing: {str(path.parent)!r} holds a replay made with other settings "
             f"({diff}); delete that folder or write to another one"
