@@ -143,3 +143,36 @@ def test_no_module_imports_another_subpackages_private_name() -> None:
             ]
             found += [f"{module}:{node.lineno} imports {base}.{n}" for n in private]
     assert not found, "\n".join(found)
+
+
+def _private_module(module: str) -> bool:
+    """Whether a dotted module name has a private part (``sinks._base``; dunders excepted)."""
+    return any(p.startswith("_") and not p.endswith("__") for p in module.split(".")[1:])
+
+
+def test_no_module_imports_another_subpackages_private_module() -> None:
+    # Another folder's private module (``sinks._base``) is reached through its public surface
+    # (``erf_monitor.sinks``); dunder modules (``__init__``, ``__main__``) are allowed.
+    known = set(_modules())
+    found = []
+    for module, path in _modules().items():
+        pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join([*parts[: len(parts) - node.level + 1], base]).rstrip(".")
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+                targets = [t for t in targets if t == base or t in known]
+            for t in targets:
+                if (
+                    t.startswith("erf_monitor")
+                    and _private_module(t)
+                    and _subpackage(t) != _subpackage(module)
+                ):
+                    found.append(f"{module}:{node.lineno} imports {t}")
+    assert not found, "\n".join(found)

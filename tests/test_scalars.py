@@ -61,3 +61,23 @@ def test_keys_a_result_does_not_have_are_left_out_and_typos_are_errors(
         result.scalars(["covrage"])
     assert select_metrics(["openerf"]) == list(METRIC_GROUPS["openerf"])
     assert math.isfinite(result.scalars(["gaussian_r2"])["gaussian_r2"])
+
+
+def test_every_name_users_may_ask_for_is_computed_by_scalars() -> None:
+    """One catalogue: the names ``metrics=`` accepts (``METRIC_NAMES``) are the keys of
+    ``METRIC_GROUPS``, and each one, asked for as a probe asks, gives ``scalars()`` entries."""
+    from erf_monitor.measure.result import METRIC_NAMES, PER_AXIS
+    from erf_monitor.sinks._metrics import metric_patterns
+
+    patterns = {p for group in METRIC_GROUPS.values() for p in group}
+    named = {f"{n}_?" if n in PER_AXIS else n for n in METRIC_NAMES}
+    assert {n for n in named if not n.startswith("disc_mass_r")} | {"disc_mass_r*"} == patterns
+    assert len(set(METRIC_NAMES)) == len(METRIC_NAMES)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1))
+    r = em.compute_erf(net, torch.randn(2, 1, 96, 96), ["2"], position="corners")["2"]
+    full = r.scalars()
+    for name in METRIC_NAMES:
+        part = r.scalars(metric_patterns([name]))
+        assert part, name
+        assert part == {k: v for k, v in full.items() if k in part}, name

@@ -397,7 +397,7 @@ def _accumulators(folder: _Folder, directory: Path) -> Iterator[Any]:
 
 
 def key_from_tag(tag: str) -> str:
-    from erf_monitor.sinks._tensorboard import key_from_tag as logged_key
+    from erf_monitor.sinks import key_from_tag as logged_key
 
     return logged_key(tag)
 
@@ -477,7 +477,7 @@ def _read_analyze_run(folder: _Folder, directory: Path, name: str) -> Run | None
                 _add(run.metrics, f"erf/{layer}/{metric}", 0, float(value))
             elif value is None:
                 _add(run.metrics, f"erf/{layer}/{metric}", 0, math.nan)
-    from erf_monitor.sinks._file import safe_filename
+    from erf_monitor.sinks import safe_filename
 
     for layer in run.metrics:
         png = directory / "heatmaps" / f"{safe_filename(layer)}.png"

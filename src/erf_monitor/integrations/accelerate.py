@@ -8,6 +8,6 @@ which sends ERF data through the trackers that ``Accelerator(log_with=...)`` /
 TensorBoard a run of the monitor's own, ``<the tracker's log dir>/erf``, beside it.
 """
 
-from erf_monitor.sinks._accelerate import AccelerateSink, is_accelerator
+from erf_monitor.sinks import AccelerateSink, is_accelerator
 
 __all__ = ["AccelerateSink", "is_accelerator"]

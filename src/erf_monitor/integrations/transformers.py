@@ -27,8 +27,15 @@ from erf_monitor.core.imports import package_available
 from erf_monitor.monitor.capture import BatchCapture
 from erf_monitor.monitor.engine import EngineView, MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
-from erf_monitor.sinks import FileSink, MLflowSink, Sink, TensorBoardSink, WandbSink, as_sink
-from erf_monitor.sinks._tensorboard import TB_SUBDIR
+from erf_monitor.sinks import (
+    TB_SUBDIR,
+    FileSink,
+    MLflowSink,
+    Sink,
+    TensorBoardSink,
+    WandbSink,
+    as_sink,
+)
 
 if TYPE_CHECKING or package_available("transformers"):
     from transformers import TrainerCallback as _CallbackBase

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AREA_THRESHOLDS",
     "METRIC_GROUPS",
+    "METRIC_NAMES",
+    "PER_AXIS",
     "ERFField",
     "ERFResult",
     "ERFResults",
@@ -74,6 +76,40 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "field": ("border_ratio",),
 }
+
+#: Metrics with one value per spatial axis (the groups' ``_?`` patterns): ``sigma`` stands for
+#: ``sigma_y`` and ``sigma_x``.
+PER_AXIS: tuple[str, ...] = tuple(
+    p[:-2] for group in METRIC_GROUPS.values() for p in group if p.endswith("_?")
+)
+
+#: The metric names users may ask for (``MonitorOptions.metrics``): every key of
+#: :data:`METRIC_GROUPS`, per-axis ones by their base name, ``disc_mass_r*`` one per radius.
+#: The order is the one error messages list them in.
+METRIC_NAMES: tuple[str, ...] = (
+    "erf_size",
+    "coverage",
+    "erf_trf_ratio",
+    "trf_size",
+    "trf_size_clipped",
+    "trf_global",
+    "trf_data_dependent",
+    *(f"area_t{round(t * 100):02d}" for t in AREA_THRESHOLDS),
+    "gaussian_r2",
+    *(f"disc_mass_r{r}" for r in _metrics.OPENERF_RADII),
+    "gauss_fit_amplitude",
+    "gauss_fit_r2",
+    "coverage_trf",
+    "erf_size_visible",
+    "sigma_major",
+    "sigma_minor",
+    "anisotropy",
+    "axis_angle",
+    "cross_score",
+    "dead_fraction",
+    "border_ratio",
+    *PER_AXIS,
+)
 
 
 def select_metrics(names: Iterable[str]) -> list[str]:

@@ -29,7 +29,7 @@ from erf_monitor.core.errors import ERFCoverageWarning
 
 if TYPE_CHECKING:
     from erf_monitor.measure.result import ERFResult
-    from erf_monitor.sinks._base import Sink
+    from erf_monitor.sinks import Sink
 
 __all__ = [
     "DEFAULT_PATIENCE",

@@ -50,8 +50,7 @@ from erf_monitor.probe import distributed as dist_
 from erf_monitor.probe.compute import probe, probe_input
 from erf_monitor.probe.crop import CropOption
 from erf_monitor.probe.plan import ProbePlan, build_plan, probe_dtype
-from erf_monitor.sinks._base import Sink
-from erf_monitor.sinks._metrics import metric_patterns
+from erf_monitor.sinks import Sink, metric_patterns
 from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_model
 from erf_monitor.targets.tokens import TokenLayoutArg
 

@@ -20,7 +20,7 @@ from typing_extensions import TypedDict
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.inputs.batch import InputKey
 from erf_monitor.monitor.alerts import DEFAULT_PATIENCE, DEFAULT_WARMUP_STEPS
-from erf_monitor.sinks._metrics import DEFAULT_METRICS, MetricSelection, check_metrics
+from erf_monitor.sinks import DEFAULT_METRICS, MetricSelection, check_metrics
 from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionSpec, check_position
 from erf_monitor.targets.tokens import TokenLayoutArg, check_token_layout

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from erf_monitor.measure.metrics import OPENERF_RADII
-from erf_monitor.measure.result import AREA_THRESHOLDS
+from erf_monitor.measure.result import METRIC_NAMES, PER_AXIS
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -27,41 +26,6 @@ __all__ = [
 
 #: ``None`` (the default set), ``"all"``, or metric names (globs allowed).
 MetricSelection = Sequence[str] | Literal["all"] | None
-
-#: Metrics with one value per spatial axis: ``sigma`` stands for ``sigma_y`` and ``sigma_x``.
-PER_AXIS: tuple[str, ...] = (
-    "sigma",
-    "centroid_offset",
-    "gauss_fit_sigma",
-    "gauss_fit_offset",
-    "gridding_period",
-)
-
-#: Every metric name ``ERFResult.scalars()`` may return (per-axis ones by their base name).
-METRIC_NAMES: tuple[str, ...] = (
-    "erf_size",
-    "coverage",
-    "erf_trf_ratio",
-    "trf_size",
-    "trf_size_clipped",
-    "trf_global",
-    "trf_data_dependent",
-    *(f"area_t{round(t * 100):02d}" for t in AREA_THRESHOLDS),
-    "gaussian_r2",
-    *(f"disc_mass_r{r}" for r in OPENERF_RADII),
-    "gauss_fit_amplitude",
-    "gauss_fit_r2",
-    "coverage_trf",
-    "erf_size_visible",
-    "sigma_major",
-    "sigma_minor",
-    "anisotropy",
-    "axis_angle",
-    "cross_score",
-    "dead_fraction",
-    "border_ratio",
-    *PER_AXIS,
-)
 
 #: Logged per layer unless ``metrics=`` says otherwise: the numbers the README and the
 #: concepts page explain (8 in 2-D; ``border_ratio`` only exists with a set of positions).
