@@ -44,16 +44,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
-from erf_monitor.core.probing import probing
+from erf_monitor.core.probing import StopForward, probing
 
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
 ROOT = "model"
-
-
-class _StopTrace(BaseException):
-    """Raised once every module of ``stop_after`` has returned (not an ``Exception``: a
-    model's own ``except Exception`` cannot swallow it)."""
 
 
 class Unsupported(Exception):
@@ -409,7 +404,7 @@ class ConcreteTracer(fx.Tracer):
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(canonical(path))
         if self.stop_after and not self._running and self.stop_after <= self.outputs.keys():
-            raise _StopTrace  # every layer analysed has its node: nothing later is needed
+            raise StopForward  # every layer analysed has its node: nothing later is needed
         return out
 
 
@@ -684,7 +679,7 @@ def _trace(
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             graph = tracer.trace(root)
-        except _StopTrace:
+        except StopForward:
             graph = tracer.graph
             graph.output(None)
     for node in graph.nodes:
