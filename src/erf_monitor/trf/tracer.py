@@ -44,6 +44,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
+from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.probing import StopForward, probing
 
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
@@ -632,11 +633,9 @@ def trace_model(
             names = aliases.setdefault(id(mod), [])
             if canon not in names:
                 names.append(canon)
-    param: torch.Tensor | None = next(model.parameters(), None)
-    if param is None:
-        param = next(model.buffers(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device, dtype = model_device_dtype(model, buffers=True)
+    device = torch.device("cpu") if device is None else device
+    dtype = dtype if dtype.is_floating_point else torch.float32
     x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     # Tracing runs the real modules: a buffer they change (a counter, a quantization
     # observer) is put back, as the probe does. What the model warns about on this extra
