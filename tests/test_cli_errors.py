@@ -79,3 +79,27 @@ def test_layers_command_lists_names_shapes_and_auto(capsys: pytest.CaptureFixtur
     assert "64x32x32" in rows["conv1"] and "yes" not in rows["conv1"]
     assert "512x2x2" in rows["layer4"] and "yes" in rows["layer4"]  # stride 32: 64 -> 2
     assert "layer1.0.conv2" in rows and not any("not run" in r for r in rows.values())
+
+
+def test_every_command_error_is_a_cli_error() -> None:
+    # One error type: main() prints any of them as one line (exit 2) without re-raising them.
+    from erf_monitor.cli.batch import BatchError
+    from erf_monitor.cli.compare import CompareError
+    from erf_monitor.cli.demo import DemoError
+    from erf_monitor.cli.errors import CLIError
+    from erf_monitor.cli.models import ModelSpecError
+    from erf_monitor.cli.replay import ReplayError
+    from erf_monitor.cli.report import ReportError
+
+    for cls in (BatchError, CompareError, DemoError, ModelSpecError, ReplayError, ReportError):
+        assert issubclass(cls, CLIError), cls
+    for cls in (BatchError, CompareError, ModelSpecError, ReplayError):  # as before, too
+        assert issubclass(cls, ValueError), cls
+
+
+def test_report_error_exits_2_with_its_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("erf-monitor report: error: ") and "\n" not in err

@@ -178,6 +178,29 @@ def test_upsample_nearest_then_conv() -> None:
     assert theoretical_rf(net, (1, 8, 8), "1", method="numeric")["1"].clipped == ((3, 4),) * 2
 
 
+class _GuardedForward(nn.Module):
+    """Wraps its layers in ``try/except Exception`` and re-raises any error as its own, as some
+    models do: erf-monitor's signal that stops the forward early must pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 1, 3, padding=1)
+        self.b = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.b(self.a(x))
+        except Exception as exc:
+            raise RuntimeError("guarded forward failed") from exc
+
+
+@pytest.mark.parametrize("method", ["numeric", "fx", "auto"])
+def test_model_catching_exception_does_not_swallow_the_stop(method: str) -> None:
+    # Stopping after "a" (the last wanted layer) must not surface as the model's own error.
+    trf = theoretical_rf(_GuardedForward(), (1, 9, 9), ["a"], method=method)["a"]
+    assert trf.interval == ((3, 5), (3, 5)) and trf.size == (3, 3)
+
+
 def test_bilinear_align_corners() -> None:
     # align_corners=False, x2 on 8: src(8) = 8.5/2 - 0.5 = 3.75 -> taps 3, 4
     net = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))

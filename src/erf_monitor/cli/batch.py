@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from erf_monitor.cli.errors import CLIError
+
 __all__ = [
     "BatchError",
     "finished",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class BatchError(ValueError):
+class BatchError(CLIError, ValueError):
     """A batch that cannot go on as asked (one line, no traceback in the CLI)."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erf_monitor.cli.errors import CLIError
 from erf_monitor.cli.models import ModelSpecError, read_weights, shape_mismatch
 from erf_monitor.measure.bootstrap import Interval, compare_intervals
 
@@ -60,7 +61,7 @@ _METHOD_NAMES = {"bca": "BCa", "percentile": "percentile"}
 SHOWN_EXTRA = (("erf_trf_ratio", ".2f", "ERF/TRF"), ("sigma_x", ".1f", "sigma x (px)"))
 
 
-class CompareError(ValueError):
+class CompareError(CLIError, ValueError):
     """A checkpoint or model that cannot be compared (one line, no traceback in the CLI)."""
 
 

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from erf_monitor.cli.errors import CLIError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -77,7 +79,7 @@ DILATIONS = {"small": (1, 1, 1, 1), "large": (1, 2, 4, 8)}
 WIDTH = 16
 
 
-class DemoError(Exception):
+class DemoError(CLIError):
     """A demo option that cannot work (e.g. ``--logger wandb`` without wandb)."""
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erf_monitor.cli.errors import CLIError
 from erf_monitor.core.modes import DEFINITIONS, MODES
 
 if TYPE_CHECKING:
@@ -65,10 +66,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def _wrap(text: str) -> str:
     return textwrap.fill(text, 88)
-
-
-class CLIError(Exception):
-    """A usage error: printed as one line on stderr, exit code 2."""
 
 
 def _close_option(word: str, parser: argparse.ArgumentParser) -> str | None:
@@ -537,12 +534,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from erf_monitor.probe.distributed import broadcast_object, rank_and_world
     from erf_monitor.targets.positions import parse_position_text, request
 
+    folders = folder_names(names)  # (a BatchError is a CLIError)
     try:
-        folders = folder_names(names)
         position = parse_position_text(args.position)
         request(position, len(size))
-    except BatchError as exc:
-        raise CLIError(str(exc)) from None
     except (ValueError, TypeError) as exc:
         raise CLIError(f"--position: {_one_line(exc)}") from None
     out = Path(args.out)
@@ -606,7 +601,7 @@ def _analyze_model(
 
     import torch
 
-    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.cli.models import load_model
 
     with Progress(
         SpinnerColumn(),
@@ -621,10 +616,7 @@ def _analyze_model(
         # called in-process, e.g. from tests); the same weights on every rank.
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            try:
-                model = load_model(spec, pretrained=args.pretrained, num_classes=args.num_classes)
-            except ModelSpecError as exc:
-                raise CLIError(str(exc)) from None
+            model = load_model(spec, pretrained=args.pretrained, num_classes=args.num_classes)
         model = model.to(device)
         preprocessing: dict[str, Any] | None = None
         if args.images is not None:
@@ -808,17 +800,14 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.cli.models import load_model
     from erf_monitor.targets.auto import pick_layers
 
     size = _parse_size(args.input_size)
     _check_device(args.device)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        try:
-            model = load_model(args.model, num_classes=None).to(args.device).eval()
-        except ModelSpecError as exc:
-            raise CLIError(str(exc)) from None
+        model = load_model(args.model, num_classes=None).to(args.device).eval()
     x = torch.zeros(2, args.channels, *size, device=args.device)
     shapes: dict[str, str] = {}
 
@@ -864,19 +853,16 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from erf_monitor.cli.report import ReportError, build_report
+    from erf_monitor.cli.report import build_report
 
-    try:
-        path, runs = build_report(
-            args.logdir,
-            args.out,
-            max_frames=args.frames,
-            title=args.title,
-            reference_coverage=args.min_coverage,
-            dedupe=not args.keep_duplicates,
-        )
-    except ReportError as exc:
-        raise CLIError(str(exc)) from None
+    path, runs = build_report(
+        args.logdir,
+        args.out,
+        max_frames=args.frames,
+        title=args.title,
+        reference_coverage=args.min_coverage,
+        dedupe=not args.keep_duplicates,
+    )
     console = _console()
     console.print(
         f"Report of {len(runs)} run(s) written to [bold]{_lit(path)}[/] "
@@ -892,7 +878,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from erf_monitor.cli.compare import (
-        CompareError,
         LineSteps,
         RichSteps,
         Steps,
@@ -902,7 +887,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         split_spec,
         write_comparison,
     )
-    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.cli.models import load_model
     from erf_monitor.core.errors import ERFProbeError
 
     _check_device(args.device)
@@ -946,19 +931,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 steps.start(f"building {name}")
             with torch.random.fork_rng():  # the same initialisation for every spec, seeded
                 torch.manual_seed(args.seed)
-                try:
-                    model = load_model(
-                        model_spec,
-                        pretrained=args.pretrained if ckpt is None else None,
-                        num_classes=args.num_classes,
-                    )
-                except ModelSpecError as exc:
-                    raise CLIError(str(exc)) from None
+                model = load_model(
+                    model_spec,
+                    pretrained=args.pretrained if ckpt is None else None,
+                    num_classes=args.num_classes,
+                )
             if ckpt is not None:
-                try:
-                    load_state(model, ckpt)
-                except CompareError as exc:
-                    raise CLIError(str(exc)) from None
+                load_state(model, ckpt)
             models.append((name, model.to(args.device).eval()))
             if steps is not None:
                 steps.done()
@@ -1035,7 +1014,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from erf_monitor.cli.compare import LineSteps, RichSteps, Steps
-    from erf_monitor.cli.models import ModelSpecError, load_model
+    from erf_monitor.cli.models import load_model
     from erf_monitor.cli.replay import ReplayError, find_checkpoints, logger_sinks, replay
     from erf_monitor.core.errors import ERFProbeError
     from erf_monitor.targets.positions import parse_position_text
@@ -1050,17 +1029,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise CLIError(f"--min-coverage must be a fraction or none, got {cov!r}") from None
     try:
         position = parse_position_text(args.position)
-        checkpoints = find_checkpoints(args.checkpoints)
-    except ReplayError as exc:
-        raise CLIError(str(exc)) from None
     except (ValueError, TypeError) as exc:
         raise CLIError(f"--position: {_one_line(exc)}") from None
+    checkpoints = find_checkpoints(args.checkpoints)
     with torch.random.fork_rng():  # seeded, without touching the caller's RNG
         torch.manual_seed(args.seed)
-        try:
-            model = load_model(args.model, num_classes=args.num_classes)
-        except ModelSpecError as exc:
-            raise CLIError(str(exc)) from None
+        model = load_model(args.model, num_classes=args.num_classes)
     if args.images is not None:
         x, source, _ = _load_images(args, model, args.model)
     else:
@@ -1104,7 +1078,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                     position=position, min_coverage=min_coverage, patience=args.patience,
                     chunk_size=args.chunk_size, seed=args.seed,
                 )  # fmt: skip
-            except (ReplayError, ValueError, TypeError, ERFProbeError) as exc:
+            except (ValueError, TypeError, ERFProbeError) as exc:  # (a ReplayError included)
                 raise CLIError(_one_line(exc)) from None
             finally:
                 finish()
@@ -1124,22 +1098,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from erf_monitor.cli.demo import DemoError, run_demo
+    from erf_monitor.cli.demo import run_demo
 
-    try:
-        run_demo(
-            variant=args.variant,
-            out=args.out,
-            logger=args.logger,
-            fast=args.fast,
-            steps=args.steps,
-            seed=args.seed,
-            report=not args.no_report,
-            threads=args.threads,
-            console=_console(),
-        )
-    except DemoError as exc:
-        raise CLIError(str(exc)) from None
+    run_demo(
+        variant=args.variant,
+        out=args.out,
+        logger=args.logger,
+        fast=args.fast,
+        steps=args.steps,
+        seed=args.seed,
+        report=not args.no_report,
+        threads=args.threads,
+        console=_console(),
+    )
     return 0
 
 

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from erf_monitor.cli.errors import CLIError
 from erf_monitor.core.imports import package_available
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 _PREFIXES = ("torchvision", "timm")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(CLIError, ValueError):
     """A ``MODEL`` spec that cannot be turned into a model (bad prefix, name, file, factory)."""
 
 

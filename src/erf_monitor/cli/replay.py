@@ -46,6 +46,7 @@ from typing_extensions import Unpack
 
 from erf_monitor.cli.batch import settings_diff
 from erf_monitor.cli.compare import CompareError, Steps, fit_state
+from erf_monitor.cli.errors import CLIError
 from erf_monitor.cli.models import ModelSpecError, read_weights, state_dict_of
 from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
@@ -77,7 +78,7 @@ _HF_WEIGHTS = (
 )
 
 
-class ReplayError(ValueError):
+class ReplayError(CLIError, ValueError):
     """A checkpoint or run folder that cannot be replayed (one line, no traceback in the CLI)."""
 
 

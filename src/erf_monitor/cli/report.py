@@ -60,6 +60,8 @@ from urllib.parse import unquote
 import jinja2
 import numpy as np
 
+from erf_monitor.cli.errors import CLIError
+
 __all__ = ["ReportError", "Run", "build_report", "dedupe_runs", "find_runs", "render_html"]
 
 #: Metric names of ``ERFResult.scalars()``; a scalar key ``<prefix>/<layer>/<metric>`` whose
@@ -84,7 +86,7 @@ _TB_SUBDIR = "erf"  # sinks.TB_SUBDIR, without importing the sinks here
 _CSV_SUBDIR = "erf"  # sinks.CSV_SUBDIR
 
 
-class ReportError(Exception):
+class ReportError(CLIError):
     """Nothing to report (no log directory, or no ERF data in it)."""
 
 

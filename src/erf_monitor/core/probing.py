@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["is_probing", "probing", "this_thread_only"]
+__all__ = ["StopForward", "is_probing", "probing", "this_thread_only"]
 
 _local = threading.local()
 #: One probe at a time in a process: module flags, buffers and random streams are shared by
@@ -24,6 +24,14 @@ _local = threading.local()
 #: other's saved state). Re-entrant: a probe's own steps nest.
 _LOCK = threading.RLock()
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class StopForward(BaseException):
+    """Raised from erf-monitor's own hook once a forward has produced everything wanted (the
+    probe's targets, the TRF trace's layers): nothing after it needs to run.
+
+    A ``BaseException`` so that a user's ``except Exception`` in ``forward`` cannot swallow it.
+    """
 
 
 def is_probing() -> bool:

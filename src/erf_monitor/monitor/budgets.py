@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.modes import Mode
 
 if TYPE_CHECKING:
@@ -68,10 +69,10 @@ def probe_noise(
     """The probe images of :func:`assert_erf`: ``(samples, C, *input_size)`` standard Gaussian
     noise from a private generator seeded with ``seed`` (``C``: the first convolution's input
     channels unless given), on the model's device."""
-    param = next(iter(model.parameters()), None)
+    device, _ = model_device_dtype(model)
     shape = (samples, channels or _channels(model), *_size(input_size))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return x if param is None else x.to(param.device)
+    return x if device is None else x.to(device)
 
 
 def _trf_text(r: ERFResult) -> tuple[str, float]:

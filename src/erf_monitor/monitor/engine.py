@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from erf_monitor.core import warn as _warn
+from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.errors import (
     ERFCoverageWarning,
     ERFInputWarning,
@@ -75,12 +76,6 @@ _STATE_VERSION = 1
 #: Metric groups every probe measures for the history (cheap: a few passes over the map's
 #: field), whatever ``metrics=`` logs.
 HISTORY_GROUPS: tuple[str, ...] = ("trf", "extent", "moments")
-
-
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, (p.dtype if p.is_floating_point() else torch.float32)
-    return torch.device("cpu"), torch.float32
 
 
 def _fmt_shape(shape: Sequence[int | float]) -> str:
@@ -333,7 +328,8 @@ class MonitorEngine:
         """Build the probe plan (once per fit; again only when the probe batch changes)."""
         assert self.probe_batch is not None
         net = unwrap_model(model)
-        device, dtype = _model_device(net)
+        device, dtype = model_device_dtype(net)  # (probe_dtype: float32 unless floating)
+        device = torch.device("cpu") if device is None else device
         batch = self.probe_batch
         if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
             # Said of the real batch (its shape and samples), not of the 2-sample example.
@@ -366,7 +362,8 @@ class MonitorEngine:
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        device, _ = _model_device(unwrap_model(model))
+        device, _ = model_device_dtype(unwrap_model(model))
+        device = torch.device("cpu") if device is None else device
         with probing(), preserved_rng(device):  # (probing first: one probe at a time)
             x = probe_input(batch, device, self.plan.dtype)
             results = probe(self.plan, model, x, chunk_size=self.chunk_size,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.hints import check_not_meta
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.core.probing import probing
@@ -25,7 +26,6 @@ from erf_monitor.probe.plan import (
     GivenTRF,
     ProbePlan,
     cached_plan,
-    model_device_dtype,
     probe_dtype,
     probe_state,
 )

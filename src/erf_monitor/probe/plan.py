@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
+from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.modes import Mode, seed_index
 from erf_monitor.core.rng import preserved_rng
@@ -152,12 +153,6 @@ def pads_from_size(net: nn.Module) -> bool:
     (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``; the traced graph holds
     their paddings as numbers, so the analysis cannot tell)."""
     return any(type(m).__name__.endswith("Same") for m in net.modules())
-
-
-def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return None, torch.float32
 
 
 @contextlib.contextmanager

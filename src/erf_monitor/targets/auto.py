@@ -62,14 +62,13 @@ from torch import nn
 
 from erf_monitor.core.buffers import preserved_training
 from erf_monitor.core.hints import forward_error, is_own_error
-from erf_monitor.core.probing import probing, this_thread_only
+from erf_monitor.core.probing import StopForward, probing, this_thread_only
 from erf_monitor.targets.layers import (
     Selector,
     format_selector,
     module_table,
     unwrap_model,
 )
-from erf_monitor.targets.observe import StopForward
 from erf_monitor.targets.outputs import output_parts
 from erf_monitor.targets.tokens import TokenLayout, resolve_layout
 

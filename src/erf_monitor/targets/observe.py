@@ -19,20 +19,13 @@ from torch import nn
 
 from erf_monitor.core.errors import ERFProbeError
 from erf_monitor.core.hints import forward_error, is_own_error
-from erf_monitor.core.probing import probing, this_thread_only
+from erf_monitor.core.probing import StopForward, probing, this_thread_only
 from erf_monitor.targets.layers import Selector
 from erf_monitor.targets.outputs import select_output
 
 __all__ = ["ForwardFn", "StopForward", "default_forward", "hooked_forward", "not_reached_error"]
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], Any]
-
-
-class StopForward(BaseException):
-    """Raised from a hook once every target has produced its output.
-
-    A ``BaseException`` so that a user's ``except Exception`` in ``forward`` cannot swallow it.
-    """
 
 
 def default_forward(model: nn.Module, x: torch.Tensor) -> Any:

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta, forward_error, input_grad, is_own_error
 from erf_monitor.core.modes import check_mode, seed_index
-from erf_monitor.core.probing import probing
+from erf_monitor.core.probing import StopForward, probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
 from erf_monitor.targets.observe import ForwardFn, not_reached_error
@@ -553,10 +553,6 @@ def _support(grad: Tensor | None, nd: int) -> list[np.ndarray]:
     return out
 
 
-class _StopForward(Exception):
-    pass
-
-
 #: Ops that read their input at positions given by another tensor argument: ``(namespace,
 #: op name) -> indices of the position arguments``. When a position argument is computed from
 #: the model's input, the sampled positions depend on the data (deformable convolution,
@@ -659,7 +655,7 @@ def _capture(
                 reasons[key] = tracker.reason(out)
             captured[key] = out.clone() if isinstance(out, Tensor) else out
             if len(captured) == len(names):
-                raise _StopForward  # nothing after the last wanted layer is needed
+                raise StopForward  # nothing after the last wanted layer is needed
 
         return fn
 
@@ -670,7 +666,7 @@ def _capture(
         try:
             with tracker if tracker is not None else contextlib.nullcontext():
                 fwd(sur, x)
-        except _StopForward:
+        except StopForward:
             pass
         except Exception as exc:
             if is_own_error(exc):  # e.g. an output selector that matches nothing

@@ -44,16 +44,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
-from erf_monitor.core.probing import probing
+from erf_monitor.core.devices import model_device_dtype
+from erf_monitor.core.probing import StopForward, probing
 
 __all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
 
 ROOT = "model"
-
-
-class _StopTrace(BaseException):
-    """Raised once every module of ``stop_after`` has returned (not an ``Exception``: a
-    model's own ``except Exception`` cannot swallow it)."""
 
 
 class Unsupported(Exception):
@@ -409,7 +405,7 @@ class ConcreteTracer(fx.Tracer):
         if self.is_leaf_module(m, path):
             self.leaf_paths.add(canonical(path))
         if self.stop_after and not self._running and self.stop_after <= self.outputs.keys():
-            raise _StopTrace  # every layer analysed has its node: nothing later is needed
+            raise StopForward  # every layer analysed has its node: nothing later is needed
         return out
 
 
@@ -637,11 +633,9 @@ def trace_model(
             names = aliases.setdefault(id(mod), [])
             if canon not in names:
                 names.append(canon)
-    param: torch.Tensor | None = next(model.parameters(), None)
-    if param is None:
-        param = next(model.buffers(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device, dtype = model_device_dtype(model, buffers=True)
+    device = torch.device("cpu") if device is None else device
+    dtype = dtype if dtype.is_floating_point else torch.float32
     x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     # Tracing runs the real modules: a buffer they change (a counter, a quantization
     # observer) is put back, as the probe does. What the model warns about on this extra
@@ -684,7 +678,7 @@ def _trace(
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             graph = tracer.trace(root)
-        except _StopTrace:
+        except StopForward:
             graph = tracer.graph
             graph.output(None)
     for node in graph.nodes:
