@@ -481,7 +481,7 @@ def test_a_plan_walks_the_model_a_fixed_number_of_times(
     monkeypatch.setattr(nn.Module, "named_modules", counted)
     monkeypatch.setattr(compute_module, "cached_plan", planned)
     counts = []
-    for layers in (["layer2", "layer4"], ["layer1", "layer2", "layer3", "layer4"]):
+    for layers in (["layer2", "layer4"], ["layer1", "layer2", "layer3", "layer4"], "auto"):
         torch.manual_seed(0)
         net[:] = [tv.models.resnet18()]  # a new model: no plan cached for it
         x = torch.randn(2, 3, 64, 64)
@@ -494,3 +494,4 @@ def test_a_plan_walks_the_model_a_fixed_number_of_times(
     # before one table per plan: 25 and 31 fresh walks (trf="auto"), 1 cached
     assert counts[0][0] == counts[1][0] <= 16, counts
     assert counts[0][1] == counts[1][1] == 1, counts
+    assert counts[2] == (counts[0][0] + 1, 1), counts  # "auto": one table too
