@@ -448,3 +448,50 @@ def test_an_in_place_first_layer_never_changes_what_is_probed() -> None:
     assert torch.equal(x, kept)
     expected = reference_map(net, net[2], x.clone(), centre_first)
     assert relative_error(res["2"].heatmap, expected) < 1e-5
+
+
+@pytest.mark.parametrize("trf", ["auto", "skip"])
+def test_a_plan_walks_the_model_a_fixed_number_of_times(
+    monkeypatch: pytest.MonkeyPatch, trf: str
+) -> None:
+    """Layer names are resolved once per plan: building one walks the model's modules
+    (``named_modules``, also behind ``modules()``/``parameters()``) the same number of times
+    for 2 layers as for 4, and a cached plan only walks it for its key."""
+    tv = pytest.importorskip("torchvision")
+    import erf_monitor.probe.compute as compute_module
+
+    walks = [0]
+    planning = [False]
+    net: list[nn.Module] = []
+    named_modules = nn.Module.named_modules
+    cached_plan = compute_module.cached_plan
+
+    def counted(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if planning[0] and self is net[0]:
+            walks[0] += 1
+        return named_modules(self, *args, **kwargs)
+
+    def planned(*args: Any, **kwargs: Any) -> Any:
+        planning[0] = True
+        try:
+            return cached_plan(*args, **kwargs)
+        finally:
+            planning[0] = False
+
+    monkeypatch.setattr(nn.Module, "named_modules", counted)
+    monkeypatch.setattr(compute_module, "cached_plan", planned)
+    counts = []
+    for layers in (["layer2", "layer4"], ["layer1", "layer2", "layer3", "layer4"], "auto"):
+        torch.manual_seed(0)
+        net[:] = [tv.models.resnet18()]  # a new model: no plan cached for it
+        x = torch.randn(2, 3, 64, 64)
+        walks[0] = 0
+        em.compute_erf(net[0], x, layers, trf=trf)
+        fresh = walks[0]
+        walks[0] = 0
+        em.compute_erf(net[0], x, layers, trf=trf)
+        counts.append((fresh, walks[0]))
+    # before one table per plan: 25 and 31 fresh walks (trf="auto"), 1 cached
+    assert counts[0][0] == counts[1][0] <= 16, counts
+    assert counts[0][1] == counts[1][1] == 1, counts
+    assert counts[2] == (counts[0][0] + 1, 1), counts  # "auto": one table too

@@ -35,7 +35,7 @@ from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.modes import Mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.probe.crop import CropOption, Group, Index, plan_groups
-from erf_monitor.targets.layers import unwrap_model
+from erf_monitor.targets.layers import module_table, unwrap_model
 from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionRequest, PositionSpec, request
 from erf_monitor.targets.resolve import Target, resolve_targets
@@ -228,15 +228,16 @@ def _build(
     analyse = trf == "auto" or trf == "fx"
     traced = None
     known: dict[str, tuple[int, ...]] = {}
+    table = module_table(net)  # one name table serves every stage below
     if analyse and not (isinstance(layers, str) and layers == "auto"):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
-        traced, known = _trace_first(net, input_shape, model, layers, forward_fn)
+        traced, known = _trace_first(net, input_shape, model, layers, forward_fn, table)
     # The forward that reads the layers' outputs runs the model as it is: a half model on a
     # half example (only shapes are read; the probe computes in ``example``'s dtype).
     _, native = model_device_dtype(net)
     first = example[:2].detach()
     first = first.to(native) if native in (torch.float16, torch.bfloat16) else first
-    targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known))
+    targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known, table))
     names = [t.spec for t in targets]
     layouts = {t.spec: t.token_layout for t in targets if t.token_layout is not None}
     units = {t.spec: req.indices(t.grid, mode, t.tokens, t.spec) for t in targets}
@@ -244,23 +245,25 @@ def _build(
     trfs: dict[str, dict[str, TRF]]
     if trf == "auto" or trf == "fx" or trf == "numeric":
         try:
-            trfs = _analyse(net, input_shape, names, req, forward_fn, layouts, mode, trf, traced)
+            trfs = _analyse(
+                net, input_shape, names, req, forward_fn, layouts, mode, trf, traced, table
+            )
         except Exception as exc:
             if raise_trf_errors:
                 raise
             trf_error = f"{type(exc).__name__}: {exc}"
             trfs = {}
         geometry = trfs if trf_error is None else _geometry(net, input_shape, names, forward_fn,
-                                                             layouts, mode, req)  # fmt: skip
+                                                             layouts, mode, req, table)  # fmt: skip
     elif isinstance(trf, str):  # "skip"
         trfs = {}
-        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode, req)
+        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode, req, table)
     else:
         trfs = _usable_trfs(trf, names, spatial, mode, req)
         geometry = trfs
         incomplete = [n for n in names if any(k not in trfs[n] for k in units[n])]
         if incomplete:  # positions without a given TRF: centres from the geometry
-            more = _geometry(net, input_shape, incomplete, forward_fn, layouts, mode, req)
+            more = _geometry(net, input_shape, incomplete, forward_fn, layouts, mode, req, table)
             geometry = {n: {**more.get(n, {}), **trfs[n]} for n in names}
     glob = {n: next(iter(g.values())).global_dims for n, g in geometry.items() if g}
     check_grids(net, targets, example, forward_fn, glob)  # one-unit outputs: warn
@@ -300,12 +303,13 @@ def _analyse(
     mode: Mode,
     method: Literal["auto", "fx", "numeric"] = "auto",
     traced: Any = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> dict[str, dict[str, TRF]]:
     from erf_monitor.trf.analysis import theoretical_rfs
 
     return theoretical_rfs(
         net, input_shape, names, req, method=method, forward_fn=forward_fn,
-        token_layout=layouts, mode=mode, traced=traced,
+        token_layout=layouts, mode=mode, traced=traced, table=table,
     )  # fmt: skip
 
 
@@ -315,6 +319,7 @@ def _trace_first(
     model: nn.Module,
     layers: str | Sequence[str],
     forward_fn: ForwardFn | None,
+    table: dict[str, nn.Module] | None = None,
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
     """The analysis' trace and the layers' output shapes read from it; ``(None, {})`` when
     the layers fail here (the targets stage then says why), ``(Unsupported, {})`` when the
@@ -324,13 +329,13 @@ def _trace_first(
     from erf_monitor.trf.fx import Unsupported
 
     try:
-        specs = resolve_layers(model, layers)
-        traced = trace_layers(net, input_shape, specs, forward_fn)
+        specs = resolve_layers(model, layers, table)
+        traced = trace_layers(net, input_shape, specs, forward_fn, table)
     except Unsupported as exc:
         return exc, {}
     except (ValueError, TypeError):
         return None, {}
-    shapes = {s: traced_shape(traced, net, s) for s in specs}
+    shapes = {s: traced_shape(traced, net, s, table) for s in specs}
     return traced, {s: shape for s, shape in shapes.items() if shape is not None}
 
 
@@ -342,13 +347,16 @@ def _geometry(
     layouts: Mapping[str, TokenLayout],
     mode: Mode,
     req: PositionRequest,
+    table: dict[str, nn.Module] | None = None,
 ) -> dict[str, dict[str, TRF]]:
     """The TRF analysis used only for the seed units' theoretical centres (silent; ``{}`` if
     the model cannot be analysed)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _analyse(net, input_shape, list(names), req, forward_fn, layouts, mode)
+            return _analyse(
+                net, input_shape, list(names), req, forward_fn, layouts, mode, table=table
+            )
     except Exception:
         return {}
 

@@ -167,6 +167,7 @@ def _record(
     x: torch.Tensor,
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     stop_after: set[str] | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> list[_Call]:
     """Run the forward once and describe the first call of every module, in finish order
     (stopping once every module of ``stop_after`` has finished, when given)."""
@@ -199,7 +200,7 @@ def _record(
         return hook
 
     try:
-        for name, module in module_table(net).items():
+        for name, module in (module_table(net) if table is None else table).items():
             handles.append(module.register_forward_hook(this_thread_only(make_hook(name, module))))
         with probing(), preserved_training(net), torch.no_grad(), contextlib.suppress(StopForward):
             net.eval()
@@ -358,6 +359,7 @@ def _read(
     x: torch.Tensor,
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     stop_after: set[str] | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> tuple[list[_Call], dict[str, list[Reading]], dict[str, list[Reading]]]:
     """Record one forward and read every module's inputs and outputs (rule 1)."""
     net = unwrap_model(model)
@@ -365,7 +367,7 @@ def _read(
     # Two samples: a tensor with batch size 2 depends on the input (a position-bias table
     # of batch 1 would pass for a map of a 1-sample probe).
     x = x[:2] if x.shape[0] >= 2 else torch.cat([x, x])
-    calls = _record(net, x, forward_fn, stop_after)
+    calls = _record(net, x, forward_fn, stop_after, table)
     reader = _Reader(tuple(x.shape[2:]), nd)
     ins: dict[str, list[Reading]] = {}
     outs: dict[str, list[Reading]] = {}
@@ -380,12 +382,13 @@ def read_outputs(
     x: torch.Tensor,
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     modules: set[str],
+    table: dict[str, nn.Module] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """How rule 1 reads the outputs of ``modules`` (and each part of one, by its selector):
     ``{name + selector: (shape at batch 1, "first" | "last" | "tokens" | None)}`` (``None``:
     no map, or a layout that cannot be told). One recorded forward, stopped once every one
     of ``modules`` has finished: named layers are read exactly as ``"auto"`` reads them."""
-    calls, _ins, outs = _read(model, x, forward_fn, modules)
+    calls, _ins, outs = _read(model, x, forward_fn, modules, table)
     out: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for c in calls:
         if c.name not in modules:
@@ -401,10 +404,13 @@ def pick_layers(
     model: nn.Module,
     x: torch.Tensor,
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> AutoPick:
     """Pick one layer per spatial stage of ``model`` on input ``x`` (see the module docstring).
 
     Runs one forward pass (no gradients, eval mode, every module's ``training`` flag restored).
+    ``table``: the model's :func:`~erf_monitor.targets.layers.module_table`, when the caller
+    built it already.
 
     Raises:
         ValueError: when no module output is a spatial map of the input.
@@ -417,7 +423,7 @@ def pick_layers(
         >>> pick_layers(net, torch.randn(1, 3, 16, 16)).names
         ['2', '4']
     """
-    calls, ins, outs = _read(model, x, forward_fn)
+    calls, ins, outs = _read(model, x, forward_fn, table=table)
     by_name = {c.name: c for c in calls}
 
     def grids(reads: list[Reading]) -> set[Grid]:

@@ -324,7 +324,9 @@ def _wrapper_variants(pattern: str) -> list[str]:
     return [_WRAPPER_PREFIX + pattern]
 
 
-def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+def resolve_layers(
+    model: nn.Module, layers: str | Sequence[str], table: dict[str, nn.Module] | None = None
+) -> list[str]:
     """Expand layer specs and glob patterns into an ordered, de-duplicated list of names.
 
     Args:
@@ -334,6 +336,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
             (``"layer*"`` is ``layer1 .. layer4``, not their children) and ``**`` matches
             across segments (``"layer1.**.conv*"``); a selector after a glob applies to every
             match. ``"auto"`` needs an input and is expanded by :func:`auto_layers` instead.
+        table: the model's :func:`module_table`, when the caller built it already.
 
     Returns:
         The names as given (exact specs keep their spelling, so that results are keyed the
@@ -356,7 +359,8 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name, a glob, or 'auto'.")
-    table = module_table(unwrap_model(model))
+    if table is None:
+        table = module_table(unwrap_model(model))
     names = list(table)
     out: list[str] = []
     for spec in specs:

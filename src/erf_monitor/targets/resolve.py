@@ -171,11 +171,13 @@ def resolve_targets(
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayoutArg = None,
     known_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> list[Target]:
     """Resolve ``layers`` on ``model`` for inputs shaped like ``x`` (see the module docstring).
 
     ``known_shapes``: output shapes (batch 1) of layer specs that the caller knows already
-    (e.g. from a trace): no forward is run for those.
+    (e.g. from a trace): no forward is run for those. ``table``: the model's
+    :func:`~erf_monitor.targets.layers.module_table`, when the caller built it already.
 
     For ``"auto"``, the recorded forward of the pick tells every shape and layout. For named
     layers, one no-grad forward of ``x[:1]`` with hooks on the targets only (it stops at the
@@ -192,16 +194,17 @@ def resolve_targets(
     given: dict[str, TokenLayout] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     readings: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    if table is None:
+        table = module_table(net)
     if isinstance(layers, str) and layers == "auto":
-        pick = pick_layers(net, x[:2], forward_fn)
+        pick = pick_layers(net, x[:2], forward_fn, table)
         specs, given, shapes = pick.names, dict(pick.layouts), dict(pick.shapes)
         # What auto read, it picked: channels-last picks carry their layout, others are maps.
         readings = {s: (shapes[s], "last" if s in given else "first") for s in specs}
     else:
-        specs = resolve_layers(model, layers)  # the wrapped model: messages name the wrapper
+        specs = resolve_layers(model, layers, table)  # the wrapped model: messages name it
         shapes.update({s: tuple(v) for s, v in (known_shapes or {}).items() if s in specs})
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
-    table = module_table(net)
     if isinstance(layers, str) and layers == "auto":
         note_dropped(net, pick, x, forward_fn, table)  # stages a small input left out
     located = {s: locate_layer(model, s, table) for s in specs}
@@ -229,7 +232,7 @@ def resolve_targets(
         else:
             readings[s] = (shapes[s], "first")
     if unsure:  # the recorded forward, read as ``auto`` reads it
-        recorded = read_outputs(net, x[:2], forward_fn, {located[s][0] for s in unsure})
+        recorded = read_outputs(net, x[:2], forward_fn, {located[s][0] for s in unsure}, table)
         for s in unsure:
             path, _module, selector = located[s]
             _shape, reading = recorded.get(path + format_selector(selector), (shapes[s], None))

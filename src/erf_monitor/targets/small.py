@@ -132,7 +132,7 @@ def note_dropped(
     larger = example.new_zeros(min(example.shape[0], 2), example.shape[1],
                                *(max(s, floor) for s in spatial))  # fmt: skip
     try:
-        bigger = pick_layers(net, larger, forward_fn)
+        bigger = pick_layers(net, larger, forward_fn, dict(table))
     except Exception:  # a model that takes one input size only
         return
     dropped = [n for n in bigger.names if n not in pick.names and n in pick.ones]

@@ -79,6 +79,7 @@ def theoretical_rfs(
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
     traced: TracedModel | Unsupported | None = None,
+    table: dict[str, nn.Module] | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
@@ -88,7 +89,8 @@ def theoretical_rfs(
     position of it, the centre included for sets) or ``None`` (the centre unit only, key
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
     ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already
-    (or why it failed: the analysis then goes on as if it had failed here).
+    (or why it failed: the analysis then goes on as if it had failed here). ``table``: the
+    model's :func:`~erf_monitor.targets.layers.module_table` when the caller built it already.
     """
     from erf_monitor.targets.positions import PositionRequest
 
@@ -98,7 +100,9 @@ def theoretical_rfs(
     check_not_meta(model)
     net = unwrap_model(model)
     channels, spatial = parse_input_shape(net, input_shape)
-    names = _check_layers(model, layers)
+    if table is None:
+        table = module_table(net)
+    names = _check_layers(model, layers, table)
     req = positions if isinstance(positions, PositionRequest) else None
 
     def units(name: str, grid: tuple[int, ...], tokens: bool) -> dict[str, tuple[int, ...]]:
@@ -111,7 +115,7 @@ def theoretical_rfs(
             return _numeric(net, channels, spatial, names, forward_fn, token_layout, mode, units)
         try:
             return _analytic(
-                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced
+                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced, table
             )
         except Unsupported as exc:
             if method == "fx":
@@ -225,15 +229,19 @@ def parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, 
     return shape[0], shape[1:]
 
 
-def _check_layers(net: nn.Module, layers: Sequence[str] | str) -> list[str]:
+def _check_layers(
+    net: nn.Module, layers: Sequence[str] | str, table: dict[str, nn.Module] | None = None
+) -> list[str]:
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name.")
     out: list[str] = []
+    if table is None:
+        table = module_table(unwrap_model(net))
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        locate_layer(net, spec)  # raises for unknown names, listing close matches
+        locate_layer(net, spec, table)  # raises for unknown names, listing close matches
         out.append(spec)
     return out
 
@@ -260,14 +268,17 @@ def _analytic(
     mode: str = "luo",
     units: UnitsFn | None = None,
     traced: TracedModel | Unsupported | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> dict[str, dict[str, TRF]]:
     if isinstance(traced, Unsupported):
         raise traced  # the caller's trace failed already: not twice
+    if table is None:
+        table = module_table(net)
     if traced is None:
-        traced = trace_layers(net, (channels, *spatial), names, forward_fn)
+        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table)
     layouts = layouts_for(token_layout, names)
     return {
-        name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units)
+        name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units, table)
         for name in names
     }
 
@@ -277,22 +288,27 @@ def trace_layers(
     input_shape: Sequence[int],
     names: Sequence[str],
     forward_fn: ForwardFn | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> TracedModel:
-    """The fx trace the analysis walks, up to the last of the layers ``names``.
+    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``:
+    ``net``'s module table, when the caller built it already).
 
     Raises:
         Unsupported: the model cannot be traced.
     """
-    table = module_table(net)
+    if table is None:
+        table = module_table(net)
     modules = {locate_layer(net, name, table)[0] for name in names}
     with preserved_rng(), eager_forwards(net):
         return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
 
 
-def traced_shape(traced: TracedModel, net: nn.Module, name: str) -> tuple[int, ...] | None:
+def traced_shape(
+    traced: TracedModel, net: nn.Module, name: str, table: dict[str, nn.Module] | None = None
+) -> tuple[int, ...] | None:
     """The shape (batch 1) of layer ``name``'s selected output in a trace (``None``: not a
     single tensor there, or not reached)."""
-    key, _module, selector = locate_layer(net, name)
+    key, _module, selector = locate_layer(net, name, table)
     if traced.outputs.get(key) is None and not selector:
         return None
     try:
@@ -309,9 +325,10 @@ def _analytic_units(
     net: nn.Module | None = None,
     mode: str = "luo",
     units: UnitsFn | None = None,
+    table: dict[str, nn.Module] | None = None,
 ) -> dict[str, TRF]:
     """The TRF of each unit ``units`` names (default: the mode's centre unit), one walk each."""
-    key, _module, selector = locate_layer(net, name) if net is not None else (name, None, ())
+    key, _module, selector = locate_layer(net, name, table) if net is not None else (name, None, ())
     if key not in traced.outputs:
         parts = key.split(".")
         if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):
