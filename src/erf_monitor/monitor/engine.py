@@ -676,22 +676,9 @@ class MonitorEngine:
         )
 
     @property
-    def below(self) -> dict[str, int]:
-        """Per checked layer, its consecutive probes below the threshold (checkpointed)."""
-        return self._alerts.below
-
-    @below.setter
-    def below(self, value: dict[str, int]) -> None:
-        self._alerts.below = value
-
-    @property
     def alerted(self) -> dict[str, int]:
         """``{layer: step}`` of the alerts fired (checkpointed)."""
         return self._alerts.alerted
-
-    @alerted.setter
-    def alerted(self, value: dict[str, int]) -> None:
-        self._alerts.alerted = value
 
     def end(self) -> list[str]:
         """The alert policy's final decision, after the final probe (at the end of training,
@@ -781,8 +768,8 @@ class MonitorEngine:
             "history": {n: {s: dict(v) for s, v in h.items()} for n, h in self.history.items()},
             "probe_times": dict(self.probe_times),
             "last_probe_step": self.last_probe_step,
-            "below": dict(self.below),
-            "alerted": dict(self.alerted),
+            "below": dict(self._alerts.below),
+            "alerted": dict(self._alerts.alerted),
         }
 
     def load_state_dict(
@@ -816,8 +803,8 @@ class MonitorEngine:
         self.history = restored["history"]
         self.probe_times = restored["probe_times"]
         self.last_probe_step = restored["last_probe_step"]
-        self.below = restored["below"]
-        self.alerted = restored["alerted"]
+        self._alerts.below = restored["below"]
+        self._alerts.alerted = restored["alerted"]
         self.resumed = True
         return True
 
