@@ -109,44 +109,21 @@ def test_lightning_checkpoints(tmp_path: Path) -> None:
 
 def test_huggingface_checkpoints(tmp_path: Path) -> None:
     from safetensors.torch import load_file
-    from transformers import (
-        ConvNextConfig,
-        ConvNextForImageClassification,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import Trainer, TrainingArguments
 
-    def convnext() -> ConvNextForImageClassification:
-        torch.manual_seed(0)
-        cfg = ConvNextConfig(
-            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=4,
-            image_size=32,
-        )  # fmt: skip
-        return ConvNextForImageClassification(cfg)
-
-    class Images(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-        def __init__(self) -> None:
-            g = torch.Generator().manual_seed(7)
-            self.x = torch.randn(24, 3, 32, 32, generator=g)
-            self.y = torch.randint(0, 4, (24,), generator=g)
-
-        def __len__(self) -> int:
-            return len(self.x)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"pixel_values": self.x[i], "labels": self.y[i]}
+    from test_transformers import CONVNEXT_LAYERS, Images, convnext  # the same tiny HF setup
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"), max_steps=6, per_device_train_batch_size=4,
         learning_rate=1e-2, report_to="none", save_strategy="steps", save_steps=2,
         use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = Trainer(model=convnext(), args=args, train_dataset=Images())
+    trainer = Trainer(model=convnext(), args=args, train_dataset=Images(n=24))
     trainer.train()
     trainer.save_model()  # the final weights in output_dir too, at step 6 like checkpoint-6
     trainer.save_state()
 
-    layers = [f"convnext.encoder.stages.{i}.layers.0.dwconv" for i in (0, 1)]
+    layers = CONVNEXT_LAYERS
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"'.*hf' holds step 6 like .*checkpoint-6.*probed once"):
