@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S
 from erf_monitor.cli.main import main
 
 pytest.importorskip("torchvision")
@@ -27,7 +28,7 @@ def test_device_without_cuda_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "erf_monitor.cli", "analyze", "torchvision:resnet18",
          "--device", dev, "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=HANG_GUARD_S,  # a hang guard only
     )  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
