@@ -39,6 +39,7 @@ __all__ = [
     "Reason",
     "alert_message",
     "best_coverage",
+    "fmt_shape",
     "replay_alerts",
 ]
 
@@ -53,7 +54,8 @@ Reason = Literal["trf", "stalled", "end"]
 _ENLARGE = "dilated convolutions, more or earlier striding/pooling, larger kernels or attention"
 
 
-def _fmt_shape(shape: Sequence[int | float]) -> str:
+def fmt_shape(shape: Sequence[int | float]) -> str:
+    """An input's spatial shape as the messages write it (``"224x224"``)."""
     return "x".join(str(int(s)) for s in shape)
 
 
@@ -194,13 +196,13 @@ def alert_message(
     }[reason]
     head = (
         f"erf-monitor: at step {step} the ERF of layer {name!r} covers only {r.coverage:.2%} of "
-        f"the {_fmt_shape(spatial)} input (95%-mass square {r.erf_size} px), below "
+        f"the {fmt_shape(spatial)} input (95%-mass square {r.erf_size} px), below "
         f"min_coverage={threshold:.2%}{when}."
     )
     if r.trf is None:
         return f"{head}\nTry {_ENLARGE}; or watch a deeper layer or lower min_coverage."
     best = best_coverage(r)
-    trf = "global" if r.trf.is_global else f"{_fmt_shape(r.trf.clipped_size)} px"
+    trf = "global" if r.trf.is_global else f"{r.trf.clipped_text('x')} px"
     if best < threshold:
         return (
             f"{head}\nIts TRF ({trf}) allows at most {best:.1%}: only an architecture change "

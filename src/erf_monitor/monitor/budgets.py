@@ -82,10 +82,8 @@ def _trf_text(r: ERFResult) -> tuple[str, float]:
         return "unknown (the TRF analysis failed)", 1.0
     if trf.is_global or trf.data_dependent:
         return ("data-dependent" if trf.data_dependent else "global"), 1.0
-    size = "x".join(str(int(s)) if math.isfinite(s) else "inf" for s in trf.size)
-    clipped = "x".join(str(c) for c in trf.clipped_size)
     best = math.prod(trf.clipped_size) / math.prod(r.heatmap.shape)
-    return f"{size} px ({clipped} px inside the input)", best
+    return f"{trf.size_text('x')} px ({trf.clipped_text('x')} px inside the input)", best
 
 
 def _impossible(option: str, bound: float, r: ERFResult, best: float) -> str | None:

@@ -39,7 +39,7 @@ from erf_monitor.core.modes import Mode
 from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.inputs.batch import find_image
-from erf_monitor.monitor.alerts import AlertPolicy, CoverageAlerts
+from erf_monitor.monitor.alerts import AlertPolicy, CoverageAlerts, fmt_shape
 from erf_monitor.monitor.options import (
     DEFAULT_MIN_COVERAGE,
     MinCoverage,
@@ -76,10 +76,6 @@ _STATE_VERSION = 1
 #: Metric groups every probe measures for the history (cheap: a few passes over the map's
 #: field), whatever ``metrics=`` logs.
 HISTORY_GROUPS: tuple[str, ...] = ("trf", "extent", "moments")
-
-
-def _fmt_shape(shape: Sequence[int | float]) -> str:
-    return "x".join(str(int(s)) for s in shape)
 
 
 def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
@@ -414,8 +410,8 @@ class MonitorEngine:
                 "than the %s input: its ERF can cover at most %.1f%% of it "
                 "(min_coverage %.1f%%%s).",
                 name,
-                _fmt_shape(clipped),
-                _fmt_shape(spatial),
+                trf.clipped_text("x"),
+                fmt_shape(spatial),
                 100 * best,
                 100 * threshold,
                 ": unreachable, only an architecture change helps" if best < threshold else "",
