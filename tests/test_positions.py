@@ -278,8 +278,22 @@ def wide_net() -> nn.Sequential:
     )
 
 
+@pytest.fixture
+def backward_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of seed values of every batched backward the probe runs from now on."""
+    calls: list[int] = []
+    real = _seeds.class_grads
+
+    def counting(values: list[torch.Tensor], *args: object) -> list[torch.Tensor | None]:
+        calls.append(len(values))
+        return real(values, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_seeds, "class_grads", counting)
+    return calls
+
+
 def test_a_layer_rides_the_forward_of_a_deeper_layer_on_the_full_input(
-    monkeypatch: pytest.MonkeyPatch,
+    backward_sizes: list[int],
 ) -> None:
     """Issue 25.5: layer "2"'s 3 x 3 grid units, alone cheaper as nine small crops than on one
     window around them all, are probed from layer "4"'s full-input forward (which runs
@@ -298,20 +312,12 @@ def test_a_layer_rides_the_forward_of_a_deeper_layer_on_the_full_input(
     alone = plan_groups({"2": units["2"]}, by_index, shape[1:], "auto", False)
     assert len(alone) == 9 and all(g.window is not None for g in alone)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(7))
-    calls: list[int] = []
-    real = _seeds.class_grads
-
-    def counting(values: list[torch.Tensor], *args: object) -> list[torch.Tensor | None]:
-        calls.append(len(values))
-        return real(values, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_seeds, "class_grads", counting)
+    calls = backward_sizes
     quiet_probe(net, x, ["4"], position="grid:3")
     deeper = sum(calls)
     calls.clear()
     res = quiet_probe(net, x, layers, position="grid:3")
     assert sum(calls) == deeper + 1  # layer "2": all nine units in one backward
-    monkeypatch.setattr(_seeds, "class_grads", real)
     field = res["2"].field
     assert field is not None
     for key, r in field.items():
@@ -355,17 +361,10 @@ def test_overlapping_units_share_forwards_on_the_windows_around_them() -> None:
         torch.testing.assert_close(r.heatmap, ref, rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_disjoint_units_share_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disjoint_units_share_a_backward(backward_sizes: list[int]) -> None:
     net = strided_net()
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
-    calls: list[int] = []
-    real = _seeds.class_grads
-
-    def counting(values: list[torch.Tensor], *args: object) -> list[torch.Tensor | None]:
-        calls.append(len(values))
-        return real(values, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_seeds, "class_grads", counting)
+    calls = backward_sizes
     res = quiet_probe(net, x, ["4"], position="grid:5", crop=False)
     # Layer "4": 9 x 9 fields on a 24 x 24 grid of stride 2; grid units 0, 6, 12, 17, 23 sit
     # at input pixels 0, 12, 24, 34, 46: the fields are at least one pixel apart, so all 25
