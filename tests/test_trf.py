@@ -687,7 +687,7 @@ def test_fixed_sampling_positions_are_not_data_dependent() -> None:
 def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import erf_monitor.trf.analysis as trf_module
+    import erf_monitor.trf.numeric as trf_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("this op has no dispatch-mode support")
