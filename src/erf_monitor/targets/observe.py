@@ -46,6 +46,8 @@ def hooked_forward(
     x: torch.Tensor,
     located: Mapping[str, tuple[nn.Module, Selector]],
     take: Callable[[str, Any], None],
+    *,
+    what: str = "probe input",
 ) -> dict[str, int]:
     """Run ``forward_fn(net, x.clone())`` with a hook on every target; return call counts.
 
@@ -53,7 +55,7 @@ def hooked_forward(
     output)`` receives the selected first output of each target inside its hook; an exception
     it raises is re-raised after the forward (the model may catch exceptions itself). The
     model runs on a copy of ``x``, so an in-place operation on its input changes neither
-    ``x`` nor a gradient w.r.t. ``x``.
+    ``x`` nor a gradient w.r.t. ``x``. ``what`` names ``x`` in the error of a failing forward.
 
     Raises:
         ERFProbeError: the model's forward failed (one line, with what to do).
@@ -93,7 +95,7 @@ def hooked_forward(
     except Exception as exc:  # the user's model failed: say so, with the input shape
         if is_own_error(exc):  # e.g. an output selector that matches nothing
             raise
-        raise forward_error(exc, x) from None
+        raise forward_error(exc, x, what=what) from None
     finally:
         for h in handles:
             h.remove()
