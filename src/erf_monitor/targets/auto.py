@@ -52,7 +52,6 @@ call that the probe measures):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,14 +60,13 @@ import torch
 from torch import nn
 
 from erf_monitor.core.buffers import preserved_training
-from erf_monitor.core.hints import forward_error, is_own_error
-from erf_monitor.core.probing import StopForward, probing, this_thread_only
 from erf_monitor.targets.layers import (
     Selector,
     format_selector,
     module_table,
     unwrap_model,
 )
+from erf_monitor.targets.observe import hooked_forward
 from erf_monitor.targets.outputs import output_parts
 from erf_monitor.targets.tokens import TokenLayout, resolve_layout
 
@@ -171,47 +169,31 @@ def _record(
 ) -> list[_Call]:
     """Run the forward once and describe the first call of every module, in finish order
     (stopping once every module of ``stop_after`` has finished, when given)."""
-    pending = set(stop_after or ())
     x = x.clone()  # a model may modify its input in place (a ReLU(inplace=True) first)
     spatial = tuple(x.shape[2:])
     n = x.shape[0]
     calls: dict[str, _Call] = {}
-    handles = []
     alive: list[Any] = []  # keeps every recorded tensor alive, so that no id() is reused
+    modules = module_table(net) if table is None else table
 
-    def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: Any, out: Any) -> None:
-            prev = calls.get(name)
-            if prev is not None:
-                prev.calls += 1
-                return
-            alive.append((args, out))
-            call = _Call(name, module, len(calls) + 1)
-            for sel, t in output_parts(out):
-                call.out_parts.append(_describe_part(sel, t, n, x, name, net, spatial))
-            for sel, t in output_parts(tuple(args), max_depth=2):
-                call.in_parts.append(_describe_part(sel, t, n, x, name, net, spatial))
-            calls[name] = call
-            if stop_after:
-                pending.discard(name)
-                if not pending:
-                    raise StopForward
+    def take(name: str, out: Any, args: Any) -> None:
+        alive.append((args, out))
+        call = _Call(name, modules[name], len(calls) + 1)
+        for sel, t in output_parts(out):
+            call.out_parts.append(_describe_part(sel, t, n, x, name, net, spatial))
+        for sel, t in output_parts(tuple(args), max_depth=2):
+            call.in_parts.append(_describe_part(sel, t, n, x, name, net, spatial))
+        calls[name] = call
 
-        return hook
-
-    try:
-        for name, module in (module_table(net) if table is None else table).items():
-            handles.append(module.register_forward_hook(this_thread_only(make_hook(name, module))))
-        with probing(), preserved_training(net), torch.no_grad(), contextlib.suppress(StopForward):
-            net.eval()
-            (forward_fn or (lambda m, t: m(t)))(net, x)
-    except Exception as exc:
-        if is_own_error(exc):
-            raise
-        raise forward_error(exc, x) from None
-    finally:
-        for h in handles:
-            h.remove()
+    located = {name: (module, ()) for name, module in modules.items()}
+    with preserved_training(net), torch.no_grad():
+        net.eval()
+        counts = hooked_forward(
+            net, forward_fn, x, located, take, with_args=True,
+            stop_after=stop_after or (), require_all=False, copy_input=False,
+        )  # fmt: skip
+    for name, call in calls.items():
+        call.calls = counts[name]
     alive.clear()
     return sorted(calls.values(), key=lambda c: c.order)
 

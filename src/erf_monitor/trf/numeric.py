@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from erf_monitor.core.hints import forward_error, input_grad, is_own_error
+from erf_monitor.core.hints import input_grad
 from erf_monitor.core.modes import seed_index
-from erf_monitor.core.probing import StopForward, probing
+from erf_monitor.core.probing import probing
 from erf_monitor.targets.layers import locate_layer, module_table
-from erf_monitor.targets.observe import ForwardFn, not_reached_error
-from erf_monitor.targets.outputs import needs_selector_error, select_output
+from erf_monitor.targets.observe import ForwardFn, hooked_forward
+from erf_monitor.targets.outputs import needs_selector_error
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
 from erf_monitor.trf.fx import (
     ntuple,
@@ -271,41 +271,20 @@ def _capture(
     """
     captured: dict[str, Any] = {}
     reasons: dict[str, str] = {}
-    handles = []
     tracker = _DataDependence(x) if info is not None and track else None
 
-    def hook(key: str) -> Callable[[nn.Module, Any, Any], None]:
-        def fn(_m: nn.Module, _i: Any, out: Any) -> None:
-            if key in captured:
-                return
-            out = select_output(out, located[key][2], key)
-            if tracker is not None:
-                reasons[key] = tracker.reason(out)
-            captured[key] = out.clone() if isinstance(out, Tensor) else out
-            if len(captured) == len(names):
-                raise StopForward  # nothing after the last wanted layer is needed
+    def take(key: str, out: Any) -> None:
+        if tracker is not None:
+            reasons[key] = tracker.reason(out)
+        captured[key] = out.clone() if isinstance(out, Tensor) else out
 
-        return fn
-
-    located = {name: locate_layer(sur, name, table) for name in names}
-    try:
-        for name in names:
-            handles.append(located[name][1].register_forward_hook(hook(name)))
-        try:
-            with tracker if tracker is not None else contextlib.nullcontext():
-                fwd(sur, x)
-        except StopForward:
-            pass
-        except Exception as exc:
-            if is_own_error(exc):  # e.g. an output selector that matches nothing
-                raise
-            raise forward_error(exc, x, what="input") from None
-    finally:
-        for h in handles:
-            h.remove()
+    located = {}
     for name in names:
-        if name not in captured:
-            raise not_reached_error([name])
+        _, module, selector = locate_layer(sur, name, table)
+        located[name] = (module, selector)
+    with tracker if tracker is not None else contextlib.nullcontext():
+        hooked_forward(sur, fwd, x, located, take, what="input")
+    for name in names:
         out = captured[name]
         if not isinstance(out, Tensor) or not out.is_floating_point():
             raise needs_selector_error(name, out)
