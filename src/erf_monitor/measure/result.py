@@ -20,7 +20,7 @@ from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import metrics as _metrics
 from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure import shape as _shape
-from erf_monitor.measure.fit import GaussianFit
+from erf_monitor.measure.fit import GaussianFit, fit_gaussian
 from erf_monitor.measure.profiles import Geometry, Profiles
 from erf_monitor.trf.types import TRF, wrap_flags
 
@@ -476,7 +476,7 @@ class ERFResult:
             if self._array.ndim != 2:
                 raise ValueError(f"gaussian_fit needs a 2-D map, got shape {self._array.shape}")
             with single_blas_thread():
-                self._fits[rotated] = _metrics.fit_normalised(self._array, rotated=rotated)
+                self._fits[rotated] = fit_gaussian(self._array, rotated=rotated)
         return self._fits[rotated]
 
     def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
