@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -729,3 +730,23 @@ def test_trf_text_is_written_in_one_place() -> None:
     assert (trf.size_text(), trf.clipped_text(), trf.clipped_text("×")) == (
         "7 x global", "7 x 16", "7×16",
     )  # fmt: skip
+
+
+def test_trf_short_text_names_the_kind_of_field() -> None:
+    # The table cell and the panel title read the field from one method.
+    from erf_monitor import TRF
+
+    common: dict[str, Any] = dict(
+        stride=(1.0, 1.0), centre=(4.0, 4.0), output_centre=(4, 4), output_shape=(9, 9),
+        input_shape=(9, 9), method="fx",
+    )  # fmt: skip
+    finite = TRF(size=(3.0, 5.0), interval=((3, 5), (2, 6)), clipped=((3, 5), (2, 6)),
+                 global_dims=(False, False), **common)  # fmt: skip
+    glob = TRF(size=(3.0, math.inf), interval=((3, 5), (-math.inf, math.inf)),
+               clipped=((3, 5), (0, 8)), global_dims=(False, True), **common)  # fmt: skip
+    dependent = TRF(size=(math.inf, math.inf), interval=((-math.inf, math.inf),) * 2,
+                    clipped=((0, 8), (0, 8)), global_dims=(True, True), data_dependent=True,
+                    **common)  # fmt: skip
+    assert finite.short_text() == "3 x 5"
+    assert glob.short_text("×") == "global (3×9)"
+    assert dependent.short_text() == "data-dependent"

@@ -59,7 +59,7 @@ import torch
 
 from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import profiles as _prof
-from erf_monitor.measure.fit import GaussianFit
+from erf_monitor.measure.fit import GaussianFit, fit_gaussian
 from erf_monitor.measure.metrics import COVERAGE_MASS, finalise_map, gaussian_r2_batch
 from erf_monitor.measure.profiles import Profiles
 from erf_monitor.measure.result import ERFResult, axis_names
@@ -549,10 +549,8 @@ class _Batch:
     def fits(self) -> list[GaussianFit]:
         """Each resample's Gaussian fit, started from the full map's."""
         if self._fits is None:
-            from erf_monitor.measure.metrics import fit_normalised
-
             start = self.s.result._frame_fit(False)
-            self._fits = [fit_normalised(m, start=start, check_unique=False) for m in self.maps]
+            self._fits = [fit_gaussian(m, start=start, check_unique=False) for m in self.maps]
         return self._fits
 
     def _generic(self, key: str) -> np.ndarray:

@@ -74,13 +74,7 @@ def _pct(value: float) -> str:
 
 
 def _trf(r: ERFResult) -> str:
-    trf = r.trf
-    if trf is None:
-        return "unknown"
-    if trf.data_dependent:
-        return "data-dependent"
-    size = trf.clipped_text("×")
-    return f"global ({size})" if trf.is_global else size
+    return "unknown" if r.trf is None else r.trf.short_text("×")
 
 
 def _shape(shape: Iterable[int]) -> str:

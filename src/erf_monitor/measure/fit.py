@@ -327,8 +327,8 @@ def fit_gaussian(
     check_unique: bool = True,
     tol: float = 1e-12,
 ) -> GaussianFit:
-    """Fit the model to a validated, non-negative 2-D float64 map ``x`` (not all zero),
-    normalised here to ``p = x / sum(x)``.
+    """Fit the model to a validated, non-negative 2-D float64 map ``x``, normalised here to
+    ``p = x / sum(x)`` (a map that is zero everywhere: :func:`nan_fit`).
 
     Args:
         x: the map.
@@ -339,6 +339,8 @@ def fit_gaussian(
         tol: MINPACK's ``ftol``, ``xtol`` and ``gtol`` (the bootstrap's resamples, started at
             the full map's optimum, use ``1e-9``: far below their own spread).
     """
+    if not x.any():
+        return nan_fit(rotated)
     total = float(x.sum())
     problem: _Separable | _Dense = _Dense(x, total) if rotated else _Separable(x, total)
     if start is not None and all(math.isfinite(v) for v in (*start.centre, *start.sigma)):

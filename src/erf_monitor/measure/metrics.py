@@ -25,7 +25,7 @@ import torch
 from erf_monitor.core.modes import Mode
 from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import profiles as _prof
-from erf_monitor.measure.fit import GaussianFit, fit_gaussian, nan_fit
+from erf_monitor.measure.fit import GaussianFit, fit_gaussian
 from erf_monitor.measure.profiles import Geometry, Profiles
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "disc_mass",
     "erf_size",
     "finalise_map",
-    "fit_normalised",
     "gaussian_fit",
     "gaussian_r2",
     "mass_extent",
@@ -135,6 +134,13 @@ def _check_centre(centre: Sequence[int], shape: tuple[int, ...]) -> tuple[int, .
     return tuple(out)
 
 
+def _checked(heatmap: MapLike, t: float, centre: Sequence[int]) -> tuple[Profiles, float]:
+    """The profiles of a validated map about a validated ``centre``, and the checked ``t``."""
+    x = _as_array(heatmap)
+    t = _check_t(t)
+    return _one(x, _check_centre(centre, tuple(x.shape))), t
+
+
 # --------------------------------------------------------------------------------------------
 # Mass extent
 # --------------------------------------------------------------------------------------------
@@ -171,10 +177,8 @@ def mass_extent(heatmap: MapLike, t: float, centre: Sequence[int]) -> int:
         >>> mass_extent(m, 0.5, (4, 4))
         5
     """
-    x = _as_array(heatmap)
-    t = _check_t(t)
-    c = _check_centre(centre, tuple(x.shape))
-    i = int(_prof.extent_radius(_one(x, c), t)[0])
+    p, t = _checked(heatmap, t, centre)
+    i = int(_prof.extent_radius(p, t)[0])
     return 0 if i < 0 else 2 * i + 1
 
 
@@ -202,10 +206,8 @@ def mass_extent_per_axis(heatmap: MapLike, t: float, centre: Sequence[int]) -> t
         >>> mass_extent_per_axis(m, 0.5, (2, 5))
         (1, 5)
     """
-    x = _as_array(heatmap)
-    t = _check_t(t)
-    c = _check_centre(centre, tuple(x.shape))
-    radii = _prof.extent_radius_per_axis(_one(x, c), t)
+    p, t = _checked(heatmap, t, centre)
+    radii = _prof.extent_radius_per_axis(p, t)
     return tuple(0 if int(i[0]) < 0 else 2 * int(i[0]) + 1 for i in radii)
 
 
@@ -235,10 +237,8 @@ def area_ratio(heatmap: MapLike, t: float, centre: Sequence[int]) -> float:
         >>> area_ratio(m, 0.9, (4, 4))  # the 3 x 3 box: 9 of 100 pixels
         0.09
     """
-    x = _as_array(heatmap)
-    t = _check_t(t)
-    c = _check_centre(centre, tuple(x.shape))
-    return float(_prof.area_ratio(_one(x, c), t)[0])
+    p, t = _checked(heatmap, t, centre)
+    return float(_prof.area_ratio(p, t)[0])
 
 
 def erf_size(heatmap: MapLike, centre: Sequence[int]) -> int:
@@ -556,21 +556,7 @@ def gaussian_fit(
     if x.ndim != 2:
         raise ValueError(f"gaussian_fit needs a 2-D map, got shape {tuple(x.shape)}")
     with single_blas_thread():
-        return fit_normalised(x, rotated=rotated, start=start, check_unique=check_unique)
-
-
-def fit_normalised(
-    x: np.ndarray,
-    *,
-    rotated: bool = False,
-    start: GaussianFit | None = None,
-    check_unique: bool = True,
-    tol: float = 1e-12,
-) -> GaussianFit:
-    """:func:`gaussian_fit` of a validated 2-D float64 array (normalised here)."""
-    if not x.any():
-        return nan_fit(rotated)
-    return fit_gaussian(x, rotated=rotated, start=start, check_unique=check_unique, tol=tol)
+        return fit_gaussian(x, rotated=rotated, start=start, check_unique=check_unique)
 
 
 def finalise_map(total: torch.Tensor, n: int, mode: Mode) -> torch.Tensor:

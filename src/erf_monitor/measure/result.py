@@ -20,7 +20,7 @@ from erf_monitor.core.threads import single_blas_thread
 from erf_monitor.measure import metrics as _metrics
 from erf_monitor.measure import profiles as _prof
 from erf_monitor.measure import shape as _shape
-from erf_monitor.measure.fit import GaussianFit
+from erf_monitor.measure.fit import GaussianFit, fit_gaussian
 from erf_monitor.measure.profiles import Geometry, Profiles
 from erf_monitor.trf.types import TRF, wrap_flags
 
@@ -476,7 +476,7 @@ class ERFResult:
             if self._array.ndim != 2:
                 raise ValueError(f"gaussian_fit needs a 2-D map, got shape {self._array.shape}")
             with single_blas_thread():
-                self._fits[rotated] = _metrics.fit_normalised(self._array, rotated=rotated)
+                self._fits[rotated] = fit_gaussian(self._array, rotated=rotated)
         return self._fits[rotated]
 
     def with_heatmap(self, heatmap: torch.Tensor, num_samples: int | None = None) -> ERFResult:
@@ -607,23 +607,31 @@ class ERFResult:
         )
 
 
-class ERFResults(Mapping[str, ERFResult]):
-    """Ordered mapping ``layer name -> ERFResult`` returned by :func:`compute_erf`."""
+class _Keyed(Mapping[str, ERFResult]):
+    """A read-only ``{key: ERFResult}`` whose missing key says what it is (``_missing``)."""
+
+    _missing = "key"
 
     def __init__(self, results: Mapping[str, ERFResult]) -> None:
         self._results = dict(results)
 
-    def __getitem__(self, name: str) -> ERFResult:
+    def __getitem__(self, key: str) -> ERFResult:
         try:
-            return self._results[name]
+            return self._results[key]
         except KeyError:
-            raise KeyError(f"No result for layer {name!r}; have {list(self._results)}") from None
+            raise KeyError(f"No {self._missing} {key!r}; have {list(self._results)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._results)
 
     def __len__(self) -> int:
         return len(self._results)
+
+
+class ERFResults(_Keyed):
+    """Ordered mapping ``layer name -> ERFResult`` returned by :func:`compute_erf`."""
+
+    _missing = "result for layer"
 
     def scalars(self, names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
         """``{layer: result.scalars(names)}`` for every layer, plus
@@ -659,7 +667,7 @@ class ERFResults(Mapping[str, ERFResult]):
         return f"ERFResults(\n  {inner}\n)"
 
 
-class ERFField(Mapping[str, ERFResult]):
+class ERFField(_Keyed):
     """One layer's ERF results at several positions: ``{position key: ERFResult}``.
 
     Ordered as requested, the centre unit (key ``"centre"``) first. Several keys may name
@@ -669,21 +677,11 @@ class ERFField(Mapping[str, ERFResult]):
         grid: ``(k, k)`` for a ``k x k`` grid request, else ``None``.
     """
 
+    _missing = "position"
+
     def __init__(self, results: Mapping[str, ERFResult], grid: tuple[int, ...] | None = None):
-        self._results = dict(results)
+        super().__init__(results)
         self.grid = grid
-
-    def __getitem__(self, key: str) -> ERFResult:
-        try:
-            return self._results[key]
-        except KeyError:
-            raise KeyError(f"No position {key!r}; have {list(self._results)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._results)
-
-    def __len__(self) -> int:
-        return len(self._results)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}: {r.erf_size}" for k, r in self._results.items())

@@ -71,19 +71,11 @@ class Masks:
 
     def logits(self, node: Any) -> torch.Tensor | None:
         """Entries of ``node`` that are masked logits (``<= MASKED`` shifts or ``-inf``)."""
-        if not isinstance(node, fx.Node):
-            return None
-        if node not in self._logits:
-            self._logits[node] = self._find_logits(node)
-        return self._logits[node]
+        return _memo(self._logits, node, self._find_logits)
 
     def weights(self, node: Any) -> torch.Tensor | None:
         """Entries of ``node`` that are attention weights a mask made zero."""
-        if not isinstance(node, fx.Node):
-            return None
-        if node not in self._weights:
-            self._weights[node] = self._find_weights(node)
-        return self._weights[node]
+        return _memo(self._weights, node, self._find_weights)
 
     def constant(self, node: Any) -> torch.Tensor | None:
         """The value of a constant tensor argument (a ``get_attr`` node), else None."""
@@ -105,14 +97,7 @@ class Masks:
             return None
         target = node.target
         if _is_function(node, _ADD) or (node.op == "call_method" and target in ("add", "add_")):
-            parts = [self.logits(a) for a in node.args[:2] if isinstance(a, fx.Node)]
-            found = [p for p in parts if p is not None]
-            if not found:
-                return None
-            out = found[0]
-            for p in found[1:]:
-                out = out | p
-            return out
+            return _union(node, self.logits)
         if _is_function(node, {operator.sub, torch.sub}) or target == "sub":
             return self.logits(node.args[0])
         if target == "masked_fill" or _is_function(node, {torch.masked_fill}):
@@ -137,14 +122,7 @@ class Masks:
             full = logits.expand(shape)
             return full & ~full.all(dim=dim, keepdim=True)
         if _is_function(node, {operator.mul, torch.mul}) or node.target == "mul":
-            parts = [self.weights(a) for a in node.args[:2] if isinstance(a, fx.Node)]
-            found = [p for p in parts if p is not None]
-            if not found:
-                return None
-            out = found[0]
-            for p in found[1:]:
-                out = out | p
-            return out
+            return _union(node, self.weights)
         return self._replay(node, self.weights)
 
     def _is_softmax(self, node: fx.Node) -> bool:
@@ -198,6 +176,32 @@ class Masks:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(out_shape):
             return None
         return out
+
+
+def _memo(
+    cache: dict[fx.Node, torch.Tensor | None],
+    node: Any,
+    find: Callable[[fx.Node], torch.Tensor | None],
+) -> torch.Tensor | None:
+    """``find(node)``, computed once per node (``None`` for an argument that is no node)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node not in cache:
+        cache[node] = find(node)
+    return cache[node]
+
+
+def _union(node: fx.Node, pattern: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
+    """The union of the patterns of ``node``'s first two node arguments (an add of logits,
+    a product of weights), ``None`` when neither has one."""
+    parts = [pattern(a) for a in node.args[:2] if isinstance(a, fx.Node)]
+    found = [p for p in parts if p is not None]
+    if not found:
+        return None
+    out = found[0]
+    for p in found[1:]:
+        out = out | p
+    return out
 
 
 def _is_function(node: fx.Node, table: set[Any]) -> bool:

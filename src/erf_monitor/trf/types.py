@@ -104,6 +104,14 @@ class TRF:
         """:attr:`clipped_size` as text (``"5 x 5"``)."""
         return sep.join(str(int(s)) for s in self.clipped_size)
 
+    def short_text(self, sep: str = " x ") -> str:
+        """The field in a few words: ``"data-dependent"``, ``"global (<clipped>)"`` or the
+        :meth:`clipped_text` (a table's cell, a panel's title)."""
+        if self.data_dependent:
+            return "data-dependent"
+        size = self.clipped_text(sep)
+        return f"global ({size})" if self.is_global else size
+
     def __str__(self) -> str:
         if self.data_dependent:
             why = f": {self.reason}" if self.reason else ""

@@ -782,15 +782,7 @@ def render_heatmap(
 
 # -- figures --------------------------------------------------------------------------------
 def _panel_title(result: MapResult) -> str:
-    trf = result.trf
-    if trf is None:
-        trf_text = "TRF ?"
-    elif trf.data_dependent:
-        trf_text = "TRF data-dependent"
-    elif trf.is_global:
-        trf_text = f"TRF global ({trf.clipped_text('×')})"
-    else:
-        trf_text = f"TRF {trf.clipped_text('×')}"
+    trf_text = "TRF ?" if result.trf is None else f"TRF {result.trf.short_text('×')}"
     ratio = result.ratio
     ratio_text = "n/a" if not math.isfinite(ratio) else f"{ratio:.2f}"
     return (
