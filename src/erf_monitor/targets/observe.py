@@ -2,11 +2,12 @@
 
 The targets stage observes output shapes with it, ``layers="auto"`` describes every module's
 first call with it, the numeric TRF method captures its surrogate's outputs with it and the
-probe captures its seed units with it. Each target's *first* output (with its output selector applied) is handed to ``take``
-inside the hook, before anything later in the forward can modify it in place; once every
-target has produced its output the forward is aborted (nothing deeper runs). Hooks are
-always removed, also when the model raises, and act only in the calling thread; the forward
-runs with :func:`~erf_monitor.core.probing.is_probing` true.
+probe captures its seed units with it. Each target's *first* output (with its output
+selector applied) is handed to ``take`` inside the hook, before anything later in the
+forward can modify it in place; once every target has produced its output the forward is
+aborted (nothing deeper runs). Hooks are always removed, also when the model raises, and act
+only in the calling thread; the forward runs with
+:func:`~erf_monitor.core.probing.is_probing` true.
 """
 
 from __future__ import annotations
