@@ -288,7 +288,8 @@ def test_monitor_warns_once_and_skips_probes_of_a_non_finite_batch() -> None:
 
 def test_data_dependent_trf_is_reported_everywhere_without_a_finite_box() -> None:
     tv_ops = pytest.importorskip("torchvision.ops")
-    from erf_monitor.cli.main import _result_record, _trf_text
+    from erf_monitor.cli.display import trf_text
+    from erf_monitor.cli.records import result_record
     from erf_monitor.viz.render import _panel_title, render_heatmap
 
     class Deformable(nn.Module):
@@ -313,8 +314,8 @@ def test_data_dependent_trf_is_reported_everywhere_without_a_finite_box() -> Non
     assert "trf_size" not in scalars and "trf_size_clipped" not in scalars
     assert r.ratio == r.erf_size / 32  # like a global field: against the whole input
     assert "data-dependent" in repr(r) and "data-dependent" in _panel_title(r)
-    assert _trf_text(r) == ("data-dependent", "-")
-    record = _result_record(r)["trf"]
+    assert trf_text(r) == ("data-dependent", "-")
+    record = result_record(r)["trf"]
     assert record["data_dependent"] and "clipped" not in record
     # No TRF box is drawn: the image is the same as without any TRF outline.
     assert np.array_equal(render_heatmap(r, draw_trf=True), render_heatmap(r, draw_trf=False))

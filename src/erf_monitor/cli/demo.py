@@ -280,25 +280,10 @@ def epoch_plan(steps: int, batches: int) -> tuple[int, int]:
     return epochs, math.ceil(steps / epochs)
 
 
-def _train_variant(
-    variant: str,
-    *,
-    out: Path,
-    logger_kind: str,
-    steps: int,
-    every: int,
-    num_samples: int,
-    train: BrightnessDataset,
-    test: BrightnessDataset,
-    seed: int,
-    progress: bool,
-    console: Console,
-) -> VariantResult:
+def _lightning_module(variant: str) -> Any:
+    """The demo's LightningModule: ``demo_model(variant)`` trained with cross-entropy and Adam
+    (lr 1e-3), logging its loss and accuracy."""
     import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    from erf_monitor.core.errors import ERFCoverageWarning
-    from erf_monitor.integrations.lightning import ERFMonitor
 
     class DemoModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -320,20 +305,14 @@ def _train_variant(
         def configure_optimizers(self) -> Any:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    pl.seed_everything(seed, verbose=False)
-    module = DemoModule()
-    loader = DataLoader(
-        train,
-        batch_size=32,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    logger, extra_sinks = _make_logger(logger_kind, out, variant)
-    png_dir = _png_dir(logger_kind, logger, extra_sinks)
-    sinks = [] if extra_sinks is None else [extra_sinks]
-    if logger_kind == "tensorboard":  # CSV and W&B runs keep PNG files already
-        sinks.append(_png_sink(png_dir))
-    monitor = ERFMonitor(
+    return DemoModule()
+
+
+def _monitor(every: int, num_samples: int, sinks: list[Any]) -> Any:
+    """The ERFMonitor of a variant: the demo's layers, its coverage threshold and patience."""
+    from erf_monitor.integrations.lightning import ERFMonitor
+
+    return ERFMonitor(
         layers=[f"net.{name}" for name in LAYERS],
         every_n_steps=every,
         num_samples=num_samples,
@@ -343,12 +322,17 @@ def _train_variant(
         sinks=sinks,
         summary=False,  # the demo prints its own table for both variants
     )
-    callbacks: list[Any] = [monitor]
-    if progress:
-        from lightning.pytorch.callbacks import RichProgressBar
 
-        callbacks.append(RichProgressBar(leave=True))
-    console.rule(f"[bold]{variant}[/] variant: {_describe(variant)}")
+
+def _fit(
+    module: Any, loader: Any, *, steps: int, logger: Any, callbacks: list[Any], progress: bool
+) -> tuple[int, list[str], float]:
+    """Train ``module`` for ``steps`` steps on the CPU; returns the steps taken, the coverage
+    alerts' texts and the seconds it took (other warnings are issued again)."""
+    import lightning.pytorch as pl
+
+    from erf_monitor.core.errors import ERFCoverageWarning
+
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught, _quiet_lightning():
         warnings.simplefilter("always", ERFCoverageWarning)
@@ -375,6 +359,49 @@ def _train_variant(
     for w in caught:  # pass the others on (after our filters) so that nothing is swallowed
         if not issubclass(w.category, ERFCoverageWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return int(trainer.global_step), coverage_warnings, seconds
+
+
+def _train_variant(
+    variant: str,
+    *,
+    out: Path,
+    logger_kind: str,
+    steps: int,
+    every: int,
+    num_samples: int,
+    train: BrightnessDataset,
+    test: BrightnessDataset,
+    seed: int,
+    progress: bool,
+    console: Console,
+) -> VariantResult:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    pl.seed_everything(seed, verbose=False)
+    module = _lightning_module(variant)
+    loader = DataLoader(
+        train,
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    logger, extra_sinks = _make_logger(logger_kind, out, variant)
+    png_dir = _png_dir(logger_kind, logger, extra_sinks)
+    sinks = [] if extra_sinks is None else [extra_sinks]
+    if logger_kind == "tensorboard":  # CSV and W&B runs keep PNG files already
+        sinks.append(_png_sink(png_dir))
+    monitor = _monitor(every, num_samples, sinks)
+    callbacks: list[Any] = [monitor]
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    console.rule(f"[bold]{variant}[/] variant: {_describe(variant)}")
+    done, coverage_warnings, seconds = _fit(
+        module, loader, steps=steps, logger=logger, callbacks=callbacks, progress=progress
+    )
     for text in coverage_warnings:
         console.print(f"[bold yellow]ERFCoverageWarning[/]: {text}", highlight=False)
     log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
@@ -387,7 +414,7 @@ def _train_variant(
         accuracy=_accuracy(module.net, test),
         test_size=len(test),
         seconds=seconds,
-        steps=int(trainer.global_step),
+        steps=done,
         log_dir=Path(log_dir) if log_dir else None,
         results=monitor.latest,
         alerts=monitor.alerts,
