@@ -59,13 +59,22 @@ from erf_monitor.trf.regions import (
     window_taps,
     with_joint,
 )
-from erf_monitor.trf.tracer import TracedGraph, TracedModel, Unsupported, canonical
+from erf_monitor.trf.tracer import (
+    TracedGraph,
+    TracedModel,
+    Unrolled,
+    Unsupported,
+    canonical,
+    full_trace,
+)
 
 __all__ = [
     "Axis",
     "Region",
     "TracedModel",
+    "Unrolled",
     "Unsupported",
+    "full_trace",
     "select_node",
     "trace_model",
     "walk",
