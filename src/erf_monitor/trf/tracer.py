@@ -22,8 +22,8 @@ A Python loop over the input's tokens (a selective scan written as ``for i in ra
 unrolled: every op of every step is a graph node, dozens of forwards' worth of tracing. So the
 trace stops once one op at one module has been recorded more than :data:`LOOP_BOUND` times
 plus once per module inside that module (a loop over its own blocks repeats an op once per
-block; real models repeat one op at one module at most 8 times): :class:`Unrolled` then holds
-the graph up to there, and names the op. :func:`full_trace` lifts the bound.
+block; the test zoo's models repeat one op at one module at most 8 times): :class:`Unrolled`
+then holds the graph up to there, and names the op. :func:`full_trace` lifts the bound.
 
 The values the input feeds are those of a zeros image: nothing but their shapes and dtypes
 is ever read (a decision on them is refused, and they are dropped after tracing). So the
@@ -70,7 +70,7 @@ __all__ = [
 ROOT = "model"
 
 #: Times one op at one module may be recorded, beyond one per module inside that module,
-#: before the trace counts as unrolling a loop and stops (real models: at most 8).
+#: before the trace counts as unrolling a loop and stops (the test zoo: at most 8).
 LOOP_BOUND = 64
 _BOUND: contextvars.ContextVar[int | None] = contextvars.ContextVar("loop_bound", default=None)
 
