@@ -4,20 +4,24 @@ Run ``python benchmarks/bench_loop_trace.py`` (``--quick`` for a smoke run, ``--
 write the numbers). The model is a 4 px patch convolution, a Mamba-style selective scan
 written as a Python loop over the ``L = (S / 4)^2`` tokens (``h = dA_i * h + dBu_i``,
 ``y_i = (h * C_i).sum(-1)``), and a 3 x 3 convolution; the fx trace unrolls the loop (one
-graph node per op per token). Variants, interleaved in a rotating order after one untimed
-warm-up each:
+graph node per op per token) unless the trace stops at the loop: the default method stops
+once one op at one module has been recorded ``LOOP_BOUND`` (64) times plus once per module
+inside it, and leaves the layers after it without a TRF (one warning says why). Variants,
+interleaved in a rotating order after one untimed warm-up each:
 
 * ``forward``: the model on the probe batch (2 images), no gradients;
-* ``trf``: ``theoretical_rf`` of the scan and the last convolution (the default method: the
-  fx walk through the unrolled loop); a fresh copy of the model each call (plans are cached
-  per model);
-* ``trf_numeric``: the same with ``method="numeric"`` (what a bounded trace would fall back
-  to: a float64 surrogate, forward and backward of 12 samples through the loop);
+* ``trf``: ``theoretical_rf`` of the scan and the last convolution (the default method); a
+  fresh copy of the model each call (plans are cached per model);
+* ``trf_numeric``: the same with ``method="numeric"`` (a float64 surrogate, forward and
+  backward of 12 samples through the loop);
 * ``probe``: ``compute_erf`` of both layers on the 2 images, TRF analysis included (fresh
   copy too).
 
-Wall time and the process's CPU time are both reported (medians): the machine is shared, so
-CPU time is the steadier of the two.
+Each row also says which method gave the TRFs that the default analysis returned for the
+three layers and which of them it left unknown. The script only calls the public API: run it
+with ``PYTHONPATH`` at an older checkout's ``src`` for that code's numbers (the "before" of
+docs/benchmarks.md). Wall time and the process's CPU time are both reported (medians): the
+machine is shared, so CPU time is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def case(size: int, repeats: int) -> dict[str, Any]:
     wall: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the numeric fallback's note
+        warnings.simplefilter("ignore")  # the loop's note, estimated centres
         for fn in variants.values():
             fn()
         names = list(variants)
@@ -108,18 +112,21 @@ def case(size: int, repeats: int) -> dict[str, Any]:
                 variants[name]()
                 wall[name].append(time.perf_counter() - w0)
                 cpu[name].append(time.process_time() - c0)
-        method = em.theoretical_rf(copy.deepcopy(model), (3, size, size), ["2"])["2"].method
+        every = ["0", *layers]
+        found = em.theoretical_rf(copy.deepcopy(model), (3, size, size), every)
     med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in variants}
     return {
         "size": size,
         "tokens": (size // 4) ** 2,
-        "method": method,
+        "method": "/".join(sorted({t.method for t in found.values()})),
+        "unknown": [name for name in every if name not in found],
         "wall_s": wall,
         "cpu_s": cpu,
         "median_wall_s": {k: v[0] for k, v in med.items()},
         "median_cpu_s": {k: v[1] for k, v in med.items()},
         "trf_over_forward_cpu": med["trf"][1] / med["forward"][1],
         "numeric_over_forward_cpu": med["trf_numeric"][1] / med["forward"][1],
+        "probe_over_forward_cpu": med["probe"][1] / med["forward"][1],
     }
 
 
@@ -135,11 +142,16 @@ def main() -> None:
     rows = [case(s, repeats) for s in sizes]
     print(f"{platform.machine()} CPU, 1 thread, torch {torch.__version__}")
     kinds = ("forward", "trf", "trf_numeric", "probe")
-    print(f"size  tokens  TRF method  {'  '.join(f'{k} (wall / cpu)' for k in kinds)}")
+    print(f"size  tokens  TRF method  unknown  {'  '.join(f'{k} (wall / cpu)' for k in kinds)}")
     for r in rows:
         w, c = r["median_wall_s"], r["median_cpu_s"]
         cells = "  ".join(f"{w[k]:.3f} / {c[k]:.3f} s" for k in kinds)
-        print(f"{r['size']:4d}  {r['tokens']:6d}  {r['method']:10s}  {cells}")
+        unknown = ",".join(r["unknown"]) or "-"
+        print(f"{r['size']:4d}  {r['tokens']:6d}  {r['method']:10s}  {unknown:7s}  {cells}")
+        ratios = ("trf", "numeric", "probe")
+        print("      CPU time / forward: " + ", ".join(
+            f"{k} {r[f'{k}_over_forward_cpu']:.1f}" for k in ratios
+        ))  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "torch": torch.__version__}, f, indent=1)

@@ -274,7 +274,11 @@ def theoretical_rf(
       the first unit see the whole input along it (so a finite TRF more than about twice the
       input also looks global), or when the output has no spatial dims.
     * ``"auto"``: ``"fx"``; if tracing fails or an op has no rule, ``"numeric"`` with a
-      one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason.
+      one-time :class:`~erf_monitor.ERFProbeWarning` naming the reason. A Python loop over
+      the input's tokens stops the trace (one op at one module recorded more than 64 times
+      beyond once per module inside it): the layers after it are left out of the result,
+      with one :class:`~erf_monitor.ERFProbeWarning` naming the op (``"fx"`` traces the
+      whole loop, ``"numeric"`` measures it).
 
     A unit that samples the input at positions computed from the input (deformable
     convolution, ``grid_sample`` with a predicted grid, RoI pooling of predicted boxes, and
@@ -314,7 +318,8 @@ def theoretical_rf(
     channels-last stage named explicitly is analysed on its grid, as with ``layers="auto"``.
 
     Returns:
-        ``{layer: TRF}`` in the order of ``layers``.
+        ``{layer: TRF}`` in the order of ``layers`` (with ``"auto"``, without the layers
+        after a loop that stopped the trace).
 
     Raises:
         ValueError: unknown layer (close matches listed), a layer the forward never reaches,

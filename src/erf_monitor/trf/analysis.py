@@ -36,8 +36,10 @@ from erf_monitor.trf.fx import (
     Axis,
     Region,
     TracedModel,
+    Unrolled,
     Unsupported,
     full_axis,
+    full_trace,
     point_axis,
     select_node,
     shape_of,
@@ -105,10 +107,19 @@ def theoretical_rfs(
             return numeric_trfs(
                 net, channels, spatial, names, forward_fn, token_layout, mode, units
             )
+        if method == "fx" and isinstance(traced, Unrolled):
+            traced = None  # the caller's trace stopped at a loop: "fx" traces all of it
         try:
-            return _analytic(
-                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced, table
-            )
+            with full_trace() if method == "fx" else contextlib.nullcontext():
+                return _analytic(
+                    net, channels, spatial, names, forward_fn, token_layout, mode, units, traced,
+                    table,
+                )  # fmt: skip
+        except Unrolled as exc:  # ("auto")
+            return _before_loop(
+                exc, net, channels, spatial, names, forward_fn, token_layout, mode, units, table,
+                _stacklevel + 1,
+            )  # fmt: skip
         except Unsupported as exc:
             if method == "fx":
                 raise ValueError(
@@ -159,6 +170,39 @@ def numeric_doubt(trfs: Mapping[str, Mapping[str, TRF]]) -> str:
                         "method cannot see (its size and interval are reported clipped)"
                     )
     return ""
+
+
+def _before_loop(
+    exc: Unrolled,
+    net: nn.Module,
+    channels: int,
+    spatial: tuple[int, ...],
+    names: list[str],
+    forward_fn: ForwardFn | None,
+    token_layout: TokenLayout | Mapping[str, TokenLayout] | None,
+    mode: str,
+    units: UnitsFn,
+    table: dict[str, nn.Module] | None,
+    stacklevel: int,
+) -> dict[str, dict[str, TRF]]:
+    """The fx TRFs of the layers that the trace reached before it stopped at a loop; the
+    others are unknown (left out, as ``trf="skip"`` leaves every layer), said in one line."""
+    out: dict[str, dict[str, TRF]] = {}
+    for name in names:
+        if locate_layer(net, name, table)[0] in exc.traced.outputs:
+            with contextlib.suppress(Unsupported):
+                out.update(_analytic(net, channels, spatial, [name], forward_fn, token_layout,
+                                     mode, units, exc.traced, table))  # fmt: skip
+    unknown = [name for name in names if name not in out]
+    if unknown:
+        warnings.warn(
+            f"theoretical_rf: {exc}; no TRF for {unknown} (as with trf='skip'). "
+            "theoretical_rf(..., method='fx') traces the whole loop, method='numeric' measures "
+            "it (both slower); compute_erf takes either result as trf=.",
+            ERFProbeWarning,
+            stacklevel=stacklevel,
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -59,13 +59,22 @@ from erf_monitor.trf.regions import (
     window_taps,
     with_joint,
 )
-from erf_monitor.trf.tracer import TracedGraph, TracedModel, Unsupported, canonical
+from erf_monitor.trf.tracer import (
+    TracedGraph,
+    TracedModel,
+    Unrolled,
+    Unsupported,
+    canonical,
+    full_trace,
+)
 
 __all__ = [
     "Axis",
     "Region",
     "TracedModel",
+    "Unrolled",
     "Unsupported",
+    "full_trace",
     "select_node",
     "trace_model",
     "walk",
@@ -1216,7 +1225,7 @@ def _register_method(rule: Rule, *names: str) -> None:
         _register(_METHOD_RULES, name, rule)
 
 
-def _build_tables() -> None:
+def _build_module_tables() -> None:
     m = nn
     _register_module(
         _unary,
@@ -1259,6 +1268,8 @@ def _build_tables() -> None:
         m.TransformerEncoder, m.TransformerDecoder, m.Transformer,
     )  # fmt: skip
 
+
+def _build_function_tables() -> None:
     _register_function(_pointwise, *_POINTWISE_NAMES)
     _register_function(_unary, *_UNARY_NAMES)
     _register_function(_conv_function, "conv1d", "conv2d", "conv3d")
@@ -1279,7 +1290,6 @@ def _build_tables() -> None:
     _register_function(_pixel_shuffle, "pixel_shuffle", "pixel_unshuffle", namespaces=(F, torch))
     _register_function(_pad, "pad", namespaces=(F,))
     _register_function(_roll, "roll", namespaces=(torch,))
-    _register_method(_roll, "roll")
     _register_function(_reduction, *_REDUCTION_NAMES, namespaces=(torch,))
     _register_function(_softmax, "softmax", "log_softmax", "softmin", namespaces=(torch, F))
     _register_function(_linear, "linear", namespaces=(F, torch.nn.functional))
@@ -1291,8 +1301,12 @@ def _build_tables() -> None:
     _register_function(_stack, "stack", namespaces=(torch,))
     _register_function(_reshape, *_RESHAPE_NAMES, namespaces=(torch,))
     _register_function(_permute, *_PERMUTE_NAMES, namespaces=(torch,))
+    _register_function(_expand, "broadcast_to", namespaces=(torch,))
+    _register_function(_max_min, "max", "min", namespaces=(torch,))
     _FUNCTION_RULES[operator.getitem] = _getitem
 
+
+def _build_method_tables() -> None:
     _register_method(_pointwise, *_POINTWISE_NAMES)
     _register_method(_unary, *_UNARY_NAMES)
     _register_method(_reduction, *_REDUCTION_NAMES)
@@ -1301,8 +1315,12 @@ def _build_tables() -> None:
     _register_method(_reshape, *_RESHAPE_NAMES)
     _register_method(_permute, *_PERMUTE_NAMES)
     _register_method(_expand, "expand", "expand_as", "broadcast_to")
-    _register_function(_expand, "broadcast_to", namespaces=(torch,))
-    _register_function(_max_min, "max", "min", namespaces=(torch,))
+    _register_method(_roll, "roll")
+    _register_method(_max_min, "max", "min")
+
+
+def _build_named_tables() -> None:
+    """Data-dependent sampling and functions of optional packages (by name)."""
     # torchvision: stochastic depth is the identity in eval mode (per-sample scaling otherwise).
     _NAMED_FUNCTION_RULES["torchvision.ops.stochastic_depth.stochastic_depth"] = _unary
     # Data-dependent sampling (torch and torchvision; torchvision's functions by name).
@@ -1321,7 +1339,14 @@ def _build_tables() -> None:
     _NAMED_FUNCTION_RULES["torchvision.ops.poolers._multiscale_roi_align"] = _sampling(
         "MultiScaleRoIAlign", (1, "boxes")
     )
-    _register_method(_max_min, "max", "min")
+
+
+def _build_tables() -> None:
+    """Every rule table, in one order (a second, different rule for an op raises)."""
+    _build_module_tables()
+    _build_function_tables()
+    _build_method_tables()
+    _build_named_tables()
 
 
 _build_tables()

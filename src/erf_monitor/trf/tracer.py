@@ -18,6 +18,13 @@ so every proxy carries its concrete value:
 
 Control flow that depends on the input's values cannot be traced (:class:`Unsupported`).
 
+A Python loop over the input's tokens (a selective scan written as ``for i in range(L)``) is
+unrolled: every op of every step is a graph node, dozens of forwards' worth of tracing. So the
+trace stops once one op at one module has been recorded more than :data:`LOOP_BOUND` times
+plus once per module inside that module (a loop over its own blocks repeats an op once per
+block; the test zoo's models repeat one op at one module at most 8 times): :class:`Unrolled`
+then holds the graph up to there, and names the op. :func:`full_trace` lifts the bound.
+
 The values the input feeds are those of a zeros image: nothing but their shapes and dtypes
 is ever read (a decision on them is refused, and they are dropped after tracing). So the
 common leaf modules whose output shape is known without running them (linear, convolution,
@@ -29,6 +36,7 @@ most of the trace's batch-1 forward off a fresh call's cost.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import io
 import operator
@@ -47,13 +55,49 @@ from erf_monitor.core.buffers import preserved_buffers, preserved_training
 from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.probing import StopForward, probing
 
-__all__ = ["ROOT", "TracedGraph", "TracedModel", "Unsupported", "canonical", "trace_model"]
+__all__ = [
+    "LOOP_BOUND",
+    "ROOT",
+    "TracedGraph",
+    "TracedModel",
+    "Unrolled",
+    "Unsupported",
+    "canonical",
+    "full_trace",
+    "trace_model",
+]
 
 ROOT = "model"
+
+#: Times one op at one module may be recorded, beyond one per module inside that module,
+#: before the trace counts as unrolling a loop and stops (the test zoo: at most 8).
+LOOP_BOUND = 64
+_BOUND: contextvars.ContextVar[int | None] = contextvars.ContextVar("loop_bound", default=None)
+
+
+@contextlib.contextmanager
+def full_trace() -> Iterator[None]:
+    """Traces inside record the whole forward, however often a loop repeats an op."""
+    token = _BOUND.set(-1)
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
 
 
 class Unsupported(Exception):
     """The fx analysis cannot follow this model (tracing failed or an op has no rule)."""
+
+
+class Unrolled(Unsupported):
+    """The trace stopped at a Python loop (:data:`LOOP_BOUND`): ``traced`` is the graph up to
+    there (every module that returned before has its output node), ``site`` names the op that
+    repeats and where."""
+
+    def __init__(self, site: str, traced: TracedModel) -> None:
+        super().__init__(f"the trace stopped at a Python loop: {site}")
+        self.site = site
+        self.traced = traced
 
 
 class _Root(nn.Module):
@@ -201,6 +245,11 @@ class ConcreteTracer(fx.Tracer):
         self._attr_names: dict[int, str] | None = None
         self._refs: dict[fx.Node, int] = {}  # live proxies per node
         self._called: dict[str, nn.Module] = {}  # path -> module, of the modules called
+        bound = _BOUND.get()
+        self.bound = LOOP_BOUND if bound is None else None if bound < 0 else bound
+        self.unrolled: str | None = None  # the op that repeated past the bound, and where
+        self._repeats: dict[tuple[str, str, Any], int] = {}
+        self._sizes: dict[str, int] = {}  # scope path -> modules inside it (itself included)
         # fx patches nn.Module.__call__ for every thread while it traces: only this thread's
         # module calls are traced (another thread running the model meanwhile is not).
         self._thread = threading.get_ident()
@@ -279,6 +328,8 @@ class ConcreteTracer(fx.Tracer):
             )
         if target is operator.setitem:
             raise fx.proxy.TraceError("the forward assigns into a tensor (x[...] = ...)")
+        if kind != "call_module":  # (module calls are counted where they are called)
+            self._count(kind, target)
         value = self._run(kind, target, self._concrete(args), self._concrete(kwargs), True)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         self.values[proxy.node] = value
@@ -353,6 +404,32 @@ class ConcreteTracer(fx.Tracer):
             raise _FailedInline
         return out
 
+    def _count(self, kind: str, target: Any) -> None:
+        """Stop the trace (:class:`Unrolled`) once one op at the current module has been
+        recorded more than the bound plus once per module inside this one."""
+        if self.bound is None:
+            return
+        path = self.scope.module_path
+        key = (path, kind, id(target) if kind == "call_function" else target)
+        count = self._repeats.get(key, 0) + 1
+        self._repeats[key] = count
+        if count <= self.bound:
+            return
+        size = self._sizes.get(path)
+        if size is None:
+            size = self._sizes[path] = sum(1 for _ in self.root.get_submodule(path).modules())
+        if count > self.bound + size:
+            self.unrolled = f"{self._site(kind, target, path)} recorded {count} times"
+            raise StopForward
+
+    def _site(self, kind: str, target: Any, path: str) -> str:
+        """An op and the module it runs in, for messages ("getitem in '1' (Scan)")."""
+        op = f"module {canonical(target)!r}" if kind == "call_module" else _op_name_of(kind, target)
+        name = canonical(path)
+        if not name:
+            return f"{op} in the model's forward"
+        return f"{op} in {name!r} ({type(self.root.get_submodule(path)).__name__})"
+
     # -- Python decisions about proxies
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -395,6 +472,7 @@ class ConcreteTracer(fx.Tracer):
             # module it wraps (same canonical name, same function).
             return self.call_module(inner, inner.forward, args, kwargs)
         path = self.path_of_module(m)
+        self._count("call_module", path)
         self._called[path] = m  # for _run: no second lookup of the module by its path
         out = super().call_module(m, forward, args, kwargs)
         node = out.node if isinstance(out, fx.Proxy) else None
@@ -623,6 +701,8 @@ def trace_model(
     ``keep_function(fn)`` says which fx-wrapped functions stay one call (those with a rule).
 
     Raises:
+        Unrolled: the trace stopped at a Python loop (:data:`LOOP_BOUND`; it holds the graph
+            up to there).
         Unsupported: when tracing fails (the message names the reason).
     """
     root = _Root(model, forward_fn)
@@ -662,9 +742,12 @@ def trace_model(
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
-    return TracedModel(
+    traced = TracedModel(
         gm, placeholders[0], tracer.outputs, tracer.leaf_paths, dependent, tracer.raw_outputs
     )
+    if tracer.unrolled is not None:
+        raise Unrolled(tracer.unrolled, traced)
+    return traced
 
 
 def _trace(
