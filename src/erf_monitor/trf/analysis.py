@@ -27,6 +27,7 @@ from torch import nn
 
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta
+from erf_monitor.core.index import ModelIndex, index_of, model_index
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
@@ -70,6 +71,7 @@ def theoretical_rfs(
     mode: str = "luo",
     traced: TracedModel | Unsupported | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
@@ -80,18 +82,21 @@ def theoretical_rfs(
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
     ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already
     (or why it failed: the analysis then goes on as if it had failed here). ``table``: the
-    model's :func:`~erf_monitor.targets.layers.module_table` when the caller built it already.
+    model's :func:`~erf_monitor.targets.layers.module_table` and ``index`` the unwrapped
+    model's :func:`~erf_monitor.core.index.model_index`, when the caller built them already.
     """
     from erf_monitor.targets.positions import PositionRequest
 
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
-    check_not_meta(model)
     net = unwrap_model(model)
-    channels, spatial = parse_input_shape(net, input_shape)
+    if index is None or index.model is not net:
+        index = model_index(net)
+    check_not_meta(index)
+    channels, spatial = parse_input_shape(index, input_shape)
     if table is None:
-        table = module_table(net)
+        table = module_table(index)
     names = _check_layers(model, layers, table)
     req = positions if isinstance(positions, PositionRequest) else None
 
@@ -100,15 +105,16 @@ def theoretical_rfs(
             return {"centre": seed_index(mode, grid, tokens)}
         return req.indices(grid, mode, tokens, name)
 
-    with preserved_rng(), eager_forwards(net):
+    with preserved_rng(), eager_forwards(index):
         if method == "numeric":
             return numeric_trfs(
                 net, channels, spatial, names, forward_fn, token_layout, mode, units
             )
         try:
             return _analytic(
-                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced, table
-            )
+                net, channels, spatial, names, forward_fn, token_layout, mode, units, traced, table,
+                index,
+            )  # fmt: skip
         except Unsupported as exc:
             if method == "fx":
                 raise ValueError(
@@ -165,17 +171,17 @@ def numeric_doubt(trfs: Mapping[str, Mapping[str, TRF]]) -> str:
 
 
 @contextlib.contextmanager
-def eager_forwards(model: nn.Module) -> Iterator[None]:
+def eager_forwards(model: nn.Module | ModelIndex) -> Iterator[None]:
     """Run the eager ``forward`` of modules whose instance ``forward`` was compiled.
 
     ``Trainer.fit(torch.compile(module))`` unwraps the module and replaces its ``forward`` by
     a dynamo-compiled one (an instance attribute). Neither the fx trace nor the numeric
     surrogate (a copy of the module) can run that: for the analysis the compiled attribute
     is taken away (the class's own ``forward`` is the same function, eagerly), and put back
-    afterwards.
+    afterwards. ``model`` may be the model's index.
     """
     swapped: list[tuple[nn.Module, Any]] = []
-    for m in model.modules():
+    for m in index_of(model).modules:
         compiled = m.__dict__.get("forward")
         orig = getattr(compiled, "_torchdynamo_orig_callable", None)
         if compiled is None or orig is None:
@@ -194,12 +200,14 @@ def eager_forwards(model: nn.Module) -> Iterator[None]:
             m.__dict__["forward"] = compiled
 
 
-def parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+def parse_input_shape(
+    net: nn.Module | ModelIndex, input_shape: Sequence[int]
+) -> tuple[int, tuple[int, ...]]:
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
         raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from None
-    first = next((m for m in net.modules() if isinstance(m, _SPATIAL_MODULES)), None)
+    first = next((m for m in index_of(net).modules if isinstance(m, _SPATIAL_MODULES)), None)
     nd: int | None = None
     if isinstance(first, nn.modules.conv._ConvNd):
         nd = len(first.kernel_size)
@@ -252,13 +260,14 @@ def _analytic(
     units: UnitsFn | None = None,
     traced: TracedModel | Unsupported | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> dict[str, dict[str, TRF]]:
     if isinstance(traced, Unsupported):
         raise traced  # the caller's trace failed already: not twice
     if table is None:
-        table = module_table(net)
+        table = module_table(net if index is None else index)
     if traced is None:
-        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table)
+        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table, index)
     layouts = layouts_for(token_layout, names)
     return {
         name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units, table)
@@ -272,18 +281,21 @@ def trace_layers(
     names: Sequence[str],
     forward_fn: ForwardFn | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> TracedModel:
-    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``:
-    ``net``'s module table, when the caller built it already).
+    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``,
+    ``index``: ``net``'s module table and index, when the caller built them already).
 
     Raises:
         Unsupported: the model cannot be traced.
     """
+    if index is None or index.model is not net:
+        index = model_index(net)
     if table is None:
-        table = module_table(net)
+        table = module_table(index)
     modules = {locate_layer(net, name, table)[0] for name in names}
-    with preserved_rng(), eager_forwards(net):
-        return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
+    with preserved_rng(), eager_forwards(index):
+        return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules, index=index)
 
 
 def traced_shape(
