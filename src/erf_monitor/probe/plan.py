@@ -236,11 +236,12 @@ def _build(
 ) -> ProbePlan:
     spatial = tuple(example.shape[2:])
     input_shape = tuple(example.shape[1:])
-    analyse = trf == "auto" or trf == "fx"
+    # The fx analysis (or, skipped, the geometry that places the seed units) walks a trace.
+    traces = isinstance(trf, str) and trf in ("auto", "fx", "skip")
     traced = None
     known: dict[str, tuple[int, ...]] = {}
     table = module_table(index)  # one name table serves every stage below
-    if analyse and not (isinstance(layers, str) and layers == "auto"):
+    if traces and not (isinstance(layers, str) and layers == "auto"):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
         traced, known = _trace_first(net, input_shape, model, layers, forward_fn, table, index)
     # The forward that reads the layers' outputs runs the model as it is: a half model on a
@@ -269,7 +270,9 @@ def _build(
         geometry = trfs
     elif isinstance(trf, str):  # "skip"
         trfs = {}
-        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode, req, table, index)
+        geometry = _geometry(
+            net, input_shape, names, forward_fn, layouts, mode, req, table, index, traced
+        )
     else:
         trfs = _usable_trfs(trf, names, spatial, mode, req)
         geometry = trfs
@@ -365,15 +368,16 @@ def _geometry(
     req: PositionRequest,
     table: dict[str, nn.Module] | None = None,
     index: ModelIndex | None = None,
+    traced: Any = None,
 ) -> dict[str, dict[str, TRF]]:
     """The TRF analysis used only for the seed units' theoretical centres (silent; ``{}`` if
-    the model cannot be analysed)."""
+    the model cannot be analysed). ``traced``: the trace the targets stage read, if any."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _analyse(
                 net, input_shape, list(names), req, forward_fn, layouts, mode,
-                table=table, index=index,
+                traced=traced, table=table, index=index,
             )  # fmt: skip
     except Exception:
         return {}

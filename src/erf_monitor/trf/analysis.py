@@ -302,14 +302,19 @@ def traced_shape(
     traced: TracedModel, net: nn.Module, name: str, table: dict[str, nn.Module] | None = None
 ) -> tuple[int, ...] | None:
     """The shape (batch 1) of layer ``name``'s selected output in a trace (``None``: not a
-    single tensor there, or not reached)."""
+    single floating-point tensor there, or not reached: the targets stage then reads the
+    output itself, and says what is wrong with it)."""
     key, _module, selector = locate_layer(net, name, table)
     if traced.outputs.get(key) is None and not selector:
         return None
     try:
-        return shape_of(select_node(traced, key, selector, name))
+        node = select_node(traced, key, selector, name)
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+    meta = getattr(node, "meta", {}).get("tensor_meta")
+    if not getattr(getattr(meta, "dtype", None), "is_floating_point", False):
+        return None
+    return shape_of(node)
 
 
 def _analytic_units(
