@@ -450,36 +450,48 @@ def test_an_in_place_first_layer_never_changes_what_is_probed() -> None:
     assert relative_error(res["2"].heatmap, expected) < 1e-5
 
 
+def test_a_model_index_lists_what_torch_lists() -> None:
+    """One walk (``core.index.model_index``) tells what every walk it replaces told: modules
+    once (shared ones under their first name), every path, parameters and buffers once
+    (tied ones and a buffer registered twice included), in torch's order."""
+    from erf_monitor.core.index import model_index
+
+    shared = nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2))
+    inner = nn.Sequential(shared, nn.ReLU(), shared)
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), inner, nn.Sequential(shared, inner), nn.Linear(2, 2))
+    net[3].weight = nn.Parameter(torch.zeros(2, 2))
+    net[0].register_buffer("tied", shared[1].running_mean)
+    index = model_index(net)
+
+    def ids(pairs: Any) -> list[tuple[str, int]]:
+        return [(n, id(m)) for n, m in pairs]
+
+    assert ids(index.named) == ids(net.named_modules())
+    assert ids(index.paths) == ids(net.named_modules(remove_duplicate=False))
+    assert [id(m) for m in index.modules] == [id(m) for m in net.modules()]
+    assert [id(p) for p in index.parameters] == [id(p) for p in net.parameters()]
+    assert [id(b) for b in index.buffers] == [id(b) for b in net.buffers()]
+
+
 @pytest.mark.parametrize("trf", ["auto", "skip"])
-def test_a_plan_walks_the_model_a_fixed_number_of_times(
+def test_a_call_walks_the_model_a_fixed_number_of_times(
     monkeypatch: pytest.MonkeyPatch, trf: str
 ) -> None:
-    """Layer names are resolved once per plan: building one walks the model's modules
-    (``named_modules``, also behind ``modules()``/``parameters()``) the same number of times
-    for 2 layers as for 4, and a cached plan only walks it for its key."""
+    """The model's modules are walked once per call: a fresh ``compute_erf`` walks them
+    (``named_modules``, also behind ``modules()``/``parameters()``/``buffers()``) at most 5
+    times, for 2 layers as for 4 and for ``"auto"``, and a cached call at most twice."""
     tv = pytest.importorskip("torchvision")
-    import erf_monitor.probe.compute as compute_module
 
     walks = [0]
-    planning = [False]
     net: list[nn.Module] = []
     named_modules = nn.Module.named_modules
-    cached_plan = compute_module.cached_plan
 
     def counted(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if planning[0] and self is net[0]:
+        if net and self is net[0]:
             walks[0] += 1
         return named_modules(self, *args, **kwargs)
 
-    def planned(*args: Any, **kwargs: Any) -> Any:
-        planning[0] = True
-        try:
-            return cached_plan(*args, **kwargs)
-        finally:
-            planning[0] = False
-
     monkeypatch.setattr(nn.Module, "named_modules", counted)
-    monkeypatch.setattr(compute_module, "cached_plan", planned)
     counts = []
     for layers in (["layer2", "layer4"], ["layer1", "layer2", "layer3", "layer4"], "auto"):
         torch.manual_seed(0)
@@ -491,7 +503,71 @@ def test_a_plan_walks_the_model_a_fixed_number_of_times(
         walks[0] = 0
         em.compute_erf(net[0], x, layers, trf=trf)
         counts.append((fresh, walks[0]))
-    # before one table per plan: 25 and 31 fresh walks (trf="auto"), 1 cached
-    assert counts[0][0] == counts[1][0] <= 16, counts
-    assert counts[0][1] == counts[1][1] == 1, counts
-    assert counts[2] == (counts[0][0] + 1, 1), counts  # "auto": one table too
+    # before one index per call: 23 fresh walks (24 for "auto"), 8 cached, whatever the trf
+    assert counts[0][0] == counts[1][0], counts
+    assert all(fresh <= 5 and cached <= 2 for fresh, cached in counts), counts
+
+
+def test_a_failed_analysis_is_not_run_a_second_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan built with ``raise_trf_errors=False`` whose analysis fails records why and
+    estimates the centres: it does not run the analysis again, silenced, for the geometry
+    (which would fail the same way)."""
+    import erf_monitor.trf.analysis as analysis
+
+    calls = [0]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        raise RuntimeError("no rule for this model")
+
+    monkeypatch.setattr(analysis, "theoretical_rfs", failing)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2))
+    x = torch.randn(2, 3, 16, 16)
+    plan = plan_module.build_plan(net, x, ["2"], raise_trf_errors=False)
+    assert calls[0] == 1
+    assert plan.trf_error == "RuntimeError: no rule for this model"
+    assert plan.trfs == {} and plan.geometry == {}
+
+
+def test_skipping_the_trf_runs_the_model_once_and_keeps_every_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``trf="skip"`` still places the seed units from the layer geometry (the fx walk from
+    each seed unit: a proportional estimate would put resnet18's layer4 centre at 47.5 px, not
+    32), but its one trace also tells the layers' shapes, as with ``trf="auto"``: the model
+    runs once while planning (before: a hooked forward for the shapes, then the trace). Maps,
+    centres and metrics are those of ``trf="auto"``."""
+    tv = pytest.importorskip("torchvision")
+    import erf_monitor.targets.resolve as resolve
+    import erf_monitor.trf.analysis as analysis
+
+    runs: list[str] = []
+    trace_model, hooked_forward = analysis.trace_model, resolve.hooked_forward
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        runs.append("trace")
+        return trace_model(*args, **kwargs)
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        runs.append("forward")
+        return hooked_forward(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "trace_model", traced)
+    monkeypatch.setattr(resolve, "hooked_forward", hooked)
+    torch.manual_seed(0)
+    net = tv.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    results = {}
+    for trf in ("auto", "skip"):
+        runs.clear()
+        results[trf] = em.compute_erf(net, x, ["layer2", "layer4"], trf=trf, position="corners")
+        assert runs == ["trace"], (trf, runs)
+    for name in ("layer2", "layer4"):
+        for key, auto in results["auto"][name].field.items():
+            skip = results["skip"][name].field[key]
+            assert torch.equal(skip.heatmap, auto.heatmap)
+            assert skip.centre == auto.centre and skip.centre_pixel == auto.centre_pixel
+            assert skip.trf is None and auto.trf is not None
+            assert skip.centroid_offset == auto.centroid_offset
+    assert results["skip"]["layer4"].centre == (32.0, 32.0)

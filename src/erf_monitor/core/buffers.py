@@ -17,17 +17,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from erf_monitor.core.index import ModelIndex, index_of
+
 __all__ = ["preserved_buffers", "preserved_training"]
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``model`` on exit (a copy of each is kept meanwhile).
+def preserved_buffers(model: nn.Module | ModelIndex) -> Iterator[None]:
+    """Restore every buffer of ``model`` (or of the model an index walked) on exit (a copy of
+    each is kept meanwhile).
 
     Inference tensors cannot be changed outside inference mode, so they are not copied.
     """
     saved: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor | None]] = []
-    for module in model.modules():
+    for module in index_of(model).modules:
         for name, buf in module._buffers.items():
             if buf is None:
                 continue
@@ -50,8 +53,9 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_training(model: nn.Module) -> Iterator[None]:
-    """Restore every module's ``training`` flag on exit (``model.eval()`` inside is undone).
+def preserved_training(model: nn.Module | ModelIndex) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit (``model.eval()`` inside is undone;
+    ``model`` may be an index of the model).
 
     Examples:
         >>> net = nn.Sequential(nn.Dropout()).train()
@@ -60,7 +64,7 @@ def preserved_training(model: nn.Module) -> Iterator[None]:
         >>> net.training, net[0].training
         (True, True)
     """
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in index_of(model).modules]
     try:
         yield
     finally:

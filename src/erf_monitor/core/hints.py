@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from erf_monitor.core.errors import ERFProbeError
+from erf_monitor.core.index import ModelIndex, index_of
 
 __all__ = ["ForwardError", "check_not_meta", "forward_error", "input_grad", "is_own_error"]
 
@@ -117,9 +118,11 @@ def _meta_error() -> ValueError:
     )
 
 
-def check_not_meta(model: nn.Module, inputs: Any = None) -> None:
-    """Refuse a model (or inputs) on the ``meta`` device with a one-line ``ValueError``."""
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+def check_not_meta(model: nn.Module | ModelIndex, inputs: Any = None) -> None:
+    """Refuse a model (or inputs) on the ``meta`` device with a one-line ``ValueError``
+    (``model`` may be an index of the model)."""
+    index = index_of(model)
+    if any(t.is_meta for t in (*index.parameters, *index.buffers)):
         raise _meta_error()
     if isinstance(inputs, Tensor) and inputs.is_meta:
         raise ValueError(

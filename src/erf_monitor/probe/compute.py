@@ -16,6 +16,7 @@ from torch import nn
 
 from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.hints import check_not_meta
+from erf_monitor.core.index import ModelIndex, model_index
 from erf_monitor.core.modes import Mode, check_mode
 from erf_monitor.core.probing import probing
 from erf_monitor.core.rng import preserved_rng
@@ -86,11 +87,17 @@ def probe(
     *,
     chunk_size: int | None = None,
     keep_per_sample: bool = False,
+    index: ModelIndex | None = None,
 ) -> ERFResults:
-    """Probe ``x`` (from :func:`probe_input`) with a plan built for ``model``: run, measure."""
+    """Probe ``x`` (from :func:`probe_input`) with a plan built for ``model``: run, measure.
+    ``index``: the unwrapped model's index, when the caller took it already."""
     net = unwrap_model(model)
-    with probing(), probe_state(net, plan.train_mode, x.device):
-        maps = run_plan(plan, net, x, chunk_size=chunk_size, keep_per_sample=keep_per_sample)
+    if index is None or index.model is not net:
+        index = model_index(net)
+    with probing(), probe_state(net, plan.train_mode, x.device, index):
+        maps = run_plan(
+            plan, net, x, chunk_size=chunk_size, keep_per_sample=keep_per_sample, index=index
+        )
     return build_results(plan, maps, x.shape[0], keep_per_sample)
 
 
@@ -215,9 +222,10 @@ def compute_erf(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    check_not_meta(model, inputs)
     net = unwrap_model(model)
-    device, param_dtype = model_device_dtype(net)
+    index = model_index(net)  # the one walk of the model's modules: every stage reads it
+    check_not_meta(index, inputs)
+    device, param_dtype = model_device_dtype(index)
     device = inputs.device if device is None else device
     with probing(), preserved_rng(device):  # (probing first: one probe at a time)
         x = probe_input(inputs[:num_samples], device, probe_dtype(dtype, param_dtype))
@@ -226,10 +234,12 @@ def compute_erf(
             plan = cached_plan(
                 model, x, layers=layers, mode=mode, position=position,
                 token_layout=token_layout, forward_fn=forward_fn, trf=trf, crop=crop,
-                train_mode=train_mode,
+                train_mode=train_mode, index=index,
             )  # fmt: skip
         reissue(caught)  # at the user's line
-        return probe(plan, model, x, chunk_size=chunk_size, keep_per_sample=keep_per_sample)
+        return probe(
+            plan, model, x, chunk_size=chunk_size, keep_per_sample=keep_per_sample, index=index
+        )
 
 
 def theoretical_rf(
@@ -341,23 +351,24 @@ def theoretical_rf(
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     mode = check_mode(mode)
-    check_not_meta(model)
     net = unwrap_model(model)
-    channels, spatial = parse_input_shape(net, input_shape)
+    index = model_index(net)  # the one walk of the model's modules: every stage reads it
+    check_not_meta(index)
+    channels, spatial = parse_input_shape(index, input_shape)
     req = request(position, len(spatial))
     if req.is_set:
         raise ValueError(
             f"theoretical_rf takes one position, got the set {position!r}; compute_erf "
             "reports the TRF of every position of a set (ERFResult.field)."
         )
-    device, param_dtype = model_device_dtype(net)
+    device, param_dtype = model_device_dtype(index)
     dtype = probe_dtype(None, param_dtype)
     example = torch.zeros((1, channels, *spatial), device=device, dtype=dtype)
     with probing(), preserved_rng(example.device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = cached_plan(
             model, example, layers=layers, mode=mode, position=position,
-            token_layout=token_layout, forward_fn=forward_fn, trf=method, crop=False,
+            token_layout=token_layout, forward_fn=forward_fn, trf=method, crop=False, index=index,
         )  # fmt: skip
     reissue(caught)  # at the user's line
     key = req.primary.key

@@ -32,6 +32,7 @@ from torch import nn
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
 from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.errors import ERFProbeWarning
+from erf_monitor.core.index import ModelIndex, index_of, model_index
 from erf_monitor.core.modes import Mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.probe.crop import CropOption, Group, Index, plan_groups
@@ -148,21 +149,25 @@ def probe_dtype(requested: torch.dtype | None, param_dtype: torch.dtype) -> torc
     return param_dtype if param_dtype.is_floating_point else torch.float32
 
 
-def pads_from_size(net: nn.Module) -> bool:
+def pads_from_size(net: nn.Module | ModelIndex) -> bool:
     """Whether ``net`` has modules that pad from their input's size, TensorFlow's "SAME" way
     (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``; the traced graph holds
     their paddings as numbers, so the analysis cannot tell)."""
-    return any(type(m).__name__.endswith("Same") for m in net.modules())
+    return any(type(m).__name__.endswith("Same") for m in index_of(net).modules)
 
 
 @contextlib.contextmanager
-def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Iterator[None]:
+def probe_state(
+    model: nn.Module, train_mode: bool, device: torch.device, index: ModelIndex | None = None
+) -> Iterator[None]:
     """Put the model in the probe's mode and restore *everything* it may touch afterwards:
     every module's ``training`` flag, every buffer, every random stream; autocast off,
-    gradients on (also inside ``no_grad``/``inference_mode``), compiled submodules eager."""
+    gradients on (also inside ``no_grad``/``inference_mode``), compiled submodules eager.
+    ``index``: the model's index, when the caller took it already."""
+    index = index_of(model) if index is None else index
     with contextlib.ExitStack() as stack:
         # BatchNorm statistics in train mode, quantization observers and counters in any mode
-        stack.enter_context(preserved_buffers(model))
+        stack.enter_context(preserved_buffers(index))
         stack.enter_context(preserved_rng(device))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -172,7 +177,7 @@ def probe_state(model: nn.Module, train_mode: bool, device: torch.device) -> Ite
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is not None:  # torch >= 2.6: compiled submodules run eagerly, no recompiles
             stack.enter_context(stance("force_eager"))
-        stack.enter_context(preserved_training(model))
+        stack.enter_context(preserved_training(index))
         model.train(train_mode)
         yield
 
@@ -190,6 +195,7 @@ def build_plan(
     crop: CropOption = "auto",
     train_mode: bool = False,
     raise_trf_errors: bool = True,
+    index: ModelIndex | None = None,
 ) -> ProbePlan:
     """Build the plan of a probe of ``layers`` on inputs shaped like ``example``.
 
@@ -197,15 +203,19 @@ def build_plan(
     samples are run through the model (no gradients) to read the layers' outputs.
     ``raise_trf_errors=False`` records a failed TRF analysis in ``plan.trf_error`` (the probe
     then runs on the full input, metrics still centred from the geometry) instead of raising.
+    ``index``: the (unwrapped) model's :func:`~erf_monitor.core.index.model_index`, when the
+    caller took it already: every stage reads it instead of walking the model again.
     """
     global builds
     builds += 1
     net = unwrap_model(model)
+    if index is None or index.model is not net:
+        index = model_index(net)
     req = request(position, example.dim() - 2)
-    with probe_state(net, False, example.device):  # nothing built here may change the model
+    with probe_state(net, False, example.device, index):  # nothing built may change the model
         return _build(
             model, net, example, layers, req, mode, token_layout, forward_fn, trf, crop,
-            train_mode, raise_trf_errors,
+            train_mode, raise_trf_errors, index,
         )  # fmt: skip
 
 
@@ -222,19 +232,21 @@ def _build(
     crop: CropOption,
     train_mode: bool,
     raise_trf_errors: bool,
+    index: ModelIndex,
 ) -> ProbePlan:
     spatial = tuple(example.shape[2:])
     input_shape = tuple(example.shape[1:])
-    analyse = trf == "auto" or trf == "fx"
+    # The fx analysis (or, skipped, the geometry that places the seed units) walks a trace.
+    traces = isinstance(trf, str) and trf in ("auto", "fx", "skip")
     traced = None
     known: dict[str, tuple[int, ...]] = {}
-    table = module_table(net)  # one name table serves every stage below
-    if analyse and not (isinstance(layers, str) and layers == "auto"):
+    table = module_table(index)  # one name table serves every stage below
+    if traces and not (isinstance(layers, str) and layers == "auto"):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
-        traced, known = _trace_first(net, input_shape, model, layers, forward_fn, table)
+        traced, known = _trace_first(net, input_shape, model, layers, forward_fn, table, index)
     # The forward that reads the layers' outputs runs the model as it is: a half model on a
     # half example (only shapes are read; the probe computes in ``example``'s dtype).
-    _, native = model_device_dtype(net)
+    _, native = model_device_dtype(index)
     first = example[:2].detach()
     first = first.to(native) if native in (torch.float16, torch.bfloat16) else first
     targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known, table))
@@ -246,32 +258,37 @@ def _build(
     if trf == "auto" or trf == "fx" or trf == "numeric":
         try:
             trfs = _analyse(
-                net, input_shape, names, req, forward_fn, layouts, mode, trf, traced, table
+                net, input_shape, names, req, forward_fn, layouts, mode, trf, traced, table, index
             )
         except Exception as exc:
             if raise_trf_errors:
                 raise
             trf_error = f"{type(exc).__name__}: {exc}"
             trfs = {}
-        geometry = trfs if trf_error is None else _geometry(net, input_shape, names, forward_fn,
-                                                             layouts, mode, req, table)  # fmt: skip
+        # A failed analysis is not run again for the geometry (it would fail the same way):
+        # the centres are then estimated, with a warning.
+        geometry = trfs
     elif isinstance(trf, str):  # "skip"
         trfs = {}
-        geometry = _geometry(net, input_shape, names, forward_fn, layouts, mode, req, table)
+        geometry = _geometry(
+            net, input_shape, names, forward_fn, layouts, mode, req, table, index, traced
+        )
     else:
         trfs = _usable_trfs(trf, names, spatial, mode, req)
         geometry = trfs
         incomplete = [n for n in names if any(k not in trfs[n] for k in units[n])]
         if incomplete:  # positions without a given TRF: centres from the geometry
-            more = _geometry(net, input_shape, incomplete, forward_fn, layouts, mode, req, table)
+            more = _geometry(
+                net, input_shape, incomplete, forward_fn, layouts, mode, req, table, index
+            )
             geometry = {n: {**more.get(n, {}), **trfs[n]} for n in names}
     glob = {n: next(iter(g.values())).global_dims for n, g in geometry.items() if g}
     check_grids(net, targets, example, forward_fn, glob)  # one-unit outputs: warn
-    if train_mode and trfs and any(isinstance(m, _BATCH_COUPLED) for m in net.modules()):
+    if train_mode and trfs and any(isinstance(m, _BATCH_COUPLED) for m in index.modules):
         trfs = {n: {k: _batch_coupled(t) for k, t in units_.items()} for n, units_ in trfs.items()}
     unit_trfs = {n: {tuple(t.output_centre): t for t in trfs.get(n, {}).values()} for n in names}
     seeds = {n: list(dict.fromkeys(units[n].values())) for n in names}
-    sized = pads_from_size(net)
+    sized = pads_from_size(index)
     groups = plan_groups(seeds, unit_trfs, spatial, crop, train_mode, sized)
     return ProbePlan(
         targets=targets,
@@ -304,12 +321,13 @@ def _analyse(
     method: Literal["auto", "fx", "numeric"] = "auto",
     traced: Any = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> dict[str, dict[str, TRF]]:
     from erf_monitor.trf.analysis import theoretical_rfs
 
     return theoretical_rfs(
         net, input_shape, names, req, method=method, forward_fn=forward_fn,
-        token_layout=layouts, mode=mode, traced=traced, table=table,
+        token_layout=layouts, mode=mode, traced=traced, table=table, index=index,
     )  # fmt: skip
 
 
@@ -320,6 +338,7 @@ def _trace_first(
     layers: str | Sequence[str],
     forward_fn: ForwardFn | None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
     """The analysis' trace and the layers' output shapes read from it; ``(None, {})`` when
     the layers fail here (the targets stage then says why), ``(Unsupported, {})`` when the
@@ -330,7 +349,7 @@ def _trace_first(
 
     try:
         specs = resolve_layers(model, layers, table)
-        traced = trace_layers(net, input_shape, specs, forward_fn, table)
+        traced = trace_layers(net, input_shape, specs, forward_fn, table, index)
     except Unsupported as exc:
         return exc, {}
     except (ValueError, TypeError):
@@ -348,15 +367,18 @@ def _geometry(
     mode: Mode,
     req: PositionRequest,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
+    traced: Any = None,
 ) -> dict[str, dict[str, TRF]]:
     """The TRF analysis used only for the seed units' theoretical centres (silent; ``{}`` if
-    the model cannot be analysed)."""
+    the model cannot be analysed). ``traced``: the trace the targets stage read, if any."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _analyse(
-                net, input_shape, list(names), req, forward_fn, layouts, mode, table=table
-            )
+                net, input_shape, list(names), req, forward_fn, layouts, mode,
+                traced=traced, table=table, index=index,
+            )  # fmt: skip
     except Exception:
         return {}
 
@@ -441,9 +463,10 @@ _cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, ProbePlan]] = (
 )
 
 
-def structure_key(net: nn.Module) -> tuple[Any, ...]:
+def structure_key(net: nn.Module | ModelIndex) -> tuple[Any, ...]:
     """What a plan depends on in a model: every module's name, type and configuration
-    (``extra_repr``: kernel sizes, strides, paddings...) and its parameter shapes."""
+    (``extra_repr``: kernel sizes, strides, paddings...) and its parameter shapes (``net`` may
+    be the model's index)."""
     return tuple(
         (
             name,
@@ -451,7 +474,7 @@ def structure_key(net: nn.Module) -> tuple[Any, ...]:
             m.extra_repr(),
             tuple((k, tuple(p.shape)) for k, p in m._parameters.items() if p is not None),
         )
-        for name, m in net.named_modules()
+        for name, m in index_of(net).named
     )
 
 
@@ -463,18 +486,23 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def cached_plan(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> ProbePlan:
+def cached_plan(
+    model: nn.Module, example: torch.Tensor, *, index: ModelIndex | None = None, **kwargs: Any
+) -> ProbePlan:
     """:func:`build_plan`, or the plan built before for the same model structure, input
     shape, device, dtype and arguments. Not cached: plans with a ``forward_fn`` (a new
-    function object may behave differently) or with TRFs given by the caller."""
+    function object may behave differently) or with TRFs given by the caller. ``index``: the
+    (unwrapped) model's index, when the caller took it already (the key reads it too)."""
     net = unwrap_model(model)
+    if index is None or index.model is not net:
+        index = model_index(net)
     trf = kwargs.get("trf", "auto")
     cacheable = kwargs.get("forward_fn") is None and isinstance(trf, str)
     key = None
     if cacheable:
         try:
             key = (
-                structure_key(net),
+                structure_key(index),
                 tuple(example.shape[1:]),
                 example.device,
                 example.dtype,
@@ -487,7 +515,7 @@ def cached_plan(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> Probe
     if key is not None and plans is not None and key in plans:
         plans.move_to_end(key)
         return plans[key]
-    plan = build_plan(model, example, **kwargs)
+    plan = build_plan(model, example, index=index, **kwargs)
     if key is not None:
         plans = _cache.setdefault(net, OrderedDict())
         plans[key] = plan

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from erf_monitor.core.errors import ERFProbeError
+from erf_monitor.core.index import ModelIndex, index_of
 from erf_monitor.core.modes import Mode, sample_maps, seed_value
 from erf_monitor.probe import seeds
 from erf_monitor.probe.crop import (
@@ -446,8 +447,9 @@ def _cast_forward(net: nn.Module, fwd: ForwardFn, dtype: torch.dtype, half_only:
     return forward
 
 
-def _has_half(net: nn.Module) -> bool:
-    return any(t.dtype in _HALF for t in [*net.parameters(), *net.buffers()])
+def _has_half(net: nn.Module | ModelIndex) -> bool:
+    index = index_of(net)
+    return any(t.dtype in _HALF for t in (*index.parameters, *index.buffers))
 
 
 def run_plan(
@@ -457,14 +459,16 @@ def run_plan(
     *,
     chunk_size: int | None = None,
     keep_per_sample: bool = False,
+    index: ModelIndex | None = None,
 ) -> Maps:
     """Probe ``x_all`` (on the model's device, in the plan's dtype) with ``plan``: the raw maps
     of every seed unit (see the module docstring).
 
     The caller holds the model in the probe's state (:func:`~erf_monitor.probe.plan.probe_state`).
+    ``index``: the model's index, when the caller took it already.
     """
     fwd = plan.forward_fn or default_forward
-    if x_all.dtype not in _HALF and _has_half(model):
+    if x_all.dtype not in _HALF and _has_half(model if index is None else index):
         # A half model probed in float32 (the default): float32 copies of its half weights.
         fwd = _cast_forward(model, fwd, x_all.dtype, half_only=True)
     step = chunk_size or default_chunk(x_all.shape[0], plan.spatial, x_all.device)

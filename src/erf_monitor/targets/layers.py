@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from erf_monitor.core.index import ModelIndex, index_of
+
 __all__ = [
     "Selector",
     "UnknownLayerError",
@@ -83,10 +85,11 @@ def _canonical(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != _COMPILED)
 
 
-def module_table(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: module}`` of every named submodule, ``_orig_mod`` segments dropped."""
+def module_table(model: nn.Module | ModelIndex) -> dict[str, nn.Module]:
+    """``{name: module}`` of every named submodule, ``_orig_mod`` segments dropped (``model``
+    may be an index of the model: read, not walked again)."""
     table: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in index_of(model).named:
         if name:
             table.setdefault(_canonical(name), module)
     return table

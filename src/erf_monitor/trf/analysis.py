@@ -27,6 +27,7 @@ from torch import nn
 
 from erf_monitor.core.errors import ERFProbeWarning
 from erf_monitor.core.hints import check_not_meta
+from erf_monitor.core.index import ModelIndex, index_of, model_index
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
@@ -72,6 +73,7 @@ def theoretical_rfs(
     mode: str = "luo",
     traced: TracedModel | Unsupported | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
     _stacklevel: int = 2,
 ) -> dict[str, dict[str, TRF]]:
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
@@ -82,18 +84,21 @@ def theoretical_rfs(
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
     ``traced``: the model's trace (:func:`trace_layers`) when the caller made it already
     (or why it failed: the analysis then goes on as if it had failed here). ``table``: the
-    model's :func:`~erf_monitor.targets.layers.module_table` when the caller built it already.
+    model's :func:`~erf_monitor.targets.layers.module_table` and ``index`` the unwrapped
+    model's :func:`~erf_monitor.core.index.model_index`, when the caller built them already.
     """
     from erf_monitor.targets.positions import PositionRequest
 
     if method not in ("auto", "fx", "numeric"):
         raise ValueError(f"method must be 'auto', 'fx' or 'numeric', got {method!r}")
     check_mode(mode)
-    check_not_meta(model)
     net = unwrap_model(model)
-    channels, spatial = parse_input_shape(net, input_shape)
+    if index is None or index.model is not net:
+        index = model_index(net)
+    check_not_meta(index)
+    channels, spatial = parse_input_shape(index, input_shape)
     if table is None:
-        table = module_table(net)
+        table = module_table(index)
     names = _check_layers(model, layers, table)
     req = positions if isinstance(positions, PositionRequest) else None
 
@@ -102,7 +107,7 @@ def theoretical_rfs(
             return {"centre": seed_index(mode, grid, tokens)}
         return req.indices(grid, mode, tokens, name)
 
-    with preserved_rng(), eager_forwards(net):
+    with preserved_rng(), eager_forwards(index):
         if method == "numeric":
             return numeric_trfs(
                 net, channels, spatial, names, forward_fn, token_layout, mode, units
@@ -113,12 +118,12 @@ def theoretical_rfs(
             with full_trace() if method == "fx" else contextlib.nullcontext():
                 return _analytic(
                     net, channels, spatial, names, forward_fn, token_layout, mode, units, traced,
-                    table,
+                    table, index,
                 )  # fmt: skip
         except Unrolled as exc:  # ("auto")
             return _before_loop(
                 exc, net, channels, spatial, names, forward_fn, token_layout, mode, units, table,
-                _stacklevel + 1,
+                index, _stacklevel + 1,
             )  # fmt: skip
         except Unsupported as exc:
             if method == "fx":
@@ -183,6 +188,7 @@ def _before_loop(
     mode: str,
     units: UnitsFn,
     table: dict[str, nn.Module] | None,
+    index: ModelIndex | None,
     stacklevel: int,
 ) -> dict[str, dict[str, TRF]]:
     """The fx TRFs of the layers that the trace reached before it stopped at a loop; the
@@ -192,7 +198,7 @@ def _before_loop(
         if locate_layer(net, name, table)[0] in exc.traced.outputs:
             with contextlib.suppress(Unsupported):
                 out.update(_analytic(net, channels, spatial, [name], forward_fn, token_layout,
-                                     mode, units, exc.traced, table))  # fmt: skip
+                                     mode, units, exc.traced, table, index))  # fmt: skip
     unknown = [name for name in names if name not in out]
     if unknown:
         warnings.warn(
@@ -209,17 +215,17 @@ def _before_loop(
 
 
 @contextlib.contextmanager
-def eager_forwards(model: nn.Module) -> Iterator[None]:
+def eager_forwards(model: nn.Module | ModelIndex) -> Iterator[None]:
     """Run the eager ``forward`` of modules whose instance ``forward`` was compiled.
 
     ``Trainer.fit(torch.compile(module))`` unwraps the module and replaces its ``forward`` by
     a dynamo-compiled one (an instance attribute). Neither the fx trace nor the numeric
     surrogate (a copy of the module) can run that: for the analysis the compiled attribute
     is taken away (the class's own ``forward`` is the same function, eagerly), and put back
-    afterwards.
+    afterwards. ``model`` may be the model's index.
     """
     swapped: list[tuple[nn.Module, Any]] = []
-    for m in model.modules():
+    for m in index_of(model).modules:
         compiled = m.__dict__.get("forward")
         orig = getattr(compiled, "_torchdynamo_orig_callable", None)
         if compiled is None or orig is None:
@@ -238,12 +244,14 @@ def eager_forwards(model: nn.Module) -> Iterator[None]:
             m.__dict__["forward"] = compiled
 
 
-def parse_input_shape(net: nn.Module, input_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+def parse_input_shape(
+    net: nn.Module | ModelIndex, input_shape: Sequence[int]
+) -> tuple[int, tuple[int, ...]]:
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
         raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from None
-    first = next((m for m in net.modules() if isinstance(m, _SPATIAL_MODULES)), None)
+    first = next((m for m in index_of(net).modules if isinstance(m, _SPATIAL_MODULES)), None)
     nd: int | None = None
     if isinstance(first, nn.modules.conv._ConvNd):
         nd = len(first.kernel_size)
@@ -296,13 +304,14 @@ def _analytic(
     units: UnitsFn | None = None,
     traced: TracedModel | Unsupported | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> dict[str, dict[str, TRF]]:
     if isinstance(traced, Unsupported):
         raise traced  # the caller's trace failed already: not twice
     if table is None:
-        table = module_table(net)
+        table = module_table(net if index is None else index)
     if traced is None:
-        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table)
+        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table, index)
     layouts = layouts_for(token_layout, names)
     return {
         name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units, table)
@@ -316,32 +325,40 @@ def trace_layers(
     names: Sequence[str],
     forward_fn: ForwardFn | None = None,
     table: dict[str, nn.Module] | None = None,
+    index: ModelIndex | None = None,
 ) -> TracedModel:
-    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``:
-    ``net``'s module table, when the caller built it already).
+    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``,
+    ``index``: ``net``'s module table and index, when the caller built them already).
 
     Raises:
         Unsupported: the model cannot be traced.
     """
+    if index is None or index.model is not net:
+        index = model_index(net)
     if table is None:
-        table = module_table(net)
+        table = module_table(index)
     modules = {locate_layer(net, name, table)[0] for name in names}
-    with preserved_rng(), eager_forwards(net):
-        return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules)
+    with preserved_rng(), eager_forwards(index):
+        return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules, index=index)
 
 
 def traced_shape(
     traced: TracedModel, net: nn.Module, name: str, table: dict[str, nn.Module] | None = None
 ) -> tuple[int, ...] | None:
     """The shape (batch 1) of layer ``name``'s selected output in a trace (``None``: not a
-    single tensor there, or not reached)."""
+    single floating-point tensor there, or not reached: the targets stage then reads the
+    output itself, and says what is wrong with it)."""
     key, _module, selector = locate_layer(net, name, table)
     if traced.outputs.get(key) is None and not selector:
         return None
     try:
-        return shape_of(select_node(traced, key, selector, name))
+        node = select_node(traced, key, selector, name)
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+    meta = getattr(node, "meta", {}).get("tensor_meta")
+    if not getattr(getattr(meta, "dtype", None), "is_floating_point", False):
+        return None
+    return shape_of(node)
 
 
 def _analytic_units(

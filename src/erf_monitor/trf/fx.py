@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from erf_monitor.core.index import ModelIndex
 from erf_monitor.trf import tracer
 from erf_monitor.trf.masks import Masks
 from erf_monitor.trf.regions import (
@@ -91,12 +92,14 @@ def trace_model(
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None,
     input_shape: Sequence[int],
     stop_after: Collection[str] = (),
+    index: ModelIndex | None = None,
 ) -> TracedModel:
     """Trace ``model`` with concrete shapes (:func:`erf_monitor.trf.tracer.trace_model`, up
     to the modules ``stop_after`` when given); functions with a rule here stay one call."""
     return tracer.trace_model(
-        model, forward_fn, input_shape, keep_function=_has_function_rule, stop_after=stop_after
-    )
+        model, forward_fn, input_shape, keep_function=_has_function_rule, stop_after=stop_after,
+        index=index,
+    )  # fmt: skip
 
 
 def _has_function_rule(fn: Any) -> bool:

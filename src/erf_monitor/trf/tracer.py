@@ -53,6 +53,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.buffers import preserved_buffers, preserved_training
 from erf_monitor.core.devices import model_device_dtype
+from erf_monitor.core.index import ModelIndex, index_of
 from erf_monitor.core.probing import StopForward, probing
 
 __all__ = [
@@ -690,6 +691,7 @@ def trace_model(
     input_shape: Sequence[int],
     keep_function: Callable[[Any], bool] = lambda _fn: False,
     stop_after: Collection[str] = (),
+    index: ModelIndex | None = None,
 ) -> TracedModel:
     """Trace ``model`` on a batch-1 zeros input of ``input_shape`` (see the module docstring).
 
@@ -700,20 +702,23 @@ def trace_model(
     buffer are restored afterwards. Nothing else is changed (no gradients, no RNG).
     ``keep_function(fn)`` says which fx-wrapped functions stay one call (those with a rule).
 
+    ``index``: ``model``'s index, when the caller took it already (read, not walked again).
+
     Raises:
         Unrolled: the trace stopped at a Python loop (:data:`LOOP_BOUND`; it holds the graph
             up to there).
         Unsupported: when tracing fails (the message names the reason).
     """
     root = _Root(model, forward_fn)
+    index = index_of(model) if index is None or index.model is not model else index
     aliases: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
+    for name, mod in index.paths:
         if name:
             canon = canonical(f"{ROOT}.{name}")
             names = aliases.setdefault(id(mod), [])
             if canon not in names:
                 names.append(canon)
-    device, dtype = model_device_dtype(model, buffers=True)
+    device, dtype = model_device_dtype(index, buffers=True)
     device = torch.device("cpu") if device is None else device
     dtype = dtype if dtype.is_floating_point else torch.float32
     x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
@@ -722,8 +727,8 @@ def trace_model(
     # forward of a zeros image, the probe's own forward shows where it belongs.
     with (
         probing(),  # first: one probe (or trace) at a time, before any state is saved
-        preserved_buffers(root),
-        preserved_training(root),
+        preserved_buffers(index),  # (the root adds no buffer; its own flag is not kept)
+        preserved_training(index),
         torch.no_grad(),
         warnings.catch_warnings(),
     ):
