@@ -18,8 +18,9 @@ from typing_extensions import Unpack, override
 
 from erf_monitor.core.imports import LIGHTNING_AVAILABLE, PL_AVAILABLE
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -14,7 +14,7 @@ import os
 import socket
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,9 @@ from typing_extensions import Unpack
 
 from erf_monitor.core.imports import package_available
 from erf_monitor.monitor.capture import BatchCapture
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 from erf_monitor.sinks import (
     TB_SUBDIR,
     FileSink,
@@ -137,6 +138,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
                 "probe_inputs='train', 'noise' or a tensor."
             )
         self._engine = MonitorEngine(opts)
+        self._forward_fn = opts.forward_fn
         self._extra_sinks = sinks
         self._capture: BatchCapture | None = None  # looking for a batch without NaN or Inf
         #: The probe batch and its JSON form (encoded once, not at every probe).
@@ -151,8 +153,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         engine = self._engine
         engine.check_layers(model)  # a configuration error: raised before any step
         self._end_capture(done_only=False)  # (of an earlier train() that failed)
-        if engine.options.forward_fn is None:
-            engine.forward_fn = _pixel_values_forward if _takes_pixel_values(model) else None
+        if self._forward_fn is None:  # the user's forward_fn, else one that fits this model
+            forward = _pixel_values_forward if _takes_pixel_values(model) else None
+            engine.options = engine.options.replace(forward_fn=forward)
         self._start_run(state)
         if _world_size() > 1:  # every rank must follow rank 0's schedule
             from erf_monitor.probe.distributed import broadcast_object
@@ -225,12 +228,8 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         step = int(state.global_step)
         if not engine.should_probe(step, force=force):
             return
-        from erf_monitor.probe.distributed import agree
-
-        _, stop = engine.probe_and_act(
-            model, step, logs=state.is_world_process_zero,
-            agree=agree if _world_size() > 1 else None,
-        )  # fmt: skip
+        zero = state.is_world_process_zero
+        _, stop = engine.probe_and_act(model, step, logs=zero, agree=_agree())
         if stop:
             control.should_training_stop = True
         self._keep_state(state)
@@ -311,6 +310,13 @@ def _world_size() -> int:
     from erf_monitor.probe.distributed import rank_and_world
 
     return rank_and_world()[1]
+
+
+def _agree() -> Callable[[bool], bool] | None:
+    """Rank 0's decision on every rank (``None`` on a single process)."""
+    from erf_monitor.probe.distributed import agree
+
+    return agree if _world_size() > 1 else None
 
 
 def _tensorboard_run(args: Any, state: Any) -> Path:

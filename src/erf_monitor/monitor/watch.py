@@ -11,8 +11,9 @@ from torch import nn
 from typing_extensions import Unpack
 
 from erf_monitor.monitor.capture import BatchCapture
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
