@@ -95,7 +95,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     probes and logs, unless every rank must probe (sharded FSDP2 parameters, or
     ``distributed_probe=True``: see the guide "Sharded models (FSDP2)").
     ``on_insufficient="stop"`` sets ``control.should_training_stop`` (the Trainer stops after
-    the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()``.
+    the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()`` (for
+    the end-of-training decision from ``on_train_end``, on every rank, after the final probe
+    was logged).
 
     **Runs and checkpoints.** Every ``train()`` starts afresh (history, probe batch and alert
     state of an earlier run are dropped). The monitor's state is kept in the Trainer's own
@@ -193,12 +195,15 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         """Probe the final model unless its step was probed, then release the sinks."""
         model = kwargs.get("model")
         self._end_capture(done_only=False)
+        zero = state.is_world_process_zero
         try:
             if isinstance(model, nn.Module):
                 self._maybe_probe(state, control, model, force=True)
-            if state.is_world_process_zero:
-                self._engine.end()  # the alert policy's final decision
-                self._engine.print_summary()
+            try:  # the alert policy's final decision ("raise": every rank follows rank 0's)
+                self._engine.end(logs=zero, agree=_agree())
+            finally:
+                if zero:
+                    self._engine.print_summary()
         finally:
             try:
                 self._engine.close()

@@ -5,10 +5,12 @@ caches layer names and TRFs, decides *when* to probe, runs the probe, logs to si
 history, runs the coverage-alert state machine, and turns failures into warnings. The two
 integrations only decide *where* the model, the steps and the sinks come from.
 
-The coverage alert's policy and state live in :mod:`erf_monitor.monitor.alerts`; the engine
-resolves which layers are checked against which threshold (a float ``min_coverage`` checks
-only the deepest watched layer, a mapping exactly the layers it names, ``None`` none), asks
-the policy after every probe, and once more at the end of training (:meth:`MonitorEngine.end`).
+The coverage alert's policy and state live in :mod:`erf_monitor.monitor.alerts`, which
+layers it checks against which threshold in :mod:`~erf_monitor.monitor.thresholds`; the
+engine asks the policy after every probe, and once more at the end of training
+(:meth:`MonitorEngine.end`). Its other parts: the probe on every rank together
+(:mod:`~erf_monitor.monitor.ranks`), the sinks (:mod:`~erf_monitor.monitor.sinkset`) and the
+checkpointed state (:mod:`~erf_monitor.monitor.state`).
 """
 
 from __future__ import annotations
@@ -441,10 +443,29 @@ class MonitorEngine:
         """``{layer: step}`` of the alerts fired (checkpointed)."""
         return self._alerts.alerted
 
-    def end(self) -> list[str]:
-        """The alert policy's final decision, after the final probe (at the end of training,
-        on the process that logs): alert every checked layer still below its threshold at
-        its latest probe. A warning and an alert in every sink; nothing to stop any more."""
+    def end(self, *, logs: bool = True, agree: Callable[[bool], bool] | None = None) -> list[str]:
+        """The alert policy's final decision, after the final probe (at the end of training):
+        alert every checked layer still below its threshold at its latest probe (a warning
+        and an alert in every sink, flushed, on the process that logs: ``logs``), then, for
+        ``on_insufficient="raise"``, raise :meth:`insufficient_error`. Call it on every rank
+        with the same ``agree`` as :meth:`probe_and_act`: only the process that logs holds
+        the history, so every rank raises on its decision. ``"stop"`` has nothing left to
+        stop: a warning only.
+
+        Returns:
+            The alerts that fired (none on the ranks that do not log).
+        """
+        fired = self._final_alerts() if logs else []
+        if self.options.on_insufficient != "raise":
+            return fired
+        decided = bool(fired)
+        if agree is not None:
+            decided = agree(decided)  # the same collective on every rank, alert or not
+        if decided:
+            raise self.insufficient_error(fired)
+        return fired
+
+    def _final_alerts(self) -> list[str]:
         latest = self.latest
         if latest is None or not self.history:
             return []
@@ -455,7 +476,7 @@ class MonitorEngine:
             self.report("alert", f"the end-of-training alert check failed: {exc}", exc)
             return []
         if fired:
-            self.flush()
+            self.flush()  # logged before anything is raised
         return fired
 
     def print_summary(self) -> None:

@@ -127,8 +127,9 @@ class MonitorOptions:
             unless the TRF is too small; the end of training always decides.
         on_insufficient: ``"warn"`` (warning and logged alert only), ``"stop"`` (ask the
             loop to stop: ``trainer.should_stop``, ``Watcher.should_stop``...) or ``"raise"``
-            (raise the :class:`~erf_monitor.ERFCoverageWarning`); an alert at the end of
-            training is a warning and a logged alert only (the run is over).
+            (raise the :class:`~erf_monitor.ERFCoverageWarning`). An alert at the end of
+            training is logged first; ``"raise"`` then raises it (on every rank), ``"stop"``
+            has nothing left to stop.
         probe_inputs: ``"train"``, ``"val"``, ``"noise"`` or a tensor ``(N, C, *spatial)``.
         input_key: where the image is in a batch (dict key, tuple index or
             ``fn(batch) -> tensor``); default: found automatically.
