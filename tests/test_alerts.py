@@ -132,6 +132,59 @@ def test_watcher_close_makes_the_final_decision() -> None:
     assert w.alerts == {"0": 20}
 
 
+def test_raise_at_the_end_of_fit_after_logging_and_checkpointing(tmp_path: Path) -> None:
+    """on_insufficient="raise" and an alert only decided at the end of training: fit raises
+    it, once the alert is logged and every callback's on_train_end ran (the last checkpoint)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = em.ERFMonitor(
+        layers=["net"], every_n_steps=EVERY, num_samples=2, summary=False,
+        sinks=[FileSink(tmp_path / "erf")], on_insufficient="raise",
+    )  # fmt: skip
+    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1000)
+    trainer = pl.Trainer(
+        max_steps=STEPS, callbacks=[cb, last], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with (
+        pytest.raises(em.ERFCoverageWarning, match="at the end of training"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(lr=0.0), _loader())
+    assert trainer.global_step == STEPS and cb.alerts == {"net": STEPS}
+    assert [a["step"] for a in _logged_alerts(tmp_path)] == [STEPS]
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()  # saved by its on_train_end
+
+
+def test_stop_at_the_end_of_fit_is_a_warning(tmp_path: Path) -> None:
+    cb, alerts = _fit(tmp_path, Module(lr=0.0), on_insufficient="stop")
+    assert cb.alerts == {"net": STEPS} and len(alerts) == 1
+
+
+@pytest.mark.parametrize("action", ["raise", "stop"])
+def test_watcher_close_acts_on_the_final_decision(tmp_path: Path, action: str) -> None:
+    net = nn.Sequential(GrowingNet())
+    x = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    w = em.watch(
+        net, layers=["0"], probe_inputs=x, every_n_steps=5, summary=False,
+        logger=str(tmp_path / "erf"), on_insufficient=action,
+    )  # fmt: skip
+    w.probe()
+    for _ in range(20):
+        w.step()
+    if action == "raise":
+        error = pytest.raises(em.ERFCoverageWarning, match="at the end of training")
+        with error, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w.close()
+    else:
+        with pytest.warns(em.ERFCoverageWarning, match="at the end of training"):
+            w.close()
+    assert w.alerts == {"0": 20} and not w.should_stop
+    assert [a["step"] for a in _logged_alerts(tmp_path)] == [20]
+
+
 # ----------------------------------------------------------------------------- the policy
 def test_projection_is_the_least_squares_line() -> None:
     assert projected([(0, 0.01), (10, 0.02), (20, 0.03)], 20) == pytest.approx(0.05)

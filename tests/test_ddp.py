@@ -67,8 +67,10 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         L.seed_everything(0)
+        at_end = on_insufficient == "raise"  # an alert that only the end of training decides
+        cov = 0.9 if on_insufficient == "stop" else {"net.3": 0.5} if at_end else None
         cb = em.ERFMonitor(layers=["net.0", "net.3"], every_n_steps=2, num_samples=4,
-                           min_coverage=0.9 if on_insufficient == "stop" else None,
+                           min_coverage=cov,
                            on_insufficient=on_insufficient,
                            distributed_probe=distributed_probe or "auto")
         trainer = L.Trainer(
@@ -78,15 +80,25 @@ SCRIPT = textwrap.dedent(
             enable_checkpointing=False, callbacks=[cb],
         )
         module = Module()
+        if at_end:  # a 15x15 kernel with its weight at the centre: TRF all, ERF a few px
+            module.net[0] = nn.Conv2d(3, 8, 15, padding=7)
+            with torch.no_grad():
+                module.net[0].weight.zero_()
+                module.net[0].weight[:, :, 7, 7] = 1.0
+        raised = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(module)
+            try:
+                trainer.fit(module)
+            except em.ERFCoverageWarning as exc:
+                raised = str(exc)
         rank = trainer.global_rank
         # parameters only: BatchNorm running stats are rank-local under DDP (no SyncBatchNorm)
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
         latest = None if cb.latest is None else {n: r.heatmap for n, r in cb.latest.items()}
         torch.save({"model": params, "steps": trainer.global_step,
-                    "history": cb.history, "probe_batch": cb.probe_batch, "latest": latest},
+                    "history": cb.history, "probe_batch": cb.probe_batch, "latest": latest,
+                    "raised": raised},
                    out / f"rank{rank}.pt")
     """
 )
@@ -139,6 +151,16 @@ def test_ddp_stop_is_agreed_by_all_ranks(tmp_path: Path) -> None:
     ranks = run_ddp(tmp_path, 50, "stop")  # rank 0 alerts at step 0; a hang would time out
     assert ranks[0]["steps"] == ranks[1]["steps"] < 50
     assert_same_weights(ranks)
+
+
+@pytest.mark.slow
+def test_ddp_raise_at_the_end_on_every_rank(tmp_path: Path) -> None:
+    """Only rank 0 holds the history and decides; every rank raises its decision (a rank
+    left training would wait forever in the next collective)."""
+    ranks = run_ddp(tmp_path, 4, "raise")
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    assert "at the end of training" in ranks[0]["raised"]
+    assert "see rank 0's log" in ranks[1]["raised"]
 
 
 @pytest.mark.slow

@@ -255,6 +255,24 @@ def test_alert_patience_reset_and_once_per_layer(tmp_path: Path) -> None:
     assert "layer '4'" in (tmp_path / "alerts.jsonl").read_text()
 
 
+def test_min_coverage_keys_use_the_layers_glob_dialect() -> None:
+    """``*`` stays within one dotted segment, as in ``layers=``; ``**`` crosses segments; the
+    first key that matches a layer gives its threshold."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+    net = nn.Sequential(block, nn.Conv2d(2, 1, 3, padding=1))
+    cov = {"0*": 0.01, "**": 0.02}
+    eng = MonitorEngine(layers=["0", "0.0", "1"], num_samples=2, min_coverage=cov)
+    eng.check_layers(net)
+    eng.set_probe_batch(batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3x3 px of 16x16 is 3.5%: nothing to alert
+        eng.probe(net, 0)
+    assert eng._thresholds == {"0": 0.01, "0.0": 0.02, "1": 0.02}  # "0*" is not "0.0"
+    with pytest.raises(ValueError, match="matches no module"):  # fnmatch's "0*1" took "0.1"
+        MonitorEngine(layers=["0"], min_coverage={"0*1": 0.5}).check_layers(net)
+
+
 def test_unreachable_threshold_alerts_without_waiting_for_patience() -> None:
     # tiny_net's layer "4" has a 7x7 TRF: at most 19% of a 16x16 input, whatever training does
     eng = MonitorEngine(layers=["4"], num_samples=2, min_coverage=0.5, patience=5)

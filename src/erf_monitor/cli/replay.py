@@ -458,7 +458,7 @@ def _replay_shared(
     sinks, history and alert policy), as if it had probed them itself."""
     import torch.distributed as dist
 
-    from erf_monitor.monitor.engine import ProbeOutcome
+    from erf_monitor.monitor.outcome import ProbeOutcome
 
     rank, world = rank_and_world()
     # Probes only: no sinks, no alerts, no summary (rank 0's engine does those).

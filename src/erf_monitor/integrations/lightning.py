@@ -12,14 +12,17 @@ import contextlib
 import importlib
 import logging
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack, override
 
+from erf_monitor.core.errors import ERFCoverageWarning
 from erf_monitor.core.imports import LIGHTNING_AVAILABLE, PL_AVAILABLE
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -84,7 +87,10 @@ class ERFMonitor(EngineView, _CallbackBase):
     itself is never iterated, so its sampler, workers and persistent iterator are untouched).
     The batch is stored in the checkpoint, so a resumed run probes the same images.
 
-    **on_insufficient="stop"** sets ``trainer.should_stop = True``.
+    **on_insufficient="stop"** sets ``trainer.should_stop = True``. **"raise"** raises the
+    :class:`~erf_monitor.ERFCoverageWarning` out of ``fit``: during training at once; for the
+    end-of-training decision once every callback's ``on_train_end`` has run (the final probe
+    logged, the last checkpoint saved), from ``on_fit_end``.
 
     **Distributed.** Only global rank 0 captures the probe batch and probes; the probe runs no
     collective (it only differentiates the input of the unwrapped LightningModule in eval
@@ -136,6 +142,8 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._fit_started = False
         self._capturing = False
         self._run_of: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
+        #: The end-of-training decision's error, raised from on_fit_end.
+        self._insufficient: BaseException | None = None
 
     @property
     @override
@@ -157,6 +165,7 @@ class ERFMonitor(EngineView, _CallbackBase):
         self._engine.check_layers(pl_module)
         self._fit_started = False
         self._capturing = False  # still looking for a batch without NaN or Inf values
+        self._insufficient = None
         self._start_run(trainer, pl_module)
         if not trainer.is_global_zero:
             self._engine.set_sinks(())
@@ -212,17 +221,33 @@ class ERFMonitor(EngineView, _CallbackBase):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Probe once more at the end of fit (unless this step was just probed)."""
-        if self._fit_started:
-            self._maybe_probe(trainer, pl_module, force=True)
-            if trainer.is_global_zero:
-                self._engine.end()  # the alert policy's final decision
+        """Probe once more at the end of fit (unless this step was just probed), then the
+        alert policy's final decision (on every rank: ``"raise"`` follows rank 0's)."""
+        if not self._fit_started:
+            return
+        self._maybe_probe(trainer, pl_module, force=True)
+        try:
+            self._engine.end(logs=trainer.is_global_zero, agree=_agree(trainer))
+        except ERFCoverageWarning as exc:
+            # Raised from on_fit_end: the other callbacks' on_train_end (ModelCheckpoint's
+            # last save...) still run.
+            self._insufficient = exc
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise the end-of-training decision's error (``on_insufficient="raise"``), after
+        what :meth:`teardown` does: no teardown hook runs once ``fit`` raises."""
+        error, self._insufficient = self._insufficient, None
+        if error is not None:
+            self.teardown(trainer, pl_module, "fit")
+            raise error
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Flush and release the sinks (never the loggers themselves); print the summary."""
         if stage != "fit":
             return
+        self._insufficient = None
         if self._fit_started and trainer.is_global_zero:
             self._engine.print_summary()
         try:
@@ -263,16 +288,23 @@ class ERFMonitor(EngineView, _CallbackBase):
         if not engine.should_probe(step, force=force):
             return
 
-        def from_rank_zero(fired: bool) -> bool:
-            # Every rank reaches this point at the same step: they agree on rank 0's decision.
-            return bool(trainer.strategy.broadcast(fired, src=0))
-
-        several = int(getattr(trainer, "world_size", 1)) > 1
         _, stop = engine.probe_and_act(
-            pl_module, step, logs=trainer.is_global_zero, agree=from_rank_zero if several else None
+            pl_module, step, logs=trainer.is_global_zero, agree=_agree(trainer)
         )
         if stop:
             trainer.should_stop = True
+
+
+def _agree(trainer: Any) -> Callable[[bool], bool] | None:
+    """Rank 0's decision on every rank (``None`` on a single process)."""
+    if int(getattr(trainer, "world_size", 1)) <= 1:
+        return None
+
+    def from_rank_zero(fired: bool) -> bool:
+        # Every rank reaches this point at the same step: they agree on rank 0's decision.
+        return bool(trainer.strategy.broadcast(fired, src=0))
+
+    return from_rank_zero
 
 
 def _val_loader(trainer: Any) -> Any:

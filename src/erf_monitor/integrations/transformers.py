@@ -14,7 +14,7 @@ import os
 import socket
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,9 @@ from typing_extensions import Unpack
 
 from erf_monitor.core.imports import package_available
 from erf_monitor.monitor.capture import BatchCapture
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 from erf_monitor.sinks import (
     TB_SUBDIR,
     FileSink,
@@ -94,7 +95,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
     probes and logs, unless every rank must probe (sharded FSDP2 parameters, or
     ``distributed_probe=True``: see the guide "Sharded models (FSDP2)").
     ``on_insufficient="stop"`` sets ``control.should_training_stop`` (the Trainer stops after
-    the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()``.
+    the current step) on every rank at once; ``"raise"`` raises from ``trainer.train()`` (for
+    the end-of-training decision from ``on_train_end``, on every rank, after the final probe
+    was logged).
 
     **Runs and checkpoints.** Every ``train()`` starts afresh (history, probe batch and alert
     state of an earlier run are dropped). The monitor's state is kept in the Trainer's own
@@ -137,6 +140,7 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
                 "probe_inputs='train', 'noise' or a tensor."
             )
         self._engine = MonitorEngine(opts)
+        self._forward_fn = opts.forward_fn
         self._extra_sinks = sinks
         self._capture: BatchCapture | None = None  # looking for a batch without NaN or Inf
         #: The probe batch and its JSON form (encoded once, not at every probe).
@@ -151,8 +155,9 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         engine = self._engine
         engine.check_layers(model)  # a configuration error: raised before any step
         self._end_capture(done_only=False)  # (of an earlier train() that failed)
-        if engine.options.forward_fn is None:
-            engine.forward_fn = _pixel_values_forward if _takes_pixel_values(model) else None
+        if self._forward_fn is None:  # the user's forward_fn, else one that fits this model
+            forward = _pixel_values_forward if _takes_pixel_values(model) else None
+            engine.options = engine.options.replace(forward_fn=forward)
         self._start_run(state)
         if _world_size() > 1:  # every rank must follow rank 0's schedule
             from erf_monitor.probe.distributed import broadcast_object
@@ -190,12 +195,15 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         """Probe the final model unless its step was probed, then release the sinks."""
         model = kwargs.get("model")
         self._end_capture(done_only=False)
+        zero = state.is_world_process_zero
         try:
             if isinstance(model, nn.Module):
                 self._maybe_probe(state, control, model, force=True)
-            if state.is_world_process_zero:
-                self._engine.end()  # the alert policy's final decision
-                self._engine.print_summary()
+            try:  # the alert policy's final decision ("raise": every rank follows rank 0's)
+                self._engine.end(logs=zero, agree=_agree())
+            finally:
+                if zero:
+                    self._engine.print_summary()
         finally:
             try:
                 self._engine.close()
@@ -225,12 +233,8 @@ class ERFTrainerCallback(EngineView, _CallbackBase):
         step = int(state.global_step)
         if not engine.should_probe(step, force=force):
             return
-        from erf_monitor.probe.distributed import agree
-
-        _, stop = engine.probe_and_act(
-            model, step, logs=state.is_world_process_zero,
-            agree=agree if _world_size() > 1 else None,
-        )  # fmt: skip
+        zero = state.is_world_process_zero
+        _, stop = engine.probe_and_act(model, step, logs=zero, agree=_agree())
         if stop:
             control.should_training_stop = True
         self._keep_state(state)
@@ -311,6 +315,13 @@ def _world_size() -> int:
     from erf_monitor.probe.distributed import rank_and_world
 
     return rank_and_world()[1]
+
+
+def _agree() -> Callable[[bool], bool] | None:
+    """Rank 0's decision on every rank (``None`` on a single process)."""
+    from erf_monitor.probe.distributed import agree
+
+    return agree if _world_size() > 1 else None
 
 
 def _tensorboard_run(args: Any, state: Any) -> Path:

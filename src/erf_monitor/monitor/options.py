@@ -92,13 +92,14 @@ class MonitorOptions:
     maps the layer to that step. A float
     ``min_coverage`` checks only the **deepest watched layer** (the one that runs last; early
     stages never cover the image, so they are watched, not judged); a mapping
-    ``{name or glob: threshold}`` checks exactly the layers it names; ``None`` turns alerts
-    off. The default 0.05 (the 95%-mass square spans >= 5% of the image, e.g. 50x50 px of a
-    224x224 input) is deliberately low: healthy backbones exceed it by far at their last
-    stage, so it fires only when a layer really sees just a small patch. When a checked
-    layer's theoretical receptive field is smaller than the input, that is logged once as
-    information (logger ``"erf_monitor"``), not warned about. ``patience=1, alert_warmup=0``
-    alerts at the first probe below the threshold.
+    ``{name or glob: threshold}`` checks exactly the layers it names (globs as in ``layers``:
+    ``*`` and ``?`` within one dotted segment, ``**`` across; the first key that matches a layer
+    gives its threshold); ``None`` turns alerts off. The default 0.05 (the 95%-mass square spans
+    >= 5% of the image, e.g. 50x50 px of a 224x224 input) is deliberately low: healthy backbones
+    exceed it by far at their last stage, so it fires only when a layer really sees just a small
+    patch. When a checked layer's theoretical receptive field is smaller than the input, that is
+    logged once as information (logger ``"erf_monitor"``), not warned about.
+    ``patience=1, alert_warmup=0`` alerts at the first probe below the threshold.
 
     **Probe batch.** ``"train"`` keeps the first ``num_samples`` images of the first training
     batch (a detached CPU copy, never the training tensor itself); ``"val"`` the first
@@ -126,8 +127,9 @@ class MonitorOptions:
             unless the TRF is too small; the end of training always decides.
         on_insufficient: ``"warn"`` (warning and logged alert only), ``"stop"`` (ask the
             loop to stop: ``trainer.should_stop``, ``Watcher.should_stop``...) or ``"raise"``
-            (raise the :class:`~erf_monitor.ERFCoverageWarning`); an alert at the end of
-            training is a warning and a logged alert only (the run is over).
+            (raise the :class:`~erf_monitor.ERFCoverageWarning`). An alert at the end of
+            training is logged first; ``"raise"`` then raises it (on every rank), ``"stop"``
+            has nothing left to stop.
         probe_inputs: ``"train"``, ``"val"``, ``"noise"`` or a tensor ``(N, C, *spatial)``.
         input_key: where the image is in a batch (dict key, tuple index or
             ``fn(batch) -> tensor``); default: found automatically.

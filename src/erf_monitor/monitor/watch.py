@@ -11,8 +11,9 @@ from torch import nn
 from typing_extensions import Unpack
 
 from erf_monitor.monitor.capture import BatchCapture
-from erf_monitor.monitor.engine import EngineView, MonitorEngine
+from erf_monitor.monitor.engine import MonitorEngine
 from erf_monitor.monitor.options import LayerSpec, MonitorKwargs, MonitorOptions
+from erf_monitor.monitor.view import EngineView
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -187,11 +188,17 @@ class Watcher(EngineView):
     def close(self) -> None:
         """Probe once more at the current step (the end of training), make the coverage
         alert's final decision, print the summary table (unless ``summary=False``), then
-        :meth:`remove`."""
+        :meth:`remove`. With ``on_insufficient="raise"`` an alert of that decision is raised
+        (:class:`~erf_monitor.ERFCoverageWarning`) once all that is done."""
+        from erf_monitor.probe.distributed import agree
+
         try:
             self.probe()
-            self._engine.end()  # the alert policy's final decision
-            self._engine.print_summary()
+            all_ranks = self._engine.all_ranks_probe(self.model)
+            try:  # the alert policy's final decision
+                self._engine.end(agree=agree if all_ranks else None)
+            finally:
+                self._engine.print_summary()
         finally:
             self.remove()
 

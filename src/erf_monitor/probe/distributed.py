@@ -1,7 +1,7 @@
 """Probing on every rank together: process-group helpers, sharding, shares and gathering.
 
-The monitor's distributed probe (:meth:`erf_monitor.monitor.engine.MonitorEngine.probe`)
-builds on these: each rank probes its share of the probe batch, then one all-reduce.
+The monitor's distributed probe (:mod:`erf_monitor.monitor.ranks`) builds on these: each
+rank probes its share of the probe batch, then one all-reduce.
 
 Why: under FSDP2 (``fully_shard``) a forward all-gathers parameters, so every rank must take
 part in every forward and "rank 0 probes alone" waits forever. Under DDP, splitting the probe
@@ -55,6 +55,7 @@ __all__ = [
     "refusal",
     "sharding",
     "share",
+    "sum_and_flag_failures",
 ]
 
 Sharding = Literal["fsdp2", "fsdp1", "dtensor", "deepspeed"]
@@ -143,6 +144,22 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=comm_device())
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def sum_and_flag_failures(sums: torch.Tensor, failed: bool) -> tuple[torch.Tensor, list[int]]:
+    """``sums`` (float64) summed over the ranks, and the ranks where ``failed`` was true, in
+    one all-reduce: a failure flag per rank travels next to the maps, so that every rank
+    learns of any rank's failure without a second collective."""
+    rank, world = rank_and_world()
+    flags = torch.zeros(world, dtype=torch.float64)
+    flags[rank] = float(failed)
+    buffer = torch.cat([sums.flatten().double(), flags]).to(comm_device())
+    dist = process_group()
+    if dist is not None and world > 1:
+        dist.all_reduce(buffer)
+    buffer = buffer.cpu()
+    n = sums.numel()
+    return buffer[:n].reshape(sums.shape), [r for r in range(world) if buffer[n + r] > 0]
 
 
 def comm_device() -> torch.device:
