@@ -701,19 +701,58 @@ def test_numeric_method_survives_a_model_the_dependence_tracker_cannot_run(
 def test_no_op_is_given_two_rules() -> None:
     # The rule tables are built at import, where a second, different rule for an op raises
     # (before, 16 ops were listed as pointwise and unary, the later silently winning).
-    from erf_monitor.trf import fx
+    from erf_monitor.trf import fx, rules
 
-    methods, functions = dict(fx._METHOD_RULES), dict(fx._FUNCTION_RULES)
+    methods, functions = dict(rules.METHOD_RULES), dict(rules.FUNCTION_RULES)
     try:
         with pytest.raises(ValueError, match="two rules"):
-            fx._register_method(fx._pointwise, "dropout")
+            rules.register_method(fx._pointwise, "dropout")
         with pytest.raises(ValueError, match="two rules"):
-            fx._register_function(fx._pointwise, "dropout", namespaces=(F,))
-        fx._register_method(fx._unary, "dropout")  # the same rule again is no conflict
+            rules.register_function(fx._pointwise, "dropout", namespaces=(F,))
+        rules.register_method(fx._unary, "dropout")  # the same rule again is no conflict
     finally:
-        fx._METHOD_RULES.update(methods)
-        fx._FUNCTION_RULES.update(functions)
-    assert fx._METHOD_RULES["dropout"] is fx._FUNCTION_RULES[F.dropout] is fx._unary
+        rules.METHOD_RULES.update(methods)
+        rules.FUNCTION_RULES.update(functions)
+    assert rules.METHOD_RULES["dropout"] is rules.FUNCTION_RULES[F.dropout] is fx._unary
+
+
+def test_op_rule_decorator_refuses_a_second_rule_for_an_op() -> None:
+    # Each op keyword of the decorator: the op keeps its first rule, the second one raises;
+    # the same rule decorated again (stacked) is no conflict.
+    from erf_monitor.trf import fx, rules
+
+    tables = (
+        rules.MODULE_RULES,
+        rules.FUNCTION_RULES,
+        rules.METHOD_RULES,
+        rules.NAMED_FUNCTION_RULES,
+    )
+    saved = [dict(t) for t in tables]
+
+    def other(ctx: object, node: object, reg: object) -> list[object]:
+        return []
+
+    try:
+        for ops in (
+            {"modules": (nn.Linear,)},
+            {"functions": ("conv2d",), "namespaces": (F,)},
+            {"methods": ("roll",)},
+            {"named": ("torchvision.ops.stochastic_depth.stochastic_depth",)},
+        ):
+            with pytest.raises(ValueError, match="two rules"):
+                rules.op_rule(**ops)(other)  # type: ignore[arg-type]
+        assert rules.op_rule(methods=("roll",))(fx._roll) is fx._roll
+        rules.op_rule(named=("my_pkg.ops.my_op",))(other)
+        rules.op_rule(methods=("my_op",))(rules.op_rule(named=("my_pkg.ops.my_op",))(other))
+        assert rules.NAMED_FUNCTION_RULES["my_pkg.ops.my_op"] is rules.METHOD_RULES["my_op"]
+        with pytest.raises(ValueError, match="two rules"):
+            rules.op_rule(named=("my_pkg.ops.my_op",))(fx._unary)
+    finally:
+        for t, before in zip(tables, saved):
+            t.clear()
+            t.update(before)
+    assert rules.MODULE_RULES[nn.Linear] is fx._linear
+    assert rules.METHOD_RULES["roll"] is fx._roll and "my_op" not in rules.METHOD_RULES
 
 
 def test_trf_text_is_written_in_one_place() -> None:

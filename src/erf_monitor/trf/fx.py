@@ -13,10 +13,11 @@ and then, starting from the layer's output node, a *region*
   attention) the exact set over them (a joint);
 * fan-in (residual adds, concatenations, branches) takes the union of the regions.
 
-Each op kind has one rule in the tables at the bottom (``_MODULE_RULES``, ``_FUNCTION_RULES``,
-``_METHOD_RULES``): a rule maps the region of an op's output to regions of its tensor inputs.
-An op without a rule raises :class:`Unsupported` (the caller falls back to the numeric method).
-To support a new op, add a rule there. Attention rules read which weights a constant mask
+Each op kind has one rule, registered right above its definition with
+:func:`erf_monitor.trf.rules.op_rule` (the tables live in :mod:`erf_monitor.trf.rules`): a rule
+maps the region of an op's output to regions of its tensor inputs. An op without a rule raises
+:class:`Unsupported` (the caller falls back to the numeric method). To support a new op, write
+a rule and decorate it. Attention rules read which weights a constant mask
 switches off from :mod:`erf_monitor.trf.masks` (where the ``-100`` decision is documented).
 """
 
@@ -59,6 +60,16 @@ from erf_monitor.trf.regions import (
     window_axis,
     window_taps,
     with_joint,
+)
+from erf_monitor.trf.rules import (
+    FUNCTION_RULES,
+    METHOD_RULES,
+    MODULE_RULES,
+    NAMED_FUNCTION_RULES,
+    op_rule,
+    register_function,
+    register_module,
+    register_named,
 )
 from erf_monitor.trf.tracer import (
     TracedGraph,
@@ -104,11 +115,11 @@ def trace_model(
 
 def _has_function_rule(fn: Any) -> bool:
     try:
-        if fn in _FUNCTION_RULES:
+        if fn in FUNCTION_RULES:
             return True
     except TypeError:
         return False
-    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}" in _NAMED_FUNCTION_RULES
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}" in NAMED_FUNCTION_RULES
 
 
 # ----------------------------------------------------------------------------- walk
@@ -206,19 +217,19 @@ def apply_rule(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     if node.op == "call_module":
         mod = ctx.gm.get_submodule(str(node.target))
         for cls in type(mod).__mro__:
-            rule = _MODULE_RULES.get(cls)
+            rule = MODULE_RULES.get(cls)
             if rule is not None:
                 break
     elif node.op == "call_function":
         try:
-            rule = _FUNCTION_RULES.get(node.target)
+            rule = FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target
             rule = None
         if rule is None:
             key = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
-            rule = _NAMED_FUNCTION_RULES.get(key)
+            rule = NAMED_FUNCTION_RULES.get(key)
     elif node.op == "call_method":
-        rule = _METHOD_RULES.get(str(node.target))
+        rule = METHOD_RULES.get(str(node.target))
     elif node.op == "get_attr":
         return []
     if rule is None:
@@ -324,7 +335,46 @@ def _item_node(traced: TracedModel, node: fx.Node, step: int | str) -> fx.Node:
 
 # ----------------------------------------------------------------------------- rules
 
+# Op names shared by functions and tensor methods.
 
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+_POINTWISE_NAMES = _words(
+    """
+    add sub mul div truediv floordiv true_divide rsub neg pos abs exp log log1p expm1 sqrt
+    rsqrt pow square reciprocal sign sin cos tanh sigmoid relu relu6 relu_ leaky_relu
+    leaky_relu_ elu elu_ selu celu gelu silu mish hardswish hardsigmoid hardtanh hardtanh_
+    softplus softsign tanhshrink logsigmoid threshold prelu rrelu clamp clamp_ clamp_min
+    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill add_ sub_
+    mul_ div_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
+    """
+)
+
+_UNARY_NAMES = _words(
+    """
+    batch_norm dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+    contiguous clone detach float double half bfloat16 to type type_as local_response_norm
+    """
+)
+
+_REDUCTION_NAMES = _words(
+    """
+    mean sum amax amin prod std var norm logsumexp nansum nanmean all any count_nonzero
+    """
+)
+
+_RESHAPE_NAMES = _words(
+    """
+    view reshape flatten unflatten squeeze unsqueeze view_as reshape_as
+    """
+)
+_PERMUTE_NAMES = ["permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"]
+
+
+@op_rule(functions=_POINTWISE_NAMES, methods=_POINTWISE_NAMES)
 def _pointwise(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     out_shape = ctx.shape(node)
     res: list[Contribution] = []
@@ -341,6 +391,19 @@ def _first_input(ctx: _Ctx, node: fx.Node) -> fx.Node:
     return x
 
 
+@op_rule(
+    modules=(
+        nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+        nn.FeatureAlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU,
+        nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+        nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+        nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.modules.batchnorm._BatchNorm,
+    ),
+    functions=_UNARY_NAMES,
+    methods=_UNARY_NAMES,
+    # torchvision: stochastic depth is the identity in eval mode (per-sample scaling otherwise).
+    named=("torchvision.ops.stochastic_depth.stochastic_depth",),
+)  # fmt: skip
 def _unary(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     """Pointwise in its first argument only (extra args are shapes, dtypes, parameters)."""
     x = _first_input(ctx, node)
@@ -398,6 +461,7 @@ def _conv_geometry(
     return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local and mode == "zeros"))]
 
 
+@op_rule(modules=(nn.modules.conv._ConvNd,))
 def _conv_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     m = ctx.gm.get_submodule(str(node.target))
     assert isinstance(m, nn.modules.conv._ConvNd)
@@ -410,6 +474,7 @@ def _conv_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     )  # fmt: skip
 
 
+@op_rule(functions=("conv1d", "conv2d", "conv3d"))
 def _conv_function(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     w = _arg(node, 1, "weight")
@@ -442,6 +507,7 @@ def _transposed(
     return [(x, Region(axes, local))]
 
 
+@op_rule(functions=("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
 def _conv_transpose_function(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     kernel = ctx.shape(_arg(node, 1, "weight"))[2:]
@@ -462,6 +528,12 @@ def _spatial_rank(ctx: _Ctx, node: fx.Node) -> int:
     raise Unsupported(f"cannot tell the spatial rank of {describe(node, ctx.gm)}")
 
 
+@op_rule(
+    modules=(
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.modules.pooling._LPPoolNd,
+    )
+)  # fmt: skip
 def _pool_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     m = ctx.gm.get_submodule(str(node.target))
     x = _first_input(ctx, node)
@@ -492,6 +564,13 @@ def _pool_function(nd: int, has_dilation: bool) -> Rule:
     return rule
 
 
+for _nd in (1, 2, 3):
+    register_function(
+        _pool_function(_nd, True), f"max_pool{_nd}d", f"_max_pool{_nd}d", namespaces=(F, torch)
+    )
+    register_function(_pool_function(_nd, False), f"avg_pool{_nd}d", namespaces=(F, torch))
+
+
 def _adaptive_taps(n: int, o: int) -> Callable[[int], tuple[int, int]]:
     """Adaptive pooling window: ``floor(j*n/o) .. ceil((j+1)*n/o) - 1``."""
 
@@ -501,6 +580,17 @@ def _adaptive_taps(n: int, o: int) -> Callable[[int], tuple[int, int]]:
     return taps
 
 
+@op_rule(
+    modules=(
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    ),
+    functions=[
+        f"{kind}{nd}d" for nd in (1, 2, 3)
+        for kind in ("adaptive_avg_pool", "adaptive_max_pool", "_adaptive_max_pool")
+    ],
+    namespaces=(F, torch),
+)  # fmt: skip
 def _adaptive(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node)
@@ -594,6 +684,7 @@ def _interpolate_common(
     return [(x, Region(axes, False))]
 
 
+@op_rule(modules=(nn.Upsample,))
 def _upsample_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     m = ctx.gm.get_submodule(str(node.target))
     assert isinstance(m, nn.Upsample)
@@ -603,6 +694,7 @@ def _upsample_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution
     )  # fmt: skip
 
 
+@op_rule(functions=("interpolate", "upsample"), namespaces=(F,))
 def _interpolate_function(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     if _arg(node, 6, "antialias", False):
         raise Unsupported("interpolate with antialias=True")
@@ -613,6 +705,11 @@ def _interpolate_function(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contrib
     )  # fmt: skip
 
 
+@op_rule(
+    modules=(nn.PixelShuffle, nn.PixelUnshuffle),
+    functions=("pixel_shuffle", "pixel_unshuffle"),
+    namespaces=(F, torch),
+)
 def _pixel_shuffle(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     if node.op == "call_module":
@@ -634,6 +731,14 @@ def _pixel_shuffle(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, Region(axes, reg.local and unshuffle))]
 
 
+@op_rule(
+    modules=(
+        nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+        nn.modules.padding._ReplicationPadNd,
+    ),
+    functions=("pad",),
+    namespaces=(F,),
+)  # fmt: skip
 def _pad(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     if node.op == "call_module":
@@ -662,6 +767,12 @@ def _pad(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, with_joint(axes, carry_joint(reg, mapping), local))]
 
 
+_circular = getattr(nn.modules.padding, "_CircularPadNd", None)
+if _circular is not None:
+    register_module(_pad, _circular)
+
+
+@op_rule(functions=("roll",), namespaces=(torch,), methods=("roll",))
 def _roll(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     """``torch.roll``: a cyclic shift along each rolled axis (Swin's shifted windows)."""
     x = _first_input(ctx, node)
@@ -683,6 +794,7 @@ def _roll(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, with_joint(axes, carry_joint(reg, mapping), False))]
 
 
+@op_rule(functions=_REDUCTION_NAMES, namespaces=(torch,), methods=_REDUCTION_NAMES)
 def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     in_shape = ctx.shape(x)
@@ -713,6 +825,7 @@ def _reduction(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local))]
 
 
+@op_rule(functions=("max", "min"), namespaces=(torch,), methods=("max", "min"))
 def _max_min(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     other = _arg(node, 1, "other", None)
     if isinstance(other, fx.Node) and shape_of(other) is not None:
@@ -722,6 +835,12 @@ def _max_min(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     raise Unsupported(f"{describe(node, ctx.gm)} with dim used as a tensor")
 
 
+@op_rule(
+    modules=(nn.Softmax, nn.LogSoftmax, nn.Softmin),
+    functions=("softmax", "log_softmax", "softmin"),
+    namespaces=(torch, F),
+    methods=("softmax", "log_softmax"),
+)
 def _softmax(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
@@ -746,12 +865,14 @@ def _softmax(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, joined(axes, range(len(shape)), (rows & live).numpy(), reg.local))]
 
 
+@op_rule(modules=(nn.Linear,), functions=("linear",), namespaces=(F, torch.nn.functional))
 def _linear(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
     return [(x, _mix_axes(reg, shape, [len(shape) - 1]))]
 
 
+@op_rule(modules=(nn.LayerNorm,), functions=("layer_norm", "rms_norm"), namespaces=(F,))
 def _layer_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
@@ -763,12 +884,19 @@ def _layer_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, _mix_axes(reg, shape, range(len(shape) - k, len(shape))))]
 
 
+_rms = getattr(nn, "RMSNorm", None)
+if _rms is not None:
+    register_module(_layer_norm, _rms)
+
+
+@op_rule(modules=(nn.GroupNorm,), functions=("group_norm",), namespaces=(F,))
 def _group_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
     return [(x, _mix_axes(reg, shape, range(1, len(shape))))]
 
 
+@op_rule(modules=(nn.modules.instancenorm._InstanceNorm,))
 def _instance_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     m = ctx.gm.get_submodule(str(node.target))
     if getattr(m, "track_running_stats", False):
@@ -778,6 +906,7 @@ def _instance_norm(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, _mix_axes(reg, shape, range(len(shape) - (len(shape) - 2), len(shape))))]
 
 
+@op_rule(modules=(nn.Softmax2d, nn.LocalResponseNorm, nn.ChannelShuffle))
 def _channel_mix(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     shape = ctx.shape(x)
@@ -817,6 +946,11 @@ def _with_last(reg: Region, n: int) -> Region:
     return with_joint(axes, carry_joint(reg, kept), reg.local)
 
 
+@op_rule(
+    functions=("matmul", "bmm", "mm"),
+    namespaces=(torch, operator),
+    methods=("matmul", "bmm", "mm", "__matmul__"),
+)
 def _matmul(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
     if b is None:
@@ -839,6 +973,7 @@ def _matmul(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return res
 
 
+@op_rule(functions=("scaled_dot_product_attention",), namespaces=(F,))
 def _sdpa(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
     out_shape = ctx.shape(node)
@@ -908,6 +1043,22 @@ def _sampling(what: str, *positions: tuple[int, str]) -> Rule:
     return rule
 
 
+# Data-dependent sampling (torch and torchvision; torchvision's functions by name).
+_grid = _sampling("grid_sample", (1, "grid"))
+register_function(_grid, "grid_sample", namespaces=(F,))
+register_function(_grid, "grid_sampler", "grid_sampler_2d", "grid_sampler_3d", namespaces=(torch,))
+register_named(
+    _sampling("deform_conv2d", (1, "offset"), (7, "mask")),
+    "torchvision.ops.deform_conv.deform_conv2d",
+)
+for _op in ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool"):
+    register_named(_sampling(_op, (1, "boxes")), f"torchvision.ops.{_op}.{_op}")
+register_named(
+    _sampling("MultiScaleRoIAlign", (1, "boxes")), "torchvision.ops.poolers._multiscale_roi_align"
+)
+
+
+@op_rule(functions=("cat", "concat", "concatenate"), namespaces=(torch,))
 def _cat(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     tensors = _arg(node, 0, "tensors")
     dim = _arg(node, 1, "dim", 0)
@@ -951,6 +1102,7 @@ def _bound(v: int | None) -> int:
     return v
 
 
+@op_rule(functions=("stack",), namespaces=(torch,))
 def _stack(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     tensors = _arg(node, 0, "tensors")
     out_shape = ctx.shape(node)
@@ -963,6 +1115,12 @@ def _stack(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return res
 
 
+@op_rule(
+    modules=(nn.Flatten, nn.Unflatten),
+    functions=_RESHAPE_NAMES,
+    namespaces=(torch,),
+    methods=_RESHAPE_NAMES,
+)
 def _reshape(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     return [(x, reshape_region(reg, ctx.shape(x), ctx.shape(node)))]
@@ -995,6 +1153,7 @@ def _permutation(ctx: _Ctx, node: fx.Node, ndim: int) -> list[int]:
     raise Unsupported(f"axis permutation {name!r}")
 
 
+@op_rule(functions=_PERMUTE_NAMES, namespaces=(torch,), methods=_PERMUTE_NAMES)
 def _permute(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     ndim = len(ctx.shape(x))
@@ -1006,6 +1165,11 @@ def _permute(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return [(x, with_joint(axes, carry_joint(reg, mapping), reg.local))]
 
 
+@op_rule(
+    functions=("broadcast_to",),
+    namespaces=(torch,),
+    methods=("expand", "expand_as", "broadcast_to"),
+)
 def _expand(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     x = _first_input(ctx, node)
     return [(x, broadcast_region(reg, ctx.shape(node), ctx.shape(x)))]
@@ -1064,6 +1228,7 @@ def _index_region(
     return [(x, with_joint(axes, carry_joint(reg, mapping), local))]
 
 
+@op_rule(functions=("getitem",), namespaces=(operator,))
 def _getitem(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     src, index = node.args[0], node.args[1]
     if not isinstance(src, fx.Node):
@@ -1141,10 +1306,17 @@ def _sequence_mixer(ctx: _Ctx, node: fx.Node, reg: Region, batch_dim: int) -> li
     return res
 
 
+@op_rule(modules=(nn.MultiheadAttention,))
 def _mha_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     return _everything_mixed(ctx, node, reg)
 
 
+@op_rule(
+    modules=(
+        nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+        nn.TransformerDecoder, nn.Transformer,
+    )
+)  # fmt: skip
 def _transformer_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribution]:
     """``nn.TransformerEncoderLayer`` & co. (fx leaves): attention within each sample."""
     mod = ctx.gm.get_submodule(str(node.target))
@@ -1152,204 +1324,3 @@ def _transformer_module(ctx: _Ctx, node: fx.Node, reg: Region) -> list[Contribut
     if first is None:
         return _everything_mixed(ctx, node, reg)
     return _sequence_mixer(ctx, node, reg, 0 if first.batch_first else 1)
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-_POINTWISE_NAMES = _words(
-    """
-    add sub mul div truediv floordiv true_divide rsub neg pos abs exp log log1p expm1 sqrt
-    rsqrt pow square reciprocal sign sin cos tanh sigmoid relu relu6 relu_ leaky_relu
-    leaky_relu_ elu elu_ selu celu gelu silu mish hardswish hardsigmoid hardtanh hardtanh_
-    softplus softsign tanhshrink logsigmoid threshold prelu rrelu clamp clamp_ clamp_min
-    clamp_max clip where maximum minimum fmax fmin lerp addcmul addcdiv masked_fill add_ sub_
-    mul_ div_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ fill_ zero_ iadd isub imul itruediv
-    """
-)
-
-_UNARY_NAMES = _words(
-    """
-    batch_norm dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
-    contiguous clone detach float double half bfloat16 to type type_as local_response_norm
-    """
-)
-
-_REDUCTION_NAMES = _words(
-    """
-    mean sum amax amin prod std var norm logsumexp nansum nanmean all any count_nonzero
-    """
-)
-
-_RESHAPE_NAMES = _words(
-    """
-    view reshape flatten unflatten squeeze unsqueeze view_as reshape_as
-    """
-)
-_PERMUTE_NAMES = ["permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"]
-
-_MODULE_RULES: dict[type, Rule] = {}
-_FUNCTION_RULES: dict[Any, Rule] = {}
-_METHOD_RULES: dict[str, Rule] = {}
-#: Functions of optional packages, by ``module.name`` (no import needed). Functions that
-#: torch.fx keeps as one call (``torch.fx.wrap``) land here.
-_NAMED_FUNCTION_RULES: dict[str, Rule] = {}
-
-
-def _register(table: dict[Any, Rule], key: Any, rule: Rule) -> None:
-    """``table[key] = rule``; an op given another rule before is an error (no silent winner)."""
-    known = table.get(key)
-    if known is not None and known is not rule:
-        raise ValueError(f"{key!r} has two rules: {known!r} and {rule!r}")
-    table[key] = rule
-
-
-def _register_module(rule: Rule, *classes: type) -> None:
-    for cls in classes:
-        _register(_MODULE_RULES, cls, rule)
-
-
-def _register_function(rule: Rule, *names: str, namespaces: Sequence[Any] = ()) -> None:
-    spaces = namespaces or (torch, F, operator, torch.Tensor, torch.special)
-    for name in names:
-        for ns in spaces:
-            fn = getattr(ns, name, None)
-            if fn is not None and callable(fn):
-                with contextlib.suppress(TypeError):  # (an unhashable callable)
-                    _register(_FUNCTION_RULES, fn, rule)
-
-
-def _register_method(rule: Rule, *names: str) -> None:
-    for name in names:
-        _register(_METHOD_RULES, name, rule)
-
-
-def _build_module_tables() -> None:
-    m = nn
-    _register_module(
-        _unary,
-        m.Identity, m.Dropout, m.Dropout1d, m.Dropout2d, m.Dropout3d, m.AlphaDropout,
-        m.FeatureAlphaDropout, m.ReLU, m.ReLU6, m.LeakyReLU, m.PReLU, m.RReLU, m.ELU, m.SELU,
-        m.CELU, m.GELU, m.SiLU, m.Mish, m.Hardswish, m.Hardsigmoid, m.Hardtanh, m.Sigmoid,
-        m.Tanh, m.Softplus, m.Softsign, m.Tanhshrink, m.LogSigmoid, m.Threshold,
-        m.Hardshrink, m.Softshrink,
-        m.modules.batchnorm._BatchNorm,
-    )  # fmt: skip
-    _register_module(_conv_module, m.modules.conv._ConvNd)
-    _register_module(
-        _pool_module, m.MaxPool1d, m.MaxPool2d, m.MaxPool3d, m.AvgPool1d, m.AvgPool2d,
-        m.AvgPool3d, m.modules.pooling._LPPoolNd,
-    )  # fmt: skip
-    _register_module(
-        _adaptive, m.AdaptiveAvgPool1d, m.AdaptiveAvgPool2d, m.AdaptiveAvgPool3d,
-        m.AdaptiveMaxPool1d, m.AdaptiveMaxPool2d, m.AdaptiveMaxPool3d,
-    )  # fmt: skip
-    _register_module(_upsample_module, m.Upsample)
-    _register_module(_pixel_shuffle, m.PixelShuffle, m.PixelUnshuffle)
-    _register_module(_pad, m.modules.padding._ConstantPadNd, m.modules.padding._ReflectionPadNd,
-                     m.modules.padding._ReplicationPadNd)  # fmt: skip
-    circular = getattr(m.modules.padding, "_CircularPadNd", None)
-    if circular is not None:
-        _register_module(_pad, circular)
-    _register_module(_reshape, m.Flatten, m.Unflatten)
-    _register_module(_softmax, m.Softmax, m.LogSoftmax, m.Softmin)
-    _register_module(_channel_mix, m.Softmax2d, m.LocalResponseNorm, m.ChannelShuffle)
-    _register_module(_linear, m.Linear)
-    _register_module(_layer_norm, m.LayerNorm)
-    rms = getattr(m, "RMSNorm", None)
-    if rms is not None:
-        _register_module(_layer_norm, rms)
-    _register_module(_group_norm, m.GroupNorm)
-    _register_module(_instance_norm, m.modules.instancenorm._InstanceNorm)
-    _register_module(_mha_module, m.MultiheadAttention)
-    _register_module(
-        _transformer_module, m.TransformerEncoderLayer, m.TransformerDecoderLayer,
-        m.TransformerEncoder, m.TransformerDecoder, m.Transformer,
-    )  # fmt: skip
-
-
-def _build_function_tables() -> None:
-    _register_function(_pointwise, *_POINTWISE_NAMES)
-    _register_function(_unary, *_UNARY_NAMES)
-    _register_function(_conv_function, "conv1d", "conv2d", "conv3d")
-    _register_function(
-        _conv_transpose_function, "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"
-    )
-    for nd in (1, 2, 3):
-        _register_function(
-            _pool_function(nd, True), f"max_pool{nd}d", f"_max_pool{nd}d",
-            namespaces=(F, torch),
-        )  # fmt: skip
-        _register_function(_pool_function(nd, False), f"avg_pool{nd}d", namespaces=(F, torch))
-        _register_function(
-            _adaptive, f"adaptive_avg_pool{nd}d", f"adaptive_max_pool{nd}d",
-            f"_adaptive_max_pool{nd}d", namespaces=(F, torch),
-        )  # fmt: skip
-    _register_function(_interpolate_function, "interpolate", "upsample", namespaces=(F,))
-    _register_function(_pixel_shuffle, "pixel_shuffle", "pixel_unshuffle", namespaces=(F, torch))
-    _register_function(_pad, "pad", namespaces=(F,))
-    _register_function(_roll, "roll", namespaces=(torch,))
-    _register_function(_reduction, *_REDUCTION_NAMES, namespaces=(torch,))
-    _register_function(_softmax, "softmax", "log_softmax", "softmin", namespaces=(torch, F))
-    _register_function(_linear, "linear", namespaces=(F, torch.nn.functional))
-    _register_function(_layer_norm, "layer_norm", "rms_norm", namespaces=(F,))
-    _register_function(_group_norm, "group_norm", namespaces=(F,))
-    _register_function(_matmul, "matmul", "bmm", "mm", namespaces=(torch, operator))
-    _register_function(_sdpa, "scaled_dot_product_attention", namespaces=(F,))
-    _register_function(_cat, "cat", "concat", "concatenate", namespaces=(torch,))
-    _register_function(_stack, "stack", namespaces=(torch,))
-    _register_function(_reshape, *_RESHAPE_NAMES, namespaces=(torch,))
-    _register_function(_permute, *_PERMUTE_NAMES, namespaces=(torch,))
-    _register_function(_expand, "broadcast_to", namespaces=(torch,))
-    _register_function(_max_min, "max", "min", namespaces=(torch,))
-    _FUNCTION_RULES[operator.getitem] = _getitem
-
-
-def _build_method_tables() -> None:
-    _register_method(_pointwise, *_POINTWISE_NAMES)
-    _register_method(_unary, *_UNARY_NAMES)
-    _register_method(_reduction, *_REDUCTION_NAMES)
-    _register_method(_softmax, "softmax", "log_softmax")
-    _register_method(_matmul, "matmul", "bmm", "mm", "__matmul__")
-    _register_method(_reshape, *_RESHAPE_NAMES)
-    _register_method(_permute, *_PERMUTE_NAMES)
-    _register_method(_expand, "expand", "expand_as", "broadcast_to")
-    _register_method(_roll, "roll")
-    _register_method(_max_min, "max", "min")
-
-
-def _build_named_tables() -> None:
-    """Data-dependent sampling and functions of optional packages (by name)."""
-    # torchvision: stochastic depth is the identity in eval mode (per-sample scaling otherwise).
-    _NAMED_FUNCTION_RULES["torchvision.ops.stochastic_depth.stochastic_depth"] = _unary
-    # Data-dependent sampling (torch and torchvision; torchvision's functions by name).
-    grid = _sampling("grid_sample", (1, "grid"))
-    _register_function(grid, "grid_sample", namespaces=(F,))
-    _register_function(grid, "grid_sampler", "grid_sampler_2d", "grid_sampler_3d",
-                       namespaces=(torch,))  # fmt: skip
-    _NAMED_FUNCTION_RULES["torchvision.ops.deform_conv.deform_conv2d"] = _sampling(
-        "deform_conv2d", (1, "offset"), (7, "mask")
-    )
-    for op, module in (
-        ("roi_align", "roi_align"), ("roi_pool", "roi_pool"),
-        ("ps_roi_align", "ps_roi_align"), ("ps_roi_pool", "ps_roi_pool"),
-    ):  # fmt: skip
-        _NAMED_FUNCTION_RULES[f"torchvision.ops.{module}.{op}"] = _sampling(op, (1, "boxes"))
-    _NAMED_FUNCTION_RULES["torchvision.ops.poolers._multiscale_roi_align"] = _sampling(
-        "MultiScaleRoIAlign", (1, "boxes")
-    )
-
-
-def _build_tables() -> None:
-    """Every rule table, in one order (a second, different rule for an op raises)."""
-    _build_module_tables()
-    _build_function_tables()
-    _build_method_tables()
-    _build_named_tables()
-
-
-_build_tables()
