@@ -93,3 +93,10 @@ def test_bench_loop_trace(tmp_path: Path) -> None:
     (row,) = report["rows"]
     assert row["method"] == "fx" and row["tokens"] == 64
     assert set(row["median_cpu_s"]) == {"forward", "trf", "trf_numeric", "probe"}
+
+
+def test_bench_tensorboard(tmp_path: Path) -> None:
+    report = run_benchmark("bench_tensorboard.py", tmp_path, "--png", str(tmp_path))
+    (run,) = report["runs"]["after"]
+    assert len(run["cpu_s"]) == len(run["wall_s"]) == 3
+    assert (tmp_path / "growth_after.png").read_bytes().startswith(b"\x89PNG")

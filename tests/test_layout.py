@@ -5,6 +5,7 @@ Stages, lowest first: ``core`` (shared foundations), ``inputs``, ``targets``, ``
 (the public surface). A module may import its own stage and the stages below it, never one
 above, whether at module level, inside a function or under ``TYPE_CHECKING``; and no imports
 run in a circle. A name imported from another folder is public there (no leading underscore).
+No function is longer than 100 lines of code: a longer one is split into named helpers.
 """
 
 from __future__ import annotations
@@ -176,3 +177,59 @@ def test_no_module_imports_another_subpackages_private_module() -> None:
                 ):
                     found.append(f"{module}:{node.lineno} imports {t}")
     assert not found, "\n".join(found)
+
+
+#: The most lines of code a function may have (a longer one is split into named helpers).
+MAX_CODE_LINES = 100
+
+
+def _code_lines(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Non-blank, non-comment lines from ``def`` to the function's end, its docstring excluded
+    (nested functions count in their parent too)."""
+    first = node.body[0]
+    doc = range(0)
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        doc = range(first.lineno, (first.end_lineno or first.lineno) + 1)
+    end = node.end_lineno or node.lineno
+    return sum(
+        1
+        for i in range(node.lineno, end + 1)
+        if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#")
+    )
+
+
+def test_code_lines_counts_code_only() -> None:
+    source = '''
+@decorated
+def f(a,
+      b):
+    """Doc.
+
+    More doc."""
+    # a comment
+
+    x = a  # code with a comment
+    return (x,
+            b)
+'''
+    node = ast.parse(source).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    assert _code_lines(source.splitlines(), node) == 5
+
+
+def test_no_function_is_longer_than_100_code_lines() -> None:
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = _code_lines(lines, node)
+                if n > MAX_CODE_LINES:
+                    where = path.relative_to(PACKAGE.parent)
+                    long.append(f"{where}:{node.lineno} {node.name}: {n} code lines")
+    assert not long, f"functions over {MAX_CODE_LINES} code lines (split them):\n" + "\n".join(long)

@@ -583,3 +583,40 @@ def test_tensorboard_tags_put_growth_first_and_read_back() -> None:
     ]
     assert {key_from_tag(t) for t in tags} == {*keys, "erf/probe_time_s", "erf/0/min_coverage"}
     assert key_from_tag("erf/layer4/coverage") == "erf/layer4/coverage"  # an older run's tag
+
+
+@pytest.mark.skipif(not package_available("tensorboard"), reason="tensorboard not installed")
+def test_tensorboard_growth_chart_at_every_probe_shows_what_a_new_chart_shows(
+    tmp_path: Path,
+) -> None:
+    from erf_monitor.sinks._growth import GrowthChart
+
+    # Steps of 50 000: the step axis' labels change width (and gain a "1e6" offset), so the
+    # kept figure must lay itself out again; "late" appears at the fifth probe.
+    sink = TensorBoardSink(tmp_path / "tb")
+    series: dict[str, dict[int, float]] = {}
+    references = []
+    steps = [p * 50_000 for p in range(24)]
+    for p, step in enumerate(steps):
+        coverage = {"stem": 0.1 + 0.02 * p, "block1": 0.3 + 0.01 * (p % 5), "head": 0.9}
+        if p >= 4:
+            coverage["late"] = 0.04 * (p - 3)
+        scalars = {f"erf/{k}/coverage": v for k, v in coverage.items()}
+        scalars["erf/stem/min_coverage"] = 0.25
+        sink.log_scalars(scalars, step)
+        for k, v in coverage.items():
+            series.setdefault(k, {})[step] = v
+        references.append(GrowthChart().image(series, {"stem": 0.25}))  # a new figure each
+    sink.close()
+    images = _accumulator(tmp_path / "tb").Images("erf/0_growth")
+    assert [e.step for e in images] == steps  # one chart per probe
+    for p, (event, reference) in enumerate(zip(images, references)):
+        drawn = np.round(_decode_png(event.encoded_image_string)[..., :3] * 255).astype(np.uint8)
+        assert drawn.shape == reference.shape
+        if p in (0, 4):  # a new figure: the layers changed
+            np.testing.assert_array_equal(drawn, reference)
+        # The kept figure's layout may settle a pixel apart from a new one's; the rest is the
+        # same drawing, and nothing reaches the image's edges (no label cut off).
+        assert np.mean(np.any(drawn != reference, axis=-1)) < 0.05, p
+        for edge in (drawn[:, :2], drawn[:, -2:], drawn[:2], drawn[-2:]):
+            assert (edge == 255).all(), p

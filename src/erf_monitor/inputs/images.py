@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from erf_monitor.core.shapes import ntuple
+
 __all__ = ["IMAGE_SUFFIXES", "Preprocessing", "list_images", "load_images", "preprocessing_for"]
 
 #: File suffixes read as images (case-insensitive).
@@ -104,7 +106,8 @@ class Preprocessing:
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
-        return (size, size)
+        height, width = ntuple(size, 2)
+        return height, width
     values = tuple(int(s) for s in size)
     if len(values) != 2 or any(v < 1 for v in values):
         raise ValueError(f"size must be an int or (height, width), got {size!r}")

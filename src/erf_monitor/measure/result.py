@@ -83,33 +83,24 @@ PER_AXIS: tuple[str, ...] = tuple(
     p[:-2] for group in METRIC_GROUPS.values() for p in group if p.endswith("_?")
 )
 
-#: The metric names users may ask for (``MonitorOptions.metrics``): every key of
-#: :data:`METRIC_GROUPS`, per-axis ones by their base name, ``disc_mass_r*`` one per radius.
-#: The order is the one error messages list them in.
-METRIC_NAMES: tuple[str, ...] = (
-    "erf_size",
-    "coverage",
-    "erf_trf_ratio",
-    "trf_size",
-    "trf_size_clipped",
-    "trf_global",
-    "trf_data_dependent",
-    *(f"area_t{round(t * 100):02d}" for t in AREA_THRESHOLDS),
-    "gaussian_r2",
-    *(f"disc_mass_r{r}" for r in _metrics.OPENERF_RADII),
-    "gauss_fit_amplitude",
-    "gauss_fit_r2",
-    "coverage_trf",
-    "erf_size_visible",
-    "sigma_major",
-    "sigma_minor",
-    "anisotropy",
-    "axis_angle",
-    "cross_score",
-    "dead_fraction",
-    "border_ratio",
-    *PER_AXIS,
-)
+
+def _metric_names() -> tuple[str, ...]:
+    """:data:`METRIC_GROUPS`' keys in their order, ``disc_mass_r*`` (the one ``*`` pattern)
+    one per radius, then the per-axis ones by their base name."""
+    names: list[str] = []
+    for group in METRIC_GROUPS.values():
+        for p in group:
+            if p.endswith("*"):
+                names.extend(f"{p[:-1]}{r}" for r in _metrics.OPENERF_RADII)
+            elif not p.endswith("_?"):
+                names.append(p)
+    return (*names, *PER_AXIS)
+
+
+#: The metric names users may ask for (``MonitorOptions.metrics``), derived from
+#: :data:`METRIC_GROUPS` in its order (error messages list them so): every key, per-axis ones
+#: by their base name (last), ``disc_mass_r*`` one per radius.
+METRIC_NAMES: tuple[str, ...] = _metric_names()
 
 
 def select_metrics(names: Iterable[str]) -> list[str]:

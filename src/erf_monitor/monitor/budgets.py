@@ -28,6 +28,7 @@ from torch import nn
 
 from erf_monitor.core.devices import model_device_dtype
 from erf_monitor.core.modes import Mode
+from erf_monitor.core.shapes import ntuple
 
 if TYPE_CHECKING:
     from erf_monitor.measure.bootstrap import Interval
@@ -45,7 +46,10 @@ _BOUNDS = (
 
 
 def _size(input_size: int | Sequence[int]) -> tuple[int, ...]:
-    size = (int(input_size),) * 2 if isinstance(input_size, int) else tuple(map(int, input_size))
+    if isinstance(input_size, int):
+        size = ntuple(int(input_size), 2)
+    else:
+        size = tuple(map(int, input_size))
     if not 1 <= len(size) <= 3 or any(s < 1 for s in size):
         raise ValueError(f"input_size must be N or (H, W) with positive sizes, got {input_size!r}")
     return size

@@ -212,6 +212,150 @@ def _degenerate_mode(mode: Mode) -> bool:
     return mode in ("luo", "openerf")
 
 
+#: ``(unit class, its input gradient or None)`` pairs of one layer, ready to be added.
+_Pairs = list[tuple[list[Index], torch.Tensor | None]]
+
+
+def _group_input(x_chunk: torch.Tensor, group: Group) -> torch.Tensor:
+    """The chunk (cropped to the group's window) as a fresh leaf that requires its gradient."""
+    x = x_chunk.detach()
+    if group.window is not None:
+        box: tuple[slice, ...] = (slice(None), slice(None), *group.window.slices)
+        x = x[box].contiguous()
+    x.requires_grad_(True)
+    return x
+
+
+def _origin(group: Group, nd: int) -> Index:
+    """Where the group's input starts on the full input (its window's corner, else zeros)."""
+    return group.window.start if group.window is not None else (0,) * nd
+
+
+def _capture_seeds(
+    plan: ProbePlan, net: nn.Module, fwd: ForwardFn, x: torch.Tensor, group: Group
+) -> tuple[dict[str, dict[Index, torch.Tensor]], dict[str, Index], dict[str, int]]:
+    """The group's forward (stopped once every layer has its seeds): the seed units per layer
+    (those its output has; window-local on a crop), each layer's output grid and its calls."""
+    window = group.window
+    targets = {t.spec: t for t in plan.targets}
+    captured: dict[str, dict[Index, torch.Tensor]] = {n: {} for n in group.layers}
+    grids: dict[str, Index] = {}
+
+    def take(name: str, out: Any) -> None:
+        lay = targets[name].layout
+        y = tokens_to_spatial(out, lay) if lay is not None else out
+        grids[name] = tuple(y.shape[2:])
+        if not y.requires_grad:
+            raise _no_graph_error(name)
+        for idx in group.units.get(name, []):
+            local = idx if window is None else crop_index(plan.unit_trfs[name][idx], idx, window)
+            if all(0 <= i < g for i, g in zip(local, grids[name])):
+                captured[name][idx] = _seed_unit(y, local)
+
+    located = {n: (targets[n].module, targets[n].selector) for n in group.layers}
+    calls = hooked_forward(net, fwd, x, located, take)
+    return captured, grids, calls
+
+
+def _live_layers(
+    plan: ProbePlan,
+    maps: Maps,
+    captured: dict[str, dict[Index, torch.Tensor]],
+    x: torch.Tensor,
+    degenerate: set[str],
+    resolve_rtol: float | None,
+) -> list[str]:
+    """The layers with seed units to differentiate: those whose seeds are degenerate below
+    ``resolve_rtol`` are added to ``degenerate`` (and steady ones to ``maps.steady``) instead."""
+    live = [n for n in captured if captured[n]]
+    if resolve_rtol is None:
+        return live
+    for n in live:
+        unit = next(iter(captured[n].values()))
+        if not _degenerate_mode(plan.mode):
+            continue
+        if is_degenerate(unit, resolve_rtol):
+            degenerate.add(n)
+        elif _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol):
+            degenerate.add(n)
+            maps.steady.add(n)
+    return [n for n in live if n not in degenerate]
+
+
+def _class_grads(
+    mode: Mode,
+    units: dict[Index, torch.Tensor],
+    classes: list[list[Index]],
+    boxes: dict[Index, seeds.Box] | None,
+    x: torch.Tensor,
+    retain: bool,
+    origin: Index,
+) -> _Pairs:
+    """One backward per class of units; a shared gradient that leaks outside its units' TRFs
+    is recomputed unit by unit (or, without ``retain``, the graph being gone, left out for the
+    caller to probe unpacked)."""
+    pairs: _Pairs = []
+    grads = seeds.class_grads(
+        [_sum_seeds([units[i] for i in cls], mode) for cls in classes], x, retain
+    )
+    for cls, grad in zip(classes, grads):
+        if (
+            len(cls) > 1
+            and grad is not None
+            and boxes is not None
+            and not seeds.clear_outside(grad, [boxes[i] for i in cls], origin)
+        ):
+            if not retain:
+                continue  # the graph is gone: the caller probes them unpacked
+            # A TRF is wrong: one backward per unit (the consistency check names it).
+            singles = seeds.class_grads([_sum_seeds([units[i]], mode) for i in cls], x, True)
+            pairs += [([i], g) for i, g in zip(cls, singles)]
+        else:
+            pairs.append((cls, grad))
+    return pairs
+
+
+def _add_maps(
+    plan: ProbePlan,
+    maps: Maps,
+    name: str,
+    pairs: _Pairs,
+    boxes: dict[Index, seeds.Box] | None,
+    x: torch.Tensor,
+    group: Group,
+    grid: Index,
+    keep_per_sample: bool,
+) -> set[tuple[str, Index]]:
+    """Adds each class's per-sample maps to ``maps`` (each unit's own part of a packed class,
+    placed back on the full input from a crop); returns the ``(layer, unit)`` pairs added. A
+    crop whose gradient reaches its margin adds nothing."""
+    window, spatial = group.window, plan.spatial
+    origin = _origin(group, len(spatial))
+    done: set[tuple[str, Index]] = set()
+    for cls, maybe_grad in pairs:
+        if maybe_grad is None:  # autograd: the seed does not reach the input at all
+            maps.detached.add(name)
+        grad = torch.zeros_like(x) if maybe_grad is None else maybe_grad
+        _check_finite(name, grad, "the ERF gradient", grid)
+        if window is not None and not margin_clear(grad, window, spatial):
+            continue
+        per_sample = sample_maps(grad, plan.mode).detach()
+        for idx in cls:
+            if len(cls) > 1 and boxes is not None:
+                m = seeds.restrict(per_sample, boxes[idx], origin)
+            else:
+                m = per_sample
+            m = m.cpu()
+            if window is not None:
+                placed = m.new_zeros((m.shape[0], *spatial))
+                rows: tuple[slice, ...] = (slice(None), *window.slices)
+                placed[rows] = m
+                m = placed
+            maps.add(name, idx, m, keep_per_sample)
+            done.add((name, idx))
+    return done
+
+
 def _probe_group(
     plan: ProbePlan,
     net: nn.Module,
@@ -237,31 +381,10 @@ def _probe_group(
     """
     window = group.window
     names = group.layers
-    spatial = plan.spatial
-    x = x_chunk.detach()
-    if window is not None:
-        box: tuple[slice, ...] = (slice(None), slice(None), *window.slices)
-        x = x[box].contiguous()
-    x.requires_grad_(True)
-    origin = window.start if window is not None else (0,) * len(spatial)
-    targets = {t.spec: t for t in plan.targets}
-    captured: dict[str, dict[Index, torch.Tensor]] = {n: {} for n in names}
-    grids: dict[str, Index] = {}
-
-    def take(name: str, out: Any) -> None:
-        lay = targets[name].layout
-        y = tokens_to_spatial(out, lay) if lay is not None else out
-        grids[name] = tuple(y.shape[2:])
-        if not y.requires_grad:
-            raise _no_graph_error(name)
-        for idx in group.units.get(name, []):
-            local = idx if window is None else crop_index(plan.unit_trfs[name][idx], idx, window)
-            if all(0 <= i < g for i, g in zip(local, grids[name])):
-                captured[name][idx] = _seed_unit(y, local)
-
-    located = {n: (targets[n].module, targets[n].selector) for n in names}
+    x = _group_input(x_chunk, group)
+    origin = _origin(group, len(plan.spatial))
     try:
-        calls = hooked_forward(net, fwd, x, located, take)
+        captured, grids, calls = _capture_seeds(plan, net, fwd, x, group)
     except ERFProbeError as exc:
         if window is None or "no gradient path" in str(exc):
             raise
@@ -274,51 +397,21 @@ def _probe_group(
         return set(), []
     done: set[tuple[str, Index]] = set()
     alone: list[str] = []
-    live = [n for n in names if captured[n]]
-    if resolve_rtol is not None:
-        for n in live:
-            unit = next(iter(captured[n].values()))
-            if not _degenerate_mode(plan.mode):
-                continue
-            if is_degenerate(unit, resolve_rtol):
-                degenerate.add(n)
-            elif _constant_over_samples(maps.spreads, n, unit, x, resolve_rtol):
-                degenerate.add(n)
-                maps.steady.add(n)
-        live = [n for n in live if n not in degenerate]
+    live = _live_layers(plan, maps, captured, x, degenerate, resolve_rtol)
     # The group's last backward frees the graph (nothing may keep it alive afterwards).
     last_name = live[-1] if live else None
     try:
         for name in live:
             units = captured[name]
             grid = grids[name]
-            retain = name != last_name
             for unit in units.values():
                 _check_finite(name, unit, "its output at the seed unit", grid)
             boxes = unit_boxes({i: plan.unit_trfs.get(name, {}).get(i) for i in units})
             boxes = boxes if group.pack else None
             classes = seeds.pack_units(list(units), boxes)
-            pairs: list[tuple[list[Index], torch.Tensor | None]] = []
+            retain = name != last_name
             try:
-                grads = seeds.class_grads(
-                    [_sum_seeds([units[i] for i in cls], plan.mode) for cls in classes], x, retain
-                )
-                for cls, grad in zip(classes, grads):
-                    if (
-                        len(cls) > 1
-                        and grad is not None
-                        and boxes is not None
-                        and not seeds.clear_outside(grad, [boxes[i] for i in cls], origin)
-                    ):
-                        if not retain:
-                            continue  # the graph is gone: the caller probes them unpacked
-                        # A TRF is wrong: one backward per unit (the consistency check names it).
-                        singles = seeds.class_grads(
-                            [_sum_seeds([units[i]], plan.mode) for i in cls], x, True
-                        )
-                        pairs += [([i], g) for i, g in zip(cls, singles)]
-                    else:
-                        pairs.append((cls, grad))
+                pairs = _class_grads(plan.mode, units, classes, boxes, x, retain, origin)
             except ERFProbeError:
                 raise
             except RuntimeError as exc:
@@ -328,27 +421,7 @@ def _probe_group(
                 raise ERFProbeError(
                     f"Layer {name!r}: the backward failed: {str(exc).splitlines()[0]}"
                 ) from exc
-            for cls, maybe_grad in pairs:
-                if maybe_grad is None:  # autograd: the seed does not reach the input at all
-                    maps.detached.add(name)
-                grad = torch.zeros_like(x) if maybe_grad is None else maybe_grad
-                _check_finite(name, grad, "the ERF gradient", grid)
-                if window is not None and not margin_clear(grad, window, spatial):
-                    continue
-                per_sample = sample_maps(grad, plan.mode).detach()
-                for idx in cls:
-                    if len(cls) > 1 and boxes is not None:
-                        m = seeds.restrict(per_sample, boxes[idx], origin)
-                    else:
-                        m = per_sample
-                    m = m.cpu()
-                    if window is not None:
-                        placed = m.new_zeros((m.shape[0], *spatial))
-                        rows: tuple[slice, ...] = (slice(None), *window.slices)
-                        placed[rows] = m
-                        m = placed
-                    maps.add(name, idx, m, keep_per_sample)
-                    done.add((name, idx))
+            done |= _add_maps(plan, maps, name, pairs, boxes, x, group, grid, keep_per_sample)
             maps.calls[name] = max(maps.calls.get(name, 0), calls[name])
     finally:
         captured.clear()  # the seed units hold the graph: drop it now

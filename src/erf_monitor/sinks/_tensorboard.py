@@ -31,6 +31,7 @@ import numpy as np
 
 from erf_monitor.core.imports import require
 from erf_monitor.sinks._base import Sink
+from erf_monitor.sinks._growth import GROWTH_TAG, GrowthChart
 
 __all__ = ["TB_SUBDIR", "TensorBoardSink", "key_from_tag", "tb_tag"]
 
@@ -124,40 +125,6 @@ def custom_scalars_layout(heads: list[str]) -> dict[str, dict[str, list[Any]]]:
                 [f"^{re.escape(prefix)}/({metrics})/{re.escape(shown)}$"],
             ]
     return layout
-
-
-#: Tag of the growth chart: sorts before every metric card of the group.
-GROWTH_TAG = "0_growth"
-
-
-def growth_image(
-    series: Mapping[str, Mapping[int, float]], bounds: Mapping[str, float]
-) -> np.ndarray:
-    """Every layer's coverage over the steps in one chart, ``(H, W, 3)`` uint8: one colour and
-    a legend entry per layer, each checked layer's ``min_coverage`` dashed in its colour.
-    Drawn from the values as logged, so no smoothing bends a jump and step 0 stays on it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
-
-    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    for i, (layer, points) in enumerate(series.items()):
-        steps = sorted(points)
-        colour = f"C{i % 10}"
-        ax.plot(steps, [points[s] for s in steps], "o-", ms=3, color=colour, label=layer)
-        if layer in bounds:
-            ax.axhline(bounds[layer], color=colour, ls="--", lw=1, label=f"{layer}: min_coverage")
-    ax.set_ylim(0, 1)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_xlabel("step")
-    ax.set_ylabel("coverage")
-    ax.set_title("ERF coverage per layer (as logged, unsmoothed)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.array(canvas.buffer_rgba())[..., :3].copy()
 
 
 class _EventFile:
@@ -262,6 +229,7 @@ class TensorBoardSink(Sink):
         # {prefix: {layer: {step: coverage}}} and {prefix: {layer: min_coverage}}: the chart
         self._growth: dict[str, dict[str, dict[int, float]]] = {}
         self._bounds: dict[str, dict[str, float]] = {}
+        self._charts: dict[str, GrowthChart] = {}  # one kept figure per prefix
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.run_dir!s})"
@@ -308,7 +276,7 @@ class TensorBoardSink(Sink):
             elif parts[2] == "min_coverage":
                 self._bounds.setdefault(parts[0], {})[shown] = float(value)
         return {
-            f"{prefix}/{GROWTH_TAG}": growth_image(
+            f"{prefix}/{GROWTH_TAG}": self._charts.setdefault(prefix, GrowthChart()).image(
                 self._growth[prefix], self._bounds.get(prefix, {})
             )
             for prefix in sorted(changed)
@@ -345,3 +313,7 @@ class TensorBoardSink(Sink):
         """Nothing to do: every call is on disk when it returns (a writer is flushed)."""
         if self.writer is not None:
             self.writer.flush()
+
+    def close(self) -> None:
+        """Drops the growth charts' figures (a later probe draws new ones)."""
+        self._charts.clear()

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from erf_monitor.core.shapes import ntuple
+
 __all__ = [
     "MAX_PREFIX_TOKENS",
     "ResolvedLayout",
@@ -175,10 +177,11 @@ def layouts_for(token_layout: TokenLayoutArg, names: Sequence[str]) -> dict[str,
 
 
 def _as_tuple(v: Any, nd: int) -> tuple[int, ...] | None:
-    if isinstance(v, int):
-        return (v,) * nd
-    if isinstance(v, (tuple, list)) and len(v) == nd and all(isinstance(i, int) for i in v):
-        return tuple(v)
+    """A patch size as ``nd`` ints; ``None`` for anything else (no patch size to trust)."""
+    if isinstance(v, int) or (
+        isinstance(v, (tuple, list)) and len(v) == nd and all(isinstance(i, int) for i in v)
+    ):
+        return ntuple(v, nd)
     return None
 
 

@@ -39,6 +39,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from erf_monitor.core.index import ModelIndex
+from erf_monitor.core.shapes import ntuple
 from erf_monitor.trf import tracer
 from erf_monitor.trf.masks import Masks
 from erf_monitor.trf.regions import (
@@ -246,15 +247,6 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
-
-
-def ntuple(v: Any, n: int) -> tuple[Any, ...]:
-    """``v`` per dim: a sequence as it is (one value repeated ``n`` times), else ``(v,) * n``."""
-    if isinstance(v, (list, tuple)):
-        if len(v) == 1 and n > 1:
-            return tuple(v) * n
-        return tuple(v)
-    return (v,) * n
 
 
 def _norm_dim(d: int, ndim: int) -> int:

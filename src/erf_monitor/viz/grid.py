@@ -20,7 +20,7 @@ import math
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -35,6 +35,8 @@ from erf_monitor.viz.render import (
 from erf_monitor.viz.shapes import MapResult
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
 
 __all__ = ["Panel", "grid_figure"]
@@ -168,32 +170,16 @@ def grid_figure(
         ValueError: an empty grid, or a map that is not 2-D.
     """
     import matplotlib
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     panels = _panels(grid)
-    if not panels or not any(panels.values()):
-        raise ValueError("grid_figure needs at least one model with one layer")
-    for model, layers in panels.items():
-        for name, p in layers.items():
-            if p.heatmap.ndim != 2:
-                raise ValueError(
-                    f"grid_figure draws 2-D maps; {model!r} {name!r} has shape {p.heatmap.shape}"
-                )
+    _check_panels(panels)
     labels, cols = _columns(panels, columns)
     by_column = columns == "grid" or (
         columns == "auto" and len({tuple(v) for v in panels.values()}) > 1
     )
     if scale == "mass":
-        ref = {
-            label: max(
-                (float(_unit_mass(panels[m][cols[m][label]].heatmap).max())
-                 for m in panels if label in cols[m]),
-                default=0.0,
-            )
-            for label in labels
-        }  # fmt: skip
+        ref = _column_peaks(panels, labels, cols)
     elif scale != "peak":
         raise ValueError(f"scale must be 'peak' or 'mass', got {scale!r}")
     nrows, ncols = len(panels), len(labels)
@@ -219,43 +205,12 @@ def grid_figure(
                 for side in ax.spines.values():
                     side.set_visible(False)
                 continue
-            p = layers[key]
-            a = np.where(np.isfinite(p.heatmap) & (p.heatmap > 0), p.heatmap, 0.0)
-            if scale == "mass":
-                a, peak = _unit_mass(a), ref[label]
-            else:
-                peak = float(a.max()) if a.size else 0.0
-            v = np.clip(a / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(a)
-            if log_scale:
-                v = _log(v)
-            ax.imshow(v, cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
-            if boxes and p.erf_size is not None and p.centre_pixel is not None and a.max() > 0:
-                half = int(p.erf_size) // 2
-                (cy, cx) = p.centre_pixel[:2]
-                add_box(ax, (cy - half, cy + half), (cx - half, cx + half), "white", lw=0.8,
-                         ls="--")  # fmt: skip
-                squares = True
-            ax.set_xlim(-0.5, a.shape[1] - 0.5)
-            ax.set_ylim(a.shape[0] - 0.5, -0.5)
-            ax.set_xticks(nice_ticks(a.shape[1], 3))  # input pixels
-            ax.set_yticks(nice_ticks(a.shape[0], 3))
+            peak = ref[label] if scale == "mass" else None
+            drawn = _draw_panel(ax, layers[key], peak, log_scale, colormap, boxes)
+            squares = squares or drawn
             if annotate:
-                text = [] if not by_column else [p.layer or "<model>"]
-                if p.erf_size is not None:
-                    text.append(f"ERF {p.erf_size} px")
-                ax.set_xlabel(" · ".join(text), fontsize=7, labelpad=2)
-    what = "ERF / its maximum" if scale == "peak" else "unit-mass ERF / column maximum"
-    bar = fig.colorbar(
-        ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap),
-        ax=axes,
-        shrink=min(0.9, 0.35 + 0.2 * nrows),
-        location="right",
-    )
-    if log_scale:
-        ticks = [1.0, 0.1, 0.01, 0.001, 0.0]
-        bar.set_ticks([float(_log(t)) for t in ticks], labels=["1", "0.1", "0.01", "0.001", "0"])
-    bar.set_label(what + (" (log)" if log_scale else ""), fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+                _annotate_panel(ax, layers[key], by_column)
+    _colour_bar(fig, axes, colormap, nrows, scale, log_scale)
     modes = [p.mode for layers in panels.values() for p in layers.values()]
     caption = colour_caption(modes, log_scale) + " Axes: input pixels."
     if by_column:
@@ -273,6 +228,87 @@ def grid_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _check_panels(panels: dict[str, dict[str, Panel]]) -> None:
+    if not panels or not any(panels.values()):
+        raise ValueError("grid_figure needs at least one model with one layer")
+    for model, layers in panels.items():
+        for name, p in layers.items():
+            if p.heatmap.ndim != 2:
+                raise ValueError(
+                    f"grid_figure draws 2-D maps; {model!r} {name!r} has shape {p.heatmap.shape}"
+                )
+
+
+def _column_peaks(
+    panels: dict[str, dict[str, Panel]], labels: list[str], cols: dict[str, dict[str, str]]
+) -> dict[str, float]:
+    """Per column, the largest value of its unit-mass maps (``scale="mass"``'s reference)."""
+    return {
+        label: max(
+            (float(_unit_mass(panels[m][cols[m][label]].heatmap).max())
+             for m in panels if label in cols[m]),
+            default=0.0,
+        )
+        for label in labels
+    }  # fmt: skip
+
+
+def _draw_panel(
+    ax: Axes, p: Panel, mass_peak: float | None, log_scale: bool, colormap: Colormap, boxes: bool
+) -> bool:
+    """One map on ``ax`` over its own peak (``mass_peak``: as a unit-mass map over its
+    column's); returns whether its 95%-mass square was drawn."""
+    a = np.where(np.isfinite(p.heatmap) & (p.heatmap > 0), p.heatmap, 0.0)
+    if mass_peak is not None:
+        a, peak = _unit_mass(a), mass_peak
+    else:
+        peak = float(a.max()) if a.size else 0.0
+    v = np.clip(a / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(a)
+    if log_scale:
+        v = _log(v)
+    ax.imshow(v, cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    square = False
+    if boxes and p.erf_size is not None and p.centre_pixel is not None and a.max() > 0:
+        half = int(p.erf_size) // 2
+        (cy, cx) = p.centre_pixel[:2]
+        add_box(ax, (cy - half, cy + half), (cx - half, cx + half), "white", lw=0.8, ls="--")
+        square = True
+    ax.set_xlim(-0.5, a.shape[1] - 0.5)
+    ax.set_ylim(a.shape[0] - 0.5, -0.5)
+    ax.set_xticks(nice_ticks(a.shape[1], 3))  # input pixels
+    ax.set_yticks(nice_ticks(a.shape[0], 3))
+    return square
+
+
+def _annotate_panel(ax: Axes, p: Panel, by_column: bool) -> None:
+    """The ERF size under the panel (and its layer when columns are stages)."""
+    text = [] if not by_column else [p.layer or "<model>"]
+    if p.erf_size is not None:
+        text.append(f"ERF {p.erf_size} px")
+    ax.set_xlabel(" · ".join(text), fontsize=7, labelpad=2)
+
+
+def _colour_bar(
+    fig: Figure, axes: Any, colormap: Colormap, nrows: int, scale: str, log_scale: bool
+) -> None:
+    """The one colour bar right of the panels (log ticks at the decades)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    what = "ERF / its maximum" if scale == "peak" else "unit-mass ERF / column maximum"
+    bar = fig.colorbar(
+        ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap),
+        ax=axes,
+        shrink=min(0.9, 0.35 + 0.2 * nrows),
+        location="right",
+    )
+    if log_scale:
+        ticks = [1.0, 0.1, 0.01, 0.001, 0.0]
+        bar.set_ticks([float(_log(t)) for t in ticks], labels=["1", "0.1", "0.01", "0.001", "0"])
+    bar.set_label(what + (" (log)" if log_scale else ""), fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def _log(v: np.ndarray | float) -> np.ndarray:
