@@ -571,3 +571,31 @@ def test_skipping_the_trf_runs_the_model_once_and_keeps_every_result(
             assert skip.trf is None and auto.trf is not None
             assert skip.centroid_offset == auto.centroid_offset
     assert results["skip"]["layer4"].centre == (32.0, 32.0)
+
+
+@pytest.mark.parametrize("trf", ["auto", "skip", "numeric"])
+def test_a_call_looks_each_layer_spec_up_once(monkeypatch: pytest.MonkeyPatch, trf: str) -> None:
+    """A fresh ``compute_erf`` looks each layer spec up in the module table once (a glob's
+    matches once each): the trace, the shapes, the targets and the TRF analysis read the
+    located layers. Before: 7 lookups of an exact spec and 5 of a glob's match with the
+    trace (``"auto"``, ``"skip"``), 3 and 2 with ``"numeric"``. (The numeric method looks
+    the layers up once more on its surrogate, a copy of the model with its own modules.)"""
+    from erf_monitor.targets import layers as layers_module
+
+    lookups: dict[str, int] = {}
+    split = layers_module._split
+
+    def counted(spec: str, table: dict[str, nn.Module]) -> Any:
+        if any(m is net[0] for m in table.values()):  # the model's table, not the surrogate's
+            lookups[spec] = lookups.get(spec, 0) + 1
+        return split(spec, table)
+
+    monkeypatch.setattr(layers_module, "_split", counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+    )
+    x = torch.randn(2, 3, 16, 16)
+    res = em.compute_erf(net, x, ["0", "2", "*"], trf=trf)
+    assert list(res) == ["0", "2", "1", "3"]
+    assert lookups == dict.fromkeys(res, 1), lookups

@@ -3,7 +3,9 @@ shape and the arguments — built once, reused by every probe.
 
 :func:`build_plan` runs the pipeline's first stages in order: *targets* (layer specs as spelled,
 modules, output selectors, layouts: :func:`~erf_monitor.targets.resolve.resolve_targets`, the
-one resolver of named and ``"auto"`` layers), *TRFs* (the analysis, TRFs given by the caller,
+one resolver of named and ``"auto"`` layers; each spec is looked up once,
+:func:`~erf_monitor.targets.layers.locate_layers`, and the trace, the targets and the TRF
+analysis all read what it found), *TRFs* (the analysis, TRFs given by the caller,
 or none; the seed units' geometry in every case), the *seed units* of every position, the
 *crop groups* and the probe *dtype*. :func:`compute_erf`, :func:`theoretical_rf`, the monitors
 and the command line all build it the same way; the monitors build it once at setup.
@@ -36,7 +38,7 @@ from erf_monitor.core.index import ModelIndex, index_of, model_index
 from erf_monitor.core.modes import Mode, seed_index
 from erf_monitor.core.rng import preserved_rng
 from erf_monitor.probe.crop import CropOption, Group, Index, plan_groups
-from erf_monitor.targets.layers import module_table, unwrap_model
+from erf_monitor.targets.layers import Located, locate_layers, module_table, unwrap_model
 from erf_monitor.targets.observe import ForwardFn
 from erf_monitor.targets.positions import PositionRequest, PositionSpec, request
 from erf_monitor.targets.resolve import Target, resolve_targets
@@ -241,15 +243,19 @@ def _build(
     traced = None
     known: dict[str, tuple[int, ...]] = {}
     table = module_table(index)  # one name table serves every stage below
-    if traces and not (isinstance(layers, str) and layers == "auto"):
+    auto = isinstance(layers, str) and layers == "auto"
+    # Each named spec is looked up once, here: every stage below reads the located layers
+    # (the wrapped model: messages name it). "auto" locates its picks in the targets stage.
+    named: str | list[Located] = "auto" if auto else locate_layers(model, layers, table)
+    if traces and not isinstance(named, str):
         # Named layers: the trace the analysis walks tells their shapes too (no forward).
-        traced, known = _trace_first(net, input_shape, model, layers, forward_fn, table, index)
+        traced, known = _trace_first(net, input_shape, named, forward_fn, table, index)
     # The forward that reads the layers' outputs runs the model as it is: a half model on a
     # half example (only shapes are read; the probe computes in ``example``'s dtype).
     _, native = model_device_dtype(index)
     first = example[:2].detach()
     first = first.to(native) if native in (torch.float16, torch.bfloat16) else first
-    targets = tuple(resolve_targets(model, layers, first, forward_fn, token_layout, known, table))
+    targets = tuple(resolve_targets(model, named, first, forward_fn, token_layout, known, table))
     names = [t.spec for t in targets]
     layouts = {t.spec: t.token_layout for t in targets if t.token_layout is not None}
     units = {t.spec: req.indices(t.grid, mode, t.tokens, t.spec) for t in targets}
@@ -258,7 +264,7 @@ def _build(
     if trf == "auto" or trf == "fx" or trf == "numeric":
         try:
             trfs = _analyse(
-                net, input_shape, names, req, forward_fn, layouts, mode, trf, traced, table, index
+                net, input_shape, targets, req, forward_fn, layouts, mode, trf, traced, table, index
             )
         except Exception as exc:
             if raise_trf_errors:
@@ -271,12 +277,12 @@ def _build(
     elif isinstance(trf, str):  # "skip"
         trfs = {}
         geometry = _geometry(
-            net, input_shape, names, forward_fn, layouts, mode, req, table, index, traced
+            net, input_shape, targets, forward_fn, layouts, mode, req, table, index, traced
         )
     else:
         trfs = _usable_trfs(trf, names, spatial, mode, req)
         geometry = trfs
-        incomplete = [n for n in names if any(k not in trfs[n] for k in units[n])]
+        incomplete = [t for t in targets if any(k not in trfs[t.spec] for k in units[t.spec])]
         if incomplete:  # positions without a given TRF: centres from the geometry
             more = _geometry(
                 net, input_shape, incomplete, forward_fn, layouts, mode, req, table, index
@@ -313,7 +319,7 @@ def _build(
 def _analyse(
     net: nn.Module,
     input_shape: tuple[int, ...],
-    names: list[str],
+    targets: Sequence[Located],
     req: PositionRequest,
     forward_fn: ForwardFn | None,
     layouts: Mapping[str, TokenLayout],
@@ -326,7 +332,7 @@ def _analyse(
     from erf_monitor.trf.analysis import theoretical_rfs
 
     return theoretical_rfs(
-        net, input_shape, names, req, method=method, forward_fn=forward_fn,
+        net, input_shape, list(targets), req, method=method, forward_fn=forward_fn,
         token_layout=layouts, mode=mode, traced=traced, table=table, index=index,
     )  # fmt: skip
 
@@ -334,34 +340,32 @@ def _analyse(
 def _trace_first(
     net: nn.Module,
     input_shape: tuple[int, ...],
-    model: nn.Module,
-    layers: str | Sequence[str],
+    layers: list[Located],
     forward_fn: ForwardFn | None,
     table: dict[str, nn.Module] | None = None,
     index: ModelIndex | None = None,
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    """The analysis' trace and the layers' output shapes read from it; ``(None, {})`` when
-    the layers fail here (the targets stage then says why), ``(Unsupported, {})`` when the
-    trace does (the analysis falls back as it would, without tracing again)."""
-    from erf_monitor.targets.layers import resolve_layers
+    """The analysis' trace and the located layers' output shapes read from it; ``(None, {})``
+    when the trace fails with a ValueError or TypeError (the targets stage then says what is
+    wrong), ``(Unsupported, {})`` when the trace cannot follow the model (the analysis falls
+    back as it would, without tracing again)."""
     from erf_monitor.trf.analysis import trace_layers, traced_shape
     from erf_monitor.trf.fx import Unsupported
 
     try:
-        specs = resolve_layers(model, layers, table)
-        traced = trace_layers(net, input_shape, specs, forward_fn, table, index)
+        traced = trace_layers(net, input_shape, layers, forward_fn, table, index)
     except Unsupported as exc:
         return exc, {}
     except (ValueError, TypeError):
         return None, {}
-    shapes = {s: traced_shape(traced, net, s, table) for s in specs}
+    shapes = {t.spec: traced_shape(traced, net, t, table) for t in layers}
     return traced, {s: shape for s, shape in shapes.items() if shape is not None}
 
 
 def _geometry(
     net: nn.Module,
     input_shape: tuple[int, ...],
-    names: Sequence[str],
+    targets: Sequence[Located],
     forward_fn: ForwardFn | None,
     layouts: Mapping[str, TokenLayout],
     mode: Mode,
@@ -376,7 +380,7 @@ def _geometry(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _analyse(
-                net, input_shape, list(names), req, forward_fn, layouts, mode,
+                net, input_shape, targets, req, forward_fn, layouts, mode,
                 traced=traced, table=table, index=index,
             )  # fmt: skip
     except Exception:

@@ -29,17 +29,20 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
 from erf_monitor.core.index import ModelIndex, index_of
 
 __all__ = [
+    "Located",
     "Selector",
     "UnknownLayerError",
     "format_selector",
     "locate_layer",
+    "locate_layers",
     "module_table",
     "parse_layer_spec",
     "resolve_layers",
@@ -55,6 +58,23 @@ _WRAPPER_PREFIX = "module."
 #: One step of an output selector: an int index or a str key / field name.
 Step = int | str
 Selector = tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Located:
+    """One layer spec, looked up once: what every later stage reads instead of the spec.
+
+    Attributes:
+        spec: the layer spec as given (the key of its results).
+        path: the module's name in the unwrapped model (no ``_orig_mod``, no ``module.``).
+        module: the module whose first output is probed.
+        selector: the output selector applied to that output (``()``: all of it).
+    """
+
+    spec: str
+    path: str
+    module: nn.Module
+    selector: Selector
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -359,13 +379,48 @@ def resolve_layers(
         >>> resolve_layers(nn.Sequential(net), "0[0]")  # a selector on the output of '0'
         ['0[0]']
     """
+    return [spec for spec, _hit in _expand(model, layers, table)]
+
+
+def locate_layers(
+    model: nn.Module,
+    layers: str | Sequence[str] | Sequence[Located],
+    table: dict[str, nn.Module] | None = None,
+) -> list[Located]:
+    """:func:`resolve_layers` and :func:`locate_layer` in one pass: each spec (each glob
+    match) is looked up once. Already located layers are returned as they are.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> [(t.spec, t.path, t.selector) for t in locate_layers(net, ["0", "*[0]"])]
+        [('0', '0', ()), ('0[0]', '0', (0,)), ('1[0]', '1', (0,))]
+    """
+    if not isinstance(layers, str) and layers and all(isinstance(t, Located) for t in layers):
+        return list(layers)  # type: ignore[arg-type]
+    if table is None:
+        table = module_table(unwrap_model(model))
+    out = []
+    for spec, hit in _expand(model, layers, table):  # type: ignore[arg-type]
+        if hit is None:  # a glob's match: looked up here, once
+            hit = _split(_canonical_spec(spec), table)
+            if hit is None:
+                raise _unknown_layer_error(spec, list(table), _wrapper_of(model))
+        out.append(Located(spec, hit[0], table[hit[0]], hit[1]))
+    return out
+
+
+def _expand(
+    model: nn.Module, layers: str | Sequence[str], table: dict[str, nn.Module] | None
+) -> Iterator[tuple[str, tuple[str, Selector] | None]]:
+    """``(spec, (table key, selector))`` of each exact spec, ``(match, None)`` of each glob
+    match, in order, de-duplicated (see :func:`resolve_layers`)."""
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name, a glob, or 'auto'.")
     if table is None:
         table = module_table(unwrap_model(model))
     names = list(table)
-    out: list[str] = []
+    seen: set[str] = set()
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
@@ -384,12 +439,15 @@ def resolve_layers(
             matched = [given]  # as spelled: results are keyed the way they were asked for
         else:
             matched = _glob_matches(spec, names)
+            hit = None
         if not matched:
             if syntax_error is not None and any(q in spec for q in "'\""):
                 raise syntax_error
             raise _unknown_layer_error(spec, names, _wrapper_of(model))
-        out.extend(m for m in matched if m not in out)
-    return out
+        for m in matched:
+            if m not in seen:
+                seen.add(m)
+                yield m, hit
 
 
 def _canonical_spec(spec: str) -> str:

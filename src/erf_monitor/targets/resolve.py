@@ -34,11 +34,10 @@ from torch import nn
 
 from erf_monitor.targets.auto import GLOBAL_POOLS, GRID_MODULES, pick_layers, read_outputs
 from erf_monitor.targets.layers import (
-    Selector,
+    Located,
     format_selector,
-    locate_layer,
+    locate_layers,
     module_table,
-    resolve_layers,
     unwrap_model,
 )
 from erf_monitor.targets.observe import ForwardFn, hooked_forward
@@ -56,22 +55,15 @@ __all__ = ["Target", "plausible_grid", "resolve_targets"]
 
 
 @dataclass(frozen=True)
-class Target:
-    """One probed layer, resolved.
+class Target(Located):
+    """One probed layer, resolved: its :class:`~erf_monitor.targets.layers.Located` spec
+    (``spec``, ``path``, ``module``, ``selector``) completed with its output.
 
     Attributes:
-        spec: the layer spec as given (the key of its results).
-        path: the module's name in the unwrapped model.
-        module: the module whose first output is probed.
-        selector: the output selector applied to that output (``()``: all of it).
         shape: the selected output's shape on the input the targets were resolved with.
         layout: how that output maps onto a grid (``None``: ``(N, C, *S)`` or flat ``(N, K)``).
     """
 
-    spec: str
-    path: str
-    module: nn.Module
-    selector: Selector
     shape: tuple[int, ...]
     layout: ResolvedLayout | None
 
@@ -166,7 +158,7 @@ def _layout(
 
 def resolve_targets(
     model: nn.Module,
-    layers: str | Sequence[str],
+    layers: str | Sequence[str] | Sequence[Located],
     x: torch.Tensor,
     forward_fn: ForwardFn | None = None,
     token_layout: TokenLayoutArg = None,
@@ -174,6 +166,9 @@ def resolve_targets(
     table: dict[str, nn.Module] | None = None,
 ) -> list[Target]:
     """Resolve ``layers`` on ``model`` for inputs shaped like ``x`` (see the module docstring).
+
+    ``layers`` may be located already (:func:`~erf_monitor.targets.layers.locate_layers`):
+    they are then completed with their shapes and layouts, never looked up again.
 
     ``known_shapes``: output shapes (batch 1) of layer specs that the caller knows already
     (e.g. from a trace): no forward is run for those. ``table``: the model's
@@ -202,12 +197,14 @@ def resolve_targets(
         # What auto read, it picked: channels-last picks carry their layout, others are maps.
         readings = {s: (shapes[s], "last" if s in given else "first") for s in specs}
     else:
-        specs = resolve_layers(model, layers, table)  # the wrapped model: messages name it
+        # the wrapped model: messages name it
+        located = {t.spec: t for t in locate_layers(model, layers, table)}
+        specs = list(located)
         shapes.update({s: tuple(v) for s, v in (known_shapes or {}).items() if s in specs})
     given.update(layouts_for(token_layout, specs))  # the user's layouts win
     if isinstance(layers, str) and layers == "auto":
         note_dropped(net, pick, x, forward_fn, table)  # stages a small input left out
-    located = {s: locate_layer(model, s, table) for s in specs}
+        located = {t.spec: t for t in locate_layers(model, specs, table)}
 
     def take(spec: str, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
@@ -219,7 +216,8 @@ def resolve_targets(
             )
         shapes[spec] = tuple(out.shape)
 
-    unread = {s: located[s][1:] for s in specs if s not in shapes}  # (auto recorded its own)
+    # (auto recorded its own)
+    unread = {s: (located[s].module, located[s].selector) for s in specs if s not in shapes}
     if unread:
         with torch.no_grad():
             hooked_forward(net, forward_fn, x[:1], unread, take)
@@ -227,26 +225,26 @@ def resolve_targets(
     for s in specs:
         if s in given or s in readings or len(shapes[s]) != len(spatial) + 2:
             continue
-        if _needs_evidence(located[s][1], shapes[s], spatial):
+        if _needs_evidence(located[s].module, shapes[s], spatial):
             unsure.append(s)
         else:
             readings[s] = (shapes[s], "first")
     if unsure:  # the recorded forward, read as ``auto`` reads it
-        recorded = read_outputs(net, x[:2], forward_fn, {located[s][0] for s in unsure}, table)
+        recorded = read_outputs(net, x[:2], forward_fn, {located[s].path for s in unsure}, table)
         for s in unsure:
-            path, _module, selector = located[s]
-            _shape, reading = recorded.get(path + format_selector(selector), (shapes[s], None))
+            key = located[s].path + format_selector(located[s].selector)
+            _shape, reading = recorded.get(key, (shapes[s], None))
             readings[s] = (shapes[s], reading)
     out = []
     for spec in specs:
-        path, module, selector = located[spec]
+        loc = located[spec]
         shape = shapes[spec]
         if spec in given:
             layout = resolve_layout(spec, shape, given[spec], spatial, net)
         else:
             layout = _layout(spec, shape, readings.get(spec, (shape, None))[1], spatial, net)
         _check_rank(spec, shape, layout, len(spatial))
-        out.append(Target(spec, path, module, selector, shape, layout))
+        out.append(Target(spec, loc.path, loc.module, loc.selector, shape, layout))
     return out
 
 

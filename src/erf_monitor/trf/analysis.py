@@ -30,7 +30,7 @@ from erf_monitor.core.hints import check_not_meta
 from erf_monitor.core.index import ModelIndex, index_of, model_index
 from erf_monitor.core.modes import check_mode, seed_index
 from erf_monitor.core.rng import preserved_rng
-from erf_monitor.targets.layers import locate_layer, module_table, unwrap_model
+from erf_monitor.targets.layers import Located, locate_layer, module_table, unwrap_model
 from erf_monitor.targets.observe import ForwardFn, not_reached_error
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout
 from erf_monitor.trf.fx import (
@@ -64,7 +64,7 @@ _SPATIAL_MODULES = (
 def theoretical_rfs(
     model: nn.Module,
     input_shape: Sequence[int],
-    layers: Sequence[str] | str,
+    layers: Sequence[str] | Sequence[Located] | str,
     positions: Any = None,
     *,
     method: Literal["auto", "fx", "numeric"] = "auto",
@@ -79,6 +79,9 @@ def theoretical_rfs(
     """:func:`~erf_monitor.theoretical_rf` of several units per layer: ``{layer: {position
     key: TRF}}`` (the analysis behind it; its docstring describes the methods).
 
+    ``layers``: names, or layers located already
+    (:func:`~erf_monitor.targets.layers.locate_layers`, or the plan's targets): names are
+    looked up once here, located layers never again.
     ``positions`` is a :class:`~erf_monitor.targets.positions.PositionRequest` (every probed
     position of it, the centre included for sets) or ``None`` (the centre unit only, key
     ``"centre"``). One trace serves every unit; each TRF's ``output_centre`` is its unit.
@@ -99,7 +102,7 @@ def theoretical_rfs(
     channels, spatial = parse_input_shape(index, input_shape)
     if table is None:
         table = module_table(index)
-    names = _check_layers(model, layers, table)
+    located = _check_layers(model, layers, table)
     req = positions if isinstance(positions, PositionRequest) else None
 
     def units(name: str, grid: tuple[int, ...], tokens: bool) -> dict[str, tuple[int, ...]]:
@@ -110,19 +113,19 @@ def theoretical_rfs(
     with preserved_rng(), eager_forwards(index):
         if method == "numeric":
             return numeric_trfs(
-                net, channels, spatial, names, forward_fn, token_layout, mode, units
+                net, channels, spatial, located, forward_fn, token_layout, mode, units
             )
         if method == "fx" and isinstance(traced, Unrolled):
             traced = None  # the caller's trace stopped at a loop: "fx" traces all of it
         try:
             with full_trace() if method == "fx" else contextlib.nullcontext():
                 return _analytic(
-                    net, channels, spatial, names, forward_fn, token_layout, mode, units, traced,
+                    net, channels, spatial, located, forward_fn, token_layout, mode, units, traced,
                     table, index,
                 )  # fmt: skip
         except Unrolled as exc:  # ("auto")
             return _before_loop(
-                exc, net, channels, spatial, names, forward_fn, token_layout, mode, units, table,
+                exc, net, channels, spatial, located, forward_fn, token_layout, mode, units, table,
                 index, _stacklevel + 1,
             )  # fmt: skip
         except Unsupported as exc:
@@ -131,7 +134,9 @@ def theoretical_rfs(
                     f"The torch.fx receptive-field analysis cannot follow this model: {exc}. "
                     "Use method='numeric' (or 'auto')."
                 ) from None
-            out = numeric_trfs(net, channels, spatial, names, forward_fn, token_layout, mode, units)
+            out = numeric_trfs(
+                net, channels, spatial, located, forward_fn, token_layout, mode, units
+            )
             doubt = numeric_doubt(out)
             if doubt:
                 warnings.warn(
@@ -182,7 +187,7 @@ def _before_loop(
     net: nn.Module,
     channels: int,
     spatial: tuple[int, ...],
-    names: list[str],
+    located: list[Located],
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None,
     mode: str,
@@ -194,12 +199,12 @@ def _before_loop(
     """The fx TRFs of the layers that the trace reached before it stopped at a loop; the
     others are unknown (left out, as ``trf="skip"`` leaves every layer), said in one line."""
     out: dict[str, dict[str, TRF]] = {}
-    for name in names:
-        if locate_layer(net, name, table)[0] in exc.traced.outputs:
+    for layer in located:
+        if layer.path in exc.traced.outputs:
             with contextlib.suppress(Unsupported):
-                out.update(_analytic(net, channels, spatial, [name], forward_fn, token_layout,
+                out.update(_analytic(net, channels, spatial, [layer], forward_fn, token_layout,
                                      mode, units, exc.traced, table, index))  # fmt: skip
-    unknown = [name for name in names if name not in out]
+    unknown = [layer.spec for layer in located if layer.spec not in out]
     if unknown:
         warnings.warn(
             f"theoretical_rf: {exc}; no TRF for {unknown} (as with trf='skip'). "
@@ -274,19 +279,25 @@ def parse_input_shape(
 
 
 def _check_layers(
-    net: nn.Module, layers: Sequence[str] | str, table: dict[str, nn.Module] | None = None
-) -> list[str]:
+    net: nn.Module,
+    layers: Sequence[str] | Sequence[Located] | str,
+    table: dict[str, nn.Module] | None = None,
+) -> list[Located]:
+    """``layers`` located, each name looked up once (located layers as they are)."""
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise ValueError("No layers given: pass at least one layer name.")
-    out: list[str] = []
+    out: list[Located] = []
     if table is None:
         table = module_table(unwrap_model(net))
     for spec in specs:
+        if isinstance(spec, Located):
+            out.append(spec)
+            continue
         if not isinstance(spec, str):
             raise TypeError(f"Layer names must be strings, got {type(spec).__name__}: {spec!r}")
-        locate_layer(net, spec, table)  # raises for unknown names, listing close matches
-        out.append(spec)
+        # raises for unknown names, listing close matches
+        out.append(Located(spec, *locate_layer(net, spec, table)))
     return out
 
 
@@ -297,7 +308,7 @@ def _analytic(
     net: nn.Module,
     channels: int,
     spatial: tuple[int, ...],
-    names: list[str],
+    located: list[Located],
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
@@ -311,24 +322,25 @@ def _analytic(
     if table is None:
         table = module_table(net if index is None else index)
     if traced is None:
-        traced = trace_layers(net, (channels, *spatial), names, forward_fn, table, index)
-    layouts = layouts_for(token_layout, names)
+        traced = trace_layers(net, (channels, *spatial), located, forward_fn, table, index)
+    layouts = layouts_for(token_layout, [t.spec for t in located])
     return {
-        name: _analytic_units(traced, name, spatial, layouts.get(name), net, mode, units, table)
-        for name in names
+        t.spec: _analytic_units(traced, t, spatial, layouts.get(t.spec), net, mode, units, table)
+        for t in located
     }
 
 
 def trace_layers(
     net: nn.Module,
     input_shape: Sequence[int],
-    names: Sequence[str],
+    names: Sequence[str] | Sequence[Located],
     forward_fn: ForwardFn | None = None,
     table: dict[str, nn.Module] | None = None,
     index: ModelIndex | None = None,
 ) -> TracedModel:
-    """The fx trace the analysis walks, up to the last of the layers ``names`` (``table``,
-    ``index``: ``net``'s module table and index, when the caller built them already).
+    """The fx trace the analysis walks, up to the last of the layers ``names`` (specs, or
+    located layers: not looked up again; ``table``, ``index``: ``net``'s module table and
+    index, when the caller built them already).
 
     Raises:
         Unsupported: the model cannot be traced.
@@ -337,18 +349,22 @@ def trace_layers(
         index = model_index(net)
     if table is None:
         table = module_table(index)
-    modules = {locate_layer(net, name, table)[0] for name in names}
+    modules = {t.path if isinstance(t, Located) else locate_layer(net, t, table)[0] for t in names}
     with preserved_rng(), eager_forwards(index):
         return trace_model(net, forward_fn, tuple(input_shape), stop_after=modules, index=index)
 
 
 def traced_shape(
-    traced: TracedModel, net: nn.Module, name: str, table: dict[str, nn.Module] | None = None
+    traced: TracedModel,
+    net: nn.Module,
+    layer: str | Located,
+    table: dict[str, nn.Module] | None = None,
 ) -> tuple[int, ...] | None:
-    """The shape (batch 1) of layer ``name``'s selected output in a trace (``None``: not a
+    """The shape (batch 1) of ``layer``'s selected output in a trace (``None``: not a
     single floating-point tensor there, or not reached: the targets stage then reads the
-    output itself, and says what is wrong with it)."""
-    key, _module, selector = locate_layer(net, name, table)
+    output itself, and says what is wrong with it). ``layer``: a spec, or located already."""
+    loc = layer if isinstance(layer, Located) else Located(layer, *locate_layer(net, layer, table))
+    name, key, selector = loc.spec, loc.path, loc.selector
     if traced.outputs.get(key) is None and not selector:
         return None
     try:
@@ -363,7 +379,7 @@ def traced_shape(
 
 def _analytic_units(
     traced: TracedModel,
-    name: str,
+    layer: str | Located,
     spatial: tuple[int, ...],
     layout: TokenLayout | None = None,
     net: nn.Module | None = None,
@@ -372,7 +388,12 @@ def _analytic_units(
     table: dict[str, nn.Module] | None = None,
 ) -> dict[str, TRF]:
     """The TRF of each unit ``units`` names (default: the mode's centre unit), one walk each."""
-    key, _module, selector = locate_layer(net, name, table) if net is not None else (name, None, ())
+    if isinstance(layer, Located):
+        name, key, selector = layer.spec, layer.path, layer.selector
+    elif net is not None:
+        name, (key, _module, selector) = layer, locate_layer(net, layer, table)
+    else:
+        name, key, selector = layer, layer, ()
     if key not in traced.outputs:
         parts = key.split(".")
         if any(".".join(parts[:i]) in traced.leaf_paths for i in range(1, len(parts))):

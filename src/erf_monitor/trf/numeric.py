@@ -13,7 +13,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from erf_monitor.core.hints import input_grad
 from erf_monitor.core.modes import seed_index
 from erf_monitor.core.probing import probing
-from erf_monitor.targets.layers import locate_layer, module_table
+from erf_monitor.targets.layers import Located, locate_layer, module_table
 from erf_monitor.targets.observe import ForwardFn, hooked_forward
 from erf_monitor.targets.outputs import needs_selector_error
 from erf_monitor.targets.tokens import TokenLayout, layouts_for, resolve_layout, tokens_to_spatial
@@ -305,12 +305,14 @@ def numeric_trfs(
     net: nn.Module,
     channels: int,
     spatial: tuple[int, ...],
-    names: list[str],
+    layers: Sequence[str] | Sequence[Located],
     forward_fn: ForwardFn | None,
     token_layout: TokenLayout | Mapping[str, TokenLayout] | None = None,
     mode: str = "luo",
     units: UnitsFn | None = None,
 ) -> dict[str, dict[str, TRF]]:
+    # The surrogate is a copy: its layers are its own modules, looked up on its own table.
+    names = [t.spec if isinstance(t, Located) else t for t in layers]
     sur = _surrogate(net)
     layouts = layouts_for(token_layout, names)
     table = module_table(sur)
