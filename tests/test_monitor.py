@@ -213,6 +213,19 @@ def test_auto_layers_threshold_applies_to_deepest_only() -> None:
     assert len(rec) == 1  # the TRF notice is logged information, not a warning
 
 
+def test_deepest_layer_reads_module_paths_not_spellings() -> None:
+    """A float min_coverage checks the layer whose module runs last, however its spec is
+    spelled: a wrapper's ``module.`` prefix or an output selector names the same module (the
+    old spelling-based order ranked "module.2" and "module.0" alike and kept the later)."""
+
+    eng = MonitorEngine(layers=["module.2", "module.0"], num_samples=2, min_coverage=0.99)
+    eng.set_probe_batch(batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eng.probe(nn.DataParallel(tiny_net()), 0)  # on CPU: calls the module
+    assert eng._thresholds == {"module.2": 0.99}
+
+
 class _Res(nn.Module):
     """x + 0.05 * conv(x): a wide TRF (dilation 4) but an ERF concentrated at the centre."""
 

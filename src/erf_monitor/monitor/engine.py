@@ -281,7 +281,7 @@ class MonitorEngine:
                 raise_trf_errors=False,
             )  # fmt: skip
         self.plan = plan
-        self._thresholds = resolve_thresholds(net, plan.names, opts.min_coverage)
+        self._thresholds = resolve_thresholds(net, plan.targets, opts.min_coverage)
         if plan.trf_error is not None:
             self.report(
                 "trf",

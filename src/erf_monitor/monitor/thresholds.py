@@ -19,7 +19,7 @@ from torch import nn
 
 from erf_monitor.monitor.alerts import fmt_shape
 from erf_monitor.monitor.options import MinCoverage
-from erf_monitor.targets.layers import resolve_layers, spec_matches, unwrap_model
+from erf_monitor.targets.layers import Located, resolve_layers, spec_matches, unwrap_model
 
 if TYPE_CHECKING:
     from erf_monitor.trf.types import TRF
@@ -29,25 +29,25 @@ __all__ = ["check_threshold_keys", "deepest_layer", "note_small_trfs", "resolve_
 log = logging.getLogger("erf_monitor")
 
 
-def deepest_layer(model: nn.Module, names: Sequence[str]) -> str:
-    """The watched layer that runs last: the one whose subtree ends last in ``named_modules()``
-    order (a container after its children); ``"stage[0]"``-style selectors count as their
-    module. Ties keep the later name."""
-    order = [n for n, _ in unwrap_model(model).named_modules()]
+def deepest_layer(targets: Sequence[Located], order: Sequence[str]) -> str:
+    """The spec of the watched layer that runs last: the one whose module's subtree ends last
+    in ``order`` (the model's module names in ``named_modules()`` order: a container after
+    its children); a target with an output selector counts as its module. Ties keep the
+    later target."""
 
-    def end(name: str) -> tuple[int, int]:
-        base = name.split("[", 1)[0]
+    def end(target: Located) -> tuple[int, int]:
+        path = target.path
         last = max(
-            (i for i, n in enumerate(order) if base in ("", n) or n.startswith(base + ".")),
+            (i for i, n in enumerate(order) if path in ("", n) or n.startswith(path + ".")),
             default=-1,
         )
-        return last, -base.count(".")
+        return last, -path.count(".")
 
-    best = names[0]
-    for name in names[1:]:
-        if end(name) >= end(best):
-            best = name
-    return best
+    best = targets[0]
+    for target in targets[1:]:
+        if end(target) >= end(best):
+            best = target
+    return best.spec
 
 
 def check_threshold_keys(model: nn.Module, min_coverage: MinCoverage) -> None:
@@ -66,18 +66,19 @@ def check_threshold_keys(model: nn.Module, min_coverage: MinCoverage) -> None:
 
 
 def resolve_thresholds(
-    net: nn.Module, names: list[str], min_coverage: MinCoverage
+    net: nn.Module, targets: Sequence[Located], min_coverage: MinCoverage
 ) -> dict[str, float]:
-    """``{layer: threshold}`` of the checked layers among the resolved ``names``."""
-    if min_coverage is None or not names:
+    """``{layer spec: threshold}`` of the checked layers among the plan's ``targets``."""
+    if min_coverage is None or not targets:
         return {}
     if not isinstance(min_coverage, Mapping):
-        return {deepest_layer(net, names): float(min_coverage)}
+        order = [n for n, _ in unwrap_model(net).named_modules()]
+        return {deepest_layer(targets, order): float(min_coverage)}
     out: dict[str, float] = {}
-    for name in names:
+    for target in targets:
         for spec, value in min_coverage.items():
-            if spec_matches(name, spec):
-                out[name] = value
+            if spec_matches(target.spec, spec):
+                out[target.spec] = value
                 break
     return out
 
