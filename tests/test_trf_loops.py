@@ -10,8 +10,11 @@ anything: the trace's length is counted in recorded ops.
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import warnings
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,38 +26,23 @@ from erf_monitor.trf.tracer import LOOP_BOUND, Unrolled, full_trace
 from references import one_layer_reference
 
 
-class Scan(nn.Module):
-    """A Mamba-style selective scan over the tokens of a map, as a Python loop (the model of
-    benchmarks/bench_loop_trace.py, smaller)."""
+def _bench_module() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loop_trace.py"
+    spec = importlib.util.spec_from_file_location("bench_loop_trace", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, d: int, s: int = 2) -> None:
-        super().__init__()
-        self.dt = nn.Linear(d, d)
-        self.B = nn.Linear(d, s)
-        self.C = nn.Linear(d, s)
-        self.A = nn.Parameter(-torch.rand(d, s))
-        self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, d, h, w = x.shape
-        u = x.flatten(2).transpose(1, 2)  # (N, L, D)
-        dt = nn.functional.softplus(self.dt(u))
-        da = torch.exp(dt.unsqueeze(-1) * self.A)  # (N, L, D, S)
-        dbu = dt.unsqueeze(-1) * self.B(u).unsqueeze(2) * u.unsqueeze(-1)
-        c = self.C(u)  # (N, L, S)
-        state = torch.zeros_like(da[:, 0])
-        ys = []
-        for i in range(u.shape[1]):
-            state = da[:, i] * state + dbu[:, i]
-            ys.append((state * c[:, i].unsqueeze(1)).sum(-1))
-        y = self.out(torch.stack(ys, 1))
-        return y.transpose(1, 2).reshape(n, d, h, w)
+#: The Mamba-style scan of benchmarks/bench_loop_trace.py (a Python loop over the tokens).
+Scan = _bench_module().Scan
 
 
 def scan_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 4, stride=4), Scan(4), nn.Conv2d(4, 4, 3, padding=1)
+        nn.Conv2d(3, 4, 4, stride=4), Scan(4, 2), nn.Conv2d(4, 4, 3, padding=1)
     ).eval()
 
 
