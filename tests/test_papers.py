@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S
 from erf_monitor.cli import main
 from erf_monitor.cli.tables import tex_number
 
@@ -295,7 +296,7 @@ def test_torchrun_two_processes_equal_one(models: Path, tmp_path: Path, extra: l
     launch += ["--nproc_per_node", "2", "-m", "erf_monitor.cli", "analyze"]
     proc = subprocess.run(
         [*launch, *args, "--out", str(tmp_path / "two")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ERF of ") == 1  # rank 0 alone prints and writes
@@ -326,7 +327,7 @@ def test_bench_sharded_runs(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(script), "--quick", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

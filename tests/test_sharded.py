@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import erf_monitor as em
+from conftest import HANG_GUARD_S
 
 SCRIPT = Path(__file__).with_name("_sharded_script.py")
 sys.path.insert(0, str(SCRIPT.parent))
@@ -32,7 +33,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("sharded")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(_free_port())],
-        capture_output=True, text=True, timeout=1800,  # collectives time out after 120 s
+        capture_output=True, text=True, timeout=HANG_GUARD_S,  # collectives time out after 120 s
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
