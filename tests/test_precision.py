@@ -44,11 +44,16 @@ def test_half_resnet18_maps_match_float64_in_every_stage(dtype: torch.dtype) -> 
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_dtype_opts_out_of_the_float32_probe() -> None:
+def bf16_net() -> torch.nn.Sequential:
+    """A small bfloat16 model whose layer "2" sees a 5 x 5 field."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 8, 3)
     ).to(torch.bfloat16)
+
+
+def test_dtype_opts_out_of_the_float32_probe() -> None:
+    net = bf16_net()
     x = torch.randn(2, 3, 12, 12)
     exact = em.compute_erf(net, x, ["2"])["2"]
     native = em.compute_erf(net, x, ["2"], dtype=torch.bfloat16)["2"]
@@ -71,10 +76,7 @@ def test_theoretical_rf_of_a_half_model() -> None:
 
 
 def test_a_monitor_probes_a_half_model_in_float32() -> None:
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 8, 3)
-    ).to(torch.bfloat16)
+    net = bf16_net()
     x = torch.randn(2, 3, 12, 12)
     w = em.watch(net, layers=["2"], every_n_steps=1, probe_inputs=x, min_coverage=None,
                  summary=False)  # fmt: skip
