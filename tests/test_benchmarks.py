@@ -95,6 +95,14 @@ def test_bench_loop_trace(tmp_path: Path) -> None:
     assert set(row["median_cpu_s"]) == {"forward", "trf", "trf_numeric", "probe"}
 
 
+def test_bench_lean(tmp_path: Path) -> None:
+    rows = run_benchmark("bench_lean.py", tmp_path)
+    assert [row["case"] for row in rows] == ["centre", "grid:3", "centre, crop=False"]
+    for row in rows:
+        assert set(row["median"]["cpu"]) == {"lean", "off"}
+        assert row["max_rel_diff"] < 1e-5  # the same maps either way
+
+
 def test_bench_tensorboard(tmp_path: Path) -> None:
     report = run_benchmark("bench_tensorboard.py", tmp_path, "--png", str(tmp_path))
     (run,) = report["runs"]["after"]

@@ -48,6 +48,7 @@ from erf_monitor.probe.crop import (
     unit_boxes,
     without_cropping,
 )
+from erf_monitor.probe.lean import lean_forward, lean_modules
 from erf_monitor.probe.plan import ProbePlan
 from erf_monitor.targets.observe import ForwardFn, default_forward, hooked_forward
 from erf_monitor.targets.tokens import tokens_to_spatial
@@ -540,10 +541,13 @@ def run_plan(
     The caller holds the model in the probe's state (:func:`~erf_monitor.probe.plan.probe_state`).
     ``index``: the model's index, when the caller took it already.
     """
+    index = index_of(model) if index is None else index
     fwd = plan.forward_fn or default_forward
-    if x_all.dtype not in _HALF and _has_half(model if index is None else index):
+    if x_all.dtype not in _HALF and _has_half(index):
         # A half model probed in float32 (the default): float32 copies of its half weights.
         fwd = _cast_forward(model, fwd, x_all.dtype, half_only=True)
+    lean = lean_modules(index)
+    fwd = lean_forward(fwd, lean)
     step = chunk_size or default_chunk(x_all.shape[0], plan.spatial, x_all.device)
     maps = Maps()
     degenerate: set[str] = set()
@@ -560,6 +564,7 @@ def run_plan(
         maps.drop(name)
     groups = _without_layers(plan.groups, set(plan.names) - degenerate)
     fwd64 = _cast_forward(model, plan.forward_fn or default_forward, torch.float64, False)
+    fwd64 = lean_forward(fwd64, lean)
     x64 = x_all.double()
     constant: set[str] = set()
     _run_groups(plan, model, fwd64, x64, groups, step, maps, keep_per_sample, constant,
