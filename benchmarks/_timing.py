@@ -36,3 +36,26 @@ def interleaved(
         for name in names[k:] + names[:k]:
             times[name].append(timer(variants[name]))
     return times
+
+
+def interleaved_cpu(
+    variants: dict[str, Callable[[], Any]], repeats: int, **kwargs: Any
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """:func:`interleaved`, also taking each call's process CPU time (the fair measure on a
+    shared machine): ``(cpu, wall)`` times per variant."""
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+
+    def cpu_timed(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            t0 = time.process_time()
+            out = fn()
+            cpu[name].append(time.process_time() - t0)
+            return out
+
+        return run
+
+    timed = {name: cpu_timed(name, fn) for name, fn in variants.items()}
+    wall = interleaved(timed, repeats, **kwargs)
+    if kwargs.get("warmup"):
+        cpu = {name: ts[1:] for name, ts in cpu.items()}
+    return cpu, wall

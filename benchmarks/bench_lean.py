@@ -17,13 +17,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torchvision
-from _timing import interleaved
+from _timing import interleaved_cpu
 
 import erf_monitor as em
 from erf_monitor.probe import run as _run
@@ -31,10 +30,10 @@ from erf_monitor.probe import run as _run
 
 def _off() -> Callable[[], None]:
     real = _run.lean_modules
-    _run.lean_modules = lambda index: ()  # type: ignore[assignment]
+    _run.lean_modules = lambda index: ()
 
     def restore() -> None:
-        _run.lean_modules = real  # type: ignore[assignment]
+        _run.lean_modules = real
 
     return restore
 
@@ -56,20 +55,8 @@ def run_case(
         finally:
             restore()
 
-    variants = {"lean": call, "off": lean_off}
-    cpu: dict[str, list[float]] = {n: [] for n in variants}
-
-    def cpu_timed(n: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def timed() -> Any:
-            t0 = time.process_time()
-            out = fn()
-            cpu[n].append(time.process_time() - t0)
-            return out
-
-        return timed
-
     call()  # the plan, cached for both variants
-    wall = interleaved({n: cpu_timed(n, fn) for n, fn in variants.items()}, repeats)
+    cpu, wall = interleaved_cpu({"lean": call, "off": lean_off}, repeats)
     a, b = call(), lean_off()
     worst = 0.0
     for layer in b:
@@ -113,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         args.model, args.size, args.samples, args.repeats = "resnet18", 64, 2, 1
     stages = ["layer1", "layer2", "layer3", "layer4"]
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "centre": {"layers": stages},
         "grid:3": {"layers": ["layer2", "layer3"], "position": "grid:3"},
         "centre, crop=False": {"layers": stages, "crop": False},

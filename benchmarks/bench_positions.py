@@ -26,13 +26,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torchvision
-from _timing import interleaved
+from _timing import interleaved_cpu
 from torch import nn
 
 import erf_monitor as em
@@ -109,22 +108,12 @@ def run_case(
         "grid cached": grid,
         "separate cached": separate,
     }
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-
-    def cpu_timed(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            t0 = time.process_time()
-            out = fn()
-            cpu[name].append(time.process_time() - t0)
-            return out
-
-        return run
 
     keep = _plan._PLANS_PER_MODEL
     _plan._PLANS_PER_MODEL = len(calls) + 8  # every separate plan stays cached
     try:
         grid(), separate()  # the cached variants' plans
-        wall = interleaved({n: cpu_timed(n, fn) for n, fn in variants.items()}, repeats)
+        cpu, wall = interleaved_cpu(variants, repeats)
         # The same maps either way.
         res, alone = grid(), separate()
         n_back = {"grid": count_backwards(grid), "separate": count_backwards(separate)}

@@ -21,7 +21,11 @@ import erf_monitor as em
 from erf_monitor.probe.crop import plan_groups
 
 RTOL = 1e-4
-ATOL_REL = 1e-7  # absolute tolerance as a fraction of the map's maximum
+# Absolute tolerance as a fraction of the map's maximum: float32 rounding. Both sides are
+# float32 computations of the same float64 value, summed in different orders (crops, lean
+# backwards): on resnet18 at 128 px the reference's own per-sample maps are 3.5e-7 of the
+# maximum from a float64 run, the probe's 3.1e-7 (lean) and 3.9e-7 (autograd's kernels).
+ATOL_REL = 1e-6
 
 # ----------------------------------------------------------------------------- references
 
