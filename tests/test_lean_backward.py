@@ -74,6 +74,8 @@ def test_the_input_gradient_over_the_box_equals_the_full_kernel(
     stride = [rng.choice([1, 2, 3]) for _ in range(nd)]
     dilation = [rng.choice([1, 1, 2]) for _ in range(nd)]
     padding = [rng.randrange(0, kk * d // 2 + 2) for kk, d in zip(k, dilation)]
+    if seed % 3 == 0:  # a 1 x 1 convolution (its own matrix-product path)
+        groups, k, padding = 1, [1] * nd, [0] * nd
     size = [kk * d + rng.randrange(1, 4 if nd == 3 else 12) for kk, d in zip(k, dilation)]
     x = torch.randn(2, 2 * groups, *size, dtype=dtype)
     w = torch.randn(3 * groups, 2, *k, dtype=dtype)
