@@ -58,6 +58,8 @@ def _read_wandb_log(
         if left < 7 or (length == 0 and kind == 0):
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # wandb-core is still writing this record: read again until the exit record
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
