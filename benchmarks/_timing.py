@@ -39,7 +39,7 @@ def interleaved(
 
 
 def interleaved_cpu(
-    variants: dict[str, Callable[[], Any]], repeats: int, **kwargs: Any
+    variants: dict[str, Callable[[], Any]], repeats: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """:func:`interleaved`, also taking each call's process CPU time (the fair measure on a
     shared machine): ``(cpu, wall)`` times per variant."""
@@ -55,7 +55,4 @@ def interleaved_cpu(
         return run
 
     timed = {name: cpu_timed(name, fn) for name, fn in variants.items()}
-    wall = interleaved(timed, repeats, **kwargs)
-    if kwargs.get("warmup"):
-        cpu = {name: ts[1:] for name, ts in cpu.items()}
-    return cpu, wall
+    return cpu, interleaved(timed, repeats)

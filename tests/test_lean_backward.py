@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import erf_monitor as em
+from erf_monitor.core.index import model_index
 from erf_monitor.probe import lean
 from references import one_layer_reference
 
@@ -199,7 +200,7 @@ def test_the_models_own_hooks_are_differentiated_on_top_of_the_lean_backward(
         net.bn2.register_forward_hook(tripled_in_place),
     ]
     try:
-        assert net.point in lean.lean_modules(em_index(net))
+        assert net.point in lean.lean_modules(model_index(net))
         x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
         res = em.compute_erf(net, x, ["head"], crop=False)
         assert lean_calls["conv"] > 0
@@ -208,12 +209,6 @@ def test_the_models_own_hooks_are_differentiated_on_top_of_the_lean_backward(
         for h in handles:
             h.remove()
     assert torch.allclose(res["head"].heatmap, want, rtol=1e-5, atol=1e-6 * float(want.max()))
-
-
-def em_index(net: nn.Module) -> Any:
-    from erf_monitor.core.index import model_index
-
-    return model_index(net)
 
 
 def test_train_mode_batch_norms_keep_their_own_backward(
@@ -256,3 +251,14 @@ def test_a_small_probe_keeps_autograds_backwards(monkeypatch: pytest.MonkeyPatch
     assert registered[0] == 0
     em.compute_erf(net, torch.randn(8, 3, 96, 96), ["head"], crop=False)
     assert registered[0] > 0
+
+
+def test_convolutions_padded_by_name_or_not_with_zeros_are_left_to_autograd() -> None:
+    """``padding="same"`` may pad unevenly and ``padding_mode`` other than zeros pads with
+    values: neither is the zero-padded convolution the lean backward computes."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 4, padding="same"),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 4, 3, padding=1),
+    )
+    assert lean.lean_modules(model_index(net)) == (net[2],)

@@ -11,8 +11,8 @@ bit for bit) and give it a leaner *backward*:
   only over the box where the output gradient is non-zero, widened by the kernel's reach,
   and is zero elsewhere. Every term left out is a product with an exact zero, so the result
   equals the full kernel's up to float rounding order (a non-finite weight, whose NaNs the
-  probe reports either way, would spread them over fewer pixels). When the box covers most of the
-  tensor the full kernel runs (nothing to skip).
+  probe reports either way, would spread them over fewer pixels). When the box covers most
+  of the tensor the full kernel runs (nothing to skip).
 * **Eval-mode BatchNorm** with running statistics: an affine map per channel, whose input
   gradient is the output gradient times ``weight / sqrt(running_var + eps)``.
 
@@ -42,6 +42,7 @@ from torch.nn.modules import module as _module
 
 from erf_monitor.core.index import ModelIndex
 from erf_monitor.core.probing import this_thread_only
+from erf_monitor.probe.seeds import Box
 from erf_monitor.targets.observe import ForwardFn
 
 __all__ = ["conv_input_grad", "lean_forward", "lean_modules", "nonzero_box"]
@@ -56,8 +57,6 @@ _FULL_FRACTION = 0.8
 #: Outputs smaller than this (elements) keep autograd's backward: their kernels take about
 #: as long as the hook's Python (resnet18 at 32 px probed 12% slower with every module lean).
 _MIN_ELEMENTS = 1 << 16
-
-Box = tuple[tuple[int, int], ...]
 
 
 def nonzero_box(grad: torch.Tensor) -> Box | None:
@@ -202,7 +201,7 @@ def _lean_output(module: nn.Module, args: tuple[Any, ...], out: Any) -> torch.Te
         return None
     if isinstance(module, _CONVS):
         w = module.weight
-        if not _plain(w) or w.dtype != x.dtype or isinstance(module.padding, str):
+        if not _plain(w) or w.dtype != x.dtype:
             return None
         result: torch.Tensor = _ConvBackward.apply(x, _Given(out.detach()), w.detach(), module)
         return result
@@ -220,15 +219,16 @@ def _lean_output(module: nn.Module, args: tuple[Any, ...], out: Any) -> torch.Te
 
 def lean_modules(index: ModelIndex) -> tuple[nn.Module, ...]:
     """The modules of ``index`` whose backward a probe may make lean: plain convolutions
-    (zero padding) and BatchNorms without an instance ``forward`` (none at all while a global
-    forward hook is registered: it runs before the lean hook and may replace the output)."""
+    (zero padding given as numbers, not ``"same"``) and BatchNorms without an instance
+    ``forward`` (none at all while a global forward hook is registered: it runs before the
+    lean hook and may replace the output)."""
     if _module._global_forward_hooks:
         return ()
     out = []
     for m in index.modules:
         if type(m) not in (*_CONVS, *_NORMS) or "forward" in vars(m):
             continue
-        if isinstance(m, _CONVS) and m.padding_mode != "zeros":
+        if isinstance(m, _CONVS) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
             continue
         out.append(m)
     return tuple(out)
